@@ -1,0 +1,1 @@
+"""lb: a kernel-assisted load balancer."""

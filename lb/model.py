@@ -1,0 +1,279 @@
+"""The load balancer's desired state as frozen dataclasses.
+
+Built once by :mod:`lb.config` from TOML, then passed down read-only to the
+controller, the data plane and the L7 workers. No I/O here, and no defaults
+that config.py does not also document: every default below is ELB's
+(shared/REFERENCE.md) unless its comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+class Protocol(str, enum.Enum):
+    """Listener and target group protocol."""
+
+    HTTP = "HTTP"
+    TCP = "TCP"
+    UDP = "UDP"
+
+    @property
+    def is_l4(self) -> bool:
+        """Served by the XDP fast path (TCP/UDP) rather than the L7 proxy."""
+        return self is not Protocol.HTTP
+
+
+class XdpMode(str, enum.Enum):
+    """How the XDP program is attached: driver, skb, or driver with fallback."""
+
+    NATIVE = "native"
+    GENERIC = "generic"
+    AUTO = "auto"
+
+
+class ForwardingMode(str, enum.Enum):
+    """How L4 packets reach a target (ARCHITECTURE.md, forwarding modes)."""
+
+    NAT = "nat"
+
+
+class Algorithm(str, enum.Enum):
+    """L7 load balancing algorithm of a target group."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_OUTSTANDING_REQUESTS = "least_outstanding_requests"
+    WEIGHTED_RANDOM = "weighted_random"
+
+
+class ConditionField(str, enum.Enum):
+    """The six ALB rule condition types."""
+
+    HOST_HEADER = "host-header"
+    PATH_PATTERN = "path-pattern"
+    HTTP_HEADER = "http-header"
+    HTTP_REQUEST_METHOD = "http-request-method"
+    QUERY_STRING = "query-string"
+    SOURCE_IP = "source-ip"
+
+
+# --- health ------------------------------------------------------------------
+
+
+class HealthCheckProtocol(str, enum.Enum):
+    HTTP = "HTTP"
+    TCP = "TCP"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How a target group checks its targets.
+
+    Defaults depend on the group's protocol (HTTP groups: HTTP GET / every
+    30 s, timeout 5 s; TCP/UDP groups: TCP connect, timeout 10 s); config.py
+    fills them in, so every field here is concrete.
+    """
+
+    enabled: bool = True
+    protocol: HealthCheckProtocol = HealthCheckProtocol.HTTP
+    port: int | None = None  # None: the target's traffic port
+    path: str = "/"
+    method: str = "GET"
+    interval: int = 30  # seconds, 5..300
+    timeout: int = 5  # seconds, 2..120
+    healthy_threshold: int = 5  # 2..10
+    unhealthy_threshold: int = 2  # 2..10
+    matcher: str = "200"  # "200", "200,202", "200-299"; codes 200..499
+
+
+class TargetState(str, enum.Enum):
+    INITIAL = "initial"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    UNUSED = "unused"
+    DRAINING = "draining"
+    UNAVAILABLE = "unavailable"
+
+
+class TargetReason(str, enum.Enum):
+    REGISTRATION_IN_PROGRESS = "Elb.RegistrationInProgress"
+    INITIAL_HEALTH_CHECKING = "Elb.InitialHealthChecking"
+    RESPONSE_CODE_MISMATCH = "Target.ResponseCodeMismatch"
+    TIMEOUT = "Target.Timeout"
+    FAILED_HEALTH_CHECKS = "Target.FailedHealthChecks"
+    NOT_REGISTERED = "Target.NotRegistered"
+    NOT_IN_USE = "Target.NotInUse"
+    DEREGISTRATION_IN_PROGRESS = "Target.DeregistrationInProgress"
+    HEALTH_CHECK_DISABLED = "Target.HealthCheckDisabled"
+
+
+@dataclass(frozen=True)
+class TargetHealth:
+    """One target's health as describe-target-health reports it."""
+
+    state: TargetState
+    reason: TargetReason | None = None
+    description: str = ""
+
+
+# --- target groups -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A registered target: an IP address, an optional port override, a weight."""
+
+    address: IPAddress
+    port: int | None = None  # None: the group's port
+    weight: int = 1  # our extension: share in the Maglev ring / weighted_random
+
+    def traffic_port(self, group_port: int) -> int:
+        return self.port if self.port is not None else group_port
+
+
+@dataclass(frozen=True)
+class Stickiness:
+    """Target stickiness within a group (lb_cookie), off by default."""
+
+    enabled: bool = False
+    type: str = "lb_cookie"
+    duration: int = 86400  # seconds, 1..604800
+
+
+@dataclass(frozen=True)
+class TargetGroup:
+    name: str
+    protocol: Protocol
+    port: int  # 1..65535
+    targets: tuple[Target, ...] = ()
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+    deregistration_delay: int = 300  # seconds, 0..3600
+    slow_start: int = 0  # 0 (off) or 30..900 seconds
+    algorithm: Algorithm = Algorithm.ROUND_ROBIN
+    stickiness: Stickiness = field(default_factory=Stickiness)
+
+    def endpoints(self) -> tuple[tuple[IPAddress, int], ...]:
+        """(address, port) of every target, ports resolved."""
+        return tuple((t.address, t.traffic_port(self.port)) for t in self.targets)
+
+
+# --- rules and actions -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryPair:
+    """One query-string condition value: key may be None (match any key)."""
+
+    key: str | None
+    value: str
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One rule condition. Any of its values matching satisfies it."""
+
+    field: ConditionField
+    values: tuple[str, ...] = ()  # host, path, method, header value patterns, CIDRs
+    header_name: str | None = None  # http-header only
+    query: tuple[QueryPair, ...] = ()  # query-string only
+
+
+@dataclass(frozen=True)
+class WeightedTargetGroup:
+    name: str
+    weight: int = 1  # 0..999
+
+
+@dataclass(frozen=True)
+class GroupStickiness:
+    """Stickiness across the target groups of one forward action."""
+
+    enabled: bool = False
+    duration: int = 3600  # seconds, 1..604800
+
+
+@dataclass(frozen=True)
+class ForwardAction:
+    target_groups: tuple[WeightedTargetGroup, ...]
+    stickiness: GroupStickiness = field(default_factory=GroupStickiness)
+    type: str = "forward"
+
+
+@dataclass(frozen=True)
+class RedirectAction:
+    """Unset components keep the request's own values (the placeholders)."""
+
+    status_code: int  # 301 or 302
+    protocol: str = "#{protocol}"
+    host: str = "#{host}"
+    port: str = "#{port}"
+    path: str = "/#{path}"
+    query: str = "#{query}"
+    type: str = "redirect"
+
+
+@dataclass(frozen=True)
+class FixedResponseAction:
+    status_code: int  # 2xx, 4xx, 5xx
+    content_type: str = "text/plain"
+    body: str = ""
+    type: str = "fixed-response"
+
+
+Action = Union[ForwardAction, RedirectAction, FixedResponseAction]
+
+
+@dataclass(frozen=True)
+class Rule:
+    priority: int  # 1..50000, unique per listener
+    conditions: tuple[Condition, ...]
+    action: Action
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    protocol: Protocol
+    address: IPAddress
+    port: int
+    default_action: Action
+    rules: tuple[Rule, ...] = ()  # sorted by priority; HTTP listeners only
+
+
+# --- the load balancer -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    """The root of the model: one load balancer on one host."""
+
+    name: str
+    listeners: tuple[Listener, ...] = ()
+    target_groups: tuple[TargetGroup, ...] = ()
+    # Where XDP attaches; empty means derived from the routes to VIPs and targets.
+    interfaces: tuple[str, ...] = ()
+    xdp_mode: XdpMode = XdpMode.AUTO
+    forwarding_mode: ForwardingMode = ForwardingMode.NAT
+    netns: str | None = None  # network namespace to run in (the lab), None: the caller's
+    idle_timeout: int = 60  # L7, seconds, 1..4000
+    tcp_idle_timeout: int = 350  # L4 TCP flows, seconds
+    udp_idle_timeout: int = 120  # L4 UDP flows, seconds
+    ring_size: int = 65537  # Maglev table size M, a prime
+    workers: int = 0  # L7 worker processes; 0: one per core
+    admin_socket: str = "/run/lb/admin.sock"
+    metrics_address: str = "127.0.0.1:9464"
+
+    def target_group(self, name: str) -> TargetGroup:
+        for group in self.target_groups:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
+    def listeners_of(self, *protocols: Protocol) -> tuple[Listener, ...]:
+        return tuple(listener for listener in self.listeners if listener.protocol in protocols)
