@@ -1,0 +1,155 @@
+"""The small server every lab backend runs.
+
+    python -m lb.labserver --name backend1 [--netns lab-backend1] [--http-port 80] [--echo-port 9000]
+
+- HTTP on --http-port (keep-alive, HTTP/1.1 and 1.0). Every answer names the
+  backend: the body is "<name>\\n" and the header `X-Backend: <name>`.
+  Test hooks: `/status/<code>` answers with that status, `/sleep/<seconds>`
+  answers after a delay (slow in-flight requests), `/echo` returns the request
+  body, `/headers` returns the request headers as received.
+- TCP echo on --echo-port: sends the banner "<name>\\n" on connect, then
+  echoes every byte back.
+- UDP echo on --echo-port: answers each datagram with "<name> " + payload.
+
+It prints "ready" on stdout once every socket is bound, so the lab can wait
+for it without polling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import cast
+
+import httptools
+from pyroute2 import netns
+
+REASONS = {200: "OK", 204: "No Content", 404: "Not Found", 500: "Internal Server Error"}
+
+
+class HttpHandler(asyncio.Protocol):
+    """One client connection: parse with httptools, answer each request in order."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        # per request
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError:
+            self.respond(400, b"bad request\n", keep_alive=False)
+
+    def on_message_begin(self) -> None:
+        self.url, self.headers, self.body = b"", [], []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        path = httptools.parse_url(self.url).path.decode("latin-1")
+        keep_alive = self.parser.should_keep_alive()
+        if path.startswith("/sleep/"):
+            delay = float(path.split("/")[2] or 0)
+            asyncio.get_running_loop().call_later(
+                delay, self.respond, 200, self.name.encode() + b"\n", keep_alive
+            )
+            return
+        if path.startswith("/status/"):
+            self.respond(int(path.split("/")[2]), self.name.encode() + b"\n", keep_alive)
+        elif path == "/echo":
+            self.respond(200, b"".join(self.body), keep_alive)
+        elif path == "/headers":
+            lines = b"".join(n + b": " + v + b"\n" for n, v in self.headers)
+            self.respond(200, lines, keep_alive)
+        else:
+            self.respond(200, self.name.encode() + b"\n", keep_alive)
+
+    def respond(self, status: int, body: bytes, keep_alive: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        head = (
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            f"X-Backend: {self.name}\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        if not keep_alive:
+            self.transport.close()
+
+
+class TcpEcho(asyncio.Protocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.name.encode() + b"\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class UdpEcho(asyncio.DatagramProtocol):
+    def __init__(self, name: str) -> None:
+        self.prefix = name.encode() + b" "
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(self.prefix + data, addr)
+
+
+async def serve(name: str, http_port: int, echo_port: int) -> None:
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set_result, None)
+    http = await loop.create_server(lambda: HttpHandler(name), "0.0.0.0", http_port, reuse_address=True)
+    echo = await loop.create_server(lambda: TcpEcho(name), "0.0.0.0", echo_port, reuse_address=True)
+    udp, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(name), local_addr=("0.0.0.0", echo_port))
+    print("ready", flush=True)
+    try:
+        await stop
+    finally:
+        udp.close()
+        echo.close()
+        http.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lb.labserver", description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--netns")
+    parser.add_argument("--http-port", type=int, default=80)
+    parser.add_argument("--echo-port", type=int, default=9000)
+    args = parser.parse_args(argv)
+    if args.netns:
+        netns.setns(args.netns, flags=0)  # the main thread, before any socket exists
+    asyncio.run(serve(args.name, args.http_port, args.echo_port))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
