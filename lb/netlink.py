@@ -266,3 +266,21 @@ def xdp_info(ipr: IPRoute, ifname: str) -> tuple[str | None, int | None]:
     mode = _ATTACHED_MODE.get(xdp.get_attr("IFLA_XDP_ATTACHED"))
     prog_id = xdp.get_attr("IFLA_XDP_PROG_ID")
     return mode, prog_id
+
+
+# --- neighbours and MACs (the packet-fixture namespace uses these) ------------
+
+NUD_PERMANENT = 0x80
+
+
+def set_mac(ipr: IPRoute, ifname: str, mac: str) -> None:
+    ipr.link("set", index=ifindex(ipr, ifname), address=mac)
+
+
+def mac_of(ipr: IPRoute, ifname: str) -> str:
+    return str(ipr.get_links(ifindex(ipr, ifname))[0].get_attr("IFLA_ADDRESS"))
+
+
+def add_neighbor(ipr: IPRoute, ifname: str, address: str, mac: str) -> None:
+    """A permanent neighbour entry (replaces an existing one)."""
+    ipr.neigh("replace", dst=address, lladdr=mac, ifindex=ifindex(ipr, ifname), state=NUD_PERMANENT)

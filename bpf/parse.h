@@ -1,0 +1,87 @@
+/* parse.h: Ethernet / IPv4 / TCP / UDP into a packet descriptor.
+ *
+ * Every read is bounds-checked against data_end before it happens. What the
+ * parser cannot fully read it does not guess at: it returns a reason, and
+ * lb.c passes such packets to the kernel untouched (the kernel's own checks
+ * drop garbage), so XDP never forwards anything it did not parse.
+ */
+#ifndef LB_PARSE_H
+#define LB_PARSE_H
+
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#define IP_MF     0x2000
+#define IP_OFFSET 0x1fff
+
+struct packet {
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	__be16 *ports;       /* source port, then destination port (TCP and UDP alike) */
+	__sum16 *l4_check;   /* TCP or UDP checksum field */
+	struct flow_key flow;
+	__u32 len;           /* whole frame, bytes */
+};
+
+enum parse_result {
+	PARSE_OK = 0,
+	PARSE_NOT_IPV4,      /* not an IPv4 frame */
+	PARSE_TRUNCATED,     /* a header runs past the end of the frame, or lies about its length */
+	PARSE_IP_OPTIONS,    /* IHL > 5 */
+	PARSE_FRAGMENT,      /* MF set or a fragment offset */
+	PARSE_NOT_L4,        /* IPv4, but neither TCP nor UDP */
+};
+
+static __always_inline enum parse_result parse_packet(struct xdp_md *ctx, struct packet *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	pkt->len = data_end - data;
+	pkt->eth = data;
+	if ((void *)(pkt->eth + 1) > data_end)
+		return PARSE_NOT_IPV4; /* too short to carry IPv4 at all */
+	if (pkt->eth->h_proto != bpf_htons(ETH_P_IP))
+		return PARSE_NOT_IPV4;
+
+	pkt->ip = (void *)(pkt->eth + 1);
+	if ((void *)(pkt->ip + 1) > data_end)
+		return PARSE_TRUNCATED;
+	if (pkt->ip->ihl < 5 || pkt->ip->version != 4)
+		return PARSE_TRUNCATED;
+	if (pkt->ip->ihl != 5)
+		return PARSE_IP_OPTIONS;
+	if (pkt->ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return PARSE_FRAGMENT;
+	if (pkt->ip->protocol != IPPROTO_TCP && pkt->ip->protocol != IPPROTO_UDP)
+		return PARSE_NOT_L4;
+
+	void *l4 = (void *)(pkt->ip + 1);
+	__u16 tot_len = bpf_ntohs(pkt->ip->tot_len);
+	if (pkt->ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *tcp = l4;
+		if ((void *)(tcp + 1) > data_end || tot_len < sizeof(struct iphdr) + sizeof(struct tcphdr))
+			return PARSE_TRUNCATED;
+		pkt->l4_check = &tcp->check;
+	} else {
+		struct udphdr *udp = l4;
+		if ((void *)(udp + 1) > data_end || tot_len < sizeof(struct iphdr) + sizeof(struct udphdr))
+			return PARSE_TRUNCATED;
+		pkt->l4_check = &udp->check;
+	}
+	if ((void *)pkt->ip + tot_len > data_end)
+		return PARSE_TRUNCATED;
+
+	pkt->ports = l4;
+	pkt->flow.src = pkt->ip->saddr;
+	pkt->flow.dst = pkt->ip->daddr;
+	pkt->flow.sport = pkt->ports[0];
+	pkt->flow.dport = pkt->ports[1];
+	pkt->flow.proto = pkt->ip->protocol;
+	return PARSE_OK;
+}
+
+#endif /* LB_PARSE_H */

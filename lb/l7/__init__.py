@@ -1,0 +1,1 @@
+"""L7 proxy: listener rules, HTTP protocol, upstream pools and workers."""

@@ -1,0 +1,98 @@
+"""The Python mirrors of the shared C structs and constants match the program.
+
+Sizes and field offsets are compared with the types bcc decodes from the
+compiled bpf/lb.c (as cilium's alignchecker does against its object), and
+the constants with the C headers, so neither side can drift alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lb.dataplane import structs
+from lb.dataplane.loader import Program, bpf_source_dir, purge_pins
+from lb.dataplane.structs import Counter, Limits, MapName, map_specs
+
+LIMITS = Limits(ring_size=13, max_vips=4, max_targets=8, conntrack_size=128)
+NAME = "lbt-structs"
+
+
+@pytest.fixture(scope="module")
+def program() -> Iterator[Program]:
+    purge_pins(NAME)
+    try:
+        with Program.load(NAME, LIMITS) as loaded:
+            yield loaded
+    finally:
+        purge_pins(NAME)
+
+
+def layout(ctype: type) -> tuple[int, list[tuple[str, int, int]]]:
+    fields = []
+    for name, *_ in getattr(ctype, "_fields_", []):
+        descriptor = getattr(ctype, name)
+        fields.append((name, descriptor.offset, descriptor.size))
+    return ctypes.sizeof(ctype), fields
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", list(MapName), ids=[n.value for n in MapName])
+def test_mirror_matches_what_bcc_decoded(program: Program, name: MapName) -> None:
+    spec = map_specs(LIMITS)[name]
+    key, leaf = program.decoded_types(name.value)
+    if spec.per_cpu:  # bcc decodes a per-CPU value as an array of the C type
+        leaf = leaf._type_
+    assert layout(spec.key) == layout(key)
+    assert layout(spec.value) == layout(leaf)
+
+
+def header(name: str) -> str:
+    return (bpf_source_dir() / name).read_text()
+
+
+def test_counter_enum_matches_consts_h() -> None:
+    body = re.search(r"enum lb_counter \{(.*?)\};", header("consts.h"), re.S)
+    assert body is not None
+    names = re.findall(r"^\s*CNT_([A-Z0-9_]+)", body.group(1), re.M)
+    assert names[-1] == "MAX"
+    assert names[:-1] == [c.name for c in Counter]
+    assert re.search(r"CNT_PASS_NOT_IPV4 = 0,", body.group(1))
+
+
+@pytest.mark.parametrize(
+    "macro, value",
+    [
+        ("RING_SIZE", Limits().ring_size),
+        ("MAX_VIPS", Limits().max_vips),
+        ("MAX_TARGETS", Limits().max_targets),
+        ("CONNTRACK_SIZE", Limits().conntrack_size),
+        ("NO_TARGET", structs.NO_TARGET),
+        ("TARGET_F_ACTIVE", structs.TARGET_F_ACTIVE),
+        ("FWD_NAT", structs.FWD_NAT),
+    ],
+)
+def test_constants_match_consts_h(macro: str, value: int) -> None:
+    found = re.search(rf"#define {macro} (\S+)", header("consts.h"))
+    assert found is not None
+    assert int(found.group(1).rstrip("U"), 0) == value
+
+
+@pytest.mark.parametrize("macro, seconds", [("TCP_IDLE_NS", Limits().tcp_idle_timeout),
+                                            ("UDP_IDLE_NS", Limits().udp_idle_timeout)])
+def test_idle_defaults_match_consts_h(macro: str, seconds: int) -> None:
+    found = re.search(rf"#define {macro} \((\d+)ULL \*", header("consts.h"))
+    assert found is not None and int(found.group(1)) == seconds
+
+
+def test_every_map_in_maps_h_is_mirrored() -> None:
+    declared = re.findall(r"BPF_TABLE_PINNED\(\"\w+\",\s*[\w ]+,\s*[\w ]+,\s*(\w+),", header("maps.h"))
+    assert sorted(declared) == sorted(n.value for n in MapName)
+
+
+def test_source_dir_is_the_checkout() -> None:
+    assert bpf_source_dir() == Path(__file__).resolve().parents[1] / "bpf"

@@ -1,0 +1,90 @@
+"""A namespace where the real XDP program runs on packet fixtures.
+
+Two veth pairs with fixed MACs and permanent neighbour entries, so that
+bpf_fib_lookup gives the same answer on every run and expected output
+frames can be written down byte for byte:
+
+    fxa 10.0.0.1/24  (02:00:00:00:0a:01)  client side: client 10.0.0.2, same-side target 10.0.0.50
+    fxb 10.0.1.1/24  (02:00:00:00:0b:01)  target side: 10.0.1.11..13 (10.0.1.14 has no neighbour)
+
+BPF_PROG_TEST_RUN is run from a thread inside that namespace with the
+ingress interface set, so the program sees exactly what it would see on fxa
+or fxb.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from lb import netlink as nl
+from lb.dataplane import libbpf
+from lb.dataplane.dataplane import Dataplane
+from lb.dataplane.loader import Program, purge_pins
+from lb.dataplane.maps import Maps
+from lb.dataplane.structs import Limits
+
+NETNS = "lbt-pkt"
+NAME = "lbt-pkt"  # pin directory /sys/fs/bpf/lb/lbt-pkt
+LIMITS = Limits(ring_size=251, max_vips=8, max_targets=32, conntrack_size=4096)
+
+CLIENT_IF, TARGET_IF = "fxa", "fxb"
+MAC = {
+    "fxa": "02:00:00:00:0a:01",
+    "fxb": "02:00:00:00:0b:01",
+    "client": "02:00:00:00:00:02",
+    "near": "02:00:00:00:00:50",
+    "t1": "02:00:00:00:01:11",
+    "t2": "02:00:00:00:01:12",
+    "t3": "02:00:00:00:01:13",
+}
+NEIGHBORS = [
+    (CLIENT_IF, "10.0.0.2", MAC["client"]),
+    (CLIENT_IF, "10.0.0.50", MAC["near"]),
+    (TARGET_IF, "10.0.1.11", MAC["t1"]),
+    (TARGET_IF, "10.0.1.12", MAC["t2"]),
+    (TARGET_IF, "10.0.1.13", MAC["t3"]),
+]
+
+
+@dataclass
+class PacketLab:
+    program: Program
+    maps: Maps
+    dataplane: Dataplane
+    ifindex: dict[str, int]
+
+    def run(self, frame: bytes, ingress: str = CLIENT_IF, repeat: int = 1) -> libbpf.RunResult:
+        return nl.run_in_netns(NETNS, libbpf.prog_test_run, self.program.fd, frame,
+                               ingress_ifindex=self.ifindex[ingress], repeat=repeat)
+
+
+def _build_namespace() -> dict[str, int]:
+    nl.remove_netns(NETNS)
+    nl.create_netns(NETNS)
+    with nl.iproute(NETNS) as ipr:
+        nl.set_up(ipr, "lo")
+        for ifname, address in ((CLIENT_IF, "10.0.0.1"), (TARGET_IF, "10.0.1.1")):
+            nl.add_veth(ipr, ifname, ifname + "-peer", NETNS)
+            nl.set_mac(ipr, ifname, MAC[ifname])
+            nl.add_address(ipr, ifname, address, 24)
+            nl.set_up(ipr, ifname)
+            nl.set_up(ipr, ifname + "-peer")
+        for ifname, address, mac in NEIGHBORS:
+            nl.add_neighbor(ipr, ifname, address, mac)
+        ifindex = {ifname: nl.ifindex(ipr, ifname) for ifname in (CLIENT_IF, TARGET_IF)}
+    nl.set_sysctl(NETNS, "net.ipv4.ip_forward", "1")  # else fib lookups answer FWD_DISABLED
+    return ifindex
+
+
+@contextmanager
+def packet_lab() -> Iterator[PacketLab]:
+    purge_pins(NAME)
+    try:
+        ifindex = _build_namespace()
+        with Program.load(NAME, LIMITS) as program, Maps(program.pin_dir, LIMITS) as maps:
+            yield PacketLab(program, maps, Dataplane(maps), ifindex)
+    finally:
+        nl.remove_netns(NETNS)
+        purge_pins(NAME)
