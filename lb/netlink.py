@@ -284,3 +284,35 @@ def mac_of(ipr: IPRoute, ifname: str) -> str:
 def add_neighbor(ipr: IPRoute, ifname: str, address: str, mac: str) -> None:
     """A permanent neighbour entry (replaces an existing one)."""
     ipr.neigh("replace", dst=address, lladdr=mac, ifindex=ifindex(ipr, ifname), state=NUD_PERMANENT)
+
+
+# --- where addresses live ----------------------------------------------------
+
+
+def interface_for_subnet(ipr: IPRoute, address: str) -> str | None:
+    """The interface with a connected subnet containing `address`, if any."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    for entry in ipr.get_addr(family=2 if ip.version == 4 else 10):
+        network = ipaddress.ip_network(f"{entry.get_attr('IFA_ADDRESS')}/{entry['prefixlen']}", strict=False)
+        if entry["prefixlen"] < network.max_prefixlen and ip in network:
+            return str(ipr.get_links(entry["index"])[0].get_attr("IFLA_IFNAME"))
+    return None
+
+
+def route_interface(ipr: IPRoute, address: str) -> str | None:
+    """The interface the kernel would send a packet for `address` out of."""
+    try:
+        routes = ipr.route("get", dst=address)
+    except NetlinkError:
+        return None
+    for route in routes:
+        oif = route.get_attr("RTA_OIF")
+        if oif:
+            return str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"))
+    return None
+
+
+def has_address(ipr: IPRoute, address: str) -> bool:
+    return any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr())

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import click
 
+from lb.cli.daemon import down, reload, up
 from lb.cli.lab import lab
+from lb.cli.status import status
 from lb.cli.validate import validate
 
 
@@ -18,8 +20,8 @@ def cli() -> None:
     """lb: a kernel-assisted load balancer (XDP fast path + L7 proxy)."""
 
 
-cli.add_command(validate)
-cli.add_command(lab)
+for command in (validate, up, down, reload, status, lab):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -55,6 +55,13 @@ class ApplyReport:
     targets_added: list[Endpoint] = field(default_factory=list)
     targets_retired: list[Endpoint] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        parts = [f"{label} {', '.join(map(str, items))}" for label, items in (
+            ("VIPs added:", self.vips_added), ("VIPs removed:", self.vips_removed),
+            ("rings rebuilt:", self.rings_rebuilt), ("targets added:", self.targets_added),
+            ("targets retired:", self.targets_retired)) if items]
+        return "; ".join(parts) or "no change"
+
     @property
     def changed(self) -> bool:
         return any((self.vips_added, self.vips_removed, self.rings_rebuilt, self.targets_added, self.targets_retired))

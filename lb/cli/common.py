@@ -1,0 +1,43 @@
+"""Helpers shared by the click commands: loading the config, errors, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from lb import config as configmod
+from lb.model import LoadBalancer
+
+config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+    help="Config file (default: the embedded lab config).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (stable schema).")
+
+
+def load_config(path: str | None) -> LoadBalancer:
+    """The config, or exit 2 listing every error (no traceback)."""
+    try:
+        return configmod.load(path) if path else configmod.load_default()
+    except configmod.ConfigError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(2) from exc
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise click.ClickException(f"{what} needs root (BPF maps, XDP, namespaces): run it with sudo")
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str, sort_keys=True))
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    """An aligned text table."""
+    cells = [[str(h) for h in headers]] + [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)

@@ -1,0 +1,65 @@
+"""`lb up`, `lb down`, `lb reload`: run the balancer and take it away."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from lb import admin
+from lb.cli.common import config_option, echo_json, json_option, load_config, require_root
+
+
+@click.command()
+@config_option
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+def up(config_path: str | None, log_level: str) -> None:
+    """Bring the load balancer up and stay in the foreground.
+
+    SIGHUP reloads the config; SIGTERM stops gracefully and leaves the XDP
+    program and maps in place so L4 flows go on (`lb down` removes them).
+    """
+    from lb import daemon
+
+    config = load_config(config_path)
+    require_root("lb up")
+    logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        daemon.run(config, config_path)
+    except daemon.DaemonError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command()
+@config_option
+@click.option("--keep-maps", is_flag=True, help="Detach, but keep the pinned maps (and the flows in them).")
+@json_option
+def down(config_path: str | None, keep_maps: bool, as_json: bool) -> None:
+    """Detach the XDP program, remove pinned maps and the addresses lb added."""
+    from lb import daemon
+    from lb.cli.status import attached_interfaces
+
+    config = load_config(config_path)
+    require_root("lb down")
+    interfaces = attached_interfaces(config)
+    result = daemon.down(config.name, interfaces, config.netns, purge=not keep_maps)
+    if as_json:
+        echo_json(result)
+        return
+    click.echo(f"detached from: {', '.join(result['detached']) or 'nothing attached'}")
+    click.echo(f"addresses removed: {', '.join(result['addresses_removed']) or 'none'}")
+    click.echo(f"pinned maps: {'removed' if result['maps_removed'] else 'none found' if not keep_maps else 'kept'}")
+
+
+@click.command()
+@config_option
+def reload(config_path: str | None) -> None:
+    """Ask the running daemon to re-read its config (all or nothing)."""
+    config = load_config(config_path)
+    try:
+        result = admin.request(config.admin_socket, "reload")
+    except admin.AdminError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"reloaded: {result['listeners']} listeners, {result['target_groups']} target groups")

@@ -1,0 +1,443 @@
+"""`lb up`: wire config, data plane, L7 workers, health checks and controller.
+
+    run(config_path)            the foreground daemon (systemd Type=notify)
+    SIGHUP / `lb reload`        re-read the config: all or nothing
+    SIGTERM / SIGINT            L7 finishes in-flight requests, then exit; the XDP
+                                program and pinned maps stay, so L4 flows go on
+    `lb down`                   detach, unpin, remove the addresses lb added
+
+A new `lb up` adopts what the last one left: bcc reuses the pinned maps, the
+program is swapped in atomically on each interface, and the data plane
+reads target and VIP ids back from the maps, so established L4 flows never
+notice that the control plane was gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lb import admin, config as configmod, netlink as nl
+from lb.controller import Controller
+from lb.dataplane.dataplane import Dataplane
+from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, pin_dir, purge_pins
+from lb.dataplane.maps import Maps
+from lb.dataplane.structs import Limits
+from lb.health import HealthChecker
+from lb.model import LoadBalancer, Protocol, Target
+
+log = logging.getLogger("lb.daemon")
+
+RUN_DIR = "/run/lb"
+GRACE_SECONDS = 30.0
+
+# Settings a running daemon cannot change: a reload that changes one is refused.
+RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size",
+                "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address")
+
+
+class DaemonError(RuntimeError):
+    """lb up cannot start; the message says why and what to do."""
+
+
+def limits_for(config: LoadBalancer) -> Limits:
+    return Limits(ring_size=config.ring_size, tcp_idle_timeout=config.tcp_idle_timeout,
+                  udp_idle_timeout=config.udp_idle_timeout)
+
+
+def state_path(name: str) -> str:
+    return os.path.join(RUN_DIR, f"{name}.json")
+
+
+@dataclass
+class RuntimeState:
+    """What `lb status` and `lb down` need with no daemon to ask: written at
+    start and on every reload to /run/lb/<name>.json."""
+
+    name: str
+    pid: int
+    config_path: str | None
+    loaded_at: float
+    netns: str | None
+    pin_dir: str
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    addresses: list[tuple[str, str, int]] = field(default_factory=list)  # (ifname, address, prefixlen) lb added
+    admin_socket: str = ""
+
+    def save(self) -> None:
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        tmp = state_path(self.name) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        os.replace(tmp, state_path(self.name))
+
+    @classmethod
+    def load(cls, name: str) -> RuntimeState | None:
+        try:
+            with open(state_path(name)) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        data["addresses"] = [tuple(a) for a in data.get("addresses", [])]
+        return cls(**data)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(path)
+        sock.sendall(message.encode())
+
+
+# --- addresses and interfaces ----------------------------------------------------
+
+
+def listener_addresses(config: LoadBalancer) -> list[str]:
+    seen: list[str] = []
+    for listener in config.listeners:
+        if not listener.address.is_unspecified and str(listener.address) not in seen:
+            seen.append(str(listener.address))
+    return seen
+
+
+def place_addresses(config: LoadBalancer) -> list[tuple[str, str, int]]:
+    """Make every listener address local, so the host answers ARP for L4 VIPs
+    and the L7 proxy can bind. An address inside a connected subnet goes on
+    that interface; any other on `lo` (a routed VIP: the upstream router, or
+    BGP, sends it here). Returns the addresses added (not those already there)."""
+    added = []
+    with nl.iproute() as ipr:
+        for address in listener_addresses(config):
+            if nl.has_address(ipr, address):
+                continue
+            ifname = nl.interface_for_subnet(ipr, address) or "lo"
+            prefixlen = ipaddress.ip_address(address).max_prefixlen
+            nl.add_address(ipr, ifname, address, prefixlen)
+            added.append((ifname, address, prefixlen))
+            log.info("address %s/%d added to %s", address, prefixlen, ifname)
+    return added
+
+
+def xdp_interfaces(config: LoadBalancer) -> list[str]:
+    """Where the program attaches: the config's list, or derived from the
+    routes toward the L4 VIPs' subnets and toward every L4 target."""
+    if config.interfaces:
+        return list(config.interfaces)
+    found: list[str] = []
+    with nl.iproute() as ipr:
+        l4 = config.listeners_of(Protocol.TCP, Protocol.UDP)
+        wanted = [str(listener.address) for listener in l4]
+        groups = {a.name for listener in l4 for a in listener.default_action.target_groups}  # type: ignore[union-attr]
+        wanted += [str(t.address) for g in config.target_groups if g.name in groups for t in g.targets]
+        for address in wanted:
+            ifname = nl.interface_for_subnet(ipr, address) or nl.route_interface(ipr, address)
+            if ifname and ifname != "lo" and ifname not in found:
+                found.append(ifname)
+    return found
+
+
+# --- the daemon --------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, config: LoadBalancer, config_path: str | None) -> None:
+        # --- for the daemon's life
+        self.config = config
+        self.config_path = config_path
+        self.state = RuntimeState(config.name, os.getpid(), config_path, time.time(), config.netns,
+                                  pin_dir(config.name), admin_socket=config.admin_socket)
+        self._stop = asyncio.Event()
+        self._reconcile_pending = False
+        # --- parts, created in start()
+        self.program: Program | None = None
+        self.maps: Maps | None = None
+        self.dataplane: Dataplane | None = None
+        self.health: HealthChecker | None = None
+        self.l7: Any = None
+        self.controller: Controller | None = None
+        self.admin: admin.AdminServer | None = None
+        self._health_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """The kernel-facing setup, before the event loop runs: pyroute2's
+        synchronous API drives an event loop of its own, so inside ours its
+        calls go to a worker thread instead (see reload)."""
+        self.state.addresses = place_addresses(self.config)
+        if self.config.listeners_of(Protocol.TCP, Protocol.UDP):
+            self._start_dataplane()
+
+    async def start(self) -> None:
+        config = self.config
+        self.health = HealthChecker(config.target_groups, on_change=lambda change: self.schedule_reconcile())
+        self._health_task = asyncio.get_running_loop().create_task(self.health.run())
+        self.controller = Controller(config, self.health, self.dataplane, None)
+        if config.listeners_of(Protocol.HTTP):
+            from lb.l7.server import L7Server  # its workers are processes: start them only when needed
+
+            self.l7 = L7Server(workers=config.workers or os.cpu_count() or 1)
+            self.l7.start(self.controller.routing_table())
+            self.controller.l7 = self.l7
+        self.controller.reconcile()
+        self.admin = admin.AdminServer(config.admin_socket, self.handle_admin)
+        await self.admin.start()
+        self.state.save()
+        log.info("lb %s up: %d listeners, %d target groups", config.name, len(config.listeners),
+                 len(config.target_groups))
+        sd_notify("READY=1\nSTATUS=serving")
+
+    def _start_dataplane(self) -> None:
+        config = self.config
+        limits = limits_for(config)
+        try:
+            self.program = Program.load(config.name, limits)
+        except LoaderError as exc:
+            raise DaemonError(str(exc)) from exc
+        interfaces = xdp_interfaces(config)
+        if not interfaces:
+            raise DaemonError("no interface to attach XDP to: set load_balancer.interfaces")
+        attachments: list[Attachment] = []
+        for ifname in interfaces:
+            try:
+                attachments.append(self.program.attach(ifname, config.xdp_mode))
+            except (LoaderError, nl.NetlinkLookupError) as exc:
+                raise DaemonError(f"load_balancer.interfaces: {exc}") from exc
+        self.state.attachments = [asdict(a) for a in attachments]
+        self.maps = Maps(self.program.pin_dir, limits)
+        self.dataplane = Dataplane(self.maps)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """Graceful: the L7 workers finish in-flight requests; XDP stays attached."""
+        sd_notify("STOPPING=1")
+        if self.admin is not None:
+            await self.admin.close()
+        if self.health is not None:
+            self.health.stop()
+        if self._health_task is not None:
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        if self.l7 is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.l7.stop, GRACE_SECONDS)
+        self.close_dataplane()
+        log.info("lb %s stopped; XDP program and maps left in place (lb down removes them)", self.config.name)
+
+    def close_dataplane(self) -> None:
+        """Close our handles only: the attachments and the pins stay."""
+        if self.maps is not None:
+            self.maps.close()
+            self.maps = None
+        if self.program is not None:
+            self.program.close()
+            self.program = None
+
+    # --- control -----------------------------------------------------------------
+
+    def schedule_reconcile(self) -> None:
+        """Coalesce a burst of health changes into one reconcile."""
+        if self._reconcile_pending:
+            return
+        self._reconcile_pending = True
+
+        def run() -> None:
+            self._reconcile_pending = False
+            if self.controller is not None:
+                self.controller.reconcile()
+
+        asyncio.get_running_loop().call_soon(run)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config: apply it whole, or change nothing."""
+        sd_notify("RELOADING=1")
+        try:
+            new = configmod.load(self.config_path) if self.config_path else configmod.load_default()
+        except configmod.ConfigError as exc:
+            for line in str(exc).splitlines():
+                log.error("reload rejected: %s", line)
+            sd_notify("READY=1")
+            raise admin.AdminError(f"reload rejected, running config unchanged:\n{exc}") from exc
+        changed = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
+        needs_dataplane = bool(new.listeners_of(Protocol.TCP, Protocol.UDP)) and self.dataplane is None
+        needs_l7 = bool(new.listeners_of(Protocol.HTTP)) and self.l7 is None
+        if changed or needs_dataplane or needs_l7:
+            what = ", ".join(changed) or ("the first L4 listener" if needs_dataplane else "the first HTTP listener")
+            log.error("reload rejected: %s needs a restart (lb up again); running config unchanged", what)
+            sd_notify("READY=1")
+            raise admin.AdminError(f"reload rejected: {what} needs a restart; running config unchanged")
+        loop = asyncio.get_running_loop()
+        self.state.addresses += await loop.run_in_executor(None, place_addresses, new)
+        self.config = new
+        assert self.health is not None and self.controller is not None
+        self.health.update_groups(new.target_groups)
+        self.controller.set_config(new)
+        self.controller.reconcile()
+        self.state.loaded_at = time.time()
+        self.state.save()
+        log.info("reloaded %s", self.config_path or "the embedded config")
+        sd_notify("READY=1")
+        return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups)}
+
+    async def handle_admin(self, request: dict[str, Any]) -> Any:
+        cmd = request["cmd"]
+        if cmd == "status":
+            return self.status()
+        if cmd == "targets":
+            return self.targets(request.get("group"))
+        if cmd == "reload":
+            return await self.reload()
+        if cmd in ("register", "deregister"):
+            return self.change_registration(cmd, request)
+        raise admin.AdminError(f"unknown command {cmd!r} (status, targets, register, deregister, reload)")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "pid": os.getpid(),
+            "config": self.config_path or "<embedded default>",
+            "loaded_at": self.state.loaded_at,
+            "netns": self.config.netns,
+            "pin_dir": self.state.pin_dir,
+            "program_id": self.program.prog_id if self.program else None,
+            "attachments": self.state.attachments,
+            "listeners": [
+                {"name": li.name, "protocol": li.protocol.value, "address": str(li.address), "port": li.port}
+                for li in self.config.listeners
+            ],
+        }
+
+    def targets(self, group: str | None) -> list[dict[str, Any]]:
+        assert self.health is not None
+        names = [g.name for g in self.config.target_groups]
+        if group is not None and group not in names:
+            raise admin.AdminError(f"no target group {group!r} (groups: {', '.join(names)})")
+        rows = []
+        for name in ([group] if group else names):
+            port = self.config.target_group(name).port
+            for target, record in self.health.health(name).items():
+                rows.append({
+                    "group": name,
+                    "target": str(target.address),
+                    "port": target.traffic_port(port),
+                    "state": record.health.state.value,
+                    "reason": record.health.reason.value if record.health.reason else None,
+                    "description": record.health.description,
+                    "last_latency_ms": record.last_latency_ms,
+                })
+        return rows
+
+    def change_registration(self, cmd: str, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.health is not None
+        group_name = request.get("group")
+        try:
+            group = self.config.target_group(str(group_name))
+        except KeyError:
+            raise admin.AdminError(f"no target group {group_name!r}") from None
+        try:
+            address = ipaddress.ip_address(str(request.get("target")))
+        except ValueError:
+            raise admin.AdminError(f"target: {request.get('target')!r} is not an IP address") from None
+        port = request.get("port")
+        if port is not None and not (isinstance(port, int) and 1 <= port <= 65535):
+            raise admin.AdminError(f"port: {port!r} is outside 1..65535")
+        target = Target(address, port, int(request.get("weight", 1)))
+        if cmd == "register":
+            self.health.register(group.name, target)
+        else:
+            known = [t for t in self.health.health(group.name) if t.address == address
+                     and t.traffic_port(group.port) == target.traffic_port(group.port)]
+            if not known:
+                raise admin.AdminError(f"{address} is not registered in {group.name}")
+            self.health.deregister(group.name, known[0])
+        self.schedule_reconcile()
+        return {cmd: f"{address}:{target.traffic_port(group.port)}", "group": group.name}
+
+
+# --- entry points ----------------------------------------------------------------
+
+
+def _lock(name: str) -> int:
+    os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(RUN_DIR, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonError(f"another `lb up` is already running for {name!r}") from None
+    return fd
+
+
+def enter_netns(name: str | None) -> None:
+    if name is None:
+        return
+    if not nl.netns_exists(name):
+        raise DaemonError(f"load_balancer.netns: namespace {name!r} does not exist (for the lab: lb lab up)")
+    from pyroute2 import netns
+
+    netns.setns(name, flags=0)
+
+
+async def _main(daemon: Daemon) -> None:
+    try:
+        await daemon.start()
+        await daemon.serve()
+    finally:
+        await daemon.stop()
+
+
+def run(config: LoadBalancer, config_path: str | None) -> None:
+    """Run in the foreground until SIGTERM/SIGINT. Raises DaemonError for
+    problems a user can fix (already running, no such namespace, ...)."""
+    if os.geteuid() != 0:
+        raise DaemonError("lb up needs root (BPF, XDP, addresses): run it with sudo")
+    enter_netns(config.netns)  # the main thread, before any other thread or socket exists
+    lock = _lock(config.name)
+    try:
+        import uvloop
+
+        daemon = Daemon(config, config_path)
+        try:
+            daemon.prepare()
+        except BaseException:
+            daemon.close_dataplane()
+            raise
+        uvloop.run(_main(daemon))
+    finally:
+        os.close(lock)
+
+
+def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = True) -> dict[str, Any]:
+    """Remove what `lb up` left in the kernel: XDP programs, pinned maps, the
+    addresses it added. Safe to run twice."""
+    state = RuntimeState.load(name)
+    detached = detach_all(interfaces, netns)
+    removed_addresses = []
+    if state is not None:
+        with nl.iproute(netns) as ipr:
+            for ifname, address, prefixlen in state.addresses:
+                nl.remove_address(ipr, ifname, address, prefixlen)
+                removed_addresses.append(address)
+    unpinned = purge_pins(name) if purge else False
+    for path in (state_path(name),):
+        if os.path.exists(path):
+            os.unlink(path)
+    return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned}
