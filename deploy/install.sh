@@ -26,7 +26,7 @@ fi
 log() { echo "install: $*"; }
 
 # --- Debian packages -------------------------------------------------------
-packages=(python3-bpfcc libbpfcc python3-venv python3-dev iproute2 ethtool nftables tcpdump)
+packages=(python3-bpfcc libbpfcc python3-venv python3-dev iproute2 ethtool nftables tcpdump vagrant vagrant-libvirt)
 if [ "$bench" = 1 ]; then
   packages+=(wrk nginx-light haproxy iperf3)
 fi

@@ -161,7 +161,7 @@ class Lab:
         for b in self.backends:
             self._configure_host(b.netns, b.address, BACKEND_NET_PREFIXLEN, BACKEND_GATEWAY)
         for b in self.backends:
-            self._start_server(b)
+            self.start_server(b)
 
     def _configure_host(self, ns: str, address: str, prefixlen: int, gateway: str) -> None:
         with nl.iproute(ns) as ipr:
@@ -171,7 +171,8 @@ class Lab:
             nl.add_route(ipr, "default", gateway=gateway)
         nl.set_features(ns, HOST_IF, SENDER_FEATURES)
 
-    def _start_server(self, backend: Backend) -> None:
+    def start_server(self, backend: Backend) -> None:
+        """Start a backend's lb.labserver and wait until it is ready."""
         log_path = self.log_path(backend)
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "wb") as log:
@@ -193,6 +194,18 @@ class Lab:
             proc.wait()
             raise LabError(f"{backend.name}'s server did not start; see {log_path}")
 
+    def stop_server(self, backend: Backend) -> None:
+        """Kill a backend's server (its namespace and link stay): a dead target."""
+        for pid in self._server_pids(backend):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while self._server_pids(backend) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _reap_children()
+
     def log_path(self, backend: Backend) -> str:
         return f"/run/lb-lab/{self.prefix}/{backend.name}.log"
 
@@ -201,6 +214,8 @@ class Lab:
     def _server_pids(self, backend: Backend) -> list[int]:
         pids = []
         for pid in nl.pids_in_netns(backend.netns):
+            if not _alive(pid):
+                continue
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if b"lb.labserver" in f.read():

@@ -63,8 +63,8 @@ def test_half_built_lab_is_rolled_back(monkeypatch: pytest.MonkeyPatch) -> None:
             raise labmod.LabError("injected failure starting backend2")
         original(self, backend)
 
-    original = Lab._start_server
-    monkeypatch.setattr(Lab, "_start_server", fail)
+    original = Lab.start_server
+    monkeypatch.setattr(Lab, "start_server", fail)
     try:
         with pytest.raises(labmod.LabError, match="rolled back"):
             the_lab.up()

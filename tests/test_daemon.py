@@ -1,0 +1,271 @@
+"""`lb up` for real: health checks moving targets in and out of the XDP ring,
+draining, reload, restart without loss, and the admin socket's guard."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lb import lab as labmod
+from lb.dataplane.loader import pin_dir
+from lb.dataplane.maps import Maps, VipAddr
+from lb.daemon import limits_for
+from lb import config as configmod
+from lb.lab import Lab
+from lb.netlink import run_in_netns
+from tests.daemon_fixture import RunningDaemon, lab_config
+
+pytestmark = pytest.mark.root
+
+NAME = "lbt-d"
+INTERVAL, UNHEALTHY, HEALTHY = 5, 2, 2
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: Lab) -> Iterator[RunningDaemon]:
+    running = RunningDaemon(lab, NAME, lab_config(lab, NAME, udp=True))
+    try:
+        running.start()
+        for backend in lab.backends:
+            running.wait_for("echo-tcp", backend.address, "healthy", timeout=INTERVAL * 2 + 2)
+        yield running
+    finally:
+        running.cleanup()
+
+
+def tcp_to_vip(lab: Lab, timeout: float = 3.0) -> socket.socket:
+    def connect() -> socket.socket:
+        return socket.create_connection((labmod.VIP, labmod.ECHO_PORT), timeout=timeout)
+
+    return run_in_netns(lab.client_ns, connect)
+
+
+def read_line(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(64)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data.decode().strip()
+
+
+def echo(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed mid-echo")
+        received += chunk
+    assert received == payload
+
+
+class ClientLoop(threading.Thread):
+    """New TCP connections through the VIP, back to back, each a full exchange."""
+
+    def __init__(self, lab: Lab) -> None:
+        super().__init__(daemon=True)
+        self.lab = lab
+        self.results: list[tuple[float, str | None, str | None]] = []  # (time, backend, error)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            at = time.monotonic()
+            try:
+                with tcp_to_vip(self.lab, timeout=2) as sock:
+                    name = read_line(sock)
+                    echo(sock, b"hello\n")
+                self.results.append((at, name, None))
+            except OSError as exc:
+                self.results.append((at, None, repr(exc)))
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(10)
+
+
+def ring_target_addresses(daemon: RunningDaemon, vip: VipAddr) -> set[str]:
+    config = configmod.load(daemon.config_path)
+    with Maps(pin_dir(NAME), limits_for(config)) as maps:
+        entry = next(e for e in maps.vips() if e.vip == vip)
+        ids = set(maps.read_ring(entry.vip_id, entry.ring))
+        return {str(t.endpoint.address) for t in maps.targets() if t.target_id in ids}
+
+
+def test_dead_backend_is_detected_taken_out_and_brought_back(daemon: RunningDaemon, lab: Lab) -> None:
+    victim = lab.backends[1]
+    vip = VipAddr(__import__("ipaddress").IPv4Address(labmod.VIP), labmod.ECHO_PORT, "TCP")
+    assert victim.address in ring_target_addresses(daemon, vip)
+    loop = ClientLoop(lab)
+    loop.start()
+    try:
+        time.sleep(1)
+        killed_at = time.monotonic()
+        lab.stop_server(victim)
+        detect = daemon.wait_for("echo-tcp", victim.address, "unhealthy", timeout=INTERVAL * (UNHEALTHY + 1) + 3)
+        detected_at = killed_at + detect
+        assert detect <= INTERVAL * UNHEALTHY + INTERVAL + 1.5  # interval × threshold, plus one interval
+        row = daemon.targets("echo-tcp")[victim.address]
+        assert row["reason"] in ("Target.FailedHealthChecks", "Target.Timeout")
+        time.sleep(0.5)
+        assert victim.address not in ring_target_addresses(daemon, vip)
+
+        lab.start_server(victim)
+        back = daemon.wait_for("echo-tcp", victim.address, "healthy", timeout=INTERVAL * (HEALTHY + 1) + 3)
+        assert back <= INTERVAL * HEALTHY + INTERVAL + 1.5
+        time.sleep(1.5)
+    finally:
+        loop.stop()
+    assert victim.address in ring_target_addresses(daemon, vip)
+    failures = [(at, err) for at, _, err in loop.results if err]
+    # Only connections to the dead backend before it was detected may fail.
+    assert all(killed_at - 0.1 <= at <= detected_at + 1.0 for at, _ in failures), failures
+    served = [name for at, name, _ in loop.results if name and at > detected_at + 1.0]
+    assert served and victim.name in {name for at, name, _ in loop.results[-20:] if name}
+
+
+def test_deregistered_target_drains_its_connection_and_gets_no_new_ones(daemon: RunningDaemon, lab: Lab) -> None:
+    long_lived = tcp_to_vip(lab)
+    try:
+        owner_name = read_line(long_lived)
+        owner = next(b for b in lab.backends if b.name == owner_name)
+        daemon.request("deregister", group="echo-tcp", target=owner.address)
+        assert daemon.targets("echo-tcp")[owner.address]["state"] == "draining"
+        assert daemon.targets("echo-tcp")[owner.address]["reason"] == "Target.DeregistrationInProgress"
+        time.sleep(0.3)
+        for i in range(30):
+            with tcp_to_vip(lab) as sock:
+                assert read_line(sock) != owner_name
+            echo(long_lived, f"still draining {i}\n".encode())
+        time.sleep(2)
+        echo(long_lived, b"done\n")  # the long-lived connection completes
+    finally:
+        long_lived.close()
+    daemon.wait_for("echo-tcp", owner.address, "unused", timeout=15)
+    daemon.request("register", group="echo-tcp", target=owner.address)
+    daemon.wait_for("echo-tcp", owner.address, "healthy", timeout=INTERVAL * 2 + 3)
+
+
+def test_reload_rejects_a_broken_config_and_applies_a_good_one(daemon: RunningDaemon, lab: Lab) -> None:
+    from lb import admin
+
+    original = Path(daemon.config_path).read_text()
+    long_lived = tcp_to_vip(lab)
+    try:
+        read_line(long_lived)
+        daemon.write_config(lab_config(lab, NAME, udp=True, broken=True))
+        with pytest.raises(admin.AdminError, match=r"(?s)reload rejected.*listeners\[2\]\.protocol"):
+            daemon.request("reload")
+        assert len(daemon.request("status")["listeners"]) == 2
+        echo(long_lived, b"after a rejected reload\n")
+
+        # Valid: one more target group member and a new TCP listener on :9100.
+        text = original + """
+[[listeners]]
+name = "echo-tcp-2"
+protocol = "TCP"
+address = "10.0.0.100"
+port = 9100
+default_action = { type = "forward", target_group = "echo-tcp-2" }
+
+[[target_groups]]
+name = "echo-tcp-2"
+protocol = "TCP"
+port = 9000
+targets = [{ id = "10.0.1.13" }]
+health_check = { interval = 5, timeout = 2, healthy_threshold = 2, unhealthy_threshold = 2 }
+"""
+        daemon.write_config(text)
+        daemon.request("reload")
+        assert {li["name"] for li in daemon.request("status")["listeners"]} >= {"echo-tcp-2"}
+        echo(long_lived, b"after a good reload\n")
+
+        def via_new_listener() -> str:
+            with socket.create_connection((labmod.VIP, 9100), timeout=3) as sock:
+                return read_line(sock)
+
+        assert run_in_netns(lab.client_ns, via_new_listener) == "backend3"
+    finally:
+        long_lived.close()
+        daemon.write_config(original)
+        daemon.request("reload")
+
+
+def test_kill_9_and_restart_keeps_a_long_lived_stream_flowing(daemon: RunningDaemon, lab: Lab) -> None:
+    stream = tcp_to_vip(lab)
+    errors: list[str] = []
+    exchanged = [0]
+    stop = threading.Event()
+
+    def pump() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                echo(stream, f"tick {i}\n".encode())
+                exchanged[0] += 1
+            except (OSError, AssertionError) as exc:
+                errors.append(repr(exc))
+                return
+            i += 1
+            time.sleep(0.01)
+
+    read_line(stream)
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    try:
+        time.sleep(0.5)
+        daemon.stop(signal.SIGKILL)
+        before_gap = exchanged[0]
+        time.sleep(1.5)  # no control plane at all
+        during_gap = exchanged[0] - before_gap
+        daemon.start()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        pumper.join(5)
+        stream.close()
+    assert not errors
+    assert during_gap > 20  # the kernel kept forwarding while nothing ran in user space
+    for backend in lab.backends:
+        daemon.wait_for("echo-tcp", backend.address, "healthy", timeout=INTERVAL * 2 + 3)
+
+
+def test_admin_socket_refuses_non_root(daemon: RunningDaemon) -> None:
+    assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
+    probe = (
+        "import os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        "    s.connect(sys.argv[1])\n"
+        "except PermissionError:\n"
+        "    print('EACCES'); sys.exit(0)\n"
+        "s.settimeout(5); print(s.recv(4096).decode())  # refused before it can even ask\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, daemon.socket], capture_output=True, text=True, timeout=10)
+    assert result.stdout.strip() == "EACCES"
+    # Even with the file and its directory opened up, the daemon checks the
+    # peer's credentials.
+    directory = os.path.dirname(daemon.socket)
+    dir_mode = os.stat(directory).st_mode & 0o777
+    os.chmod(directory, 0o711)
+    os.chmod(daemon.socket, 0o666)
+    try:
+        result = subprocess.run([sys.executable, "-c", probe, daemon.socket], capture_output=True, text=True,
+                                timeout=10)
+    finally:
+        os.chmod(daemon.socket, 0o600)
+        os.chmod(directory, dir_mode)
+    assert "permission denied" in result.stdout and '"ok": false' in result.stdout

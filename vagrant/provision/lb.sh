@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Provision the lb VM: install lb from the synced repo (/vagrant), put the
+# lab config in /etc/lb/lb.toml, turn on forwarding, run lb under systemd.
+# Run by `vagrant up` / `vagrant provision` as root; safe to run again.
+#
+# Environment (set by the Vagrantfile from topology.json):
+#   LAB_ADDRESSES  lb's addresses, one per lab network, in interface order
+set -euo pipefail
+
+repo=/vagrant
+: "${LAB_ADDRESSES:?set by the Vagrantfile}"
+log() { echo "lb.sh: $*"; }
+
+# --- lb and its dependencies ------------------------------------------------
+# The same script as on any Debian 12 host: bcc, kernel headers, bpffs and
+# $repo/.venv (rsync leaves the host's .venv out, so this one is the VM's).
+"$repo/deploy/install.sh"
+ln -sfn "$repo/.venv/bin/lb" /usr/local/bin/lb
+
+# --- config -------------------------------------------------------------------
+# vagrant/lb.toml names the NICs eth1 and eth2, as debian/bookworm64 calls
+# them. Should a box name them otherwise, use the names that carry lb's
+# addresses instead, so the config always matches this VM.
+ifnames=()
+for address in $LAB_ADDRESSES; do
+  ifname=$(ip -o -4 addr show | awk -v a="$address" '{ split($4, p, "/") } p[1] == a { print $2; exit }')
+  if [ -z "$ifname" ]; then
+    echo "lb.sh: no interface has $address; is the private network up? (ip -br addr)" >&2
+    exit 1
+  fi
+  ifnames+=("\"$ifname\"")
+done
+joined=$(printf '%s, ' "${ifnames[@]}")
+interfaces="interfaces = [${joined%, }]"
+install -d -m 0755 /etc/lb
+install -m 0644 "$repo/vagrant/lb.toml" /etc/lb/lb.toml
+sed -i "s/^interfaces = .*/$interfaces/" /etc/lb/lb.toml
+log "/etc/lb/lb.toml: $interfaces"
+lb validate /etc/lb/lb.toml
+
+# --- forwarding ---------------------------------------------------------------
+# Packets XDP passes up (and the targets' traffic to anything but the client)
+# are routed by the kernel.
+echo "net.ipv4.ip_forward = 1" > /etc/sysctl.d/60-lb.conf
+sysctl -q -w net.ipv4.ip_forward=1
+
+# --- the service --------------------------------------------------------------
+install -m 0644 "$repo/deploy/lb.service" /etc/systemd/system/lb.service
+systemctl daemon-reload
+systemctl enable lb.service
+# restart, not start: a re-provision picks up new code and config.
+if ! systemctl restart lb.service; then
+  journalctl -u lb.service -n 30 --no-pager >&2 || true
+  echo "lb.sh: lb.service did not start (above: its journal)" >&2
+  exit 1
+fi
+log "lb.service running; try: vagrant ssh lb -c 'sudo lb status -c /etc/lb/lb.toml'"
