@@ -188,9 +188,10 @@ class Daemon:
         self._health_task = asyncio.get_running_loop().create_task(self.health.run())
         self.controller = Controller(config, self.health, self.dataplane, None)
         if config.listeners_of(Protocol.HTTP):
+            from lb.l7.config import L7Config
             from lb.l7.server import L7Server  # its workers are processes: start them only when needed
 
-            self.l7 = L7Server(workers=config.workers or os.cpu_count() or 1)
+            self.l7 = L7Server(L7Config(workers=config.workers, access_log="-"))
             self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
         self.controller.reconcile()

@@ -1,61 +1,226 @@
-"""`sudo make demo`: bring up the lab, put an XDP program on the lb host, send
-real traffic from the client, and print what the kernel saw.
+"""`sudo make demo`: the lab, `lb up`, real traffic, and where it went.
 
-This first version attaches a counting XDP program; the full demo (lb up,
-VIPs, targets, draining) grows from here.
+1. builds the namespace lab (client, lb, backend1..3);
+2. starts `lb up` with the embedded lab config;
+3. sends HTTP through the L7 listener and shows which rule and backend
+   served each kind of request;
+4. sends TCP and UDP through the XDP VIPs and counts replies per backend,
+   next to what the BPF maps counted;
+5. stops backend2, shows it detected, taken out of the ring and brought back;
+6. deregisters backend1 and shows a long-lived connection draining;
+7. prints `lb targets`, `lb vips` and `lb stats`, then takes everything down
+   (`--keep` leaves the lab and lb running for you to poke at).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
-from lb import lab as labmod
-from lb import netlink as nl
+from lb import admin, lab as labmod
+from lb.config import load_default
+from lb.daemon import limits_for
+from lb.dataplane.loader import pin_dir
+from lb.dataplane.maps import Maps
 from lb.lab import Lab
+from lb.netlink import run_in_netns
 
-COUNTER_PROGRAM = rb"""
-BPF_PERCPU_ARRAY(seen, u64, 1);
+LOG = "/run/lb-lab/lb-demo.log"
 
-int xdp_count(struct xdp_md *ctx) {
-    u32 slot = 0;
-    u64 *packets = seen.lookup(&slot);
-    if (packets)
-        *packets += 1;
-    return XDP_PASS;
-}
-"""
+
+def say(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def in_client(lab: Lab, fn: Callable[..., Any], *args: Any) -> Any:
+    return run_in_netns(lab.client_ns, fn, *args)
+
+
+# --- traffic from the client namespace ------------------------------------------
+
+
+def http(method: str, path: str, host: str = "www.example.com") -> tuple[int, dict[str, str]]:
+    with socket.create_connection((labmod.VIP, labmod.HTTP_PORT), timeout=5) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b"".join(iter(lambda: sock.recv(65536), b""))
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])}
+    return int(head[0].split()[1]), headers
+
+
+def tcp_banner() -> str:
+    with socket.create_connection((labmod.VIP, labmod.ECHO_PORT), timeout=5) as sock:
+        return sock.recv(64).decode().strip()
+
+
+def udp_echo(i: int) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(f"ping {i}".encode(), (labmod.VIP, labmod.ECHO_PORT))
+        return sock.recvfrom(256)[0].decode().split(" ", 1)[0]
+
+
+def spread(lab: Lab, fn: Callable[..., str], n: int) -> str:
+    seen = Counter(in_client(lab, fn, *(() if fn is tcp_banner else (i,))) for i in range(n))
+    return ", ".join(f"{name} {seen[name]}" for name in sorted(seen))
+
+
+# --- the daemon ----------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self) -> None:
+        self.config = load_default()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(LOG), exist_ok=True)
+        with open(LOG, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up"], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"lb up exited ({self.proc.returncode}); see {LOG}")
+            try:
+                self.request("status")
+                return
+            except admin.AdminError:
+                time.sleep(0.1)
+        raise SystemExit(f"lb up did not come up; see {LOG}")
+
+    def request(self, cmd: str, **args: Any) -> Any:
+        return admin.request(self.config.admin_socket, cmd, **args)
+
+    def state(self, group: str, target: str) -> dict[str, Any]:
+        rows = {r["target"]: r for r in self.request("targets", group=group)}
+        return rows.get(target, {"state": "unused", "reason": "Target.NotRegistered", "description": ""})
+
+    def wait_for(self, group: str, target: str, state: str, timeout: float = 30) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.state(group, target)["state"] == state:
+                return time.monotonic() - start
+            time.sleep(0.1)
+        raise SystemExit(f"{target} did not become {state} in {timeout}s; see {LOG}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(40)
+
+
+def lb_command(*args: str) -> None:
+    """Run an `lb` command and show its output as a user would see it."""
+    print(f"$ lb {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, "-m", "lb", *args], check=False)
+
+
+# --- the demo --------------------------------------------------------------------------
+
+
+def run(keep: bool) -> int:
+    lab = Lab()
+    say("lab: client 10.0.0.2 -> lb (VIP 10.0.0.100) -> backend1..3 10.0.1.11-13")
+    print("built" if lab.up() else "already up", "-", ", ".join(lab.namespaces))
+
+    daemon = Daemon()
+    say("lb up (the embedded lab config; `lb validate` prints it)")
+    daemon.start()
+    for group, targets in (("web", lab.backends[:2]), ("api", lab.backends[2:]), ("echo-tcp", lab.backends),
+                           ("echo-udp", lab.backends)):
+        for backend in targets:
+            daemon.wait_for(group, backend.address, "healthy")
+    print(f"up: all targets healthy; log in {LOG}")
+    try:
+        say("HTTP through 10.0.0.100:80: the L7 proxy matches ALB rules")
+        print(f"  {'request':<40} {'status':<7} {'served by / answer'}")
+        for method, path, host, rule in (
+            ("GET", "/", "www.example.com", "default rule -> web"),
+            ("GET", "/index.html", "www.example.com", "default rule -> web"),
+            ("GET", "/api/users", "www.example.com", "rule 10 path /api/* -> api"),
+            ("POST", "/api/orders", "www.example.com", "rule 10 path /api/* -> api"),
+            ("GET", "/page?q=1", "old.example.com", "rule 20 host old.example.com -> redirect"),
+            ("GET", "/health-of-lb", "www.example.com", "rule 30 -> fixed response"),
+        ):
+            status, headers = in_client(lab, http, method, path, host)
+            where = headers.get("x-backend") or headers.get("location") or "lb itself"
+            print(f"  {method + ' ' + host + path:<40} {status:<7} {where:<30} ({rule})")
+
+        say("TCP through 10.0.0.100:9000: XDP, Maglev ring, conntrack, NAT")
+        print("  60 connections:", spread(lab, tcp_banner, 60))
+        say("UDP through 10.0.0.100:9000: XDP")
+        print("  30 datagrams:  ", spread(lab, udp_echo, 30))
+
+        victim = lab.backends[1]
+        say(f"{victim.name} stops (its server is killed)")
+        lab.stop_server(victim)
+        took = daemon.wait_for("echo-tcp", victim.address, "unhealthy")
+        row = daemon.state("echo-tcp", victim.address)
+        print(f"  detected after {took:.1f} s: {row['state']} ({row['reason']}: {row['description']})")
+        time.sleep(0.3)
+        print("  60 connections:", spread(lab, tcp_banner, 60))
+        lab.start_server(victim)
+        took = daemon.wait_for("echo-tcp", victim.address, "healthy")
+        print(f"  {victim.name} restarted: healthy again after {took:.1f} s")
+        time.sleep(0.3)
+        print("  60 connections:", spread(lab, tcp_banner, 60))
+
+        say("draining: a long-lived connection through a deregistered target")
+        long_lived = in_client(lab, lambda: socket.create_connection((labmod.VIP, labmod.ECHO_PORT), timeout=5))
+        owner = long_lived.recv(64).decode().strip()
+        owner_addr = next(b.address for b in lab.backends if b.name == owner)
+        daemon.request("deregister", group="echo-tcp", target=owner_addr)
+        row = daemon.state("echo-tcp", owner_addr)
+        print(f"  deregistered {owner} ({owner_addr}): {row['state']} ({row['reason']})")
+        print("  60 new connections:", spread(lab, tcp_banner, 60))
+        long_lived.sendall(b"still there?\n")
+        print(f"  the long-lived connection to {owner} still echoes: {long_lived.recv(64)!r}")
+        long_lived.close()
+        daemon.request("register", group="echo-tcp", target=owner_addr)
+        daemon.wait_for("echo-tcp", owner_addr, "healthy")
+        print(f"  {owner} registered again and healthy")
+
+        say("what the kernel counted (pinned BPF maps)")
+        config = daemon.config
+        with Maps(pin_dir(config.name), limits_for(config)) as maps:
+            for entry in maps.vips():
+                t = maps.vip_traffic(entry.vip_id)
+                print(f"  VIP {entry.vip}: {t.new_flows} flows, {t.packets} packets in, {t.reply_packets} replies")
+            for target in maps.targets():
+                t = maps.target_traffic(target.target_id)
+                print(f"  target {target.endpoint}: {t.new_flows} flows, {t.packets} packets in, "
+                      f"{t.reply_packets} replies")
+        for args in (("status",),):
+            lb_command(*args)
+    finally:
+        if not keep:
+            daemon.stop()
+            say("cleanup")
+            lb_command("down")
+            print("lab:", ", ".join(lab.down()) or "nothing", "removed")
+    if keep:
+        print(f"\nleft running (--keep): lb up is pid {daemon.proc.pid if daemon.proc else '?'}; "
+              "stop it with `sudo kill <pid>`, then `sudo .venv/bin/lb down` and `sudo .venv/bin/lb lab down`")
+    return 0
 
 
 def main() -> int:
-    import socket
-
-    from bcc import BPF
-
-    lab = Lab()
-    print(f"lab: {'built' if lab.up() else 'already up'}: {', '.join(lab.namespaces)}")
-    bpf = BPF(text=COUNTER_PROGRAM)
-    try:
-        fn = bpf.load_func(b"xdp_count", BPF.XDP)
-        with nl.iproute(lab.lb_ns) as ipr:
-            nl.attach_xdp(ipr, labmod.LB_CLIENT_IF, fn.fd, "native")
-            try:
-                mode, prog_id = nl.xdp_info(ipr, labmod.LB_CLIENT_IF)
-                print(f"xdp: program {prog_id} attached to {lab.lb_ns}/{labmod.LB_CLIENT_IF} in {mode} mode")
-                for backend in lab.backends:
-                    def get(address: str = backend.address) -> bytes:
-                        with socket.create_connection((address, labmod.HTTP_PORT), timeout=5) as sock:
-                            sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
-                            return b"".join(iter(lambda: sock.recv(65536), b""))
-                    body = nl.run_in_netns(lab.client_ns, get).split(b"\r\n\r\n", 1)[1]
-                    print(f"client -> {backend.address}:{labmod.HTTP_PORT}: {body.decode().strip()}")
-                print(f"xdp: packets seen on {labmod.LB_CLIENT_IF}: {sum(bpf[b'seen'][0])}")
-            finally:
-                nl.detach_xdp(ipr, labmod.LB_CLIENT_IF, "native")
-                print("xdp: detached")
-    finally:
-        bpf.cleanup()
-    print("lab is still up: `sudo .venv/bin/lb lab down` removes it")
-    return 0
+    parser = argparse.ArgumentParser(prog="lb.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="leave the lab and lb running")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("the demo builds namespaces and loads BPF: run it as root (sudo make demo)", file=sys.stderr)
+        return 1
+    return run(args.keep)
 
 
 if __name__ == "__main__":
