@@ -1,0 +1,121 @@
+"""Choosing a target within a group, and a group within a weighted forward.
+
+A balancer is built per target group each time a routing table is swapped
+in, over the pools (:class:`lb.l7.upstream.Pool`) of the group's endpoints
+in service. Pools outlive tables, so ``outstanding`` (this worker's requests
+in flight to an endpoint, summed over every group that has it) survives a
+swap; a balancer's own position does not need to.
+
+- round_robin: each endpoint in turn (target weights are ignored, as ELB's
+  round robin does).
+- least_outstanding_requests: fewest requests in flight from this worker;
+  ties go round robin, so an idle group still spreads.
+- weighted_random: in proportion to the targets' weights.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect
+from itertools import accumulate
+from typing import Generic, Protocol, TypeVar
+
+from lb.model import Algorithm
+
+
+class Balanceable(Protocol):
+    outstanding: int
+
+
+P = TypeVar("P", bound=Balanceable)
+T = TypeVar("T")
+
+
+class Balancer(Generic[P]):
+    """Picks one of ``pools`` (never empty) per request."""
+
+    __slots__ = ("pools",)
+
+    def __init__(self, pools: tuple[P, ...]) -> None:
+        if not pools:
+            raise ValueError("a balancer needs at least one endpoint")
+        self.pools = pools
+
+    def pick(self) -> P:
+        raise NotImplementedError
+
+
+class RoundRobin(Balancer[P]):
+    __slots__ = ("_next",)
+
+    def __init__(self, pools: tuple[P, ...]) -> None:
+        super().__init__(pools)
+        # Workers start at different places, so they do not all send their
+        # first request to the same target.
+        self._next = random.randrange(len(pools))
+
+    def pick(self) -> P:
+        pools = self.pools
+        i = self._next
+        self._next = i + 1 if i + 1 < len(pools) else 0
+        return pools[i]
+
+
+class LeastOutstanding(Balancer[P]):
+    __slots__ = ("_next",)
+
+    def __init__(self, pools: tuple[P, ...]) -> None:
+        super().__init__(pools)
+        self._next = random.randrange(len(pools))
+
+    def pick(self) -> P:
+        pools = self.pools
+        n = len(pools)
+        start = self._next
+        self._next = start + 1 if start + 1 < n else 0
+        best = pools[start]
+        low = best.outstanding
+        k = 1
+        while low and k < n:
+            pool = pools[(start + k) % n]
+            if pool.outstanding < low:
+                best, low = pool, pool.outstanding
+            k += 1
+        return best
+
+
+class WeightedChoice(Generic[T]):
+    """A random pick in proportion to integer weights; zero weights never win."""
+
+    __slots__ = ("items", "_bounds", "_total")
+
+    def __init__(self, items: tuple[T, ...], weights: tuple[int, ...]) -> None:
+        if len(items) != len(weights) or not items:
+            raise ValueError("one weight per item, at least one item")
+        if sum(weights) <= 0:
+            weights = (1,) * len(items)
+        self.items = items
+        self._bounds = tuple(accumulate(weights))
+        self._total = self._bounds[-1]
+
+    def pick(self) -> T:
+        return self.items[bisect(self._bounds, random.random() * self._total)]
+
+
+class WeightedRandom(Balancer[P]):
+    __slots__ = ("_choice",)
+
+    def __init__(self, pools: tuple[P, ...], weights: tuple[int, ...]) -> None:
+        super().__init__(pools)
+        self._choice = WeightedChoice(pools, weights)
+
+    def pick(self) -> P:
+        return self._choice.pick()
+
+
+def make_balancer(algorithm: Algorithm, pools: tuple[P, ...], weights: tuple[int, ...]) -> Balancer[P]:
+    if algorithm is Algorithm.LEAST_OUTSTANDING_REQUESTS:
+        return LeastOutstanding(pools)
+    if algorithm is Algorithm.WEIGHTED_RANDOM:
+        return WeightedRandom(pools, weights)
+    return RoundRobin(pools)

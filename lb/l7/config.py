@@ -1,0 +1,40 @@
+"""The L7 proxy's own settings: one typed object, a default on every field.
+
+Built once (by the CLI or a test) and passed down to the server, every
+worker and every connection. What comes from the load balancer's model and
+may change at run time (listeners, groups, idle timeout) travels in the
+:class:`lb.l7.table.RoutingTable` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class L7Config:
+    workers: int = 0  # worker processes; 0: one per core
+    connect_timeout: float = 10.0  # to a target; past it: 504
+    # Upstream pools, per target and per worker.
+    max_idle_per_target: int = 256  # keep-alive connections kept idle
+    max_conns_per_target: int = 0  # open connections; 0: unlimited, else requests queue
+    # Request limits (ELB's): past them, 400.
+    max_request_line: int = 16 * 1024
+    max_header: int = 16 * 1024  # one header, name and value
+    max_headers: int = 64 * 1024  # all of a request's headers
+    # Flow control.
+    max_pipeline: int = 16  # parsed requests queued behind the one in flight
+    buffer_high_water: int = 64 * 1024  # request body held before an upstream is ready
+    # Listening sockets.
+    backlog: int = 1024
+    # lb_cookie / group stickiness: HMAC key of the cookies. Empty: a random
+    # key, made once per L7Server (shared by its workers) or per serve().
+    cookie_secret: bytes = b""
+    # Where the workers write the "lb.access" lines: a path, "-" for stderr,
+    # None to leave logging as the process has it.
+    access_log: str | None = None
+    ready_timeout: float = 15.0  # for a worker process to bind its listeners
+
+    def worker_count(self) -> int:
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)

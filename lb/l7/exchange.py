@@ -1,0 +1,118 @@
+"""One request and its response: the per-request state, in one slotted object.
+
+Created by the client protocol when a request begins, handed to the upstream
+connection that serves it, and dropped after the access log line. Fields
+are grouped by who writes them, in the order they are filled.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from asyncio import Task
+
+    from lb.l7.pool import Pool
+    from lb.l7.protocol import ClientProtocol
+    from lb.l7.upstream import UpstreamConnection
+
+
+class Exchange:
+    __slots__ = (
+        "client",
+        # The request as parsed (client protocol callbacks).
+        "method",
+        "url",
+        "version11",  # HTTP/1.1 (else 1.0)
+        "keep_alive",  # the client wants the connection kept
+        "parts",  # upstream request head: [method, " ", url, " HTTP/1.1\r\n", name, ": ", value, CRLF, ...]
+        "host",
+        "xff",  # X-Forwarded-For as received, to append to
+        "cookies",  # Cookie header values, for stickiness
+        "expect_continue",
+        "upgrade",  # a WebSocket upgrade request
+        "upgrade_value",
+        "chunked",  # request body chunked (re-chunked upstream)
+        "has_body",
+        "head_only",  # HEAD: the response has no body
+        "header_bytes",
+        "bad_te",
+        "drop",  # header names the client's Connection header makes hop-by-hop
+        "error",  # a status to answer with instead of routing (a rejected request)
+        # Request body flow.
+        "request_complete",
+        "body_buf",  # body held until an upstream is attached
+        "buffered",
+        "discard",  # answered locally: the rest of the body is dropped
+        # Routing (when the exchange starts).
+        "rule",  # priority, None for the default rule
+        "target",  # "address:port" or "-"
+        "pool",  # set while the request counts as outstanding on it
+        "set_cookies",  # set-cookie header lines for the response
+        # Upstream.
+        "upstream",
+        "connecting",  # the connect task while one is open for us
+        "waiting",  # our waiter while queued on a full pool
+        "since",  # coarse clock: connect or wait start
+        "retried",
+        "head",  # the request head as sent, for a retry
+        # Response.
+        "status",
+        "response_started",
+        "response_complete",
+        "close_after",
+        "req_bytes",
+        "resp_bytes",
+        # Timing (loop.time()).
+        "t_start",
+        "t_sent",
+        "upstream_time",
+    )
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.method = b""
+        self.url = b""
+        self.version11 = True
+        self.keep_alive = True
+        self.parts: list[bytes] = [b"", b" ", b"", b" HTTP/1.1\r\n"]  # method, SP, url, version
+        self.host: bytes | None = None
+        self.xff: bytes | None = None
+        self.cookies: list[bytes] | None = None
+        self.expect_continue = False
+        self.upgrade = False
+        self.upgrade_value = b""
+        self.chunked = False
+        self.has_body = False
+        self.head_only = False
+        self.header_bytes = 0
+        self.bad_te = False
+        self.drop: set[bytes] | None = None
+        self.error = 0
+        self.request_complete = False
+        self.body_buf: list[bytes] | None = None
+        self.buffered = 0
+        self.discard = False
+        self.rule: int | None = None
+        self.target = "-"
+        self.pool: Pool | None = None
+        self.set_cookies = b""
+        self.upstream: UpstreamConnection | None = None
+        self.connecting: Task[object] | None = None
+        self.waiting: object = None
+        self.since = 0.0
+        self.retried = False
+        self.head = b""
+        self.status = 0
+        self.response_started = False
+        self.response_complete = False
+        self.close_after = False
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.t_start = 0.0
+        self.t_sent = 0.0
+        self.upstream_time = -1.0
+
+    def retryable(self) -> bool:
+        """Safe to send again on a new connection: nothing of it is lost."""
+        return not self.retried and not self.has_body and not self.upgrade

@@ -1,0 +1,137 @@
+"""Small HTTP/1.x building blocks shared by the proxy's modules.
+
+Everything here is computed once (status lines, hop-by-hop names) or once
+a second (the Date header), never per request.
+"""
+
+from __future__ import annotations
+
+import http
+import time
+from email.utils import formatdate
+
+CRLF = b"\r\n"
+
+# RFC 9110 §7.6.1: never forwarded. "Connection" may name more.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+_STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason(code)) for code in range(100, 600)}
+_status_cache: dict[tuple[int, bytes], bytes] = {}
+
+
+def status_line(status: int, phrase: bytes | None = None) -> bytes:
+    """``HTTP/1.1 <status> <phrase>\\r\\n``; the target's own phrase when given."""
+    if phrase is None:
+        line = _STATUS_LINES.get(status)
+        return line if line is not None else b"HTTP/1.1 %d \r\n" % status
+    key = (status, phrase)
+    line = _status_cache.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+        if len(_status_cache) < 512:  # bounded: phrases come from targets
+            _status_cache[key] = line
+    return line
+
+
+class HttpDate:
+    """The ``date:`` header line, recomputed at most once a second."""
+
+    __slots__ = ("_second", "_line")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def line(self) -> bytes:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._line = b"date: " + formatdate(now, usegmt=True).encode("ascii") + CRLF
+        return self._line
+
+
+http_date = HttpDate()
+
+
+def cookie_expires(timestamp: float) -> bytes:
+    return formatdate(timestamp, usegmt=True).encode("ascii")
+
+
+UNKNOWN = -1  # a header_table() miss: look the lowercased name up
+
+
+def header_table(special: dict[bytes, int], common: tuple[bytes, ...] = ()) -> dict[bytes, int | None]:
+    """Header name → kind, for names as they usually arrive, without lowercasing.
+
+    ``special`` maps lowercase names to a kind; the table also has their
+    Title-Case and UPPER spellings, and maps the ``common`` names (which are
+    not special) to None. A name not in the table (``UNKNOWN``) is looked up
+    again lowercased: the table only saves a ``bytes.lower()`` per header.
+    """
+    table: dict[bytes, int | None] = {}
+    for name in common:
+        for spelling in (name, name.lower(), _title(name)):
+            table[spelling] = None
+    for name, kind in special.items():
+        for spelling in (name, name.upper(), _title(name)):
+            table[spelling] = kind
+    return table
+
+
+def _title(name: bytes) -> bytes:
+    return b"-".join(part[:1].upper() + part[1:] for part in name.lower().split(b"-"))
+
+
+COMMON_REQUEST_HEADERS = (
+    b"Accept",
+    b"Accept-Encoding",
+    b"Accept-Language",
+    b"Cache-Control",
+    b"Content-Type",
+    b"Origin",
+    b"Pragma",
+    b"Referer",
+    b"User-Agent",
+    b"Authorization",
+    b"If-None-Match",
+    b"If-Modified-Since",
+    b"Sec-Fetch-Dest",
+    b"Sec-Fetch-Mode",
+    b"Sec-Fetch-Site",
+    b"Upgrade-Insecure-Requests",
+    b"DNT",
+)
+COMMON_RESPONSE_HEADERS = (
+    b"Server",
+    b"Date",
+    b"Content-Type",
+    b"Last-Modified",
+    b"ETag",
+    b"Accept-Ranges",
+    b"Cache-Control",
+    b"Expires",
+    b"Vary",
+    b"Set-Cookie",
+    b"Location",
+    b"Content-Encoding",
+    b"X-Backend",
+)

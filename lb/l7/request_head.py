@@ -1,0 +1,160 @@
+"""A request's head: which headers pass, which we act on, what goes upstream.
+
+Headers are kept as the flat list the upstream head is joined from
+(``Exchange.parts``: method, " ", target, " HTTP/1.1\\r\\n", then name,
+": ", value, CRLF per header), so forwarding them costs one ``b"".join``.
+Hop-by-hop headers (RFC 9110 §7.6.1, and any the Connection header names)
+are dropped; X-Forwarded-For is appended to, X-Forwarded-Proto/-Port are
+replaced with ours.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import httptools
+
+from lb.l7 import errors
+from lb.l7.exchange import Exchange
+from lb.l7.httputil import COMMON_REQUEST_HEADERS, CRLF, header_table
+from lb.l7.rules import Request
+from lb.model import IPAddress
+
+COLON = b": "
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+
+# What a request header is to us.
+HOST, CONNECTION, HOP, TRANSFER_ENCODING, UPGRADE, XFF, OURS, EXPECT, COOKIE, LENGTH = range(10)
+SPECIAL = {
+    b"host": HOST,
+    b"connection": CONNECTION,
+    b"keep-alive": HOP,
+    b"proxy-connection": HOP,
+    b"te": HOP,
+    b"trailer": HOP,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"upgrade": UPGRADE,
+    b"x-forwarded-for": XFF,
+    b"x-forwarded-proto": OURS,
+    b"x-forwarded-port": OURS,
+    b"expect": EXPECT,
+    b"cookie": COOKIE,
+    b"content-length": LENGTH,
+}
+TABLE = header_table(SPECIAL, COMMON_REQUEST_HEADERS)  # most names without a lower()
+_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+_CODINGS = (b"chunked", b"identity")
+
+
+def special_header(ex: Exchange, kind: int, name: bytes, value: bytes) -> None:
+    """Record a header we act on (Host is handled inline by the caller)."""
+    if kind == LENGTH:
+        ex.has_body = value.strip() != b"0"
+        ex.parts += (name, COLON, value, CRLF)
+    elif kind == COOKIE:
+        if ex.cookies is None:
+            ex.cookies = []
+        ex.cookies.append(value)
+        ex.parts += (name, COLON, value, CRLF)
+    elif kind == XFF:
+        ex.xff = value if ex.xff is None else ex.xff + b", " + value
+    elif kind == TRANSFER_ENCODING:
+        ex.chunked = True  # the parser checks that chunked comes last; we re-chunk
+        for coding in value.lower().split(b","):
+            if coding.strip() not in _CODINGS:
+                ex.bad_te = True  # → 501
+    elif kind == EXPECT:
+        ex.expect_continue = value.strip().lower() == b"100-continue"
+        ex.parts += (name, COLON, value, CRLF)
+    elif kind == UPGRADE:
+        ex.upgrade_value = value
+    elif kind == CONNECTION:
+        for token in value.lower().split(b","):
+            token = token.strip()
+            if token not in _CONNECTION_OPTIONS:
+                if ex.drop is None:
+                    ex.drop = set()
+                ex.drop.add(token)
+    elif kind == HOST:
+        if ex.host is not None:
+            raise errors.RequestRejected(errors.BAD_REQUEST, "more than one Host header")
+        ex.host = value
+        ex.parts += (name, COLON, value, CRLF)
+    # HOP and OURS: dropped (ours are added by build_head)
+
+
+def build_head(ex: Exchange, xff_line: bytes, fwd_tail: bytes, local: bytes) -> bytes:
+    """The request head as the target gets it; kept on the exchange for a retry."""
+    parts = ex.parts
+    if ex.drop is not None:
+        parts = without(parts, ex.drop)
+    if ex.xff is None:
+        parts.append(xff_line)
+    else:  # "x-forwarded-for: " is 17 bytes
+        parts += (b"x-forwarded-for: ", ex.xff, b", ", xff_line[17:])
+    parts.append(fwd_tail)
+    if ex.chunked:
+        parts.append(_CHUNKED)
+    if ex.upgrade:
+        parts += (b"connection: upgrade\r\nupgrade: ", ex.upgrade_value, CRLF)
+    if ex.host is None:  # HTTP/1.0 without Host: name ourselves
+        parts += (b"host: ", local, CRLF)
+    parts.append(CRLF)
+    head = ex.head = b"".join(parts)
+    return head
+
+
+def without(parts: list[bytes], names: set[bytes]) -> list[bytes]:
+    """``parts`` less the headers named by the client's Connection header."""
+    kept = parts[:4]
+    for i in range(4, len(parts), 4):
+        if parts[i].lower() not in names:
+            kept += parts[i : i + 4]
+    return kept
+
+
+def origin_form(ex: Exchange) -> bool:
+    """Absolute-form target → origin-form, its authority replacing Host (RFC 9112 §3.2.2)."""
+    if ex.url == b"*":
+        return True
+    try:
+        url = httptools.parse_url(ex.url)
+    except httptools.HttpParserInvalidURLError:
+        return False
+    if not url.schema or not url.host:
+        return False
+    authority = url.host + (b":%d" % url.port if url.port else b"")
+    ex.url = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+    parts = ex.parts
+    parts[2] = ex.url
+    for i in range(4, len(parts), 4):
+        if parts[i].lower() == b"host":
+            parts[i + 2] = authority
+            break
+    else:
+        parts += (b"host", COLON, authority, CRLF)
+    ex.host = authority
+    return True
+
+
+def rules_request(ex: Exchange, peer: IPAddress, with_headers: bool) -> Request:
+    """The rules engine's view of the request (built only when there are rules)."""
+    path, _, query = ex.url.partition(b"?")
+    headers: tuple[tuple[str, str], ...] = ()
+    if with_headers:
+        parts = ex.parts
+        headers = tuple(
+            (name.lower().decode("latin-1"), value.decode("latin-1")) for name, value in zip(parts[4::4], parts[6::4])
+        )
+    return Request(
+        ex.method.decode("latin-1"),
+        ex.host.decode("latin-1") if ex.host is not None else None,
+        path.decode("latin-1"),
+        query.decode("latin-1"),
+        headers,
+        peer,
+    )
+
+
+def peer_address(ip: str) -> IPAddress:
+    return ipaddress.ip_address(ip.partition("%")[0])  # no IPv6 zone

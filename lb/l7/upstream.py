@@ -1,0 +1,404 @@
+"""One keep-alive connection to a target: send a request, relay its response.
+
+The connection is the httptools callback object for its responses (as the
+client side is for requests). The response head is rebuilt from the parsed
+headers without the hop-by-hop ones, with framing and Connection chosen for
+the client; body bytes are relayed as they come, re-chunked when the client
+gets chunked encoding. Everything produced while feeding one chunk from the
+target is joined and written to the client once: one send per read.
+
+Failures map to the load balancer's own answers: reset, refused, malformed
+or closed before a response → 502 (:meth:`ClientProtocol.upstream_failed`);
+a response cut short → the client connection is aborted, as the bytes already
+sent cannot be taken back. A connection that served a request before and
+closes before answering the next one is retried once on a new connection when
+the request has no body (the target closed an idle keep-alive connection
+just as we reused it).
+
+Pools are in :mod:`lb.l7.pool`; this module is the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from lb.l7 import flow_control
+from lb.l7.httputil import COMMON_RESPONSE_HEADERS, CRLF, UNKNOWN, header_table, status_line
+
+if TYPE_CHECKING:
+    from lb.l7.exchange import Exchange
+    from lb.l7.pool import Pool
+
+log = logging.getLogger("lb.l7")
+_now = time.perf_counter
+
+_COLON = b": "
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+_CLOSE = b"connection: close\r\n"
+_KEEP_ALIVE = b"connection: keep-alive\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+# Response headers the proxy does not pass through as they are.
+_CONNECTION, _HOP, _TRANSFER_ENCODING, _UPGRADE, _CONTENT_LENGTH = range(5)
+_SPECIAL = {
+    b"connection": _CONNECTION,
+    b"keep-alive": _HOP,
+    b"proxy-connection": _HOP,
+    b"te": _HOP,
+    b"trailer": _HOP,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"upgrade": _UPGRADE,
+    b"content-length": _CONTENT_LENGTH,
+}
+_TABLE = header_table(_SPECIAL, COMMON_RESPONSE_HEADERS)
+_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+
+
+class _HeadOnly(Exception):
+    """Raised in on_headers_complete to stop the parser after a HEAD response.
+
+    httptools cannot be told that a response answers HEAD, so it would wait
+    for the Content-Length bytes that never come.
+    """
+
+
+class _BadResponse(Exception):
+    pass
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        # For the connection's lifetime.
+        "pool",
+        "transport",
+        "parser",
+        "last_rx",  # coarse clock stamp of the last bytes from the target
+        "served",  # responses completed on it
+        "read_paused",  # by the client, whose write buffer is full
+        "write_paused",  # by our transport, whose write buffer is full
+        "tunnel",  # after a 101: raw bytes both ways
+        # While it serves one exchange.
+        "ex",
+        "client_tx",
+        "out",  # client-bound bytes produced by one feed_data
+        "parts",  # response head being rebuilt: [status line, name, ": ", value, CRLF, ...]
+        "phrase",
+        "keep_alive",
+        "done",
+        "broken",
+        "got_data",
+        "in_body",
+        "has_length",
+        "chunked_in",
+        "chunk_out",
+        "interim",
+        "upgrade_value",
+        "drop",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpResponseParser(self)
+        self.last_rx = pool.clock.now
+        self.served = 0
+        self.read_paused = False
+        self.write_paused = False
+        self.tunnel = False
+        self.ex: Exchange | None = None
+        self.client_tx: asyncio.Transport | None = None
+        self.out: list[bytes] = []
+        self.parts: list[bytes] = []
+        self.phrase = b""
+        self.keep_alive = False
+        self.done = False
+        self.broken = False
+        self.got_data = False
+        self.in_body = False
+        self.has_length = False
+        self.chunked_in = False
+        self.chunk_out = False
+        self.interim = False
+        self.upgrade_value = b""
+        self.drop: set[bytes] | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def attach(self, ex: Exchange) -> None:
+        """Serve ``ex``: its request head is written next by the client side."""
+        client = ex.client
+        self.ex = ex
+        self.client_tx = client.transport
+        self.done = self.broken = self.got_data = False
+        self._new_message()
+        self.last_rx = self.pool.clock.now
+        if client.write_paused:
+            self.pause_reading()
+        if self.write_paused:
+            client.gate.pause(flow_control.UPSTREAM_FULL)
+
+    def detach(self) -> None:
+        ex = self.ex
+        self.ex = None
+        self.client_tx = None
+        if ex is not None and self.write_paused:
+            ex.client.gate.resume(flow_control.UPSTREAM_FULL)
+        if self.read_paused:
+            self.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = self.pool.clock.now
+        if self.tunnel:
+            self.client_tx.write(data)  # type: ignore[union-attr]
+            return
+        ex = self.ex
+        if ex is None:  # bytes nobody asked for: the connection is unusable
+            self.transport.close()
+            return
+        self.got_data = True
+        out = self.out = []
+        failed = None
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            failed = self._switch(ex, data[exc.args[0] :])
+        except HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadOnly):
+                self.parser = HttpResponseParser(self)  # the old one stopped mid-message
+                if not data.endswith(b"\n"):
+                    self.broken = True
+            else:
+                cause = exc.__context__
+                if not isinstance(cause, _BadResponse):
+                    log.error("upstream %s: callback failed", self.pool.label, exc_info=cause)
+                failed = f"malformed response: {cause or exc}"
+        except HttpParserError as exc:
+            failed = f"malformed response: {exc}"
+        if out:
+            chunk = b"".join(out) if len(out) > 1 else out[0]
+            ex.resp_bytes += len(chunk)
+            self.client_tx.write(chunk)  # type: ignore[union-attr]
+        if failed is not None:
+            self.broken = True
+            if not self.done:  # else: a whole response, then junk: relay it, drop the connection
+                self._fail(ex, failed)
+                return
+        if self.done:
+            self._complete(ex)
+        elif self.tunnel:
+            ex.client.start_tunnel(ex, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        ex = self.ex
+        if ex is None:
+            return
+        if self.tunnel:
+            self.ex = None
+            ex.client.tunnel_closed()
+            return
+        if self.in_body and not self.has_length and not self.chunked_in and not ex.head_only:
+            # A close-delimited response ends here.
+            if self.chunk_out:
+                ex.resp_bytes += len(_LAST_CHUNK)
+                self.client_tx.write(_LAST_CHUNK)  # type: ignore[union-attr]
+            self.keep_alive = False
+            self._complete(ex)
+            return
+        self._fail(ex, f"target closed the connection ({exc or 'EOF'})")
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.ex
+        if ex is not None:
+            ex.client.gate.pause(flow_control.UPSTREAM_FULL)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.ex
+        if ex is not None:
+            ex.client.gate.resume(flow_control.UPSTREAM_FULL)
+
+    # --- called by the client side ----------------------------------------------
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            if not self.transport.is_closing():
+                self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def abort(self) -> None:
+        """The exchange gave up on us mid-way: this connection cannot be reused."""
+        self.detach()
+        self.transport.abort()
+
+    # --- httptools callbacks ----------------------------------------------------
+
+    def _new_message(self) -> None:
+        # Not on_message_begin: one callback less per response.
+        self.parts = [b""]
+        self.phrase = b""
+        self.in_body = self.has_length = self.chunked_in = self.chunk_out = False
+        self.drop = None
+
+    def on_status(self, phrase: bytes) -> None:
+        self.phrase += phrase
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body:  # a trailer: not passed on
+            return
+        kind = _TABLE.get(name, UNKNOWN)
+        if kind == UNKNOWN:
+            kind = _SPECIAL.get(name.lower())
+        if kind is None:
+            self.parts += (name, _COLON, value, CRLF)
+        elif kind == _CONTENT_LENGTH:
+            self.has_length = True
+            self.parts += (name, _COLON, value, CRLF)
+        elif kind == _TRANSFER_ENCODING:
+            if value.strip().lower() != b"chunked":  # a coding we would have to keep
+                raise _BadResponse(f"unsupported Transfer-Encoding {value!r}")
+            self.chunked_in = True
+        elif kind == _CONNECTION:
+            for token in value.lower().split(b","):
+                token = token.strip()
+                if token not in _CONNECTION_OPTIONS:
+                    if self.drop is None:
+                        self.drop = set()
+                    self.drop.add(token)
+        elif kind == _UPGRADE:
+            self.upgrade_value = value
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        ex = self.ex
+        assert ex is not None
+        if self.done or self.in_body:  # a second response to one request
+            self.broken = True
+            raise _BadResponse("more than one response")
+        if status < 200:
+            self.interim = True  # its on_message_complete is not the end
+            if status == 101:  # relayed when the parser raises HttpParserUpgrade
+                return
+            if ex.version11:  # 100 Continue, 103 Early Hints: relayed to 1.1 clients
+                parts = self.parts
+                parts[0] = status_line(status, self.phrase)
+                parts.append(CRLF)
+                self.out += parts
+            return
+        self.in_body = True
+        self.keep_alive = parser.should_keep_alive()
+        ex.upstream_time = _now() - ex.t_sent
+        ex.status = status
+        ex.response_started = True
+        client = ex.client
+        close = (
+            ex.close_after or not ex.keep_alive or client.closing or ex.upgrade or not ex.request_complete
+        )
+        framing = b""
+        if ex.head_only or status == 204 or status == 304 or self.has_length:
+            pass
+        elif ex.version11:  # chunked or close-delimited from the target: chunked to the client
+            framing = _CHUNKED
+            self.chunk_out = True
+        else:  # an HTTP/1.0 client: the end of the body is the end of the connection
+            close = True
+        ex.close_after = close
+        parts = self.parts
+        parts[0] = status_line(status, self.phrase)
+        if self.drop is not None:
+            parts = _without(parts, self.drop)
+        out = self.out
+        out += parts
+        out.append(framing)
+        out.append(_CLOSE if close else (b"" if ex.version11 else _KEEP_ALIVE))
+        out.append(ex.set_cookies)
+        out.append(CRLF)
+        if ex.head_only:
+            self.done = True
+            raise _HeadOnly
+
+    def on_body(self, body: bytes) -> None:
+        if self.chunk_out:
+            self.out += (b"%x\r\n" % len(body), body, CRLF)
+        else:
+            self.out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            if self.parser.get_status_code() != 101:  # a 101's head is relayed by _switch
+                self._new_message()
+            return
+        if self.done:  # a second response to one request
+            self.broken = True
+            return
+        if self.chunk_out:
+            self.out.append(_LAST_CHUNK)
+        self.done = True
+
+    # --- endings ----------------------------------------------------------------
+
+    def _switch(self, ex: Exchange, rest: bytes) -> str | None:
+        """A 101 arrived: relay its head and become a tunnel. None if all is well."""
+        if not ex.upgrade or self.parser.get_status_code() != 101 or self.broken:
+            return "unexpected 101 Switching Protocols"
+        parts = self.parts
+        parts[0] = status_line(101, self.phrase)
+        self.out += parts
+        self.out += (b"connection: upgrade\r\nupgrade: ", self.upgrade_value, CRLF, CRLF)
+        if rest:
+            self.out.append(rest)
+        ex.status = 101
+        ex.response_started = True
+        ex.upstream_time = _now() - ex.t_sent
+        self.tunnel = True
+        return None
+
+    def _complete(self, ex: Exchange) -> None:
+        reusable = self.keep_alive and not self.broken and ex.request_complete and not ex.upgrade
+        self.served += 1
+        self.detach()
+        if not self.transport.is_closing():
+            self.pool.give_back(self, reusable)
+        ex.client.response_done(ex)
+
+    def _fail(self, ex: Exchange, why: str) -> None:
+        retry = self.served > 0 and not self.got_data and ex.retryable()
+        self.detach()
+        if not self.transport.is_closing():
+            self.transport.close()
+        if retry:
+            ex.client.retry(ex)
+        else:
+            ex.client.upstream_failed(ex, 502, why)
+
+
+def _without(parts: list[bytes], names: set[bytes]) -> list[bytes]:
+    """``parts`` less the headers named by the target's Connection header."""
+    kept = parts[:1]
+    for i in range(1, len(parts), 4):
+        if parts[i].lower() not in names:
+            kept += parts[i : i + 4]
+    return kept
