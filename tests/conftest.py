@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import pytest
 
 from lb.lab import Lab
+from tests.names import PREFIX
 
 IS_ROOT = os.geteuid() == 0
-TEST_LAB_PREFIX = "lbt"  # distinct from the demo's "lab", so both can coexist
+TEST_LAB_PREFIX = PREFIX  # tests/names.py
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,11 +22,12 @@ from lb.daemon import limits_for
 from lb import config as configmod
 from lb.lab import Lab
 from lb.netlink import run_in_netns
+from tests.names import name
 from tests.daemon_fixture import RunningDaemon, lab_config
 
 pytestmark = pytest.mark.root
 
-NAME = "lbt-d"
+NAME = name("d")
 INTERVAL, UNHEALTHY, HEALTHY = 5, 2, 2
 
 

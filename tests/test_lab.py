@@ -7,6 +7,7 @@ import pytest
 from lb import lab as labmod
 from lb import netlink as nl
 from lb.lab import Lab
+from tests.names import name
 from tests.labclient import http_get, tcp_connect, udp_socket
 
 pytestmark = pytest.mark.root
@@ -40,7 +41,7 @@ def test_veth_settings_from_lab_notes(lab: Lab) -> None:
 
 
 def test_up_twice_is_a_noop_and_down_removes_everything() -> None:
-    the_lab = Lab("lbt-idem", backend_count=1)
+    the_lab = Lab(name("idem"), backend_count=1)
     try:
         assert the_lab.up() is True
         before = {ns: nl.netns_inode(ns) for ns in the_lab.namespaces}
@@ -56,7 +57,7 @@ def test_up_twice_is_a_noop_and_down_removes_everything() -> None:
 
 
 def test_half_built_lab_is_rolled_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    the_lab = Lab("lbt-half", backend_count=2)
+    the_lab = Lab(name("half"), backend_count=2)
 
     def fail(self: Lab, backend: labmod.Backend) -> None:
         if backend.name == "backend2":
@@ -76,7 +77,7 @@ def test_half_built_lab_is_rolled_back(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_down_after_a_crash_leaves_nothing() -> None:
     """A lab whose builder died half-way (namespaces, links and a server left) is
     cleaned by down(), and up() on such a lab rebuilds it from scratch."""
-    the_lab = Lab("lbt-crash", backend_count=1)
+    the_lab = Lab(name("crash"), backend_count=1)
     try:
         nl.create_netns(the_lab.lb_ns)
         nl.create_netns(the_lab.client_ns)

@@ -16,10 +16,11 @@ import pytest
 
 from lb.dataplane import structs
 from lb.dataplane.loader import Program, bpf_source_dir, purge_pins
+from tests.names import name
 from lb.dataplane.structs import Counter, Limits, MapName, map_specs
 
 LIMITS = Limits(ring_size=13, max_vips=4, max_targets=8, conntrack_size=128)
-NAME = "lbt-structs"
+NAME = name("structs")
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,10 @@ from lb.dataplane.dataplane import Dataplane
 from lb.dataplane.loader import Program, purge_pins
 from lb.dataplane.maps import Maps
 from lb.dataplane.structs import Limits
+from tests.names import name
 
-NETNS = "lbt-pkt"
-NAME = "lbt-pkt"  # pin directory /sys/fs/bpf/lb/lbt-pkt
+NETNS = name("pkt")
+NAME = NETNS  # pin directory /sys/fs/bpf/lb/<prefix>-pkt
 LIMITS = Limits(ring_size=251, max_vips=8, max_targets=32, conntrack_size=4096)
 
 CLIENT_IF, TARGET_IF = "fxa", "fxb"

@@ -1,0 +1,547 @@
+"""TCP throughput and new connections per second through lb's XDP VIP and its rivals (not a pytest test).
+
+Usage (root; the comparison tools come from `deploy/install.sh --bench`):
+    .venv/bin/python tests/bench/l4_e2e.py
+    .venv/bin/python tests/bench/l4_e2e.py --runs 3 --seconds 5 --only lb,nftables
+
+The namespace lab (lb.lab.Lab with prefix "lbb", so it never meets the
+tests' "lbt" or the demo's "lab"):
+
+    lbb-client 10.0.0.2 ── to-client [VIP 10.0.0.100] lbb-lb ── to-backendN ── lbb-backendN 10.0.1.1N
+
+Two TCP services on the VIP, the same in every setup:
+    10.0.0.100:8080 -> backends 1..3 :80    HTTP (the lab servers), new connections per second
+    10.0.0.100:5201 -> backend1 :5201       iperf3, one stream (one backend only: iperf3's
+                                            control and data connections must meet the same server)
+
+Setups, each measured with the same iperf3 and wrk parameters:
+    lb          lb's XDP program, native mode, on every lb-side interface (as tests/l4_lab.py)
+    nftables    no XDP; an nftables DNAT rule in the lb namespace (jhash of saddr . sport
+                mod 3 over the backends; kernel conntrack does the reply path)
+    stateless   tests/bench/baseline_dnat.c in native mode: 5-tuple hash mod 3, stateless
+                reverse NAT, no maps at all: the ceiling of an XDP DNAT
+    routing     nothing attached, the client talks to backend1 directly through the
+                lb namespace's ordinary forwarding: a reference
+    haproxy     HAProxy in TCP mode in the lb namespace (only if haproxy is installed)
+
+Throughput: `iperf3 -c <host> -p 5201 -t S -A 0,1` (one stream; client pinned to
+CPU 0 and server to CPU 1 so that every setup gets the same placement on this
+2-CPU machine), receiver Gbit/s.
+Connections: `wrk -c32 -t2 -dSs -H 'Connection: close'`, so every request is a
+new TCP connection; non-2xx responses and socket errors are reported and must
+be zero. wrk closes first, so its TIME_WAIT sockets would use up the client's
+ephemeral ports after ~14k connections (then every later run measures the
+60 s TIME_WAIT expiry, ~900 conn/s, whatever the setup): the client (and, for
+HAProxy's own connections, the lb) namespace therefore runs with
+net.ipv4.tcp_tw_reuse=1 and ip_local_port_range 1024-65535, as load generators do. Every measurement is repeated --runs times (rounds interleave the
+setups) and the median is shown.
+
+Everything created here is removed in `finally`, also on Ctrl-C or SIGTERM:
+the lab's namespaces and the processes in them (lab servers, iperf3,
+HAProxy), the nftables table, the XDP attachments, the pinned maps under
+/sys/fs/bpf/lb/lbb-e2e, the lab's logs under /run/lb-lab/lbb. Traffic only
+flows between those namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from lb import lab as labmod  # noqa: E402
+from lb import netlink as nl  # noqa: E402
+from lb.dataplane.dataplane import Dataplane, L4Service  # noqa: E402
+from lb.dataplane.loader import Attachment, Program, bpf_source_dir, detach, purge_pins  # noqa: E402
+from lb.dataplane.maps import Endpoint, Maps, VipAddr  # noqa: E402
+from lb.dataplane.structs import Counter, Limits, ip_to_net, port_to_net  # noqa: E402
+from lb.lab import Lab  # noqa: E402
+from lb.model import XdpMode  # noqa: E402
+
+PREFIX = "lbb"
+NAME = "lbb-e2e"  # pin directory /sys/fs/bpf/lb/lbb-e2e
+LIMITS = Limits(ring_size=65537, max_vips=8, max_targets=64, conntrack_size=262144)
+VIP = labmod.VIP
+HTTP_VIP_PORT = 8080
+HTTP_PORT = labmod.HTTP_PORT  # what the lab servers listen on
+IPERF_PORT = 5201
+NFT_TABLE = "lbb_bench"
+BASELINE_C = Path(__file__).resolve().parent / "baseline_dnat.c"
+IPERF_AFFINITY = "0,1"  # client on CPU 0, server on CPU 1: the same placement for every setup
+CLIENT_SYSCTLS = {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65535"}
+GOAL_VS_NFT = 1.3
+GOAL_VS_STATELESS = 0.95
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --- running tools inside namespaces -------------------------------------------------
+
+def ns_cmd(ns: str, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+def run(ns: str, *argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ns_cmd(ns, *argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def listening(ns: str, address: str, port: int) -> bool:
+    """Is a TCP socket listening on address:port (or on any address, IPv4 or
+    dual-stack IPv6) in namespace ns?"""
+
+    def read() -> bool:
+        want = {f"{ip_to_net(address):08X}:{port:04X}", f"00000000:{port:04X}", f"{'0' * 32}:{port:04X}"}
+        for table in ("tcp", "tcp6"):
+            with open(f"/proc/thread-self/net/{table}") as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[1] in want and fields[3] == "0A":  # TCP_LISTEN
+                        return True
+        return False
+
+    return nl.run_in_netns(ns, read)
+
+
+def wait_listening(ns: str, address: str, port: int, proc: subprocess.Popen[Any], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not listening(ns, address, port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"{what} did not start listening on {address}:{port} in {ns}")
+        time.sleep(0.05)
+
+
+def http_get(ns: str, host: str, port: int) -> tuple[int, str]:
+    """One HTTP/1.1 request with Connection: close, from namespace ns: (status, X-Backend)."""
+
+    def get() -> tuple[int, str]:
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        backend = next((h.split(":", 1)[1].strip() for h in head[1:] if h.lower().startswith("x-backend:")), "?")
+        return int(head[0].split()[1]), backend
+
+    return nl.run_in_netns(ns, get)
+
+
+# --- measurements ----------------------------------------------------------------------
+
+@dataclass
+class IperfResult:
+    gbits: float
+    retransmits: int
+    cpu_local: float
+    cpu_remote: float
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    requests: int
+    non_2xx: int
+    socket_errors: dict[str, int]
+
+
+def measure_iperf(client_ns: str, host: str, seconds: int) -> IperfResult:
+    proc = run(client_ns, "iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", str(seconds), "-A", IPERF_AFFINITY, "-J",
+               timeout=seconds + 30)
+    try:
+        out = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"iperf3 to {host}: {proc.stderr.strip() or proc.stdout[-300:]}") from exc
+    if "error" in out:
+        raise BenchError(f"iperf3 to {host}: {out['error']}")
+    end = out["end"]
+    cpu = end.get("cpu_utilization_percent", {})
+    return IperfResult(end["sum_received"]["bits_per_second"] / 1e9, int(end["sum_sent"].get("retransmits", 0)),
+                       float(cpu.get("host_total", 0.0)), float(cpu.get("remote_total", 0.0)))
+
+
+def measure_wrk(client_ns: str, host: str, port: int, seconds: int) -> WrkResult:
+    url = f"http://{host}:{port}/"
+    proc = run(client_ns, "wrk", "-c32", "-t2", f"-d{seconds}s", "-H", "Connection: close", url, timeout=seconds + 30)
+    text = proc.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    total = re.search(r"(\d+) requests in", text)
+    if proc.returncode != 0 or not rps or not total:
+        raise BenchError(f"wrk {url}: {proc.stderr.strip() or text[-300:]}")
+    errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        errors = dict(zip(errors, map(int, m.groups())))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return WrkResult(float(rps.group(1)), int(total.group(1)), int(non_2xx.group(1)) if non_2xx else 0, errors)
+
+
+# --- setups -------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    key: str
+    title: str
+    host: str  # what the client connects to
+    http_port: int
+    start: Callable[[], None] = lambda: None
+    stop: Callable[[], None] = lambda: None
+    notes: list[str] = field(default_factory=list)
+    iperf: list[IperfResult] = field(default_factory=list)
+    wrk: list[WrkResult] = field(default_factory=list)
+    backends_seen: set[str] = field(default_factory=set)
+
+    @property
+    def gbits(self) -> float:
+        return statistics.median(r.gbits for r in self.iperf) if self.iperf else float("nan")
+
+    @property
+    def conns(self) -> float:
+        return statistics.median(r.rps for r in self.wrk) if self.wrk else float("nan")
+
+
+def nft_ruleset(lab: Lab) -> str:
+    b = [x.address for x in lab.backends]
+    pool = ", ".join(f"{i} : {addr} . {HTTP_PORT}" for i, addr in enumerate(b))
+    return f"""
+table ip {NFT_TABLE} {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr {VIP} tcp dport {HTTP_VIP_PORT} dnat ip to jhash ip saddr . tcp sport mod {len(b)} map {{ {pool} }}
+    ip daddr {VIP} tcp dport {IPERF_PORT} dnat ip to {b[0]}
+  }}
+}}
+"""
+
+
+def haproxy_config(lab: Lab) -> str:
+    servers = "\n".join(f"    server {x.name} {x.address}:{HTTP_PORT}" for x in lab.backends)
+    return f"""
+global
+    maxconn 8000
+    nbthread 2
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend http_in
+    bind {VIP}:{HTTP_VIP_PORT}
+    default_backend http_pool
+backend http_pool
+    balance roundrobin
+{servers}
+frontend iperf_in
+    bind {VIP}:{IPERF_PORT}
+    default_backend iperf_pool
+backend iperf_pool
+    server {lab.backends[0].name} {lab.backends[0].address}:{IPERF_PORT}
+"""
+
+
+def veth_report(lab: Lab) -> list[str]:
+    lines = []
+    for ns in (lab.client_ns, *(b.netns for b in lab.backends)):
+        f = nl.get_features(ns, labmod.HOST_IF)
+        lines.append(f"{ns}/{labmod.HOST_IF}: rx-gro {'on' if f.get('rx-gro') else 'off'}, "
+                     f"tx-checksum-ip-generic {'on' if f.get('tx-checksum-ip-generic') else 'off'}, "
+                     f"tso {'on' if f.get('tx-tcp-segmentation') else 'off'}")
+    lines.append(f"{lab.lb_ns}: net.ipv4.ip_forward = {nl.get_sysctl(lab.lb_ns, 'net.ipv4.ip_forward')}")
+    for ns in (lab.client_ns, lab.lb_ns):
+        lines.append(f"{ns}: " + ", ".join(f"{k} = {nl.get_sysctl(ns, k)}" for k in CLIENT_SYSCTLS))
+    return lines
+
+
+MAIN_PID = os.getpid()
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every `finally` cleans up. Only in this
+    process: pyroute2 forks helpers (netns sockets) and stops them with
+    SIGTERM; a helper that raised here would run our cleanup from its copy of
+    the stack and tear the lab down under the parent."""
+    if os.getpid() != MAIN_PID:
+        os._exit(128 + signum)
+    raise KeyboardInterrupt
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="measurements per setup; the median is shown (default 3)")
+    parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 and wrk run (default 5)")
+    parser.add_argument("--only", default="", help="comma-separated setups (lb,nftables,stateless,routing,haproxy)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("l4_e2e.py: needs root (XDP, network namespaces)", file=sys.stderr)
+        return 1
+    missing = [t for t in ("iperf3", "wrk", "nft") if shutil.which(t) is None]
+    if missing:
+        print(f"l4_e2e.py: missing {', '.join(missing)}: run `deploy/install.sh --bench`", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"kernel:  {platform.system()} {platform.release()} {platform.version()} ({platform.machine()})")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"cpu:     {cpu}, {os.cpu_count()} CPUs")
+    versions = []
+    for tool, flag in (("iperf3", "--version"), ("wrk", "-v"), ("nft", "--version"), ("haproxy", "-v")):
+        if shutil.which(tool):
+            out = subprocess.run([tool, flag], capture_output=True, text=True)
+            versions.append((out.stdout or out.stderr).splitlines()[0].strip())
+    print("tools:   " + "; ".join(versions))
+    print(f"params:  iperf3 -t {args.seconds} -A {IPERF_AFFINITY} (1 stream) | wrk -c32 -t2 -d{args.seconds}s -H 'Connection: close' "
+          f"| {args.runs} runs each, median")
+    print()
+
+    lab = Lab(PREFIX)
+    stack = ExitStack()
+    try:
+        return run_bench(lab, args, stack)
+    finally:
+        try:
+            stack.close()  # detach XDP, delete the nft table, stop processes, release BPF objects
+        finally:
+            lab.down()  # the namespaces, with the VIP address and every process left in them
+            purge_pins(NAME)
+            shutil.rmtree(f"/run/lb-lab/{PREFIX}", ignore_errors=True)
+
+
+def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
+    from bcc import BPF
+
+    lab.down()  # leftovers of an interrupted run
+    purge_pins(NAME)
+    lab.up()
+    with nl.iproute(lab.lb_ns) as ipr:
+        nl.add_address(ipr, labmod.LB_CLIENT_IF, VIP, 32)
+    # wrk closes first, so the client keeps each connection in TIME_WAIT for
+    # 60 s: without these, ~14k connections use up the ephemeral ports and every
+    # later measurement runs at the TIME_WAIT expiry rate (~900 conn/s here).
+    # The lb namespace gets the same for HAProxy's own outgoing connections.
+    for ns in (lab.client_ns, lab.lb_ns):
+        for key, value in CLIENT_SYSCTLS.items():
+            nl.set_sysctl(ns, key, value)
+    for line in veth_report(lab):
+        print(f"lab:     {line}")
+
+    backend1 = lab.backends[0]
+    iperf_server = subprocess.Popen(ns_cmd(backend1.netns, "iperf3", "-s", "-p", str(IPERF_PORT)),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+    stack.callback(stop_process, iperf_server)
+    wait_listening(backend1.netns, backend1.address, IPERF_PORT, iperf_server, "iperf3 -s")
+
+    # lb: compiled once, attached and detached per round.
+    program = stack.enter_context(Program.load(NAME, LIMITS))
+    maps = stack.enter_context(Maps(program.pin_dir, LIMITS))
+    dataplane = Dataplane(maps)
+    vip_http = VipAddr(ipaddress.IPv4Address(VIP), HTTP_VIP_PORT, "TCP")
+    vip_iperf = VipAddr(ipaddress.IPv4Address(VIP), IPERF_PORT, "TCP")
+    dataplane.apply([
+        L4Service(vip_http, members=tuple((Endpoint(ipaddress.IPv4Address(b.address), HTTP_PORT), 1) for b in lab.backends)),
+        L4Service(vip_iperf, members=((Endpoint(ipaddress.IPv4Address(backend1.address), IPERF_PORT), 1),)),
+    ])
+
+    # stateless XDP DNAT: the same C as xdp_cost.py's baseline, with two services and reverse NAT.
+    b = [x.address for x in lab.backends]
+    stateless = BPF(src_file=str(BASELINE_C).encode(), cflags=[
+        f"-I{bpf_source_dir()}", f"-DVIP_ADDR={ip_to_net(VIP):#x}U", "-DREVERSE_NAT",
+        f"-DSVC0_VIP_PORT={port_to_net(HTTP_VIP_PORT):#x}", f"-DSVC0_TARGET_PORT={port_to_net(HTTP_PORT):#x}",
+        f"-DSVC0_N={len(b)}", *(f"-DSVC0_T{i}={ip_to_net(a):#x}U" for i, a in enumerate(b)),
+        f"-DSVC1_VIP_PORT={port_to_net(IPERF_PORT):#x}", f"-DSVC1_TARGET_PORT={port_to_net(IPERF_PORT):#x}",
+        "-DSVC1_N=1", f"-DSVC1_T0={ip_to_net(b[0]):#x}U",
+    ])
+    stack.callback(stateless.cleanup)
+    stateless_fd = stateless.load_func(b"xdp_baseline", BPF.XDP).fd
+
+    lb_attachments: list[Attachment] = []
+    counters_total: dict[Counter, int] = {c: 0 for c in Counter}
+    counters_before: dict[Counter, int] = {}
+
+    def lb_start() -> None:
+        for ifname in lab.lb_interfaces:
+            lb_attachments.append(program.attach(ifname, XdpMode.NATIVE, lab.lb_ns))
+        counters_before.update(maps.counters())
+
+    def lb_stop() -> None:
+        after = maps.counters()
+        for c in Counter:
+            counters_total[c] += after[c] - counters_before.get(c, after[c])
+        while lb_attachments:
+            detach(lb_attachments.pop())
+
+    stateless_on: list[str] = []
+
+    def stateless_start() -> None:
+        with nl.iproute(lab.lb_ns) as ipr:
+            for ifname in lab.lb_interfaces:
+                nl.attach_xdp(ipr, ifname, stateless_fd, "native")
+                stateless_on.append(ifname)
+
+    def stateless_stop() -> None:
+        with nl.iproute(lab.lb_ns) as ipr:
+            while stateless_on:
+                nl.detach_xdp(ipr, stateless_on.pop(), "native")
+
+    nft_on: list[bool] = []
+
+    def nft_start() -> None:
+        proc = subprocess.run(ns_cmd(lab.lb_ns, "nft", "-f", "-"), input=nft_ruleset(lab), text=True,
+                              capture_output=True, timeout=30)
+        if proc.returncode != 0:
+            raise BenchError(f"nft: {proc.stderr.strip()}")
+        nft_on.append(True)
+
+    def nft_stop() -> None:
+        if nft_on:
+            subprocess.run(ns_cmd(lab.lb_ns, "nft", "delete", "table", "ip", NFT_TABLE), capture_output=True, timeout=30)
+            nft_on.clear()
+
+    haproxy_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lbb-haproxy-"))
+    haproxy_cfg = os.path.join(haproxy_dir, "haproxy.cfg")
+    with open(haproxy_cfg, "w") as f:
+        f.write(haproxy_config(lab))
+    haproxy_proc: list[subprocess.Popen[Any]] = []
+
+    def haproxy_start() -> None:
+        proc = subprocess.Popen(ns_cmd(lab.lb_ns, "haproxy", "-f", haproxy_cfg, "-db"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+        haproxy_proc.append(proc)
+        wait_listening(lab.lb_ns, VIP, HTTP_VIP_PORT, proc, "haproxy")
+        wait_listening(lab.lb_ns, VIP, IPERF_PORT, proc, "haproxy")
+
+    def haproxy_stop() -> None:
+        while haproxy_proc:
+            stop_process(haproxy_proc.pop())
+
+    # Whatever is on when the script is interrupted comes off again.
+    stack.callback(haproxy_stop)
+    stack.callback(nft_stop)
+    stack.callback(stateless_stop)
+    stack.callback(lb_stop)
+
+    setups = [
+        Setup("lb", "lb XDP (native)", VIP, HTTP_VIP_PORT, lb_start, lb_stop),
+        Setup("nftables", "nftables DNAT (jhash mod 3)", VIP, HTTP_VIP_PORT, nft_start, nft_stop),
+        Setup("stateless", "stateless XDP DNAT (native)", VIP, HTTP_VIP_PORT, stateless_start, stateless_stop),
+        Setup("routing", "plain routing (client -> backend1)", backend1.address, HTTP_PORT),
+    ]
+    if shutil.which("haproxy"):
+        setups.append(Setup("haproxy", "HAProxy 2 threads, TCP mode", VIP, HTTP_VIP_PORT, haproxy_start, haproxy_stop))
+    else:
+        print("haproxy not installed: skipped")
+    if args.only:
+        wanted = set(args.only.split(","))
+        setups = [s for s in setups if s.key in wanted]
+
+    for rnd in range(1, args.runs + 1):
+        for s in setups:
+            s.start()
+            try:
+                if rnd == 1:  # also warms ARP / neighbours before the first measurement
+                    for _ in range(12):
+                        status, backend = http_get(lab.client_ns, s.host, s.http_port)
+                        if status != 200:
+                            raise BenchError(f"{s.title}: HTTP {status} through {s.host}:{s.http_port}")
+                        s.backends_seen.add(backend)
+                    if s.key == "lb":
+                        for a in lb_attachments:
+                            s.notes.append(f"{a.ifname} {a.mode}")
+                it = measure_iperf(lab.client_ns, s.host, args.seconds)
+                wk = measure_wrk(lab.client_ns, s.host, s.http_port, args.seconds)
+            finally:
+                s.stop()
+            s.iperf.append(it)
+            s.wrk.append(wk)
+            errs = sum(wk.socket_errors.values())
+            print(f"round {rnd} {s.title:<36} {it.gbits:6.2f} Gbit/s (retr {it.retransmits:>5}, cpu client "
+                  f"{it.cpu_local:5.1f}% server {it.cpu_remote:5.1f}%)  {wk.rps:9.0f} conn/s "
+                  f"(non-2xx {wk.non_2xx}, socket errors {errs})", flush=True)
+            time.sleep(1)  # let TIME_WAIT and softirq backlogs settle between setups
+
+    # --- report -----------------------------------------------------------------------------
+    print()
+    header = (f"{'setup':<38} {'Gbit/s':>7} {'runs':>20} {'conn/s':>8} {'runs':>22} {'non-2xx':>8} {'sock err':>8}")
+    print(header)
+    print("-" * len(header))
+    for s in setups:
+        runs_g = " ".join(f"{r.gbits:.2f}" for r in s.iperf)
+        runs_c = " ".join(f"{r.rps:.0f}" for r in s.wrk)
+        non2xx = sum(r.non_2xx for r in s.wrk)
+        errs = sum(sum(r.socket_errors.values()) for r in s.wrk)
+        print(f"{s.title:<38} {s.gbits:7.2f} {runs_g:>20} {s.conns:8.0f} {runs_c:>22} {non2xx:8d} {errs:8d}")
+    print()
+    for s in setups:
+        if s.backends_seen:
+            print(f"{s.title}: HTTP answered by {', '.join(sorted(s.backends_seen))}")
+    by_key = {s.key: s for s in setups}
+    lb = by_key.get("lb")
+    if lb:
+        print(f"lb attachments: {', '.join(dict.fromkeys(lb.notes))}")
+        nonzero = {c.label: v for c, v in counters_total.items() if v}
+        print("lb counters over all its runs: " + ", ".join(f"{k} {v:,}" for k, v in nonzero.items()))
+        fwd = counters_total[Counter.REDIRECTED] + counters_total[Counter.TX]
+        fib = counters_total[Counter.PASS_FIB]
+        if fwd + fib:
+            print(f"  forwarded by XDP: {fwd / (fwd + fib):.4%} of rewritten packets; "
+                  f"passed to the kernel for want of a neighbour (pass_fib): {fib:,}")
+    print()
+    for other, goal in (("nftables", GOAL_VS_NFT), ("stateless", GOAL_VS_STATELESS)):
+        if lb and other in by_key:
+            o = by_key[other]
+            for what, mine, theirs in (("Gbit/s", lb.gbits, o.gbits), ("conn/s", lb.conns, o.conns)):
+                ratio = mine / theirs if theirs else float("nan")
+                verdict = "MET" if ratio >= goal else "NOT MET"
+                print(f"lb / {o.title:<32} {what}: {ratio:5.2f}  (goal >= {goal}) [{verdict}]")
+    if lb:
+        for other in ("routing", "haproxy"):
+            if other in by_key:
+                o = by_key[other]
+                print(f"lb / {o.title:<32} Gbit/s: {lb.gbits / o.gbits:5.2f}   conn/s: {lb.conns / o.conns:5.2f}   (reference)")
+    bad = [s.title for s in setups if any(r.non_2xx or sum(r.socket_errors.values()) for r in s.wrk)]
+    if bad:
+        print(f"WARNING: wrk saw non-2xx responses or socket errors in: {', '.join(bad)}")
+    return 0
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # ip netns exec and its child, started in their own session
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; cleaned up", file=sys.stderr)
+        sys.exit(130)
