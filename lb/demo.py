@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+from importlib import resources
 import os
 import signal
 import socket
@@ -34,6 +35,7 @@ from lb.lab import Lab
 from lb.netlink import run_in_netns
 
 LOG = "/run/lb-lab/lb-demo.log"
+DEFAULT_CONFIG = str(resources.files("lb").joinpath("data/default.toml"))
 
 
 def say(title: str) -> None:
@@ -84,7 +86,9 @@ class Daemon:
     def start(self) -> None:
         os.makedirs(os.path.dirname(LOG), exist_ok=True)
         with open(LOG, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up"], stdout=log, stderr=subprocess.STDOUT,
+            # The embedded lab config, named explicitly: without -c, lb up
+            # would prefer /etc/lb/lb.toml on a host that has one.
+            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up", "-c", DEFAULT_CONFIG], stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -121,7 +125,7 @@ class Daemon:
 def lb_command(*args: str) -> None:
     """Run an `lb` command and show its output as a user would see it."""
     print(f"$ lb {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", "lb", *args], check=False)
+    subprocess.run([sys.executable, "-m", "lb", *args, "-c", DEFAULT_CONFIG], check=False)
 
 
 # --- the demo --------------------------------------------------------------------------

@@ -33,11 +33,12 @@ INTERVAL, UNHEALTHY, HEALTHY = 5, 2, 2
 
 @pytest.fixture(scope="module")
 def daemon(lab: Lab) -> Iterator[RunningDaemon]:
-    running = RunningDaemon(lab, NAME, lab_config(lab, NAME, udp=True))
+    running = RunningDaemon(lab, NAME, lab_config(lab, NAME, udp=True, http=True))
     try:
         running.start()
         for backend in lab.backends:
             running.wait_for("echo-tcp", backend.address, "healthy", timeout=INTERVAL * 2 + 2)
+            running.wait_for("web", backend.address, "healthy", timeout=INTERVAL * 2 + 2)
         yield running
     finally:
         running.cleanup()
@@ -71,8 +72,23 @@ def echo(sock: socket.socket, payload: bytes) -> None:
     assert received == payload
 
 
+def http_get(lab: Lab, path: str = "/", timeout: float = 3.0) -> tuple[int, str | None]:
+    """One request through the HTTP listener: (status, the backend that answered)."""
+
+    def get() -> tuple[int, str | None]:
+        with socket.create_connection((labmod.VIP, labmod.HTTP_PORT), timeout=timeout) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n".encode())
+            data = b"".join(iter(lambda: sock.recv(65536), b""))
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])}
+        return int(head[0].split()[1]), headers.get("x-backend")
+
+    return run_in_netns(lab.client_ns, get)
+
+
 class ClientLoop(threading.Thread):
-    """New TCP connections through the VIP, back to back, each a full exchange."""
+    """New TCP connections through the VIP and HTTP requests through the HTTP
+    listener, back to back, each a full exchange."""
 
     def __init__(self, lab: Lab) -> None:
         super().__init__(daemon=True)
@@ -89,7 +105,13 @@ class ClientLoop(threading.Thread):
                     echo(sock, b"hello\n")
                 self.results.append((at, name, None))
             except OSError as exc:
-                self.results.append((at, None, repr(exc)))
+                self.results.append((at, None, f"tcp: {exc!r}"))
+            at = time.monotonic()
+            try:
+                status, backend = http_get(self.lab)
+                self.results.append((at, backend, None if status == 200 else f"http: {status} from {backend}"))
+            except OSError as exc:
+                self.results.append((at, None, f"http: {exc!r}"))
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -116,8 +138,10 @@ def test_dead_backend_is_detected_taken_out_and_brought_back(daemon: RunningDaem
         killed_at = time.monotonic()
         lab.stop_server(victim)
         detect = daemon.wait_for("echo-tcp", victim.address, "unhealthy", timeout=INTERVAL * (UNHEALTHY + 1) + 3)
-        detected_at = killed_at + detect
-        assert detect <= INTERVAL * UNHEALTHY + INTERVAL + 1.5  # interval × threshold, plus one interval
+        daemon.wait_for("web", victim.address, "unhealthy", timeout=INTERVAL * (UNHEALTHY + 1) + 3)
+        detected_at = time.monotonic()  # both target groups have taken it out by now
+        bound = INTERVAL * UNHEALTHY + INTERVAL + 1.5  # interval × threshold, plus one interval
+        assert detect <= bound and detected_at - killed_at <= bound
         row = daemon.targets("echo-tcp")[victim.address]
         assert row["reason"] in ("Target.FailedHealthChecks", "Target.Timeout")
         time.sleep(0.5)
@@ -134,7 +158,8 @@ def test_dead_backend_is_detected_taken_out_and_brought_back(daemon: RunningDaem
     # Only connections to the dead backend before it was detected may fail.
     assert all(killed_at - 0.1 <= at <= detected_at + 1.0 for at, _ in failures), failures
     served = [name for at, name, _ in loop.results if name and at > detected_at + 1.0]
-    assert served and victim.name in {name for at, name, _ in loop.results[-20:] if name}
+    assert served and victim.name in {name for at, name, _ in loop.results[-40:] if name}
+    assert {err.split(":")[0] for _, err in failures} <= {"tcp", "http"}
 
 
 def test_deregistered_target_drains_its_connection_and_gets_no_new_ones(daemon: RunningDaemon, lab: Lab) -> None:
@@ -166,10 +191,11 @@ def test_reload_rejects_a_broken_config_and_applies_a_good_one(daemon: RunningDa
     long_lived = tcp_to_vip(lab)
     try:
         read_line(long_lived)
-        daemon.write_config(lab_config(lab, NAME, udp=True, broken=True))
-        with pytest.raises(admin.AdminError, match=r"(?s)reload rejected.*listeners\[2\]\.protocol"):
+        before = daemon.request("status")["listeners"]
+        daemon.write_config(lab_config(lab, NAME, udp=True, http=True, broken=True))
+        with pytest.raises(admin.AdminError, match=r"(?s)reload rejected.*listeners\[3\]\.protocol"):
             daemon.request("reload")
-        assert len(daemon.request("status")["listeners"]) == 2
+        assert daemon.request("status")["listeners"] == before
         echo(long_lived, b"after a rejected reload\n")
 
         # Valid: one more target group member and a new TCP listener on :9100.
@@ -270,3 +296,26 @@ def test_admin_socket_refuses_non_root(daemon: RunningDaemon) -> None:
         os.chmod(daemon.socket, 0o600)
         os.chmod(directory, dir_mode)
     assert "permission denied" in result.stdout and '"ok": false' in result.stdout
+
+
+def test_slow_request_through_a_deregistered_target_completes(daemon: RunningDaemon, lab: Lab) -> None:
+    """An in-flight HTTP request to a target that is deregistered mid-request
+    finishes; new requests go to the other targets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = lab.backends[0]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        # Requests are spread round robin: start enough slow ones that one is on `target`.
+        slow = [pool.submit(http_get, lab, "/sleep/3", 10.0) for _ in range(6)]
+        time.sleep(0.5)
+        daemon.request("deregister", group="web", target=target.address)
+        try:
+            assert daemon.targets("web")[target.address]["state"] == "draining"
+            after = [http_get(lab) for _ in range(12)]
+            results = [f.result() for f in slow]
+        finally:
+            daemon.request("register", group="web", target=target.address)
+    assert all(status == 200 for status, _ in results)
+    assert target.name in {backend for _, backend in results}  # one was in flight on the drained target
+    assert all(status == 200 and backend != target.name for status, backend in after)
+    daemon.wait_for("web", target.address, "healthy", timeout=INTERVAL * 2 + 3)

@@ -11,15 +11,26 @@ import click
 from lb import config as configmod
 from lb.model import LoadBalancer
 
+SYSTEM_CONFIG = "/etc/lb/lb.toml"
+
 config_option = click.option(
-    "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-    help="Config file (default: the embedded lab config).",
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="LB_CONFIG",
+    help=f"Config file (default: $LB_CONFIG, else {SYSTEM_CONFIG} if it exists, else the embedded lab config).",
 )
+
+
+def resolve_config_path(path: str | None) -> str | None:
+    """The file to use: the one given, else the system one if present, else
+    None (the embedded lab config)."""
+    if path:
+        return path
+    return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (stable schema).")
 
 
 def load_config(path: str | None) -> LoadBalancer:
     """The config, or exit 2 listing every error (no traceback)."""
+    path = resolve_config_path(path)
     try:
         return configmod.load(path) if path else configmod.load_default()
     except configmod.ConfigError as exc:

@@ -8,7 +8,7 @@ import sys
 import click
 
 from lb import admin
-from lb.cli.common import config_option, echo_json, json_option, load_config, require_root
+from lb.cli.common import config_option, echo_json, json_option, load_config, require_root, resolve_config_path
 
 
 @click.command()
@@ -22,6 +22,7 @@ def up(config_path: str | None, log_level: str) -> None:
     """
     from lb import daemon
 
+    config_path = resolve_config_path(config_path)
     config = load_config(config_path)
     require_root("lb up")
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
