@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # Set up everything lb needs on a Debian 12 host. Idempotent; run as root.
 #
-#   deploy/install.sh           runtime + test dependencies, bcc headers, .venv
-#   deploy/install.sh --bench   also the comparison tools the benchmarks use
+#   deploy/install.sh            development and tests: runtime + test packages,
+#                                bcc headers, bpffs, and an editable .venv here
+#   deploy/install.sh --system   production: runtime packages only, lb installed
+#                                (a copy, not this checkout) into /opt/lb, the
+#                                `lb` command in /usr/local/bin, the systemd unit
+#                                and example configs in /etc/lb
+#   deploy/install.sh --bench    also the comparison tools the benchmarks use
 #
 # A second run with everything present only checks, and finishes in seconds.
+# --system honours LB_PREFIX (/opt/lb), LB_BINDIR (/usr/local/bin),
+# LB_ETCDIR (/etc/lb) and LB_UNITDIR (/etc/systemd/system), for packaging
+# and for the test that installs into a temporary tree.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv="$here/.venv"
 bench=0
+system=0
 for arg in "$@"; do
   case "$arg" in
     --bench) bench=1 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown argument '$arg' (allowed: --bench)" >&2; exit 2 ;;
+    --system) system=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument '$arg' (allowed: --system, --bench)" >&2; exit 2 ;;
   esac
 done
 
@@ -26,7 +36,13 @@ fi
 log() { echo "install: $*"; }
 
 # --- Debian packages -------------------------------------------------------
-packages=(python3-bpfcc libbpfcc python3-venv python3-dev iproute2 ethtool nftables tcpdump vagrant vagrant-libvirt)
+# Runtime: bcc (Debian's; the PyPI package called bcc is unrelated), libbpf,
+# netlink and ethtool tools for operators. Tests add nftables, tcpdump and
+# vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile).
+packages=(python3-bpfcc libbpfcc libbpf1 python3-venv python3-dev iproute2 ethtool)
+if [ "$system" = 0 ]; then
+  packages+=(nftables tcpdump vagrant vagrant-libvirt)
+fi
 if [ "$bench" = 1 ]; then
   packages+=(wrk nginx-light haproxy iperf3)
 fi
@@ -52,13 +68,12 @@ fi
 # generic headers, which are enough for XDP programs (LAB-NOTES.md).
 kver=$(uname -r)
 moddir="/lib/modules/$kver"
-if [ ! -e "$moddir/build/include/linux/kconfig.h" ] && [ ! -e "$moddir/source/include/linux/kconfig.h" ]; then
-  if apt-cache show "linux-headers-$kver" >/dev/null 2>&1; then
-    log "installing linux-headers-$kver"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "linux-headers-$kver" >/dev/null
-  fi
+have_headers() { [ -e "$moddir/build/include/linux/kconfig.h" ] || [ -e "$moddir/source/include/linux/kconfig.h" ]; }
+if ! have_headers && apt-cache show "linux-headers-$kver" >/dev/null 2>&1; then
+  log "installing linux-headers-$kver"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "linux-headers-$kver" >/dev/null
 fi
-if [ ! -e "$moddir/build/include/linux/kconfig.h" ] && [ ! -e "$moddir/source/include/linux/kconfig.h" ]; then
+if ! have_headers; then
   if ! dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q "install ok installed"; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-headers-amd64 >/dev/null
   fi
@@ -82,18 +97,65 @@ fi
 # --- Python environment ----------------------------------------------------
 # Debian's python3 with system site-packages, so `import bcc` (python3-bpfcc)
 # works inside the venv.
-if [ ! -x "$venv/bin/python" ]; then
-  log "creating $venv"
-  /usr/bin/python3 -m venv --system-site-packages "$venv"
+make_venv() {
+  if [ ! -x "$1/bin/python" ]; then
+    log "creating $1"
+    /usr/bin/python3 -m venv --system-site-packages "$1"
+  fi
+}
+source_hash() {
+  # Everything that ends up installed: a change to any of it reinstalls.
+  (cd "$here" && find pyproject.toml lb bpf -type f \( -name '*.py' -o -name '*.toml' -o -name '*.c' -o -name '*.h' \) \
+     -not -path '*/__pycache__/*' | sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+}
+
+if [ "$system" = 0 ]; then
+  make_venv "$venv"
+  stamp="$venv/.lb-installed"
+  want=$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$venv/bin/python" -c 'import lb' 2>/dev/null; then
+    log "installing lb (editable) into $venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q -e "$here[test]"
+    echo "$want" > "$stamp"
+  fi
+  "$venv/bin/python" -c 'import bcc, pyroute2, uvloop, httptools, click' \
+    || { echo "install: the venv cannot import its dependencies" >&2; exit 1; }
+  log "ready ($venv)"
+  exit 0
 fi
-stamp="$venv/.lb-installed"
-want=$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$venv/bin/python" -c 'import lb' 2>/dev/null; then
-  log "installing lb into $venv"
-  "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -e "$here[test]"
+
+# --- system-wide install (--system) ------------------------------------------
+prefix=${LB_PREFIX:-/opt/lb}
+bindir=${LB_BINDIR:-/usr/local/bin}
+etcdir=${LB_ETCDIR:-/etc/lb}
+unitdir=${LB_UNITDIR:-/etc/systemd/system}
+make_venv "$prefix/venv"
+stamp="$prefix/.lb-installed"
+want=$(source_hash)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "installing lb into $prefix/venv"
+  build=$(mktemp -d)
+  # Build from a clean copy, so nothing of this checkout (.venv, build/) leaks in.
+  (cd "$here" && tar cf - --exclude=__pycache__ pyproject.toml README.md lb bpf) | tar xf - -C "$build"
+  "$prefix/venv/bin/pip" install -q --upgrade pip
+  "$prefix/venv/bin/pip" install -q "$build"  # a local path is always rebuilt and reinstalled
+  rm -rf "$build"
   echo "$want" > "$stamp"
 fi
-"$venv/bin/python" -c 'import bcc, pyroute2, uvloop, httptools, click' \
-  || { echo "install: the venv cannot import its dependencies" >&2; exit 1; }
-log "ready ($venv)"
+install -d "$bindir"
+ln -sfn "$prefix/venv/bin/lb" "$bindir/lb"
+install -d -m 0755 "$etcdir" "$etcdir/examples"
+install -m 0644 "$here"/deploy/examples/*.toml "$etcdir/examples/"
+install -d "$unitdir"
+install -m 0644 "$here/deploy/lb.service" "$unitdir/lb.service"
+if [ -d /run/systemd/system ] && [ "$unitdir" = /etc/systemd/system ]; then
+  systemctl daemon-reload
+fi
+"$prefix/venv/bin/python" -c 'import bcc, lb.dataplane.loader as l; l.bpf_source_dir()' \
+  || { echo "install: $prefix/venv cannot import lb and bcc, or find its BPF sources" >&2; exit 1; }
+log "ready: $bindir/lb -> $prefix/venv/bin/lb"
+if [ ! -f "$etcdir/lb.toml" ]; then
+  log "next: write $etcdir/lb.toml (examples in $etcdir/examples), check it with 'lb validate',"
+  log "      then: systemctl enable --now lb"
+fi

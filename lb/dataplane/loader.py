@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,12 +46,13 @@ class LoaderError(RuntimeError):
 
 
 def bpf_source_dir() -> Path:
-    """bpf/ beside the package (a checkout or editable install)."""
+    """bpf/ beside the package (a checkout, an editable install), else the
+    copy a regular install put in <prefix>/share/lb/bpf."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent.parent / "bpf", here.parent / "bpf"):
+    for candidate in (here.parent.parent / "bpf", Path(sys.prefix) / "share" / "lb" / "bpf"):
         if (candidate / "lb.c").is_file():
             return candidate
-    raise LoaderError(f"bpf/lb.c not found near {here}")
+    raise LoaderError(f"bpf/lb.c found neither beside {here.parent} nor in {sys.prefix}/share/lb/bpf")
 
 
 def pin_dir(name: str) -> str:

@@ -12,10 +12,9 @@ repo=/vagrant
 log() { echo "lb.sh: $*"; }
 
 # --- lb and its dependencies ------------------------------------------------
-# The same script as on any Debian 12 host: bcc, kernel headers, bpffs and
-# $repo/.venv (rsync leaves the host's .venv out, so this one is the VM's).
-"$repo/deploy/install.sh"
-ln -sfn "$repo/.venv/bin/lb" /usr/local/bin/lb
+# The production install, as on any Debian 12 host: bcc, kernel headers,
+# bpffs, lb in /opt/lb, /usr/local/bin/lb and the systemd unit.
+"$repo/deploy/install.sh" --system
 
 # --- config -------------------------------------------------------------------
 # vagrant/lb.toml names the NICs eth1 and eth2, as debian/bookworm64 calls
@@ -45,8 +44,7 @@ echo "net.ipv4.ip_forward = 1" > /etc/sysctl.d/60-lb.conf
 sysctl -q -w net.ipv4.ip_forward=1
 
 # --- the service --------------------------------------------------------------
-install -m 0644 "$repo/deploy/lb.service" /etc/systemd/system/lb.service
-systemctl daemon-reload
+systemctl daemon-reload  # install.sh --system put the unit in place
 systemctl enable lb.service
 # restart, not start: a re-provision picks up new code and config.
 if ! systemctl restart lb.service; then
@@ -54,4 +52,4 @@ if ! systemctl restart lb.service; then
   echo "lb.sh: lb.service did not start (above: its journal)" >&2
   exit 1
 fi
-log "lb.service running; try: vagrant ssh lb -c 'sudo lb status -c /etc/lb/lb.toml'"
+log "lb.service running; try: vagrant ssh lb -c 'sudo lb status'"

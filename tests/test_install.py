@@ -1,0 +1,43 @@
+"""deploy/install.sh --system: a production install into a temporary tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.root
+
+
+def test_system_install_gives_a_working_lb_command(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "LB_PREFIX": str(tmp_path / "opt"),
+        "LB_BINDIR": str(tmp_path / "bin"),
+        "LB_ETCDIR": str(tmp_path / "etc"),
+        "LB_UNITDIR": str(tmp_path / "units"),
+    }
+    result = subprocess.run([str(REPO / "deploy/install.sh"), "--system"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lb = tmp_path / "bin" / "lb"
+    assert os.readlink(lb) == str(tmp_path / "opt/venv/bin/lb")
+    assert (tmp_path / "units/lb.service").read_text() == (REPO / "deploy/lb.service").read_text()
+    examples = sorted(p.name for p in (tmp_path / "etc/examples").glob("*.toml"))
+    assert examples == sorted(p.name for p in (REPO / "deploy/examples").glob("*.toml"))
+    # The installed copy is not this checkout: it finds its own BPF sources.
+    where = subprocess.run([str(tmp_path / "opt/venv/bin/python"), "-c",
+                            "import lb, lb.dataplane.loader as l; print(lb.__file__); print(l.bpf_source_dir())"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True).stdout.split()
+    assert where[0].startswith(str(tmp_path / "opt")) and where[1] == str(tmp_path / "opt/venv/share/lb/bpf")
+    for example in (tmp_path / "etc/examples").glob("*.toml"):
+        check = subprocess.run([str(lb), "validate", str(example)], capture_output=True, text=True, cwd=tmp_path)
+        assert check.returncode == 0, check.stderr
+    # A second run with nothing changed only checks.
+    again = subprocess.run([str(REPO / "deploy/install.sh"), "--system"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0 and "installing lb into" not in again.stdout
