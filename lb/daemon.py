@@ -119,7 +119,7 @@ def place_addresses(config: LoadBalancer) -> list[tuple[str, str, int]]:
     and the L7 proxy can bind. An address inside a connected subnet goes on
     that interface; any other on `lo` (a routed VIP: the upstream router, or
     BGP, sends it here). Returns the addresses added (not those already there)."""
-    added = []
+    added: list[tuple[str, str, int]] = []
     with nl.iproute() as ipr:
         for address in listener_addresses(config):
             if nl.has_address(ipr, address):
@@ -195,6 +195,25 @@ class Daemon:
             self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
         self.controller.reconcile()
+        # --- metrics (lb.metrics): Prometheus on config.metrics_address, in our netns.
+        # The scrape thread opens the pinned maps itself; health records and the L7
+        # workers' pipes belong to this loop, so it asks the loop for them (on_loop).
+        # A port already taken is logged, not fatal: L4 and L7 serve on without it.
+        from lb import metrics
+
+        loop = asyncio.get_running_loop()
+        collector = metrics.Collector(
+            lambda: self.config,
+            health=metrics.on_loop(loop, lambda: metrics.health_rows(self.config, self.health)),
+            l7_stats=metrics.on_loop(loop, self.l7.stats) if self.l7 is not None else None,
+        )
+        self.metrics_server: metrics.MetricsServer | None = None
+        try:
+            self.metrics_server = metrics.serve(config.metrics_address, collector)
+            log.info("metrics on http://%s/metrics", config.metrics_address)
+        except OSError as exc:
+            log.error("metrics_address %s: %s; no metrics endpoint", config.metrics_address, exc)
+        # --- end of metrics
         self.admin = admin.AdminServer(config.admin_socket, self.handle_admin)
         await self.admin.start()
         self.state.save()
@@ -232,6 +251,12 @@ class Daemon:
     async def stop(self) -> None:
         """Graceful: the L7 workers finish in-flight requests; XDP stays attached."""
         sd_notify("STOPPING=1")
+        # --- metrics: stop serving first (a scrape may wait on this loop)
+        metrics_server = getattr(self, "metrics_server", None)
+        if metrics_server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, metrics_server.close)
+            self.metrics_server = None
+        # --- end of metrics
         if self.admin is not None:
             await self.admin.close()
         if self.health is not None:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from lb import netlink as nl
 
@@ -124,7 +125,7 @@ class Lab:
                 removed.append(ns)
         return removed
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
         """What exists now: namespaces, links up, server processes alive."""
         present = [ns for ns in self.namespaces if nl.netns_exists(ns)]
         links: dict[str, bool] = {}

@@ -16,8 +16,8 @@ import pytest
 
 from lb.dataplane import structs
 from lb.dataplane.loader import Program, bpf_source_dir, purge_pins
-from tests.names import name
 from lb.dataplane.structs import Counter, Limits, MapName, map_specs
+from tests.names import name
 
 LIMITS = Limits(ring_size=13, max_vips=4, max_targets=8, conntrack_size=128)
 NAME = name("structs")
@@ -35,9 +35,9 @@ def program() -> Iterator[Program]:
 
 def layout(ctype: type) -> tuple[int, list[tuple[str, int, int]]]:
     fields = []
-    for name, *_ in getattr(ctype, "_fields_", []):
-        descriptor = getattr(ctype, name)
-        fields.append((name, descriptor.offset, descriptor.size))
+    for field, *_ in getattr(ctype, "_fields_", []):
+        descriptor = getattr(ctype, field)
+        fields.append((field, descriptor.offset, descriptor.size))
     return ctypes.sizeof(ctype), fields
 
 

@@ -58,7 +58,7 @@ def status(prefix: str, as_json: bool) -> None:
     click.echo(f"lab {prefix}: {'up' if state['complete'] else 'not up'}")
     for ns in Lab(prefix).namespaces:
         click.echo(f"  {ns:<20} {'present' if ns in state['namespaces'] else 'absent'}")
-    for ifname, is_up in state["links"].items():  # type: ignore[union-attr]
+    for ifname, is_up in state["links"].items():
         click.echo(f"  {ifname:<20} {'up' if is_up else 'down'}")
-    for name, running in state["servers"].items():  # type: ignore[union-attr]
+    for name, running in state["servers"].items():
         click.echo(f"  {name:<20} server {'running' if running else 'stopped'}")

@@ -168,9 +168,9 @@ class Dataplane:
                 problems.append(f"{vip}: negative weight")
         if len(wanted) > self.limits.max_vips:
             problems.append(f"{len(wanted)} VIPs, the program holds at most {self.limits.max_vips} (max_vips)")
-        endpoints = {e for s in wanted.values() for e, _ in s.members} | {e for s in wanted.values() for e in s.draining}
-        if len(endpoints) > self.limits.max_targets:
-            problems.append(f"{len(endpoints)} targets, the program holds at most {self.limits.max_targets} (max_targets)")
+        all_endpoints = {e for s in wanted.values() for e, _ in s.members} | {e for s in wanted.values() for e in s.draining}
+        if len(all_endpoints) > self.limits.max_targets:
+            problems.append(f"{len(all_endpoints)} targets, the program holds at most {self.limits.max_targets} (max_targets)")
         if problems:
             raise DataplaneError("; ".join(problems))
 

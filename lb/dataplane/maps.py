@@ -229,7 +229,7 @@ class Maps:
     def _sum(cells: ctypes.Array[TrafficStats] | None) -> Traffic:
         if cells is None:
             return Traffic()
-        return Traffic(*(sum(getattr(c, f) for c in cells) for f, _ in TrafficStats._fields_))
+        return Traffic(*(sum(getattr(c, f) for c in cells) for f, *_ in TrafficStats._fields_))
 
     def vip_traffic(self, vip_id: int) -> Traffic:
         return self._sum(self._maps[MapName.VIP_STATS].lookup(ctypes.c_uint32(vip_id)))
