@@ -1,0 +1,33 @@
+"""`lb conntrack`: the L4 flows the kernel tracks, and where each one goes."""
+
+from __future__ import annotations
+
+import click
+
+from lb import inspect
+from lb.cli.common import config_option, echo_json, json_option, load_config, table
+from lb.cli.status import inspect_errors
+
+
+@click.command()
+@click.option("--vip", metavar="ADDR[:PORT]", help="Only flows to this VIP.")
+@click.option("--target", metavar="ADDR[:PORT]", help="Only flows sent to this target.")
+@click.option("--limit", type=click.IntRange(min=0), default=0, help="At most N flows (default: all).")
+@config_option
+@json_option
+def conntrack(vip: str | None, target: str | None, limit: int, config_path: str | None, as_json: bool) -> None:
+    """Flows in the conntrack map: 5-tuple, target, age and idle time.
+
+    State "expired" (idle past the timeout) and "retired" (its target left)
+    are still in the LRU, but their next packet is hashed onto the ring again.
+    """
+    config = load_config(config_path)
+    with inspect_errors():
+        info = inspect.conntrack(config, vip=vip, target=target, limit=limit or None)
+    if as_json:
+        echo_json(info)
+        return
+    rows = [[f["protocol"], f["client"], f["vip"], f["target"], f"{f['age_s']:.1f}s", f"{f['idle_s']:.1f}s",
+             f["state"]] for f in info["flows"]]
+    click.echo(table(rows, ["proto", "client", "vip", "target", "age", "idle", "state"]))
+    click.echo(f"{info['count']} flows{' (truncated: --limit)' if info['truncated'] else ''}")

@@ -1,0 +1,106 @@
+"""`lb explain http`, `lb explain flow`: where a request or a packet would go, and why."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from lb import inspect
+from lb.cli.common import config_option, echo_json, json_option, load_config, table
+from lb.cli.status import inspect_errors
+
+
+@click.group()
+def explain() -> None:
+    """Explain a routing decision (L7 rules, L4 conntrack and ring)."""
+
+
+def describe(action: dict[str, Any]) -> str:
+    if action["type"] == "forward":
+        groups = action["target_groups"]
+        if len(groups) == 1:
+            return f"forward to {groups[0]['name']}"
+        return "forward to " + ", ".join(f"{g['name']} (weight {g['weight']})" for g in groups)
+    if action["type"] == "redirect":
+        return f"redirect {action['status_code']}"
+    return f"fixed-response {action['status_code']}"
+
+
+@explain.command("http")
+@click.option("--listener", "-l", help="HTTP listener name (optional when there is one).")
+@click.option("--method", "-m", default="GET", show_default=True)
+@click.option("--host", "-H", default=None, help="Host header (leave out: no Host).")
+@click.option("--path", "-p", default="/", show_default=True, help="Path, optionally with ?query.")
+@click.option("--header", "headers", multiple=True, metavar="NAME:VALUE", help="A request header (repeatable).")
+@click.option("--source", metavar="IP", default=None, help="Client address (default 0.0.0.0).")
+@config_option
+@json_option
+def http(listener: str | None, method: str, host: str | None, path: str, headers: tuple[str, ...],
+         source: str | None, config_path: str | None, as_json: bool) -> None:
+    """The rule a request matches, why the earlier ones did not, and the target group."""
+    config = load_config(config_path)
+    with inspect_errors():
+        info = inspect.explain_http(config, listener, method, host, path, headers, source)
+    if as_json:
+        echo_json(info)
+        return
+    li, req = info["listener"], info["request"]
+    query = f"?{req['query']}" if req["query"] else ""
+    click.echo(f"listener {li['name']} ({li['address']}:{li['port']}): {req['method']} "
+               f"host {req['host'] or '(none)'} {req['path']}{query} from {req['source_ip']}")
+    rows = []
+    reached = True  # rules run in priority order until one matches
+    for rule in info["rules"]:
+        priority = "default" if rule["priority"] is None else rule["priority"]
+        if rule["selected"]:
+            rows.append([priority, "MATCH", describe(rule["action"]), None])
+            reached = False
+        elif reached:
+            rows.append([priority, "no", describe(rule["action"]), rule["reason"]])
+        else:
+            rows.append([priority, "not reached", describe(rule["action"]), None])
+    click.echo(table(rows, ["priority", "result", "action", "why not"]))
+    selected = info["selected"]
+    rule = "the default rule" if selected["priority"] is None else f"rule {selected['priority']}"
+    click.echo(f"=> {rule}: {describe(selected['action'])}")
+    for group in info["target_groups"]:
+        targets = ", ".join(f"{t['target']}:{t['port']} ({t['state']})" for t in group["targets"]) or "no targets"
+        click.echo(f"   target group {group['name']}: {targets}")
+    response = info["response"]
+    if response and "location" in response:
+        click.echo(f"   Location: {response['location']}")
+    elif response:
+        click.echo(f"   {response['content_type']}: {response['body']!r}")
+
+
+@explain.command("flow")
+@click.argument("protocol", type=click.Choice(["TCP", "UDP"], case_sensitive=False))
+@click.argument("source", metavar="SRC:PORT")
+@click.argument("destination", metavar="DST:PORT")
+@config_option
+@json_option
+def flow(protocol: str, source: str, destination: str, config_path: str | None, as_json: bool) -> None:
+    """The conntrack entry of a flow, else the ring slot and target a new one would get."""
+    config = load_config(config_path)
+    with inspect_errors():
+        info = inspect.explain_flow(config, protocol, source, destination)
+    if as_json:
+        echo_json(info)
+        return
+    head = f"{info['protocol']} {info['client']} -> {info['vip']}"
+    if info["vip_id"] is None:
+        click.echo(f"{head}: not a VIP; XDP passes it to the kernel untouched")
+        return
+    click.echo(f"{head} (listener {info['listener'] or '?'}, vip id {info['vip_id']})")
+    ct, ring = info["conntrack"], info["ring"]
+    if ct is None:
+        click.echo("conntrack: no entry")
+    else:
+        click.echo(f"conntrack: target {ct['target']} (id {ct['target_id']}), age {ct['age_s']:.1f}s, "
+                   f"idle {ct['idle_s']:.1f}s, {ct['state']}")
+    click.echo(f"ring: hash {ring['hash']:#010x} -> slot {ring['slot']} of {ring['size']} (half {ring['half']}) "
+               f"-> target {ring['target'] or 'none'}")
+    verdict = {"conntrack": "the conntrack entry decides", "ring": "a new flow, hashed onto the ring",
+               "drop": "no active target in that slot: dropped"}[info["decision"]]
+    click.echo(f"=> {info['target'] or 'no target'}: {verdict}")

@@ -1,0 +1,284 @@
+"""The Prometheus endpoint: kernel counters, target health and L7 requests.
+
+    server = serve("127.0.0.1:9464", Collector(lambda: config, health=..., l7_stats=...))
+    ...
+    server.close()
+
+:class:`Collector` reads everything at scrape time: the pinned maps (opened
+for each scrape, so nothing goes stale across a restart of the program),
+health rows, and the L7 workers' snapshots summed over workers. `serve`
+exposes it on its own registry (never prometheus_client's global one), from
+a daemon thread of prometheus_client's WSGI server.
+
+The daemon's health checker and L7 server belong to its event loop; the
+scrape thread must not touch them directly (L7Server.stats() and update()
+share one pipe per worker). Wrap such callables with :func:`on_loop`.
+
+Metrics (all prefixed ``lb_``; "vip" is "ADDRESS:PORT", "target" too):
+
+==========================================  =======  ==========================================
+lb_maps_loaded                              gauge    1 when the XDP maps are pinned
+lb_vip_packets_total{vip,protocol,listener}  counter  client → target packets forwarded
+lb_vip_bytes_total{...}                     counter  their bytes
+lb_vip_new_flows_total{...}                 counter  flows hashed onto the ring
+lb_vip_reply_packets_total{...}             counter  target → client packets rewritten
+lb_vip_reply_bytes_total{...}               counter  their bytes
+lb_target_packets_total{target}             counter  as the VIP ones, per target (a target
+ (and _bytes, _new_flows, _reply_*)                   serving two VIPs counts both)
+lb_xdp_packets_total{reason}                counter  global verdicts and events (structs.Counter)
+lb_conntrack_entries{vip,protocol,state}    gauge    conntrack entries; state live or expired
+lb_conntrack_walk_truncated                 gauge    1 if the walk stopped at CONNTRACK_WALK_CAP
+lb_target_health{group,target,port,state}   gauge    1 for the target's state, 0 for the others
+lb_target_health_check_latency_seconds      gauge    the last check's latency
+lb_target_health_check_success{...}         gauge    1 if the last check passed, 0 if not
+lb_http_requests_total{listener,rule,       counter  L7 requests answered; rule "default" for
+  target,code}                                        the default rule, target "-" for none
+lb_http_upstream_latency_seconds            histo.   time to the target's response head
+lb_http_connections                         gauge    client connections open now
+==========================================  =======  ==========================================
+
+Per-CPU maps are summed per scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector as PromCollector, CollectorRegistry
+from prometheus_client.exposition import start_http_server
+
+from lb.dataplane.maps import Maps, MapsNotLoaded, VipAddr
+from lb.model import LoadBalancer, Protocol, TargetState
+
+log = logging.getLogger("lb.metrics")
+
+# The conntrack LRU is walked key by key at every scrape to count entries per
+# VIP: fine at lab scale (a few thousand flows: milliseconds), too slow for a
+# full 262144-entry table at a short scrape interval, so the walk is capped.
+CONNTRACK_WALK_CAP = 65536
+HEALTH_STATES = tuple(state.value for state in TargetState)
+
+HealthRows = Callable[[], Iterable[dict[str, Any]]]
+L7Stats = Callable[[], list[dict[str, Any]]]
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], timeout: float = 10.0) -> Callable[[], Any]:
+    """`fn` made callable from another thread: it runs on `loop`, the caller waits."""
+
+    def call() -> Any:
+        try:
+            if asyncio.get_running_loop() is loop:
+                return fn()
+        except RuntimeError:  # no loop in this thread: the usual case
+            pass
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the waiting thread
+                    future.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return future.result(timeout)
+
+    return call
+
+
+def health_rows(config: LoadBalancer, checker: Any) -> list[dict[str, Any]]:
+    """Rows for the collector from a lb.health.HealthChecker (call on its loop):
+    {"group", "target", "port", "state", "last_latency_ms", "last_ok"}."""
+    rows = []
+    for group in config.target_groups:
+        for target, record in checker.health(group.name).items():
+            result = record.last_result
+            rows.append({"group": group.name, "target": str(target.address), "port": record.port,
+                         "state": record.state.value, "last_latency_ms": record.last_latency_ms,
+                         "last_ok": None if result is None else result.ok})
+    return rows
+
+
+class Collector(PromCollector):
+    """A prometheus_client custom collector for one load balancer."""
+
+    def __init__(self, config: Callable[[], LoadBalancer], *, health: HealthRows | None = None,
+                 l7_stats: L7Stats | None = None) -> None:
+        self._config = config  # a callable: the daemon's config changes on reload
+        self._health = health
+        self._l7_stats = l7_stats
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # no describe-time scrape; names are not checked for collisions
+
+    def collect(self) -> Iterator[Metric]:
+        config = self._config()
+        for section in (self._kernel, self._health_metrics, self._l7):
+            try:
+                yield from section(config)
+            except Exception:  # one broken source must not hide the others
+                log.exception("metrics: %s failed", section.__name__)
+
+    # --- the XDP maps --------------------------------------------------------
+
+    def _kernel(self, config: LoadBalancer) -> Iterator[Metric]:
+        from lb.daemon import limits_for
+        from lb.dataplane.loader import pin_dir
+
+        loaded = GaugeMetricFamily("lb_maps_loaded", "1 when the XDP program's maps are pinned")
+        try:
+            maps = Maps(pin_dir(config.name), limits_for(config))
+        except MapsNotLoaded:
+            loaded.add_metric([], 0)
+            yield loaded
+            return
+        loaded.add_metric([], 1)
+        yield loaded
+        with maps:
+            yield from self._traffic(config, maps)
+            yield from self._conntrack(maps)
+
+    def _traffic(self, config: LoadBalancer, maps: Maps) -> Iterator[Metric]:
+        listeners = {VipAddr(li.address, li.port, li.protocol.value): li.name  # type: ignore[arg-type]
+                     for li in config.listeners_of(Protocol.TCP, Protocol.UDP)}
+        fields = (("packets", "client to target packets forwarded"), ("bytes", "client to target bytes forwarded"),
+                  ("new_flows", "new flows hashed onto the ring"),
+                  ("reply_packets", "target to client packets rewritten"),
+                  ("reply_bytes", "target to client bytes rewritten"))
+        vip_families = {f: CounterMetricFamily(f"lb_vip_{f}", f"Per VIP: {h}", labels=["vip", "protocol", "listener"])
+                        for f, h in fields}
+        for entry in maps.vips():
+            traffic = maps.vip_traffic(entry.vip_id)
+            labels = [f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol, listeners.get(entry.vip, "")]
+            for f, family in vip_families.items():
+                family.add_metric(labels, getattr(traffic, f))
+        yield from vip_families.values()
+        target_families = {f: CounterMetricFamily(f"lb_target_{f}", f"Per target: {h}", labels=["target"])
+                           for f, h in fields}
+        for t in maps.targets():
+            traffic = maps.target_traffic(t.target_id)
+            for f, family in target_families.items():
+                family.add_metric([str(t.endpoint)], getattr(traffic, f))
+        yield from target_families.values()
+        from lb.dataplane.structs import COUNTER_HELP
+
+        xdp = CounterMetricFamily("lb_xdp_packets", "XDP verdicts and events by reason: "
+                                  + "; ".join(f"{c.label}: {h}" for c, h in COUNTER_HELP.items()), labels=["reason"])
+        for counter, value in maps.counters().items():
+            xdp.add_metric([counter.label], value)
+        yield xdp
+
+    def _conntrack(self, maps: Maps) -> Iterator[Metric]:
+        counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        truncated = 0
+        timeouts = {"TCP": maps.limits.tcp_idle_timeout, "UDP": maps.limits.udp_idle_timeout}
+        for n, flow in enumerate(maps.flows(limit=CONNTRACK_WALK_CAP + 1)):
+            if n == CONNTRACK_WALK_CAP:
+                truncated = 1
+                break
+            state = "expired" if flow.idle_s >= timeouts.get(flow.vip.protocol, 0) else "live"
+            counts[(f"{flow.vip.address}:{flow.vip.port}", flow.vip.protocol, state)] += 1
+        for entry in maps.vips():  # every VIP shows, with 0 when it has no flows
+            counts.update({(f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol, "live"): 0})
+        entries = GaugeMetricFamily("lb_conntrack_entries", "Conntrack entries per VIP (live, or expired "
+                                    "but not yet evicted from the LRU)", labels=["vip", "protocol", "state"])
+        for labels, value in sorted(counts.items()):
+            entries.add_metric(list(labels), value)
+        yield entries
+        yield GaugeMetricFamily("lb_conntrack_walk_truncated",
+                                f"1 if counting stopped at {CONNTRACK_WALK_CAP} entries", value=truncated)
+
+    # --- health ----------------------------------------------------------------
+
+    def _health_metrics(self, config: LoadBalancer) -> Iterator[Metric]:
+        if self._health is None:
+            return
+        labels = ["group", "target", "port"]
+        state = GaugeMetricFamily("lb_target_health", "1 for the target's current state (ELB's states)",
+                                  labels=[*labels, "state"])
+        latency = GaugeMetricFamily("lb_target_health_check_latency_seconds",
+                                    "Latency of the target's last health check", labels=labels)
+        success = GaugeMetricFamily("lb_target_health_check_success",
+                                    "1 if the target's last health check passed", labels=labels)
+        for row in self._health():
+            ident = [row["group"], row["target"], str(row["port"])]
+            for value in HEALTH_STATES:
+                state.add_metric([*ident, value], 1 if row["state"] == value else 0)
+            if row.get("last_latency_ms") is not None:
+                latency.add_metric(ident, row["last_latency_ms"] / 1000.0)
+            if row.get("last_ok") is not None:
+                success.add_metric(ident, 1 if row["last_ok"] else 0)
+        yield from (state, latency, success)
+
+    # --- L7 ----------------------------------------------------------------------
+
+    def _l7(self, config: LoadBalancer) -> Iterator[Metric]:
+        if self._l7_stats is None:
+            return
+        snapshots = self._l7_stats()
+        requests: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        buckets: tuple[float, ...] = ()
+        counts: list[int] = []
+        total, connections = 0.0, 0
+        for snap in snapshots:
+            for listener, rule, target, status, count in snap["requests"]:
+                requests[(listener, "default" if rule is None else str(rule), target, str(status))] += count
+            latency = snap["upstream_latency"]
+            buckets = tuple(latency["buckets"])
+            counts = [a + b for a, b in zip(counts, latency["counts"])] if counts else list(latency["counts"])
+            total += latency["sum"]
+            connections += snap["connections"]
+        family = CounterMetricFamily("lb_http_requests", "L7 requests answered, by listener, rule, target and "
+                                     "status code", labels=["listener", "rule", "target", "code"])
+        for labels, value in sorted(requests.items()):
+            family.add_metric(list(labels), value)
+        yield family
+        if buckets:
+            cumulative, running = [], 0
+            for bound, count in zip([*map(str, buckets), "+Inf"], counts):
+                running += count
+                cumulative.append((bound, running))
+            yield HistogramMetricFamily("lb_http_upstream_latency_seconds",
+                                        "Time from sending a request to a target to its response head",
+                                        buckets=cumulative, sum_value=total)
+        yield GaugeMetricFamily("lb_http_connections", "L7 client connections open now", value=connections)
+
+
+# --- serving ---------------------------------------------------------------------
+
+
+class MetricsServer:
+    """A running endpoint; close() stops it and frees the port."""
+
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.address: tuple[str, int] = httpd.server_address[:2]  # type: ignore[assignment]
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5.0)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"127.0.0.1:9464" / "[::1]:9464" → (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def serve(address: str, collector: Collector) -> MetricsServer:
+    """Serve /metrics for `collector` on ADDRESS:PORT, from a daemon thread."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    host, port = split_address(address)
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(httpd, thread)
