@@ -368,6 +368,10 @@ class Daemon:
                     "reason": record.health.reason.value if record.health.reason else None,
                     "description": record.health.description,
                     "last_latency_ms": record.last_latency_ms,
+                    "last_result": None if record.last_result is None else
+                    ("passed" if record.last_result.ok else "failed"),
+                    "last_checked_ago_s": None if record.last_checked is None else
+                    round(time.monotonic() - record.last_checked, 3),
                 })
         return rows
 

@@ -203,7 +203,7 @@ def run(keep: bool) -> int:
                 t = maps.target_traffic(target.target_id)
                 print(f"  target {target.endpoint}: {t.new_flows} flows, {t.packets} packets in, "
                       f"{t.reply_packets} replies")
-        for args in (("status",),):
+        for args in (("targets",), ("vips",), ("stats",)):
             lb_command(*args)
     finally:
         if not keep:

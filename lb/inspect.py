@@ -38,6 +38,7 @@ from lb.dataplane.structs import (
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_PERCPU_ARRAY,
     COUNTER_HELP,
+    FLOW_HASH_SEED,
     MAP_TYPE_NAMES,
     NO_TARGET,
     PROTO_NAMES,
@@ -53,8 +54,6 @@ from lb.dataplane.structs import (
 )
 from lb.model import Action, FixedResponseAction, ForwardAction, LoadBalancer, Protocol, RedirectAction
 
-# Must equal FLOW_HASH_SEED in bpf/consts.h (tests/test_inspect.py checks it).
-FLOW_HASH_SEED = 0x6C620001
 _U32 = 0xFFFFFFFF
 
 

@@ -75,6 +75,7 @@ def test_counter_enum_matches_consts_h() -> None:
         ("NO_TARGET", structs.NO_TARGET),
         ("TARGET_F_ACTIVE", structs.TARGET_F_ACTIVE),
         ("FWD_NAT", structs.FWD_NAT),
+        ("FLOW_HASH_SEED", structs.FLOW_HASH_SEED),
     ],
 )
 def test_constants_match_consts_h(macro: str, value: int) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
 from lb import config as configmod
+from lb import inspect
 from lb.model import LoadBalancer
 
 SYSTEM_CONFIG = "/etc/lb/lb.toml"
@@ -52,3 +55,12 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     cells = [[str(h) for h in headers]] + [[("-" if c is None else str(c)) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+@contextmanager
+def inspect_errors() -> Iterator[None]:
+    """An InspectError becomes a one-line error and exit 1, never a traceback."""
+    try:
+        yield
+    except inspect.InspectError as exc:
+        raise click.ClickException(str(exc)) from exc

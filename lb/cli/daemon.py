@@ -40,7 +40,7 @@ def up(config_path: str | None, log_level: str) -> None:
 def down(config_path: str | None, keep_maps: bool, as_json: bool) -> None:
     """Detach the XDP program, remove pinned maps and the addresses lb added."""
     from lb import daemon
-    from lb.cli.status import attached_interfaces
+    from lb.inspect import attached_interfaces
 
     config = load_config(config_path)
     require_root("lb down")

@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import click
 
 from lb import inspect
-from lb.cli.common import config_option, echo_json, json_option, load_config, table
-from lb.inspect import attached_interfaces  # lb down imports it from here
-from lb.model import LoadBalancer
-
-__all__ = ["attached_interfaces", "collect_status", "inspect_errors", "status", "when"]
-
-
-@contextmanager
-def inspect_errors() -> Iterator[None]:
-    """An InspectError becomes a one-line error and exit 1, never a traceback."""
-    try:
-        yield
-    except inspect.InspectError as exc:
-        raise click.ClickException(str(exc)) from exc
+from lb.cli.common import config_option, echo_json, inspect_errors, json_option, load_config, table
 
 
 def when(epoch: float | None) -> str:
     return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
-
-
-def collect_status(config: LoadBalancer) -> dict[str, Any]:
-    return inspect.status(config)
 
 
 @click.command()

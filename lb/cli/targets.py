@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from lb import inspect
-from lb.cli.common import config_option, echo_json, json_option, load_config, table
-from lb.cli.status import inspect_errors
+from lb.cli.common import config_option, echo_json, inspect_errors, json_option, load_config, table
 
 
 def last_check(row: dict[str, object]) -> str | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 # --- constants (bpf/consts.h) -------------------------------------------------
 
 NO_TARGET = 0xFFFFFFFF
+FLOW_HASH_SEED = 0x6C620001  # every host sharing VIPs must use the same one
 TARGET_F_ACTIVE = 0x1
 FWD_NAT = 0
 VIP_F_NONE = 0

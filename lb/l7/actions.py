@@ -81,7 +81,7 @@ class Redirect:
             "#{protocol}": "http",
             "#{host}": host_without_port(host) if host else fallback_host,
             "#{port}": str(port),
-            "#{path}": path[1:] if path.startswith("/") else path,
+            "#{path}": path.removeprefix("/"),
             "#{query}": query,
         }
         a = self._action

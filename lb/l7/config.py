@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from lb.model import LoadBalancer
+
 
 @dataclass(frozen=True)
 class L7Config:
@@ -38,3 +40,8 @@ class L7Config:
 
     def worker_count(self) -> int:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+    @classmethod
+    def for_load_balancer(cls, lb: LoadBalancer, **overrides: object) -> L7Config:
+        """The settings the model decides (the worker count), plus ``overrides``."""
+        return cls(workers=lb.workers, **overrides)  # type: ignore[arg-type]

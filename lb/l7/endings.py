@@ -22,7 +22,6 @@ from lb.l7 import errors
 from lb.l7.client_state import ClientState
 from lb.l7.exchange import Exchange
 
-
 log = logging.getLogger("lb.l7")
 
 _LINGER = 1.0  # seconds to read and drop after an error response, before closing
@@ -70,9 +69,13 @@ class Endings(ClientState):
             return
         if client_idle and not ex.request_complete:
             status = errors.REQUEST_TIMEOUT
-        elif (ex.connecting is not None or ex.waiting is not None) and now - ex.since > connect_timeout:
-            status = errors.GATEWAY_TIMEOUT
-        elif ex.upstream is not None and client_idle and now - ex.upstream.last_rx > idle:
+        elif (
+            (ex.connecting is not None or ex.waiting is not None)
+            and now - ex.since > connect_timeout
+            or ex.upstream is not None
+            and client_idle
+            and now - ex.upstream.last_rx > idle
+        ):
             status = errors.GATEWAY_TIMEOUT
         else:
             return

@@ -32,18 +32,25 @@ class Forwarding(ClientState):
     __slots__ = ()
 
     def _forward(self, ex: Exchange, plan: Forward) -> None:
-        pool, ex.set_cookies = plan.choose(ex.cookies, self.worker.signer)
-        if pool is None:  # no target in service
-            self._respond_error(ex, errors.SERVICE_UNAVAILABLE)
-            return
+        direct = plan.direct
+        if direct is not None:
+            pool = direct.pick()
+        else:
+            chosen, ex.set_cookies = plan.choose(ex.cookies, self.worker.signer)
+            if chosen is None:  # no target in service
+                self._respond_error(ex, errors.SERVICE_UNAVAILABLE)
+                return
+            pool = chosen
         ex.pool = pool
         ex.target = pool.label
         pool.outstanding += 1
-        conn = pool.take()
-        if conn is not None:
-            self._send(ex, conn)
-        else:
-            self._open(ex, pool)
+        idle = pool.idle  # Pool.take(), inlined: the hot path
+        while idle:
+            conn = idle.pop()
+            if not conn.transport.is_closing():
+                self._send(ex, conn)
+                return
+        self._open(ex, pool)
 
     def _open(self, ex: Exchange, pool: Pool) -> None:
         ex.since = self.clock.now

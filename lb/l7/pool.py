@@ -78,6 +78,7 @@ class Pool:
                 self.waiters.popleft()(conn)
                 return
             if len(self.idle) < self._max_idle:
+                conn.last_rx = self.clock.now  # idle since
                 self.idle.append(conn)
                 return
         conn.close()
@@ -130,10 +131,11 @@ class Pool:
         for conn in idle:
             conn.close()
 
-    def close_idle(self) -> None:
-        idle, self.idle = self.idle, []
-        for conn in idle:
-            conn.close()
+    def expire(self, deadline: float) -> None:
+        """Close the connections idle since before ``deadline`` (the oldest are first)."""
+        idle = self.idle
+        while idle and idle[0].last_rx < deadline:
+            idle.pop(0).close()
 
 
 class PoolSet:
@@ -157,6 +159,10 @@ class PoolSet:
         """Retire every pool whose endpoint is not in ``keys``."""
         for key in [k for k in self.pools if k not in keys]:
             self.pools.pop(key).retire()
+
+    def expire(self, deadline: float) -> None:
+        for pool in self.pools.values():
+            pool.expire(deadline)
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -27,7 +27,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from httptools import HttpParserCallbackError, HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserUpgrade,
+)
 
 from lb.l7 import errors, flow_control
 from lb.l7.actions import FixedResponse, Redirect
@@ -36,7 +41,16 @@ from lb.l7.exchange import Exchange
 from lb.l7.flow_control import ReadGate
 from lb.l7.forwarding import Forwarding
 from lb.l7.httputil import CRLF, UNKNOWN
-from lb.l7.request_head import COLON, HOST, SPECIAL, TABLE, origin_form, peer_address, rules_request, special_header
+from lb.l7.request_head import (
+    COLON,
+    HOST,
+    SPECIAL,
+    TABLE,
+    origin_form,
+    peer_address,
+    rules_request,
+    special_header,
+)
 from lb.l7.routing import Forward
 from lb.l7.stats import log_access
 
@@ -94,9 +108,8 @@ class ClientProtocol(Forwarding, Endings):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.tunnel is not None or (self.current is None and not self.queue):
-            return False  # close now
-        return True  # answer what was sent, then close (_done)
+        # Nothing in flight: close now. Else answer what was sent, then close (_done).
+        return self.tunnel is None and (self.current is not None or bool(self.queue))
 
     def pause_writing(self) -> None:
         # The client reads slower than we answer: stop reading the target, and

@@ -9,15 +9,20 @@ a :class:`Forward` (target groups with their balancers and stickiness), a
 
 from __future__ import annotations
 
-from typing import Union
-
 from lb.l7.actions import FixedResponse, Redirect
 from lb.l7.balancer import Balancer, WeightedChoice, make_balancer
 from lb.l7.pool import Pool, PoolSet
 from lb.l7.rules import Router
 from lb.l7.stickiness import GROUP_COOKIE, TARGET_COOKIE, CookieSigner, find_cookie
 from lb.l7.table import GroupTargets, RoutingTable
-from lb.model import Action, ConditionField, FixedResponseAction, ForwardAction, Listener, RedirectAction
+from lb.model import (
+    Action,
+    ConditionField,
+    FixedResponseAction,
+    ForwardAction,
+    Listener,
+    RedirectAction,
+)
 
 
 class GroupRoute:
@@ -68,15 +73,16 @@ class GroupRoute:
 class Forward:
     """A forward action: one group, or a weighted choice with group stickiness."""
 
-    __slots__ = ("single", "_choice", "_by_name", "_sticky", "_duration")
+    __slots__ = ("single", "direct", "_choice", "_by_name", "_sticky", "_duration")
 
     def __init__(self, action: ForwardAction, groups: dict[str, GroupRoute]) -> None:
         weighted = [(groups[wg.name], wg.weight) for wg in action.target_groups]
         self.single = weighted[0][0] if len(weighted) == 1 else None
+        # One group without stickiness (the common case): its balancer, called
+        # directly by the client protocol without going through choose().
+        self.direct = self.single.balancer if self.single is not None and not self.single.sticky else None
         live = [(group, weight) for group, weight in weighted if weight > 0]
-        self._choice = (
-            WeightedChoice(tuple(g for g, _ in live), tuple(w for _, w in live)) if live else None
-        )
+        self._choice = WeightedChoice(tuple(g for g, _ in live), tuple(w for _, w in live)) if live else None
         self._by_name = {g.name: g for g, _ in live if g.balancer is not None}
         self._sticky = action.stickiness.enabled and self.single is None
         self._duration = action.stickiness.duration
@@ -102,7 +108,7 @@ class Forward:
         return pool, set_cookies + cookie if cookie else set_cookies
 
 
-Plan = Union[Forward, FixedResponse, Redirect]
+Plan = Forward | FixedResponse | Redirect
 
 
 class ListenerRoute:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -32,8 +33,16 @@ from lb.l7.worker import Worker
 log = logging.getLogger("lb.l7")
 
 
-async def serve(table: RoutingTable, config: L7Config | None = None, loop: asyncio.AbstractEventLoop | None = None) -> Worker:
-    """Serve ``table`` in this event loop; ``await worker.stop(grace)`` to end."""
+async def serve(
+    table: RoutingTable, loop: asyncio.AbstractEventLoop | None = None, config: L7Config | None = None
+) -> Worker:
+    """Serve ``table`` in ``loop`` (default: the running one), one worker, no processes.
+
+    Returns the started :class:`Worker`: ``worker.addresses`` has the bound
+    (host, port) of each listener, ``await worker.update(table)`` swaps the
+    table, ``worker.stats.snapshot()`` reads the counters, and
+    ``await worker.stop(grace)`` ends it.
+    """
     config = config or L7Config()
     worker = Worker(table, config, loop or asyncio.get_running_loop(), config.cookie_secret or os.urandom(32))
     await worker.start()
@@ -190,6 +199,11 @@ async def _worker(pipe: multiprocessing.connection.Connection, table: RoutingTab
         pipe.send(("error", str(exc)))
         return
     pipe.send(("ready", worker.addresses))
+    # What startup built lives as long as the worker: keep it out of the
+    # collector's way, and collect young objects less often (our per-request
+    # cycles are broken by hand; refcounting frees nearly everything).
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
     finished = loop.create_future()
     tasks: set[asyncio.Task[None]] = set()
 

@@ -65,7 +65,7 @@ class _IsoClock:
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return "%s.%03dZ" % (self._prefix, int((now - second) * 1000))
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
 
 
 _iso = _IsoClock()

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from lb.model import LoadBalancer, Listener, Protocol, TargetGroup
+from lb.model import Listener, LoadBalancer, Protocol, TargetGroup
 
 Endpoint = tuple[str, int, int]  # (address, port, weight)
 

@@ -25,10 +25,21 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpResponseParser,
+)
 
 from lb.l7 import flow_control
-from lb.l7.httputil import COMMON_RESPONSE_HEADERS, CRLF, UNKNOWN, header_table, status_line
+from lb.l7.httputil import (
+    COMMON_RESPONSE_HEADERS,
+    CRLF,
+    UNKNOWN,
+    header_table,
+    status_line,
+)
 
 if TYPE_CHECKING:
     from lb.l7.exchange import Exchange
@@ -313,9 +324,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex.status = status
         ex.response_started = True
         client = ex.client
-        close = (
-            ex.close_after or not ex.keep_alive or client.closing or ex.upgrade or not ex.request_complete
-        )
+        close = ex.close_after or not ex.keep_alive or client.closing or ex.upgrade or not ex.request_complete
         framing = b""
         if ex.head_only or status == 204 or status == 304 or self.has_length:
             pass

@@ -128,5 +128,6 @@ class Worker:
         connect = self.config.connect_timeout
         for conn in list(self.connections):
             conn.check_idle(now, idle, connect)
+        self.pools.expire(now - idle)  # upstream keep-alive connections idle too long
         interval = min(max(min(idle, connect) / 10.0, 0.01), 0.5)
         self._tick = self.loop.call_later(interval, self._sweep)
