@@ -354,11 +354,11 @@ async def backend(
     stats = BackendStats()
     factory: Callable[[], asyncio.Protocol]
     if kind == "http":
-        factory = lambda: _HttpBackend(name, stats, body, close_after)  # noqa: E731
+        factory = lambda: _HttpBackend(name, stats, body, close_after)
     elif kind == "websocket":
-        factory = lambda: _WebSocketBackend(stats)  # noqa: E731
+        factory = lambda: _WebSocketBackend(stats)
     elif kind in ("reset", "hang", "garbage", "close", "truncate"):
-        factory = lambda: _MisbehavingBackend(kind, stats)  # noqa: E731
+        factory = lambda: _MisbehavingBackend(kind, stats)
     else:
         raise ValueError(kind)
     loop = asyncio.get_running_loop()
@@ -418,8 +418,8 @@ class ThreadedBackends:
             self._loop = asyncio.new_event_loop()
             try:
                 self._loop.run_until_complete(main())
-            except BaseException:
-                pass
+            except Exception as exc:  # noqa: BLE001 (reported by __enter__ when it happens at start)
+                errors.append(exc)
             finally:
                 self._loop.close()
 
@@ -491,7 +491,7 @@ class Client:
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Client:  # noqa: PYI034
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -500,7 +500,14 @@ class Client:
     def send(self, data: bytes) -> None:
         self.writer.write(data)
 
-    async def request(self, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None, body: bytes = b"", host: str = "example.com") -> Response:
+    async def request(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        host: str = "example.com",
+    ) -> Response:
         self.send(build_request(method, path, headers, body, host))
         return await self.response(head_only=method == "HEAD")
 
@@ -524,7 +531,13 @@ class Client:
 
     def _finish(self) -> None:
         self._done.append(
-            Response(self.parser.get_status_code(), self._reason, self._headers, b"".join(self._body), self.parser.get_http_version())
+            Response(
+                self.parser.get_status_code(),
+                self._reason,
+                self._headers,
+                b"".join(self._body),
+                self.parser.get_http_version(),
+            )
         )
         self._headers, self._body, self._reason = [], [], b""
 
@@ -574,7 +587,13 @@ class _Stop(Exception):
     pass
 
 
-def build_request(method: str = "GET", path: str = "/", headers: dict[str, str] | None = None, body: bytes = b"", host: str = "example.com") -> bytes:
+def build_request(
+    method: str = "GET",
+    path: str = "/",
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    host: str = "example.com",
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
@@ -661,9 +680,11 @@ def routing_table(
 
 
 @contextlib.asynccontextmanager
-async def proxy(table: RoutingTable, config: L7Config | None = None, grace: float = 0.5) -> AsyncIterator[tuple[Worker, int]]:
+async def proxy(
+    table: RoutingTable, config: L7Config | None = None, grace: float = 0.5
+) -> AsyncIterator[tuple[Worker, int]]:
     """lb's worker in this loop: yields (worker, port of the first listener)."""
-    worker = await serve(table, config or L7Config(connect_timeout=2.0))
+    worker = await serve(table, config=config or L7Config(connect_timeout=2.0))
     try:
         yield worker, worker.addresses[table.listeners[0].name][1]
     finally:

@@ -175,11 +175,26 @@ def test_fixed_response_head_has_no_body_and_http10_keep_alive(run: Any) -> None
 
 REDIRECTS = [
     # (action, request target, Host, expected Location)
-    (m.RedirectAction(301, protocol="HTTPS"), "/a/b?x=1", "example.com", b"https://example.com:8080/a/b?x=1"),  # port kept
+    (
+        m.RedirectAction(301, protocol="HTTPS"),
+        "/a/b?x=1",
+        "example.com",
+        b"https://example.com:8080/a/b?x=1",
+    ),  # port kept
     (m.RedirectAction(302, host="new.example.org"), "/p", "example.com:8080", b"http://new.example.org:8080/p"),
     (m.RedirectAction(301, port="80"), "/", "h", b"http://h/"),
-    (m.RedirectAction(301, protocol="HTTPS", port="443", path="/new/#{path}", query="q=#{query}&z"), "/old?a=b", "h", b"https://h/new/old?q=a=b&z"),
-    (m.RedirectAction(301, host="#{host}.eu", query=""), "/x?drop=me", "shop.example", b"http://shop.example.eu:8080/x"),
+    (
+        m.RedirectAction(301, protocol="HTTPS", port="443", path="/new/#{path}", query="q=#{query}&z"),
+        "/old?a=b",
+        "h",
+        b"https://h/new/old?q=a=b&z",
+    ),
+    (
+        m.RedirectAction(301, host="#{host}.eu", query=""),
+        "/x?drop=me",
+        "shop.example",
+        b"http://shop.example.eu:8080/x",
+    ),
     (m.RedirectAction(302, path="/#{host}/#{port}/#{protocol}"), "/", "h", b"http://h:8080/h/8080/http"),
 ]
 
@@ -190,7 +205,10 @@ def test_redirect_exact_bytes(run: Any, action: m.RedirectAction, target: str, h
         client, t = Harness(loop, RoutingTable((listener(action),))).client()
         client.data_received(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         status = b"301 Moved Permanently" if action.status_code == 301 else b"302 Found"
-        html = b"<html>\r\n<head><title>%s</title></head>\r\n<body>\r\n<center><h1>%s</h1></center>\r\n</body>\r\n</html>\r\n" % (status, status)
+        html = (
+            b"<html>\r\n<head><title>%s</title></head>\r\n<body>\r\n<center><h1>%s</h1></center>\r\n</body>\r\n</html>\r\n"
+            % (status, status)
+        )
         assert no_date(t.data()) == (
             b"HTTP/1.1 " + status + b"\r\nserver: lb\r\ncontent-type: text/html\r\n"
             b"content-length: %d\r\nlocation: %s\r\n\r\n%s" % (len(html), location, html)
@@ -202,8 +220,16 @@ def test_redirect_exact_bytes(run: Any, action: m.RedirectAction, target: str, h
 # --- self-generated errors and request smuggling --------------------------------
 
 REJECTED = [
-    ("CL and TE", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-    ("TE and CL", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n", 400),
+    (
+        "CL and TE",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        "TE and CL",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+        400,
+    ),
     ("duplicate CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
     ("conflicting CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde", 400),
     ("CL list", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 5\r\n\r\nabcde", 400),
@@ -216,7 +242,11 @@ REJECTED = [
     ("bad name char", b"GET / HTTP/1.1\r\nHost: a\r\nX(A): b\r\n\r\n", 400),
     ("control char in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x01\r\n\r\n", 400),
     ("bad chunk size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
-    ("TE chunked twice", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (
+        "TE chunked twice",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
     ("two Host", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     ("no Host in 1.1", b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 400),
     ("bare LF", b"GET / HTTP/1.1\nHost: a\n\n", 400),
@@ -231,7 +261,11 @@ REJECTED = [
     ("HTTP/0.9", b"GET /\r\n\r\n", 505),
     ("request line over 16 KiB", b"GET /" + b"a" * 16400 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     ("header over 16 KiB", b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 16400 + b"\r\n\r\n", 400),
-    ("headers over 64 KiB", b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"c" * 8000) for i in range(9)) + b"\r\n", 400),
+    (
+        "headers over 64 KiB",
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"c" * 8000) for i in range(9)) + b"\r\n",
+        400,
+    ),
 ]
 
 
@@ -293,7 +327,9 @@ def test_unknown_group_is_503(run: Any) -> None:
 def test_pipelined_local_answers_in_order(run: Any) -> None:
     def body(loop: asyncio.AbstractEventLoop) -> None:
         rules = tuple(
-            m.Rule(i, (m.Condition(m.ConditionField.PATH_PATTERN, (f"/{i}",)),), m.FixedResponseAction(200, body=f"r{i}"))
+            m.Rule(
+                i, (m.Condition(m.ConditionField.PATH_PATTERN, (f"/{i}",)),), m.FixedResponseAction(200, body=f"r{i}")
+            )
             for i in range(1, 4)
         )
         client, t = Harness(loop, RoutingTable((listener(m.FixedResponseAction(404), rules),))).client()

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import resource
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from lb import model as m
 from lb.l7.config import L7Config
 from lb.l7.server import L7Server
+from lb.l7.table import RoutingTable
 from tests.l7_backends import (
     HOST,
     Client,
@@ -43,6 +43,31 @@ PAGE = resource.getpagesize()
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE
+
+
+def test_routing_table_build_and_pickle() -> None:
+    import ipaddress
+    import pickle
+
+    web = m.TargetGroup(
+        "web",
+        m.Protocol.HTTP,
+        8080,
+        (m.Target(ipaddress.ip_address("10.0.0.1")), m.Target(ipaddress.ip_address("10.0.0.2"), 81, 3)),
+    )
+    tcp = m.TargetGroup("db", m.Protocol.TCP, 5432)
+    http = m.Listener("web", m.Protocol.HTTP, ipaddress.ip_address("10.0.0.100"), 80, forward_to("web"))
+    l4 = m.Listener("db", m.Protocol.TCP, ipaddress.ip_address("10.0.0.100"), 5432, forward_to("db"))
+    lb = m.LoadBalancer("lb", (http, l4), (web, tcp), idle_timeout=7, workers=3)
+    table = RoutingTable.build(lb)
+    assert table.listeners == (http,) and table.idle_timeout == 7.0
+    assert table.group("web") is not None and table.group("db") is None
+    assert table.group("web").in_service == (("10.0.0.1", 8080, 1), ("10.0.0.2", 81, 3))  # type: ignore[union-attr]
+    later = RoutingTable.build(lb, {"web": [("10.0.0.2", 81, 3)]}, {"web": [("10.0.0.1", 8080)]}, version=2)
+    entry = later.group("web")
+    assert entry is not None and entry.in_service == (("10.0.0.2", 81, 3),) and entry.draining == {("10.0.0.1", 8080)}
+    assert pickle.loads(pickle.dumps(later)) == later
+    assert L7Config.for_load_balancer(lb, connect_timeout=1.0) == L7Config(workers=3, connect_timeout=1.0)
 
 
 # --- keep-alive, pipelining, bodies ----------------------------------------------------
@@ -107,7 +132,9 @@ def test_chunked_request_and_response_bodies() -> None:
                     assert response.header("transfer-encoding") == b"chunked"
                     assert response.body == b"chunk0;chunk1;chunk2;chunk3;"
                     response = await client.request("GET", "/http10")  # close-delimited from the target
-                    assert response.body == b"close-delimited body" and response.header("transfer-encoding") == b"chunked"
+                    assert (
+                        response.body == b"close-delimited body" and response.header("transfer-encoding") == b"chunked"
+                    )
                     assert (await client.request()).status == 200
 
     run(body())
@@ -174,6 +201,77 @@ def test_large_upload_and_download_stream_with_flat_memory() -> None:
     run(body(), timeout=50)
 
 
+SELF_GENERATED = [
+    (
+        "CL+TE smuggling",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+        400,
+    ),
+    ("conflicting CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+    ("non-numeric CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x10\r\n\r\n", 400),
+    ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n b\r\n\r\n", 400),
+    ("invalid header name", b"GET / HTTP/1.1\r\nHost: a\r\nBad[Name]: 1\r\n\r\n", 400),
+    ("TRACE", b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n", 405),
+    ("TE gzip", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    ("HTTP/2.0", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+]
+
+
+@pytest.mark.parametrize("name,payload,status", SELF_GENERATED, ids=[c[0] for c in SELF_GENERATED])
+def test_self_generated_errors_over_sockets(name: str, payload: bytes, status: int) -> None:
+    async def body() -> None:
+        async with backend("http") as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),))
+            async with proxy(table) as (_, port):
+                async with await Client.open(port) as client:
+                    assert (await client.request()).status == 200  # a good request first, same connection
+                    client.send(payload + build_request("GET", "/smuggled"))
+                    raw = await client.read_raw(timeout=3)
+                assert raw.startswith(b"HTTP/1.1 %d " % status) and b"connection: close\r\n" in raw
+                assert raw.count(b"HTTP/1.1 ") == 1  # nothing after it: the connection closed
+                assert b.stats.requests == 1  # the target saw only the good request
+
+    run(body())
+
+
+def test_fixed_response_and_redirect_exact_bytes_over_sockets() -> None:
+    async def body() -> None:
+        listener = rules_listener(
+            m.Rule(
+                1,
+                (m.Condition(m.ConditionField.PATH_PATTERN, ("/moved",)),),
+                m.RedirectAction(302, protocol="HTTPS", port="443"),
+            ),
+        )
+        async with proxy(routing_table(listener)) as (_, port):
+            async with await Client.open(port) as client:
+                client.send(
+                    build_request("GET", "/nope") + build_request("GET", "/moved?a=1", host=f"h.example:{port}")
+                )
+                await client.response()
+                await client.response()
+        date = rb"date: [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT\r\n"
+        html = (
+            b"<html>\r\n<head><title>302 Found</title></head>\r\n<body>\r\n"
+            b"<center><h1>302 Found</h1></center>\r\n</body>\r\n</html>\r\n"
+        )
+        expected = (
+            re.escape(
+                b"HTTP/1.1 404 Not Found\r\nserver: lb\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 8\r\n"
+            )
+            + date
+            + re.escape(b"\r\nno route")
+            + re.escape(
+                b"HTTP/1.1 302 Found\r\nserver: lb\r\ncontent-type: text/html\r\ncontent-length: %d\r\n" % len(html)
+            )
+            + date
+            + re.escape(b"location: https://h.example/moved?a=1\r\n\r\n" + html)
+        )
+        assert re.fullmatch(expected, client.raw), client.raw
+
+    run(body())
+
+
 # --- routing: rules, actions, weights, stickiness ------------------------------------------
 
 
@@ -184,6 +282,7 @@ def rules_listener(*rules: m.Rule) -> m.Listener:
 def test_rules_route_to_forward_fixed_response_and_redirect() -> None:
     async def body() -> None:
         async with backend("http", "api") as api:
+
             def path(pattern: str) -> tuple[m.Condition, ...]:
                 return (m.Condition(m.ConditionField.PATH_PATTERN, (pattern,)),)
 
@@ -261,7 +360,12 @@ def test_group_stickiness_keeps_a_client_on_one_group() -> None:
                     first = await client.request()
                     cookie = re.match(rb"AWSALBTG=([^;]+);", first.header("set-cookie") or b"")
                     assert cookie
-                    seen = {(await client.request("GET", "/", {"Cookie": f"AWSALBTG={cookie.group(1).decode()}"})).header("x-backend") for _ in range(20)}
+                    seen = {
+                        (await client.request("GET", "/", {"Cookie": f"AWSALBTG={cookie.group(1).decode()}"})).header(
+                            "x-backend"
+                        )
+                        for _ in range(20)
+                    }
                     assert seen == {first.header("x-backend")}
 
     run(body())
@@ -321,7 +425,9 @@ def test_http10_without_host_absolute_form_and_client_close() -> None:
                     assert response.header("connection") == b"close"
                     assert await client.read_raw() == b""
                 async with await Client.open(port) as client:  # absolute-form: its authority is the Host
-                    client.send(b"GET http://other.example:81/abs?x=1 HTTP/1.1\r\nHost: ignored\r\nConnection: close\r\n\r\n")
+                    client.send(
+                        b"GET http://other.example:81/abs?x=1 HTTP/1.1\r\nHost: ignored\r\nConnection: close\r\n\r\n"
+                    )
                     response = await client.response()
                     seen = response.json()
                     assert seen["url"] == "/abs?x=1"
@@ -371,7 +477,12 @@ def test_websocket_echo_through_the_proxy() -> None:
                         build_request(
                             "GET",
                             "/chat",
-                            {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"},
+                            {
+                                "Upgrade": "websocket",
+                                "Connection": "Upgrade",
+                                "Sec-WebSocket-Key": key,
+                                "Sec-WebSocket-Version": "13",
+                            },
                         )
                         + encode_frame(1, b"early")  # sent before the 101: held until it comes
                     )
@@ -385,7 +496,7 @@ def test_websocket_echo_through_the_proxy() -> None:
                         expected = message or b"early"
                         while (frame := decode_frame(buffer)) is None:
                             buffer += await reader.read(1 << 16)
-                        opcode, payload, used = frame
+                        _, payload, used = frame
                         buffer = buffer[used:]
                         assert payload == expected
                     writer.write(encode_frame(8, b"\x03\xe8"))  # close: echoed, then both ends close
@@ -438,7 +549,9 @@ def test_idle_timeouts_408_for_silence_and_close_for_idle_keep_alive() -> None:
 def test_access_log_line_and_stats(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
         async with backend("http") as b:
-            listener = rules_listener(m.Rule(5, (m.Condition(m.ConditionField.PATH_PATTERN, ("/x",)),), forward_to("g")))
+            listener = rules_listener(
+                m.Rule(5, (m.Condition(m.ConditionField.PATH_PATTERN, ("/x",)),), forward_to("g"))
+            )
             async with proxy(routing_table(listener, (target_group("g", b),))) as (worker, port):
                 async with await Client.open(port) as client:
                     await client.request("GET", "/x")
@@ -534,3 +647,16 @@ def test_l7server_graceful_stop_in_flight_and_access_log_file(tmp_path: Path) ->
             server.stop(grace=0.5)
     (line,) = log_file.read_text().splitlines()
     assert re.fullmatch(r"\S+Z 127\.0\.0\.1:\d+ web default 127\.0\.0\.1:\d+ 200 \d+ \d+ \d+\.\d+ \d+\.\d+", line), line
+
+
+def test_l7server_start_fails_cleanly_when_the_port_is_taken() -> None:
+    import socket
+
+    with socket.socket() as taken:  # no SO_REUSEPORT: nobody can share it
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = L7Server(L7Config(workers=2, ready_timeout=10))
+        with pytest.raises(OSError):
+            server.start(routing_table(http_listener(m.FixedResponseAction(200), port=port)))
+        assert server.pids() == []

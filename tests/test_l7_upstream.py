@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from lb.l7.balancer import LeastOutstanding, RoundRobin, WeightedChoice, WeightedRandom, make_balancer
+from lb.l7.balancer import (
+    LeastOutstanding,
+    RoundRobin,
+    WeightedChoice,
+    WeightedRandom,
+    make_balancer,
+)
 from lb.l7.config import L7Config
 from lb.l7.stickiness import CookieSigner, find_cookie
 from lb.model import Algorithm
@@ -72,7 +78,7 @@ def test_weighted_random_follows_weights() -> None:
 
 def test_weighted_choice_all_zero_is_uniform_and_make_balancer() -> None:
     choice = WeightedChoice(("x", "y"), (0, 0))
-    assert set(choice.pick() for _ in range(200)) == {"x", "y"}
+    assert {choice.pick() for _ in range(200)} == {"x", "y"}
     pools = (P("a"),)
     assert isinstance(make_balancer(Algorithm.ROUND_ROBIN, pools, (1,)), RoundRobin)
     assert isinstance(make_balancer(Algorithm.LEAST_OUTSTANDING_REQUESTS, pools, (1,)), LeastOutstanding)
@@ -161,6 +167,21 @@ def test_max_conns_per_target_queues_requests() -> None:
     run(body())
 
 
+def test_idle_upstream_connections_expire() -> None:
+    async def body() -> None:
+        async with backend("http") as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),), idle_timeout=0.3)
+            async with proxy(table) as (worker, port):
+                async with await Client.open(port) as client:
+                    assert (await client.request()).status == 200
+                pool = worker.pools.get(HOST, b.port)
+                assert len(pool.idle) == 1
+                await asyncio.sleep(0.6)
+                assert pool.idle == [] and pool.connections == 0
+
+    run(body())
+
+
 def test_target_closing_a_reused_connection_is_retried_once() -> None:
     async def body() -> None:
         async with backend("http", close_after=1) as b:  # every connection answers once, then drops
@@ -181,7 +202,7 @@ def test_connection_close_from_target_is_not_reused() -> None:
     async def body() -> None:
         async with backend("http") as b:
             table = routing_table(http_listener(forward_to("g")), (target_group("g", b),))
-            async with proxy(table) as (worker, port):
+            async with proxy(table) as (_, port):
                 async with await Client.open(port) as client:
                     response = await client.request("GET", "/close")
                     assert response.status == 200 and response.header("connection") is None

@@ -2,8 +2,9 @@
 
 :class:`ClientState` holds every slot of the client protocol; the behaviour
 is split by concern over :mod:`lb.l7.protocol` (parsing and answering, in
-order), :mod:`lb.l7.forwarding` (getting a request to a target) and
-:mod:`lb.l7.endings` (errors, timeouts, closing). The stubs at the end are
+order), :mod:`lb.l7.forwarding` (getting a request to a target),
+:mod:`lb.l7.upgrade` (WebSocket tunnels) and :mod:`lb.l7.endings` (errors,
+timeouts, closing). The stubs at the end are
 the methods one part calls in another; the real ones override them.
 """
 
@@ -107,6 +108,12 @@ class ClientState(asyncio.Protocol):
         raise NotImplementedError
 
     def _respond_error(self, ex: Exchange, status: int) -> None:
+        raise NotImplementedError
+
+    def _feed(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _account(self, ex: Exchange) -> None:
         raise NotImplementedError
 
     def upstream_failed(self, ex: Exchange, status: int, why: str) -> None:

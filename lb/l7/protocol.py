@@ -7,17 +7,20 @@ oldest on the connection it is routed (rules → plan) and answered locally
 upstream connection (:mod:`lb.l7.upstream`), which relays the response.
 Pipelined requests queue behind it and are answered in order. Bodies stream
 both ways; every buffer has a reason bit in the connection's ReadGate.
-Errors, timeouts and closing are in :mod:`lb.l7.endings`; the state, grouped
-by lifetime, in :mod:`lb.l7.client_state`.
+WebSocket upgrades are in :mod:`lb.l7.upgrade`; errors, timeouts and
+closing in :mod:`lb.l7.endings`; the state, grouped by lifetime, in
+:mod:`lb.l7.client_state`.
 
 The loop comes from the worker and the transport from ``connection_made``,
 so tests drive ``data_received(bytes)`` with a fake transport.
 
-Hot path (a keep-alive GET, the benchmark's): ``data_received`` → five
-parser callbacks → ``_start`` (no rule matching when the listener has no
-rules) → an idle pooled connection → one ``write`` of the head joined from
-the parts collected by ``on_header``. Nothing is decoded to ``str`` unless
-rules need it.
+Hot path (a keep-alive GET, the benchmark's): ``data_received`` → four
+parser callbacks (on_url, on_header per header, on_headers_complete,
+on_message_complete) → ``_start`` (no rule matching when the listener has
+no rules) → an idle pooled connection → one ``write`` of the head joined
+from the parts collected by ``on_header``. Nothing is decoded to ``str``
+unless rules need it; the per-connection parts of the forwarded headers are
+formatted once in ``connection_made``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from httptools import (
     HttpParserCallbackError,
@@ -53,9 +55,7 @@ from lb.l7.request_head import (
 )
 from lb.l7.routing import Forward
 from lb.l7.stats import log_access
-
-if TYPE_CHECKING:
-    from lb.l7.upstream import UpstreamConnection
+from lb.l7.upgrade import Upgrading
 
 log = logging.getLogger("lb.l7")
 
@@ -66,7 +66,7 @@ _now = time.perf_counter  # loop.time() has only millisecond resolution under uv
 _CLOSING_STATUSES = frozenset((400, 408, 500, 501, 505))
 
 
-class ClientProtocol(Forwarding, Endings):
+class ClientProtocol(Forwarding, Upgrading, Endings):
     __slots__ = ()
 
     # --- asyncio.Protocol -------------------------------------------------------
@@ -405,40 +405,3 @@ class ClientProtocol(Forwarding, Endings):
         ex.response_complete = True
         if ex is self.current and (ex.request_complete or ex.close_after):
             self._done(ex)
-
-    def start_tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        """The target answered 101: from now on, bytes pass through both ways."""
-        self.tunnel = conn
-        self.upgrading = None
-        ex.response_complete = True
-        ex.upstream = None
-        if self.held:
-            held, self.held = self.held, []
-            conn.transport.writelines(held)
-        self.gate.resume(flow_control.UPGRADING)
-        self._release(ex)
-        self.current = None
-        self._account(ex)
-
-    def tunnel_closed(self) -> None:
-        self.tunnel = None
-        self._close()
-
-    # --- upgrades -------------------------------------------------------------------
-
-    def _upgrade_requested(self, rest: bytes) -> None:
-        ex = self.last
-        if ex is None or not ex.upgrade:  # not WebSocket: go on as plain HTTP
-            if rest:
-                self._feed(rest)
-            return
-        self.upgrading = ex
-        if rest:
-            self._hold(rest)
-
-    def _hold(self, data: bytes) -> None:
-        # Client bytes after an Upgrade request go nowhere until the target
-        # agrees (101): were it to refuse, they would be a smuggled request.
-        self.held.append(data)
-        if sum(map(len, self.held)) > self.config.buffer_high_water:
-            self.gate.pause(flow_control.UPGRADING)

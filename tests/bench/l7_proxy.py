@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,8 +169,7 @@ backend be
 
 class Stack(contextlib.ExitStack):
     def process(self, args: list[str], name: str, logdir: Path) -> subprocess.Popen[bytes]:
-        log = open(logdir / f"{name}.out", "wb")
-        self.callback(log.close)
+        log = self.enter_context(open(logdir / f"{name}.out", "wb"))  # noqa: SIM115 (closed by the stack)
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         def stop() -> None:
@@ -258,7 +258,7 @@ def profile(tmp: Path, backend: int, duration: float) -> None:
     )
     try:
         wait_port(port)
-        rps, p50, p99 = wrk(port, duration)
+        rps, _, _ = wrk(port, duration)
         print(f"\nlb, 1 worker under cProfile: {rps:,.0f} req/s (profiling slows it down)")
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -279,6 +279,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=["direct", "nginx", "haproxy", "lb"], help="run only these")
     parser.add_argument("--profile", action="store_true", help="also profile one lb worker with cProfile")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 worker, 1 s warm-up")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every contender, interleaved; the table shows medians"
+    )
     parser.add_argument("--profiled-worker", nargs=3, metavar=("PORT", "BACKEND", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.profiled_worker:
@@ -297,7 +300,11 @@ def main() -> None:
         tmp = Path(tmpdir)
         backend = free_port()
         start_nginx(
-            stack, tmp, "backend", args.backend_workers, BACKEND_SERVER.format(host=HOST, port=backend, text=BODY.strip())
+            stack,
+            tmp,
+            "backend",
+            args.backend_workers,
+            BACKEND_SERVER.format(host=HOST, port=backend, text=BODY.strip()),
         )
         wait_port(backend)
 
@@ -307,43 +314,78 @@ def main() -> None:
                 wrk(port, args.warmup)
             rps, p50, p99 = wrk(port, args.duration)
             results.append(Result(name, workers, rps, p50, p99))
-            print(f"  {name:<14} workers={workers or '-'}  {rps:>10,.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms", flush=True)
+            print(
+                f"  {name:<14} workers={workers or '-'}  {rps:>10,.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms",
+                flush=True,
+            )
 
-        print(f"wrk -t2 -c64 -d{args.duration:g}s --latency, backend nginx ({args.backend_workers} worker) on {HOST}")
-        if "direct" in wanted:
-            measure("direct", None, backend)
-        for workers in args.workers:
-            if "nginx" in wanted:
-                with Stack() as inner:
+        print(
+            f"wrk -t2 -c64 -d{args.duration:g}s --latency, backend nginx ({args.backend_workers} worker) on {HOST}, "
+            f"{args.repeat} round(s), contenders interleaved"
+        )
+        for round_ in range(args.repeat):
+            if args.repeat > 1:
+                print(f"round {round_ + 1}/{args.repeat}")
+            if "direct" in wanted:
+                measure("direct", None, backend)
+            for workers in args.workers:
+                if "nginx" in wanted:
+                    with Stack() as inner:
+                        port = free_port()
+                        conf = PROXY_SERVER.format(host=HOST, port=port, backend=backend)
+                        start_nginx(inner, tmp, f"proxy{workers}", workers, conf)
+                        measure("nginx proxy", workers, port)
+                if "haproxy" in wanted:
+                    with Stack() as inner:
+                        port = free_port()
+                        start_haproxy(inner, tmp, workers, port, backend)
+                        measure("haproxy", workers, port)
+                if "lb" in wanted:
                     port = free_port()
-                    start_nginx(inner, tmp, f"proxy{workers}", workers, PROXY_SERVER.format(host=HOST, port=port, backend=backend))
-                    measure("nginx proxy", workers, port)
-            if "haproxy" in wanted:
-                with Stack() as inner:
-                    port = free_port()
-                    start_haproxy(inner, tmp, workers, port, backend)
-                    measure("haproxy", workers, port)
-            if "lb" in wanted:
-                port = free_port()
-                with start_lb(workers, port, backend):
-                    measure("lb", workers, port)
+                    with start_lb(workers, port, backend):
+                        measure("lb", workers, port)
         if args.profile:
             profile(tmp, backend, args.duration)
 
     print_table(results)
 
 
-def print_table(results: list[Result]) -> None:
-    nginx = {r.workers: r for r in results if r.name == "nginx proxy"}
-    print("\n| target | workers | req/s | p50 ms | p99 ms | req/s vs nginx | p99 vs nginx |")
-    print("|---|---|---|---|---|---|---|")
+def median_of(results: list[Result]) -> list[Result]:
+    """One row per (name, workers): the median of each figure over the rounds."""
+    groups: dict[tuple[str, int | None], list[Result]] = {}
     for r in results:
+        groups.setdefault((r.name, r.workers), []).append(r)
+    return [
+        Result(
+            name,
+            workers,
+            statistics.median(r.rps for r in rows),
+            statistics.median(r.p50_ms for r in rows),
+            statistics.median(r.p99_ms for r in rows),
+        )
+        for (name, workers), rows in groups.items()
+    ]
+
+
+def print_table(results: list[Result]) -> None:
+    rounds = {
+        key: [r.rps for r in results if (r.name, r.workers) == key] for key in {(r.name, r.workers) for r in results}
+    }
+    rows = median_of(results)
+    nginx = {r.workers: r for r in rows if r.name == "nginx proxy"}
+    print("\n| target | workers | req/s | p50 ms | p99 ms | req/s vs nginx | p99 vs nginx | req/s per round |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
         ref = nginx.get(r.workers)
         ratio = f"{r.rps / ref.rps:.2f}x" if ref else "-"
         p99 = f"{r.p99_ms / ref.p99_ms:.2f}x" if ref else "-"
-        print(f"| {r.name} | {r.workers or '-'} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {ratio} | {p99} |")
-    lb = [r for r in results if r.name == "lb" and r.workers in nginx]
-    for r in lb:
+        spread = " / ".join(f"{x / 1000:.1f}k" for x in rounds[(r.name, r.workers)])
+        print(
+            f"| {r.name} | {r.workers or '-'} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {ratio} | {p99} | {spread} |"
+        )
+    for r in rows:
+        if r.name != "lb" or r.workers not in nginx:
+            continue
         ref = nginx[r.workers]
         met = r.rps >= ref.rps and r.p99_ms <= 1.5 * ref.p99_ms
         print(
