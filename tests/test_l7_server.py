@@ -660,3 +660,24 @@ def test_l7server_start_fails_cleanly_when_the_port_is_taken() -> None:
         with pytest.raises(OSError):
             server.start(routing_table(http_listener(m.FixedResponseAction(200), port=port)))
         assert server.pids() == []
+
+
+def test_a_late_reply_is_not_taken_for_the_next_answer() -> None:
+    """A worker's answer to a request that timed out (here a late "updated")
+    is skipped, so the pipe never falls out of step."""
+    import multiprocessing
+
+    from lb.l7.server import _receive
+
+    parent, child = multiprocessing.Pipe()
+    try:
+        child.send(("updated", 7, {}))
+        child.send(("stats", {"requests": []}))
+        process = multiprocessing.current_process()
+        assert _receive(parent, 1.0, process, lambda r: r[0] == "stats") == ("stats", {"requests": []})
+        child.send(("updated", 7, {}))
+        child.send(("updated", 8, {"web": ("10.0.0.1", 80)}))
+        assert _receive(parent, 1.0, process, lambda r: r[0] == "updated" and r[1] == 8)[1] == 8
+    finally:
+        parent.close()
+        child.close()

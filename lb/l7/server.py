@@ -24,6 +24,9 @@ import pickle
 import signal
 import socket
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from lb.l7.config import L7Config
@@ -59,6 +62,11 @@ class L7Server:
         self._workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
         self._ports: dict[str, int] = {}  # listener on port 0 → the port chosen for it
         self.addresses: dict[str, tuple[str, int]] = {}
+        # One conversation at a time on the workers' pipes (update and stats
+        # may be called from different threads); replies are matched to their
+        # request, so a late answer to a timed-out one is skipped, never taken
+        # for the next one's.
+        self._pipes = threading.Lock()
 
     def start(self, table: RoutingTable) -> None:
         """Start the workers; returns once every one has bound every listener."""
@@ -94,25 +102,28 @@ class L7Server:
         Listeners that are new are bound, those that left are closed; their
         connections stay until they end.
         """
-        placeholders = self._reserve_ports(table)
-        try:
-            payload = pickle.dumps(("table", self._resolved(table)))
-            for _, pipe in self._workers:
-                pipe.send_bytes(payload)
-            for process, pipe in self._workers:
-                reply = _receive(pipe, self.config.ready_timeout, process)
-                if reply[0] != "updated":
-                    raise RuntimeError(f"{process.name}: {reply[1]}")
-                self.addresses = reply[2]
-        finally:
-            for sock in placeholders:
-                sock.close()
+        with self._pipes:
+            placeholders = self._reserve_ports(table)
+            try:
+                payload = pickle.dumps(("table", self._resolved(table)))
+                for _, pipe in self._workers:
+                    pipe.send_bytes(payload)
+                for process, pipe in self._workers:
+                    reply = _receive(pipe, self.config.ready_timeout, process,
+                                     lambda r: r[0] == "error" or (r[0] == "updated" and r[1] == table.version))
+                    if reply[0] != "updated":
+                        raise RuntimeError(f"{process.name}: {reply[1]}")
+                    self.addresses = reply[2]
+            finally:
+                for sock in placeholders:
+                    sock.close()
 
     def stats(self) -> list[dict[str, Any]]:
         """Each worker's :meth:`WorkerStats.snapshot`."""
-        for _, pipe in self._workers:
-            pipe.send(("stats",))
-        return [_receive(pipe, 5.0, process)[1] for process, pipe in self._workers]
+        with self._pipes:
+            for _, pipe in self._workers:
+                pipe.send(("stats",))
+            return [_receive(pipe, 5.0, process, lambda r: r[0] == "stats")[1] for process, pipe in self._workers]
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, finish requests in flight for up to ``grace`` s, exit."""
@@ -168,15 +179,24 @@ class L7Server:
 
 
 def _receive(
-    pipe: multiprocessing.connection.Connection, timeout: float, process: multiprocessing.process.BaseProcess
+    pipe: multiprocessing.connection.Connection,
+    timeout: float,
+    process: multiprocessing.process.BaseProcess,
+    wanted: Callable[[tuple[Any, ...]], bool] = lambda reply: True,
 ) -> tuple[Any, ...]:
-    if not pipe.poll(timeout):
-        raise TimeoutError(f"{process.name} did not answer within {timeout} s")
-    try:
-        reply = pipe.recv()
-    except EOFError:
-        raise RuntimeError(f"{process.name} exited (code {process.exitcode})") from None
-    return reply  # type: ignore[no-any-return]
+    """The next reply `wanted` accepts; others (late answers to requests that
+    timed out) are dropped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not pipe.poll(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"{process.name} did not answer within {timeout} s")
+        try:
+            reply: tuple[Any, ...] = pipe.recv()
+        except EOFError:
+            raise RuntimeError(f"{process.name} exited (code {process.exitcode})") from None
+        if wanted(reply):
+            return reply
+        log.warning("%s: dropped a late reply %r", process.name, reply[0])
 
 
 # --- inside a worker process ---------------------------------------------------------
