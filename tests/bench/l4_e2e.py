@@ -30,11 +30,18 @@ CPU 0 and server to CPU 1 so that every setup gets the same placement on this
 Connections: `wrk -c32 -t2 -dSs -H 'Connection: close'`, so every request is a
 new TCP connection; non-2xx responses and socket errors are reported and must
 be zero. wrk closes first, so its TIME_WAIT sockets would use up the client's
-ephemeral ports after ~14k connections (then every later run measures the
-60 s TIME_WAIT expiry, ~900 conn/s, whatever the setup): the client (and, for
-HAProxy's own connections, the lb) namespace therefore runs with
-net.ipv4.tcp_tw_reuse=1 and ip_local_port_range 1024-65535, as load generators do. Every measurement is repeated --runs times (rounds interleave the
-setups) and the median is shown.
+ephemeral ports after ~14k connections, and every later run would measure the
+60 s TIME_WAIT expiry (~900 conn/s) whatever the setup: the client namespace
+(and the lb one, for HAProxy's own connections) therefore runs with
+net.ipv4.tcp_tw_reuse=1 and ip_local_port_range 1024-65535, as load
+generators do.
+
+Every measurement is repeated --runs times, rounds interleaving the setups,
+and the median is shown. This machine is shared: before each measurement the
+script waits (up to --quiet-wait s) for a second in which other processes
+(other sessions' test suites) use under --quiet % of it, and every result
+line shows the CPU split during the measurement, including what other
+sessions used, so that noisy runs can be told apart.
 
 Everything created here is removed in `finally`, also on Ctrl-C or SIGTERM:
 the lab's namespaces and the processes in them (lab servers, iperf3,
@@ -149,6 +156,86 @@ def http_get(ns: str, host: str, port: int) -> tuple[int, str]:
     return nl.run_in_netns(ns, get)
 
 
+# --- where the CPU went ------------------------------------------------------------------
+
+PF_KTHREAD = 0x00200000
+
+
+@dataclass
+class CpuSample:
+    stat: list[int]  # the "cpu" line of /proc/stat (USER_HZ ticks, all CPUs)
+    procs: dict[int, tuple[str, int]]  # pid -> (group, user+system ticks)
+    tools: int  # ticks of this script's reaped children
+
+
+def cpu_sample(groups_by_netns: dict[int | None, str]) -> CpuSample:
+    """/proc/stat, and user+system ticks of every process with the group of
+    its network namespace. The tools this script runs (wrk, iperf3 -c, nft)
+    exit before the second sample: their time is in this process's cutime."""
+    with open("/proc/stat") as f:
+        stat = [int(x) for x in f.readline().split()[1:]]
+    procs: dict[int, tuple[str, int]] = {}
+    tools = 0
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            inode = os.stat(f"/proc/{entry}/ns/net").st_ino
+        except OSError:
+            continue
+        if int(fields[6]) & PF_KTHREAD:
+            continue
+        if int(entry) == me:
+            tools = int(fields[13]) + int(fields[14])
+            continue
+        procs[int(entry)] = (groups_by_netns.get(inode, "foreign"), int(fields[11]) + int(fields[12]))
+    return CpuSample(stat, procs, tools)
+
+
+@dataclass
+class CpuUse:
+    """Shares of the whole machine (all CPUs) over one measurement, in %."""
+
+    busy: float
+    softirq: float
+    groups: dict[str, float]
+
+    def __str__(self) -> str:
+        parts = [f"softirq {self.softirq:.0f}"]
+        parts += [f"{g} {v:.0f}" for g, v in sorted(self.groups.items()) if g != "foreign" and v >= 0.5]
+        foreign = self.groups.get("foreign", 0)
+        return f"cpu% busy {self.busy:.0f}: " + ", ".join(parts) + f" | other sessions {foreign:.0f}"
+
+
+def cpu_use(before: CpuSample, after: CpuSample) -> CpuUse:
+    """Processes that exited in between are missed (other sessions' share is a
+    lower bound); new ones count from zero."""
+    d = [a - b for a, b in zip(after.stat, before.stat)]
+    total = sum(d[:8]) or 1  # user nice system idle iowait irq softirq steal
+    busy = total - d[3] - d[4]
+    ticks: dict[str, int] = {"tools": after.tools - before.tools}
+    for pid, (group, t) in after.procs.items():
+        old = before.procs.get(pid)
+        ticks[group] = ticks.get(group, 0) + t - (old[1] if old and old[0] == group else 0)
+    return CpuUse(100.0 * busy / total, 100.0 * d[6] / total, {g: 100.0 * v / total for g, v in ticks.items()})
+
+
+def wait_for_quiet(groups_by_netns: dict[int | None, str], limit: float, max_wait: float) -> float:
+    """Other sessions share this machine: wait (at most max_wait s) for a
+    1-second window in which their processes use under `limit` % of it.
+    Returns the share seen in the last window."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = cpu_sample(groups_by_netns)
+        time.sleep(1)
+        share = cpu_use(before, cpu_sample(groups_by_netns)).groups.get("foreign", 0.0)
+        if share < limit or time.monotonic() >= deadline:
+            return share
+
+
 # --- measurements ----------------------------------------------------------------------
 
 @dataclass
@@ -211,6 +298,8 @@ class Setup:
     notes: list[str] = field(default_factory=list)
     iperf: list[IperfResult] = field(default_factory=list)
     wrk: list[WrkResult] = field(default_factory=list)
+    iperf_cpu: list[CpuUse] = field(default_factory=list)
+    wrk_cpu: list[CpuUse] = field(default_factory=list)
     backends_seen: set[str] = field(default_factory=set)
 
     @property
@@ -290,6 +379,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="measurements per setup; the median is shown (default 3)")
     parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 and wrk run (default 5)")
+    parser.add_argument("--quiet", type=float, default=5.0,
+                        help="before each measurement wait for a second in which other sessions' processes use "
+                             "under this %% of the machine (default 5)")
+    parser.add_argument("--quiet-wait", type=float, default=20.0, help="but at most this many seconds (default 20)")
     parser.add_argument("--only", default="", help="comma-separated setups (lb,nftables,stateless,routing,haproxy)")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -311,8 +404,8 @@ def main() -> int:
             out = subprocess.run([tool, flag], capture_output=True, text=True)
             versions.append((out.stdout or out.stderr).splitlines()[0].strip())
     print("tools:   " + "; ".join(versions))
-    print(f"params:  iperf3 -t {args.seconds} -A {IPERF_AFFINITY} (1 stream) | wrk -c32 -t2 -d{args.seconds}s -H 'Connection: close' "
-          f"| {args.runs} runs each, median")
+    print(f"params:  iperf3 -t {args.seconds} -A {IPERF_AFFINITY} (1 stream) | "
+          f"wrk -c32 -t2 -d{args.seconds}s -H 'Connection: close' | {args.runs} runs each, median")
     print()
 
     lab = Lab(PREFIX)
@@ -360,7 +453,8 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
     vip_http = VipAddr(ipaddress.IPv4Address(VIP), HTTP_VIP_PORT, "TCP")
     vip_iperf = VipAddr(ipaddress.IPv4Address(VIP), IPERF_PORT, "TCP")
     dataplane.apply([
-        L4Service(vip_http, members=tuple((Endpoint(ipaddress.IPv4Address(b.address), HTTP_PORT), 1) for b in lab.backends)),
+        L4Service(vip_http, members=tuple((Endpoint(ipaddress.IPv4Address(x.address), HTTP_PORT), 1)
+                                          for x in lab.backends)),
         L4Service(vip_iperf, members=((Endpoint(ipaddress.IPv4Address(backend1.address), IPERF_PORT), 1),)),
     ])
 
@@ -375,6 +469,10 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
     ])
     stack.callback(stateless.cleanup)
     stateless_fd = stateless.load_func(b"xdp_baseline", BPF.XDP).fd
+
+    netns_groups = {nl.netns_inode(lab.client_ns): "client", nl.netns_inode(lab.lb_ns): "lb-ns"}
+    for x in lab.backends:
+        netns_groups[nl.netns_inode(x.netns)] = "backends"
 
     lb_attachments: list[Attachment] = []
     counters_total: dict[Counter, int] = {c: 0 for c in Counter}
@@ -416,7 +514,8 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
 
     def nft_stop() -> None:
         if nft_on:
-            subprocess.run(ns_cmd(lab.lb_ns, "nft", "delete", "table", "ip", NFT_TABLE), capture_output=True, timeout=30)
+            subprocess.run(ns_cmd(lab.lb_ns, "nft", "delete", "table", "ip", NFT_TABLE),
+                           capture_output=True, timeout=30)
             nft_on.clear()
 
     haproxy_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lbb-haproxy-"))
@@ -469,21 +568,31 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
                     if s.key == "lb":
                         for a in lb_attachments:
                             s.notes.append(f"{a.ifname} {a.mode}")
+                wait_for_quiet(netns_groups, args.quiet, args.quiet_wait)
+                c0 = cpu_sample(netns_groups)
                 it = measure_iperf(lab.client_ns, s.host, args.seconds)
+                iperf_cpu = cpu_use(c0, cpu_sample(netns_groups))
+                wait_for_quiet(netns_groups, args.quiet, args.quiet_wait)
+                c1 = cpu_sample(netns_groups)
                 wk = measure_wrk(lab.client_ns, s.host, s.http_port, args.seconds)
+                c2 = cpu_sample(netns_groups)
             finally:
                 s.stop()
             s.iperf.append(it)
             s.wrk.append(wk)
+            s.iperf_cpu.append(iperf_cpu)
+            s.wrk_cpu.append(cpu_use(c1, c2))
             errs = sum(wk.socket_errors.values())
-            print(f"round {rnd} {s.title:<36} {it.gbits:6.2f} Gbit/s (retr {it.retransmits:>5}, cpu client "
-                  f"{it.cpu_local:5.1f}% server {it.cpu_remote:5.1f}%)  {wk.rps:9.0f} conn/s "
-                  f"(non-2xx {wk.non_2xx}, socket errors {errs})", flush=True)
+            print(f"round {rnd} {s.title}", flush=True)
+            print(f"    iperf3 {it.gbits:6.2f} Gbit/s  retransmits {it.retransmits:<6}  {s.iperf_cpu[-1]}")
+            print(f"    wrk   {wk.rps:7.0f} conn/s  non-2xx {wk.non_2xx}, socket errors {errs}  {s.wrk_cpu[-1]}",
+                  flush=True)
             time.sleep(1)  # let TIME_WAIT and softirq backlogs settle between setups
 
     # --- report -----------------------------------------------------------------------------
     print()
-    header = (f"{'setup':<38} {'Gbit/s':>7} {'runs':>20} {'conn/s':>8} {'runs':>22} {'non-2xx':>8} {'sock err':>8}")
+    header = (f"{'setup':<38} {'Gbit/s':>7} {'runs':>16} {'conn/s':>7} {'runs':>19} {'non-2xx':>7} {'sockerr':>7} "
+              f"{'other sessions cpu%':>19}")
     print(header)
     print("-" * len(header))
     for s in setups:
@@ -491,7 +600,19 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
         runs_c = " ".join(f"{r.rps:.0f}" for r in s.wrk)
         non2xx = sum(r.non_2xx for r in s.wrk)
         errs = sum(sum(r.socket_errors.values()) for r in s.wrk)
-        print(f"{s.title:<38} {s.gbits:7.2f} {runs_g:>20} {s.conns:8.0f} {runs_c:>22} {non2xx:8d} {errs:8d}")
+        foreign = " ".join(f"{c.groups.get('foreign', 0):.0f}" for c in [*s.iperf_cpu, *s.wrk_cpu])
+        print(f"{s.title:<38} {s.gbits:7.2f} {runs_g:>16} {s.conns:7.0f} {runs_c:>19} {non2xx:7d} {errs:7d} "
+              f"{foreign:>19}")
+    print()
+    print("median cpu% of the whole machine (2 CPUs = 100) during the wrk runs (tick-sampled; softirq time is also")
+    print("counted in the process it interrupted; tools = wrk, backends = lab servers, lb-ns = HAProxy):")
+    for s in setups:
+        if s.wrk_cpu:
+            keys = sorted({k for c in s.wrk_cpu for k in c.groups} - {"foreign"})
+            med = {k: statistics.median(c.groups.get(k, 0) for c in s.wrk_cpu) for k in keys}
+            print(f"  {s.title:<38} busy {statistics.median(c.busy for c in s.wrk_cpu):3.0f}  "
+                  f"softirq {statistics.median(c.softirq for c in s.wrk_cpu):3.0f}  "
+                  + "  ".join(f"{k} {v:3.0f}" for k, v in med.items()))
     print()
     for s in setups:
         if s.backends_seen:
@@ -507,6 +628,10 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
         if fwd + fib:
             print(f"  forwarded by XDP: {fwd / (fwd + fib):.4%} of rewritten packets; "
                   f"passed to the kernel for want of a neighbour (pass_fib): {fib:,}")
+        made = sum(r.requests for r in lb.wrk) + 12  # wrk's connections + the warm-up requests
+        print(f"  conntrack misses {counters_total[Counter.CONNTRACK_MISS]:,} for ~{made:,} HTTP connections: "
+              f"lb tracks no FIN/RST, so a client port reused within the idle timeout "
+              f"({LIMITS.tcp_idle_timeout} s) finds its old entry (a hit, same backend)")
     print()
     for other, goal in (("nftables", GOAL_VS_NFT), ("stateless", GOAL_VS_STATELESS)):
         if lb and other in by_key:
@@ -519,7 +644,8 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
         for other in ("routing", "haproxy"):
             if other in by_key:
                 o = by_key[other]
-                print(f"lb / {o.title:<32} Gbit/s: {lb.gbits / o.gbits:5.2f}   conn/s: {lb.conns / o.conns:5.2f}   (reference)")
+                print(f"lb / {o.title:<32} Gbit/s: {lb.gbits / o.gbits:5.2f}   "
+                      f"conn/s: {lb.conns / o.conns:5.2f}   (reference)")
     bad = [s.title for s in setups if any(r.non_2xx or sum(r.socket_errors.values()) for r in s.wrk)]
     if bad:
         print(f"WARNING: wrk saw non-2xx responses or socket errors in: {', '.join(bad)}")

@@ -68,7 +68,7 @@ from lb import maglev  # noqa: E402
 from lb import netlink as nl  # noqa: E402
 from lb.dataplane import libbpf  # noqa: E402
 from lb.dataplane.dataplane import Dataplane, L4Service  # noqa: E402
-from lb.dataplane.loader import Program, bpf_source_dir, purge_pins  # noqa: E402
+from lb.dataplane.loader import Program, bpf_source_dir, compile_cflags, purge_pins  # noqa: E402
 from lb.dataplane.maps import Endpoint, Maps, VipAddr  # noqa: E402
 from lb.dataplane.structs import Counter, Limits, ip_to_net, port_to_net  # noqa: E402
 from tests.xdp_fixture import CLIENT_IF, MAC, NEIGHBORS, TARGET_IF  # noqa: E402
@@ -122,6 +122,22 @@ STORES
     return XDP_ABORTED; /* the tail call failed */
 }
 """
+
+# --attribute: lb.c with one cost removed at a time, established path only.
+# Each entry: (what, [(text in lb.c, replacement), ...]). Built from the
+# current bpf/lb.c in memory (never written to disk), sharing the pinned maps.
+KTIME = ("__u64 now = bpf_ktime_get_ns();", "__u64 now = bpf_jiffies64();")
+NO_VIP_LOOKUP = ("struct vip_meta *vip = vips.lookup(&vk);",
+                 "struct vip_meta vip0 = {}; struct vip_meta *vip = pkt.flow.dport == bpf_htons(VIP_PORT) ? &vip0 : 0;")
+NO_COUNT = ("u64 *value = counters.lookup(&slot);\n\tif (value)\n\t\t*value += 1;", "")
+NO_STATS = ("\tif (!stats)\n\t\treturn;\n\tstats->packets", "\treturn;\n\tstats->packets")
+VARIANTS: list[tuple[str, list[tuple[str, str]]]] = [
+    ("as shipped", []),
+    ("bpf_jiffies64() instead of bpf_ktime_get_ns()", [KTIME]),
+    ("no vips hash lookup (a conntrack-first fast path)", [NO_VIP_LOOKUP]),
+    ("no counters / vip_stats / target_stats", [NO_COUNT, NO_STATS]),
+    ("jiffies64 + no vips lookup", [KTIME, NO_VIP_LOOKUP]),
+]
 
 PASS_C = r"""
 #include <uapi/linux/bpf.h>
@@ -284,6 +300,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1_000_000, help="runs per BPF_PROG_TEST_RUN (default 1000000)")
     parser.add_argument("--rounds", type=int, default=5, help="measurements per case; the median is shown (default 5)")
     parser.add_argument("--single", type=int, default=20_000, help="single-shot syscalls per case (default 20000)")
+    parser.add_argument("--attribute", action="store_true",
+                        help="also rebuild lb.c (in memory) without one cost at a time and time the established path")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("xdp_cost.py: needs root (BPF, network namespaces)", file=sys.stderr)
@@ -329,7 +347,8 @@ def main() -> int:
         stack.callback(pass_only.cleanup)
         baseline = BPF(src_file=str(BASELINE_C).encode(), cflags=[
             f"-I{bpf_source_dir()}", f"-DVIP_ADDR={ip_to_net(VIP):#x}U", f"-DSVC0_VIP_PORT={port_to_net(VIP_PORT):#x}",
-            f"-DSVC0_TARGET_PORT={port_to_net(TARGET_PORT):#x}", "-DSVC0_N=1", f"-DSVC0_T0={ip_to_net(target_addr):#x}U",
+            f"-DSVC0_TARGET_PORT={port_to_net(TARGET_PORT):#x}", "-DSVC0_N=1",
+            f"-DSVC0_T0={ip_to_net(target_addr):#x}U",
         ])
         stack.callback(baseline.cleanup)
         baseline_fd = baseline.load_func(b"xdp_baseline", BPF.XDP).fd
@@ -409,6 +428,26 @@ def main() -> int:
         base.single = statistics.median(single_shot(baseline_fd, [ack] * args.single, fx_client)) - floor_single
         base.overhead = overhead
 
+        attribution: list[tuple[str, float | None]] = []
+        if args.attribute:
+            run_repeat(program.fd, syn, fx_client, 1)  # the established flow again (the miss case flooded it out)
+            h = harnesses[cases[0][0]]
+            source = (bpf_source_dir() / "lb.c").read_text()
+            for what, edits in VARIANTS:
+                text = source
+                if any(old not in text for old, _ in edits):
+                    attribution.append((what, None))  # lb.c changed: this edit no longer applies
+                    continue
+                for old, new in edits:
+                    text = text.replace(old, new.replace("VIP_PORT", str(VIP_PORT)))
+                variant = BPF(text=text.encode(), cflags=compile_cflags(NAME, LIMITS))
+                try:
+                    fd = variant.load_func(b"xdp_lb", BPF.XDP).fd
+                    overhead = restored(h, pass_fd, ack, fx_client, args.repeat)
+                    attribution.append((what, restored(h, fd, ack, fx_client, args.repeat) - overhead))
+                finally:
+                    variant.cleanup()
+
         # Control plane timings.
         pool = [(str(e), 1) for e in endpoints_1000()]
         builds = []
@@ -443,6 +482,9 @@ def main() -> int:
           f"median of {args.rounds}; net = gross - harness->XDP_PASS")
     print(f"        single-shot: repeat=1 x {args.single:,} syscalls, median - timer floor "
           f"({floor_single:.0f} ns); XDP_PASS-only program at repeat={args.repeat:,}: {floor_loop:.1f} ns")
+    print("columns (ns per packet): naive = the program alone at repeat=N on one buffer (valid only for frames it")
+    print("does not rewrite, see the verdicts below); gross = harness + program; harness = harness + XDP_PASS;")
+    print("net = gross - harness; x base = net / baseline net; single = single-shot median - timer floor")
     print()
     header = f"{'case':<48} {'naive':>7} {'gross':>7} {'harness':>8} {'net':>7} {'x base':>7} {'single':>7}"
     print(header)
@@ -478,6 +520,16 @@ def main() -> int:
           f"{min(rebuilds) * 1e3:.1f} ms, median {statistics.median(rebuilds) * 1e3:.1f} ms")
     if writes:
         print(f"  of which the batch write of {LIMITS.ring_size} ring slots alone: {writes[0] * 1e3:.1f} ms")
+    if attribution:
+        print()
+        print(f"attribution, established path (net ns; baseline {base.net:.1f}):")
+        full = attribution[0][1]
+        for what, ns in attribution:
+            if ns is None:
+                print(f"  {what:<52} (edit no longer applies to bpf/lb.c)")
+            else:
+                delta = f"{ns - full:+6.1f}" if full is not None else ""
+                print(f"  {what:<52} {ns:7.1f} {delta}  = {ns / base.net:.2f} x baseline")
     return 0
 
 
