@@ -28,18 +28,28 @@ def l4(request: pytest.FixtureRequest, lab: Lab) -> Iterator[L4Lab]:
         yield attached
 
 
+# Fixed source ports sit below the ephemeral range (32768-60999), so no
+# connection of another test can hold one of them in TIME_WAIT.
+FIXED_PORTS = (25001, 25002, 25003)
+FORGOTTEN_PORT = 25100
+
+
 def connect(l4: L4Lab, source_port: int = 0) -> socket.socket:
     """A TCP connection from the client to the TCP VIP; RST on close (no
     TIME_WAIT), so the same source port can be used again at once."""
 
     def open_() -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        sock.settimeout(5)
-        if source_port:
-            sock.bind((labmod.CLIENT_ADDR, source_port))
-        sock.connect((labmod.VIP, labmod.ECHO_PORT))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.settimeout(5)
+            if source_port:
+                sock.bind((labmod.CLIENT_ADDR, source_port))
+            sock.connect((labmod.VIP, labmod.ECHO_PORT))
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     return run_in_netns(l4.lab.client_ns, open_)
@@ -67,12 +77,13 @@ def test_300_connections_reach_all_backends_evenly(l4: L4Lab) -> None:
         assert 75 <= count <= 125, seen  # within ±25 % of 100
     after = l4.maps.counters()
     assert after[Counter.CONNTRACK_MISS] - before[Counter.CONNTRACK_MISS] >= 300
-    forwarded = (after[Counter.REDIRECTED] - before[Counter.REDIRECTED]) + (after[Counter.PASS_FIB] - before[Counter.PASS_FIB])
+    redirected = after[Counter.REDIRECTED] - before[Counter.REDIRECTED]
+    forwarded = redirected + (after[Counter.PASS_FIB] - before[Counter.PASS_FIB])
     assert forwarded >= 300 * 3  # at least SYN, ACK, RST each way per connection
 
 
 def test_same_five_tuple_reaches_the_same_backend(l4: L4Lab) -> None:
-    for source_port in (45001, 45002, 45003):
+    for source_port in FIXED_PORTS:
         names = set()
         for _ in range(5):
             with connect(l4, source_port) as sock:
@@ -83,12 +94,12 @@ def test_same_five_tuple_reaches_the_same_backend(l4: L4Lab) -> None:
 def test_same_five_tuple_is_hashed_the_same_after_conntrack_forgets(l4: L4Lab) -> None:
     from lb.dataplane.structs import MapName
 
-    with connect(l4, 45100) as sock:
+    with connect(l4, FORGOTTEN_PORT) as sock:
         first = banner(sock)
     conntrack = l4.maps.raw(MapName.CONNTRACK)
     for key in list(conntrack.keys()):
         conntrack.delete(key)
-    with connect(l4, 45100) as sock:
+    with connect(l4, FORGOTTEN_PORT) as sock:
         assert banner(sock) == first  # Maglev: the ring, not the table, decided
 
 
