@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-from importlib import resources
 import os
 import signal
 import socket
@@ -24,9 +23,11 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
-from lb import admin, lab as labmod
+from lb import admin
+from lb import lab as labmod
 from lb.config import load_default
 from lb.daemon import limits_for
 from lb.dataplane.loader import pin_dir
@@ -88,8 +89,8 @@ class Daemon:
         with open(LOG, "wb") as log:
             # The embedded lab config, named explicitly: without -c, lb up
             # would prefer /etc/lb/lb.toml on a host that has one.
-            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up", "-c", DEFAULT_CONFIG], stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up", "-c", DEFAULT_CONFIG], stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -105,7 +106,7 @@ class Daemon:
         return admin.request(self.config.admin_socket, cmd, **args)
 
     def state(self, group: str, target: str) -> dict[str, Any]:
-        rows = {r["target"]: r for r in self.request("targets", group=group)}
+        rows: dict[str, dict[str, Any]] = {r["target"]: r for r in self.request("targets", group=group)}
         return rows.get(target, {"state": "unused", "reason": "Target.NotRegistered", "description": ""})
 
     def wait_for(self, group: str, target: str, state: str, timeout: float = 30) -> float:

@@ -52,8 +52,9 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector as PromCollector, CollectorRegistry
 from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector as PromCollector
+from prometheus_client.registry import CollectorRegistry
 
 from lb.dataplane.maps import Maps, MapsNotLoaded, VipAddr
 from lb.model import LoadBalancer, Protocol, TargetState

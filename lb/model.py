@@ -11,10 +11,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Union
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Protocol(str, enum.Enum):
@@ -226,7 +225,7 @@ class FixedResponseAction:
     type: str = "fixed-response"
 
 
-Action = Union[ForwardAction, RedirectAction, FixedResponseAction]
+Action = ForwardAction | RedirectAction | FixedResponseAction
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def lab_config(lab: Lab, name: str, *, echo_targets: int = 3, udp: bool = False,
     """A config for the test lab: a TCP echo VIP (and optionally UDP and HTTP)."""
     targets = ", ".join(f'{{ id = "{b.address}" }}' for b in lab.backends[:echo_targets])
     all_targets = ", ".join(f'{{ id = "{b.address}" }}' for b in lab.backends)
-    health = "{ interval = 5, timeout = 2, healthy_threshold = 2, unhealthy_threshold = 2 }"
+    checks = "interval = 5, timeout = 2, healthy_threshold = 2, unhealthy_threshold = 2"
     text = f"""
 [load_balancer]
 name = "{name}"
@@ -30,57 +30,37 @@ interfaces = [{", ".join(f'"{i}"' for i in lab.lb_interfaces)}]
 xdp_mode = "native"
 admin_socket = "/run/lb/{name}.sock"
 workers = 1
-
-[[listeners]]
-name = "echo-tcp"
-protocol = "TCP"
-address = "10.0.0.100"
-port = 9000
-default_action = {{ type = "forward", target_group = "echo-tcp" }}
-
-[[target_groups]]
-name = "echo-tcp"
-protocol = "TCP"
-port = 9000
-targets = [{targets}]
-health_check = {health}
-deregistration_delay = {deregistration_delay}
 """
+    text += _forwarded("echo-tcp", "TCP", 9000, targets, f"{{ {checks} }}", deregistration_delay)
     if udp:
-        text += f"""
-[[listeners]]
-name = "echo-udp"
-protocol = "UDP"
-address = "10.0.0.100"
-port = 9000
-default_action = {{ type = "forward", target_group = "echo-udp" }}
-
-[[target_groups]]
-name = "echo-udp"
-protocol = "UDP"
-port = 9000
-targets = [{all_targets}]
-health_check = {{ protocol = "TCP", port = 9000, interval = 5, timeout = 2, healthy_threshold = 2, unhealthy_threshold = 2 }}
-"""
+        text += _forwarded("echo-udp", "UDP", 9000, all_targets, f'{{ protocol = "TCP", port = 9000, {checks} }}')
     if http:
-        text += f"""
-[[listeners]]
-name = "web"
-protocol = "HTTP"
-address = "10.0.0.100"
-port = 80
-default_action = {{ type = "forward", target_group = "web" }}
-
-[[target_groups]]
-name = "web"
-protocol = "HTTP"
-port = 80
-targets = [{all_targets}]
-health_check = {health}
-deregistration_delay = {deregistration_delay}
-"""
+        text += _forwarded("web", "HTTP", 80, all_targets, f"{{ {checks} }}", deregistration_delay)
     if broken:
         text += '\n[[listeners]]\nname = "bad"\nprotocol = "SCTP"\nport = 0\n'
+    return text
+
+
+def _forwarded(name: str, protocol: str, port: int, targets: str, health_check: str,
+               deregistration_delay: int | None = None) -> str:
+    """A listener on the lab's VIP and the target group (of the same name) it forwards to."""
+    text = f"""
+[[listeners]]
+name = "{name}"
+protocol = "{protocol}"
+address = "10.0.0.100"
+port = {port}
+default_action = {{ type = "forward", target_group = "{name}" }}
+
+[[target_groups]]
+name = "{name}"
+protocol = "{protocol}"
+port = {port}
+targets = [{targets}]
+health_check = {health_check}
+"""
+    if deregistration_delay is not None:
+        text += f"deregistration_delay = {deregistration_delay}\n"
     return text
 
 

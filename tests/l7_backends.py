@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
@@ -354,11 +355,11 @@ async def backend(
     stats = BackendStats()
     factory: Callable[[], asyncio.Protocol]
     if kind == "http":
-        factory = lambda: _HttpBackend(name, stats, body, close_after)
+        factory = functools.partial(_HttpBackend, name, stats, body, close_after)
     elif kind == "websocket":
-        factory = lambda: _WebSocketBackend(stats)
+        factory = functools.partial(_WebSocketBackend, stats)
     elif kind in ("reset", "hang", "garbage", "close", "truncate"):
-        factory = lambda: _MisbehavingBackend(kind, stats)
+        factory = functools.partial(_MisbehavingBackend, kind, stats)
     else:
         raise ValueError(kind)
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+from lb.lab import Lab
 from lb.netlink import run_in_netns
 
 
@@ -23,6 +24,22 @@ def udp_socket(ns: str, timeout: float = 5.0) -> socket.socket:
         return sock
 
     return run_in_netns(ns, make)
+
+
+def read_line(sock: socket.socket) -> str:
+    """One line (a backend's banner or echo), without its newline."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(64)
+        if not chunk:
+            raise ConnectionError("closed before a full line")
+        data += chunk
+    return data.decode().strip()
+
+
+def backend_address(lab: Lab, name: str) -> str:
+    """The address of the lab backend called `name` (as its banner says)."""
+    return next(b.address for b in lab.backends if b.name == name)
 
 
 def http_get(ns: str, address: str, port: int = 80, path: str = "/", host: str = "lab",

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import pytest
 
+from lb import config as configmod
 from lb import lab as labmod
+from lb.daemon import limits_for
 from lb.dataplane.loader import pin_dir
 from lb.dataplane.maps import Maps, VipAddr
-from lb.daemon import limits_for
-from lb import config as configmod
 from lb.lab import Lab
 from lb.netlink import run_in_netns
-from tests.names import name
+from tests import labclient
 from tests.daemon_fixture import RunningDaemon, lab_config
+from tests.labclient import read_line
+from tests.names import name
 
 pytestmark = pytest.mark.root
 
@@ -45,20 +47,7 @@ def daemon(lab: Lab) -> Iterator[RunningDaemon]:
 
 
 def tcp_to_vip(lab: Lab, timeout: float = 3.0) -> socket.socket:
-    def connect() -> socket.socket:
-        return socket.create_connection((labmod.VIP, labmod.ECHO_PORT), timeout=timeout)
-
-    return run_in_netns(lab.client_ns, connect)
-
-
-def read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(64)
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data.decode().strip()
+    return labclient.tcp_connect(lab.client_ns, labmod.VIP, labmod.ECHO_PORT, timeout)
 
 
 def echo(sock: socket.socket, payload: bytes) -> None:
@@ -74,16 +63,8 @@ def echo(sock: socket.socket, payload: bytes) -> None:
 
 def http_get(lab: Lab, path: str = "/", timeout: float = 3.0) -> tuple[int, str | None]:
     """One request through the HTTP listener: (status, the backend that answered)."""
-
-    def get() -> tuple[int, str | None]:
-        with socket.create_connection((labmod.VIP, labmod.HTTP_PORT), timeout=timeout) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n".encode())
-            data = b"".join(iter(lambda: sock.recv(65536), b""))
-        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])}
-        return int(head[0].split()[1]), headers.get("x-backend")
-
-    return run_in_netns(lab.client_ns, get)
+    status, headers, _ = labclient.http_get(lab.client_ns, labmod.VIP, labmod.HTTP_PORT, path, timeout=timeout)
+    return status, headers.get("x-backend")
 
 
 class ClientLoop(threading.Thread):

@@ -14,23 +14,18 @@ import pytest
 import uvloop
 
 from lb.health import (
-    DISABLED,
-    DRAINING,
-    HEALTHY,
-    INITIAL_CHECKING,
-    JITTER,
-    NOT_REGISTERED,
-    REGISTERING,
     CheckResult,
     HealthChecker,
     Matcher,
     StateChange,
-    StatusLineProtocol,
     TargetRecord,
     check_http,
     check_target,
     check_tcp,
 )
+from lb.health.checker import JITTER
+from lb.health.checks import StatusLineProtocol
+from lb.health.states import DISABLED, DRAINING, HEALTHY, INITIAL_CHECKING, NOT_REGISTERED, REGISTERING
 from lb.model import (
     HealthCheck,
     HealthCheckProtocol,

@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from lb import inspect
 from lb import lab as labmod
 from lb.cli import cli
+from lb.dataplane.structs import FLOW_HASH_SEED
 from lb.lab import Lab
 from lb.netlink import run_in_netns
 from tests.daemon_fixture import RunningDaemon, lab_config
+from tests.labclient import backend_address, read_line
 from tests.names import name
 
 pytestmark = pytest.mark.root
@@ -134,20 +135,6 @@ def lb_json(daemon: RunningDaemon, *args: str) -> Any:
 
 
 # --- traffic -------------------------------------------------------------------
-
-
-def backend_address(lab: Lab, name: str) -> str:
-    return next(b.address for b in lab.backends if b.name == name)
-
-
-def read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(64)
-        if not chunk:
-            raise ConnectionError("closed before a full line")
-        data += chunk
-    return data.decode().strip()
 
 
 def tcp_from(lab: Lab, port: int = 0) -> socket.socket:
@@ -393,7 +380,7 @@ def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
 def test_flow_hash_seed_is_the_programs() -> None:
     consts = (Path(__file__).resolve().parent.parent / "bpf" / "consts.h").read_text()
     found = re.search(r"#define FLOW_HASH_SEED (0x[0-9a-fA-F]+)", consts)
-    assert found is not None and int(found.group(1), 16) == inspect.FLOW_HASH_SEED
+    assert found is not None and int(found.group(1), 16) == FLOW_HASH_SEED
 
 
 def test_explain_flow_agrees_with_the_kernel_conntrack(daemon: RunningDaemon, lab: Lab) -> None:

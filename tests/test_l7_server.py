@@ -257,7 +257,8 @@ def test_fixed_response_and_redirect_exact_bytes_over_sockets() -> None:
         )
         expected = (
             re.escape(
-                b"HTTP/1.1 404 Not Found\r\nserver: lb\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 8\r\n"
+                b"HTTP/1.1 404 Not Found\r\nserver: lb\r\n"
+                b"content-type: text/plain; charset=utf-8\r\ncontent-length: 8\r\n"
             )
             + date
             + re.escape(b"\r\nno route")

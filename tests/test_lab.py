@@ -7,8 +7,8 @@ import pytest
 from lb import lab as labmod
 from lb import netlink as nl
 from lb.lab import Lab
-from tests.names import name
 from tests.labclient import http_get, tcp_connect, udp_socket
+from tests.names import name
 
 pytestmark = pytest.mark.root
 

@@ -20,7 +20,9 @@ from lb.l7.stats import WorkerStats
 from lb.lab import Lab
 from lb.model import LoadBalancer
 from lb.netlink import run_in_netns
+from tests import labclient
 from tests.daemon_fixture import RunningDaemon, lab_config
+from tests.labclient import backend_address, read_line
 from tests.names import name
 
 NAME = name("m")
@@ -122,16 +124,6 @@ def scrape(lab: Lab) -> Samples:
     return parse(run_in_netns(lab.lb_ns, scrape_url, f"http://127.0.0.1:{METRICS_PORT}/metrics"))
 
 
-def read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(64)
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data.decode().strip()
-
-
 def tcp_exchange(lab: Lab) -> str:
     """One TCP connection through the VIP: banner, one echo, close. The backend's name."""
 
@@ -160,33 +152,20 @@ def udp_exchange(lab: Lab, datagrams: int) -> str:
 
 
 def http_get(lab: Lab, path: str) -> tuple[int, str]:
-    def run() -> bytes:
-        with socket.create_connection((VIP, labmod.HTTP_PORT), timeout=5) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-            return data
-
-    head = run_in_netns(lab.client_ns, run).partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
-    fields = dict(line.split(": ", 1) for line in head[1:])
-    return int(head[0].split()[1]), {k.lower(): v for k, v in fields.items()}["x-backend"]
-
-
-def address_of(lab: Lab, name: str) -> str:
-    return next(b.address for b in lab.backends if b.name == name)
+    status, headers, _ = labclient.http_get(lab.client_ns, VIP, labmod.HTTP_PORT, path)
+    return status, headers["x-backend"]
 
 
 @pytest.mark.root
 def test_scrape_counts_the_traffic_sent(daemon: RunningDaemon, lab: Lab) -> None:
     before = scrape(lab)
     assert value(before, "lb_maps_loaded") == 1
-    tcp = Tally(address_of(lab, tcp_exchange(lab)) for _ in range(30))
-    udp = Tally(address_of(lab, udp_exchange(lab, 4)) for _ in range(10))
+    tcp = Tally(backend_address(lab, tcp_exchange(lab)) for _ in range(30))
+    udp = Tally(backend_address(lab, udp_exchange(lab, 4)) for _ in range(10))
     http: Tally[tuple[str, int]] = Tally()
     for n in range(20):
         status, served_by = http_get(lab, "/status/404" if n % 4 == 0 else f"/page{n}")
-        http[(address_of(lab, served_by), status)] += 1
+        http[(backend_address(lab, served_by), status)] += 1
     after = scrape(lab)
 
     def delta(name: str, **labels: str) -> float:

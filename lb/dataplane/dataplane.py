@@ -82,6 +82,11 @@ def build_ring(vip: VipAddr, members: tuple[tuple[Endpoint, int], ...], ids: dic
     return [NO_TARGET if i < 0 else by_index[i] for i in table]
 
 
+def endpoints_of(services: Iterable[L4Service]) -> set[Endpoint]:
+    """Every endpoint the services need a target id for: ring members and draining ones."""
+    return {e for s in services for e, _ in s.members} | {e for s in services for e in s.draining}
+
+
 class Dataplane:
     """The one writer of the maps (the controller calls it)."""
 
@@ -110,7 +115,7 @@ class Dataplane:
         self._check(wanted)
         report = ApplyReport()
 
-        endpoints = {e for s in wanted.values() for e, _ in s.members} | {e for s in wanted.values() for e in s.draining}
+        endpoints = endpoints_of(wanted.values())
         for endpoint in sorted(endpoints - self._target_ids.keys()):
             target_id = self._free_target_ids.popleft()
             self._target_ids[endpoint] = target_id
@@ -168,9 +173,10 @@ class Dataplane:
                 problems.append(f"{vip}: negative weight")
         if len(wanted) > self.limits.max_vips:
             problems.append(f"{len(wanted)} VIPs, the program holds at most {self.limits.max_vips} (max_vips)")
-        all_endpoints = {e for s in wanted.values() for e, _ in s.members} | {e for s in wanted.values() for e in s.draining}
+        all_endpoints = endpoints_of(wanted.values())
         if len(all_endpoints) > self.limits.max_targets:
-            problems.append(f"{len(all_endpoints)} targets, the program holds at most {self.limits.max_targets} (max_targets)")
+            most = f"the program holds at most {self.limits.max_targets} (max_targets)"
+            problems.append(f"{len(all_endpoints)} targets, {most}")
         if problems:
             raise DataplaneError("; ".join(problems))
 

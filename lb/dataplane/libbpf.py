@@ -26,7 +26,8 @@ class BpfError(OSError):
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
     lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    c_int, c_void_p, c_char_p, c_uint32_p = ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint32)
+    c_int, c_void_p, c_char_p = ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p
+    c_uint32_p = ctypes.POINTER(ctypes.c_uint32)
     signatures: dict[str, tuple[Any, list[Any]]] = {
         "bpf_obj_get": (c_int, [c_char_p]),
         "bpf_obj_pin": (c_int, [c_int, c_char_p]),
@@ -123,7 +124,7 @@ def obj_pin(fd: int, path: str) -> None:
 
 def obj_get(path: str) -> int:
     """A new fd for the object pinned at `path`."""
-    fd = _lib().bpf_obj_get(path.encode())
+    fd: int = _lib().bpf_obj_get(path.encode())
     if fd < 0:
         code = ctypes.get_errno() or errno.ENOENT
         raise BpfError(code, f"open pinned object {path}: {os.strerror(code)}")

@@ -61,7 +61,9 @@ def pin_dir(name: str) -> str:
 
 def ensure_bpffs() -> None:
     if not os.path.ismount("/sys/fs/bpf"):
-        raise LoaderError("bpffs is not mounted on /sys/fs/bpf (deploy/install.sh mounts it: mount -t bpf bpf /sys/fs/bpf)")
+        raise LoaderError(
+            "bpffs is not mounted on /sys/fs/bpf (deploy/install.sh mounts it: mount -t bpf bpf /sys/fs/bpf)"
+        )
 
 
 def check_pinned_maps(directory: str, limits: Limits) -> list[str]:
@@ -193,7 +195,8 @@ class Program:
         return Attachment(netns, ifname, used)
 
     @contextmanager
-    def attached(self, interfaces: Sequence[str], mode: XdpMode, netns: str | None = None) -> Iterator[list[Attachment]]:
+    def attached(self, interfaces: Sequence[str], mode: XdpMode,
+                 netns: str | None = None) -> Iterator[list[Attachment]]:
         """Attach on every interface; detach them all on the way out."""
         done: list[Attachment] = []
         try:

@@ -45,7 +45,9 @@ class Balancer(Generic[P]):
         raise NotImplementedError
 
 
-class RoundRobin(Balancer[P]):
+class _Rotating(Balancer[P]):
+    """A balancer that goes round its pools from a position of its own."""
+
     __slots__ = ("_next",)
 
     def __init__(self, pools: tuple[P, ...]) -> None:
@@ -54,6 +56,10 @@ class RoundRobin(Balancer[P]):
         # first request to the same target.
         self._next = random.randrange(len(pools))
 
+
+class RoundRobin(_Rotating[P]):
+    __slots__ = ()
+
     def pick(self) -> P:
         pools = self.pools
         i = self._next
@@ -61,12 +67,8 @@ class RoundRobin(Balancer[P]):
         return pools[i]
 
 
-class LeastOutstanding(Balancer[P]):
-    __slots__ = ("_next",)
-
-    def __init__(self, pools: tuple[P, ...]) -> None:
-        super().__init__(pools)
-        self._next = random.randrange(len(pools))
+class LeastOutstanding(_Rotating[P]):
+    __slots__ = ()
 
     def pick(self) -> P:
         pools = self.pools

@@ -26,6 +26,32 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Connection header options we act on ourselves; any other token names a header to drop.
+CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+
+
+def connection_names(value: bytes, names: set[bytes] | None) -> set[bytes] | None:
+    """``names`` plus the header names a Connection header ``value`` lists
+    (lowercased; our own options left out), the set made on first need."""
+    for token in value.lower().split(b","):
+        token = token.strip()
+        if token not in CONNECTION_OPTIONS:
+            if names is None:
+                names = set()
+            names.add(token)
+    return names
+
+
+def without_headers(parts: list[bytes], names: set[bytes], start: int) -> list[bytes]:
+    """A head kept as a flat list (``start`` items of first line, then name,
+    ": ", value, CRLF per header) less the headers in ``names``."""
+    kept = parts[:start]
+    for i in range(start, len(parts), 4):
+        if parts[i].lower() not in names:
+            kept += parts[i : i + 4]
+    return kept
+
+
 def reason(status: int) -> bytes:
     try:
         return http.HTTPStatus(status).phrase.encode("ascii")

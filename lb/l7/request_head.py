@@ -16,7 +16,7 @@ import httptools
 
 from lb.l7 import errors
 from lb.l7.exchange import Exchange
-from lb.l7.httputil import COMMON_REQUEST_HEADERS, CRLF, header_table
+from lb.l7.httputil import COMMON_REQUEST_HEADERS, CRLF, connection_names, header_table, without_headers
 from lb.l7.rules import Request
 from lb.model import IPAddress
 
@@ -42,7 +42,6 @@ SPECIAL = {
     b"content-length": LENGTH,
 }
 TABLE = header_table(SPECIAL, COMMON_REQUEST_HEADERS)  # most names without a lower()
-_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
 _CODINGS = (b"chunked", b"identity")
 
 
@@ -69,12 +68,7 @@ def special_header(ex: Exchange, kind: int, name: bytes, value: bytes) -> None:
     elif kind == UPGRADE:
         ex.upgrade_value = value
     elif kind == CONNECTION:
-        for token in value.lower().split(b","):
-            token = token.strip()
-            if token not in _CONNECTION_OPTIONS:
-                if ex.drop is None:
-                    ex.drop = set()
-                ex.drop.add(token)
+        ex.drop = connection_names(value, ex.drop)
     elif kind == HOST:
         if ex.host is not None:
             raise errors.RequestRejected(errors.BAD_REQUEST, "more than one Host header")
@@ -87,7 +81,7 @@ def build_head(ex: Exchange, xff_line: bytes, fwd_tail: bytes, local: bytes) -> 
     """The request head as the target gets it; kept on the exchange for a retry."""
     parts = ex.parts
     if ex.drop is not None:
-        parts = without(parts, ex.drop)
+        parts = without_headers(parts, ex.drop, 4)  # after method, " ", target, version
     if ex.xff is None:
         parts.append(xff_line)
     else:  # "x-forwarded-for: " is 17 bytes
@@ -102,15 +96,6 @@ def build_head(ex: Exchange, xff_line: bytes, fwd_tail: bytes, local: bytes) -> 
     parts.append(CRLF)
     head = ex.head = b"".join(parts)
     return head
-
-
-def without(parts: list[bytes], names: set[bytes]) -> list[bytes]:
-    """``parts`` less the headers named by the client's Connection header."""
-    kept = parts[:4]
-    for i in range(4, len(parts), 4):
-        if parts[i].lower() not in names:
-            kept += parts[i : i + 4]
-    return kept
 
 
 def origin_form(ex: Exchange) -> bool:

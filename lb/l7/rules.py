@@ -9,10 +9,11 @@ decided at compile time; a match builds no regex and keeps no cache.
 
 Choices made where ELB leaves room:
 
-- Wildcards: ``*`` is zero or more characters, ``?`` exactly one; every other
-  character is literal (``.``, ``+``, ``(``, ``[`` ...). In query-string
-  patterns only, ``\\*``, ``\\?`` and ``\\\\`` stand for a literal ``*``, ``?``
-  and backslash (ELB's documented escape for query strings).
+- Wildcards (compiled by :mod:`lb.l7.wildcards`): ``*`` is zero or more
+  characters, ``?`` exactly one; every other character is literal (``.``,
+  ``+``, ``(``, ``[`` ...). In query-string patterns only, ``\\*``, ``\\?``
+  and ``\\\\`` stand for a literal ``*``, ``?`` and backslash (ELB's
+  documented escape for query strings).
 - Case-insensitive fields (host, header values, query keys and values) are
   compared after ``str.lower()`` on both sides: the pattern once here, the
   request value once per request, so no regex needs IGNORECASE.
@@ -33,16 +34,14 @@ Choices made where ELB leaves room:
 
 from __future__ import annotations
 
-import enum
 import ipaddress
-import operator
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
+from lb.l7.wildcards import Test, compile_patterns
 from lb.model import Action, Condition, ConditionField, IPAddress, Listener, Rule
 
 # --- the API --------------------------------------------------------------------
@@ -77,96 +76,6 @@ class RuleVerdict:
     selected: bool  # the rule match() picks: exactly one verdict has it
     reason: str | None  # why the first failing condition (config order) failed
     action: Action
-
-
-# --- wildcard patterns ------------------------------------------------------------
-
-
-class _Wild(enum.Enum):
-    STAR = "*"
-    ONE = "?"
-
-
-_Token = str | _Wild
-_Test = Callable[[Any], object]  # truthy when the fact it is given matches
-
-
-def _tokenize(pattern: str, escapes: bool) -> list[_Token]:
-    """Split a pattern into literal runs and wildcards; runs of ``*`` collapse."""
-    tokens: list[_Token] = []
-    literal: list[str] = []
-    i = 0
-    while i < len(pattern):
-        char = pattern[i]
-        i += 1
-        if escapes and char == "\\" and pattern[i : i + 1] in ("*", "?", "\\"):
-            literal.append(pattern[i])
-            i += 1
-        elif char != "*" and char != "?":
-            literal.append(char)
-        else:
-            if literal:
-                tokens.append("".join(literal))
-                literal.clear()
-            if not (char == "*" and tokens and tokens[-1] is _Wild.STAR):
-                tokens.append(_Wild.STAR if char == "*" else _Wild.ONE)
-    if literal:
-        tokens.append("".join(literal))
-    return tokens
-
-
-def _shape(tokens: list[_Token]) -> tuple[str, str] | None:
-    """(kind, literal) for the shapes that have a cheap check; None for the rest."""
-    match tokens:
-        case []:
-            return "exact", ""
-        case [str() as literal]:
-            return "exact", literal
-        case [str() as literal, _Wild.STAR]:
-            return "prefix", literal
-        case [_Wild.STAR, str() as literal]:
-            return "suffix", literal
-        case [_Wild.STAR, str() as literal, _Wild.STAR]:
-            return "infix", literal
-    return None
-
-
-def _anything(_: object) -> bool:
-    return True
-
-
-_CHEAP: dict[str, Callable[[list[str]], _Test]] = {
-    "exact": lambda literals: frozenset(literals).__contains__,
-    "prefix": lambda literals: operator.methodcaller("startswith", tuple(literals)),
-    "suffix": lambda literals: operator.methodcaller("endswith", tuple(literals)),
-    "infix": lambda literals: re.compile("|".join(map(re.escape, literals))).search,
-}
-_REGEX = {_Wild.STAR: ".*", _Wild.ONE: "."}
-
-
-def _compile_patterns(patterns: Iterable[str], *, fold: bool, escapes: bool = False) -> _Test:
-    """One C-level test for a set of patterns, true when any of them matches.
-
-    When all the patterns have one of the simple shapes, its cheap check: no
-    wildcard → set membership, ``lit*`` → ``startswith``, ``*lit`` →
-    ``endswith``, ``*lit*`` → substring search. Otherwise a single
-    precompiled alternation used with ``fullmatch``. With ``fold`` the
-    patterns are lowercased here and the caller lowercases the subject.
-    """
-    parsed = [_tokenize(p.lower() if fold else p, escapes) for p in patterns]
-    if not parsed:
-        raise ValueError("a condition needs at least one value")
-    if [_Wild.STAR] in parsed:
-        return _anything
-    shapes = [_shape(tokens) for tokens in parsed]
-    kinds = {shape[0] for shape in shapes if shape}
-    if len(kinds) == 1 and all(shapes):
-        return _CHEAP[kinds.pop()]([shape[1] for shape in shapes if shape])
-    alternatives = (
-        "".join(_REGEX[t] if isinstance(t, _Wild) else re.escape(t) for t in tokens)
-        for tokens in parsed
-    )
-    return re.compile("|".join(f"(?:{a})" for a in alternatives), re.DOTALL).fullmatch
 
 
 # --- the request as the checks see it ---------------------------------------------
@@ -229,7 +138,7 @@ class _Check:
 
     field: ConditionField
     slot: int  # the fact the test is given
-    test: _Test
+    test: Test
     why_not: Callable[[_Facts], str]
 
 
@@ -243,11 +152,11 @@ def _host_check(condition: Condition) -> _Check:
             return "host-header: the request has no Host header"
         return _none_of("host-header", f[_HOST], condition.values)
 
-    return _Check(condition.field, _HOST, _compile_patterns(condition.values, fold=True), why_not)
+    return _Check(condition.field, _HOST, compile_patterns(condition.values, fold=True), why_not)
 
 
 def _path_check(condition: Condition) -> _Check:
-    test = _compile_patterns(condition.values, fold=False)
+    test = compile_patterns(condition.values, fold=False)
     return _Check(
         condition.field, _PATH, test, lambda f: _none_of("path-pattern", f[_PATH], condition.values)
     )
@@ -269,7 +178,7 @@ def _header_check(condition: Condition) -> _Check:
     if not condition.header_name:
         raise ValueError("an http-header condition needs a header_name")
     name = condition.header_name.lower()
-    value_test = _compile_patterns(condition.values, fold=True)
+    value_test = compile_patterns(condition.values, fold=True)
     what = f"http-header {name!r}"
 
     def test(headers: dict[str, list[str]]) -> bool:
@@ -289,8 +198,8 @@ def _query_check(condition: Condition) -> _Check:
         raise ValueError("a query-string condition needs at least one key/value pair")
     pairs = [
         (
-            None if pair.key is None else _compile_patterns((pair.key,), fold=True, escapes=True),
-            _compile_patterns((pair.value,), fold=True, escapes=True),
+            None if pair.key is None else compile_patterns((pair.key,), fold=True, escapes=True),
+            compile_patterns((pair.value,), fold=True, escapes=True),
         )
         for pair in condition.query
     ]
@@ -354,7 +263,7 @@ _COST = {_METHOD: 0, _HOST: 1, _PATH: 1, _PEER: 2, _HEADERS: 3, _PARAMS: 4}
 
 # --- the router -------------------------------------------------------------------
 
-_Table = tuple[tuple[tuple[tuple[int, _Test], ...], Match], ...]
+_Table = tuple[tuple[tuple[tuple[int, Test], ...], Match], ...]
 
 
 @dataclass(frozen=True, slots=True)

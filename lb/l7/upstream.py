@@ -37,8 +37,10 @@ from lb.l7.httputil import (
     COMMON_RESPONSE_HEADERS,
     CRLF,
     UNKNOWN,
+    connection_names,
     header_table,
     status_line,
+    without_headers,
 )
 
 if TYPE_CHECKING:
@@ -67,7 +69,6 @@ _SPECIAL = {
     b"content-length": _CONTENT_LENGTH,
 }
 _TABLE = header_table(_SPECIAL, COMMON_RESPONSE_HEADERS)
-_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
 
 
 class _HeadOnly(Exception):
@@ -291,12 +292,7 @@ class UpstreamConnection(asyncio.Protocol):
                 raise _BadResponse(f"unsupported Transfer-Encoding {value!r}")
             self.chunked_in = True
         elif kind == _CONNECTION:
-            for token in value.lower().split(b","):
-                token = token.strip()
-                if token not in _CONNECTION_OPTIONS:
-                    if self.drop is None:
-                        self.drop = set()
-                    self.drop.add(token)
+            self.drop = connection_names(value, self.drop)
         elif kind == _UPGRADE:
             self.upgrade_value = value
 
@@ -337,7 +333,7 @@ class UpstreamConnection(asyncio.Protocol):
         parts = self.parts
         parts[0] = status_line(status, self.phrase)
         if self.drop is not None:
-            parts = _without(parts, self.drop)
+            parts = without_headers(parts, self.drop, 1)  # after the status line
         out = self.out
         out += parts
         out.append(framing)
@@ -402,12 +398,3 @@ class UpstreamConnection(asyncio.Protocol):
             ex.client.retry(ex)
         else:
             ex.client.upstream_failed(ex, 502, why)
-
-
-def _without(parts: list[bytes], names: set[bytes]) -> list[bytes]:
-    """``parts`` less the headers named by the target's Connection header."""
-    kept = parts[:1]
-    for i in range(1, len(parts), 4):
-        if parts[i].lower() not in names:
-            kept += parts[i : i + 4]
-    return kept

@@ -1,0 +1,58 @@
+"""How inspection reaches its sources: root, the pinned maps, the admin socket."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lb import admin
+from lb.dataplane.libbpf import BpfError
+from lb.dataplane.maps import Maps, MapsNotLoaded
+from lb.dataplane.structs import Limits
+from lb.model import LoadBalancer
+
+
+class InspectError(RuntimeError):
+    """The question cannot be answered; the message says why and what to do."""
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise InspectError(f"{what} needs root: run with sudo (it reads pinned BPF maps and /run/lb)")
+
+
+def limits_for(config: LoadBalancer) -> Limits:
+    from lb.daemon import limits_for as daemon_limits  # the daemon's, so both open maps alike
+
+    return daemon_limits(config)
+
+
+@contextmanager
+def open_maps(config: LoadBalancer, what: str) -> Iterator[Maps]:
+    """The pinned maps of `config.name`, read-only in spirit (nothing here writes)."""
+    from lb.dataplane.loader import check_pinned_maps, pin_dir
+
+    require_root(what)
+    directory, limits = pin_dir(config.name), limits_for(config)
+    try:
+        problems = check_pinned_maps(directory, limits)
+        maps = Maps(directory, limits)
+    except MapsNotLoaded:
+        raise InspectError(f"nothing loaded for {config.name}: is lb up? (no maps pinned under {directory})") from None
+    except BpfError as exc:
+        raise InspectError(f"{directory}: {exc}") from None
+    if problems:
+        maps.close()
+        raise InspectError("the pinned maps do not match this config's limits:\n  " + "\n  ".join(problems))
+    with maps:
+        yield maps
+
+
+def ask_daemon(config: LoadBalancer, cmd: str, **args: Any) -> tuple[Any, str | None]:
+    """(result, None) from the admin socket, or (None, why the daemon could not answer)."""
+    try:
+        return admin.request(config.admin_socket, cmd, timeout=5, **args), None
+    except admin.AdminError as exc:
+        return None, str(exc)

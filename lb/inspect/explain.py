@@ -1,0 +1,188 @@
+"""Why traffic goes where it goes: which rule an HTTP request matches
+(`lb explain http`), and where a packet's 5-tuple lands (`lb explain flow`),
+with the kernel's flow hash recomputed in Python."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+from typing import Any
+
+from lb.dataplane.maps import Endpoint, VipAddr
+from lb.dataplane.structs import FLOW_HASH_SEED, NO_TARGET, PROTO_NUMBERS, MapName, ip_to_net, port_to_net
+from lb.inspect.access import InspectError, ask_daemon, open_maps
+from lb.inspect.kernel import flow_state
+from lb.inspect.names import l4_listeners, parse_endpoint
+from lb.model import Action, FixedResponseAction, ForwardAction, LoadBalancer, Protocol, RedirectAction
+
+_U32 = 0xFFFFFFFF
+
+
+def _action(action: Action) -> dict[str, Any]:
+    if isinstance(action, ForwardAction):
+        return {"type": "forward", "stickiness": action.stickiness.enabled,
+                "target_groups": [{"name": g.name, "weight": g.weight} for g in action.target_groups]}
+    if isinstance(action, RedirectAction):
+        return {"type": "redirect", "status_code": action.status_code, "protocol": action.protocol,
+                "host": action.host, "port": action.port, "path": action.path, "query": action.query}
+    assert isinstance(action, FixedResponseAction)
+    return {"type": "fixed-response", "status_code": action.status_code, "content_type": action.content_type,
+            "body": action.body}
+
+
+def _group_targets(config: LoadBalancer, name: str) -> list[dict[str, Any]]:
+    """A group's targets: with their health when the daemon answers, else from the config."""
+    rows, _ = ask_daemon(config, "targets", group=name) if os.geteuid() == 0 else (None, None)
+    if rows is not None:
+        return [{"target": r["target"], "port": r["port"], "state": r["state"]} for r in rows]
+    group = config.target_group(name)
+    return [{"target": str(t.address), "port": t.traffic_port(group.port), "state": "unknown"} for t in group.targets]
+
+
+def explain_http(config: LoadBalancer, listener: str | None, method: str, host: str | None, path: str,
+                 headers: list[str] | tuple[str, ...] = (), source: str | None = None) -> dict[str, Any]:
+    """Which rule of an HTTP listener a request matches, and why not the earlier ones.
+
+    `path` may carry "?query"; `headers` are "Name: value" strings; `source`
+    is the client address (default 0.0.0.0); `listener` may be None when
+    there is one HTTP listener.
+
+    {"listener": {"name", "address", "port"}, "request": {"method", "host",
+    "path", "query", "headers": [[name, value]], "source_ip"}, "rules":
+    [{"priority" (None: the default rule), "matched", "selected", "reason"
+    (why the first failing condition failed), "action"}], "selected": the
+    selected rule's object, "target_groups": [{"name", "weight", "targets":
+    [{"target", "port", "state"}]}] (forward only), "response": {"status",
+    "location"} for a redirect, {"status", "content_type", "body"} for a
+    fixed response, else None}. Actions: {"type": "forward", "target_groups":
+    [{"name", "weight"}], "stickiness"} | {"type": "redirect", "status_code",
+    "protocol", "host", "port", "path", "query"} | {"type": "fixed-response",
+    "status_code", "content_type", "body"}.
+    """
+    from lb.l7.actions import Redirect
+    from lb.l7.rules import Request, Router
+
+    http = config.listeners_of(Protocol.HTTP)
+    if listener is None:
+        if len(http) != 1:
+            names = ", ".join(li.name for li in http) or "none is HTTP"
+            raise InspectError(f"say which listener (--listener): {names}")
+        chosen = http[0]
+    else:
+        found = [li for li in config.listeners if li.name == listener]
+        if not found or found[0].protocol is not Protocol.HTTP:
+            names = ", ".join(li.name for li in http) or "none"
+            raise InspectError(f"no HTTP listener {listener!r} (HTTP listeners: {names})")
+        chosen = found[0]
+    path, _, query = path.partition("?")
+    if not path.startswith("/"):
+        raise InspectError(f"path {path!r} must start with '/'")
+    parsed = []
+    for header in headers:
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            raise InspectError(f"header {header!r} is not NAME:VALUE")
+        parsed.append((name.strip().lower(), value.strip()))
+    try:
+        source_ip = ipaddress.ip_address(source or "0.0.0.0")
+    except ValueError:
+        raise InspectError(f"source {source!r} is not an IP address") from None
+    request = Request(method, host, path, query, tuple(parsed), source_ip)
+    verdicts = Router.compile(chosen).explain(request)
+    rules = [{"priority": v.priority, "matched": v.matched, "selected": v.selected, "reason": v.reason,
+              "action": _action(v.action)} for v in verdicts]
+    selected = next(v for v in verdicts if v.selected)
+    action = selected.action
+    response: dict[str, Any] | None = None
+    groups = []
+    if isinstance(action, ForwardAction):
+        groups = [{"name": g.name, "weight": g.weight, "targets": _group_targets(config, g.name)}
+                  for g in action.target_groups]
+    elif isinstance(action, RedirectAction):
+        location = Redirect(action).location(host, path, query, chosen.port, str(chosen.address))
+        response = {"status": action.status_code, "location": location}
+    else:
+        assert isinstance(action, FixedResponseAction)
+        response = {"status": action.status_code, "content_type": action.content_type, "body": action.body}
+    return {
+        "listener": {"name": chosen.name, "address": str(chosen.address), "port": chosen.port},
+        "request": {"method": method, "host": host, "path": path, "query": query,
+                    "headers": [list(h) for h in parsed], "source_ip": str(source_ip)},
+        "rules": rules,
+        "selected": next(r for r in rules if r["selected"]),
+        "target_groups": groups,
+        "response": response,
+    }
+
+
+def _mix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _U32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _U32
+    return h ^ (h >> 16)
+
+
+def flow_hash(protocol: str, src: ipaddress.IPv4Address, sport: int, dst: ipaddress.IPv4Address, dport: int) -> int:
+    """bpf/lb.c flow_hash(): murmur3's finalizer over the 5-tuple, fields as the
+    packet holds them (network order, read as little-endian u32/u16)."""
+    h = FLOW_HASH_SEED
+    h = _mix32(h ^ ip_to_net(src))
+    h = _mix32(h ^ ip_to_net(dst))
+    h = _mix32(h ^ ((port_to_net(sport) << 16) | port_to_net(dport)))
+    return _mix32(h ^ PROTO_NUMBERS[protocol])
+
+
+def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: str) -> dict[str, Any]:
+    """Where a packet of this 5-tuple goes: its conntrack entry, else the ring.
+
+    {"protocol", "client", "vip", "listener", "vip_id" (None: not a VIP),
+    "decision" ("conntrack": the entry decides | "ring": a new flow, hashed |
+    "drop": no target in the slot | "pass": not a VIP, the kernel gets it),
+    "target": "ADDR:PORT"|None, "target_id", "conntrack": {"target",
+    "target_id", "age_s", "idle_s", "state"}|None, "ring": {"hash", "size",
+    "half", "slot", "target_id", "target"}|None}. "ring" is where a new
+    flow would land, given even when a live entry decides.
+    """
+    proto = protocol.upper()
+    if proto not in PROTO_NUMBERS:
+        raise InspectError(f"protocol {protocol!r}: TCP or UDP")
+    src_ip, sport = parse_endpoint(source)
+    dst_ip, dport = parse_endpoint(destination)
+    assert sport is not None and dport is not None
+    vip = VipAddr(dst_ip, dport, proto)
+    out: dict[str, Any] = {"protocol": proto, "client": f"{src_ip}:{sport}", "vip": f"{dst_ip}:{dport}",
+                           "listener": l4_listeners(config).get(vip, (None, None))[0], "vip_id": None,
+                           "decision": "pass", "target": None, "target_id": None, "conntrack": None, "ring": None}
+    with open_maps(config, "lb explain flow") as maps:
+        entry = next((e for e in maps.vips() if e.vip == vip), None)
+        if entry is None:
+            return out
+        out["vip_id"] = entry.vip_id
+        known = {t.target_id: t for t in maps.targets()}
+
+        def name(target_id: int | None) -> str | None:
+            t = known.get(target_id) if target_id is not None else None
+            return str(t.endpoint) if t else None
+
+        size = maps.limits.ring_size
+        hashed = flow_hash(proto, src_ip, sport, dst_ip, dport)
+        index = (entry.vip_id * 2 + (entry.ring & 1)) * size + hashed % size
+        cell = maps.raw(MapName.RINGS).lookup(ctypes.c_uint32(index))
+        ring_target = None if cell is None or cell.value == NO_TARGET else int(cell.value)
+        out["ring"] = {"hash": hashed, "size": size, "half": entry.ring, "slot": hashed % size,
+                       "target_id": ring_target, "target": name(ring_target)}
+        flow = maps.flow(proto, Endpoint(src_ip, sport), Endpoint(dst_ip, dport))
+        if flow is not None:
+            t = known.get(flow.target_id)
+            state = flow_state(flow, maps.limits, bool(t and t.active))
+            out["conntrack"] = {"target": name(flow.target_id), "target_id": flow.target_id,
+                                "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3), "state": state}
+            if state == "live":
+                out.update(decision="conntrack", target_id=flow.target_id, target=name(flow.target_id))
+                return out
+        ring_ok = ring_target is not None and bool(known.get(ring_target) and known[ring_target].active)
+        out.update(decision="ring" if ring_ok else "drop", target_id=ring_target if ring_ok else None,
+                   target=name(ring_target) if ring_ok else None)
+        return out

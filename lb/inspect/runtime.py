@@ -1,0 +1,130 @@
+"""What runs: the daemon, where XDP is attached, the pinned program (`lb status`),
+and the targets' health as the daemon checks it (`lb targets`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from lb.dataplane.structs import MapName
+from lb.inspect.access import InspectError, ask_daemon, require_root
+from lb.model import LoadBalancer
+
+
+def attached_interfaces(config: LoadBalancer) -> list[str]:
+    """Interfaces the last `lb up` attached to (its state file), else the config's."""
+    from lb.daemon import RuntimeState, xdp_interfaces
+
+    state = RuntimeState.load(config.name)
+    if state is not None and state.attachments:
+        return [a["ifname"] for a in state.attachments]
+    if config.interfaces:
+        return list(config.interfaces)
+    if config.netns is None:
+        return xdp_interfaces(config)
+    return []
+
+
+def pinned_program(config: LoadBalancer) -> dict[str, Any] | None:
+    """The program pinned at <pin dir>/prog: {"id", "name", "loaded_at" (epoch s)}, or None."""
+    from lb.dataplane import libbpf
+    from lb.dataplane.loader import PROGRAM_PIN, pin_dir
+
+    path = os.path.join(pin_dir(config.name), PROGRAM_PIN)
+    if not os.path.exists(path):
+        return None
+    fd = libbpf.obj_get(path)
+    try:
+        info = libbpf.prog_info(fd)
+    finally:
+        os.close(fd)
+    since_load = time.clock_gettime(time.CLOCK_BOOTTIME) - info.load_time_ns / 1e9
+    return {"id": info.prog_id, "name": info.name, "loaded_at": time.time() - since_load}
+
+
+def status(config: LoadBalancer) -> dict[str, Any]:
+    """Is the daemon up, where is XDP attached, what is pinned, which config.
+
+    {"name", "daemon": {"running": bool, "reason": str|None, "pid"?, ...the
+    admin "status" answer when running}, "config": {"path", "loaded_at"}
+    (from the daemon, else its state file; None when unknown), "xdp":
+    [{"interface", "mode" (native|generic|None|"no such interface"),
+    "program_id", "ours" (the pinned program is the one attached)}],
+    "program": pinned_program(), "pin_dir", "maps_pinned", "metrics_address",
+    "listeners": [{"name", "protocol", "address", "port"}]}
+    """
+    from lb import netlink as nl
+    from lb.daemon import RuntimeState
+    from lb.dataplane.loader import pin_dir
+
+    require_root("lb status")
+    running, reason = ask_daemon(config, "status")
+    daemon: dict[str, Any] = {"running": False, "reason": reason}
+    if running:
+        daemon = {"running": True, "reason": None, **running}
+    state = RuntimeState.load(config.name)
+    if running:
+        loaded = {"path": running["config"], "loaded_at": running["loaded_at"]}
+    elif state is not None:
+        loaded = {"path": state.config_path or "<embedded default>", "loaded_at": state.loaded_at}
+    else:
+        loaded = {"path": None, "loaded_at": None}
+    program = pinned_program(config)
+    xdp = []
+    if config.netns is None or nl.netns_exists(config.netns):
+        with nl.iproute(config.netns) as ipr:
+            for ifname in attached_interfaces(config):
+                try:
+                    mode, prog_id = nl.xdp_info(ipr, ifname)
+                except nl.NetlinkLookupError:
+                    mode, prog_id = "no such interface", None
+                ours = program is not None and prog_id == program["id"]
+                xdp.append({"interface": ifname, "mode": mode, "program_id": prog_id, "ours": ours})
+    return {
+        "name": config.name,
+        "daemon": daemon,
+        "config": loaded,
+        "xdp": xdp,
+        "program": program,
+        "pin_dir": pin_dir(config.name),
+        "maps_pinned": os.path.isdir(pin_dir(config.name)) and os.path.exists(
+            os.path.join(pin_dir(config.name), MapName.VIPS.value)),
+        "metrics_address": config.metrics_address,
+        "listeners": [
+            {"name": li.name, "protocol": li.protocol.value, "address": str(li.address), "port": li.port}
+            for li in config.listeners
+        ],
+    }
+
+
+
+def targets(config: LoadBalancer, group: str | None = None) -> dict[str, Any]:
+    """Every registered target with its health, as describe-target-health.
+
+    {"daemon": {"running": bool, "reason": str|None}, "targets": [{"group",
+    "target" (address), "port", "state", "reason", "description",
+    "last_latency_ms", "last_result" ("passed"|"failed"|None),
+    "last_checked_ago_s"}]}. The last two are None unless the daemon reports
+    them. With the daemon down: the config's targets, state "unknown".
+    """
+    require_root("lb targets")
+    names = [g.name for g in config.target_groups]
+    if group is not None and group not in names:
+        raise InspectError(f"no target group {group!r} (groups: {', '.join(names) or 'none'})")
+    rows, reason = ask_daemon(config, "targets", group=group)
+    if rows is None and reason is not None and reason.startswith("no target group"):
+        raise InspectError(f"the running daemon: {reason} (reload it after changing the config)")
+    if rows is not None:
+        fields = ("group", "target", "port", "state", "reason", "description", "last_latency_ms",
+                  "last_result", "last_checked_ago_s")
+        return {"daemon": {"running": True, "reason": None},
+                "targets": [{key: row.get(key) for key in fields} for row in rows]}
+    out = []
+    for g in config.target_groups:
+        if group is None or g.name == group:
+            for t in g.targets:
+                out.append({"group": g.name, "target": str(t.address), "port": t.traffic_port(g.port),
+                            "state": "unknown", "reason": None, "description": "the daemon is not running",
+                            "last_latency_ms": None, "last_result": None, "last_checked_ago_s": None})
+    return {"daemon": {"running": False, "reason": reason}, "targets": out}
