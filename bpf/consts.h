@@ -23,13 +23,15 @@
 #define MAX_TARGETS 1024
 #endif
 
-/* Entries in each connection-tracking LRU (forward and reverse). */
+/* Entries in the connection-tracking LRU: two per flow (its forward entry
+ * and its reply entry), so 524288 tracks 262144 flows. */
 #ifndef CONNTRACK_SIZE
-#define CONNTRACK_SIZE 262144
+#define CONNTRACK_SIZE 524288
 #endif
 
 /* A flow idle longer than this is forgotten and may be re-hashed (ELB: TCP
- * 350 s, UDP 120 s). Nanoseconds. */
+ * 350 s, UDP 120 s). Nanoseconds of bpf_ktime_get_coarse_ns(), which ticks
+ * every jiffy and costs a fraction of bpf_ktime_get_ns() (no TSC read). */
 #ifndef TCP_IDLE_NS
 #define TCP_IDLE_NS (350ULL * 1000000000ULL)
 #endif
@@ -52,8 +54,9 @@
 /* A ring slot with no target (empty target group). */
 #define NO_TARGET 0xffffffffU
 
-/* vip_meta.flags */
-#define VIP_F_NONE 0
+/* flow_state.kind: which way a conntrack entry's packets go. */
+#define FLOW_FORWARD 0 /* client -> VIP: DNAT to the target */
+#define FLOW_REPLY   1 /* target -> client: source back to VIP:port */
 
 /* target.flags */
 #define TARGET_F_ACTIVE 0x1 /* may carry traffic; a flow to an inactive target is re-hashed */

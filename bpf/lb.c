@@ -3,9 +3,14 @@
  * Attached to every interface that carries VIP traffic or replies from
  * targets. For each frame:
  *
- *   TCP/UDP to a VIP     -> conntrack hit, or Maglev ring on a miss -> DNAT -> out
- *   reply from a target  -> reverse entry -> source back to VIP:port -> out
+ *   a tracked flow       -> conntrack hit: DNAT to its target, or (a reply
+ *                           from a target) source back to VIP:port -> out
+ *   TCP/UDP to a VIP     -> Maglev ring picks the target, both directions
+ *                           remembered -> DNAT -> out
  *   anything else        -> XDP_PASS, untouched
+ *
+ * Conntrack comes first, so an established packet costs one hash lookup
+ * whichever way it goes; the vips lookup is only for new flows.
  *
  * "Out" is bpf_fib_lookup for the next hop and MACs, then bpf_redirect (or
  * XDP_TX on the receiving interface). Userspace computes (rings, targets);
@@ -103,45 +108,103 @@ static __always_inline __u64 idle_timeout_ns(__u8 proto)
 	return proto == IPPROTO_TCP ? TCP_IDLE_NS : UDP_IDLE_NS;
 }
 
-/* The target of a forward packet: its flow's, or a new one from the ring. */
-static __always_inline struct target *pick_target(struct packet *pkt, struct vip_meta *vip,
-                                                  __u32 *target_id, int *new_flow)
+/* Is this conntrack entry still good: not idle past its timeout, and begun
+ * under the VIP's current generation (the VIP was not deleted since)? */
+static __always_inline int flow_is_live(struct packet *pkt, struct flow_state *state, __u64 now)
 {
-	__u64 now = bpf_ktime_get_ns();
-	struct flow_state *state = conntrack.lookup(&pkt->flow);
-	struct target *t;
+	if (now - state->last_seen_ns >= idle_timeout_ns(pkt->flow.proto))
+		return 0;
+	__u32 vip_id = state->vip_id;
+	__u32 *gen = vip_gens.lookup(&vip_id);
+	return gen && *gen == state->vip_gen;
+}
 
-	if (state && now - state->last_seen_ns < idle_timeout_ns(pkt->flow.proto)) {
-		__u32 id = state->target_id;
-		t = targets.lookup(&id);
-		if (t && (t->flags & TARGET_F_ACTIVE)) {
-			if (now - state->last_seen_ns > LAST_SEEN_GRANULARITY_NS)
-				state->last_seen_ns = now;
-			count(CNT_CONNTRACK_HIT);
-			*target_id = id;
-			*new_flow = 0;
-			return t;
+static __always_inline void touch(struct flow_state *state, __u64 now)
+{
+	if (now - state->last_seen_ns > LAST_SEEN_GRANULARITY_NS)
+		state->last_seen_ns = now;
+}
+
+static __always_inline int ttl_ok(struct packet *pkt)
+{
+	if (pkt->ip->ttl > 1)
+		return 1;
+	count(CNT_DROP_TTL);
+	return 0;
+}
+
+/* DNAT toward `t` and out; the stats say whether this packet began the flow. */
+static __always_inline int to_target(struct xdp_md *ctx, struct packet *pkt, struct target *t,
+                                     __u32 vip_id, __u32 target_id, int new_flow)
+{
+	account(vip_stats.lookup(&vip_id), pkt->len, new_flow);
+	account(target_stats.lookup(&target_id), pkt->len, new_flow);
+	nat_forward(pkt, t);
+	return send_out(ctx, pkt);
+}
+
+/* An established flow, either direction: one conntrack hit decides it. */
+static __always_inline int established(struct xdp_md *ctx, struct packet *pkt, struct flow_state *state,
+                                       __u64 now, int *done)
+{
+	__u32 vip_id = state->vip_id;
+	__u32 target_id = state->target_id;
+
+	if (state->kind == FLOW_REPLY) {
+		*done = 1;
+		if (!ttl_ok(pkt))
+			return XDP_DROP;
+		touch(state, now);
+		struct traffic_stats *stats = vip_stats.lookup(&vip_id);
+		if (stats) {
+			stats->reply_packets += 1;
+			stats->reply_bytes += pkt->len;
 		}
+		stats = target_stats.lookup(&target_id);
+		if (stats) {
+			stats->reply_packets += 1;
+			stats->reply_bytes += pkt->len;
+		}
+		count(CNT_REVERSE_NAT);
+		nat_reverse(pkt, state->vip_addr, state->vip_port);
+		return send_out(ctx, pkt);
 	}
+	struct target *t = targets.lookup(&target_id);
+	if (!t || !(t->flags & TARGET_F_ACTIVE))
+		return XDP_PASS; /* its target left: *done stays 0, the flow is hashed again */
+	*done = 1;
+	if (!ttl_ok(pkt))
+		return XDP_DROP;
+	touch(state, now);
+	count(CNT_CONNTRACK_HIT);
+	return to_target(ctx, pkt, t, vip_id, target_id, 0);
+}
 
-	/* Miss: a new flow, or one whose entry expired or whose target is gone. */
+/* A packet to a VIP with no live flow: a slot of the VIP's ring picks the
+ * target, and both directions of the flow are remembered. */
+static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, struct vip_meta *vip, __u64 now)
+{
+	if (!ttl_ok(pkt))
+		return XDP_DROP;
 	count(CNT_CONNTRACK_MISS);
 	__u32 slot = (vip->vip_id * 2 + (vip->ring & 1)) * RING_SIZE + flow_hash(&pkt->flow) % RING_SIZE;
 	__u32 *ring_entry = rings.lookup(&slot);
-	if (!ring_entry || *ring_entry == NO_TARGET)
-		return NULL;
-	__u32 id = *ring_entry;
-	t = targets.lookup(&id);
-	if (!t || !(t->flags & TARGET_F_ACTIVE))
-		return NULL;
+	__u32 target_id = ring_entry ? *ring_entry : NO_TARGET;
+	struct target *t = target_id == NO_TARGET ? NULL : targets.lookup(&target_id);
+	if (!t || !(t->flags & TARGET_F_ACTIVE)) {
+		count(CNT_DROP_NO_TARGET);
+		return XDP_DROP;
+	}
 
-	struct flow_state new_state = {
-		.target_id = id,
+	struct flow_state state = {
+		.target_id = target_id,
 		.vip_id = vip->vip_id,
 		.created_ns = now,
 		.last_seen_ns = now,
+		.vip_gen = vip->gen,
+		.kind = FLOW_FORWARD,
 	};
-	conntrack.update(&pkt->flow, &new_state);
+	conntrack.update(&pkt->flow, &state);
 
 	struct flow_key back = {
 		.src = t->addr,
@@ -150,60 +213,12 @@ static __always_inline struct target *pick_target(struct packet *pkt, struct vip
 		.dport = pkt->flow.sport,
 		.proto = pkt->flow.proto,
 	};
-	struct reverse_nat rev = {
-		.vip_addr = pkt->flow.dst,
-		.vip_port = pkt->flow.dport,
-		.vip_id = vip->vip_id,
-		.target_id = id,
-	};
-	reverse.update(&back, &rev);
-	*target_id = id;
-	*new_flow = 1;
-	return t;
-}
+	state.vip_addr = pkt->flow.dst;
+	state.vip_port = pkt->flow.dport;
+	state.kind = FLOW_REPLY;
+	conntrack.update(&back, &state);
 
-static __always_inline int forward(struct xdp_md *ctx, struct packet *pkt, struct vip_meta *vip)
-{
-	__u32 target_id = 0;
-	int new_flow = 0;
-
-	if (pkt->ip->ttl <= 1) {
-		count(CNT_DROP_TTL);
-		return XDP_DROP;
-	}
-	struct target *t = pick_target(pkt, vip, &target_id, &new_flow);
-	if (!t) {
-		count(CNT_DROP_NO_TARGET);
-		return XDP_DROP;
-	}
-	__u32 vip_id = vip->vip_id;
-	account(vip_stats.lookup(&vip_id), pkt->len, new_flow);
-	account(target_stats.lookup(&target_id), pkt->len, new_flow);
-	nat_forward(pkt, t);
-	return send_out(ctx, pkt);
-}
-
-static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt, struct reverse_nat *rev)
-{
-	if (pkt->ip->ttl <= 1) {
-		count(CNT_DROP_TTL);
-		return XDP_DROP;
-	}
-	__u32 vip_id = rev->vip_id;
-	__u32 target_id = rev->target_id;
-	struct traffic_stats *stats = vip_stats.lookup(&vip_id);
-	if (stats) {
-		stats->reply_packets += 1;
-		stats->reply_bytes += pkt->len;
-	}
-	stats = target_stats.lookup(&target_id);
-	if (stats) {
-		stats->reply_packets += 1;
-		stats->reply_bytes += pkt->len;
-	}
-	count(CNT_REVERSE_NAT);
-	nat_reverse(pkt, rev);
-	return send_out(ctx, pkt);
+	return to_target(ctx, pkt, t, vip->vip_id, target_id, 1);
 }
 
 int xdp_lb(struct xdp_md *ctx)
@@ -230,6 +245,16 @@ int xdp_lb(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 
+	/* Established flows first: one lookup for both directions. */
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow_state *state = conntrack.lookup(&pkt.flow);
+	if (state && flow_is_live(&pkt, state, now)) {
+		int done = 0;
+		int action = established(ctx, &pkt, state, now, &done);
+		if (done)
+			return action;
+	}
+
 	struct vip_key vk = {
 		.addr = pkt.flow.dst,
 		.port = pkt.flow.dport,
@@ -237,11 +262,7 @@ int xdp_lb(struct xdp_md *ctx)
 	};
 	struct vip_meta *vip = vips.lookup(&vk);
 	if (vip)
-		return forward(ctx, &pkt, vip);
-
-	struct reverse_nat *rev = reverse.lookup(&pkt.flow);
-	if (rev)
-		return reply(ctx, &pkt, rev);
+		return new_flow(ctx, &pkt, vip, now);
 
 	count(CNT_PASS_NOT_VIP);
 	return XDP_PASS;

@@ -3,7 +3,7 @@
  * All maps are pinned under PIN_DIR (/sys/fs/bpf/lb/<name>/) and reused by
  * the next load, so a restarted daemon adopts the live state: flows keep
  * their targets while the control plane is away. Userspace writes vips,
- * targets and rings; the program writes conntrack, reverse and the stats.
+ * targets, rings and vip_gens; the program writes conntrack and the stats.
  *
  * Only declarations live here: bcc rewrites map calls (vips.lookup(...))
  * in the main file alone, so every function that touches a map is in lb.c.
@@ -27,14 +27,19 @@ BPF_TABLE_PINNED("array", u32, struct target, targets, MAX_TARGETS, PIN_DIR "/ta
  * one update, so no packet ever sees a half-written ring. */
 BPF_TABLE_PINNED("array", u32, u32, rings, MAX_VIPS * 2 * RING_SIZE, PIN_DIR "/rings");
 
-/* client-side 5-tuple -> target: a flow stays on its target for its life.
+/* 5-tuple -> flow state, both directions of every flow: a forward entry
+ * (client -> VIP) naming the target, a reply entry (target -> client)
+ * naming the VIP to restore. A flow stays on its target for its life.
  * LRU lists per CPU (no common lock on the fast path). */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_state, conntrack, CONNTRACK_SIZE,
                  PIN_DIR "/conntrack", BPF_F_NO_COMMON_LRU);
 
-/* target-side 5-tuple (target -> client) -> the VIP to put back as source. */
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct reverse_nat, reverse, CONNTRACK_SIZE,
-                 PIN_DIR "/reverse", BPF_F_NO_COMMON_LRU);
+/* vip id -> generation. Userspace bumps it when it deletes a VIP or gives
+ * its id to another one, which makes every flow begun under the old
+ * generation stale: its packets take the vips path again (and pass to the
+ * kernel when the VIP is gone). An array lookup instead of a hash lookup
+ * on every established packet. */
+BPF_TABLE_PINNED("array", u32, u32, vip_gens, MAX_VIPS, PIN_DIR "/vip_gens");
 
 /* vip id -> traffic. */
 BPF_TABLE_PINNED("percpu_array", u32, struct traffic_stats, vip_stats, MAX_VIPS, PIN_DIR "/vip_stats");

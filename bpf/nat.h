@@ -48,17 +48,17 @@ static __always_inline void nat_forward(struct packet *pkt, const struct target 
 }
 
 /* Reverse: the target's reply leaves with the VIP as its source. */
-static __always_inline void nat_reverse(struct packet *pkt, const struct reverse_nat *r)
+static __always_inline void nat_reverse(struct packet *pkt, __be32 vip_addr, __be16 vip_port)
 {
 	__be32 old_addr = pkt->ip->saddr;
 	__be16 old_port = pkt->ports[0];
 
-	pkt->ip->saddr = r->vip_addr;
-	csum_replace4(&pkt->ip->check, old_addr, r->vip_addr);
-	l4_csum_replace4(pkt, old_addr, r->vip_addr);
-	if (old_port != r->vip_port) {
-		pkt->ports[0] = r->vip_port;
-		l4_csum_replace2(pkt, old_port, r->vip_port);
+	pkt->ip->saddr = vip_addr;
+	csum_replace4(&pkt->ip->check, old_addr, vip_addr);
+	l4_csum_replace4(pkt, old_addr, vip_addr);
+	if (old_port != vip_port) {
+		pkt->ports[0] = vip_port;
+		l4_csum_replace2(pkt, old_port, vip_port);
 	}
 }
 

@@ -20,7 +20,7 @@ struct vip_key {
 struct vip_meta {
 	__u32 vip_id;  /* host order; index into vip_stats and rings */
 	__u32 ring;    /* host order; live half of the VIP's double-buffered ring: 0 or 1 */
-	__u32 flags;   /* host order; VIP_F_* */
+	__u32 gen;     /* host order; vip_gens[vip_id] when this VIP was written */
 	__u32 mode;    /* host order; FWD_* forwarding mode */
 };
 
@@ -31,8 +31,8 @@ struct target {
 	__u16  flags;  /* host order; TARGET_F_* */
 };
 
-/* conntrack key (client side) and reverse key (target side): a 5-tuple as
- * it appears in the packet. */
+/* conntrack key: a 5-tuple exactly as the packet carries it. A flow has
+ * two entries: client -> VIP (forward) and target -> client (reply). */
 struct flow_key {
 	__be32 src;    /* network order */
 	__be32 dst;    /* network order */
@@ -42,21 +42,19 @@ struct flow_key {
 	__u8   pad[3]; /* zero */
 };
 
-/* conntrack value. */
+/* conntrack value. One lookup serves both directions of an established
+ * flow, before (and instead of) the vips lookup. */
 struct flow_state {
 	__u32 target_id;     /* host order */
 	__u32 vip_id;        /* host order */
-	__u64 created_ns;    /* host order; bpf_ktime_get_ns() at the first packet */
+	__u64 created_ns;    /* host order; bpf_ktime_get_coarse_ns() at the first packet */
 	__u64 last_seen_ns;  /* host order; refreshed at most every LAST_SEEN_GRANULARITY_NS */
-};
-
-/* reverse value: what a target's reply must look like to the client. */
-struct reverse_nat {
-	__be32 vip_addr;     /* network order */
-	__be16 vip_port;     /* network order */
-	__u16  pad;          /* zero */
-	__u32 vip_id;        /* host order */
-	__u32 target_id;     /* host order */
+	__u32 vip_gen;       /* host order; the VIP's generation when the flow began: a VIP
+	                      * deleted (or its id reused) since makes the entry stale */
+	__be32 vip_addr;     /* network order; FLOW_REPLY: the source to put back */
+	__be16 vip_port;     /* network order; FLOW_REPLY: the source port to put back */
+	__u8  kind;          /* FLOW_FORWARD or FLOW_REPLY */
+	__u8  pad[5];        /* zero */
 };
 
 /* vip_stats and target_stats value (per CPU; userspace sums). */

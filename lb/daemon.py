@@ -26,13 +26,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lb import admin, config as configmod, netlink as nl
+from lb import admin
+from lb import config as configmod
+from lb import netlink as nl
 from lb.controller import Controller
 from lb.dataplane.dataplane import Dataplane
 from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, pin_dir, purge_pins
 from lb.dataplane.maps import Maps
 from lb.dataplane.structs import Limits
 from lb.health import HealthChecker
+from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.model import LoadBalancer, Protocol, Target
 
 log = logging.getLogger("lb.daemon")
@@ -186,6 +189,12 @@ class Daemon:
         config = self.config
         self.health = HealthChecker(config.target_groups, on_change=lambda change: self.schedule_reconcile())
         self._health_task = asyncio.get_running_loop().create_task(self.health.run())
+        # Reconcile only once every target has had its first check: after a
+        # restart the adopted ring keeps serving meanwhile, instead of being
+        # narrowed to whichever target answered first.
+        longest = max((g.health_check.timeout for g in config.target_groups), default=0)
+        if not await self.health.first_round(timeout=min(10.0, longest + FIRST_ROUND_SPREAD + 0.5)):
+            log.warning("not every target answered its first health check in time; starting anyway")
         self.controller = Controller(config, self.health, self.dataplane, None)
         if config.listeners_of(Protocol.HTTP):
             from lb.l7.config import L7Config

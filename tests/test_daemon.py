@@ -3,6 +3,7 @@ draining, reload, restart without loss, and the admin socket's guard."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -110,7 +111,7 @@ def ring_target_addresses(daemon: RunningDaemon, vip: VipAddr) -> set[str]:
 
 def test_dead_backend_is_detected_taken_out_and_brought_back(daemon: RunningDaemon, lab: Lab) -> None:
     victim = lab.backends[1]
-    vip = VipAddr(__import__("ipaddress").IPv4Address(labmod.VIP), labmod.ECHO_PORT, "TCP")
+    vip = VipAddr(ipaddress.IPv4Address(labmod.VIP), labmod.ECHO_PORT, "TCP")
     assert victim.address in ring_target_addresses(daemon, vip)
     loop = ClientLoop(lab)
     loop.start()
@@ -229,6 +230,9 @@ def test_kill_9_and_restart_keeps_a_long_lived_stream_flowing(daemon: RunningDae
             i += 1
             time.sleep(0.01)
 
+    vip = VipAddr(ipaddress.IPv4Address(labmod.VIP), labmod.ECHO_PORT, "TCP")
+    everyone = {b.address for b in lab.backends}
+    rings: list[set[str]] = []
     read_line(stream)
     pumper = threading.Thread(target=pump, daemon=True)
     pumper.start()
@@ -238,16 +242,30 @@ def test_kill_9_and_restart_keeps_a_long_lived_stream_flowing(daemon: RunningDae
         before_gap = exchanged[0]
         time.sleep(1.5)  # no control plane at all
         during_gap = exchanged[0] - before_gap
-        daemon.start()
-        time.sleep(1.0)
+        restarting = threading.Thread(target=daemon.start)
+        restarting.start()
+        while restarting.is_alive():  # the ring while the new daemon comes up
+            rings.append(ring_target_addresses(daemon, vip))
+            time.sleep(0.05)
+        restarting.join()
+        deadline = time.monotonic() + INTERVAL * 2 + 3
+        while time.monotonic() < deadline:  # ... and until the new daemon knows every target healthy
+            rings.append(ring_target_addresses(daemon, vip))
+            if all(row["state"] == "healthy" for row in daemon.targets("echo-tcp").values()):
+                break
+            time.sleep(0.05)
     finally:
         stop.set()
         pumper.join(5)
         stream.close()
     assert not errors
     assert during_gap > 20  # the kernel kept forwarding while nothing ran in user space
+    # The adopted ring kept every (healthy) target: no narrowing while the new
+    # daemon learned their health again.
+    assert rings and all(ring == everyone for ring in rings), rings
     for backend in lab.backends:
         daemon.wait_for("echo-tcp", backend.address, "healthy", timeout=INTERVAL * 2 + 3)
+        daemon.wait_for("web", backend.address, "healthy", timeout=INTERVAL * 2 + 3)
 
 
 def test_admin_socket_refuses_non_root(daemon: RunningDaemon) -> None:
@@ -285,6 +303,8 @@ def test_slow_request_through_a_deregistered_target_completes(daemon: RunningDae
     from concurrent.futures import ThreadPoolExecutor
 
     target = lab.backends[0]
+    for backend in lab.backends:
+        daemon.wait_for("web", backend.address, "healthy", timeout=INTERVAL * 2 + 3)
     with ThreadPoolExecutor(max_workers=8) as pool:
         # Requests are spread round robin: start enough slow ones that one is on `target`.
         slow = [pool.submit(http_get, lab, "/sleep/3", 10.0) for _ in range(6)]

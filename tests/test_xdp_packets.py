@@ -290,3 +290,40 @@ def test_draining_target_keeps_its_flows_but_gets_no_new_ones(pkt_lab: PacketLab
     for sport in range(42001, 42021):
         assert Ether(pkt_lab.run(raw(from_client(tcp(sport), dst="10.0.0.105"))).data)[IP].dst == "10.0.1.12"
     pkt_lab.dataplane.apply(SERVICES)
+
+
+def test_flows_of_a_deleted_vip_pass_to_the_kernel(pkt_lab: PacketLab) -> None:
+    """Conntrack is consulted before the VIP table, so a deleted VIP must make
+    its flows stale (vip_gens): both directions then pass untouched."""
+    service = vip("10.0.0.106", 9000)
+    pkt_lab.dataplane.apply([*SERVICES, L4Service(service, members=((ep("10.0.1.11", 9300), 1),))])
+    syn = raw(from_client(tcp(43000), dst="10.0.0.106"))
+    assert pkt_lab.run(syn).retval == XDP_REDIRECT
+    pkt_lab.dataplane.apply(SERVICES)
+
+    before = pkt_lab.maps.counters()
+    ack = raw(from_client(tcp(43000, flags="A"), dst="10.0.0.106"))
+    result = pkt_lab.run(ack)
+    assert (result.retval, result.data) == (XDP_PASS, ack)
+    reply = raw(from_target("10.0.1.11", MAC["t1"], tcp(9300, 43000, flags="A")))
+    result = pkt_lab.run(reply, TARGET_IF)
+    assert (result.retval, result.data) == (XDP_PASS, reply)
+    after = pkt_lab.maps.counters()
+    assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == {Counter.PASS_NOT_VIP: 2}
+
+
+def test_a_recreated_vip_does_not_inherit_the_old_flows(pkt_lab: PacketLab) -> None:
+    """Deleting a VIP ends its flows even when it comes back at once with
+    other targets: the old entry is stale, the flow is hashed again."""
+    recreated, keeper = vip("10.0.0.107", 9000), vip("10.0.0.108", 9000)
+    t1, t2 = ep("10.0.1.11", 9400), ep("10.0.1.12", 9400)
+    keep_t1 = L4Service(keeper, members=((t1, 1),))  # t1 stays active throughout
+    pkt_lab.dataplane.apply([*SERVICES, keep_t1, L4Service(recreated, members=((t1, 1),))])
+    assert Ether(pkt_lab.run(raw(from_client(tcp(44000), dst="10.0.0.107"))).data)[IP].dst == "10.0.1.11"
+    pkt_lab.dataplane.apply([*SERVICES, keep_t1])
+    pkt_lab.dataplane.apply([*SERVICES, keep_t1, L4Service(recreated, members=((t2, 1),))])
+    before = pkt_lab.maps.counters()
+    frame = raw(from_client(tcp(44000, flags="A"), dst="10.0.0.107"))
+    assert Ether(pkt_lab.run(frame).data)[IP].dst == "10.0.1.12"
+    assert pkt_lab.maps.counters()[Counter.CONNTRACK_MISS] == before[Counter.CONNTRACK_MISS] + 1
+    pkt_lab.dataplane.apply(SERVICES)

@@ -48,7 +48,7 @@ def _cells(value: Any, name: str) -> dict[str, Any]:
 @config_option
 @json_option
 def dump(name: str, limit: int, config_path: str | None, as_json: bool) -> None:
-    """The decoded entries of map NAME (vips, targets, rings, conntrack, reverse,
+    """The decoded entries of map NAME (vips, targets, rings, conntrack, vip_gens,
     vip_stats, target_stats, counters)."""
     config = load_config(config_path)
     with inspect_errors():

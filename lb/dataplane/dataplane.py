@@ -11,7 +11,9 @@ apply() diffs against what the maps hold and writes only what changed:
   their existing flows still find them through conntrack;
 - a VIP's ring is rebuilt (Maglev) when its members change, written into
   the idle half, then made live by one update of the VIP entry;
-- VIPs that are gone are deleted (their packets pass to the kernel again);
+- VIPs that are gone are deleted and their id's generation bumped, so
+  their flows' conntrack entries go stale (their packets pass to the
+  kernel again);
   endpoints that are gone are marked inactive, so a flow still pointing at
   one is re-hashed, and their ids go to the back of the free list so a
   recently freed id is the last to be reused.
@@ -130,21 +132,23 @@ class Dataplane:
             ring = build_ring(vip, members, self._target_ids, self.limits.ring_size)
             if entry is None:
                 vip_id = self._free_vip_ids.popleft()
+                gen = self.maps.bump_vip_gen(vip_id)  # flows of an earlier VIP with this id are stale
                 self.maps.write_ring(vip_id, 0, ring)
-                self.maps.put_vip(vip, vip_id, 0)
-                self._vips[vip] = VipEntry(vip, vip_id, 0)
+                self.maps.put_vip(vip, vip_id, 0, gen)
+                self._vips[vip] = VipEntry(vip, vip_id, 0, gen)
                 report.vips_added.append(vip)
             else:
                 idle = entry.ring ^ 1
                 self.maps.write_ring(entry.vip_id, idle, ring)
-                self.maps.put_vip(vip, entry.vip_id, idle)  # the flip: one map update
-                self._vips[vip] = VipEntry(vip, entry.vip_id, idle)
+                self.maps.put_vip(vip, entry.vip_id, idle, entry.gen)  # the flip: one map update
+                self._vips[vip] = VipEntry(vip, entry.vip_id, idle, entry.gen)
                 report.rings_rebuilt.append(vip)
             self._members[vip] = members
 
         for vip in sorted(self._vips.keys() - wanted.keys()):
             entry = self._vips.pop(vip)
             self.maps.delete_vip(vip)
+            self.maps.bump_vip_gen(entry.vip_id)  # its flows go stale: their packets pass again
             self._members.pop(vip, None)
             self._free_vip_ids.append(entry.vip_id)
             report.vips_removed.append(vip)

@@ -16,12 +16,15 @@ from ipaddress import IPv4Address
 from lb.dataplane import libbpf
 from lb.dataplane.libbpf import BpfMap
 from lb.dataplane.structs import (
+    FLOW_FORWARD,
+    FWD_NAT,
     NO_TARGET,
     PROTO_NAMES,
     PROTO_NUMBERS,
     TARGET_F_ACTIVE,
     Counter,
     FlowKey,
+    FlowState,
     Limits,
     MapName,
     Target,
@@ -57,6 +60,7 @@ class VipEntry:
     vip: VipAddr
     vip_id: int
     ring: int  # live half
+    gen: int = 0  # the VIP id's generation when this VIP was written
 
 
 @dataclass(frozen=True, order=True)
@@ -85,6 +89,7 @@ class Flow:
     vip_id: int
     age_s: float
     idle_s: float
+    current: bool = True  # begun under the VIP's current generation (else stale: hashed again)
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,12 @@ class Traffic:
     reply_bytes: int = 0
 
 
+CLOCK_MONOTONIC_COARSE = 6  # <linux/time.h>; not exported by Python's time module
+
+
 def _monotonic_ns() -> int:
-    # bpf_ktime_get_ns() is CLOCK_MONOTONIC.
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    # The program stamps flows with bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC_COARSE.
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 class Maps:
@@ -145,12 +153,22 @@ class Maps:
 
     def vips(self) -> list[VipEntry]:
         return sorted(
-            (VipEntry(self._vip_addr(k), v.vip_id, v.ring) for k, v in self._maps[MapName.VIPS].items()),
+            (VipEntry(self._vip_addr(k), v.vip_id, v.ring, v.gen) for k, v in self._maps[MapName.VIPS].items()),
             key=lambda e: e.vip,
         )
 
-    def put_vip(self, vip: VipAddr, vip_id: int, ring: int) -> None:
-        self._maps[MapName.VIPS].update(self._vip_key(vip), VipMeta(vip_id, ring, 0, 0))
+    def put_vip(self, vip: VipAddr, vip_id: int, ring: int, gen: int) -> None:
+        self._maps[MapName.VIPS].update(self._vip_key(vip), VipMeta(vip_id, ring, gen, FWD_NAT))
+
+    def vip_gen(self, vip_id: int) -> int:
+        value = self._maps[MapName.VIP_GENS].lookup(ctypes.c_uint32(vip_id))
+        return 0 if value is None else int(value.value)
+
+    def bump_vip_gen(self, vip_id: int) -> int:
+        """A new generation for a VIP id: flows begun under the old one go stale."""
+        gen = (self.vip_gen(vip_id) + 1) & 0xFFFFFFFF
+        self._maps[MapName.VIP_GENS].update(ctypes.c_uint32(vip_id), ctypes.c_uint32(gen))
+        return gen
 
     def delete_vip(self, vip: VipAddr) -> bool:
         return self._maps[MapName.VIPS].delete(self._vip_key(vip))
@@ -200,28 +218,39 @@ class Maps:
     # --- conntrack -----------------------------------------------------------
 
     def flows(self, limit: int | None = None) -> Iterator[Flow]:
+        """Every flow, by its forward entry (each flow also has a reply entry)."""
         now = _monotonic_ns()
-        for n, (key, state) in enumerate(self._maps[MapName.CONNTRACK].items()):
+        gens: dict[int, int] = {}
+        n = 0
+        for key, state in self._maps[MapName.CONNTRACK].items():
+            if state.kind != FLOW_FORWARD:
+                continue
             if limit is not None and n >= limit:
                 return
-            yield Flow(
-                client=Endpoint(net_to_ip(key.src), net_to_port(key.sport)),
-                vip=VipAddr(net_to_ip(key.dst), net_to_port(key.dport), PROTO_NAMES.get(key.proto, str(key.proto))),
-                target_id=state.target_id,
-                vip_id=state.vip_id,
-                age_s=max(0, now - state.created_ns) / 1e9,
-                idle_s=max(0, now - state.last_seen_ns) / 1e9,
-            )
+            n += 1
+            if state.vip_id not in gens:
+                gens[state.vip_id] = self.vip_gen(state.vip_id)
+            yield self._flow(key, state, now, gens[state.vip_id])
 
     def flow(self, protocol: str, client: Endpoint, vip: Endpoint) -> Flow | None:
         key = FlowKey(ip_to_net(client.address), ip_to_net(vip.address), port_to_net(client.port),
                       port_to_net(vip.port), PROTO_NUMBERS[protocol])
         state = self._maps[MapName.CONNTRACK].lookup(key)
-        if state is None:
+        if state is None or state.kind != FLOW_FORWARD:
             return None
-        now = _monotonic_ns()
-        return Flow(client, VipAddr(vip.address, vip.port, protocol), state.target_id, state.vip_id,
-                    max(0, now - state.created_ns) / 1e9, max(0, now - state.last_seen_ns) / 1e9)
+        return self._flow(key, state, _monotonic_ns(), self.vip_gen(state.vip_id))
+
+    @staticmethod
+    def _flow(key: FlowKey, state: FlowState, now: int, gen: int) -> Flow:
+        return Flow(
+            client=Endpoint(net_to_ip(key.src), net_to_port(key.sport)),
+            vip=VipAddr(net_to_ip(key.dst), net_to_port(key.dport), PROTO_NAMES.get(key.proto, str(key.proto))),
+            target_id=state.target_id,
+            vip_id=state.vip_id,
+            age_s=max(0, now - state.created_ns) / 1e9,
+            idle_s=max(0, now - state.last_seen_ns) / 1e9,
+            current=state.vip_gen == gen,
+        )
 
     # --- statistics ----------------------------------------------------------
 

@@ -23,7 +23,8 @@ NO_TARGET = 0xFFFFFFFF
 FLOW_HASH_SEED = 0x6C620001  # every host sharing VIPs must use the same one
 TARGET_F_ACTIVE = 0x1
 FWD_NAT = 0
-VIP_F_NONE = 0
+FLOW_FORWARD = 0  # conntrack entry of client -> VIP packets
+FLOW_REPLY = 1  # conntrack entry of target -> client packets
 
 IPPROTO_TCP = socket.IPPROTO_TCP
 IPPROTO_UDP = socket.IPPROTO_UDP
@@ -79,7 +80,7 @@ class MapName(str, enum.Enum):
     TARGETS = "targets"
     RINGS = "rings"
     CONNTRACK = "conntrack"
-    REVERSE = "reverse"
+    VIP_GENS = "vip_gens"
     VIP_STATS = "vip_stats"
     TARGET_STATS = "target_stats"
     COUNTERS = "counters"
@@ -100,7 +101,7 @@ class VipMeta(ctypes.Structure):
     _fields_ = [
         ("vip_id", ctypes.c_uint32),
         ("ring", ctypes.c_uint32),  # live half: 0 or 1
-        ("flags", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),  # vip_gens[vip_id] when written
         ("mode", ctypes.c_uint32),
     ]
 
@@ -128,18 +129,13 @@ class FlowState(ctypes.Structure):
     _fields_ = [
         ("target_id", ctypes.c_uint32),
         ("vip_id", ctypes.c_uint32),
-        ("created_ns", ctypes.c_uint64),
+        ("created_ns", ctypes.c_uint64),  # CLOCK_MONOTONIC_COARSE
         ("last_seen_ns", ctypes.c_uint64),
-    ]
-
-
-class ReverseNat(ctypes.Structure):
-    _fields_ = [
-        ("vip_addr", ctypes.c_uint32),  # network order
-        ("vip_port", ctypes.c_uint16),  # network order
-        ("pad", ctypes.c_uint16),
-        ("vip_id", ctypes.c_uint32),
-        ("target_id", ctypes.c_uint32),
+        ("vip_gen", ctypes.c_uint32),
+        ("vip_addr", ctypes.c_uint32),  # network order; FLOW_REPLY entries
+        ("vip_port", ctypes.c_uint16),  # network order; FLOW_REPLY entries
+        ("kind", ctypes.c_uint8),  # FLOW_FORWARD | FLOW_REPLY
+        ("pad", ctypes.c_uint8 * 5),
     ]
 
 
@@ -166,7 +162,7 @@ class Limits:
     ring_size: int = 65537
     max_vips: int = 64
     max_targets: int = 1024
-    conntrack_size: int = 262144
+    conntrack_size: int = 524288  # entries: two per flow
     tcp_idle_timeout: int = 350  # seconds
     udp_idle_timeout: int = 120  # seconds
 
@@ -212,7 +208,7 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
         MapSpec(MapName.TARGETS, BPF_MAP_TYPE_ARRAY, u32, Target, limits.max_targets),
         MapSpec(MapName.RINGS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips * 2 * limits.ring_size),
         MapSpec(MapName.CONNTRACK, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowState, limits.conntrack_size),
-        MapSpec(MapName.REVERSE, BPF_MAP_TYPE_LRU_HASH, FlowKey, ReverseNat, limits.conntrack_size),
+        MapSpec(MapName.VIP_GENS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips),
         MapSpec(MapName.VIP_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_vips, True),
         MapSpec(MapName.TARGET_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_targets, True),
         MapSpec(MapName.COUNTERS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, u64, COUNTER_MAX, True),

@@ -3,8 +3,9 @@
 One task per (target group, target) on the daemon's loop: HTTP checks send a
 minimal ``Connection: close`` request and read only the status line, TCP
 checks only connect. Each target's first check fires at a random offset
-within the interval and later ones every interval ±10 %, so hundreds of
-targets do not fire together. Addresses are IP literals, so connecting never
+within the first second (or the interval, if shorter) and later ones every
+interval ±10 %, so hundreds of targets do not fire together, yet a start or
+restart learns every target's state at once. Addresses are IP literals, so connecting never
 resolves anything.
 
 States and reason codes are ELB's (shared/REFERENCE.md, target groups):

@@ -27,6 +27,12 @@ from lb.model import HealthCheckProtocol, Target, TargetGroup, TargetHealth, Tar
 log = logging.getLogger("lb.health")
 
 JITTER = 0.1  # later checks every interval × uniform(1 - JITTER, 1 + JITTER)
+# The first check of each target comes at a random point in the first
+# FIRST_ROUND_SPREAD seconds (or its interval, if shorter): spread, yet quick,
+# so that after a start or restart every target has a result within about a
+# second plus its timeout, and the controller never builds a ring from the
+# one target that happened to be checked first (see first_round()).
+FIRST_ROUND_SPREAD = 1.0
 
 
 class _Group:
@@ -197,6 +203,19 @@ class HealthChecker:
             self._loop = self._stop = self._reaper = self._reaper_at = None
             self._stop_requested = False
 
+    async def first_round(self, timeout: float) -> bool:
+        """Wait until every registered target has had one check (or `timeout`
+        seconds); True when all have. The daemon waits for this before its
+        first reconcile, so a restart keeps the old ring until it knows."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if all(r.last_checked is not None or r.health.state.value in ("draining", "unavailable")
+                   for g in self._groups.values() for r in g.records.values()):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     def stop(self) -> None:
         """Make run() return (call from the loop's thread)."""
         self._stop_requested = True
@@ -261,7 +280,7 @@ class HealthChecker:
 
     async def _watch(self, group: _Group, record: TargetRecord) -> None:
         loop = asyncio.get_running_loop()
-        due = loop.time() + self._rng.uniform(0, group.spec.health_check.interval)
+        due = loop.time() + self._rng.uniform(0, min(group.spec.health_check.interval, FIRST_ROUND_SPREAD))
         while True:
             await asyncio.sleep(max(0.0, due - loop.time()))
             check = group.spec.health_check  # the latest settings

@@ -47,6 +47,8 @@ def flow_state(flow: Flow, limits: Limits, active: bool) -> str:
     timeout = limits.tcp_idle_timeout if flow.vip.protocol == "TCP" else limits.udp_idle_timeout
     if flow.idle_s >= timeout:
         return "expired"  # still in the LRU; the next packet is hashed again
+    if not flow.current:
+        return "stale"  # its VIP was deleted since: the next packet takes the vips path
     return "live" if active else "retired"  # retired: its target left, the next packet is hashed again
 
 
@@ -57,7 +59,7 @@ def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None =
     {"flows": [{"protocol", "client": "ADDR:PORT", "client_address",
     "client_port", "vip": "ADDR:PORT", "listener", "vip_id", "target":
     "ADDR:PORT"|None, "target_id", "age_s", "idle_s", "state"
-    (live|expired|retired)}], "count", "truncated"}, sorted by VIP then client.
+    (live|expired|stale|retired)}], "count", "truncated"}, sorted by VIP then client.
     """
     vip_filter = parse_endpoint(vip, port_required=False) if vip else None
     target_filter = parse_endpoint(target, port_required=False) if target else None

@@ -9,9 +9,11 @@ import time
 from typing import Any
 
 from lb.dataplane.libbpf import BpfMap
+from lb.dataplane.maps import CLOCK_MONOTONIC_COARSE
 from lb.dataplane.structs import (
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_PERCPU_ARRAY,
+    FLOW_REPLY,
     MAP_TYPE_NAMES,
     NO_TARGET,
     PROTO_NAMES,
@@ -101,6 +103,7 @@ def _decode_value(name: MapName, value: Any, per_cpu: bool, now_ns: int) -> Any:
     if name is MapName.RINGS:
         return None if plain == NO_TARGET else plain
     if name is MapName.CONNTRACK:
+        plain["kind"] = "reply" if plain["kind"] == FLOW_REPLY else "forward"
         plain["age_s"] = round(max(0, now_ns - plain["created_ns"]) / 1e9, 3)
         plain["idle_s"] = round(max(0, now_ns - plain["last_seen_ns"]) / 1e9, 3)
     return plain
@@ -129,7 +132,7 @@ def maps_dump(config: LoadBalancer, name: str, limit: int = 100) -> dict[str, An
         spec = map_specs(maps.limits)[map_name]
         bpf_map: BpfMap = maps.raw(map_name)
         skip_zero = bpf_map.info.map_type in _ARRAYS and map_name is not MapName.RINGS
-        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        now_ns = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)  # the program's flow clock
         entries: list[dict[str, Any]] = []
         truncated = False
         for key, value in bpf_map.items():
