@@ -245,14 +245,18 @@ int xdp_lb(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 
-	/* Established flows first: one lookup for both directions. */
-	__u64 now = bpf_ktime_get_coarse_ns();
+	/* Established flows first: one lookup for both directions. The clock
+	 * is read only for packets that touch a flow. */
+	__u64 now = 0;
 	struct flow_state *state = conntrack.lookup(&pkt.flow);
-	if (state && flow_is_live(&pkt, state, now)) {
-		int done = 0;
-		int action = established(ctx, &pkt, state, now, &done);
-		if (done)
-			return action;
+	if (state) {
+		now = bpf_ktime_get_coarse_ns();
+		if (flow_is_live(&pkt, state, now)) {
+			int done = 0;
+			int action = established(ctx, &pkt, state, now, &done);
+			if (done)
+				return action;
+		}
 	}
 
 	struct vip_key vk = {
@@ -262,7 +266,7 @@ int xdp_lb(struct xdp_md *ctx)
 	};
 	struct vip_meta *vip = vips.lookup(&vk);
 	if (vip)
-		return new_flow(ctx, &pkt, vip, now);
+		return new_flow(ctx, &pkt, vip, now ? now : bpf_ktime_get_coarse_ns());
 
 	count(CNT_PASS_NOT_VIP);
 	return XDP_PASS;
