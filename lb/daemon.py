@@ -414,15 +414,37 @@ class Daemon:
 # --- entry points ----------------------------------------------------------------
 
 
+def lock_path(name: str) -> str:
+    return os.path.join(RUN_DIR, f"{name}.lock")
+
+
 def _lock(name: str) -> int:
+    """Hold /run/lb/<name>.lock: one `lb up` per load balancer. The file is
+    removed on exit, so after locking we check that the path still names the
+    file we locked (else a daemon that was exiting removed it: try again)."""
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(RUN_DIR, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    path = lock_path(name)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(f"another `lb up` is already running for {name!r}") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise DaemonError(f"another `lb up` is already running for {name!r}") from None
-    return fd
+
+
+def _unlock(name: str, fd: int) -> None:
+    try:
+        os.unlink(lock_path(name))  # while still holding it: nobody can lock it in between
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def enter_netns(name: str | None) -> None:
@@ -461,12 +483,18 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
             raise
         uvloop.run(_main(daemon))
     finally:
-        os.close(lock)
+        _unlock(config.name, lock)
 
 
 def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = True) -> dict[str, Any]:
     """Remove what `lb up` left in the kernel: XDP programs, pinned maps, the
     addresses it added. Safe to run twice."""
+    try:
+        lock = _lock(name)
+    except DaemonError:
+        raise DaemonError(f"`lb up` is still running for {name!r}: stop it first (SIGTERM, or systemctl stop lb)") \
+            from None
+    _unlock(name, lock)  # not running: this also removes a lock file a killed daemon left
     state = RuntimeState.load(name)
     detached = detach_all(interfaces, netns)
     removed_addresses = []

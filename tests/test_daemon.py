@@ -320,3 +320,16 @@ def test_slow_request_through_a_deregistered_target_completes(daemon: RunningDae
     assert target.name in {backend for _, backend in results}  # one was in flight on the drained target
     assert all(status == 200 and backend != target.name for status, backend in after)
     daemon.wait_for("web", target.address, "healthy", timeout=INTERVAL * 2 + 3)
+
+
+def test_down_is_refused_while_up_runs_and_a_stop_leaves_no_lock(daemon: RunningDaemon) -> None:
+    from lb.daemon import lock_path
+
+    refused = subprocess.run([sys.executable, "-m", "lb", "down", "-c", daemon.config_path], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 1 and "still running" in refused.stderr and "Traceback" not in refused.stderr
+    assert daemon.request("status")["program_id"] is not None  # nothing was taken away
+    assert os.path.exists(lock_path(NAME))
+    assert daemon.stop() == 0
+    assert not os.path.exists(lock_path(NAME))
+    daemon.start()  # for the fixture's own teardown

@@ -45,7 +45,10 @@ def down(config_path: str | None, keep_maps: bool, as_json: bool) -> None:
     config = load_config(config_path)
     require_root("lb down")
     interfaces = attached_interfaces(config)
-    result = daemon.down(config.name, interfaces, config.netns, purge=not keep_maps)
+    try:
+        result = daemon.down(config.name, interfaces, config.netns, purge=not keep_maps)
+    except daemon.DaemonError as exc:
+        raise click.ClickException(str(exc)) from exc
     if as_json:
         echo_json(result)
         return
