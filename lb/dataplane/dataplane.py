@@ -98,14 +98,15 @@ class Dataplane:
         # Adopt what the maps hold: a restarted daemon keeps ids, so flows
         # in conntrack keep pointing at the right targets.
         self._vips: dict[VipAddr, VipEntry] = {e.vip: e for e in maps.vips()}
-        self._target_ids: dict[Endpoint, int] = {t.endpoint: t.target_id for t in maps.targets() if t.active}
+        known = maps.targets()
+        self._target_ids: dict[Endpoint, int] = {t.endpoint: t.target_id for t in known if t.active}
         used = set(self._target_ids.values())
-        retired = [t.target_id for t in maps.targets() if not t.active and t.target_id not in used]
-        never = [i for i in range(self.limits.max_targets) if i not in used and i not in retired]
+        retired = [t.target_id for t in known if not t.active and t.target_id not in used]
+        taken = used | set(retired)
+        never = [i for i in range(self.limits.max_targets) if i not in taken]
         self._free_target_ids: deque[int] = deque(never + retired)
-        self._free_vip_ids = deque(
-            i for i in range(self.limits.max_vips) if i not in {e.vip_id for e in self._vips.values()}
-        )
+        vip_ids = {e.vip_id for e in self._vips.values()}
+        self._free_vip_ids = deque(i for i in range(self.limits.max_vips) if i not in vip_ids)
         # Ring membership last written per VIP; empty after a restart, so the
         # first apply rewrites every ring once (same table: Maglev is deterministic).
         self._members: dict[VipAddr, tuple[tuple[Endpoint, int], ...]] = {}
