@@ -292,7 +292,10 @@ class UpstreamConnection(asyncio.Protocol):
                 raise _BadResponse(f"unsupported Transfer-Encoding {value!r}")
             self.chunked_in = True
         elif kind == _CONNECTION:
-            self.drop = connection_names(value, self.drop)
+            # Most targets send exactly "keep-alive" (or "close"): options we
+            # act on, naming no header to drop; skip the tokenising call.
+            if value != b"keep-alive" and value != b"close":
+                self.drop = connection_names(value, self.drop)
         elif kind == _UPGRADE:
             self.upgrade_value = value
 
