@@ -506,6 +506,17 @@ def test_nothing_loaded_says_so(lab: Lab) -> None:
         assert result.exit_code == 0 and "daemon not running" in result.stderr
 
 
+def test_status_names_a_missing_namespace(lab: Lab) -> None:
+    text = lab_config(lab, NOTHING).replace(f'netns = "{lab.lb_ns}"', 'netns = "lbt-no-such-ns"')
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(text)
+        f.flush()
+        result = CliRunner().invoke(cli, ["status", "-c", f.name, "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["xdp"] and all(x["mode"] == "no namespace lbt-no-such-ns" for x in info["xdp"])
+
+
 def test_not_root_is_refused_cleanly(daemon: RunningDaemon) -> None:
     fd, path = tempfile.mkstemp(suffix=".toml", prefix=f"{NAME}-public-")
     try:

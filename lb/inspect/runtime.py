@@ -72,7 +72,10 @@ def status(config: LoadBalancer) -> dict[str, Any]:
         loaded = {"path": None, "loaded_at": None}
     program = pinned_program(config)
     xdp = []
-    if config.netns is None or nl.netns_exists(config.netns):
+    if config.netns is not None and not nl.netns_exists(config.netns):
+        xdp = [{"interface": ifname, "mode": f"no namespace {config.netns}", "program_id": None, "ours": False}
+               for ifname in attached_interfaces(config)]
+    else:
         with nl.iproute(config.netns) as ipr:
             for ifname in attached_interfaces(config):
                 try:
