@@ -21,6 +21,7 @@ requests finish; new requests only go to the in-service set.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
@@ -42,6 +43,8 @@ class HealthView(TypingProtocol):
 
     def registered(self, group: str) -> tuple[Target, ...]: ...
 
+    def healthy_since(self, group: str, target: Target) -> float | None: ...
+
 
 class L7Sink(TypingProtocol):
     """Where routing tables go (lb.l7.server.L7Server)."""
@@ -57,15 +60,51 @@ class GroupView:
     in_service: tuple[Target, ...]
     draining: tuple[Target, ...]
     out_of_service: tuple[Target, ...]
+    # Slow start: in-service targets still ramping, with their share (0..1)
+    # of a full one, and when the last of them finishes (clock time).
+    ramp: tuple[tuple[Target, float], ...] = ()
+    ramp_ends: float | None = None
+
+    def share(self, target: Target) -> float:
+        return next((s for t, s in self.ramp if t == target), 1.0)
 
 
-def group_views(config: LoadBalancer, health: HealthView) -> dict[str, GroupView]:
+# A ramping target's share grows in steps: rings are rebuilt, and L7 tables
+# swapped, at most this often while any target of a group ramps.
+RAMP_STEP_SECONDS = 3.0
+RAMP_MIN_SHARE = 0.02  # a target just healthy still gets a trickle
+L4_WEIGHT_SCALE = 100  # Maglev weights are integers: full share = weight × 100
+
+
+def slow_start_ramp(group: TargetGroup, live: tuple[Target, ...], health: HealthView,
+                    now: float) -> tuple[tuple[tuple[Target, float], ...], float | None]:
+    """ELB slow start: a target that became healthy less than `slow_start`
+    seconds ago takes a linearly growing share. Not applied when it is the
+    only target in service (there is nobody to spare it)."""
+    if group.slow_start <= 0 or len(live) < 2:
+        return (), None
+    ramp = []
+    ends = None
+    for target in live:
+        since = health.healthy_since(group.name, target)
+        if since is None or now - since >= group.slow_start:
+            continue
+        ramp.append((target, max(RAMP_MIN_SHARE, (now - since) / group.slow_start)))
+        ends = max(ends or 0.0, since + group.slow_start)
+    if len(ramp) == len(live):  # all ramp together (e.g. at start): equal footing, nothing to do
+        return (), None
+    return tuple(ramp), ends
+
+
+def group_views(config: LoadBalancer, health: HealthView, now: float | None = None) -> dict[str, GroupView]:
+    now = time.monotonic() if now is None else now
     views = {}
     for group in config.target_groups:
         live = health.in_service(group.name)
         draining = health.draining(group.name)
         rest = tuple(t for t in health.registered(group.name) if t not in live and t not in draining)
-        views[group.name] = GroupView(group, live, draining, rest)
+        ramp, ends = slow_start_ramp(group, live, health, now)
+        views[group.name] = GroupView(group, live, draining, rest, ramp, ends)
     return views
 
 
@@ -79,7 +118,11 @@ def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Serv
         action = listener.default_action
         assert isinstance(action, ForwardAction)  # config.py allows nothing else on L4 listeners
         view = views[action.target_groups[0].name]
-        members = tuple((_endpoint(view.group, t), t.weight) for t in view.in_service)
+        if view.ramp:
+            members = tuple((_endpoint(view.group, t), max(1, round(t.weight * L4_WEIGHT_SCALE * view.share(t))))
+                            for t in view.in_service)
+        else:
+            members = tuple((_endpoint(view.group, t), t.weight) for t in view.in_service)
         keep = tuple(_endpoint(view.group, t) for t in (*view.draining, *view.out_of_service))
         vip = VipAddr(listener.address, listener.port, listener.protocol.value)  # type: ignore[arg-type]
         in_ring = {e for e, _ in members}
@@ -97,6 +140,7 @@ def desired_l7(config: LoadBalancer, views: dict[str, GroupView], version: int) 
             view.group,
             in_service=tuple((str(t.address), t.traffic_port(port), t.weight) for t in view.in_service),
             draining=frozenset((str(t.address), t.traffic_port(port)) for t in view.draining),
+            ramp=tuple((str(t.address), t.traffic_port(port), share) for t, share in view.ramp),
         ))
     return RoutingTable(config.listeners_of(Protocol.HTTP), tuple(groups), float(config.idle_timeout), version)
 
@@ -119,9 +163,12 @@ class Controller:
     def routing_table(self) -> RoutingTable:
         return desired_l7(self.config, group_views(self.config, self.health), self.version)
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> float | None:
+        """Write the desired state; returns in how many seconds to reconcile
+        again (a target is in slow start), or None."""
         self.version += 1
-        views = group_views(self.config, self.health)
+        now = time.monotonic()
+        views = group_views(self.config, self.health, now)
         if self.dataplane is not None:
             self.dataplane.apply(desired_l4(self.config, views))
         if self.l7 is not None:
@@ -129,3 +176,5 @@ class Controller:
         if self._on_reconcile is not None:
             self._on_reconcile()
         log.debug("reconciled (version %d)", self.version)
+        ends = [v.ramp_ends for v in views.values() if v.ramp_ends is not None]
+        return min(RAMP_STEP_SECONDS, max(0.0, min(ends) - now)) if ends else None

@@ -165,6 +165,7 @@ class Daemon:
                                   pin_dir(config.name), admin_socket=config.admin_socket)
         self._stop = asyncio.Event()
         self._reconcile_pending = False
+        self._ramp_timer: asyncio.TimerHandle | None = None
         # --- parts, created in start()
         self.program: Program | None = None
         self.maps: Maps | None = None
@@ -203,7 +204,7 @@ class Daemon:
             self.l7 = L7Server(L7Config(workers=config.workers, access_log="-"))
             self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
-        self.controller.reconcile()
+        self._after_reconcile(self.controller.reconcile())
         # --- metrics (lb.metrics): Prometheus on config.metrics_address, in our netns.
         # The scrape thread opens the pinned maps itself; health records and the L7
         # workers' pipes belong to this loop, so it asks the loop for them (on_loop).
@@ -260,6 +261,8 @@ class Daemon:
     async def stop(self) -> None:
         """Graceful: the L7 workers finish in-flight requests; XDP stays attached."""
         sd_notify("STOPPING=1")
+        if self._ramp_timer is not None:
+            self._ramp_timer.cancel()
         # --- metrics: stop serving first (a scrape may wait on this loop)
         metrics_server = getattr(self, "metrics_server", None)
         if metrics_server is not None:
@@ -297,9 +300,17 @@ class Daemon:
         def run() -> None:
             self._reconcile_pending = False
             if self.controller is not None:
-                self.controller.reconcile()
+                self._after_reconcile(self.controller.reconcile())
 
         asyncio.get_running_loop().call_soon(run)
+
+    def _after_reconcile(self, again_in: float | None) -> None:
+        """While a target is in slow start, reconcile again as its share grows."""
+        if self._ramp_timer is not None:
+            self._ramp_timer.cancel()
+            self._ramp_timer = None
+        if again_in is not None:
+            self._ramp_timer = asyncio.get_running_loop().call_later(again_in, self.schedule_reconcile)
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config: apply it whole, or change nothing."""
@@ -325,7 +336,7 @@ class Daemon:
         assert self.health is not None and self.controller is not None
         self.health.update_groups(new.target_groups)
         self.controller.set_config(new)
-        self.controller.reconcile()
+        self._after_reconcile(self.controller.reconcile())
         self.state.loaded_at = time.time()
         self.state.save()
         log.info("reloaded %s", self.config_path or "the embedded config")

@@ -294,6 +294,21 @@ def test_initial_targets_and_fail_open() -> None:
     ]
 
 
+def test_healthy_since_is_when_the_target_last_became_healthy() -> None:
+    """What slow start ramps from: set on the change to healthy, kept while healthy."""
+    checker, clock, _ = make(group("web", A, B))
+    assert checker.healthy_since("web", A) is None  # initial
+    clock.now = 1010.0
+    checker.observe("web", A, PASS)
+    clock.now = 1020.0
+    checker.observe("web", A, PASS)
+    assert checker.healthy_since("web", A) == 1010.0
+    for _ in range(2):
+        checker.observe("web", A, FAIL)
+    assert checker.healthy_since("web", A) is None
+    assert checker.healthy_since("api", A) is None
+
+
 def test_unknown_group_has_no_targets() -> None:
     checker, _, _ = make(group("web", A))
     assert checker.in_service("api") == () and checker.health("api") == {}

@@ -109,6 +109,14 @@ class HealthChecker:
     def draining(self, group: str) -> tuple[Target, ...]:
         return tuple(r.target for r in self._records(group) if r.state is TargetState.DRAINING)
 
+    def healthy_since(self, group: str, target: Target) -> float | None:
+        """Clock time the target last became healthy; None unless it is healthy now."""
+        g = self._groups.get(group)
+        record = g.records.get(self._key(g, target)) if g else None
+        if record is None or record.state is not TargetState.HEALTHY:
+            return None
+        return record.last_change
+
     def registered(self, group: str) -> tuple[Target, ...]:
         """Every target the group has, draining ones included."""
         return tuple(r.target for r in self._records(group))

@@ -71,7 +71,7 @@ def status(config: LoadBalancer) -> dict[str, Any]:
     else:
         loaded = {"path": None, "loaded_at": None}
     program = pinned_program(config)
-    xdp = []
+    xdp: list[dict[str, Any]] = []
     if config.netns is not None and not nl.netns_exists(config.netns):
         xdp = [{"interface": ifname, "mode": f"no namespace {config.netns}", "program_id": None, "ours": False}
                for ifname in attached_interfaces(config)]

@@ -11,6 +11,9 @@ swap; a balancer's own position does not need to.
 - least_outstanding_requests: fewest requests in flight from this worker;
   ties go round robin, so an idle group still spreads.
 - weighted_random: in proportion to the targets' weights.
+
+Slow start (``slow_start`` on the group) wraps whichever of these in
+:class:`SlowStart` while a newly healthy target ramps up.
 """
 
 from __future__ import annotations
@@ -115,9 +118,44 @@ class WeightedRandom(Balancer[P]):
         return self._choice.pick()
 
 
-def make_balancer(algorithm: Algorithm, pools: tuple[P, ...], weights: tuple[int, ...]) -> Balancer[P]:
+class SlowStart(Balancer[P]):
+    """Any balancer, with some endpoints in slow start: when the inner
+    balancer picks one whose share is s (0 < s < 1), the pick stands with
+    probability s; otherwise the request goes to the endpoints that are not
+    ramping (their own balancer of the same kind). A ramping endpoint thus
+    takes about s of what it would take at full share. Built only while some
+    endpoint ramps; the plain balancers stay the hot path."""
+
+    __slots__ = ("inner", "shares", "settled")
+
+    def __init__(self, inner: Balancer[P], shares: dict[int, float], settled: Balancer[P] | None) -> None:
+        super().__init__(inner.pools)
+        self.inner = inner
+        self.shares = shares  # id(pool) -> share, for the pools that ramp
+        self.settled = settled  # over the pools that do not ramp (None: every pool ramps)
+
+    def pick(self) -> P:
+        pool = self.inner.pick()
+        share = self.shares.get(id(pool))
+        if share is None or self.settled is None or random.random() < share:
+            return pool
+        return self.settled.pick()
+
+
+def make_balancer(algorithm: Algorithm, pools: tuple[P, ...], weights: tuple[int, ...],
+                  shares: tuple[float, ...] = ()) -> Balancer[P]:
+    """The group's balancer; `shares` (one per pool, 1.0 = full) wraps it in
+    SlowStart when any is below 1."""
+    inner: Balancer[P]
     if algorithm is Algorithm.LEAST_OUTSTANDING_REQUESTS:
-        return LeastOutstanding(pools)
-    if algorithm is Algorithm.WEIGHTED_RANDOM:
-        return WeightedRandom(pools, weights)
-    return RoundRobin(pools)
+        inner = LeastOutstanding(pools)
+    elif algorithm is Algorithm.WEIGHTED_RANDOM:
+        inner = WeightedRandom(pools, weights)
+    else:
+        inner = RoundRobin(pools)
+    ramping = {id(pool): share for pool, share in zip(pools, shares) if share < 1.0}
+    if not ramping:
+        return inner
+    rest = [(pool, weight) for pool, weight in zip(pools, weights or (1,) * len(pools)) if id(pool) not in ramping]
+    settled = make_balancer(algorithm, tuple(p for p, _ in rest), tuple(w for _, w in rest)) if rest else None
+    return SlowStart(inner, ramping, settled)

@@ -43,7 +43,9 @@ class GroupRoute:
             return
         group_pools = tuple(pools.get(address, port) for address, port, _ in live)
         weights = tuple(weight for _, _, weight in live)
-        self.balancer = make_balancer(entry.group.algorithm, group_pools, weights)
+        ramp = {(address, port): share for address, port, share in entry.ramp}
+        shares = tuple(ramp.get((address, port), 1.0) for address, port, _ in live)
+        self.balancer = make_balancer(entry.group.algorithm, group_pools, weights, shares)
         stickiness = entry.group.stickiness
         self.sticky = stickiness.enabled and stickiness.type == "lb_cookie"
         self.duration = stickiness.duration

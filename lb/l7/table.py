@@ -27,6 +27,9 @@ class GroupTargets:
     group: TargetGroup
     in_service: tuple[Endpoint, ...] = ()  # new requests go to these
     draining: frozenset[tuple[str, int]] = frozenset()  # (address, port): in-flight only
+    # (address, port, share): endpoints in slow start, taking `share` (0..1)
+    # of what they will take once it is over.
+    ramp: tuple[tuple[str, int, float], ...] = ()
 
 
 @dataclass(frozen=True)
