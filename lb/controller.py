@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
@@ -149,13 +148,12 @@ class Controller:
     """Reconciles on demand: at start, on every health change, on reload."""
 
     def __init__(self, config: LoadBalancer, health: HealthView, dataplane: Dataplane | None,
-                 l7: L7Sink | None, on_reconcile: Callable[[], None] | None = None) -> None:
+                 l7: L7Sink | None) -> None:
         self.config = config
         self.health = health
         self.dataplane = dataplane
         self.l7 = l7
         self.version = 0
-        self._on_reconcile = on_reconcile
 
     def set_config(self, config: LoadBalancer) -> None:
         self.config = config
@@ -173,8 +171,6 @@ class Controller:
             self.dataplane.apply(desired_l4(self.config, views))
         if self.l7 is not None:
             self.l7.update(desired_l7(self.config, views, self.version))
-        if self._on_reconcile is not None:
-            self._on_reconcile()
         log.debug("reconciled (version %d)", self.version)
         ends = [v.ramp_ends for v in views.values() if v.ramp_ends is not None]
         return min(RAMP_STEP_SECONDS, max(0.0, min(ends) - now)) if ends else None

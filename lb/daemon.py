@@ -117,6 +117,12 @@ def listener_addresses(config: LoadBalancer) -> list[str]:
     return seen
 
 
+def listener_rows(config: LoadBalancer) -> list[dict[str, Any]]:
+    """The listeners as `lb status` shows them: {"name", "protocol", "address", "port"}."""
+    return [{"name": li.name, "protocol": li.protocol.value, "address": str(li.address), "port": li.port}
+            for li in config.listeners]
+
+
 def place_addresses(config: LoadBalancer) -> list[tuple[str, str, int]]:
     """Make every listener address local, so the host answers ARP for L4 VIPs
     and the L7 proxy can bind. An address inside a connected subnet goes on
@@ -365,10 +371,7 @@ class Daemon:
             "pin_dir": self.state.pin_dir,
             "program_id": self.program.prog_id if self.program else None,
             "attachments": self.state.attachments,
-            "listeners": [
-                {"name": li.name, "protocol": li.protocol.value, "address": str(li.address), "port": li.port}
-                for li in self.config.listeners
-            ],
+            "listeners": listener_rows(self.config),
         }
 
     def targets(self, group: str | None) -> list[dict[str, Any]]:
@@ -515,7 +518,6 @@ def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = T
                 nl.remove_address(ipr, ifname, address, prefixlen)
                 removed_addresses.append(address)
     unpinned = purge_pins(name) if purge else False
-    for path in (state_path(name),):
-        if os.path.exists(path):
-            os.unlink(path)
+    if os.path.exists(state_path(name)):
+        os.unlink(state_path(name))
     return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned}

@@ -56,7 +56,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
-from lb.dataplane.maps import Maps, MapsNotLoaded, VipAddr
+from lb.dataplane.maps import Maps, MapsNotLoaded, VipAddr, VipEntry
 from lb.model import LoadBalancer, Protocol, TargetState
 
 log = logging.getLogger("lb.metrics")
@@ -144,10 +144,11 @@ class Collector(PromCollector):
         loaded.add_metric([], 1)
         yield loaded
         with maps:
-            yield from self._traffic(config, maps)
-            yield from self._conntrack(maps)
+            vips = maps.vips()  # read once: both sections list every VIP
+            yield from self._traffic(config, maps, vips)
+            yield from self._conntrack(maps, vips)
 
-    def _traffic(self, config: LoadBalancer, maps: Maps) -> Iterator[Metric]:
+    def _traffic(self, config: LoadBalancer, maps: Maps, vips: list[VipEntry]) -> Iterator[Metric]:
         listeners = {VipAddr(li.address, li.port, li.protocol.value): li.name  # type: ignore[arg-type]
                      for li in config.listeners_of(Protocol.TCP, Protocol.UDP)}
         fields = (("packets", "client to target packets forwarded"), ("bytes", "client to target bytes forwarded"),
@@ -156,7 +157,7 @@ class Collector(PromCollector):
                   ("reply_bytes", "target to client bytes rewritten"))
         vip_families = {f: CounterMetricFamily(f"lb_vip_{f}", f"Per VIP: {h}", labels=["vip", "protocol", "listener"])
                         for f, h in fields}
-        for entry in maps.vips():
+        for entry in vips:
             traffic = maps.vip_traffic(entry.vip_id)
             labels = [f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol, listeners.get(entry.vip, "")]
             for f, family in vip_families.items():
@@ -177,7 +178,7 @@ class Collector(PromCollector):
             xdp.add_metric([counter.label], value)
         yield xdp
 
-    def _conntrack(self, maps: Maps) -> Iterator[Metric]:
+    def _conntrack(self, maps: Maps, vips: list[VipEntry]) -> Iterator[Metric]:
         counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         truncated = 0
         timeouts = {"TCP": maps.limits.tcp_idle_timeout, "UDP": maps.limits.udp_idle_timeout}
@@ -187,7 +188,7 @@ class Collector(PromCollector):
                 break
             state = "expired" if flow.idle_s >= timeouts.get(flow.vip.protocol, 0) else "live"
             counts[(f"{flow.vip.address}:{flow.vip.port}", flow.vip.protocol, state)] += 1
-        for entry in maps.vips():  # every VIP shows, with 0 when it has no flows
+        for entry in vips:  # every VIP shows, with 0 when it has no flows
             counts.update({(f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol, "live"): 0})
         entries = GaugeMetricFamily("lb_conntrack_entries", "Conntrack entries per VIP (live, or expired "
                                     "but not yet evicted from the LRU)", labels=["vip", "protocol", "state"])

@@ -121,10 +121,6 @@ def ifindex(ipr: IPRoute, ifname: str) -> int:
     return int(found[0])
 
 
-def link_exists(ipr: IPRoute, ifname: str) -> bool:
-    return bool(ipr.link_lookup(ifname=ifname))
-
-
 def link_is_up(ipr: IPRoute, ifname: str) -> bool:
     found = ipr.link_lookup(ifname=ifname)
     if not found:
@@ -275,10 +271,6 @@ NUD_PERMANENT = 0x80
 
 def set_mac(ipr: IPRoute, ifname: str, mac: str) -> None:
     ipr.link("set", index=ifindex(ipr, ifname), address=mac)
-
-
-def mac_of(ipr: IPRoute, ifname: str) -> str:
-    return str(ipr.get_links(ifindex(ipr, ifname))[0].get_attr("IFLA_ADDRESS"))
 
 
 def add_neighbor(ipr: IPRoute, ifname: str, address: str, mac: str) -> None:

@@ -51,12 +51,13 @@ def down(prefix: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(prefix: str, as_json: bool) -> None:
     """Show which namespaces, links and servers exist."""
-    state = _lab(prefix).status()
+    the_lab = _lab(prefix)
+    state = the_lab.status()
     if as_json:
         click.echo(json.dumps(state, indent=2))
         return
     click.echo(f"lab {prefix}: {'up' if state['complete'] else 'not up'}")
-    for ns in Lab(prefix).namespaces:
+    for ns in the_lab.namespaces:
         click.echo(f"  {ns:<20} {'present' if ns in state['namespaces'] else 'absent'}")
     for ifname, is_up in state["links"].items():
         click.echo(f"  {ifname:<20} {'up' if is_up else 'down'}")

@@ -38,7 +38,6 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
         "bpf_map_update_batch": (c_int, [c_int, c_void_p, c_void_p, c_uint32_p, c_void_p]),
         "bpf_prog_test_run_opts": (c_int, [c_int, c_void_p]),
-        "bpf_prog_get_fd_by_id": (c_int, [ctypes.c_uint32]),
         "libbpf_num_possible_cpus": (c_int, []),
     }
     for name, (restype, argtypes) in signatures.items():
@@ -144,14 +143,6 @@ def map_info(fd: int) -> MapInfo:
     _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
     return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries, info.map_flags,
                    info.name.decode())
-
-
-def prog_info_by_id(prog_id: int) -> ProgInfo:
-    fd = _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"program {prog_id}")
-    try:
-        return prog_info(fd)
-    finally:
-        os.close(fd)
 
 
 # --- maps ----------------------------------------------------------------------

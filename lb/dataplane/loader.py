@@ -31,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from lb import netlink as nl
 from lb.dataplane import libbpf
-from lb.dataplane.structs import MAP_TYPE_NAMES, Limits, map_specs
+from lb.dataplane.structs import MAP_TYPE_NAMES, Limits, MapSpec, map_specs
 from lb.model import XdpMode
 
 log = logging.getLogger("lb.dataplane")
@@ -78,15 +78,23 @@ def check_pinned_maps(directory: str, limits: Limits) -> list[str]:
             info = libbpf.map_info(fd)
         finally:
             os.close(fd)
-        want = (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.max_entries)
-        have = (info.map_type, info.key_size, info.value_size, info.max_entries)
-        if want != have:
-            problems.append(
-                f"{path}: pinned as {MAP_TYPE_NAMES.get(have[0], have[0])} key {have[1]} B value {have[2]} B "
-                f"max {have[3]}, this build needs {MAP_TYPE_NAMES.get(want[0], want[0])} key {want[1]} B "
-                f"value {want[2]} B max {want[3]}"
-            )
+        problem = map_mismatch(path, spec, info)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def map_mismatch(path: str, spec: MapSpec, info: libbpf.MapInfo) -> str | None:
+    """Why the map pinned at `path` (described by `info`) is not what `spec` needs; None if it is."""
+    want = (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.max_entries)
+    have = (info.map_type, info.key_size, info.value_size, info.max_entries)
+    if want == have:
+        return None
+    return (
+        f"{path}: pinned as {MAP_TYPE_NAMES.get(have[0], have[0])} key {have[1]} B value {have[2]} B "
+        f"max {have[3]}, this build needs {MAP_TYPE_NAMES.get(want[0], want[0])} key {want[1]} B "
+        f"value {want[2]} B max {want[3]}"
+    )
 
 
 def compile_cflags(name: str, limits: Limits) -> list[str]:

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from lb.dataplane import libbpf
 from lb.dataplane.libbpf import BpfMap
 from lb.dataplane.structs import (
     FLOW_FORWARD,
@@ -273,7 +272,3 @@ class Maps:
             cells = bpf_map.lookup(ctypes.c_uint32(reason))
             out[reason] = 0 if cells is None else sum(int(c) for c in cells)
         return out
-
-
-def possible_cpus() -> int:
-    return libbpf.possible_cpus()

@@ -32,17 +32,20 @@ def limits_for(config: LoadBalancer) -> Limits:
 @contextmanager
 def open_maps(config: LoadBalancer, what: str) -> Iterator[Maps]:
     """The pinned maps of `config.name`, read-only in spirit (nothing here writes)."""
-    from lb.dataplane.loader import check_pinned_maps, pin_dir
+    from lb.dataplane.loader import map_mismatch, pin_dir
+    from lb.dataplane.structs import map_specs
 
     require_root(what)
     directory, limits = pin_dir(config.name), limits_for(config)
     try:
-        problems = check_pinned_maps(directory, limits)
         maps = Maps(directory, limits)
     except MapsNotLoaded:
         raise InspectError(f"nothing loaded for {config.name}: is lb up? (no maps pinned under {directory})") from None
     except BpfError as exc:
         raise InspectError(f"{directory}: {exc}") from None
+    # Checked on the maps just opened (each BpfMap already holds its info): no second open.
+    problems = [problem for name, spec in map_specs(limits).items()
+                if (problem := map_mismatch(os.path.join(directory, name.value), spec, maps.raw(name).info))]
     if problems:
         maps.close()
         raise InspectError("the pinned maps do not match this config's limits:\n  " + "\n  ".join(problems))

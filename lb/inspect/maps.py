@@ -48,7 +48,8 @@ def maps_list(config: LoadBalancer) -> list[dict[str, Any]]:
     with open_maps(config, "lb maps list") as maps:
         out = []
         for name, spec in map_specs(maps.limits).items():
-            bpf_map, info = maps.raw(name), maps.raw(name).info
+            bpf_map = maps.raw(name)
+            info = bpf_map.info
             if info.map_type in _ARRAYS:
                 entries = info.max_entries
             else:

@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lb.dataplane.structs import MapName
 from lb.inspect.access import InspectError, ask_daemon, require_root
 from lb.model import LoadBalancer
 
+if TYPE_CHECKING:
+    from lb.daemon import RuntimeState
+
 
 def attached_interfaces(config: LoadBalancer) -> list[str]:
     """Interfaces the last `lb up` attached to (its state file), else the config's."""
-    from lb.daemon import RuntimeState, xdp_interfaces
+    from lb.daemon import RuntimeState
 
-    state = RuntimeState.load(config.name)
+    return _attached_interfaces(config, RuntimeState.load(config.name))
+
+
+def _attached_interfaces(config: LoadBalancer, state: RuntimeState | None) -> list[str]:
+    from lb.daemon import xdp_interfaces
+
     if state is not None and state.attachments:
         return [a["ifname"] for a in state.attachments]
     if config.interfaces:
@@ -55,7 +63,7 @@ def status(config: LoadBalancer) -> dict[str, Any]:
     "listeners": [{"name", "protocol", "address", "port"}]}
     """
     from lb import netlink as nl
-    from lb.daemon import RuntimeState
+    from lb.daemon import RuntimeState, listener_rows
     from lb.dataplane.loader import pin_dir
 
     require_root("lb status")
@@ -71,35 +79,32 @@ def status(config: LoadBalancer) -> dict[str, Any]:
     else:
         loaded = {"path": None, "loaded_at": None}
     program = pinned_program(config)
+    interfaces = _attached_interfaces(config, state)  # the state file, read once above
     xdp: list[dict[str, Any]] = []
     if config.netns is not None and not nl.netns_exists(config.netns):
         xdp = [{"interface": ifname, "mode": f"no namespace {config.netns}", "program_id": None, "ours": False}
-               for ifname in attached_interfaces(config)]
+               for ifname in interfaces]
     else:
         with nl.iproute(config.netns) as ipr:
-            for ifname in attached_interfaces(config):
+            for ifname in interfaces:
                 try:
                     mode, prog_id = nl.xdp_info(ipr, ifname)
                 except nl.NetlinkLookupError:
                     mode, prog_id = "no such interface", None
                 ours = program is not None and prog_id == program["id"]
                 xdp.append({"interface": ifname, "mode": mode, "program_id": prog_id, "ours": ours})
+    directory = pin_dir(config.name)
     return {
         "name": config.name,
         "daemon": daemon,
         "config": loaded,
         "xdp": xdp,
         "program": program,
-        "pin_dir": pin_dir(config.name),
-        "maps_pinned": os.path.isdir(pin_dir(config.name)) and os.path.exists(
-            os.path.join(pin_dir(config.name), MapName.VIPS.value)),
+        "pin_dir": directory,
+        "maps_pinned": os.path.exists(os.path.join(directory, MapName.VIPS.value)),
         "metrics_address": config.metrics_address,
-        "listeners": [
-            {"name": li.name, "protocol": li.protocol.value, "address": str(li.address), "port": li.port}
-            for li in config.listeners
-        ],
+        "listeners": listener_rows(config),
     }
-
 
 
 def targets(config: LoadBalancer, group: str | None = None) -> dict[str, Any]:

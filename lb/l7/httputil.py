@@ -1,6 +1,6 @@
 """Small HTTP/1.x building blocks shared by the proxy's modules.
 
-Everything here is computed once (status lines, hop-by-hop names) or once
+Everything here is computed once (status lines, header tables) or once
 a second (the Date header), never per request.
 """
 
@@ -11,20 +11,6 @@ import time
 from email.utils import formatdate
 
 CRLF = b"\r\n"
-
-# RFC 9110 §7.6.1: never forwarded. "Connection" may name more.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
 
 # Connection header options we act on ourselves; any other token names a header to drop.
 CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
