@@ -69,6 +69,14 @@ static __always_inline void account(struct traffic_stats *stats, __u32 len, int 
 	stats->new_flows += new_flow;
 }
 
+static __always_inline void account_reply(struct traffic_stats *stats, __u32 len)
+{
+	if (!stats)
+		return;
+	stats->reply_packets += 1;
+	stats->reply_bytes += len;
+}
+
 /* Next hop for the rewritten packet; on success the frame leaves now. */
 static __always_inline int send_out(struct xdp_md *ctx, struct packet *pkt)
 {
@@ -155,16 +163,8 @@ static __always_inline int established(struct xdp_md *ctx, struct packet *pkt, s
 		if (!ttl_ok(pkt))
 			return XDP_DROP;
 		touch(state, now);
-		struct traffic_stats *stats = vip_stats.lookup(&vip_id);
-		if (stats) {
-			stats->reply_packets += 1;
-			stats->reply_bytes += pkt->len;
-		}
-		stats = target_stats.lookup(&target_id);
-		if (stats) {
-			stats->reply_packets += 1;
-			stats->reply_bytes += pkt->len;
-		}
+		account_reply(vip_stats.lookup(&vip_id), pkt->len);
+		account_reply(target_stats.lookup(&target_id), pkt->len);
 		count(CNT_REVERSE_NAT);
 		nat_reverse(pkt, state->vip_addr, state->vip_port);
 		return send_out(ctx, pkt);

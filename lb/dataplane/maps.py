@@ -205,6 +205,12 @@ class Maps:
         values = (ctypes.c_uint32 * size)(*target_ids)
         self._maps[MapName.RINGS].update_batch(keys, values, size)
 
+    def ring_slot(self, vip_id: int, half: int, index: int) -> int | None:
+        """One slot of a VIP's ring, as bpf/lb.c reads it for a new flow
+        (index = flow hash % ring size); None when the slot has no target."""
+        value = self._maps[MapName.RINGS].lookup(ctypes.c_uint32(self._ring_base(vip_id, half & 1) + index))
+        return None if value is None or value.value == NO_TARGET else int(value.value)
+
     def read_ring(self, vip_id: int, half: int) -> list[int]:
         bpf_map = self._maps[MapName.RINGS]
         base = self._ring_base(vip_id, half)

@@ -4,13 +4,12 @@ with the kernel's flow hash recomputed in Python."""
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 from typing import Any
 
 from lb.dataplane.maps import Endpoint, VipAddr
-from lb.dataplane.structs import FLOW_HASH_SEED, NO_TARGET, PROTO_NUMBERS, MapName, ip_to_net, port_to_net
+from lb.dataplane.structs import FLOW_HASH_SEED, PROTO_NUMBERS, ip_to_net, port_to_net
 from lb.inspect.access import InspectError, ask_daemon, open_maps
 from lb.inspect.kernel import flow_state
 from lb.inspect.names import l4_listeners, parse_endpoint
@@ -168,9 +167,7 @@ def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: 
 
         size = maps.limits.ring_size
         hashed = flow_hash(proto, src_ip, sport, dst_ip, dport)
-        index = (entry.vip_id * 2 + (entry.ring & 1)) * size + hashed % size
-        cell = maps.raw(MapName.RINGS).lookup(ctypes.c_uint32(index))
-        ring_target = None if cell is None or cell.value == NO_TARGET else int(cell.value)
+        ring_target = maps.ring_slot(entry.vip_id, entry.ring, hashed % size)
         out["ring"] = {"hash": hashed, "size": size, "half": entry.ring, "slot": hashed % size,
                        "target_id": ring_target, "target": name(ring_target)}
         flow = maps.flow(proto, Endpoint(src_ip, sport), Endpoint(dst_ip, dport))
