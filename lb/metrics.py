@@ -56,8 +56,9 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
-from lb.dataplane.maps import Maps, MapsNotLoaded, VipAddr, VipEntry
-from lb.model import LoadBalancer, Protocol, TargetState
+from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry
+from lb.inspect.names import l4_listeners
+from lb.model import LoadBalancer, TargetState
 
 log = logging.getLogger("lb.metrics")
 
@@ -149,8 +150,7 @@ class Collector(PromCollector):
             yield from self._conntrack(maps, vips)
 
     def _traffic(self, config: LoadBalancer, maps: Maps, vips: list[VipEntry]) -> Iterator[Metric]:
-        listeners = {VipAddr(li.address, li.port, li.protocol.value): li.name  # type: ignore[arg-type]
-                     for li in config.listeners_of(Protocol.TCP, Protocol.UDP)}
+        listeners = {vip: name for vip, (name, _) in l4_listeners(config).items()}
         fields = (("packets", "client to target packets forwarded"), ("bytes", "client to target bytes forwarded"),
                   ("new_flows", "new flows hashed onto the ring"),
                   ("reply_packets", "target to client packets rewritten"),

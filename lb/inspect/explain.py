@@ -30,13 +30,20 @@ def _action(action: Action) -> dict[str, Any]:
             "body": action.body}
 
 
-def _group_targets(config: LoadBalancer, name: str) -> list[dict[str, Any]]:
-    """A group's targets: with their health when the daemon answers, else from the config."""
-    rows, _ = ask_daemon(config, "targets", group=name) if os.geteuid() == 0 else (None, None)
-    if rows is not None:
-        return [{"target": r["target"], "port": r["port"], "state": r["state"]} for r in rows]
-    group = config.target_group(name)
-    return [{"target": str(t.address), "port": t.traffic_port(group.port), "state": "unknown"} for t in group.targets]
+def _group_targets(config: LoadBalancer, names: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each named group's targets: with their health from one daemon request
+    when it answers, else from the config (state "unknown")."""
+    rows, _ = ask_daemon(config, "targets") if os.geteuid() == 0 else (None, None)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        if rows is not None:
+            out[name] = [{"target": r["target"], "port": r["port"], "state": r["state"]}
+                         for r in rows if r["group"] == name]
+        else:
+            group = config.target_group(name)
+            out[name] = [{"target": str(t.address), "port": t.traffic_port(group.port), "state": "unknown"}
+                         for t in group.targets]
+    return out
 
 
 def explain_http(config: LoadBalancer, listener: str | None, method: str, host: str | None, path: str,
@@ -96,8 +103,8 @@ def explain_http(config: LoadBalancer, listener: str | None, method: str, host: 
     response: dict[str, Any] | None = None
     groups = []
     if isinstance(action, ForwardAction):
-        groups = [{"name": g.name, "weight": g.weight, "targets": _group_targets(config, g.name)}
-                  for g in action.target_groups]
+        targets = _group_targets(config, [g.name for g in action.target_groups])
+        groups = [{"name": g.name, "weight": g.weight, "targets": targets[g.name]} for g in action.target_groups]
     elif isinstance(action, RedirectAction):
         location = Redirect(action).location(host, path, query, chosen.port, str(chosen.address))
         response = {"status": action.status_code, "location": location}

@@ -44,7 +44,9 @@ class Forwarding(ClientState):
         ex.pool = pool
         ex.target = pool.label
         pool.outstanding += 1
-        idle = pool.idle  # Pool.take(), inlined: the hot path
+        # Reuse the newest idle keep-alive connection still open (LIFO: the
+        # warmest); read straight off the pool, this is the per-request path.
+        idle = pool.idle
         while idle:
             conn = idle.pop()
             if not conn.transport.is_closing():

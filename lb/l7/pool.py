@@ -62,15 +62,6 @@ class Pool:
 
     # --- the hot path ---------------------------------------------------------
 
-    def take(self) -> UpstreamConnection | None:
-        """An idle keep-alive connection, or None."""
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
-            if not conn.transport.is_closing():
-                return conn
-        return None
-
     def give_back(self, conn: UpstreamConnection, reusable: bool) -> None:
         """A request is done with ``conn``: keep it, hand it on, or close it."""
         if reusable and not self.retired:
