@@ -65,7 +65,7 @@ fi
 # --- kernel headers for bcc ------------------------------------------------
 # bcc compiles BPF C against /lib/modules/$(uname -r)/build. Use the running
 # kernel's own headers where they exist; otherwise fall back to Debian's
-# generic headers, which are enough for XDP programs (LAB-NOTES.md).
+# generic headers, which are enough for XDP programs (docs/kernel-notes.md).
 kver=$(uname -r)
 moddir="/lib/modules/$kver"
 have_headers() { [ -e "$moddir/build/include/linux/kconfig.h" ] || [ -e "$moddir/source/include/linux/kconfig.h" ]; }

@@ -8,7 +8,7 @@ touched, and no traffic leaves them). Every backend routes its replies back
 through the lb namespace (default route via 10.0.1.1), as NAT forwarding
 needs, and runs `lb.labserver` (HTTP on 80, TCP and UDP echo on 9000).
 
-The veth settings come from LAB-NOTES.md: the senders (client, backends) turn
+The veth settings come from docs/kernel-notes.md: the senders (client, backends) turn
 TX checksum offload off, so XDP rewrites complete checksums, and turn GRO
 on, so XDP_REDIRECTed frames into their peer are accepted in native mode.
 
@@ -44,7 +44,7 @@ ECHO_PORT = 9000
 LB_CLIENT_IF = "to-client"
 HOST_IF = "eth0"  # the interface name inside client and backend namespaces
 
-# Features for the sending ends of the veths (LAB-NOTES.md).
+# Features for the sending ends of the veths (docs/kernel-notes.md).
 SENDER_FEATURES = {"tx-checksum-ip-generic": False, "rx-gro": True}
 
 SERVER_READY_TIMEOUT = 10.0

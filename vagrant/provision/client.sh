@@ -29,7 +29,7 @@ fi
 
 # The VIP lies inside the client network, but lb need not answer ARP for it:
 # a host route sends VIP traffic to lb's own MAC. Checksums in full on the
-# lab NIC, as in the namespace lab (shared/LAB-NOTES.md). A unit, so both
+# lab NIC, as in the namespace lab (docs/kernel-notes.md). A unit, so both
 # survive a reboot.
 ifname=$(ip -o -4 addr show | awk -v a="$LAB_ADDRESS" '{ split($4, p, "/") } p[1] == a { print $2; exit }')
 [ -n "$ifname" ] || { echo "client.sh: no interface has $LAB_ADDRESS (ip -br addr)" >&2; exit 1; }

@@ -74,7 +74,7 @@ EOF
 
 # --- routing and checksums --------------------------------------------------------
 # A unit, so both survive a reboot. Full checksums on the lab NIC as in the
-# namespace lab (shared/LAB-NOTES.md: XDP's incremental checksum update needs
+# namespace lab (docs/kernel-notes.md: XDP's incremental checksum update needs
 # them); eth0, Vagrant's management NIC, keeps its on-link route, so
 # `vagrant ssh` still works.
 ifname=$(ip -o -4 addr show | awk -v a="$LAB_ADDRESS" '{ split($4, p, "/") } p[1] == a { print $2; exit }')
