@@ -1,4 +1,4 @@
-"""A validating reader over parsed TOML tables, used by :mod:`lb.config`.
+"""A validating reader over parsed TOML tables, used throughout :mod:`lb.config`.
 
 A :class:`Table` wraps one TOML table together with its key path (such as
 ``listeners[0].rules[2]``) and a shared list of issues. Its typed getters
