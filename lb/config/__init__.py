@@ -14,8 +14,8 @@ either a whole model or a :class:`ConfigError`, never a half-built model.
 
 This module is the whole public API; the modules beside it are private:
 ``_builder`` (the entry points and the top-level parts), ``_rules`` (listener
-rules, conditions and actions) and ``_reader`` (the validating table reader
-and its issues). Only the control plane imports this package: the L7 workers
+rules, conditions and actions), ``_reader`` (the validating table reader and
+its issues) and ``_checks`` (checks of single values). Only the control plane imports this package: the L7 workers
 get a built :class:`lb.model.LoadBalancer` and never load the TOML reader.
 """
 

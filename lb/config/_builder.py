@@ -3,7 +3,8 @@ and the builder of its three top-level parts.
 
 ``[load_balancer]``, ``[[listeners]]`` and ``[[target_groups]]`` are built
 here; listener rules, conditions and actions by :mod:`lb.config._rules`,
-every table is read through :mod:`lb.config._reader`.
+every table is read through :mod:`lb.config._reader`, values checked by
+:mod:`lb.config._checks`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lb import model as m
-from lb.config._reader import (
-    ConfigError,
-    ConfigIssue,
-    Table,
-    host_port,
-    is_prime,
-    matcher_codes,
-    matching,
-    next_prime,
-    report_duplicates,
-)
+from lb.config._checks import host_port, is_prime, matcher_codes, matching, next_prime
+from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates
 from lb.config._rules import RuleBuilder, with_article
 
 DEFAULT_SOURCE = "<embedded default.toml>"

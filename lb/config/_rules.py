@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 
 from lb import model as m
-from lb.config._reader import Table, cidr, matching, report_duplicates
+from lb.config._checks import cidr, matching
+from lb.config._reader import Table, report_duplicates
 
 # --- limits (ELB's, REFERENCE.md) ----------------------------------------------
 
