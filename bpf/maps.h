@@ -11,6 +11,12 @@
 #ifndef LB_MAPS_H
 #define LB_MAPS_H
 
+#include <uapi/linux/bpf.h>
+#include <bcc/helpers.h>
+
+#include "consts.h"
+#include "structs.h"
+
 #ifndef PIN_DIR
 #error "PIN_DIR must be set by the loader (-DPIN_DIR=\"/sys/fs/bpf/lb/<name>\")"
 #endif

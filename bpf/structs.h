@@ -8,6 +8,8 @@
 #ifndef LB_STRUCTS_H
 #define LB_STRUCTS_H
 
+#include <linux/types.h>
+
 /* vips key: a VIP as packets address it. */
 struct vip_key {
 	__be32 addr;   /* IPv4 address, network order */
