@@ -21,7 +21,7 @@
 #error "PIN_DIR must be set by the loader (-DPIN_DIR=\"/sys/fs/bpf/lb/<name>\")"
 #endif
 
-/* {addr, port, proto} -> VIP id, live ring half, flags, mode. */
+/* {addr, port, proto} -> VIP id, live ring half, generation (struct vip_meta). */
 BPF_TABLE_PINNED("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, PIN_DIR "/vips");
 
 /* target id -> {addr, port, flags}. Ids are never reused while a flow may
