@@ -3,7 +3,7 @@
 The file has three parts: ``[load_balancer]`` (host settings),
 ``[[listeners]]`` (each with a default action and, for HTTP, rules) and
 ``[[target_groups]]`` (targets, health check, draining). Names, limits and
-defaults follow Elastic Load Balancing (shared/REFERENCE.md) so an ELB user
+defaults follow Elastic Load Balancing (docs/elb-reference.md) so an ELB user
 can read a file without a manual; ``lb/data/default.toml`` is a commented
 example describing the namespace lab.
 

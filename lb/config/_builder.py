@@ -24,7 +24,7 @@ from lb.config._rules import RuleBuilder, with_article
 
 DEFAULT_SOURCE = "<embedded default.toml>"
 
-# --- limits (ELB's, REFERENCE.md, unless marked as ours) ---------------------
+# --- limits (ELB's, docs/elb-reference.md, unless marked as ours) -----------
 
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?")
 NAME_RULE = "1-32 letters, digits and hyphens, not starting or ending with a hyphen"

@@ -15,7 +15,7 @@ from lb import model as m
 from lb.config._checks import cidr, matching
 from lb.config._reader import Table, report_duplicates
 
-# --- limits (ELB's, REFERENCE.md) ----------------------------------------------
+# --- limits (ELB's, docs/elb-reference.md) ------------------------------------
 
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.*?-]{1,128}")
 PATH_PATTERN = re.compile(r"[A-Za-z0-9_\-.$/~\"'@:+&*?]{1,128}")
