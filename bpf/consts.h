@@ -61,9 +61,6 @@
 /* target.flags */
 #define TARGET_F_ACTIVE 0x1 /* may carry traffic; a flow to an inactive target is re-hashed */
 
-/* vip_meta.mode: forwarding mode */
-#define FWD_NAT 0
-
 /* Global counter slots (maps.h: counters). Each packet increments exactly one
  * "verdict" reason; the others (CNT_CONNTRACK_*) count events on the way. */
 enum lb_counter {

@@ -7,6 +7,8 @@
 #ifndef LB_CSUM_H
 #define LB_CSUM_H
 
+#include <linux/types.h>
+
 static __always_inline __u16 csum_fold(__u32 sum)
 {
 	sum = (sum & 0xffff) + (sum >> 16);

@@ -17,8 +17,15 @@
  * this program only looks up.
  */
 #include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
 #include <linux/in.h>
+#include <bcc/helpers.h>
 
+/* Each header includes what it uses and compiles on its own
+ * (tests/test_bpf_headers.py): the order below is free. bcc's prelude
+ * (bcc/helpers.h; the kernel's compiler_types.h, for __always_inline) comes
+ * before every file; headers that use bcc's names (BPF_TABLE_PINNED,
+ * bpf_htons) include bcc/helpers.h anyway, to say where they come from. */
 #include "consts.h"
 #include "structs.h"
 #include "maps.h"

@@ -11,11 +11,17 @@
 #ifndef LB_MAPS_H
 #define LB_MAPS_H
 
+#include <uapi/linux/bpf.h>
+#include <bcc/helpers.h>
+
+#include "consts.h"
+#include "structs.h"
+
 #ifndef PIN_DIR
 #error "PIN_DIR must be set by the loader (-DPIN_DIR=\"/sys/fs/bpf/lb/<name>\")"
 #endif
 
-/* {addr, port, proto} -> VIP id, live ring half, flags, mode. */
+/* {addr, port, proto} -> VIP id, live ring half, generation (struct vip_meta). */
 BPF_TABLE_PINNED("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, PIN_DIR "/vips");
 
 /* target id -> {addr, port, flags}. Ids are never reused while a flow may

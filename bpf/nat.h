@@ -4,6 +4,14 @@
 #ifndef LB_NAT_H
 #define LB_NAT_H
 
+#include <linux/types.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+
+#include "csum.h"
+#include "parse.h"
+#include "structs.h"
+
 /* UDP's "no checksum" is 0 and must stay 0; a computed 0 is sent as 0xffff. */
 static __always_inline void l4_csum_replace4(struct packet *pkt, __u32 from, __u32 to)
 {

@@ -8,11 +8,15 @@
 #ifndef LB_PARSE_H
 #define LB_PARSE_H
 
+#include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
+#include <bcc/helpers.h>
+
+#include "structs.h"
 
 #define IP_MF     0x2000
 #define IP_OFFSET 0x1fff

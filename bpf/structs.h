@@ -8,6 +8,8 @@
 #ifndef LB_STRUCTS_H
 #define LB_STRUCTS_H
 
+#include <linux/types.h>
+
 /* vips key: a VIP as packets address it. */
 struct vip_key {
 	__be32 addr;   /* IPv4 address, network order */
@@ -18,10 +20,13 @@ struct vip_key {
 
 /* vips value. */
 struct vip_meta {
-	__u32 vip_id;  /* host order; index into vip_stats and rings */
-	__u32 ring;    /* host order; live half of the VIP's double-buffered ring: 0 or 1 */
-	__u32 gen;     /* host order; vip_gens[vip_id] when this VIP was written */
-	__u32 mode;    /* host order; FWD_* forwarding mode */
+	__u32 vip_id;   /* host order; index into vip_stats and rings */
+	__u32 ring;     /* host order; live half of the VIP's double-buffered ring: 0 or 1 */
+	__u32 gen;      /* host order; vip_gens[vip_id] when this VIP was written */
+	__u32 reserved; /* zero; the program never reads it. Once `mode`, whose
+	                 * only value was FWD_NAT (0). Kept so the size and layout
+	                 * stay those of the vips maps already pinned (a map of
+	                 * another size is refused on restart) */
 };
 
 /* targets value (array indexed by target id). */

@@ -74,7 +74,6 @@ def test_counter_enum_matches_consts_h() -> None:
         ("CONNTRACK_SIZE", Limits().conntrack_size),
         ("NO_TARGET", structs.NO_TARGET),
         ("TARGET_F_ACTIVE", structs.TARGET_F_ACTIVE),
-        ("FWD_NAT", structs.FWD_NAT),
         ("FLOW_HASH_SEED", structs.FLOW_HASH_SEED),
     ],
 )
@@ -89,6 +88,16 @@ def test_constants_match_consts_h(macro: str, value: int) -> None:
 def test_idle_defaults_match_consts_h(macro: str, seconds: int) -> None:
     found = re.search(rf"#define {macro} \((\d+)ULL \*", header("consts.h"))
     assert found is not None and int(found.group(1)) == seconds
+
+
+def test_vip_meta_keeps_the_layout_of_pinned_vips_maps() -> None:
+    # `mode` became `reserved`, in name only: a vips map pinned by an earlier
+    # build (value 16 B, four u32) must still be adopted on restart, and what
+    # is written there is still the 0 that FWD_NAT was.
+    u32 = ctypes.sizeof(ctypes.c_uint32)
+    fields = [("vip_id", 0, u32), ("ring", 4, u32), ("gen", 8, u32), ("reserved", 12, u32)]
+    assert layout(structs.VipMeta) == (16, fields)
+    assert structs.FWD_NAT == 0
 
 
 def test_every_map_in_maps_h_is_mirrored() -> None:

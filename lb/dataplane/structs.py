@@ -22,6 +22,9 @@ from dataclasses import dataclass
 NO_TARGET = 0xFFFFFFFF
 FLOW_HASH_SEED = 0x6C620001  # every host sharing VIPs must use the same one
 TARGET_F_ACTIVE = 0x1
+# vip_meta.reserved is written as this: 0, what it held when it was `mode`
+# and FWD_NAT its only value (lb/dataplane/maps.py writes it by that name).
+# No longer in consts.h: the program never reads the field.
 FWD_NAT = 0
 FLOW_FORWARD = 0  # conntrack entry of client -> VIP packets
 FLOW_REPLY = 1  # conntrack entry of target -> client packets
@@ -102,7 +105,7 @@ class VipMeta(ctypes.Structure):
         ("vip_id", ctypes.c_uint32),
         ("ring", ctypes.c_uint32),  # live half: 0 or 1
         ("gen", ctypes.c_uint32),  # vip_gens[vip_id] when written
-        ("mode", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),  # written as FWD_NAT (0); unread; keeps the pinned layout
     ]
 
 

@@ -1,18 +1,10 @@
-"""TOML configuration → :class:`lb.model.LoadBalancer`, with ELB's defaults.
+"""TOML → :class:`lb.model.LoadBalancer`: the entry points of :mod:`lb.config`
+and the builder of its three top-level parts.
 
-The file has three parts: ``[load_balancer]`` (host settings),
-``[[listeners]]`` (each with a default action and, for HTTP, rules) and
-``[[target_groups]]`` (targets, health check, draining). Names, limits and
-defaults follow Elastic Load Balancing (shared/REFERENCE.md) so an ELB user
-can read a file without a manual; ``lb/data/default.toml`` is a commented
-example describing the namespace lab.
-
-Validation reports every mistake at once, each naming its key path, the
-bad value and what is allowed, e.g.
-``listeners[0].rules[2].priority: 0 is outside 1..50000``. The result is
-either a whole model or a :class:`ConfigError`, never a half-built model.
-Listener rules, conditions and actions are read by :mod:`lb.config_rules`,
-every table by :mod:`lb.config_reader`.
+``[load_balancer]``, ``[[listeners]]`` and ``[[target_groups]]`` are built
+here; listener rules, conditions and actions by :mod:`lb.config._rules`,
+every table is read through :mod:`lb.config._reader`, values checked by
+:mod:`lb.config._checks`.
 """
 
 from __future__ import annotations
@@ -26,24 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from lb import model as m
-from lb.config_reader import (
-    ConfigError,
-    ConfigIssue,
-    Table,
-    host_port,
-    is_prime,
-    matcher_codes,
-    matching,
-    next_prime,
-    report_duplicates,
-)
-from lb.config_rules import RuleBuilder, with_article
-
-__all__ = ["ConfigError", "ConfigIssue", "default_config_text", "load", "load_default", "loads", "parse"]
+from lb.config._checks import host_port, is_prime, matcher_codes, matching, next_prime
+from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates
+from lb.config._rules import RuleBuilder, with_article
 
 DEFAULT_SOURCE = "<embedded default.toml>"
 
-# --- limits (ELB's, REFERENCE.md, unless marked as ours) ---------------------
+# --- limits (ELB's, docs/elb-reference.md, unless marked as ours) -----------
 
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?")
 NAME_RULE = "1-32 letters, digits and hyphens, not starting or ending with a hyphen"
@@ -66,7 +47,7 @@ HEALTH_KEYS = (
 HTTP_ONLY_HEALTH_KEYS = ("path", "method", "matcher")
 
 
-# --- public API ----------------------------------------------------------------
+# --- entry points (re-exported by lb.config) ---------------------------------
 
 
 def load(path: str | Path) -> m.LoadBalancer:

@@ -1,4 +1,4 @@
-"""A validating reader over parsed TOML tables, used by :mod:`lb.config`.
+"""A validating reader over parsed TOML tables, used throughout :mod:`lb.config`.
 
 A :class:`Table` wraps one TOML table together with its key path (such as
 ``listeners[0].rules[2]``) and a shared list of issues. Its typed getters
@@ -340,72 +340,6 @@ class Table:
     def value_of(self, key: str) -> object | None:
         """The raw value under ``key`` if it exists and has no issue."""
         return None if key in self.bad else self.data.get(key)
-
-
-# --- value checks: each returns the normalised value or raises ValueError(message)
-
-
-def matching(pattern: re.Pattern[str], rule: str) -> Callable[[str], str]:
-    def check(value: str) -> str:
-        if not pattern.fullmatch(value):
-            raise ValueError(f"{value!r} is not valid: {rule}")
-        return value
-
-    return check
-
-
-def cidr(value: str) -> str:
-    try:
-        return str(ipaddress.ip_network(value, strict=True))
-    except ValueError:
-        pass
-    try:
-        loose = ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IPv4 or IPv6 CIDR block, e.g. '10.0.0.0/24'") from None
-    raise ValueError(f"{value!r} has host bits set; did you mean '{loose}'?")
-
-
-def matcher_codes(value: str) -> str:
-    def code(text: str) -> int:
-        if not text.isdigit() or not 200 <= int(text) <= 499:
-            raise ValueError
-        return int(text)
-
-    try:
-        for part in value.split(","):
-            lo, _, hi = part.partition("-")
-            if code(lo) > (code(hi) if hi else code(lo)):
-                raise ValueError
-    except ValueError:
-        codes = "codes 200..499 as '200', '200,202' or '200-299'"
-        raise ValueError(f"{value!r} is not a valid matcher: {codes}") from None
-    return value
-
-
-def host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    try:
-        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError
-        if host.startswith("[") and host.endswith("]"):
-            ipaddress.IPv6Address(host[1:-1])
-        else:
-            ipaddress.IPv4Address(host)
-    except ValueError:
-        raise ValueError(f"{value!r} is not ADDRESS:PORT (IPv6 in brackets), e.g. '127.0.0.1:9464'") from None
-    return value
-
-
-def is_prime(n: int) -> bool:
-    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
-
-
-def next_prime(n: int) -> int:
-    """The smallest prime >= n."""
-    while not is_prime(n):
-        n += 1
-    return n
 
 
 def report_duplicates(entries: Sequence[tuple[Table, Hashable | None]], key: str, what: str) -> None:

@@ -1,6 +1,6 @@
 """Listener rules, their conditions and actions: TOML tables → model, for :mod:`lb.config`.
 
-The same conventions as the rest of the config (:mod:`lb.config_reader`):
+The same conventions as the rest of the config (:mod:`lb.config._reader`):
 every mistake is recorded with its key path, and a part that is wrong comes
 back as None. Forward actions are checked against the target groups the
 file declares (:meth:`RuleBuilder.declare_groups`), so a listener may name a
@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 
 from lb import model as m
-from lb.config_reader import Table, cidr, matching, report_duplicates
+from lb.config._checks import cidr, matching
+from lb.config._reader import Table, report_duplicates
 
-# --- limits (ELB's, REFERENCE.md) ----------------------------------------------
+# --- limits (ELB's, docs/elb-reference.md) ------------------------------------
 
 HOST_PATTERN = re.compile(r"[A-Za-z0-9.*?-]{1,128}")
 PATH_PATTERN = re.compile(r"[A-Za-z0-9_\-.$/~\"'@:+&*?]{1,128}")
