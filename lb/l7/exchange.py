@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from asyncio import Task
 
-    from lb.l7.pool import Pool
     from lb.l7.protocol import ClientProtocol
-    from lb.l7.upstream import UpstreamConnection
+    from lb.l7.upstream import Pool, UpstreamConnection
 
 
 class Exchange:

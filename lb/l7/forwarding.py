@@ -21,7 +21,7 @@ from lb.l7.request_head import build_head
 from lb.l7.routing import Forward
 
 if TYPE_CHECKING:
-    from lb.l7.pool import Pool
+    from lb.l7.upstream import Pool
     from lb.l7.upstream import UpstreamConnection
 
 _now = time.perf_counter  # loop.time() has only millisecond resolution under uvloop
