@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from asyncio import Task
 
-    from lb.l7.protocol import ClientProtocol
+    from lb.l7.client import ClientProtocol
     from lb.l7.upstream import Pool, UpstreamConnection
 
 
@@ -111,6 +111,13 @@ class Exchange:
         self.t_start = 0.0
         self.t_sent = 0.0
         self.upstream_time = -1.0
+
+    def release(self) -> None:
+        """The exchange no longer counts as outstanding on its target."""
+        pool = self.pool
+        if pool is not None:
+            self.pool = None
+            pool.outstanding -= 1
 
     def retryable(self) -> bool:
         """Safe to send again on a new connection: nothing of it is lost."""

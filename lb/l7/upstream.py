@@ -8,7 +8,7 @@ gets chunked encoding. Everything produced while feeding one chunk from the
 target is joined and written to the client once: one send per read.
 
 Failures map to the load balancer's own answers: reset, refused, malformed
-or closed before a response → 502 (:meth:`ClientProtocol.upstream_failed`);
+or closed before a response → 502 (the client's ``upstream_failed``);
 a response cut short → the client connection is aborted, as the bytes already
 sent cannot be taken back. A connection that served a request before and
 closes before answering the next one is retried once on a new connection when
@@ -421,6 +421,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 # Called with a released connection, or with None: "a slot is free, open one".
 Waiter = Callable[[UpstreamConnection | None], None]
+# A connection being opened (Pool.open).
+Opening = asyncio.Task[tuple[asyncio.BaseTransport, UpstreamConnection]]
 
 
 class Pool:
@@ -474,14 +476,14 @@ class Pool:
     def can_open(self) -> bool:
         return not self._max_conns or self.connections < self._max_conns
 
-    def open(self) -> asyncio.Task[tuple[asyncio.BaseTransport, UpstreamConnection]]:
+    def open(self) -> Opening:
         """Start connecting; the caller adds its own done callback."""
         self.connections += 1
         task = self.loop.create_task(self.loop.create_connection(self._factory, self.host, self.port))
         task.add_done_callback(self._opened)
         return task
 
-    def _opened(self, task: asyncio.Task[tuple[asyncio.BaseTransport, UpstreamConnection]]) -> None:
+    def _opened(self, task: Opening) -> None:
         if task.cancelled() or task.exception() is not None:
             self.connections -= 1
             self._serve_waiter()

@@ -17,7 +17,7 @@ from functools import partial
 from lb.l7.clock import Clock
 from lb.l7.config import L7Config
 from lb.l7.upstream import PoolSet
-from lb.l7.protocol import ClientProtocol
+from lb.l7.client import ClientProtocol
 from lb.l7.routing import Routes
 from lb.l7.stats import WorkerStats, access_logger
 from lb.l7.stickiness import CookieSigner
