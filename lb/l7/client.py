@@ -13,7 +13,8 @@ asyncio.Protocol (bytes in, backpressure, the connection's end); the
 httptools callbacks (a request head and body into an Exchange); answering,
 in order (route, answer locally, account, the next request); forwarding
 (pick a target, reuse or open a connection, send the head); what the
-upstream connection calls; WebSocket upgrades; and errors, timeouts and closing. Its state is grouped
+upstream connection calls (the :class:`~lb.l7.exchange.Client` boundary);
+WebSocket upgrades; and errors, timeouts and closing. Its state is grouped
 by lifetime in ``__init__``: worker-wide, per connection, per request.
 
 The loop comes from the worker and the transport from ``connection_made``,
@@ -560,6 +561,9 @@ class ClientProtocol(asyncio.Protocol):
 
     # --- called by the upstream connection ----------------------------------------
 
+    # These five methods, with transport, gate, write_paused and closing, are
+    # the lb.l7.exchange.Client boundary: all the upstream side uses of us.
+
     def response_done(self, ex: Exchange) -> None:
         ex.upstream = None
         ex.response_complete = True
@@ -713,9 +717,11 @@ class ClientProtocol(asyncio.Protocol):
         if task is not None:
             ex.connecting = None
             task.cancel()
-        if ex.waiting is not None:
-            ex.pool.cancel_wait(ex.waiting)  # type: ignore[union-attr, arg-type]
+        waiting = ex.waiting
+        if waiting is not None:
             ex.waiting = None
+            assert ex.pool is not None  # released only after this
+            ex.pool.cancel_wait(waiting)
         ex.release()
 
     def _abandon(self, ex: Exchange) -> None:

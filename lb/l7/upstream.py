@@ -8,7 +8,8 @@ gets chunked encoding. Everything produced while feeding one chunk from the
 target is joined and written to the client once: one send per read.
 
 Failures map to the load balancer's own answers: reset, refused, malformed
-or closed before a response → 502 (the client's ``upstream_failed``);
+or closed before a response → 502 (``upstream_failed`` of the exchange's
+:class:`~lb.l7.exchange.Client`, the boundary this side knows the client by);
 a response cut short → the client connection is aborted, as the bytes already
 sent cannot be taken back. A connection that served a request before and
 closes before answering the next one is retried once on a new connection when
