@@ -36,7 +36,7 @@ import logging
 import time
 from collections import deque
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 from httptools import (
@@ -48,6 +48,8 @@ from httptools import (
 
 from lb.l7 import errors, flow_control
 from lb.l7.actions import FixedResponse, Redirect
+from lb.l7.clock import Clock
+from lb.l7.config import L7Config
 from lb.l7.exchange import Exchange
 from lb.l7.flow_control import ReadGate
 from lb.l7.httputil import CRLF, UNKNOWN
@@ -62,12 +64,10 @@ from lb.l7.request_head import (
     rules_request,
     special_header,
 )
-from lb.l7.routing import Forward
-from lb.l7.stats import log_access
+from lb.l7.routing import Forward, Routes
+from lb.l7.stats import WorkerStats, log_access
+from lb.l7.stickiness import CookieSigner
 from lb.l7.upstream import Opening, Pool, UpstreamConnection
-
-if TYPE_CHECKING:
-    from lb.l7.worker import Worker
 
 log = logging.getLogger("lb.l7")
 
@@ -78,6 +78,23 @@ _now = time.perf_counter  # loop.time() has only millisecond resolution under uv
 _CLOSING_STATUSES = frozenset((400, 408, 500, 501, 505))
 _LINGER = 1.0  # seconds to read and drop after an error response, before closing
 _CLIENT_CLOSED = 460  # ELB's access log status for "the client closed first"
+
+
+class WorkerView(Protocol):
+    """What a client connection uses of its worker (:class:`lb.l7.worker.Worker`)."""
+
+    loop: asyncio.AbstractEventLoop
+    clock: Clock
+    config: L7Config
+    routes: Routes  # swapped whole by a table update: read per request
+    signer: CookieSigner
+    stats: WorkerStats
+    access_log: bool
+    closing: bool
+
+    def opened(self, conn: ClientProtocol) -> None: ...
+
+    def closed(self, conn: ClientProtocol) -> None: ...
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -120,7 +137,7 @@ class ClientProtocol(asyncio.Protocol):
         "queue",  # parsed, waiting for current to finish
     )
 
-    def __init__(self, worker: Worker, listener: str) -> None:
+    def __init__(self, worker: WorkerView, listener: str) -> None:
         # Worker-wide.
         self.worker = worker
         self.loop = worker.loop
