@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from lb import model as m
-from lb.l7.config import L7Config
 from lb.l7.client import ClientProtocol
+from lb.l7.config import L7Config
 from lb.l7.table import GroupTargets, RoutingTable
 from lb.l7.upstream import UpstreamConnection
 from lb.l7.worker import Worker
