@@ -36,7 +36,7 @@ import logging
 import time
 from collections import deque
 from functools import partial
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 from httptools import (
@@ -68,6 +68,7 @@ from lb.l7.routing import Forward, Routes
 from lb.l7.stats import WorkerStats, log_access
 from lb.l7.stickiness import CookieSigner
 from lb.l7.upstream import Opening, Pool, UpstreamConnection
+from lb.model import IPAddress
 
 log = logging.getLogger("lb.l7")
 
@@ -145,11 +146,11 @@ class ClientProtocol(asyncio.Protocol):
         self.config = worker.config
         self.listener = listener
         # Per connection.
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
-        self.gate: ReadGate = None  # type: ignore[assignment]
+        self.transport: asyncio.Transport  # set by connection_made, before anything reads it
+        self.gate: ReadGate  # likewise
         self.parser = httptools.HttpRequestParser(self)
         self.peer = "-"
-        self.peer_ip: object = ""
+        self.peer_ip: str | IPAddress = ""
         self.local_host = "127.0.0.1"
         self.local_port = 0
         self.authority = b""
@@ -175,8 +176,9 @@ class ClientProtocol(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.gate = ReadGate(transport)
+        # A stream transport: uvloop's are asyncio.Transports in all but name.
+        self.transport = cast(asyncio.Transport, transport)
+        self.gate = ReadGate(self.transport)
         peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
         local = transport.get_extra_info("sockname") or ("127.0.0.1", 0)
         ip = peer[0]
@@ -283,7 +285,8 @@ class ClientProtocol(asyncio.Protocol):
             raise errors.RequestRejected(errors.BAD_REQUEST, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        ex: Exchange = self.parsing  # type: ignore[assignment]
+        ex = self.parsing
+        assert ex is not None  # on_url came first
         size = len(name) + len(value)
         ex.header_bytes += size + 4
         if size > self.config.max_header or ex.header_bytes > self.config.max_headers:
@@ -300,7 +303,8 @@ class ClientProtocol(asyncio.Protocol):
             special_header(ex, kind, name, value)
 
     def on_headers_complete(self) -> None:
-        ex: Exchange = self.parsing  # type: ignore[assignment]
+        ex = self.parsing
+        assert ex is not None  # on_url came first
         self.in_head = False
         parser = self.parser
         version = parser.get_http_version()
@@ -415,7 +419,7 @@ class ClientProtocol(asyncio.Protocol):
             peer = self.peer_ip
             if isinstance(peer, str):
                 peer = self.peer_ip = peer_address(peer)
-            match = router.match(rules_request(ex, peer, route.needs_headers))  # type: ignore[arg-type]
+            match = router.match(rules_request(ex, peer, route.needs_headers))
             ex.rule = match.rule_priority
             plan = route.default if match.rule_priority is None else route.plans[match.rule_priority]
         if plan.__class__ is Forward:
@@ -542,7 +546,8 @@ class ClientProtocol(asyncio.Protocol):
     def _waited(self, ex: Exchange, conn: UpstreamConnection | None) -> None:
         ex.waiting = None
         if conn is None:  # a connection slot is free
-            self._open(ex, ex.pool)  # type: ignore[arg-type]
+            assert ex.pool is not None  # released only after the wait is cancelled
+            self._open(ex, ex.pool)
         else:
             self._send(ex, conn)
 
@@ -592,7 +597,8 @@ class ClientProtocol(asyncio.Protocol):
         ex.upstream = None
         ex.retried = True
         if ex is self.current and not self.dead:
-            self._open(ex, ex.pool)  # type: ignore[arg-type]
+            assert ex.pool is not None  # released only once ex is no longer current
+            self._open(ex, ex.pool)
 
     def upstream_failed(self, ex: Exchange, status: int, why: str) -> None:
         """The target failed this exchange (502); answer or cut."""

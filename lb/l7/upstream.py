@@ -34,7 +34,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from httptools import (
     HttpParserCallbackError,
@@ -130,7 +130,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.transport: asyncio.Transport  # set by connection_made, before anything reads it
         self.parser = HttpResponseParser(self)
         self.last_rx = pool.clock.now
         self.served = 0
@@ -157,7 +157,8 @@ class UpstreamConnection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream transport: uvloop's are asyncio.Transports in all but name.
+        self.transport = cast(asyncio.Transport, transport)
 
     def attach(self, ex: Exchange) -> None:
         """Serve ``ex``: its request head is written next by the client side."""
@@ -184,7 +185,9 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.pool.clock.now
         if self.tunnel:
-            self.client_tx.write(data)  # type: ignore[union-attr]
+            tx = self.client_tx
+            assert tx is not None  # the tunnel ends with detach(), which stops our reading
+            tx.write(data)
             return
         ex = self.ex
         if ex is None:  # bytes nobody asked for: the connection is unusable
@@ -212,7 +215,9 @@ class UpstreamConnection(asyncio.Protocol):
         if out:
             chunk = b"".join(out) if len(out) > 1 else out[0]
             ex.resp_bytes += len(chunk)
-            self.client_tx.write(chunk)  # type: ignore[union-attr]
+            tx = self.client_tx
+            assert tx is not None  # set with self.ex
+            tx.write(chunk)
         if failed is not None:
             self.broken = True
             if not self.done:  # else: a whole response, then junk: relay it, drop the connection
@@ -236,7 +241,9 @@ class UpstreamConnection(asyncio.Protocol):
             # A close-delimited response ends here.
             if self.chunk_out:
                 ex.resp_bytes += len(_LAST_CHUNK)
-                self.client_tx.write(_LAST_CHUNK)  # type: ignore[union-attr]
+                tx = self.client_tx
+                assert tx is not None  # set with self.ex
+                tx.write(_LAST_CHUNK)
             self.keep_alive = False
             self._complete(ex)
             return
