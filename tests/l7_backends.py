@@ -35,7 +35,7 @@ import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import httptools
@@ -79,7 +79,7 @@ class _HttpBackend(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # create_server's: a stream transport
         self.stats.connections += 1
         self.stats.peers.append(transport.get_extra_info("peername")[:2])
         self.task = asyncio.get_running_loop().create_task(self.serve())
@@ -217,7 +217,7 @@ class _MisbehavingBackend(asyncio.Protocol):
         self.buffer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # create_server's: a stream transport
         self.stats.connections += 1
 
     def data_received(self, data: bytes) -> None:
@@ -251,7 +251,7 @@ class _WebSocketBackend(asyncio.Protocol):
         self.open = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # create_server's: a stream transport
         self.stats.connections += 1
 
     def data_received(self, data: bytes) -> None:
@@ -353,7 +353,7 @@ async def backend(
 ) -> AsyncIterator[Backend]:
     """Start one backend on 127.0.0.1:<ephemeral>; closed on exit."""
     stats = BackendStats()
-    factory: Callable[[], asyncio.Protocol]
+    factory: Callable[[], _HttpBackend | _WebSocketBackend | _MisbehavingBackend]
     if kind == "http":
         factory = functools.partial(_HttpBackend, name, stats, body, close_after)
     elif kind == "websocket":
@@ -363,17 +363,11 @@ async def backend(
     else:
         raise ValueError(kind)
     loop = asyncio.get_running_loop()
-    transports: list[asyncio.Transport] = []
+    protocols: list[_HttpBackend | _WebSocketBackend | _MisbehavingBackend] = []
 
     def tracked() -> asyncio.Protocol:
         protocol = factory()
-        made = protocol.connection_made
-
-        def connection_made(transport: asyncio.BaseTransport) -> None:
-            transports.append(transport)  # type: ignore[arg-type]
-            made(transport)
-
-        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        protocols.append(protocol)  # its transport is aborted on exit
         return protocol
 
     server = await loop.create_server(tracked, HOST, 0)
@@ -382,8 +376,9 @@ async def backend(
         yield Backend(kind, name, port, stats, server)
     finally:
         server.close()
-        for transport in transports:
-            transport.abort()
+        for protocol in protocols:
+            if protocol.transport is not None:
+                protocol.transport.abort()
         await server.wait_closed()
         await asyncio.sleep(0)
 

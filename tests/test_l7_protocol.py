@@ -1,4 +1,4 @@
-"""lb.l7.protocol without sockets: bytes in through data_received, bytes out of a fake transport.
+"""lb.l7.client without sockets: bytes in through data_received, bytes out of a fake transport.
 
 The worker is real but never started (nothing is bound); upstream
 connections are real :class:`UpstreamConnection` objects on fake transports,
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from lb import model as m
+from lb.l7.client import ClientProtocol
 from lb.l7.config import L7Config
-from lb.l7.protocol import ClientProtocol
 from lb.l7.table import GroupTargets, RoutingTable
 from lb.l7.upstream import UpstreamConnection
 from lb.l7.worker import Worker

@@ -61,8 +61,9 @@ def test_routing_table_build_and_pickle() -> None:
     lb = m.LoadBalancer("lb", (http, l4), (web, tcp), idle_timeout=7, workers=3)
     table = RoutingTable.build(lb)
     assert table.listeners == (http,) and table.idle_timeout == 7.0
-    assert table.group("web") is not None and table.group("db") is None
-    assert table.group("web").in_service == (("10.0.0.1", 8080, 1), ("10.0.0.2", 81, 3))  # type: ignore[union-attr]
+    web_entry = table.group("web")
+    assert web_entry is not None and table.group("db") is None
+    assert web_entry.in_service == (("10.0.0.1", 8080, 1), ("10.0.0.2", 81, 3))
     later = RoutingTable.build(lb, {"web": [("10.0.0.2", 81, 3)]}, {"web": [("10.0.0.1", 8080)]}, version=2)
     entry = later.group("web")
     assert entry is not None and entry.in_service == (("10.0.0.2", 81, 3),) and entry.draining == {("10.0.0.1", 8080)}
@@ -181,7 +182,9 @@ def test_large_upload_and_download_stream_with_flat_memory() -> None:
                         writer.write(block)
                         await writer.drain()
                     head = await reader.readuntil(b"\r\n\r\n")
-                    length = int(re.search(rb"content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+                    found = re.search(rb"content-length: (\d+)", head)
+                    assert found is not None
+                    length = int(found.group(1))
                     assert b'"body_len": %d' % SIZE in await reader.readexactly(length)
 
                     writer.write(b"GET /download?size=%d HTTP/1.1\r\nHost: a\r\n\r\n" % SIZE)

@@ -1,4 +1,4 @@
-"""lb.l7.upstream, lb.l7.pool, lb.l7.balancer, lb.l7.stickiness.
+"""lb.l7.upstream (connections and pools), lb.l7.balancer, lb.l7.stickiness.
 
 Balancers and cookies are plain unit tests. Pools and the errors the proxy
 generates for a failing target run on real loopback sockets against the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from lb.model import LoadBalancer
 
@@ -42,6 +43,6 @@ class L7Config:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
 
     @classmethod
-    def for_load_balancer(cls, lb: LoadBalancer, **overrides: object) -> L7Config:
+    def for_load_balancer(cls, lb: LoadBalancer, **overrides: Any) -> L7Config:
         """The settings the model decides (the worker count), plus ``overrides``."""
-        return cls(workers=lb.workers, **overrides)  # type: ignore[arg-type]
+        return cls(workers=lb.workers, **overrides)

@@ -3,18 +3,46 @@
 Created by the client protocol when a request begins, handed to the upstream
 connection that serves it, and dropped after the access log line. Fields
 are grouped by who writes them, in the order they are filled.
+
+:class:`Client` is all the upstream side uses of the client connection an
+exchange came on (:class:`lb.l7.client.ClientProtocol`), so that the
+upstream side depends on this boundary rather than on the client class.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from asyncio import Task
+    from asyncio import Transport
 
-    from lb.l7.pool import Pool
-    from lb.l7.protocol import ClientProtocol
-    from lb.l7.upstream import UpstreamConnection
+    from lb.l7.flow_control import ReadGate
+    from lb.l7.upstream import Opening, Pool, UpstreamConnection, Waiter
+
+
+class Client(Protocol):
+    """The client connection, as its upstream connection sees it."""
+
+    # Read, never written, by the upstream side.
+    transport: Transport  # the response is relayed straight to it
+    gate: ReadGate  # paused (UPSTREAM_FULL) while the target takes no more request body
+    write_paused: bool  # the client reads slowly: so must the upstream connection
+    closing: bool  # graceful stop: the response says "connection: close"
+
+    def response_done(self, ex: Exchange) -> None:
+        """The whole response is relayed; the connection is back in its pool."""
+
+    def upstream_failed(self, ex: Exchange, status: int, why: str) -> None:
+        """The target failed the exchange: answer ``status``, or cut if too late."""
+
+    def retry(self, ex: Exchange) -> None:
+        """A reused connection closed before answering: send again on a new one."""
+
+    def start_tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        """A 101 is relayed: bytes pass through both ways from now on."""
+
+    def tunnel_closed(self) -> None:
+        """The target closed its side of the tunnel."""
 
 
 class Exchange:
@@ -69,7 +97,7 @@ class Exchange:
         "upstream_time",
     )
 
-    def __init__(self, client: ClientProtocol) -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
         self.method = b""
         self.url = b""
@@ -98,8 +126,8 @@ class Exchange:
         self.pool: Pool | None = None
         self.set_cookies = b""
         self.upstream: UpstreamConnection | None = None
-        self.connecting: Task[object] | None = None
-        self.waiting: object = None
+        self.connecting: Opening | None = None
+        self.waiting: Waiter | None = None
         self.since = 0.0
         self.retried = False
         self.head = b""
@@ -112,6 +140,13 @@ class Exchange:
         self.t_start = 0.0
         self.t_sent = 0.0
         self.upstream_time = -1.0
+
+    def release(self) -> None:
+        """The exchange no longer counts as outstanding on its target."""
+        pool = self.pool
+        if pool is not None:
+            self.pool = None
+            pool.outstanding -= 1
 
     def retryable(self) -> bool:
         """Safe to send again on a new connection: nothing of it is lost."""

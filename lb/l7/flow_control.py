@@ -24,7 +24,7 @@ class ReadGate:
 
     __slots__ = ("_transport", "reasons")
 
-    def __init__(self, transport: asyncio.BaseTransport) -> None:
+    def __init__(self, transport: asyncio.ReadTransport) -> None:
         self._transport = transport
         self.reasons = 0
 
@@ -32,7 +32,7 @@ class ReadGate:
         if not self.reasons:
             transport = self._transport
             if not transport.is_closing():
-                transport.pause_reading()  # type: ignore[attr-defined]
+                transport.pause_reading()
         self.reasons |= reason
 
     def release(self) -> None:
@@ -40,7 +40,7 @@ class ReadGate:
         if self.reasons:
             self.reasons = 0
             if not self._transport.is_closing():
-                self._transport.resume_reading()  # type: ignore[attr-defined]
+                self._transport.resume_reading()
 
     def resume(self, reason: int) -> None:
         if self.reasons & reason:
@@ -48,4 +48,4 @@ class ReadGate:
             if not self.reasons:
                 transport = self._transport
                 if not transport.is_closing():
-                    transport.resume_reading()  # type: ignore[attr-defined]
+                    transport.resume_reading()

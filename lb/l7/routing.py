@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from lb.l7.actions import FixedResponse, Redirect
 from lb.l7.balancer import Balancer, WeightedChoice, make_balancer
-from lb.l7.pool import Pool, PoolSet
 from lb.l7.rules import Router
 from lb.l7.stickiness import GROUP_COOKIE, TARGET_COOKIE, CookieSigner, find_cookie
 from lb.l7.table import GroupTargets, RoutingTable
+from lb.l7.upstream import Pool, PoolSet
 from lb.model import (
     Action,
     ConditionField,

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import uvloop
+
 from lb.l7.config import L7Config
 from lb.l7.table import RoutingTable
 from lb.l7.worker import Worker
@@ -203,8 +205,6 @@ def _receive(
 
 
 def _worker_main(pipe: multiprocessing.connection.Connection, table: RoutingTable, config: L7Config) -> None:
-    import uvloop
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     _setup_logging(config)
     uvloop.run(_worker(pipe, table, config))

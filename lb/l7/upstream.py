@@ -8,14 +8,23 @@ gets chunked encoding. Everything produced while feeding one chunk from the
 target is joined and written to the client once: one send per read.
 
 Failures map to the load balancer's own answers: reset, refused, malformed
-or closed before a response → 502 (:meth:`ClientProtocol.upstream_failed`);
+or closed before a response → 502 (``upstream_failed`` of the exchange's
+:class:`~lb.l7.exchange.Client`, the boundary this side knows the client by);
 a response cut short → the client connection is aborted, as the bytes already
 sent cannot be taken back. A connection that served a request before and
 closes before answering the next one is retried once on a new connection when
 the request has no body (the target closed an idle keep-alive connection
 just as we reused it).
 
-Pools are in :mod:`lb.l7.pool`; this module is the protocol.
+A :class:`Pool` per target endpoint (per worker) keeps the idle keep-alive
+connections to it, opens new ones, and hands a released connection straight
+to a request queued for it when ``max_conns_per_target`` is reached. Pools
+outlive routing tables: a swap *retires* the pools of endpoints that left
+(their idle connections close now, busy ones when released), and
+``outstanding`` — the requests this worker has in flight to the endpoint —
+is what least_outstanding_requests reads. The connection and its pool are
+one module because each needs the other: the pool makes connections, a
+connection goes back to (or is forgotten by) its pool.
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from httptools import (
     HttpParserCallbackError,
@@ -33,6 +44,8 @@ from httptools import (
 )
 
 from lb.l7 import flow_control
+from lb.l7.clock import Clock
+from lb.l7.config import L7Config
 from lb.l7.httputil import (
     COMMON_RESPONSE_HEADERS,
     CRLF,
@@ -45,7 +58,6 @@ from lb.l7.httputil import (
 
 if TYPE_CHECKING:
     from lb.l7.exchange import Exchange
-    from lb.l7.pool import Pool
 
 log = logging.getLogger("lb.l7")
 _now = time.perf_counter
@@ -83,6 +95,9 @@ class _BadResponse(Exception):
     pass
 
 
+# --- the connection -----------------------------------------------------------------
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         # For the connection's lifetime.
@@ -115,7 +130,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.transport: asyncio.Transport  # set by connection_made, before anything reads it
         self.parser = HttpResponseParser(self)
         self.last_rx = pool.clock.now
         self.served = 0
@@ -142,7 +157,8 @@ class UpstreamConnection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream transport: uvloop's are asyncio.Transports in all but name.
+        self.transport = cast(asyncio.Transport, transport)
 
     def attach(self, ex: Exchange) -> None:
         """Serve ``ex``: its request head is written next by the client side."""
@@ -169,7 +185,9 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.pool.clock.now
         if self.tunnel:
-            self.client_tx.write(data)  # type: ignore[union-attr]
+            tx = self.client_tx
+            assert tx is not None  # the tunnel ends with detach(), which stops our reading
+            tx.write(data)
             return
         ex = self.ex
         if ex is None:  # bytes nobody asked for: the connection is unusable
@@ -197,7 +215,9 @@ class UpstreamConnection(asyncio.Protocol):
         if out:
             chunk = b"".join(out) if len(out) > 1 else out[0]
             ex.resp_bytes += len(chunk)
-            self.client_tx.write(chunk)  # type: ignore[union-attr]
+            tx = self.client_tx
+            assert tx is not None  # set with self.ex
+            tx.write(chunk)
         if failed is not None:
             self.broken = True
             if not self.done:  # else: a whole response, then junk: relay it, drop the connection
@@ -221,7 +241,9 @@ class UpstreamConnection(asyncio.Protocol):
             # A close-delimited response ends here.
             if self.chunk_out:
                 ex.resp_bytes += len(_LAST_CHUNK)
-                self.client_tx.write(_LAST_CHUNK)  # type: ignore[union-attr]
+                tx = self.client_tx
+                assert tx is not None  # set with self.ex
+                tx.write(_LAST_CHUNK)
             self.keep_alive = False
             self._complete(ex)
             return
@@ -401,3 +423,144 @@ class UpstreamConnection(asyncio.Protocol):
             ex.client.retry(ex)
         else:
             ex.client.upstream_failed(ex, 502, why)
+
+
+# --- pools ------------------------------------------------------------------------
+
+# Called with a released connection, or with None: "a slot is free, open one".
+Waiter = Callable[[UpstreamConnection | None], None]
+# A connection being opened (Pool.open).
+Opening = asyncio.Task[tuple[asyncio.BaseTransport, UpstreamConnection]]
+
+
+class Pool:
+    __slots__ = (
+        "host",
+        "port",
+        "label",
+        "loop",
+        "clock",
+        "idle",
+        "outstanding",
+        "connections",
+        "retired",
+        "waiters",
+        "_max_idle",
+        "_max_conns",
+        "_factory",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock, config: L7Config, host: str, port: int):
+        self.host = host
+        self.port = port
+        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.loop = loop
+        self.clock = clock
+        self.idle: list[UpstreamConnection] = []  # LIFO: the warmest connection first
+        self.outstanding = 0  # requests in flight to this endpoint
+        self.connections = 0  # open or opening
+        self.retired = False  # left the table: no idle keeping
+        self.waiters: deque[Waiter] = deque()  # requests queued for a connection
+        self._max_idle = config.max_idle_per_target
+        self._max_conns = config.max_conns_per_target
+        self._factory = lambda: UpstreamConnection(self)
+
+    # --- the hot path ---------------------------------------------------------
+
+    def give_back(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """A request is done with ``conn``: keep it, hand it on, or close it."""
+        if reusable and not self.retired:
+            if self.waiters:
+                self.waiters.popleft()(conn)
+                return
+            if len(self.idle) < self._max_idle:
+                conn.last_rx = self.clock.now  # idle since
+                self.idle.append(conn)
+                return
+        conn.close()
+
+    # --- opening --------------------------------------------------------------
+
+    def can_open(self) -> bool:
+        return not self._max_conns or self.connections < self._max_conns
+
+    def open(self) -> Opening:
+        """Start connecting; the caller adds its own done callback."""
+        self.connections += 1
+        task = self.loop.create_task(self.loop.create_connection(self._factory, self.host, self.port))
+        task.add_done_callback(self._opened)
+        return task
+
+    def _opened(self, task: Opening) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self.connections -= 1
+            self._serve_waiter()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """``conn`` has closed."""
+        self.connections -= 1
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+        self._serve_waiter()
+
+    def wait(self, waiter: Waiter) -> None:
+        self.waiters.append(waiter)
+
+    def cancel_wait(self, waiter: Waiter) -> None:
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _serve_waiter(self) -> None:
+        # A connection slot freed: the first queued request may open one.
+        if self.waiters and self.can_open():
+            self.waiters.popleft()(None)
+
+    # --- retirement -----------------------------------------------------------
+
+    def retire(self) -> None:
+        self.retired = True
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def expire(self, deadline: float) -> None:
+        """Close the connections idle since before ``deadline`` (the oldest are first)."""
+        idle = self.idle
+        while idle and idle[0].last_rx < deadline:
+            idle.pop(0).close()
+
+
+class PoolSet:
+    """This worker's pools by (address, port)."""
+
+    __slots__ = ("_loop", "_clock", "_config", "pools")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock, config: L7Config) -> None:
+        self._loop = loop
+        self._clock = clock
+        self._config = config
+        self.pools: dict[tuple[str, int], Pool] = {}
+
+    def get(self, host: str, port: int) -> Pool:
+        pool = self.pools.get((host, port))
+        if pool is None:
+            pool = self.pools[(host, port)] = Pool(self._loop, self._clock, self._config, host, port)
+        return pool
+
+    def retain(self, keys: set[tuple[str, int]]) -> None:
+        """Retire every pool whose endpoint is not in ``keys``."""
+        for key in [k for k in self.pools if k not in keys]:
+            self.pools.pop(key).retire()
+
+    def expire(self, deadline: float) -> None:
+        for pool in self.pools.values():
+            pool.expire(deadline)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.retire()
+        self.pools.clear()

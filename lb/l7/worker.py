@@ -14,14 +14,14 @@ import asyncio
 import logging
 from functools import partial
 
+from lb.l7.client import ClientProtocol
 from lb.l7.clock import Clock
 from lb.l7.config import L7Config
-from lb.l7.pool import PoolSet
-from lb.l7.protocol import ClientProtocol
 from lb.l7.routing import Routes
 from lb.l7.stats import WorkerStats, access_logger
 from lb.l7.stickiness import CookieSigner
 from lb.l7.table import RoutingTable
+from lb.l7.upstream import PoolSet
 from lb.model import Listener
 
 log = logging.getLogger("lb.l7")

@@ -39,6 +39,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lb.l7.table import RoutingTable
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -82,6 +86,14 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def _field(pattern: str, out: str) -> str:
+    """The first group of ``pattern`` in wrk's output."""
+    match = re.search(pattern, out)
+    if match is None:
+        raise ValueError(f"no {pattern!r} in wrk's output:\n{out}")
+    return match.group(1)
+
+
 def wrk(port: int, duration: float, connections: int = 64, threads: int = 2) -> tuple[float, float, float]:
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", f"http://{HOST}:{port}/"],
@@ -90,9 +102,9 @@ def wrk(port: int, duration: float, connections: int = 64, threads: int = 2) -> 
         text=True,
         timeout=duration + 30,
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    rps = float(_field(r"Requests/sec:\s+([\d.]+)", out))
+    p50 = _ms(_field(r"\s50%\s+(\S+)", out))
+    p99 = _ms(_field(r"\s99%\s+(\S+)", out))
     if "Non-2xx" in out or "Socket errors" in out:
         print(f"  wrk on :{port} reported errors:\n{out}", file=sys.stderr)
     return rps, p50, p99
@@ -197,7 +209,7 @@ def start_haproxy(stack: Stack, tmp: Path, workers: int, port: int, backend: int
     stack.process(["haproxy", "-db", "-f", str(conf)], "haproxy", tmp)
 
 
-def lb_table(port: int, backend: int):  # type: ignore[no-untyped-def]
+def lb_table(port: int, backend: int) -> RoutingTable:
     from lb import model as m
     from lb.l7.table import GroupTargets, RoutingTable
 
