@@ -224,15 +224,16 @@ def load_xdp(bpf: Any, map_fds: Mapping[MapName, int]) -> int:
 
 
 def declaration_mismatch(name: MapName, declared: libbpf.MapInfo, real: libbpf.MapInfo) -> str | None:
-    """Why the map lb gives the program (`real`) is not the kind maps.h declares
-    (bcc's placeholder, `declared`): structs.py and maps.h disagree."""
+    """Why the map lb gives the program (`real`: pinned, or made from map_specs)
+    is not the kind maps.h declares (bcc's placeholder, `declared`)."""
     want = (declared.map_type, declared.key_size, declared.value_size, declared.flags)
     have = (real.map_type, real.key_size, real.value_size, real.flags)
     if want == have:
         return None
-    return (f"map {name.value}: bpf/maps.h declares type {want[0]} key {want[1]} B value {want[2]} B flags "
-            f"{want[3]:#x}, lb/dataplane/structs.py gives type {have[0]} key {have[1]} B value {have[2]} B flags "
-            f"{have[3]:#x}")
+    return (f"map {name.value}: bpf/maps.h declares {MAP_TYPE_NAMES.get(want[0], want[0])} key {want[1]} B "
+            f"value {want[2]} B flags {want[3]:#x}, but the map (pinned, or made from map_specs in "
+            f"lb/dataplane/structs.py) is {MAP_TYPE_NAMES.get(have[0], have[0])} key {have[1]} B value {have[2]} B "
+            f"flags {have[3]:#x}")
 
 
 @dataclass(frozen=True)
