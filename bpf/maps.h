@@ -21,40 +21,51 @@
 #error "PIN_DIR must be set by the loader (-DPIN_DIR=\"/sys/fs/bpf/lb/<name>\")"
 #endif
 
+/* The maps themselves are made by the loader, not by bcc: it opens the ones
+ * pinned in PIN_DIR by path, creates and pins those missing, and points the
+ * compiled program at them before loading it (lb/dataplane/loader.py).
+ * bcc's BPF_TABLE_PINNED would reopen a pinned map by id, which takes
+ * CAP_SYS_ADMIN; a restart under deploy/lb.service has no such thing. So
+ * what bcc makes of these declarations are placeholders: the loader compiles
+ * with LB_MAP_ENTRIES(n) = 1. Type, key, value and flags here must match
+ * map_specs() in lb/dataplane/structs.py (the loader checks). */
+#ifndef LB_MAP_ENTRIES
+#define LB_MAP_ENTRIES(n) (n)
+#endif
+
 /* {addr, port, proto} -> VIP id, live ring half, generation (struct vip_meta). */
-BPF_TABLE_PINNED("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, PIN_DIR "/vips");
+BPF_TABLE("hash", struct vip_key, struct vip_meta, vips, LB_MAP_ENTRIES(MAX_VIPS));
 
 /* target id -> {addr, port, flags}. Ids are never reused while a flow may
  * still point at them (the controller's job). */
-BPF_TABLE_PINNED("array", u32, struct target, targets, MAX_TARGETS, PIN_DIR "/targets");
+BPF_TABLE("array", u32, struct target, targets, LB_MAP_ENTRIES(MAX_TARGETS));
 
 /* (vip id * 2 + half) * RING_SIZE + slot -> target id: each VIP's Maglev ring,
  * double-buffered. Userspace fills the idle half, then flips vip_meta.ring in
  * one update, so no packet ever sees a half-written ring. */
-BPF_TABLE_PINNED("array", u32, u32, rings, MAX_VIPS * 2 * RING_SIZE, PIN_DIR "/rings");
+BPF_TABLE("array", u32, u32, rings, LB_MAP_ENTRIES(MAX_VIPS * 2 * RING_SIZE));
 
 /* 5-tuple -> flow state, both directions of every flow: a forward entry
  * (client -> VIP) naming the target, a reply entry (target -> client)
  * naming the VIP to restore. A flow stays on its target for its life.
  * LRU lists per CPU (no common lock on the fast path). */
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_state, conntrack, CONNTRACK_SIZE,
-                 PIN_DIR "/conntrack", BPF_F_NO_COMMON_LRU);
+BPF_F_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, LB_MAP_ENTRIES(CONNTRACK_SIZE),
+            BPF_F_NO_COMMON_LRU);
 
 /* vip id -> generation. Userspace bumps it when it deletes a VIP or gives
  * its id to another one, which makes every flow begun under the old
  * generation stale: its packets take the vips path again (and pass to the
  * kernel when the VIP is gone). An array lookup instead of a hash lookup
  * on every established packet. */
-BPF_TABLE_PINNED("array", u32, u32, vip_gens, MAX_VIPS, PIN_DIR "/vip_gens");
+BPF_TABLE("array", u32, u32, vip_gens, LB_MAP_ENTRIES(MAX_VIPS));
 
 /* vip id -> traffic. */
-BPF_TABLE_PINNED("percpu_array", u32, struct traffic_stats, vip_stats, MAX_VIPS, PIN_DIR "/vip_stats");
+BPF_TABLE("percpu_array", u32, struct traffic_stats, vip_stats, LB_MAP_ENTRIES(MAX_VIPS));
 
 /* target id -> traffic. */
-BPF_TABLE_PINNED("percpu_array", u32, struct traffic_stats, target_stats, MAX_TARGETS,
-                 PIN_DIR "/target_stats");
+BPF_TABLE("percpu_array", u32, struct traffic_stats, target_stats, LB_MAP_ENTRIES(MAX_TARGETS));
 
 /* enum lb_counter -> packets: why each packet got its verdict. */
-BPF_TABLE_PINNED("percpu_array", u32, u64, counters, CNT_MAX, PIN_DIR "/counters");
+BPF_TABLE("percpu_array", u32, u64, counters, LB_MAP_ENTRIES(CNT_MAX));
 
 #endif /* LB_MAPS_H */

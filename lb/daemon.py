@@ -6,7 +6,7 @@
                                 program and pinned maps stay, so L4 flows go on
     `lb down`                   detach, unpin, remove the addresses lb added
 
-A new `lb up` adopts what the last one left: bcc reuses the pinned maps, the
+A new `lb up` adopts what the last one left: the loader reuses the pinned maps, the
 program is swapped in atomically on each interface, and the data plane
 reads target and VIP ids back from the maps, so established L4 flows never
 notice that the control plane was gone.

@@ -3,30 +3,39 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lb import admin
 from lb.lab import Lab
+from tests.labclient import read_line
 
 READY_TIMEOUT = 30.0
+UNIT_FILE = Path(__file__).resolve().parents[1] / "deploy" / "lb.service"
 
 
 def lab_config(lab: Lab, name: str, *, echo_targets: int = 3, udp: bool = False, http: bool = False,
-               deregistration_delay: int = 10, broken: bool = False) -> str:
-    """A config for the test lab: a TCP echo VIP (and optionally UDP and HTTP)."""
+               deregistration_delay: int = 10, broken: bool = False, netns: bool = True) -> str:
+    """A config for the test lab: a TCP echo VIP (and optionally UDP and HTTP).
+    With netns=False it names no namespace: for a daemon started inside the
+    lab's lb namespace (see confined)."""
     targets = ", ".join(f'{{ id = "{b.address}" }}' for b in lab.backends[:echo_targets])
     all_targets = ", ".join(f'{{ id = "{b.address}" }}' for b in lab.backends)
     checks = "interval = 5, timeout = 2, healthy_threshold = 2, unhealthy_threshold = 2"
+    netns_line = f'netns = "{lab.lb_ns}"\n' if netns else ""
     text = f"""
 [load_balancer]
 name = "{name}"
-netns = "{lab.lb_ns}"
-interfaces = [{", ".join(f'"{i}"' for i in lab.lb_interfaces)}]
+{netns_line}interfaces = [{", ".join(f'"{i}"' for i in lab.lb_interfaces)}]
 xdp_mode = "native"
 admin_socket = "/run/lb/{name}.sock"
 workers = 1
@@ -64,11 +73,70 @@ health_check = {health_check}
     return text
 
 
-class RunningDaemon:
-    """`python -m lb up -c FILE` as a child process; logs kept for failures."""
+def unit_capabilities() -> list[str]:
+    """CapabilityBoundingSet= of deploy/lb.service: ["CAP_BPF", ...]."""
+    found = re.search(r"^CapabilityBoundingSet=(.*)$", UNIT_FILE.read_text(), re.M)
+    assert found is not None, f"no CapabilityBoundingSet= in {UNIT_FILE}"
+    return found.group(1).split()
 
-    def __init__(self, lab: Lab, name: str, config_text: str) -> None:
+
+def confined(lab: Lab) -> list[str]:
+    """A launcher prefix: run inside the lab's lb namespace with exactly the
+    unit's capability bounding set, as systemd starts lb. nsenter, not
+    `ip netns exec`, which remounts /sys (and bpffs with it); no netns in the
+    config then (lab_config(netns=False)): setns needs CAP_SYS_ADMIN."""
+    caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in unit_capabilities())
+    return ["nsenter", f"--net=/run/netns/{lab.lb_ns}", "setpriv", f"--bounding-set=-all,{caps}", "--"]
+
+
+def effective_capabilities(pid: int) -> set[str]:
+    """Names (CAP_...) of the capabilities process `pid` has in effect."""
+    found = re.search(r"^CapEff:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M)
+    assert found is not None
+    names = subprocess.run(["capsh", f"--decode={found.group(1)}"], capture_output=True, text=True,
+                           check=True).stdout
+    return {cap.upper() for cap in names.split("=", 1)[1].strip().split(",") if cap}
+
+
+class StreamPump(threading.Thread):
+    """Echo exchanges back to back over one long-lived TCP connection through
+    the VIP (the lab's echo server answers each line); the first error ends it."""
+
+    def __init__(self, stream: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.exchanged = 0
+        self.errors: list[str] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self._stop_event.is_set():
+            line = f"tick {i}"
+            try:
+                self.stream.sendall(f"{line}\n".encode())
+                answer = read_line(self.stream)
+                if answer != line:
+                    raise AssertionError(f"sent {line!r}, echoed {answer!r}")
+                self.exchanged += 1
+            except (OSError, AssertionError) as exc:
+                self.errors.append(repr(exc))
+                return
+            i += 1
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+
+class RunningDaemon:
+    """`python -m lb up -c FILE` as a child process; logs kept for failures.
+    `launcher` prefixes the commands (`lb up`, `lb down`), e.g. confined(lab)."""
+
+    def __init__(self, lab: Lab, name: str, config_text: str, launcher: Sequence[str] = ()) -> None:
         self.lab = lab
+        self.launcher = list(launcher)
         self.name = name
         self.socket = f"/run/lb/{name}.sock"
         self.config_file = tempfile.NamedTemporaryFile("w", suffix=".toml", prefix=f"{name}-", delete=False)
@@ -86,7 +154,7 @@ class RunningDaemon:
             f.write(text)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up", "-c", self.config_path],
+        self.proc = subprocess.Popen([*self.launcher, sys.executable, "-m", "lb", "up", "-c", self.config_path],
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
@@ -130,7 +198,7 @@ class RunningDaemon:
         return code
 
     def down(self) -> None:
-        subprocess.run([sys.executable, "-m", "lb", "down", "-c", self.config_path], check=False,
+        subprocess.run([*self.launcher, sys.executable, "-m", "lb", "down", "-c", self.config_path], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def cleanup(self) -> None:

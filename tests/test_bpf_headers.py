@@ -3,8 +3,9 @@
 Each one is compiled by bcc, with the loader's own cflags (include path,
 PIN_DIR, limits) and -Werror, from a file that includes only that header,
 twice: a header that leans on something it does not include fails, and so
-does one without an include guard. maps.h declares pinned maps, so the
-compile creates them in a pin directory of the test's own, removed after.
+does one without an include guard. maps.h's maps compile into one-entry
+placeholders (the loader makes and pins the real ones), so nothing is
+pinned; the pin directory of the test's own is removed after all the same.
 """
 
 from __future__ import annotations

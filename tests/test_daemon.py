@@ -24,7 +24,7 @@ from lb.dataplane.maps import Maps, VipAddr
 from lb.lab import Lab
 from lb.netlink import run_in_netns
 from tests import labclient
-from tests.daemon_fixture import RunningDaemon, lab_config
+from tests.daemon_fixture import RunningDaemon, StreamPump, lab_config
 from tests.labclient import read_line
 from tests.names import name
 
@@ -214,34 +214,18 @@ health_check = { interval = 5, timeout = 2, healthy_threshold = 2, unhealthy_thr
 
 def test_kill_9_and_restart_keeps_a_long_lived_stream_flowing(daemon: RunningDaemon, lab: Lab) -> None:
     stream = tcp_to_vip(lab)
-    errors: list[str] = []
-    exchanged = [0]
-    stop = threading.Event()
-
-    def pump() -> None:
-        i = 0
-        while not stop.is_set():
-            try:
-                echo(stream, f"tick {i}\n".encode())
-                exchanged[0] += 1
-            except (OSError, AssertionError) as exc:
-                errors.append(repr(exc))
-                return
-            i += 1
-            time.sleep(0.01)
-
     vip = VipAddr(ipaddress.IPv4Address(labmod.VIP), labmod.ECHO_PORT, "TCP")
     everyone = {b.address for b in lab.backends}
     rings: list[set[str]] = []
     read_line(stream)
-    pumper = threading.Thread(target=pump, daemon=True)
-    pumper.start()
+    pump = StreamPump(stream)
+    pump.start()
     try:
         time.sleep(0.5)
         daemon.stop(signal.SIGKILL)
-        before_gap = exchanged[0]
+        before_gap = pump.exchanged
         time.sleep(1.5)  # no control plane at all
-        during_gap = exchanged[0] - before_gap
+        during_gap = pump.exchanged - before_gap
         restarting = threading.Thread(target=daemon.start)
         restarting.start()
         while restarting.is_alive():  # the ring while the new daemon comes up
@@ -255,10 +239,9 @@ def test_kill_9_and_restart_keeps_a_long_lived_stream_flowing(daemon: RunningDae
                 break
             time.sleep(0.05)
     finally:
-        stop.set()
-        pumper.join(5)
+        pump.stop()
         stream.close()
-    assert not errors
+    assert not pump.errors
     assert during_gap > 20  # the kernel kept forwarding while nothing ran in user space
     # The adopted ring kept every (healthy) target: no narrowing while the new
     # daemon learned their health again.

@@ -101,7 +101,7 @@ def test_vip_meta_keeps_the_layout_of_pinned_vips_maps() -> None:
 
 
 def test_every_map_in_maps_h_is_mirrored() -> None:
-    declared = re.findall(r"BPF_TABLE_PINNED\(\"\w+\",\s*[\w ]+,\s*[\w ]+,\s*(\w+),", header("maps.h"))
+    declared = re.findall(r"BPF_(?:F_)?TABLE\(\"\w+\",\s*[\w ]+,\s*[\w ]+,\s*(\w+),", header("maps.h"))
     assert sorted(declared) == sorted(n.value for n in MapName)
 
 

@@ -1,8 +1,8 @@
 """A thin ctypes binding to libbpf.so.1 for what bcc does not offer.
 
 bcc compiles and loads the program; everything that touches a map or a
-program by file descriptor goes through here: open a pinned map, read its
-info, look up / update / delete / iterate, batch updates, and
+program by file descriptor goes through here: create a map, open a pinned
+one, read its info, look up / update / delete / iterate, batch updates, and
 BPF_PROG_TEST_RUN. The CLI uses it to read pinned maps with no compiler.
 
 libbpf 1.x returns -errno (and sets errno); failures raise BpfError.
@@ -32,6 +32,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_obj_get": (c_int, [c_char_p]),
         "bpf_obj_pin": (c_int, [c_int, c_char_p]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, c_uint32_p]),
+        "bpf_map_create": (c_int, [c_int, c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, c_void_p]),
         "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
         "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, ctypes.c_uint64]),
         "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
@@ -128,6 +129,28 @@ def obj_get(path: str) -> int:
         code = ctypes.get_errno() or errno.ENOENT
         raise BpfError(code, f"open pinned object {path}: {os.strerror(code)}")
     return fd
+
+
+class _MapCreateOpts(ctypes.Structure):  # struct bpf_map_create_opts (libbpf 1.1)
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+        ("numa_node", ctypes.c_uint32),
+        ("map_ifindex", ctypes.c_uint32),
+    ]
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0) -> int:
+    """A new map (BPF_MAP_CREATE; CAP_BPF is enough); returns its fd."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(_lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries,
+                                        ctypes.byref(opts)), f"create map {name}")
 
 
 def prog_info(fd: int) -> ProgInfo:

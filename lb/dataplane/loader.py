@@ -9,6 +9,16 @@ a restarted daemon adopts the running state. Before compiling, every pinned
 map is checked against what this build needs: a map pinned by a build with
 other limits is refused with a message, never silently reused.
 
+The maps are the loader's, not bcc's: bcc would reopen a pinned map by id
+(bpf_map_get_fd_by_id), which needs CAP_SYS_ADMIN, and deploy/lb.service
+does not grant it. So bcc compiles bpf/lb.c with placeholder maps of one
+entry (maps.h: LB_MAP_ENTRIES); the loader opens the pinned maps by path
+(BPF_OBJ_GET), creating and pinning any that are missing (first start), then
+points the program's map references at them and loads it through bcc
+(the same BTF, verifier log and program name as bcc's own load_func). One
+path for a first start and a restart; CAP_BPF, CAP_NET_ADMIN and
+CAP_PERFMON are all it takes.
+
 The program itself is pinned too (<pin dir>/prog), so `lb status` and
 `lb down` can find it with no daemon running.
 """
@@ -20,8 +30,9 @@ import errno
 import logging
 import os
 import shutil
+import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +42,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from lb import netlink as nl
 from lb.dataplane import libbpf
-from lb.dataplane.structs import MAP_TYPE_NAMES, Limits, MapSpec, map_specs
+from lb.dataplane.structs import MAP_TYPE_NAMES, Limits, MapName, MapSpec, map_specs
 from lb.model import XdpMode
 
 log = logging.getLogger("lb.dataplane")
@@ -98,7 +109,131 @@ def map_mismatch(path: str, spec: MapSpec, info: libbpf.MapInfo) -> str | None:
 
 
 def compile_cflags(name: str, limits: Limits) -> list[str]:
-    return [f"-I{bpf_source_dir()}", f'-DPIN_DIR="{pin_dir(name)}"', *limits.cflags()]
+    """bcc's flags for bpf/lb.c: the limits, and placeholder maps of one entry
+    (the program is loaded against the maps open_maps gives)."""
+    return [f"-I{bpf_source_dir()}", f'-DPIN_DIR="{pin_dir(name)}"', "-DLB_MAP_ENTRIES(n)=1", *limits.cflags()]
+
+
+def open_maps(directory: str, limits: Limits) -> dict[MapName, int]:
+    """An fd for each map of the program: the one pinned in `directory`,
+    opened by path, else a new one, pinned there. The caller closes them."""
+    fds: dict[MapName, int] = {}
+    try:
+        for name, spec in map_specs(limits).items():
+            fds[name] = _open_or_create(os.path.join(directory, name.value), spec)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def _open_or_create(path: str, spec: MapSpec) -> int:
+    try:
+        return _open_pinned(path, spec)
+    except FileNotFoundError:
+        pass
+    try:
+        fd = libbpf.map_create(spec.map_type, spec.name.value, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
+                               spec.max_entries, spec.flags)
+    except libbpf.BpfError as exc:
+        raise LoaderError(str(exc)) from exc
+    try:
+        libbpf.obj_pin(fd, path)
+    except libbpf.BpfError as exc:
+        os.close(fd)
+        if exc.errno == errno.EEXIST:  # another loader pinned one meanwhile: use that
+            return _open_pinned(path, spec)
+        raise LoaderError(str(exc)) from exc
+    log.info("created and pinned map %s", path)
+    return fd
+
+
+def _open_pinned(path: str, spec: MapSpec) -> int:
+    """The map pinned at `path`, opened by path; FileNotFoundError if none is."""
+    try:
+        fd = libbpf.obj_get(path)
+    except libbpf.BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(path) from exc
+        raise LoaderError(str(exc)) from exc
+    problem = map_mismatch(path, spec, libbpf.map_info(fd))  # pinned since check_pinned_maps looked
+    if problem:
+        os.close(fd)
+        raise LoaderError(problem)
+    return fd
+
+
+BPF_LD_IMM64 = 0x18  # BPF_LD | BPF_DW | BPF_IMM: a 64-bit immediate, two instructions
+BPF_PSEUDO_MAP_FD = 1  # ... whose imm is a map fd
+BPF_PSEUDO_MAP_VALUE = 2  # ... whose imm is a map fd (and the next insn's an offset into its value)
+INSN = struct.Struct("=BBhi")  # struct bpf_insn: code, dst_reg:4 src_reg:4, off, imm
+
+
+def remap_maps(insns: bytearray, fds: Mapping[int, int]) -> int:
+    """Point every map reference (ld_imm64 of a map fd) in `insns` from the fd
+    it names to fds[fd], in place; returns how many were changed. A reference
+    to an fd not in `fds` is an error: the program would use a map lb did not give it."""
+    changed = 0
+    at = 0
+    while at + INSN.size <= len(insns):
+        code, regs, off, imm = INSN.unpack_from(insns, at)
+        if code == BPF_LD_IMM64:
+            src_reg = regs >> 4 if sys.byteorder == "little" else regs & 0x0F
+            if src_reg in (BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE):
+                if imm not in fds:
+                    raise LoaderError(f"instruction {at // INSN.size} refers to map fd {imm}, not one of lb's "
+                                      "maps (a map in bpf/maps.h missing from map_specs in lb/dataplane/structs.py?)")
+                INSN.pack_into(insns, at, code, regs, off, fds[imm])
+                changed += 1
+            at += INSN.size  # the second half of the immediate
+        at += INSN.size
+    return changed
+
+
+def load_xdp(bpf: Any, map_fds: Mapping[MapName, int]) -> int:
+    """Load ENTRY_POINT of a compiled bcc module, its placeholder maps swapped
+    for `map_fds`; returns the program's fd (the caller owns it).
+
+    bcc's own bcc_func_load does the load, as BPF.load_func would, so the
+    program keeps the BTF, name and license bcc gives it, and a verifier
+    rejection prints the verifier's log to stderr as before."""
+    from bcc import BPF
+    from bcc.libbcc import lib
+
+    swap = {}
+    for name, map_fd in map_fds.items():
+        placeholder = lib.bpf_table_fd(bpf.module, name.value.encode())
+        if placeholder < 0:
+            raise LoaderError(f"bpf/maps.h declares no map {name.value}")
+        swap[placeholder] = map_fd
+        problem = declaration_mismatch(name, libbpf.map_info(placeholder), libbpf.map_info(map_fd))
+        if problem:
+            raise LoaderError(problem)
+    insns = bytearray(bpf.dump_func(ENTRY_POINT))
+    if not remap_maps(insns, swap):
+        raise LoaderError(f"{ENTRY_POINT.decode()}: no map references found to point at the pinned maps")
+    code = (ctypes.c_char * len(insns)).from_buffer(insns)
+    fd: int = lib.bcc_func_load(bpf.module, BPF.XDP, ENTRY_POINT, code, len(insns), lib.bpf_module_license(bpf.module),
+                                lib.bpf_module_kern_version(bpf.module), 0, None, 0, None, -1)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise LoaderError(f"loading {ENTRY_POINT.decode()} failed: {os.strerror(err)}"
+                          + (" (the verifier's log is above)" if err in (errno.EACCES, errno.EINVAL) else ""))
+    return fd
+
+
+def declaration_mismatch(name: MapName, declared: libbpf.MapInfo, real: libbpf.MapInfo) -> str | None:
+    """Why the map lb gives the program (`real`: pinned, or made from map_specs)
+    is not the kind maps.h declares (bcc's placeholder, `declared`)."""
+    want = (declared.map_type, declared.key_size, declared.value_size, declared.flags)
+    have = (real.map_type, real.key_size, real.value_size, real.flags)
+    if want == have:
+        return None
+    return (f"map {name.value}: bpf/maps.h declares {MAP_TYPE_NAMES.get(want[0], want[0])} key {want[1]} B "
+            f"value {want[2]} B flags {want[3]:#x}, but the map (pinned, or made from map_specs in "
+            f"lb/dataplane/structs.py) is {MAP_TYPE_NAMES.get(have[0], have[0])} key {have[1]} B value {have[2]} B "
+            f"flags {have[3]:#x}")
 
 
 @dataclass(frozen=True)
@@ -111,16 +246,17 @@ class Attachment:
 class Program:
     """The compiled and loaded XDP program with its pinned maps."""
 
-    def __init__(self, name: str, limits: Limits, bpf: Any) -> None:
+    def __init__(self, name: str, limits: Limits, bpf: Any, fd: int) -> None:
         self.name = name
         self.limits = limits
         self.pin_dir = pin_dir(name)
         self._bpf = bpf
-        self._fn = bpf.load_func(ENTRY_POINT, bpf.XDP)
-        self.fd: int = self._fn.fd
+        self.fd = fd
 
     @classmethod
-    def load(cls, name: str, limits: Limits | None = None) -> Program:
+    def load(cls, name: str, limits: Limits | None = None, *, source: str | None = None) -> Program:
+        """Compile bpf/lb.c (or `source`, C text in its place: the benchmark's
+        variants), load it against the pinned maps (made on a first start), pin it."""
         limits = limits or Limits()
         ensure_bpffs()
         directory = pin_dir(name)
@@ -133,15 +269,29 @@ class Program:
         os.makedirs(directory, exist_ok=True)
         from bcc import BPF  # deferred: the CLI reads maps without a compiler
 
+        what = "bpf/lb.c" if source is None else "the program text"
         try:
-            bpf = BPF(src_file=str(bpf_source_dir() / "lb.c").encode(), cflags=compile_cflags(name, limits))
+            if source is None:
+                bpf = BPF(src_file=str(bpf_source_dir() / "lb.c").encode(), cflags=compile_cflags(name, limits))
+            else:
+                bpf = BPF(text=source.encode(), cflags=compile_cflags(name, limits))
         except Exception as exc:  # bcc raises bare Exception on compile errors
-            raise LoaderError(f"compiling bpf/lb.c failed: {exc}") from exc
+            raise LoaderError(f"compiling {what} failed: {exc}") from exc
         try:
-            program = cls(name, limits, bpf)
-            program._pin_program()
+            map_fds = open_maps(directory, limits)
+            try:
+                fd = load_xdp(bpf, map_fds)
+            finally:
+                for map_fd in map_fds.values():  # the program holds the maps now
+                    os.close(map_fd)
+            program = cls(name, limits, bpf, fd)
         except BaseException:
             bpf.cleanup()
+            raise
+        try:
+            program._pin_program()
+        except BaseException:
+            program.close()
             raise
         return program
 
@@ -162,6 +312,9 @@ class Program:
 
     def close(self) -> None:
         """Release this process's handles. Attached interfaces and pinned maps stay."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         self._bpf.cleanup()
 
     def __enter__(self) -> Program:

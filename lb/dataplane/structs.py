@@ -182,7 +182,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class MapSpec:
-    """What a pinned map must look like for this program to reuse it."""
+    """What a pinned map must look like for this program to reuse it, and how
+    the loader creates it when none is pinned yet."""
 
     name: MapName
     map_type: int  # BPF_MAP_TYPE_*
@@ -190,8 +191,10 @@ class MapSpec:
     value: type[ctypes._SimpleCData] | type[ctypes.Structure]  # type: ignore[type-arg]
     max_entries: int
     per_cpu: bool = False
+    flags: int = 0  # BPF_F_*, as declared in maps.h: the loader creates the map with them
 
 
+BPF_F_NO_COMMON_LRU = 0x2  # an LRU list per CPU
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
@@ -210,7 +213,8 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
         MapSpec(MapName.VIPS, BPF_MAP_TYPE_HASH, VipKey, VipMeta, limits.max_vips),
         MapSpec(MapName.TARGETS, BPF_MAP_TYPE_ARRAY, u32, Target, limits.max_targets),
         MapSpec(MapName.RINGS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips * 2 * limits.ring_size),
-        MapSpec(MapName.CONNTRACK, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowState, limits.conntrack_size),
+        MapSpec(MapName.CONNTRACK, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowState, limits.conntrack_size,
+                flags=BPF_F_NO_COMMON_LRU),
         MapSpec(MapName.VIP_GENS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips),
         MapSpec(MapName.VIP_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_vips, True),
         MapSpec(MapName.TARGET_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_targets, True),
