@@ -152,7 +152,12 @@ def test_deregistered_target_drains_its_connection_and_gets_no_new_ones(daemon: 
         daemon.request("deregister", group="echo-tcp", target=owner.address)
         assert daemon.targets("echo-tcp")[owner.address]["state"] == "draining"
         assert daemon.targets("echo-tcp")[owner.address]["reason"] == "Target.DeregistrationInProgress"
-        time.sleep(0.3)
+        # The reconcile that takes it out of the ring runs after the answer.
+        vip = VipAddr(ipaddress.IPv4Address(labmod.VIP), labmod.ECHO_PORT, "TCP")
+        deadline = time.monotonic() + 5
+        while owner.address in ring_target_addresses(daemon, vip):
+            assert time.monotonic() < deadline, "the deregistered target stayed in the ring"
+            time.sleep(0.05)
         for i in range(30):
             with tcp_to_vip(lab) as sock:
                 assert read_line(sock) != owner_name
