@@ -31,9 +31,9 @@ from lb import config as configmod
 from lb import netlink as nl
 from lb.controller import Controller
 from lb.dataplane.dataplane import Dataplane
-from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, pin_dir, purge_pins
+from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, purge_pins
 from lb.dataplane.maps import Maps
-from lb.dataplane.structs import Limits
+from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.model import LoadBalancer, Protocol, Target
@@ -50,11 +50,6 @@ RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "r
 
 class DaemonError(RuntimeError):
     """lb up cannot start; the message says why and what to do."""
-
-
-def limits_for(config: LoadBalancer) -> Limits:
-    return Limits(ring_size=config.ring_size, tcp_idle_timeout=config.tcp_idle_timeout,
-                  udp_idle_timeout=config.udp_idle_timeout)
 
 
 def state_path(name: str) -> str:
@@ -254,7 +249,7 @@ class Daemon:
             except (LoaderError, nl.NetlinkLookupError) as exc:
                 raise DaemonError(f"load_balancer.interfaces: {exc}") from exc
         self.state.attachments = [asdict(a) for a in attachments]
-        self.maps = Maps(self.program.pin_dir, limits)
+        self.maps = open_pinned(config)
         self.dataplane = Dataplane(self.maps)
 
     async def serve(self) -> None:

@@ -18,9 +18,8 @@ import pytest
 
 from lb import config as configmod
 from lb import lab as labmod
-from lb.daemon import limits_for
-from lb.dataplane.loader import pin_dir
-from lb.dataplane.maps import Maps, VipAddr
+from lb.dataplane.maps import VipAddr
+from lb.dataplane.pins import open_pinned
 from lb.lab import Lab
 from lb.netlink import run_in_netns
 from tests import labclient
@@ -103,7 +102,7 @@ class ClientLoop(threading.Thread):
 
 def ring_target_addresses(daemon: RunningDaemon, vip: VipAddr) -> set[str]:
     config = configmod.load(daemon.config_path)
-    with Maps(pin_dir(NAME), limits_for(config)) as maps:
+    with open_pinned(config) as maps:
         entry = next(e for e in maps.vips() if e.vip == vip)
         ids = set(maps.read_ring(entry.vip_id, entry.ring))
         return {str(t.endpoint.address) for t in maps.targets() if t.target_id in ids}

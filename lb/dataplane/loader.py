@@ -42,13 +42,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from lb import netlink as nl
 from lb.dataplane import libbpf
+from lb.dataplane.pins import PROGRAM_PIN, pin_dir
 from lb.dataplane.structs import MAP_TYPE_NAMES, Limits, MapName, MapSpec, map_specs
 from lb.model import XdpMode
 
 log = logging.getLogger("lb.dataplane")
 
-PIN_ROOT = "/sys/fs/bpf/lb"
-PROGRAM_PIN = "prog"
 ENTRY_POINT = b"xdp_lb"
 
 
@@ -64,10 +63,6 @@ def bpf_source_dir() -> Path:
         if (candidate / "lb.c").is_file():
             return candidate
     raise LoaderError(f"bpf/lb.c found neither beside {here.parent} nor in {sys.prefix}/share/lb/bpf")
-
-
-def pin_dir(name: str) -> str:
-    return f"{PIN_ROOT}/{name}"
 
 
 def ensure_bpffs() -> None:

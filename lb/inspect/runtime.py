@@ -37,7 +37,7 @@ def _attached_interfaces(config: LoadBalancer, state: RuntimeState | None) -> li
 def pinned_program(config: LoadBalancer) -> dict[str, Any] | None:
     """The program pinned at <pin dir>/prog: {"id", "name", "loaded_at" (epoch s)}, or None."""
     from lb.dataplane import libbpf
-    from lb.dataplane.loader import PROGRAM_PIN, pin_dir
+    from lb.dataplane.pins import PROGRAM_PIN, pin_dir
 
     path = os.path.join(pin_dir(config.name), PROGRAM_PIN)
     if not os.path.exists(path):
@@ -64,7 +64,7 @@ def status(config: LoadBalancer) -> dict[str, Any]:
     """
     from lb import netlink as nl
     from lb.daemon import RuntimeState, listener_rows
-    from lb.dataplane.loader import pin_dir
+    from lb.dataplane.pins import pin_dir
 
     require_root("lb status")
     running, reason = ask_daemon(config, "status")
