@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.model import LoadBalancer, Protocol, Target
+from lb.systemd import sd_notify
 
 log = logging.getLogger("lb.daemon")
 
@@ -87,18 +87,6 @@ class RuntimeState:
             return None
         data["addresses"] = [tuple(a) for a in data.get("addresses", [])]
         return cls(**data)
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(path)
-        sock.sendall(message.encode())
 
 
 # --- addresses and interfaces ----------------------------------------------------
