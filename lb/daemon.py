@@ -15,17 +15,15 @@ notice that the control plane was gone.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import ipaddress
-import json
 import logging
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
-from lb import admin
+from lb import admin, runstate
 from lb import config as configmod
 from lb import netlink as nl
 from lb.controller import Controller
@@ -36,11 +34,11 @@ from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.model import LoadBalancer, Protocol, Target
+from lb.runstate import RuntimeState, listener_rows
 from lb.systemd import sd_notify
 
 log = logging.getLogger("lb.daemon")
 
-RUN_DIR = "/run/lb"
 GRACE_SECONDS = 30.0
 
 # Settings a running daemon cannot change: a reload that changes one is refused.
@@ -52,43 +50,6 @@ class DaemonError(RuntimeError):
     """lb up cannot start; the message says why and what to do."""
 
 
-def state_path(name: str) -> str:
-    return os.path.join(RUN_DIR, f"{name}.json")
-
-
-@dataclass
-class RuntimeState:
-    """What `lb status` and `lb down` need with no daemon to ask: written at
-    start and on every reload to /run/lb/<name>.json."""
-
-    name: str
-    pid: int
-    config_path: str | None
-    loaded_at: float
-    netns: str | None
-    pin_dir: str
-    attachments: list[dict[str, Any]] = field(default_factory=list)
-    addresses: list[tuple[str, str, int]] = field(default_factory=list)  # (ifname, address, prefixlen) lb added
-    admin_socket: str = ""
-
-    def save(self) -> None:
-        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-        tmp = state_path(self.name) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(tmp, state_path(self.name))
-
-    @classmethod
-    def load(cls, name: str) -> RuntimeState | None:
-        try:
-            with open(state_path(name)) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return None
-        data["addresses"] = [tuple(a) for a in data.get("addresses", [])]
-        return cls(**data)
-
-
 # --- addresses and interfaces ----------------------------------------------------
 
 
@@ -98,12 +59,6 @@ def listener_addresses(config: LoadBalancer) -> list[str]:
         if not listener.address.is_unspecified and str(listener.address) not in seen:
             seen.append(str(listener.address))
     return seen
-
-
-def listener_rows(config: LoadBalancer) -> list[dict[str, Any]]:
-    """The listeners as `lb status` shows them: {"name", "protocol", "address", "port"}."""
-    return [{"name": li.name, "protocol": li.protocol.value, "address": str(li.address), "port": li.port}
-            for li in config.listeners]
 
 
 def place_addresses(config: LoadBalancer) -> list[tuple[str, str, int]]:
@@ -411,39 +366,6 @@ class Daemon:
 # --- entry points ----------------------------------------------------------------
 
 
-def lock_path(name: str) -> str:
-    return os.path.join(RUN_DIR, f"{name}.lock")
-
-
-def _lock(name: str) -> int:
-    """Hold /run/lb/<name>.lock: one `lb up` per load balancer. The file is
-    removed on exit, so after locking we check that the path still names the
-    file we locked (else a daemon that was exiting removed it: try again)."""
-    os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-    path = lock_path(name)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DaemonError(f"another `lb up` is already running for {name!r}") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def _unlock(name: str, fd: int) -> None:
-    try:
-        os.unlink(lock_path(name))  # while still holding it: nobody can lock it in between
-    except FileNotFoundError:
-        pass
-    os.close(fd)
-
-
 def enter_netns(name: str | None) -> None:
     if name is None:
         return
@@ -468,7 +390,10 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
     if os.geteuid() != 0:
         raise DaemonError("lb up needs root (BPF, XDP, addresses): run it with sudo")
     enter_netns(config.netns)  # the main thread, before any other thread or socket exists
-    lock = _lock(config.name)
+    try:
+        lock = runstate.lock(config.name)
+    except runstate.AlreadyRunning as exc:
+        raise DaemonError(str(exc)) from None
     try:
         import uvloop
 
@@ -480,18 +405,18 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
             raise
         uvloop.run(_main(daemon))
     finally:
-        _unlock(config.name, lock)
+        runstate.unlock(config.name, lock)
 
 
 def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = True) -> dict[str, Any]:
     """Remove what `lb up` left in the kernel: XDP programs, pinned maps, the
     addresses it added. Safe to run twice."""
     try:
-        lock = _lock(name)
-    except DaemonError:
+        lock = runstate.lock(name)
+    except runstate.AlreadyRunning:
         raise DaemonError(f"`lb up` is still running for {name!r}: stop it first (SIGTERM, or systemctl stop lb)") \
             from None
-    _unlock(name, lock)  # not running: this also removes a lock file a killed daemon left
+    runstate.unlock(name, lock)  # not running: this also removes a lock file a killed daemon left
     state = RuntimeState.load(name)
     detached = detach_all(interfaces, netns)
     removed_addresses = []
@@ -501,6 +426,5 @@ def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = T
                 nl.remove_address(ipr, ifname, address, prefixlen)
                 removed_addresses.append(address)
     unpinned = purge_pins(name) if purge else False
-    if os.path.exists(state_path(name)):
-        os.unlink(state_path(name))
+    RuntimeState.remove(name)
     return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned}

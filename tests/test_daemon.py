@@ -22,6 +22,7 @@ from lb.dataplane.maps import VipAddr
 from lb.dataplane.pins import open_pinned
 from lb.lab import Lab
 from lb.netlink import run_in_netns
+from lb.runstate import lock_path
 from tests import labclient
 from tests.daemon_fixture import RunningDaemon, StreamPump, lab_config
 from tests.labclient import read_line
@@ -310,8 +311,6 @@ def test_slow_request_through_a_deregistered_target_completes(daemon: RunningDae
 
 
 def test_down_is_refused_while_up_runs_and_a_stop_leaves_no_lock(daemon: RunningDaemon) -> None:
-    from lb.daemon import lock_path
-
     refused = subprocess.run([sys.executable, "-m", "lb", "down", "-c", daemon.config_path], capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode == 1 and "still running" in refused.stderr and "Traceback" not in refused.stderr

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lb.dataplane.structs import MapName
 from lb.inspect.access import InspectError, ask_daemon, require_root
 from lb.model import LoadBalancer
-
-if TYPE_CHECKING:
-    from lb.daemon import RuntimeState
+from lb.runstate import RuntimeState, listener_rows
 
 
 def attached_interfaces(config: LoadBalancer) -> list[str]:
     """Interfaces the last `lb up` attached to (its state file), else the config's."""
-    from lb.daemon import RuntimeState
-
     return _attached_interfaces(config, RuntimeState.load(config.name))
 
 
@@ -63,7 +59,6 @@ def status(config: LoadBalancer) -> dict[str, Any]:
     "listeners": [{"name", "protocol", "address", "port"}]}
     """
     from lb import netlink as nl
-    from lb.daemon import RuntimeState, listener_rows
     from lb.dataplane.pins import pin_dir
 
     require_root("lb status")
