@@ -33,6 +33,7 @@ from lb.dataplane.maps import Maps
 from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.checker import FIRST_ROUND_SPREAD
+from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
 from lb.model import LoadBalancer, Protocol, Target
 from lb.runstate import RuntimeState, listener_rows
 from lb.systemd import sd_notify
@@ -48,53 +49,6 @@ RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "r
 
 class DaemonError(RuntimeError):
     """lb up cannot start; the message says why and what to do."""
-
-
-# --- addresses and interfaces ----------------------------------------------------
-
-
-def listener_addresses(config: LoadBalancer) -> list[str]:
-    seen: list[str] = []
-    for listener in config.listeners:
-        if not listener.address.is_unspecified and str(listener.address) not in seen:
-            seen.append(str(listener.address))
-    return seen
-
-
-def place_addresses(config: LoadBalancer) -> list[tuple[str, str, int]]:
-    """Make every listener address local, so the host answers ARP for L4 VIPs
-    and the L7 proxy can bind. An address inside a connected subnet goes on
-    that interface; any other on `lo` (a routed VIP: the upstream router, or
-    BGP, sends it here). Returns the addresses added (not those already there)."""
-    added: list[tuple[str, str, int]] = []
-    with nl.iproute() as ipr:
-        for address in listener_addresses(config):
-            if nl.has_address(ipr, address):
-                continue
-            ifname = nl.interface_for_subnet(ipr, address) or "lo"
-            prefixlen = ipaddress.ip_address(address).max_prefixlen
-            nl.add_address(ipr, ifname, address, prefixlen)
-            added.append((ifname, address, prefixlen))
-            log.info("address %s/%d added to %s", address, prefixlen, ifname)
-    return added
-
-
-def xdp_interfaces(config: LoadBalancer) -> list[str]:
-    """Where the program attaches: the config's list, or derived from the
-    routes toward the L4 VIPs' subnets and toward every L4 target."""
-    if config.interfaces:
-        return list(config.interfaces)
-    found: list[str] = []
-    with nl.iproute() as ipr:
-        l4 = config.listeners_of(Protocol.TCP, Protocol.UDP)
-        wanted = [str(listener.address) for listener in l4]
-        groups = {a.name for listener in l4 for a in listener.default_action.target_groups}  # type: ignore[union-attr]
-        wanted += [str(t.address) for g in config.target_groups if g.name in groups for t in g.targets]
-        for address in wanted:
-            ifname = nl.interface_for_subnet(ipr, address) or nl.route_interface(ipr, address)
-            if ifname and ifname != "lo" and ifname not in found:
-                found.append(ifname)
-    return found
 
 
 # --- the daemon --------------------------------------------------------------------
@@ -366,16 +320,6 @@ class Daemon:
 # --- entry points ----------------------------------------------------------------
 
 
-def enter_netns(name: str | None) -> None:
-    if name is None:
-        return
-    if not nl.netns_exists(name):
-        raise DaemonError(f"load_balancer.netns: namespace {name!r} does not exist (for the lab: lb lab up)")
-    from pyroute2 import netns
-
-    netns.setns(name, flags=0)
-
-
 async def _main(daemon: Daemon) -> None:
     try:
         await daemon.start()
@@ -389,10 +333,10 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
     problems a user can fix (already running, no such namespace, ...)."""
     if os.geteuid() != 0:
         raise DaemonError("lb up needs root (BPF, XDP, addresses): run it with sudo")
-    enter_netns(config.netns)  # the main thread, before any other thread or socket exists
     try:
+        enter_netns(config.netns)  # the main thread, before any other thread or socket exists
         lock = runstate.lock(config.name)
-    except runstate.AlreadyRunning as exc:
+    except (NoSuchNetns, runstate.AlreadyRunning) as exc:
         raise DaemonError(str(exc)) from None
     try:
         import uvloop
@@ -419,12 +363,7 @@ def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = T
     runstate.unlock(name, lock)  # not running: this also removes a lock file a killed daemon left
     state = RuntimeState.load(name)
     detached = detach_all(interfaces, netns)
-    removed_addresses = []
-    if state is not None:
-        with nl.iproute(netns) as ipr:
-            for ifname, address, prefixlen in state.addresses:
-                nl.remove_address(ipr, ifname, address, prefixlen)
-                removed_addresses.append(address)
+    removed_addresses = remove_addresses(state.addresses, netns) if state is not None else []
     unpinned = purge_pins(name) if purge else False
     RuntimeState.remove(name)
     return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned}

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from lb.dataplane.structs import MapName
+from lb.hostnet import xdp_interfaces
 from lb.inspect.access import InspectError, ask_daemon, require_root
 from lb.model import LoadBalancer
 from lb.runstate import RuntimeState, listener_rows
@@ -19,8 +20,6 @@ def attached_interfaces(config: LoadBalancer) -> list[str]:
 
 
 def _attached_interfaces(config: LoadBalancer, state: RuntimeState | None) -> list[str]:
-    from lb.daemon import xdp_interfaces
-
     if state is not None and state.attachments:
         return [a["ifname"] for a in state.attachments]
     if config.interfaces:
