@@ -15,7 +15,6 @@ notice that the control plane was gone.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from typing import Any
 from lb import admin, runstate
 from lb import config as configmod
 from lb import netlink as nl
+from lb.admin_commands import AdminCommands
 from lb.controller import Controller
 from lb.dataplane.dataplane import Dataplane
 from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, purge_pins
@@ -34,8 +34,8 @@ from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
-from lb.model import LoadBalancer, Protocol, Target
-from lb.runstate import RuntimeState, listener_rows
+from lb.model import LoadBalancer, Protocol
+from lb.runstate import RuntimeState
 from lb.systemd import sd_notify
 
 log = logging.getLogger("lb.daemon")
@@ -122,7 +122,7 @@ class Daemon:
         except OSError as exc:
             log.error("metrics_address %s: %s; no metrics endpoint", config.metrics_address, exc)
         # --- end of metrics
-        self.admin = admin.AdminServer(config.admin_socket, self.handle_admin)
+        self.admin = admin.AdminServer(config.admin_socket, AdminCommands(self).handle)
         await self.admin.start()
         self.state.save()
         log.info("lb %s up: %d listeners, %d target groups", config.name, len(config.listeners),
@@ -240,81 +240,6 @@ class Daemon:
         log.info("reloaded %s", self.config_path or "the embedded config")
         sd_notify("READY=1")
         return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups)}
-
-    async def handle_admin(self, request: dict[str, Any]) -> Any:
-        cmd = request["cmd"]
-        if cmd == "status":
-            return self.status()
-        if cmd == "targets":
-            return self.targets(request.get("group"))
-        if cmd == "reload":
-            return await self.reload()
-        if cmd in ("register", "deregister"):
-            return self.change_registration(cmd, request)
-        raise admin.AdminError(f"unknown command {cmd!r} (status, targets, register, deregister, reload)")
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "name": self.config.name,
-            "pid": os.getpid(),
-            "config": self.config_path or "<embedded default>",
-            "loaded_at": self.state.loaded_at,
-            "netns": self.config.netns,
-            "pin_dir": self.state.pin_dir,
-            "program_id": self.program.prog_id if self.program else None,
-            "attachments": self.state.attachments,
-            "listeners": listener_rows(self.config),
-        }
-
-    def targets(self, group: str | None) -> list[dict[str, Any]]:
-        assert self.health is not None
-        names = [g.name for g in self.config.target_groups]
-        if group is not None and group not in names:
-            raise admin.AdminError(f"no target group {group!r} (groups: {', '.join(names)})")
-        rows = []
-        for name in ([group] if group else names):
-            port = self.config.target_group(name).port
-            for target, record in self.health.health(name).items():
-                rows.append({
-                    "group": name,
-                    "target": str(target.address),
-                    "port": target.traffic_port(port),
-                    "state": record.health.state.value,
-                    "reason": record.health.reason.value if record.health.reason else None,
-                    "description": record.health.description,
-                    "last_latency_ms": record.last_latency_ms,
-                    "last_result": None if record.last_result is None else
-                    ("passed" if record.last_result.ok else "failed"),
-                    "last_checked_ago_s": None if record.last_checked is None else
-                    round(time.monotonic() - record.last_checked, 3),
-                })
-        return rows
-
-    def change_registration(self, cmd: str, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.health is not None
-        group_name = request.get("group")
-        try:
-            group = self.config.target_group(str(group_name))
-        except KeyError:
-            raise admin.AdminError(f"no target group {group_name!r}") from None
-        try:
-            address = ipaddress.ip_address(str(request.get("target")))
-        except ValueError:
-            raise admin.AdminError(f"target: {request.get('target')!r} is not an IP address") from None
-        port = request.get("port")
-        if port is not None and not (isinstance(port, int) and 1 <= port <= 65535):
-            raise admin.AdminError(f"port: {port!r} is outside 1..65535")
-        target = Target(address, port, int(request.get("weight", 1)))
-        if cmd == "register":
-            self.health.register(group.name, target)
-        else:
-            known = [t for t in self.health.health(group.name) if t.address == address
-                     and t.traffic_port(group.port) == target.traffic_port(group.port)]
-            if not known:
-                raise admin.AdminError(f"{address} is not registered in {group.name}")
-            self.health.deregister(group.name, known[0])
-        self.schedule_reconcile()
-        return {cmd: f"{address}:{target.traffic_port(group.port)}", "group": group.name}
 
 
 # --- entry points ----------------------------------------------------------------
