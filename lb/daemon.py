@@ -1,6 +1,6 @@
 """`lb up`: wire config, data plane, L7 workers, health checks and controller.
 
-    run(config_path)            the foreground daemon (systemd Type=notify)
+    run(config, config_path)    the foreground daemon (systemd Type=notify)
     SIGHUP / `lb reload`        re-read the config: all or nothing
     SIGTERM / SIGINT            L7 finishes in-flight requests, then exit; the XDP
                                 program and pinned maps stay, so L4 flows go on
@@ -10,6 +10,10 @@ A new `lb up` adopts what the last one left: the loader reuses the pinned maps, 
 program is swapped in atomically on each interface, and the data plane
 reads target and VIP ids back from the maps, so established L4 flows never
 notice that the control plane was gone.
+
+Only the wiring is here. The parts: lb.hostnet (netns, addresses, interfaces),
+lb.dataplane (program, pinned maps), lb.runstate (/run/lb), lb.admin_commands,
+lb.metrics, lb.systemd (sd_notify), lb.health, lb.controller and lb.l7.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import os
 import signal
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lb import admin, runstate
+import uvloop
+
+from lb import admin, metrics, runstate
 from lb import config as configmod
 from lb import netlink as nl
 from lb.admin_commands import AdminCommands
@@ -37,6 +43,9 @@ from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_address
 from lb.model import LoadBalancer, Protocol
 from lb.runstate import RuntimeState
 from lb.systemd import sd_notify
+
+if TYPE_CHECKING:
+    from lb.l7.server import L7Server
 
 log = logging.getLogger("lb.daemon")
 
@@ -64,13 +73,14 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reconcile_pending = False
         self._ramp_timer: asyncio.TimerHandle | None = None
-        # --- parts, created in start()
+        # --- parts, created in prepare() and start()
         self.program: Program | None = None
         self.maps: Maps | None = None
         self.dataplane: Dataplane | None = None
         self.health: HealthChecker | None = None
-        self.l7: Any = None
+        self.l7: L7Server | None = None
         self.controller: Controller | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
         self.admin: admin.AdminServer | None = None
         self._health_task: asyncio.Task[None] | None = None
 
@@ -96,38 +106,37 @@ class Daemon:
             log.warning("not every target answered its first health check in time; starting anyway")
         self.controller = Controller(config, self.health, self.dataplane, None)
         if config.listeners_of(Protocol.HTTP):
+            # Imported here: the L7 proxy (httptools, multiprocessing, the worker
+            # code) loads only when an HTTP listener exists, never for L4 alone.
             from lb.l7.config import L7Config
-            from lb.l7.server import L7Server  # its workers are processes: start them only when needed
+            from lb.l7.server import L7Server
 
             self.l7 = L7Server(L7Config(workers=config.workers, access_log="-"))
             self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
         self._after_reconcile(self.controller.reconcile())
-        # --- metrics (lb.metrics): Prometheus on config.metrics_address, in our netns.
-        # The scrape thread opens the pinned maps itself; health records and the L7
-        # workers' pipes belong to this loop, so it asks the loop for them (on_loop).
-        # A port already taken is logged, not fatal: L4 and L7 serve on without it.
-        from lb import metrics
-
-        loop = asyncio.get_running_loop()
-        collector = metrics.Collector(
-            lambda: self.config,
-            health=metrics.on_loop(loop, lambda: metrics.health_rows(self.config, self.health)),
-            l7_stats=metrics.on_loop(loop, self.l7.stats) if self.l7 is not None else None,
-        )
-        self.metrics_server: metrics.MetricsServer | None = None
-        try:
-            self.metrics_server = metrics.serve(config.metrics_address, collector)
-            log.info("metrics on http://%s/metrics", config.metrics_address)
-        except OSError as exc:
-            log.error("metrics_address %s: %s; no metrics endpoint", config.metrics_address, exc)
-        # --- end of metrics
+        self._start_metrics()
         self.admin = admin.AdminServer(config.admin_socket, AdminCommands(self).handle)
         await self.admin.start()
         self.state.save()
         log.info("lb %s up: %d listeners, %d target groups", config.name, len(config.listeners),
                  len(config.target_groups))
         sd_notify("READY=1\nSTATUS=serving")
+
+    def _start_metrics(self) -> None:
+        """Prometheus on config.metrics_address, in our netns. The scrape thread
+        opens the pinned maps itself; health records and the L7 workers' pipes
+        belong to this loop, so it asks the loop for them (on_loop). A port
+        already taken is logged, not fatal: L4 and L7 serve on without it."""
+        loop, address = asyncio.get_running_loop(), self.config.metrics_address
+        health = metrics.on_loop(loop, lambda: metrics.health_rows(self.config, self.health))
+        l7_stats = metrics.on_loop(loop, self.l7.stats) if self.l7 is not None else None
+        collector = metrics.Collector(lambda: self.config, health=health, l7_stats=l7_stats)
+        try:
+            self.metrics_server = metrics.serve(address, collector)
+            log.info("metrics on http://%s/metrics", address)
+        except OSError as exc:
+            log.error("metrics_address %s: %s; no metrics endpoint", address, exc)
 
     def _start_dataplane(self) -> None:
         config = self.config
@@ -161,12 +170,9 @@ class Daemon:
         sd_notify("STOPPING=1")
         if self._ramp_timer is not None:
             self._ramp_timer.cancel()
-        # --- metrics: stop serving first (a scrape may wait on this loop)
-        metrics_server = getattr(self, "metrics_server", None)
-        if metrics_server is not None:
-            await asyncio.get_running_loop().run_in_executor(None, metrics_server.close)
+        if self.metrics_server is not None:  # first: a scrape may be waiting on this loop
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics_server.close)
             self.metrics_server = None
-        # --- end of metrics
         if self.admin is not None:
             await self.admin.close()
         if self.health is not None:
@@ -264,8 +270,6 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
     except (NoSuchNetns, runstate.AlreadyRunning) as exc:
         raise DaemonError(str(exc)) from None
     try:
-        import uvloop
-
         daemon = Daemon(config, config_path)
         try:
             daemon.prepare()

@@ -7,6 +7,9 @@ import os
 import time
 from typing import Any
 
+from lb import netlink as nl
+from lb.dataplane import libbpf
+from lb.dataplane.pins import PROGRAM_PIN, pin_dir
 from lb.dataplane.structs import MapName
 from lb.hostnet import xdp_interfaces
 from lb.inspect.access import InspectError, ask_daemon, require_root
@@ -31,9 +34,6 @@ def _attached_interfaces(config: LoadBalancer, state: RuntimeState | None) -> li
 
 def pinned_program(config: LoadBalancer) -> dict[str, Any] | None:
     """The program pinned at <pin dir>/prog: {"id", "name", "loaded_at" (epoch s)}, or None."""
-    from lb.dataplane import libbpf
-    from lb.dataplane.pins import PROGRAM_PIN, pin_dir
-
     path = os.path.join(pin_dir(config.name), PROGRAM_PIN)
     if not os.path.exists(path):
         return None
@@ -57,9 +57,6 @@ def status(config: LoadBalancer) -> dict[str, Any]:
     "program": pinned_program(), "pin_dir", "maps_pinned", "metrics_address",
     "listeners": [{"name", "protocol", "address", "port"}]}
     """
-    from lb import netlink as nl
-    from lb.dataplane.pins import pin_dir
-
     require_root("lb status")
     running, reason = ask_daemon(config, "status")
     daemon: dict[str, Any] = {"running": False, "reason": reason}
