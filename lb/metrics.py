@@ -260,7 +260,8 @@ class MetricsServer:
     def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
         self._httpd = httpd
         self._thread = thread
-        self.address: tuple[str, int] = httpd.server_address[:2]  # type: ignore[assignment]
+        host, port = httpd.server_address[:2]
+        self.address = (str(host), int(port))
 
     def close(self) -> None:
         self._httpd.shutdown()
