@@ -193,7 +193,7 @@ def load_xdp(bpf: Any, map_fds: Mapping[MapName, int]) -> int:
     bcc's own bcc_func_load does the load, as BPF.load_func would, so the
     program keeps the BTF, name and license bcc gives it, and a verifier
     rejection prints the verifier's log to stderr as before."""
-    from bcc import BPF
+    from bcc import BPF  # deferred, as in Program.load: the CLI reads maps without a compiler
     from bcc.libbcc import lib
 
     swap = {}
