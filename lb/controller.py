@@ -108,7 +108,8 @@ def group_views(config: LoadBalancer, health: HealthView, now: float | None = No
 
 
 def _endpoint(group: TargetGroup, target: Target) -> Endpoint:
-    return Endpoint(target.address, target.traffic_port(group.port))  # type: ignore[arg-type]
+    port = target.traffic_port(group.port)
+    return Endpoint(target.address, port)  # type: ignore[arg-type]  # config.py: L4 is IPv4 only
 
 
 def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Service]:
@@ -123,7 +124,8 @@ def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Serv
         else:
             members = tuple((_endpoint(view.group, t), t.weight) for t in view.in_service)
         keep = tuple(_endpoint(view.group, t) for t in (*view.draining, *view.out_of_service))
-        vip = VipAddr(listener.address, listener.port, listener.protocol.value)  # type: ignore[arg-type]
+        vip = VipAddr(listener.address,  # type: ignore[arg-type]  # config.py: L4 is IPv4 only
+                      listener.port, listener.protocol.value)
         in_ring = {e for e, _ in members}
         services.append(L4Service(vip, members=members, draining=tuple(e for e in keep if e not in in_ring)))
     return services

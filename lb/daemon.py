@@ -1,6 +1,6 @@
 """`lb up`: wire config, data plane, L7 workers, health checks and controller.
 
-    run(config_path)            the foreground daemon (systemd Type=notify)
+    run(config, config_path)    the foreground daemon (systemd Type=notify)
     SIGHUP / `lb reload`        re-read the config: all or nothing
     SIGTERM / SIGINT            L7 finishes in-flight requests, then exit; the XDP
                                 program and pinned maps stay, so L4 flows go on
@@ -10,37 +10,45 @@ A new `lb up` adopts what the last one left: the loader reuses the pinned maps, 
 program is swapped in atomically on each interface, and the data plane
 reads target and VIP ids back from the maps, so established L4 flows never
 notice that the control plane was gone.
+
+Only the wiring is here. The parts: lb.hostnet (netns, addresses, interfaces),
+lb.dataplane (program, pinned maps), lb.runstate (/run/lb), lb.admin_commands,
+lb.metrics, lb.systemd (sd_notify), lb.health, lb.controller and lb.l7.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import ipaddress
-import json
 import logging
 import os
 import signal
-import socket
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
-from lb import admin
+import uvloop
+
+from lb import admin, metrics, runstate
 from lb import config as configmod
 from lb import netlink as nl
+from lb.admin_commands import AdminCommands
 from lb.controller import Controller
 from lb.dataplane.dataplane import Dataplane
-from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, pin_dir, purge_pins
+from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, purge_pins
 from lb.dataplane.maps import Maps
-from lb.dataplane.structs import Limits
+from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.checker import FIRST_ROUND_SPREAD
-from lb.model import LoadBalancer, Protocol, Target
+from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
+from lb.model import LoadBalancer, Protocol
+from lb.runstate import RuntimeState
+from lb.systemd import sd_notify
+
+if TYPE_CHECKING:
+    from lb.l7.server import L7Server
 
 log = logging.getLogger("lb.daemon")
 
-RUN_DIR = "/run/lb"
 GRACE_SECONDS = 30.0
 
 # Settings a running daemon cannot change: a reload that changes one is refused.
@@ -50,113 +58,6 @@ RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "r
 
 class DaemonError(RuntimeError):
     """lb up cannot start; the message says why and what to do."""
-
-
-def limits_for(config: LoadBalancer) -> Limits:
-    return Limits(ring_size=config.ring_size, tcp_idle_timeout=config.tcp_idle_timeout,
-                  udp_idle_timeout=config.udp_idle_timeout)
-
-
-def state_path(name: str) -> str:
-    return os.path.join(RUN_DIR, f"{name}.json")
-
-
-@dataclass
-class RuntimeState:
-    """What `lb status` and `lb down` need with no daemon to ask: written at
-    start and on every reload to /run/lb/<name>.json."""
-
-    name: str
-    pid: int
-    config_path: str | None
-    loaded_at: float
-    netns: str | None
-    pin_dir: str
-    attachments: list[dict[str, Any]] = field(default_factory=list)
-    addresses: list[tuple[str, str, int]] = field(default_factory=list)  # (ifname, address, prefixlen) lb added
-    admin_socket: str = ""
-
-    def save(self) -> None:
-        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-        tmp = state_path(self.name) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(tmp, state_path(self.name))
-
-    @classmethod
-    def load(cls, name: str) -> RuntimeState | None:
-        try:
-            with open(state_path(name)) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return None
-        data["addresses"] = [tuple(a) for a in data.get("addresses", [])]
-        return cls(**data)
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(path)
-        sock.sendall(message.encode())
-
-
-# --- addresses and interfaces ----------------------------------------------------
-
-
-def listener_addresses(config: LoadBalancer) -> list[str]:
-    seen: list[str] = []
-    for listener in config.listeners:
-        if not listener.address.is_unspecified and str(listener.address) not in seen:
-            seen.append(str(listener.address))
-    return seen
-
-
-def listener_rows(config: LoadBalancer) -> list[dict[str, Any]]:
-    """The listeners as `lb status` shows them: {"name", "protocol", "address", "port"}."""
-    return [{"name": li.name, "protocol": li.protocol.value, "address": str(li.address), "port": li.port}
-            for li in config.listeners]
-
-
-def place_addresses(config: LoadBalancer) -> list[tuple[str, str, int]]:
-    """Make every listener address local, so the host answers ARP for L4 VIPs
-    and the L7 proxy can bind. An address inside a connected subnet goes on
-    that interface; any other on `lo` (a routed VIP: the upstream router, or
-    BGP, sends it here). Returns the addresses added (not those already there)."""
-    added: list[tuple[str, str, int]] = []
-    with nl.iproute() as ipr:
-        for address in listener_addresses(config):
-            if nl.has_address(ipr, address):
-                continue
-            ifname = nl.interface_for_subnet(ipr, address) or "lo"
-            prefixlen = ipaddress.ip_address(address).max_prefixlen
-            nl.add_address(ipr, ifname, address, prefixlen)
-            added.append((ifname, address, prefixlen))
-            log.info("address %s/%d added to %s", address, prefixlen, ifname)
-    return added
-
-
-def xdp_interfaces(config: LoadBalancer) -> list[str]:
-    """Where the program attaches: the config's list, or derived from the
-    routes toward the L4 VIPs' subnets and toward every L4 target."""
-    if config.interfaces:
-        return list(config.interfaces)
-    found: list[str] = []
-    with nl.iproute() as ipr:
-        l4 = config.listeners_of(Protocol.TCP, Protocol.UDP)
-        wanted = [str(listener.address) for listener in l4]
-        groups = {a.name for listener in l4 for a in listener.default_action.target_groups}  # type: ignore[union-attr]
-        wanted += [str(t.address) for g in config.target_groups if g.name in groups for t in g.targets]
-        for address in wanted:
-            ifname = nl.interface_for_subnet(ipr, address) or nl.route_interface(ipr, address)
-            if ifname and ifname != "lo" and ifname not in found:
-                found.append(ifname)
-    return found
 
 
 # --- the daemon --------------------------------------------------------------------
@@ -172,13 +73,14 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reconcile_pending = False
         self._ramp_timer: asyncio.TimerHandle | None = None
-        # --- parts, created in start()
+        # --- parts, created in prepare() and start()
         self.program: Program | None = None
         self.maps: Maps | None = None
         self.dataplane: Dataplane | None = None
         self.health: HealthChecker | None = None
-        self.l7: Any = None
+        self.l7: L7Server | None = None
         self.controller: Controller | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
         self.admin: admin.AdminServer | None = None
         self._health_task: asyncio.Task[None] | None = None
 
@@ -204,38 +106,37 @@ class Daemon:
             log.warning("not every target answered its first health check in time; starting anyway")
         self.controller = Controller(config, self.health, self.dataplane, None)
         if config.listeners_of(Protocol.HTTP):
+            # Imported here: the L7 proxy (httptools, multiprocessing, the worker
+            # code) loads only when an HTTP listener exists, never for L4 alone.
             from lb.l7.config import L7Config
-            from lb.l7.server import L7Server  # its workers are processes: start them only when needed
+            from lb.l7.server import L7Server
 
             self.l7 = L7Server(L7Config(workers=config.workers, access_log="-"))
             self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
         self._after_reconcile(self.controller.reconcile())
-        # --- metrics (lb.metrics): Prometheus on config.metrics_address, in our netns.
-        # The scrape thread opens the pinned maps itself; health records and the L7
-        # workers' pipes belong to this loop, so it asks the loop for them (on_loop).
-        # A port already taken is logged, not fatal: L4 and L7 serve on without it.
-        from lb import metrics
-
-        loop = asyncio.get_running_loop()
-        collector = metrics.Collector(
-            lambda: self.config,
-            health=metrics.on_loop(loop, lambda: metrics.health_rows(self.config, self.health)),
-            l7_stats=metrics.on_loop(loop, self.l7.stats) if self.l7 is not None else None,
-        )
-        self.metrics_server: metrics.MetricsServer | None = None
-        try:
-            self.metrics_server = metrics.serve(config.metrics_address, collector)
-            log.info("metrics on http://%s/metrics", config.metrics_address)
-        except OSError as exc:
-            log.error("metrics_address %s: %s; no metrics endpoint", config.metrics_address, exc)
-        # --- end of metrics
-        self.admin = admin.AdminServer(config.admin_socket, self.handle_admin)
+        self._start_metrics()
+        self.admin = admin.AdminServer(config.admin_socket, AdminCommands(self).handle)
         await self.admin.start()
         self.state.save()
         log.info("lb %s up: %d listeners, %d target groups", config.name, len(config.listeners),
                  len(config.target_groups))
         sd_notify("READY=1\nSTATUS=serving")
+
+    def _start_metrics(self) -> None:
+        """Prometheus on config.metrics_address, in our netns. The scrape thread
+        opens the pinned maps itself; health records and the L7 workers' pipes
+        belong to this loop, so it asks the loop for them (on_loop). A port
+        already taken is logged, not fatal: L4 and L7 serve on without it."""
+        loop, address = asyncio.get_running_loop(), self.config.metrics_address
+        health = metrics.on_loop(loop, lambda: metrics.health_rows(self.config, self.health))
+        l7_stats = metrics.on_loop(loop, self.l7.stats) if self.l7 is not None else None
+        collector = metrics.Collector(lambda: self.config, health=health, l7_stats=l7_stats)
+        try:
+            self.metrics_server = metrics.serve(address, collector)
+            log.info("metrics on http://%s/metrics", address)
+        except OSError as exc:
+            log.error("metrics_address %s: %s; no metrics endpoint", address, exc)
 
     def _start_dataplane(self) -> None:
         config = self.config
@@ -254,7 +155,7 @@ class Daemon:
             except (LoaderError, nl.NetlinkLookupError) as exc:
                 raise DaemonError(f"load_balancer.interfaces: {exc}") from exc
         self.state.attachments = [asdict(a) for a in attachments]
-        self.maps = Maps(self.program.pin_dir, limits)
+        self.maps = open_pinned(config)
         self.dataplane = Dataplane(self.maps)
 
     async def serve(self) -> None:
@@ -269,12 +170,9 @@ class Daemon:
         sd_notify("STOPPING=1")
         if self._ramp_timer is not None:
             self._ramp_timer.cancel()
-        # --- metrics: stop serving first (a scrape may wait on this loop)
-        metrics_server = getattr(self, "metrics_server", None)
-        if metrics_server is not None:
-            await asyncio.get_running_loop().run_in_executor(None, metrics_server.close)
+        if self.metrics_server is not None:  # first: a scrape may be waiting on this loop
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics_server.close)
             self.metrics_server = None
-        # --- end of metrics
         if self.admin is not None:
             await self.admin.close()
         if self.health is not None:
@@ -349,126 +247,8 @@ class Daemon:
         sd_notify("READY=1")
         return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups)}
 
-    async def handle_admin(self, request: dict[str, Any]) -> Any:
-        cmd = request["cmd"]
-        if cmd == "status":
-            return self.status()
-        if cmd == "targets":
-            return self.targets(request.get("group"))
-        if cmd == "reload":
-            return await self.reload()
-        if cmd in ("register", "deregister"):
-            return self.change_registration(cmd, request)
-        raise admin.AdminError(f"unknown command {cmd!r} (status, targets, register, deregister, reload)")
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "name": self.config.name,
-            "pid": os.getpid(),
-            "config": self.config_path or "<embedded default>",
-            "loaded_at": self.state.loaded_at,
-            "netns": self.config.netns,
-            "pin_dir": self.state.pin_dir,
-            "program_id": self.program.prog_id if self.program else None,
-            "attachments": self.state.attachments,
-            "listeners": listener_rows(self.config),
-        }
-
-    def targets(self, group: str | None) -> list[dict[str, Any]]:
-        assert self.health is not None
-        names = [g.name for g in self.config.target_groups]
-        if group is not None and group not in names:
-            raise admin.AdminError(f"no target group {group!r} (groups: {', '.join(names)})")
-        rows = []
-        for name in ([group] if group else names):
-            port = self.config.target_group(name).port
-            for target, record in self.health.health(name).items():
-                rows.append({
-                    "group": name,
-                    "target": str(target.address),
-                    "port": target.traffic_port(port),
-                    "state": record.health.state.value,
-                    "reason": record.health.reason.value if record.health.reason else None,
-                    "description": record.health.description,
-                    "last_latency_ms": record.last_latency_ms,
-                    "last_result": None if record.last_result is None else
-                    ("passed" if record.last_result.ok else "failed"),
-                    "last_checked_ago_s": None if record.last_checked is None else
-                    round(time.monotonic() - record.last_checked, 3),
-                })
-        return rows
-
-    def change_registration(self, cmd: str, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.health is not None
-        group_name = request.get("group")
-        try:
-            group = self.config.target_group(str(group_name))
-        except KeyError:
-            raise admin.AdminError(f"no target group {group_name!r}") from None
-        try:
-            address = ipaddress.ip_address(str(request.get("target")))
-        except ValueError:
-            raise admin.AdminError(f"target: {request.get('target')!r} is not an IP address") from None
-        port = request.get("port")
-        if port is not None and not (isinstance(port, int) and 1 <= port <= 65535):
-            raise admin.AdminError(f"port: {port!r} is outside 1..65535")
-        target = Target(address, port, int(request.get("weight", 1)))
-        if cmd == "register":
-            self.health.register(group.name, target)
-        else:
-            known = [t for t in self.health.health(group.name) if t.address == address
-                     and t.traffic_port(group.port) == target.traffic_port(group.port)]
-            if not known:
-                raise admin.AdminError(f"{address} is not registered in {group.name}")
-            self.health.deregister(group.name, known[0])
-        self.schedule_reconcile()
-        return {cmd: f"{address}:{target.traffic_port(group.port)}", "group": group.name}
-
 
 # --- entry points ----------------------------------------------------------------
-
-
-def lock_path(name: str) -> str:
-    return os.path.join(RUN_DIR, f"{name}.lock")
-
-
-def _lock(name: str) -> int:
-    """Hold /run/lb/<name>.lock: one `lb up` per load balancer. The file is
-    removed on exit, so after locking we check that the path still names the
-    file we locked (else a daemon that was exiting removed it: try again)."""
-    os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-    path = lock_path(name)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DaemonError(f"another `lb up` is already running for {name!r}") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def _unlock(name: str, fd: int) -> None:
-    try:
-        os.unlink(lock_path(name))  # while still holding it: nobody can lock it in between
-    except FileNotFoundError:
-        pass
-    os.close(fd)
-
-
-def enter_netns(name: str | None) -> None:
-    if name is None:
-        return
-    if not nl.netns_exists(name):
-        raise DaemonError(f"load_balancer.netns: namespace {name!r} does not exist (for the lab: lb lab up)")
-    from pyroute2 import netns
-
-    netns.setns(name, flags=0)
 
 
 async def _main(daemon: Daemon) -> None:
@@ -484,11 +264,12 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
     problems a user can fix (already running, no such namespace, ...)."""
     if os.geteuid() != 0:
         raise DaemonError("lb up needs root (BPF, XDP, addresses): run it with sudo")
-    enter_netns(config.netns)  # the main thread, before any other thread or socket exists
-    lock = _lock(config.name)
     try:
-        import uvloop
-
+        enter_netns(config.netns)  # the main thread, before any other thread or socket exists
+        lock = runstate.lock(config.name)
+    except (NoSuchNetns, runstate.AlreadyRunning) as exc:
+        raise DaemonError(str(exc)) from None
+    try:
         daemon = Daemon(config, config_path)
         try:
             daemon.prepare()
@@ -497,27 +278,21 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
             raise
         uvloop.run(_main(daemon))
     finally:
-        _unlock(config.name, lock)
+        runstate.unlock(config.name, lock)
 
 
 def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = True) -> dict[str, Any]:
     """Remove what `lb up` left in the kernel: XDP programs, pinned maps, the
     addresses it added. Safe to run twice."""
     try:
-        lock = _lock(name)
-    except DaemonError:
+        lock = runstate.lock(name)
+    except runstate.AlreadyRunning:
         raise DaemonError(f"`lb up` is still running for {name!r}: stop it first (SIGTERM, or systemctl stop lb)") \
             from None
-    _unlock(name, lock)  # not running: this also removes a lock file a killed daemon left
+    runstate.unlock(name, lock)  # not running: this also removes a lock file a killed daemon left
     state = RuntimeState.load(name)
     detached = detach_all(interfaces, netns)
-    removed_addresses = []
-    if state is not None:
-        with nl.iproute(netns) as ipr:
-            for ifname, address, prefixlen in state.addresses:
-                nl.remove_address(ipr, ifname, address, prefixlen)
-                removed_addresses.append(address)
+    removed_addresses = remove_addresses(state.addresses, netns) if state is not None else []
     unpinned = purge_pins(name) if purge else False
-    if os.path.exists(state_path(name)):
-        os.unlink(state_path(name))
+    RuntimeState.remove(name)
     return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned}

@@ -29,9 +29,7 @@ from typing import Any
 from lb import admin
 from lb import lab as labmod
 from lb.config import load_default
-from lb.daemon import limits_for
-from lb.dataplane.loader import pin_dir
-from lb.dataplane.maps import Maps
+from lb.dataplane.pins import open_pinned
 from lb.lab import Lab
 from lb.netlink import run_in_netns
 
@@ -196,7 +194,7 @@ def run(keep: bool) -> int:
 
         say("what the kernel counted (pinned BPF maps)")
         config = daemon.config
-        with Maps(pin_dir(config.name), limits_for(config)) as maps:
+        with open_pinned(config) as maps:
             for entry in maps.vips():
                 t = maps.vip_traffic(entry.vip_id)
                 print(f"  VIP {entry.vip}: {t.new_flows} flows, {t.packets} packets in, {t.reply_packets} replies")

@@ -57,6 +57,8 @@ from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
 from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry
+from lb.dataplane.pins import open_pinned
+from lb.dataplane.structs import COUNTER_HELP
 from lb.inspect.names import l4_listeners
 from lb.model import LoadBalancer, TargetState
 
@@ -132,12 +134,9 @@ class Collector(PromCollector):
     # --- the XDP maps --------------------------------------------------------
 
     def _kernel(self, config: LoadBalancer) -> Iterator[Metric]:
-        from lb.daemon import limits_for
-        from lb.dataplane.loader import pin_dir
-
         loaded = GaugeMetricFamily("lb_maps_loaded", "1 when the XDP program's maps are pinned")
         try:
-            maps = Maps(pin_dir(config.name), limits_for(config))
+            maps = open_pinned(config)
         except MapsNotLoaded:
             loaded.add_metric([], 0)
             yield loaded
@@ -170,8 +169,6 @@ class Collector(PromCollector):
             for f, family in target_families.items():
                 family.add_metric([str(t.endpoint)], getattr(traffic, f))
         yield from target_families.values()
-        from lb.dataplane.structs import COUNTER_HELP
-
         xdp = CounterMetricFamily("lb_xdp_packets", "XDP verdicts and events by reason: "
                                   + "; ".join(f"{c.label}: {h}" for c, h in COUNTER_HELP.items()), labels=["reason"])
         for counter, value in maps.counters().items():
@@ -263,7 +260,8 @@ class MetricsServer:
     def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
         self._httpd = httpd
         self._thread = thread
-        self.address: tuple[str, int] = httpd.server_address[:2]  # type: ignore[assignment]
+        host, port = httpd.server_address[:2]
+        self.address = (str(host), int(port))
 
     def close(self) -> None:
         self._httpd.shutdown()

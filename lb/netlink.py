@@ -10,6 +10,7 @@ the rest of the process stays where it was.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -283,8 +284,6 @@ def add_neighbor(ipr: IPRoute, ifname: str, address: str, mac: str) -> None:
 
 def interface_for_subnet(ipr: IPRoute, address: str) -> str | None:
     """The interface with a connected subnet containing `address`, if any."""
-    import ipaddress
-
     ip = ipaddress.ip_address(address)
     for entry in ipr.get_addr(family=2 if ip.version == 4 else 10):
         network = ipaddress.ip_network(f"{entry.get_attr('IFA_ADDRESS')}/{entry['prefixlen']}", strict=False)

@@ -18,11 +18,11 @@ import pytest
 
 from lb import config as configmod
 from lb import lab as labmod
-from lb.daemon import limits_for
-from lb.dataplane.loader import pin_dir
-from lb.dataplane.maps import Maps, VipAddr
+from lb.dataplane.maps import VipAddr
+from lb.dataplane.pins import open_pinned
 from lb.lab import Lab
 from lb.netlink import run_in_netns
+from lb.runstate import lock_path
 from tests import labclient
 from tests.daemon_fixture import RunningDaemon, StreamPump, lab_config
 from tests.labclient import read_line
@@ -103,7 +103,7 @@ class ClientLoop(threading.Thread):
 
 def ring_target_addresses(daemon: RunningDaemon, vip: VipAddr) -> set[str]:
     config = configmod.load(daemon.config_path)
-    with Maps(pin_dir(NAME), limits_for(config)) as maps:
+    with open_pinned(config) as maps:
         entry = next(e for e in maps.vips() if e.vip == vip)
         ids = set(maps.read_ring(entry.vip_id, entry.ring))
         return {str(t.endpoint.address) for t in maps.targets() if t.target_id in ids}
@@ -311,8 +311,6 @@ def test_slow_request_through_a_deregistered_target_completes(daemon: RunningDae
 
 
 def test_down_is_refused_while_up_runs_and_a_stop_leaves_no_lock(daemon: RunningDaemon) -> None:
-    from lb.daemon import lock_path
-
     refused = subprocess.run([sys.executable, "-m", "lb", "down", "-c", daemon.config_path], capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode == 1 and "still running" in refused.stderr and "Traceback" not in refused.stderr

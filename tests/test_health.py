@@ -635,8 +635,8 @@ def test_draining_ends_on_time_while_running() -> None:
         checker = HealthChecker([group("web", A, check=HealthCheck(enabled=False))], on_change=changes.append)
 
         async def body() -> None:
-            fractional = TargetGroup("web", Protocol.HTTP, 80, deregistration_delay=0.2,  # type: ignore[arg-type]
-                                     health_check=HealthCheck(enabled=False))
+            fractional = TargetGroup("web", Protocol.HTTP, 80, health_check=HealthCheck(enabled=False),
+                                     deregistration_delay=0.2)  # type: ignore[arg-type]  # float: keeps the test short
             checker.update_groups([fractional])
             took = await wait_for(lambda: len(changes) == 2, 1.0)  # nobody asks: the checker's own timer
             assert 0.15 <= took < 0.5 and changes[-1].new == NOT_REGISTERED

@@ -208,8 +208,9 @@ def counter(stats: dict[str, Any], reason: str) -> int:
 
 
 def test_status_shows_daemon_program_config_and_listeners(daemon: RunningDaemon, lab: Lab) -> None:
+    assert daemon.proc is not None
     info = lb_json(daemon, "status")
-    assert info["daemon"]["running"] and info["daemon"]["pid"] == daemon.proc.pid  # type: ignore[union-attr]
+    assert info["daemon"]["running"] and info["daemon"]["pid"] == daemon.proc.pid
     assert info["config"]["path"] == daemon.config_path and info["config"]["loaded_at"] > 0
     assert info["program"]["id"] > 0 and info["maps_pinned"]
     assert [x["interface"] for x in info["xdp"]] == list(lab.lb_interfaces)
@@ -217,7 +218,7 @@ def test_status_shows_daemon_program_config_and_listeners(daemon: RunningDaemon,
     assert {(li["name"], li["protocol"], li["port"]) for li in info["listeners"]} == {
         ("echo-tcp", "TCP", 9000), ("echo-udp", "UDP", 9000), ("web", "HTTP", 80)}
     text = lb(daemon, "status").output
-    assert f"lb {NAME}: running (pid {daemon.proc.pid})" in text  # type: ignore[union-attr]
+    assert f"lb {NAME}: running (pid {daemon.proc.pid})" in text
     assert f"config: {daemon.config_path} (loaded " in text
     assert f"program: id {info['program']['id']} (xdp_lb)" in text
     assert re.search(rf"to-client\s+native\s+{info['program']['id']}\s+yes", text)

@@ -247,7 +247,7 @@ def test_non_prime_size_rejected(size: int) -> None:
 @pytest.mark.parametrize("size", [True, 13.0, "13"])
 def test_non_int_size_rejected(size: object) -> None:
     with pytest.raises(TypeError):
-        build_table(unweighted(2), size)  # type: ignore[arg-type]
+        build_table(unweighted(2), size)  # type: ignore[arg-type]  # wrong on purpose: the check is under test
 
 
 def test_size_smaller_than_backends_rejected() -> None:
@@ -269,7 +269,7 @@ def test_size_smaller_than_backends_rejected() -> None:
 )
 def test_bad_backends_rejected(backends: list[tuple[object, object]], error: type) -> None:
     with pytest.raises(error):
-        build_table(backends, 13)  # type: ignore[arg-type]
+        build_table(backends, 13)  # type: ignore[arg-type]  # wrong on purpose: the check is under test
 
 
 def test_seed_too_long_rejected() -> None:

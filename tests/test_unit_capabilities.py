@@ -18,7 +18,7 @@ import pytest
 
 from lb import lab as labmod
 from lb.dataplane import libbpf
-from lb.dataplane.loader import PROGRAM_PIN, pin_dir
+from lb.dataplane.pins import PROGRAM_PIN, pin_dir
 from lb.dataplane.structs import MapName
 from lb.lab import Lab
 from tests import labclient

@@ -12,12 +12,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
+from scapy.compat import raw
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
-from scapy.packet import Packet, Raw, raw
+from scapy.packet import Packet, Raw
 
 from lb.dataplane.dataplane import L4Service
 from lb.dataplane.maps import Endpoint, VipAddr
@@ -54,7 +56,7 @@ SERVICES = [
 # --- frame builders ----------------------------------------------------------------
 
 
-def from_client(l4: Packet, dst: str = VIP, ttl: int = 64, **ip: object) -> Packet:
+def from_client(l4: Packet, dst: str = VIP, ttl: int = 64, **ip: Any) -> Packet:
     return Ether(src=MAC["client"], dst=MAC["fxa"]) / IP(src=CLIENT, dst=dst, ttl=ttl, id=7, **ip) / l4
 
 
@@ -119,12 +121,12 @@ PASS_NOT_VIP = {Counter.PASS_NOT_VIP: 1}
 PARSE_ERROR = {Counter.PASS_PARSE_ERROR: 1}
 
 
-def to_t1(pkt: Packet, **kw: object) -> bytes:
-    return rewritten(pkt, out_src_mac=MAC["fxb"], out_dst_mac=MAC["t1"], dst="10.0.1.11", **kw)  # type: ignore[arg-type]
+def to_t1(pkt: Packet, **kw: Any) -> bytes:
+    return rewritten(pkt, out_src_mac=MAC["fxb"], out_dst_mac=MAC["t1"], dst="10.0.1.11", **kw)
 
 
-def back_to_client(pkt: Packet, **kw: object) -> bytes:
-    return rewritten(pkt, out_src_mac=MAC["fxa"], out_dst_mac=MAC["client"], src=VIP, **kw)  # type: ignore[arg-type]
+def back_to_client(pkt: Packet, **kw: Any) -> bytes:
+    return rewritten(pkt, out_src_mac=MAC["fxa"], out_dst_mac=MAC["client"], src=VIP, **kw)
 
 
 def cases() -> Iterator[Case]:

@@ -42,13 +42,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from lb import netlink as nl
 from lb.dataplane import libbpf
+from lb.dataplane.pins import PROGRAM_PIN, pin_dir
 from lb.dataplane.structs import MAP_TYPE_NAMES, Limits, MapName, MapSpec, map_specs
 from lb.model import XdpMode
 
 log = logging.getLogger("lb.dataplane")
 
-PIN_ROOT = "/sys/fs/bpf/lb"
-PROGRAM_PIN = "prog"
 ENTRY_POINT = b"xdp_lb"
 
 
@@ -64,10 +63,6 @@ def bpf_source_dir() -> Path:
         if (candidate / "lb.c").is_file():
             return candidate
     raise LoaderError(f"bpf/lb.c found neither beside {here.parent} nor in {sys.prefix}/share/lb/bpf")
-
-
-def pin_dir(name: str) -> str:
-    return f"{PIN_ROOT}/{name}"
 
 
 def ensure_bpffs() -> None:
@@ -198,7 +193,7 @@ def load_xdp(bpf: Any, map_fds: Mapping[MapName, int]) -> int:
     bcc's own bcc_func_load does the load, as BPF.load_func would, so the
     program keeps the BTF, name and license bcc gives it, and a verifier
     rejection prints the verifier's log to stderr as before."""
-    from bcc import BPF
+    from bcc import BPF  # deferred, as in Program.load: the CLI reads maps without a compiler
     from bcc.libbcc import lib
 
     swap = {}

@@ -187,8 +187,10 @@ class MapSpec:
 
     name: MapName
     map_type: int  # BPF_MAP_TYPE_*
-    key: type[ctypes._SimpleCData] | type[ctypes.Structure]  # type: ignore[type-arg]
-    value: type[ctypes._SimpleCData] | type[ctypes.Structure]  # type: ignore[type-arg]
+    # _SimpleCData is generic only in typeshed: at run time _SimpleCData[Any] raises
+    # TypeError (typing.get_type_hints would), so its parameter stays unwritten.
+    key: type[ctypes._SimpleCData] | type[ctypes.Structure]  # type: ignore[type-arg]  # see above
+    value: type[ctypes._SimpleCData] | type[ctypes.Structure]  # type: ignore[type-arg]  # see above
     max_entries: int
     per_cpu: bool = False
     flags: int = 0  # BPF_F_*, as declared in maps.h: the loader creates the map with them

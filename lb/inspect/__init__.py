@@ -26,7 +26,7 @@ Modules by concern: `access` (root, the pinned maps, the admin socket),
 (`lb explain`, the flow hash).
 """
 
-from lb.inspect.access import InspectError, limits_for, open_maps, require_root
+from lb.inspect.access import InspectError, open_maps, require_root
 from lb.inspect.explain import explain_flow, explain_http, flow_hash
 from lb.inspect.kernel import conntrack, stats, stats_rates, vips
 from lb.inspect.maps import COUNT_CAP, maps_dump, maps_list
@@ -35,6 +35,6 @@ from lb.inspect.runtime import attached_interfaces, pinned_program, status, targ
 
 __all__ = [
     "COUNT_CAP", "InspectError", "attached_interfaces", "conntrack", "explain_flow", "explain_http", "flow_hash",
-    "limits_for", "maps_dump", "maps_list", "open_maps", "parse_endpoint", "pinned_program", "require_root",
-    "stats", "stats_rates", "status", "targets", "vips",
+    "maps_dump", "maps_list", "open_maps", "parse_endpoint", "pinned_program", "require_root", "stats",
+    "stats_rates", "status", "targets", "vips",
 ]

@@ -9,8 +9,10 @@ from typing import Any
 
 from lb import admin
 from lb.dataplane.libbpf import BpfError
+from lb.dataplane.loader import map_mismatch
 from lb.dataplane.maps import Maps, MapsNotLoaded
-from lb.dataplane.structs import Limits
+from lb.dataplane.pins import open_pinned, pin_dir
+from lb.dataplane.structs import map_specs
 from lb.model import LoadBalancer
 
 
@@ -23,28 +25,19 @@ def require_root(what: str) -> None:
         raise InspectError(f"{what} needs root: run with sudo (it reads pinned BPF maps and /run/lb)")
 
 
-def limits_for(config: LoadBalancer) -> Limits:
-    from lb.daemon import limits_for as daemon_limits  # the daemon's, so both open maps alike
-
-    return daemon_limits(config)
-
-
 @contextmanager
 def open_maps(config: LoadBalancer, what: str) -> Iterator[Maps]:
     """The pinned maps of `config.name`, read-only in spirit (nothing here writes)."""
-    from lb.dataplane.loader import map_mismatch, pin_dir
-    from lb.dataplane.structs import map_specs
-
     require_root(what)
-    directory, limits = pin_dir(config.name), limits_for(config)
+    directory = pin_dir(config.name)
     try:
-        maps = Maps(directory, limits)
+        maps = open_pinned(config)
     except MapsNotLoaded:
         raise InspectError(f"nothing loaded for {config.name}: is lb up? (no maps pinned under {directory})") from None
     except BpfError as exc:
         raise InspectError(f"{directory}: {exc}") from None
     # Checked on the maps just opened (each BpfMap already holds its info): no second open.
-    problems = [problem for name, spec in map_specs(limits).items()
+    problems = [problem for name, spec in map_specs(maps.limits).items()
                 if (problem := map_mismatch(os.path.join(directory, name.value), spec, maps.raw(name).info))]
     if problems:
         maps.close()

@@ -13,6 +13,8 @@ from lb.dataplane.structs import FLOW_HASH_SEED, PROTO_NUMBERS, ip_to_net, port_
 from lb.inspect.access import InspectError, ask_daemon, open_maps
 from lb.inspect.kernel import flow_state
 from lb.inspect.names import l4_listeners, parse_endpoint
+from lb.l7.actions import Redirect
+from lb.l7.rules import Request, Router
 from lb.model import Action, FixedResponseAction, ForwardAction, LoadBalancer, Protocol, RedirectAction
 
 _U32 = 0xFFFFFFFF
@@ -66,9 +68,6 @@ def explain_http(config: LoadBalancer, listener: str | None, method: str, host: 
     "protocol", "host", "port", "path", "query"} | {"type": "fixed-response",
     "status_code", "content_type", "body"}.
     """
-    from lb.l7.actions import Redirect
-    from lb.l7.rules import Request, Router
-
     http = config.listeners_of(Protocol.HTTP)
     if listener is None:
         if len(http) != 1:

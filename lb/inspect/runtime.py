@@ -5,26 +5,24 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lb import netlink as nl
+from lb.dataplane import libbpf
+from lb.dataplane.pins import PROGRAM_PIN, pin_dir
 from lb.dataplane.structs import MapName
+from lb.hostnet import xdp_interfaces
 from lb.inspect.access import InspectError, ask_daemon, require_root
 from lb.model import LoadBalancer
-
-if TYPE_CHECKING:
-    from lb.daemon import RuntimeState
+from lb.runstate import RuntimeState, listener_rows
 
 
 def attached_interfaces(config: LoadBalancer) -> list[str]:
     """Interfaces the last `lb up` attached to (its state file), else the config's."""
-    from lb.daemon import RuntimeState
-
     return _attached_interfaces(config, RuntimeState.load(config.name))
 
 
 def _attached_interfaces(config: LoadBalancer, state: RuntimeState | None) -> list[str]:
-    from lb.daemon import xdp_interfaces
-
     if state is not None and state.attachments:
         return [a["ifname"] for a in state.attachments]
     if config.interfaces:
@@ -36,9 +34,6 @@ def _attached_interfaces(config: LoadBalancer, state: RuntimeState | None) -> li
 
 def pinned_program(config: LoadBalancer) -> dict[str, Any] | None:
     """The program pinned at <pin dir>/prog: {"id", "name", "loaded_at" (epoch s)}, or None."""
-    from lb.dataplane import libbpf
-    from lb.dataplane.loader import PROGRAM_PIN, pin_dir
-
     path = os.path.join(pin_dir(config.name), PROGRAM_PIN)
     if not os.path.exists(path):
         return None
@@ -62,10 +57,6 @@ def status(config: LoadBalancer) -> dict[str, Any]:
     "program": pinned_program(), "pin_dir", "maps_pinned", "metrics_address",
     "listeners": [{"name", "protocol", "address", "port"}]}
     """
-    from lb import netlink as nl
-    from lb.daemon import RuntimeState, listener_rows
-    from lb.dataplane.loader import pin_dir
-
     require_root("lb status")
     running, reason = ask_daemon(config, "status")
     daemon: dict[str, Any] = {"running": False, "reason": reason}

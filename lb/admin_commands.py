@@ -1,0 +1,134 @@
+"""What the admin socket's commands do in a running daemon.
+
+    status                  name, pid, config and load time, program, attachments, listeners
+    targets [group]         every target with its health, as describe-target-health
+    register / deregister   a target in a group (deregistered targets drain first)
+    reload                  re-read the config: all or nothing (Daemon.reload)
+
+lb.admin carries the requests over the socket; this module answers them.
+It sees the daemon through `DaemonView`, the few parts a command reads or
+acts on, so it never imports lb.daemon: the daemon hands itself over.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from typing import Any, Protocol
+
+from lb.admin import AdminError
+from lb.dataplane.loader import Program
+from lb.health import HealthChecker
+from lb.model import LoadBalancer, Target
+from lb.runstate import RuntimeState, listener_rows
+
+COMMANDS = ("status", "targets", "register", "deregister", "reload")
+
+
+class DaemonView(Protocol):
+    """The running daemon as the commands see it."""
+
+    @property
+    def config(self) -> LoadBalancer: ...
+
+    @property
+    def config_path(self) -> str | None: ...
+
+    @property
+    def state(self) -> RuntimeState: ...
+
+    @property
+    def program(self) -> Program | None: ...
+
+    @property
+    def health(self) -> HealthChecker | None: ...
+
+    def schedule_reconcile(self) -> None: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+
+class AdminCommands:
+    """`handle` is the lb.admin.AdminServer handler; raises AdminError for a clean error."""
+
+    def __init__(self, daemon: DaemonView) -> None:
+        self.daemon = daemon
+
+    async def handle(self, request: dict[str, Any]) -> Any:
+        cmd = request["cmd"]
+        if cmd == "status":
+            return self.status()
+        if cmd == "targets":
+            return self.targets(request.get("group"))
+        if cmd == "reload":
+            return await self.daemon.reload()
+        if cmd in ("register", "deregister"):
+            return self.change_registration(cmd, request)
+        raise AdminError(f"unknown command {cmd!r} ({', '.join(COMMANDS)})")
+
+    def status(self) -> dict[str, Any]:
+        daemon = self.daemon
+        return {
+            "name": daemon.config.name,
+            "pid": os.getpid(),
+            "config": daemon.config_path or "<embedded default>",
+            "loaded_at": daemon.state.loaded_at,
+            "netns": daemon.config.netns,
+            "pin_dir": daemon.state.pin_dir,
+            "program_id": daemon.program.prog_id if daemon.program else None,
+            "attachments": daemon.state.attachments,
+            "listeners": listener_rows(daemon.config),
+        }
+
+    def targets(self, group: str | None) -> list[dict[str, Any]]:
+        config, health = self.daemon.config, self.daemon.health
+        assert health is not None
+        names = [g.name for g in config.target_groups]
+        if group is not None and group not in names:
+            raise AdminError(f"no target group {group!r} (groups: {', '.join(names)})")
+        rows = []
+        for name in ([group] if group else names):
+            port = config.target_group(name).port
+            for target, record in health.health(name).items():
+                rows.append({
+                    "group": name,
+                    "target": str(target.address),
+                    "port": target.traffic_port(port),
+                    "state": record.health.state.value,
+                    "reason": record.health.reason.value if record.health.reason else None,
+                    "description": record.health.description,
+                    "last_latency_ms": record.last_latency_ms,
+                    "last_result": None if record.last_result is None else
+                    ("passed" if record.last_result.ok else "failed"),
+                    "last_checked_ago_s": None if record.last_checked is None else
+                    round(time.monotonic() - record.last_checked, 3),
+                })
+        return rows
+
+    def change_registration(self, cmd: str, request: dict[str, Any]) -> dict[str, Any]:
+        health = self.daemon.health
+        assert health is not None
+        group_name = request.get("group")
+        try:
+            group = self.daemon.config.target_group(str(group_name))
+        except KeyError:
+            raise AdminError(f"no target group {group_name!r}") from None
+        try:
+            address = ipaddress.ip_address(str(request.get("target")))
+        except ValueError:
+            raise AdminError(f"target: {request.get('target')!r} is not an IP address") from None
+        port = request.get("port")
+        if port is not None and not (isinstance(port, int) and 1 <= port <= 65535):
+            raise AdminError(f"port: {port!r} is outside 1..65535")
+        target = Target(address, port, int(request.get("weight", 1)))
+        if cmd == "register":
+            health.register(group.name, target)
+        else:
+            known = [t for t in health.health(group.name) if t.address == address
+                     and t.traffic_port(group.port) == target.traffic_port(group.port)]
+            if not known:
+                raise AdminError(f"{address} is not registered in {group.name}")
+            health.deregister(group.name, known[0])
+        self.daemon.schedule_reconcile()
+        return {cmd: f"{address}:{target.traffic_port(group.port)}", "group": group.name}

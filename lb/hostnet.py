@@ -1,0 +1,93 @@
+"""The host's network as `lb up` arranges it, and `lb down` puts back.
+
+- `enter_netns`: run inside the config's network namespace (the lab's);
+- `place_addresses`: make every listener address local, so the host answers
+  ARP for L4 VIPs and the L7 proxy can bind; `remove_addresses` undoes it;
+- `xdp_interfaces`: where the XDP program attaches, from the config or from
+  the routes.
+
+The synchronous pyroute2 calls here run their own event loop: inside the
+daemon's loop, call them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from pyroute2.netns import setns
+
+from lb import netlink as nl
+from lb.model import ForwardAction, LoadBalancer, Protocol
+
+log = logging.getLogger("lb.hostnet")
+
+
+class NoSuchNetns(LookupError):
+    """The config names a network namespace that does not exist."""
+
+
+def enter_netns(name: str | None) -> None:
+    """Move this thread (call it from the main thread, before any other
+    thread or socket exists) into namespace `name`; None stays put."""
+    if name is None:
+        return
+    if not nl.netns_exists(name):
+        raise NoSuchNetns(f"load_balancer.netns: namespace {name!r} does not exist (for the lab: lb lab up)")
+    setns(name, flags=0)
+
+
+def listener_addresses(config: LoadBalancer) -> list[str]:
+    """Every listener address but 0.0.0.0 and ::, once each, in config order."""
+    seen: list[str] = []
+    for listener in config.listeners:
+        if not listener.address.is_unspecified and str(listener.address) not in seen:
+            seen.append(str(listener.address))
+    return seen
+
+
+def place_addresses(config: LoadBalancer) -> list[tuple[str, str, int]]:
+    """Make every listener address local. An address inside a connected
+    subnet goes on that interface; any other on `lo` (a routed VIP: the
+    upstream router, or BGP, sends it here). Returns the addresses added
+    (not those already there) as (ifname, address, prefixlen)."""
+    added: list[tuple[str, str, int]] = []
+    with nl.iproute() as ipr:
+        for address in listener_addresses(config):
+            if nl.has_address(ipr, address):
+                continue
+            ifname = nl.interface_for_subnet(ipr, address) or "lo"
+            prefixlen = ipaddress.ip_address(address).max_prefixlen
+            nl.add_address(ipr, ifname, address, prefixlen)
+            added.append((ifname, address, prefixlen))
+            log.info("address %s/%d added to %s", address, prefixlen, ifname)
+    return added
+
+
+def remove_addresses(added: list[tuple[str, str, int]], netns: str | None) -> list[str]:
+    """Remove what place_addresses added (inside `netns`); returns the addresses."""
+    removed = []
+    with nl.iproute(netns) as ipr:
+        for ifname, address, prefixlen in added:
+            nl.remove_address(ipr, ifname, address, prefixlen)
+            removed.append(address)
+    return removed
+
+
+def xdp_interfaces(config: LoadBalancer) -> list[str]:
+    """Where the program attaches: the config's list, or derived from the
+    routes toward the L4 VIPs' subnets and toward every L4 target."""
+    if config.interfaces:
+        return list(config.interfaces)
+    found: list[str] = []
+    with nl.iproute() as ipr:
+        l4 = config.listeners_of(Protocol.TCP, Protocol.UDP)
+        wanted = [str(listener.address) for listener in l4]
+        groups = {a.name for listener in l4 if isinstance(listener.default_action, ForwardAction)
+                  for a in listener.default_action.target_groups}  # config.py allows only forward on L4
+        wanted += [str(t.address) for g in config.target_groups if g.name in groups for t in g.targets]
+        for address in wanted:
+            ifname = nl.interface_for_subnet(ipr, address) or nl.route_interface(ipr, address)
+            if ifname and ifname != "lo" and ifname not in found:
+                found.append(ifname)
+    return found

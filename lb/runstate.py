@@ -1,0 +1,108 @@
+"""What a running `lb up` leaves in /run/lb for the commands that cannot ask it.
+
+    /run/lb/<name>.json   RuntimeState: pid, config, attachments, the addresses
+                          lb added; written at start and on every reload, read
+                          by `lb status` and `lb down`, removed by `lb down`
+    /run/lb/<name>.lock   held (flock) by the one `lb up` of <name>
+
+and `listener_rows`, the listeners as `lb status` shows them, from the
+daemon or, when it is down, from the config.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lb.model import LoadBalancer
+
+RUN_DIR = "/run/lb"
+
+
+class AlreadyRunning(RuntimeError):
+    """Another process holds the lock of this load balancer."""
+
+
+def state_path(name: str) -> str:
+    return os.path.join(RUN_DIR, f"{name}.json")
+
+
+@dataclass
+class RuntimeState:
+    """What `lb status` and `lb down` need with no daemon to ask: written at
+    start and on every reload to /run/lb/<name>.json."""
+
+    name: str
+    pid: int
+    config_path: str | None
+    loaded_at: float
+    netns: str | None
+    pin_dir: str
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    addresses: list[tuple[str, str, int]] = field(default_factory=list)  # (ifname, address, prefixlen) lb added
+    admin_socket: str = ""
+
+    def save(self) -> None:
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        tmp = state_path(self.name) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        os.replace(tmp, state_path(self.name))
+
+    @classmethod
+    def load(cls, name: str) -> RuntimeState | None:
+        try:
+            with open(state_path(name)) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        data["addresses"] = [tuple(a) for a in data.get("addresses", [])]
+        return cls(**data)
+
+    @staticmethod
+    def remove(name: str) -> None:
+        if os.path.exists(state_path(name)):
+            os.unlink(state_path(name))
+
+
+def lock_path(name: str) -> str:
+    return os.path.join(RUN_DIR, f"{name}.lock")
+
+
+def lock(name: str) -> int:
+    """Hold /run/lb/<name>.lock: one `lb up` per load balancer. The file is
+    removed on exit, so after locking we check that the path still names the
+    file we locked (else a daemon that was exiting removed it: try again).
+    Raises AlreadyRunning when another process holds it."""
+    os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+    path = lock_path(name)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(f"another `lb up` is already running for {name!r}") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def unlock(name: str, fd: int) -> None:
+    try:
+        os.unlink(lock_path(name))  # while still holding it: nobody can lock it in between
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def listener_rows(config: LoadBalancer) -> list[dict[str, Any]]:
+    """The listeners as `lb status` shows them: {"name", "protocol", "address", "port"}."""
+    return [{"name": li.name, "protocol": li.protocol.value, "address": str(li.address), "port": li.port}
+            for li in config.listeners]
