@@ -3,7 +3,7 @@
 Built once by :mod:`lb.config` from TOML, then passed down read-only to the
 controller, the data plane and the L7 workers. No I/O here, and no defaults
 that config.py does not also document: every default below is ELB's
-(shared/REFERENCE.md) unless its comment says otherwise.
+(docs/elb-reference.md) unless its comment says otherwise.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class XdpMode(str, enum.Enum):
 
 
 class ForwardingMode(str, enum.Enum):
-    """How L4 packets reach a target (ARCHITECTURE.md, forwarding modes)."""
+    """How L4 packets reach a target (docs/architecture.md, forwarding modes)."""
 
     NAT = "nat"
 

@@ -8,7 +8,7 @@ interval ±10 %, so hundreds of targets do not fire together, yet a start or
 restart learns every target's state at once. Addresses are IP literals, so connecting never
 resolves anything.
 
-States and reason codes are ELB's (shared/REFERENCE.md, target groups):
+States and reason codes are ELB's (docs/elb-reference.md, target groups):
 
 - a registered target is ``initial`` (Elb.RegistrationInProgress, then
   Elb.InitialHealthChecking once its first check started); one passing check

@@ -1,6 +1,6 @@
 """The responses the load balancer generates itself, and why it sends them.
 
-Causes (shared/REFERENCE.md, "L7 behaviour"):
+Causes (docs/elb-reference.md, "L7 behaviour"):
 
 ====  ==========================================================================
 400   malformed request, header or request line over its limit, smuggling

@@ -4,7 +4,7 @@ Pure: no I/O and no import from :mod:`lb.dataplane`. :meth:`Router.compile`
 turns a :class:`~lb.model.Listener` into a table of predicates;
 :meth:`Router.match` walks it from the lowest priority number up and returns
 the first rule whose conditions all hold, else the default action
-(shared/REFERENCE.md, "Listener rules"). All that the config decides is
+(docs/elb-reference.md, "Listener rules"). All that the config decides is
 decided at compile time; a match builds no regex and keeps no cache.
 
 Choices made where ELB leaves room:
@@ -26,7 +26,7 @@ Choices made where ELB leaves room:
 - query-string: the raw query is split on ``&``; ``k=v`` gives (k, v), a bare
   ``k`` gives (k, ''), empty pieces are skipped. Keys and values are then
   percent-decoded (UTF-8; ``+`` stays ``+``, form encoding is not assumed):
-  we take ALB to match decoded values, which REFERENCE.md does not state.
+  we take ALB to match decoded values, which ALB's documentation does not state.
 - source-ip: the immediate peer. An IPv4-mapped IPv6 peer (``::ffff:10.0.0.2``)
   is its IPv4 address, and a configured CIDR inside ``::ffff:0:0/96`` is
   compiled to its IPv4 equivalent. Host bits in a CIDR are ignored.

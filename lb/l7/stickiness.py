@@ -5,7 +5,7 @@ the load balancer: ``base64url(expiry "|" subject || HMAC-SHA256[:16])``
 under a key shared by the process group. The subject names the target
 (``group|address:port``) or the target group. A cookie that fails the MAC,
 has expired, or names something no longer in service is ignored: the
-balancer picks again and the response carries a new cookie (REFERENCE.md,
+balancer picks again and the response carries a new cookie (docs/elb-reference.md,
 "Stickiness"). As ELB does, every response that used stickiness re-issues
 the cookie, so its expiry slides.
 """
