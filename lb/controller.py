@@ -109,14 +109,14 @@ def group_views(config: LoadBalancer, health: HealthView, now: float | None = No
 
 def _endpoint(group: TargetGroup, target: Target) -> Endpoint:
     port = target.traffic_port(group.port)
-    return Endpoint(target.address, port)  # type: ignore[arg-type]  # config.py: L4 is IPv4 only
+    return Endpoint(target.address, port)  # type: ignore[arg-type]  # lb.config admits only IPv4 on L4
 
 
 def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Service]:
     services = []
     for listener in config.listeners_of(Protocol.TCP, Protocol.UDP):
         action = listener.default_action
-        assert isinstance(action, ForwardAction)  # config.py allows nothing else on L4 listeners
+        assert isinstance(action, ForwardAction)  # lb.config allows nothing else on L4 listeners
         view = views[action.target_groups[0].name]
         if view.ramp:
             members = tuple((_endpoint(view.group, t), max(1, round(t.weight * L4_WEIGHT_SCALE * view.share(t))))
@@ -124,7 +124,7 @@ def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Serv
         else:
             members = tuple((_endpoint(view.group, t), t.weight) for t in view.in_service)
         keep = tuple(_endpoint(view.group, t) for t in (*view.draining, *view.out_of_service))
-        vip = VipAddr(listener.address,  # type: ignore[arg-type]  # config.py: L4 is IPv4 only
+        vip = VipAddr(listener.address,  # type: ignore[arg-type]  # lb.config admits only IPv4 on L4
                       listener.port, listener.protocol.value)
         in_ring = {e for e, _ in members}
         services.append(L4Service(vip, members=members, draining=tuple(e for e in keep if e not in in_ring)))

@@ -84,7 +84,7 @@ def xdp_interfaces(config: LoadBalancer) -> list[str]:
         l4 = config.listeners_of(Protocol.TCP, Protocol.UDP)
         wanted = [str(listener.address) for listener in l4]
         groups = {a.name for listener in l4 if isinstance(listener.default_action, ForwardAction)
-                  for a in listener.default_action.target_groups}  # config.py allows only forward on L4
+                  for a in listener.default_action.target_groups}  # lb.config allows only forward on L4
         wanted += [str(t.address) for g in config.target_groups if g.name in groups for t in g.targets]
         for address in wanted:
             ifname = nl.interface_for_subnet(ipr, address) or nl.route_interface(ipr, address)

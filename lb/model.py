@@ -2,7 +2,7 @@
 
 Built once by :mod:`lb.config` from TOML, then passed down read-only to the
 controller, the data plane and the L7 workers. No I/O here, and no defaults
-that config.py does not also document: every default below is ELB's
+that lb.config does not also document: every default below is ELB's
 (docs/elb-reference.md) unless its comment says otherwise.
 """
 
@@ -74,7 +74,7 @@ class HealthCheck:
     """How a target group checks its targets.
 
     Defaults depend on the group's protocol (HTTP groups: HTTP GET / every
-    30 s, timeout 5 s; TCP/UDP groups: TCP connect, timeout 10 s); config.py
+    30 s, timeout 5 s; TCP/UDP groups: TCP connect, timeout 10 s); lb.config
     fills them in, so every field here is concrete.
     """
 

@@ -33,7 +33,7 @@ Pure parts (Matcher, next_health, TargetRecord, the status-line protocol)
 
 Pure parts (Matcher, next_health, TargetRecord, the status-line protocol)
 need no sockets; HealthChecker runs them on the loop. Settings are taken as
-given (fractional seconds work), config.py enforces ELB's limits.
+given (fractional seconds work), lb.config enforces ELB's limits.
 
 Modules: :mod:`~lb.health.checks` (one check: Matcher, CheckResult, the
 status-line protocol), :mod:`~lb.health.states` (the state machine:

@@ -21,7 +21,7 @@ def l4_listeners(config: LoadBalancer) -> dict[VipAddr, tuple[str, str | None]]:
     for li in config.listeners_of(Protocol.TCP, Protocol.UDP):
         action = li.default_action
         group = action.target_groups[0].name if isinstance(action, ForwardAction) else None
-        vip = VipAddr(li.address, li.port, li.protocol.value)  # type: ignore[arg-type]  # config.py: L4 is IPv4 only
+        vip = VipAddr(li.address, li.port, li.protocol.value)  # type: ignore[arg-type]  # lb.config admits only IPv4 on L4
         out[vip] = (li.name, group)
     return out
 
@@ -32,7 +32,7 @@ def endpoint_groups(config: LoadBalancer) -> dict[Endpoint, list[str]]:
     for group in config.target_groups:
         if group.protocol.is_l4:
             for address, port in group.endpoints():
-                out[Endpoint(address, port)].append(group.name)  # type: ignore[arg-type]  # config.py: L4 is IPv4 only
+                out[Endpoint(address, port)].append(group.name)  # type: ignore[arg-type]  # lb.config admits only IPv4 on L4
     return out
 
 
