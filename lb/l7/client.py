@@ -52,7 +52,7 @@ from lb.l7.clock import Clock
 from lb.l7.config import L7Config
 from lb.l7.exchange import Exchange
 from lb.l7.flow_control import ReadGate
-from lb.l7.httputil import CRLF, UNKNOWN
+from lb.l7.httputil import CRLF, NOT_NOMINABLE, UNKNOWN
 from lb.l7.request_head import (
     COLON,
     HOST,
@@ -319,6 +319,9 @@ class ClientProtocol(asyncio.Protocol):
             raise errors.RequestRejected(errors.METHOD_NOT_ALLOWED, method.decode())
         if ex.host is None and ex.version11:
             raise errors.RequestRejected(errors.BAD_REQUEST, "HTTP/1.1 request without Host")
+        if ex.drop is not None and not ex.drop.isdisjoint(NOT_NOMINABLE):
+            # Framed (or routed) by a header it asks the next hop to drop: a desync attempt.
+            raise errors.RequestRejected(errors.BAD_REQUEST, "Connection nominates a framing header or Host")
         ex.method = method
         parts = ex.parts
         parts[0] = method

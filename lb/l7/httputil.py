@@ -14,6 +14,13 @@ CRLF = b"\r\n"
 
 # Connection header options we act on ourselves; any other token names a header to drop.
 CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+# Headers that frame the message: a Connection header may not nominate them
+# (RFC 9110 §7.6.1: a connection option never names a field meant for every
+# recipient). Dropping one at the hop while framing by it is how
+# "Connection: content-length" smuggles a request past the proxy.
+FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+# ... nor, in a request, Host: the target would see another authority than the one routed on.
+NOT_NOMINABLE = FRAMING | {b"host"}
 
 
 def connection_names(value: bytes, names: set[bytes] | None) -> set[bytes] | None:

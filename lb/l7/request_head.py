@@ -4,7 +4,8 @@ Headers are kept as the flat list the upstream head is joined from
 (``Exchange.parts``: method, " ", target, " HTTP/1.1\\r\\n", then name,
 ": ", value, CRLF per header), so forwarding them costs one ``b"".join``.
 Hop-by-hop headers (RFC 9110 §7.6.1, and any the Connection header names)
-are dropped; X-Forwarded-For is appended to, X-Forwarded-Proto/-Port are
+are dropped, except that a Connection header may not name a framing header
+or Host (the request is refused: see the client's on_headers_complete); X-Forwarded-For is appended to, X-Forwarded-Proto/-Port are
 replaced with ours.
 """
 

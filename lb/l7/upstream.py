@@ -49,6 +49,7 @@ from lb.l7.config import L7Config
 from lb.l7.httputil import (
     COMMON_RESPONSE_HEADERS,
     CRLF,
+    FRAMING,
     UNKNOWN,
     connection_names,
     header_table,
@@ -339,6 +340,10 @@ class UpstreamConnection(asyncio.Protocol):
                 parts.append(CRLF)
                 self.out += parts
             return
+        if self.drop is not None and not self.drop.isdisjoint(FRAMING):
+            # Framed by a header it nominates as hop-by-hop: relayed without it, the
+            # body would run into the next response. Malformed (502), not reused.
+            raise _BadResponse("Connection nominates a framing header")
         self.in_body = True
         self.keep_alive = parser.should_keep_alive()
         ex.upstream_time = _now() - ex.t_sent
