@@ -81,6 +81,54 @@ _LINGER = 1.0  # seconds to read and drop after an error response, before closin
 _CLIENT_CLOSED = 460  # ELB's access log status for "the client closed first"
 
 
+def _stand_in_head(ex: Exchange) -> bytes:
+    """A head with the framing of ``ex``, for a parser that is to read its body."""
+    if ex.chunked:
+        return b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+    parts = ex.parts
+    for i in range(4, len(parts), 4):
+        if parts[i].lower() == b"content-length":
+            return b"POST / HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % int(parts[i + 2])
+    raise AssertionError("a body without framing")  # has_body comes from one of the two
+
+
+class _BodyAfterUpgrade:
+    """The callbacks of the parser that takes over after a declined Upgrade request with a body.
+
+    httptools stops at such a request's head. The new parser is fed a stand-in
+    head with the request's framing (swallowed here), then the bytes that
+    followed: the body goes to the client protocol, and so does every later
+    request on the connection. A rare path: the per-call delegation is the
+    price of keeping the usual parser's callbacks free of a check.
+    """
+
+    __slots__ = ("client", "head")
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.head = True  # the stand-in's
+
+    def on_url(self, url: bytes) -> None:
+        if not self.head:
+            self.client.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head:
+            self.client.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.head:
+            self.head = False
+        else:
+            self.client.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.client.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.client.on_message_complete()
+
+
 class WorkerView(Protocol):
     """What a client connection uses of its worker (:class:`lb.l7.worker.Worker`)."""
 
@@ -334,6 +382,15 @@ class ClientProtocol(asyncio.Protocol):
             ex.request_complete = True  # nothing follows the head
         if parser.should_upgrade():
             ex.upgrade = ex.upgrade_value.strip().lower() == b"websocket"
+            if ex.has_body:
+                # httptools gives an Upgrade request no body: the bytes after its
+                # head would be parsed as the next request while the target waits
+                # for the body its Content-Length promised (a desync).
+                if ex.upgrade:  # a WebSocket handshake is a GET without content (RFC 6455 §4.1)
+                    raise errors.RequestRejected(errors.BAD_REQUEST, "WebSocket upgrade with a body")
+                # Any other upgrade (h2c: curl --http2 -d) is declined, as a server
+                # may (RFC 9110 §7.8): the request goes on as plain HTTP, body framed.
+                ex.body_after_upgrade = True
         ex.req_bytes = len(ex.url) + ex.header_bytes + len(method) + 13
         ex.t_start = _now()
         self.last = ex
@@ -371,6 +428,8 @@ class ClientProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.parsing
         if ex is None:  # rejected or closed meanwhile
+            return
+        if ex.body_after_upgrade:  # the parser stops here; _upgrade_requested parses the body
             return
         self.parsing = None
         ex.request_complete = True
@@ -642,6 +701,13 @@ class ClientProtocol(asyncio.Protocol):
     def _upgrade_requested(self, rest: bytes) -> None:
         """The parser stopped after an Upgrade request; ``rest`` came after it."""
         ex = self.last
+        if ex is not None and ex.body_after_upgrade:  # declined, with a body: parse it, then go on
+            ex.body_after_upgrade = False
+            self.parser = httptools.HttpRequestParser(_BodyAfterUpgrade(self))
+            self.parser.feed_data(_stand_in_head(ex))
+            if rest:
+                self._feed(rest)
+            return
         if ex is None or not ex.upgrade:  # not WebSocket: go on as plain HTTP
             if rest:
                 self._feed(rest)

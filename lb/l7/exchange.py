@@ -60,6 +60,7 @@ class Exchange:
         "expect_continue",
         "upgrade",  # a WebSocket upgrade request
         "upgrade_value",
+        "body_after_upgrade",  # an Upgrade declined for its body: httptools left the body to us
         "chunked",  # request body chunked (re-chunked upstream)
         "has_body",
         "head_only",  # HEAD: the response has no body
@@ -110,6 +111,7 @@ class Exchange:
         self.expect_continue = False
         self.upgrade = False
         self.upgrade_value = b""
+        self.body_after_upgrade = False
         self.chunked = False
         self.has_body = False
         self.head_only = False
