@@ -428,6 +428,7 @@ class Backend:
     port: int
     stats: BackendStats
     server: asyncio.AbstractServer
+    protocols: list[Any] = field(default_factory=list)  # one per accepted connection, in order
 
     @property
     def endpoint(self) -> tuple[str, int, int]:
@@ -462,7 +463,7 @@ async def backend(
     server = await loop.create_server(tracked, HOST, 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        yield Backend(kind, name, port, stats, server)
+        yield Backend(kind, name, port, stats, server, protocols)
     finally:
         server.close()
         for protocol in protocols:

@@ -162,11 +162,11 @@ EXTRA = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nhidden"
 
 
 def test_a_late_extra_response_never_reaches_a_client_and_poisons_its_connection() -> None:
-    variants = {
+    variants: dict[bytes, list[tuple[float, bytes]]] = {
         b"/same-write": [(0.0, echo_response(b"GET", b"/same-write") + EXTRA)],
         b"/partial": [(0.0, echo_response(b"GET", b"/partial") + EXTRA[:20]), (0.05, EXTRA[20:])],
-        b"/later": [(0.0, echo_response(b"GET", b"/later")), (0.05, EXTRA)],
         b"/one-byte": [(0.0, echo_response(b"GET", b"/one-byte") + b"H"), (0.05, EXTRA[1:])],
+        b"/while-idle": [(0.0, echo_response(b"GET", b"/while-idle")), (0.02, EXTRA)],
     }
 
     def script(method: bytes, target: bytes, headers: object, body: bytes) -> list[tuple[float, bytes]] | None:
@@ -179,10 +179,31 @@ def test_a_late_extra_response_never_reaches_a_client_and_poisons_its_connection
                 for path in variants:
                     async with await Client.open(port) as client:
                         assert (await client.request("GET", path.decode())).body == b"GET " + path
-                        await asyncio.sleep(0.01)  # the next request goes out before the late bytes come
-                        assert (await client.request("GET", "/next")).body == b"GET /next"
+                        if path == b"/while-idle":
+                            await asyncio.sleep(0.1)
+                        assert (await client.request("GET", "/next")).body == b"GET /next", path
                         await asyncio.sleep(0.1)
-                        assert (await client.request("GET", "/next2")).body == b"GET /next2"
+                        assert (await client.request("GET", "/next2")).body == b"GET /next2", path
                         assert b"hidden" not in client.raw
 
     run(body(), timeout=30)
+
+
+def test_extra_bytes_pending_on_an_idle_connection_are_seen_before_it_is_reused() -> None:
+    """The target's stray bytes and the client's next request arrive in the same
+    loop iteration, the request first: the idle connection must not be reused."""
+
+    async def body() -> None:
+        async with backend("record") as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),))
+            async with proxy(table) as (_, port):
+                async with await Client.open(port) as client:
+                    assert (await client.request("GET", "/first")).body == b"GET /first"
+                    await asyncio.sleep(0.05)  # the upstream connection is idle in its pool
+                    # Both writes reach lb's sockets before its loop reads either.
+                    client.send(build_request("GET", "/next"))
+                    b.protocols[0].transport.write(EXTRA)
+                    assert (await client.response(timeout=3)).body == b"GET /next"
+                    assert b"hidden" not in client.raw
+
+    run(body())

@@ -592,6 +592,9 @@ class ClientProtocol(asyncio.Protocol):
         while idle:
             conn = idle.pop()
             if not conn.transport.is_closing():
+                if conn.stray():  # it sent bytes nobody asked for: never reused
+                    conn.close()
+                    continue
                 self._send(ex, conn)
                 return
         self._open(ex, pool)

@@ -16,6 +16,10 @@ closes before answering the next one is retried once on a new connection when
 the request has no body (the target closed an idle keep-alive connection
 just as we reused it).
 
+A connection that delivers bytes nobody asked for (after the final response
+to its request, in the same read or while idle in its pool) is poisoned:
+those bytes reach no client and the connection is closed, never reused.
+
 A :class:`Pool` per target endpoint (per worker) keeps the idle keep-alive
 connections to it, opens new ones, and hands a released connection straight
 to a request queued for it when ``max_conns_per_target`` is reached. Pools
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -110,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         "read_paused",  # by the client, whose write buffer is full
         "write_paused",  # by our transport, whose write buffer is full
         "tunnel",  # after a 101: raw bytes both ways
+        "poller",  # polls the socket for stray bytes before an idle connection is reused
         # While it serves one exchange.
         "ex",
         "client_tx",
@@ -138,6 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.tunnel = False
+        self.poller: select.poll | None = None
         self.ex: Exchange | None = None
         self.client_tx: asyncio.Transport | None = None
         self.out: list[bytes] = []
@@ -160,6 +167,22 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport: uvloop's are asyncio.Transports in all but name.
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
+
+    def stray(self) -> bool:
+        """Whether bytes (or the end) wait unread on this idle connection.
+
+        Asked before an idle connection is reused: what a target sends while
+        nobody asked for anything is normally read at once and closes the
+        connection (data_received), but the client's next request can be read
+        first in the same loop iteration, and those bytes would be taken for
+        its response. One poll(2) with no timeout.
+        """
+        poller = self.poller
+        return poller is not None and bool(poller.poll(0))
 
     def attach(self, ex: Exchange) -> None:
         """Serve ``ex``: its request head is written next by the client side."""
@@ -198,14 +221,15 @@ class UpstreamConnection(asyncio.Protocol):
         out = self.out = []
         failed = None
         try:
-            self.parser.feed_data(data)
+            if ex.head_only and not ex.upgrade:
+                self._feed_head_only(data)
+            else:
+                self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             failed = self._switch(ex, data[exc.args[0] :])
         except HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadOnly):
                 self.parser = HttpResponseParser(self)  # the old one stopped mid-message
-                if not data.endswith(b"\n"):
-                    self.broken = True
             else:
                 cause = exc.__context__
                 if not isinstance(cause, _BadResponse):
@@ -228,6 +252,25 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete(ex)
         elif self.tunnel:
             ex.client.start_tunnel(ex, self)
+
+    def _feed_head_only(self, data: bytes) -> None:
+        """Feed a response to HEAD a line at a time, to know where its head ends.
+
+        The parser is stopped at the end of the head (_HeadOnly): any byte
+        after it in the same read is one nobody asked for, and poisons the
+        connection.
+        """
+        pos = 0
+        size = len(data)
+        while pos < size:
+            end = data.find(b"\n", pos) + 1 or size
+            try:
+                self.parser.feed_data(data[pos:end])
+            except HttpParserCallbackError as exc:
+                if end < size and isinstance(exc.__context__, _HeadOnly):
+                    self.broken = True
+                raise
+            pos = end
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
@@ -290,11 +333,19 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------
 
     def _new_message(self) -> None:
-        # Not on_message_begin: one callback less per response.
+        # Called by attach and after an interim response; on_message_begin only
+        # watches for responses nobody asked for.
         self.parts = [b""]
         self.phrase = b""
         self.in_body = self.has_length = self.chunked_in = self.chunk_out = False
         self.drop = None
+
+    def on_message_begin(self) -> None:
+        # A response begins after the final one to this request: the target sent
+        # bytes nobody asked for. Whatever they are, they are not relayed (the
+        # parser stops at their head) and the connection is never reused.
+        if self.done:
+            self.broken = True
 
     def on_status(self, phrase: bytes) -> None:
         self.phrase += phrase
