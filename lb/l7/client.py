@@ -339,6 +339,8 @@ class ClientProtocol(asyncio.Protocol):
         ex.header_bytes += size + 4
         if size > self.config.max_header or ex.header_bytes > self.config.max_headers:
             raise errors.RequestRejected(errors.BAD_REQUEST, "request headers too large")
+        if not self.in_head:  # a trailer (chunked body): counted, never forwarded nor acted on
+            return
         kind = TABLE.get(name, UNKNOWN)
         if kind == UNKNOWN:
             kind = SPECIAL.get(name.lower())
@@ -361,8 +363,15 @@ class ClientProtocol(asyncio.Protocol):
                 raise errors.RequestRejected(errors.VERSION_NOT_SUPPORTED, f"HTTP/{version}")
             ex.version11 = False
         method = parser.get_method()
+        if ex.chunked and not ex.version11:  # RFC 9112 §6.1: faulty framing
+            raise errors.RequestRejected(errors.BAD_REQUEST, "Transfer-Encoding in an HTTP/1.0 request")
         if ex.bad_te:
             raise errors.RequestRejected(errors.NOT_IMPLEMENTED, "unsupported Transfer-Encoding")
+        if b"#" in ex.url:
+            # A fragment is not part of a request-target (RFC 9112 §3.2): no client
+            # sends one. Refused rather than stripped, so that no rule and no target
+            # ever sees a path that means something else to either.
+            raise errors.RequestRejected(errors.BAD_REQUEST, "fragment in the request-target")
         if method == b"TRACE" or method == b"CONNECT":
             raise errors.RequestRejected(errors.METHOD_NOT_ALLOWED, method.decode())
         if ex.host is None and ex.version11:

@@ -25,7 +25,7 @@ COLON = b": "
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 
 # What a request header is to us.
-HOST, CONNECTION, HOP, TRANSFER_ENCODING, UPGRADE, XFF, OURS, EXPECT, COOKIE, LENGTH = range(10)
+HOST, CONNECTION, HOP, TRANSFER_ENCODING, UPGRADE, XFF, OURS, EXPECT, COOKIE, LENGTH, LOOKALIKE = range(11)
 SPECIAL = {
     b"host": HOST,
     b"connection": CONNECTION,
@@ -41,6 +41,11 @@ SPECIAL = {
     b"expect": EXPECT,
     b"cookie": COOKIE,
     b"content-length": LENGTH,
+    # Valid names that a target normalising "_" to "-" (CGI, WSGI, PHP: both
+    # become HTTP_CONTENT_LENGTH) reads as framing lb did not frame by: refused
+    # (ALB's desync mitigation calls them SuspiciousHeader).
+    b"content_length": LOOKALIKE,
+    b"transfer_encoding": LOOKALIKE,
 }
 TABLE = header_table(SPECIAL, COMMON_REQUEST_HEADERS)  # most names without a lower()
 _CODINGS = (b"chunked", b"identity")
@@ -75,6 +80,8 @@ def special_header(ex: Exchange, kind: int, name: bytes, value: bytes) -> None:
             raise errors.RequestRejected(errors.BAD_REQUEST, "more than one Host header")
         ex.host = value
         ex.parts += (name, COLON, value, CRLF)
+    elif kind == LOOKALIKE:
+        raise errors.RequestRejected(errors.BAD_REQUEST, f"header {name!r} looks like a framing header")
     # HOP and OURS: dropped (ours are added by build_head)
 
 
@@ -107,8 +114,8 @@ def origin_form(ex: Exchange) -> bool:
         url = httptools.parse_url(ex.url)
     except httptools.HttpParserInvalidURLError:
         return False
-    if not url.schema or not url.host:
-        return False
+    if not url.schema or not url.host or url.userinfo:
+        return False  # userinfo: an error in a received http URI (RFC 9110 §4.2.4)
     authority = url.host + (b":%d" % url.port if url.port else b"")
     ex.url = (url.path or b"/") + (b"?" + url.query if url.query else b"")
     parts = ex.parts
