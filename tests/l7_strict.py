@@ -17,8 +17,8 @@ purpose and documents (a ``chunked`` transfer coding preceded by
   ``Connection`` header naming a framing header or Host is an error (the
   message would change framing or authority at the next hop); HTTP/1.1
   needs exactly one Host.
-- chunked bodies: hex sizes of at most 16 digits, CRLF everywhere,
-  trailers without framing fields.
+- chunked bodies: hex sizes that fit 64 bits, CRLF everywhere, trailers
+  without framing fields.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"[\x21-\x22\x24-\x7e]+\Z")  # VCHAR less "#"
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
 _DIGITS = re.compile(rb"[0-9]+\Z")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_HEX = re.compile(rb"0*[0-9A-Fa-f]{1,16}\Z")  # the value fits 64 bits
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 
 
@@ -186,7 +186,7 @@ def _chunked(data: bytes, pos: int) -> tuple[bytes, list[tuple[bytes, bytes]], i
         n = int(size, 16)
         if n == 0:
             trailers, pos = _fields(data, pos)
-            if any(name in _FRAMING or name == b"host" for name, _ in trailers):
+            if any(name in _FRAMING for name, _ in trailers):
                 raise StrictError("framing field in trailers")
             return b"".join(body), trailers, pos
         if len(data) - pos < n + 2:
