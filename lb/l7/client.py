@@ -174,6 +174,8 @@ class ClientProtocol(asyncio.Protocol):
         "dead",  # closed or closing
         "in_head",  # parsing a request head (for its size limit)
         "head_bytes",
+        "head_since",  # coarse clock at the first byte of the request head being received, 0 if none
+        "swept",  # the last check_idle: time the gate kept the client from sending is not held against it
         "tunnel",  # the upstream connection after a 101
         "upgrading",  # the Upgrade request waiting for its 101
         "held",  # client bytes received while upgrading
@@ -210,6 +212,8 @@ class ClientProtocol(asyncio.Protocol):
         self.closing = self.eof = self.broken = self.dead = False
         self.in_head = False
         self.head_bytes = 0
+        self.head_since = 0.0
+        self.swept = self.clock.now
         self.tunnel: UpstreamConnection | None = None
         self.upgrading: Exchange | None = None
         self.held: list[bytes] = []
@@ -293,6 +297,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.in_head:
             self.head_bytes += len(data)
+        elif self.parsing is None and not self.head_since:  # these bytes begin a request head
+            self.head_since = self.last_rx
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
@@ -328,6 +334,8 @@ class ClientProtocol(asyncio.Protocol):
             ex = self.parsing = Exchange(self)
             self.in_head = True
             self.head_bytes = 0
+            if not self.head_since:  # began in the read that ended the previous request
+                self.head_since = self.clock.now
         ex.url += url  # may come in pieces
         if len(ex.url) > self.config.max_request_line:
             raise errors.RequestRejected(errors.BAD_REQUEST, "request line too long")
@@ -356,6 +364,7 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         assert ex is not None  # on_url came first
         self.in_head = False
+        self.head_since = 0.0
         parser = self.parser
         version = parser.get_http_version()
         if version != "1.1":
@@ -417,6 +426,9 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         if ex is None:  # rejected or closed meanwhile
             return
+        if not ex.body_since:
+            ex.body_since = self.clock.now
+            ex.body_base = ex.req_bytes
         ex.req_bytes += len(body)
         if ex.discard:
             return
@@ -754,6 +766,7 @@ class ClientProtocol(asyncio.Protocol):
         log.debug("%s: %d %s", self.peer, status, why)
         self.broken = True
         self.in_head = False
+        self.head_since = 0.0
         ex = self.parsing
         self.parsing = None
         if ex is None:
@@ -775,6 +788,8 @@ class ClientProtocol(asyncio.Protocol):
         if tunnel is not None:
             if now - max(self.last_rx, tunnel.last_rx) > idle:
                 self._close()
+            return
+        if not self.broken and self._too_slow(now):
             return
         ex = self.current
         client_idle = now - self.last_rx > idle
@@ -799,6 +814,27 @@ class ClientProtocol(asyncio.Protocol):
             return
         log.debug("%s: %d on %s", self.peer, status, ex.target)
         self._fail_current(ex, status)
+
+    def _too_slow(self, now: float) -> bool:
+        """The request deadlines (L7Config.header_timeout, body_timeout, min_body_rate):
+        408 for a head or a body that is too slow, however steadily its bytes trickle in."""
+        swept, self.swept = self.swept, now
+        config = self.config
+        head_since = self.head_since
+        if head_since and now - head_since > config.header_timeout:
+            self._reject(errors.REQUEST_TIMEOUT, "request head timeout")
+            return True
+        ex = self.parsing
+        if ex is None or not ex.body_since or self.upgrading is not None:
+            return False
+        if self.gate.reasons:  # we are not reading: the client cannot send
+            ex.body_since += now - swept
+            return False
+        allowed = config.body_timeout + (ex.req_bytes - ex.body_base) / config.min_body_rate
+        if now - ex.body_since <= allowed:
+            return False
+        self._reject(errors.REQUEST_TIMEOUT, "request body too slow")
+        return True
 
     def _fail_current(self, ex: Exchange, status: int) -> None:
         """Give up on the exchange in flight with ``status``, however far it got."""

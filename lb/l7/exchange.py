@@ -73,6 +73,8 @@ class Exchange:
         "body_buf",  # body held until an upstream is attached
         "buffered",
         "discard",  # answered locally: the rest of the body is dropped
+        "body_since",  # coarse clock at the first body byte (the body deadline's start), 0 before
+        "body_base",  # req_bytes then: the body's bytes are counted from it
         # Routing (when the exchange starts).
         "rule",  # priority, None for the default rule
         "target",  # "address:port" or "-"
@@ -123,6 +125,8 @@ class Exchange:
         self.body_buf: list[bytes] | None = None
         self.buffered = 0
         self.discard = False
+        self.body_since = 0.0
+        self.body_base = 0
         self.rule: int | None = None
         self.target = "-"
         self.pool: Pool | None = None

@@ -1,0 +1,95 @@
+"""Resource limits of the L7 proxy: request deadlines, response-head size, caches.
+
+Real sockets, a recording target (tests/l7_backends.py), short settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from lb.l7.config import L7Config
+from tests.l7_backends import (
+    Client,
+    backend,
+    build_request,
+    forward_to,
+    http_listener,
+    proxy,
+    routing_table,
+    run,
+    target_group,
+)
+from tests.l7_strict import parse_stream
+
+# Idle timeout 5 s: only the deadlines under test can end these exchanges in time.
+FAST = L7Config(connect_timeout=2.0, header_timeout=0.5, body_timeout=0.5, min_body_rate=100)
+
+
+async def trickle(client: Client, pieces: list[bytes], every: float) -> None:
+    for piece in pieces:
+        if client.writer.is_closing():
+            return
+        client.send(piece)
+        await asyncio.sleep(every)
+
+
+def test_a_head_that_trickles_in_is_408_at_the_header_timeout() -> None:
+    async def body() -> None:
+        async with backend("record") as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),), idle_timeout=5.0)
+            async with proxy(table, FAST) as (_, port):
+                async with await Client.open(port) as client:
+                    # A good request first: the deadline runs from the next head's first byte.
+                    assert (await client.request("GET", "/first")).status == 200
+                    await asyncio.sleep(0.7)  # idle between requests is the idle timeout's business
+                    started = time.monotonic()
+                    head = b"GET /slow HTTP/1.1\r\nHost: a\r\n" + b"X-Byte: y\r\n" * 40
+                    sender = asyncio.ensure_future(trickle(client, [head[i : i + 4] for i in range(0, len(head), 4)], 0.05))
+                    try:
+                        raw = await client.read_raw(timeout=3)
+                    finally:
+                        sender.cancel()
+                    assert raw.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), raw[:80]
+                    assert time.monotonic() - started < 2.0
+                assert [r.target for r in parse_stream(bytes(b.stats.raw[0])).requests] == [b"/first"]
+
+    run(body())
+
+
+def test_a_body_slower_than_the_minimum_rate_is_408_and_its_target_connection_cut() -> None:
+    async def body() -> None:
+        async with backend("record") as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),), idle_timeout=5.0)
+            async with proxy(table, FAST) as (_, port):
+                async with await Client.open(port) as client:
+                    client.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n")
+                    started = time.monotonic()
+                    sender = asyncio.ensure_future(trickle(client, [b"x"] * 1000, 0.1))  # 10 B/s < 100 B/s
+                    try:
+                        raw = await client.read_raw(timeout=4)
+                    finally:
+                        sender.cancel()
+                    assert raw.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), raw[:80]
+                    assert time.monotonic() - started < 2.0
+                await asyncio.sleep(0.05)
+                stream = parse_stream(bytes(b.stats.raw[0]))
+                assert stream.requests == [] and stream.rest.startswith(b"POST /upload ")
+                assert b.protocols[0].transport.is_closing()  # lb let go of the target connection
+
+    run(body())
+
+
+def test_a_body_at_the_minimum_rate_is_not_cut() -> None:
+    async def body() -> None:
+        async with backend("record") as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),), idle_timeout=5.0)
+            async with proxy(table, FAST) as (_, port):
+                async with await Client.open(port) as client:
+                    client.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 300\r\n\r\n")
+                    await trickle(client, [b"y" * 15] * 20, 0.1)  # 150 B/s for 2 s: 4x the body timeout
+                    response = await client.response(timeout=3)
+                    assert (response.status, response.body) == (200, b"POST /upload")
+                assert parse_stream(bytes(b.stats.raw[0])).requests[0].body == b"y" * 300
+
+    run(body())
