@@ -93,3 +93,67 @@ def test_a_body_at_the_minimum_rate_is_not_cut() -> None:
                 assert parse_stream(bytes(b.stats.raw[0])).requests[0].body == b"y" * 300
 
     run(body())
+
+
+# --- what a target sends back ------------------------------------------------------------
+
+
+def big_head_script(method: bytes, target: bytes, headers: object, body: bytes) -> list[tuple[float, bytes]] | None:
+    if target.startswith(b"/head/"):
+        size = int(target.rsplit(b"/", 1)[1])
+        piece = b"v" * min(size, 1 << 20)
+        writes = [(0.0, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-big: ")]
+        writes += [(0.0, piece[: min(len(piece), size - i)]) for i in range(0, size, len(piece))]
+        return writes + [(0.0, b"\r\n\r\nok")]
+    if target.startswith(b"/fields/"):
+        n = int(target.rsplit(b"/", 1)[1])
+        fields = b"".join(b"x-f%d: %s\r\n" % (i, b"f" * 90) for i in range(n))
+        return [(0.0, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n" + fields + b"\r\nok")]
+    if target.startswith(b"/phrase/"):
+        size, tag = target.split(b"/")[2:4]
+        phrase = tag + b"p" * (int(size) - len(tag))
+        return [(0.0, b"HTTP/1.1 299 " + phrase + b"\r\ncontent-length: 2\r\n\r\nok")]
+    return None
+
+
+def test_a_response_head_over_the_limit_is_502_and_its_connection_closed() -> None:
+    async def body() -> None:
+        async with backend("record", script=big_head_script) as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),))
+            async with proxy(table) as (_, port):
+                async with await Client.open(port) as client:
+                    ok = await client.request("GET", "/head/30000")  # under 32 KiB: relayed
+                    assert ok.status == 200 and len(ok.header("x-big") or b"") == 30000
+                    for path in ("/head/5000000", "/fields/400"):  # one 5 MB field; 400 small ones (40 KB)
+                        started = time.monotonic()
+                        response = await client.request("GET", path)
+                        assert response.status == 502, (path, response.status)
+                        assert time.monotonic() - started < 2.0
+                    assert (await client.request("GET", "/after")).body == b"GET /after"
+                await asyncio.sleep(0.05)
+                # Each oversized head cost its connection; the one before it was reused.
+                assert [p.transport.is_closing() for p in b.protocols][:3] == [True, True, False]
+
+    run(body())
+
+
+def test_reason_phrases_are_capped_in_length_and_their_cache_in_bytes() -> None:
+    from lb.l7 import httputil
+
+    async def body() -> None:
+        async with backend("record", script=big_head_script) as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),))
+            async with proxy(table) as (_, port):
+                async with await Client.open(port) as client:
+                    long = await client.request("GET", "/phrase/20000/a")
+                    assert long.status == 299 and len(long.reason) <= 256
+                    short = await client.request("GET", "/phrase/20/b")
+                    assert short.reason == b"b" + b"p" * 19
+                    for i in range(600):  # distinct phrases: 600 × 12 KB if cached whole
+                        assert (await client.request("GET", f"/phrase/12000/{i}")).status == 299
+                    for i in range(600):
+                        assert (await client.request("GET", f"/phrase/200/{i}")).status == 299
+
+    run(body(), timeout=60)
+    held = sum(len(key[1]) + len(line) for key, line in httputil._status_cache.items())
+    assert held <= 64 * 1024, held

@@ -38,6 +38,11 @@ class L7Config:
     header_timeout: float = 20.0  # from the first byte of a request head to its end
     body_timeout: float = 20.0  # a request body's allowance from its first byte, plus:
     min_body_rate: int = 500  # one more second per this many body bytes received
+    # A target's response head (status line and header fields, each 1xx too):
+    # past it, 502 and the connection closed. ALB's quota: 32 KiB for all
+    # response headers (docs/elb-reference.md); nginx's proxy_buffer_size is
+    # 4-8 KiB. Without it a target's 50 MB header block was buffered whole.
+    max_response_head: int = 32 * 1024
     # Flow control.
     max_pipeline: int = 16  # parsed requests queued behind the one in flight
     buffer_high_water: int = 64 * 1024  # request body held before an upstream is ready

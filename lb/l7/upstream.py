@@ -133,6 +133,8 @@ class UpstreamConnection(asyncio.Protocol):
         "interim",
         "upgrade_value",
         "drop",
+        "head_size",  # bytes of the response head(s) parsed so far: status lines and fields
+        "head_rx",  # bytes read while a response head was incomplete
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -161,6 +163,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.interim = False
         self.upgrade_value = b""
         self.drop: set[bytes] | None = None
+        self.head_size = 0
+        self.head_rx = 0
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -190,6 +194,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = ex
         self.client_tx = client.transport
         self.done = self.broken = self.got_data = False
+        self.head_size = self.head_rx = 0
         self._new_message()
         self.last_rx = self.pool.clock.now
         if client.write_paused:
@@ -220,6 +225,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_data = True
         out = self.out = []
         failed = None
+        in_head = not self.in_body
+        if in_head:
+            self.head_rx += len(data)
         try:
             if ex.head_only and not ex.upgrade:
                 self._feed_head_only(data)
@@ -237,6 +245,11 @@ class UpstreamConnection(asyncio.Protocol):
                 failed = f"malformed response: {cause or exc}"
         except HttpParserError as exc:
             failed = f"malformed response: {exc}"
+        else:
+            # Still in a head after this read: every byte of it was head (the
+            # parser buffers a field until it ends: bound it before it does).
+            if in_head and not self.in_body and not self.done and self.head_rx > self.pool.max_head:
+                failed = "response head too large"
         if out:
             chunk = b"".join(out) if len(out) > 1 else out[0]
             ex.resp_bytes += len(chunk)
@@ -349,10 +362,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, phrase: bytes) -> None:
         self.phrase += phrase
+        self._count(len(phrase) + 15)  # "HTTP/1.1 200 " and CRLF
+
+    def _count(self, size: int) -> None:
+        self.head_size = size = self.head_size + size
+        if size > self.pool.max_head:
+            raise _BadResponse("response head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_body:  # a trailer: not passed on
             return
+        self._count(len(name) + len(value) + 4)
         kind = _TABLE.get(name, UNKNOWN)
         if kind == UNKNOWN:
             kind = _SPECIAL.get(name.lower())
@@ -501,6 +521,7 @@ class Pool:
         "connections",
         "retired",
         "waiters",
+        "max_head",
         "_max_idle",
         "_max_conns",
         "_factory",
@@ -517,6 +538,7 @@ class Pool:
         self.connections = 0  # open or opening
         self.retired = False  # left the table: no idle keeping
         self.waiters: deque[Waiter] = deque()  # requests queued for a connection
+        self.max_head = config.max_response_head
         self._max_idle = config.max_idle_per_target
         self._max_conns = config.max_conns_per_target
         self._factory = lambda: UpstreamConnection(self)
