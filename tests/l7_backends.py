@@ -16,6 +16,10 @@ test's own loop (or a thread's, see :class:`ThreadedBackends`):
 - ``close``: reads a request, closes (FIN) without answering.
 - ``truncate``: answers a head promising 1000 bytes, sends 10, then resets.
 - ``websocket``: completes the RFC 6455 handshake, then echoes every frame.
+- ``halfclose``: answers any request 101, then keeps every byte it gets
+  (``stats.raw``); on ``FIN-PLEASE`` it sends ``last words`` and half-closes
+  (and reads on); at the client's FIN it sends ``bye after your FIN`` and
+  closes.
 - ``record``: keeps every byte it receives, per connection (``stats.raw``),
   and answers each request it can delimit with a small 200 whose body is
   ``<method> <target>``, or with what its ``script`` returns: (delay, bytes)
@@ -296,6 +300,43 @@ class _WebSocketBackend(asyncio.Protocol):
             t.write(encode_frame(opcode, payload, mask=False))
 
 
+class _HalfCloseBackend(asyncio.Protocol):
+    def __init__(self, stats: BackendStats) -> None:
+        self.stats = stats
+        self.transport: asyncio.Transport | None = None
+        self.raw = bytearray()
+        self.open = False
+        self.sent_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.stats.connections += 1
+        self.stats.raw.append(self.raw)
+
+    def data_received(self, data: bytes) -> None:
+        t = self.transport
+        assert t is not None
+        if not self.open:
+            self.open = True
+            self.stats.requests += 1
+            t.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            data = data.partition(b"\r\n\r\n")[2]
+        self.raw += data
+        if b"FIN-PLEASE" in data and not self.sent_eof:
+            self.sent_eof = True
+            t.write(b"last words")
+            t.write_eof()
+
+    def eof_received(self) -> bool:
+        self.stats.eofs += 1
+        t = self.transport
+        assert t is not None
+        if not self.sent_eof:
+            t.write(b"bye after your FIN")
+        t.close()
+        return True
+
+
 def encode_frame(opcode: int, payload: bytes, mask: bool = True) -> bytes:
     head = bytes([0x80 | opcode])
     n = len(payload)
@@ -441,9 +482,11 @@ async def backend(
 ) -> AsyncIterator[Backend]:
     """Start one backend on 127.0.0.1:<ephemeral>; closed on exit."""
     stats = BackendStats()
-    factory: Callable[[], _HttpBackend | _WebSocketBackend | _MisbehavingBackend | _RecordingBackend]
+    factory: Callable[[], asyncio.Protocol]
     if kind == "record":
         factory = functools.partial(_RecordingBackend, stats, script)
+    elif kind == "halfclose":
+        factory = functools.partial(_HalfCloseBackend, stats)
     elif kind == "http":
         factory = functools.partial(_HttpBackend, name, stats, body, close_after)
     elif kind == "websocket":
@@ -453,7 +496,7 @@ async def backend(
     else:
         raise ValueError(kind)
     loop = asyncio.get_running_loop()
-    protocols: list[_HttpBackend | _WebSocketBackend | _MisbehavingBackend | _RecordingBackend] = []
+    protocols: list[Any] = []
 
     def tracked() -> asyncio.Protocol:
         protocol = factory()

@@ -231,7 +231,17 @@ class ClientProtocol(asyncio.Protocol):
         # A stream transport: uvloop's are asyncio.Transports in all but name.
         self.transport = cast(asyncio.Transport, transport)
         self.gate = ReadGate(self.transport)
-        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        peer = transport.get_extra_info("peername")
+        if not peer:
+            # Reset before we saw it: getpeername fails once the peer's RST is in,
+            # though what it sent before is still readable. Its address unknown,
+            # nothing of it can be matched by source, forwarded with a true
+            # X-Forwarded-For or logged with a true peer (it was "0.0.0.0:0"),
+            # and no answer can reach it: dropped unread.
+            self.worker.opened(self)
+            self.dead = self.broken = True
+            self.transport.abort()
+            return
         local = transport.get_extra_info("sockname") or ("127.0.0.1", 0)
         ip = peer[0]
         self.peer_ip = ip
@@ -256,7 +266,10 @@ class ClientProtocol(asyncio.Protocol):
         tunnel = self.tunnel
         if tunnel is not None:
             self.tunnel = None
-            tunnel.abort()
+            if exc is None:  # closed after a half-close: what we still hold for the target goes out
+                tunnel.close()
+            else:
+                tunnel.abort()
         ex = self.current
         if ex is not None:
             self.current = None
@@ -265,8 +278,11 @@ class ClientProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        tunnel = self.tunnel
+        if tunnel is not None:  # the client is done sending; the target may not be
+            return tunnel.client_eof()
         # Nothing in flight: close now. Else answer what was sent, then close (_done).
-        return self.tunnel is None and (self.current is not None or bool(self.queue))
+        return self.current is not None or bool(self.queue)
 
     def pause_writing(self) -> None:
         # The client reads slower than we answer: stop reading the target, and
@@ -669,7 +685,7 @@ class ClientProtocol(asyncio.Protocol):
 
     # --- called by the upstream connection ----------------------------------------
 
-    # These five methods, with transport, gate, write_paused and closing, are
+    # These six methods, with transport, gate, write_paused and closing, are
     # the lb.l7.exchange.Client boundary: all the upstream side uses of us.
 
     def response_done(self, ex: Exchange) -> None:
@@ -706,6 +722,18 @@ class ClientProtocol(asyncio.Protocol):
         ex.release()
         self.current = None
         self._account(ex)
+
+    def tunnel_eof(self) -> bool:
+        """The target sent FIN through the tunnel: pass it on to the client.
+
+        Returns whether the target's connection stays open, for the client's
+        bytes still to come; not if the client had finished sending too.
+        """
+        if self.eof:
+            return False
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+        return True
 
     def tunnel_closed(self) -> None:
         """The target closed its side of the tunnel."""

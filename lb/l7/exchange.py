@@ -41,6 +41,9 @@ class Client(Protocol):
     def start_tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
         """A 101 is relayed: bytes pass through both ways from now on."""
 
+    def tunnel_eof(self) -> bool:
+        """The target sent FIN through the tunnel; whether its connection stays open."""
+
     def tunnel_closed(self) -> None:
         """The target closed its side of the tunnel."""
 

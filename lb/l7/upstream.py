@@ -115,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         "read_paused",  # by the client, whose write buffer is full
         "write_paused",  # by our transport, whose write buffer is full
         "tunnel",  # after a 101: raw bytes both ways
+        "eof_in",  # the target sent FIN through the tunnel
         "poller",  # polls the socket for stray bytes before an idle connection is reused
         # While it serves one exchange.
         "ex",
@@ -146,6 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.tunnel = False
+        self.eof_in = False
         self.poller: select.poll | None = None
         self.ex: Exchange | None = None
         self.client_tx: asyncio.Transport | None = None
@@ -307,7 +309,23 @@ class UpstreamConnection(asyncio.Protocol):
         self._fail(ex, f"target closed the connection ({exc or 'EOF'})")
 
     def eof_received(self) -> bool:
+        ex = self.ex
+        if self.tunnel and ex is not None:  # half-close: the client may still send
+            self.eof_in = True
+            return ex.client.tunnel_eof()
         return False
+
+    def client_eof(self) -> bool:
+        """The client sent FIN through the tunnel: pass it on to the target.
+
+        Returns whether the client's connection stays open, for the target's
+        bytes still to come; not if the target had finished sending too.
+        """
+        if self.eof_in:
+            return False
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+        return True
 
     def pause_writing(self) -> None:
         self.write_paused = True
