@@ -189,6 +189,29 @@ def test_a_late_extra_response_never_reaches_a_client_and_poisons_its_connection
     run(body(), timeout=30)
 
 
+def test_bytes_after_the_head_of_a_response_to_head_poison_the_connection() -> None:
+    extra = b"HTTP/1.1 200 OK\r\nx: hidden\r\n"  # ends with a line: the old check took it for the head's end
+
+    def script(method: bytes, target: bytes, headers: object, body: bytes) -> list[tuple[float, bytes]] | None:
+        if method == b"HEAD":
+            return [(0.0, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n" + extra), (0.1, b"content-length: 6\r\n\r\nhidden")]
+        return None
+
+    async def body() -> None:
+        async with backend("record", script=script) as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),))
+            async with proxy(table) as (_, port):
+                async with await Client.open(port) as client:
+                    assert (await client.request("HEAD", "/h")).header("content-length") == b"5"
+                    await asyncio.sleep(0.01)
+                    assert (await client.request("GET", "/next")).body == b"GET /next"
+                    await asyncio.sleep(0.15)
+                    assert (await client.request("GET", "/next2")).body == b"GET /next2"
+                    assert b"hidden" not in client.raw
+
+    run(body())
+
+
 def test_extra_bytes_pending_on_an_idle_connection_are_seen_before_it_is_reused() -> None:
     """The target's stray bytes and the client's next request arrive in the same
     loop iteration, the request first: the idle connection must not be reused."""

@@ -380,17 +380,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, phrase: bytes) -> None:
         self.phrase += phrase
-        self._count(len(phrase) + 15)  # "HTTP/1.1 200 " and CRLF
-
-    def _count(self, size: int) -> None:
-        self.head_size = size = self.head_size + size
+        self.head_size = size = self.head_size + len(phrase) + 15  # "HTTP/1.1 200 " and CRLF
         if size > self.pool.max_head:
             raise _BadResponse("response head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size = size = self.head_size + len(name) + len(value) + 4
+        if size > self.pool.max_head:  # trailers count too
+            raise _BadResponse("response head too large")
         if self.in_body:  # a trailer: not passed on
             return
-        self._count(len(name) + len(value) + 4)
         kind = _TABLE.get(name, UNKNOWN)
         if kind == UNKNOWN:
             kind = _SPECIAL.get(name.lower())
