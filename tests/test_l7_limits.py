@@ -157,3 +157,26 @@ def test_reason_phrases_are_capped_in_length_and_their_cache_in_bytes() -> None:
     run(body(), timeout=60)
     held = sum(len(key[1]) + len(line) for key, line in httputil._status_cache.items())
     assert held <= 64 * 1024, held
+
+
+def test_time_lb_spends_not_reading_is_not_held_against_a_head() -> None:
+    """A head cut short by lb's own backpressure (here a full pipeline queue,
+    behind a slow answer) is not timed out while lb does not read it."""
+
+    def slow(method: bytes, target: bytes, headers: object, body: bytes) -> list[tuple[float, bytes]] | None:
+        return [(1.2, b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")] if target == b"/slow" else None
+
+    async def body() -> None:
+        async with backend("record", script=slow) as b:
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),), idle_timeout=5.0)
+            config = L7Config(connect_timeout=2.0, header_timeout=0.5, max_pipeline=1)
+            async with proxy(table, config) as (_, port):
+                async with await Client.open(port) as client:
+                    third = build_request("GET", "/third")
+                    client.send(build_request("GET", "/slow") + build_request("GET", "/second") + third[:10])
+                    await asyncio.sleep(0.2)
+                    client.send(third[10:])
+                    bodies = [(await client.response(timeout=4)).body for _ in range(3)]
+                    assert bodies == [b"slow", b"GET /second", b"GET /third"]
+
+    run(body())

@@ -848,15 +848,18 @@ class ClientProtocol(asyncio.Protocol):
         408 for a head or a body that is too slow, however steadily its bytes trickle in."""
         swept, self.swept = self.swept, now
         config = self.config
+        ex = self.parsing
+        if self.gate.reasons:  # we are not reading: the client cannot send
+            if self.head_since:
+                self.head_since += now - swept
+            if ex is not None and ex.body_since:
+                ex.body_since += now - swept
+            return False
         head_since = self.head_since
         if head_since and now - head_since > config.header_timeout:
             self._reject(errors.REQUEST_TIMEOUT, "request head timeout")
             return True
-        ex = self.parsing
         if ex is None or not ex.body_since or self.upgrading is not None:
-            return False
-        if self.gate.reasons:  # we are not reading: the client cannot send
-            ex.body_since += now - swept
             return False
         allowed = config.body_timeout + (ex.req_bytes - ex.body_base) / config.min_body_rate
         if now - ex.body_since <= allowed:
