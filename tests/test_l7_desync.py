@@ -25,7 +25,9 @@ from tests.l7_backends import (
 )
 from tests.l7_strict import parse_stream
 
-FIXED = m.Rule(10, (m.Condition(m.ConditionField.PATH_PATTERN, ("/fixed",)),), m.FixedResponseAction(403, "text/plain", "blocked"))
+FIXED = m.Rule(
+    10, (m.Condition(m.ConditionField.PATH_PATTERN, ("/fixed",)),), m.FixedResponseAction(403, "text/plain", "blocked")
+)
 
 
 def guarded(b: Backend) -> tuple[object, ...]:
@@ -75,7 +77,13 @@ def test_response_connection_nominating_content_length_is_502_and_the_connection
         if target == b"/nominate":
             return [(0.0, b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello")]
         if target == b"/nominate-te":
-            return [(0.0, b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")]
+            return [
+                (
+                    0.0,
+                    b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5\r\nhello\r\n0\r\n\r\n",
+                )
+            ]
         return None
 
     async def body() -> None:
@@ -194,7 +202,10 @@ def test_bytes_after_the_head_of_a_response_to_head_poison_the_connection() -> N
 
     def script(method: bytes, target: bytes, headers: object, body: bytes) -> list[tuple[float, bytes]] | None:
         if method == b"HEAD":
-            return [(0.0, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n" + extra), (0.1, b"content-length: 6\r\n\r\nhidden")]
+            return [
+                (0.0, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n" + extra),
+                (0.1, b"content-length: 6\r\n\r\nhidden"),
+            ]
         return None
 
     async def body() -> None:

@@ -45,7 +45,9 @@ def test_a_head_that_trickles_in_is_408_at_the_header_timeout() -> None:
                     await asyncio.sleep(0.7)  # idle between requests is the idle timeout's business
                     started = time.monotonic()
                     head = b"GET /slow HTTP/1.1\r\nHost: a\r\n" + b"X-Byte: y\r\n" * 40
-                    sender = asyncio.ensure_future(trickle(client, [head[i : i + 4] for i in range(0, len(head), 4)], 0.05))
+                    sender = asyncio.ensure_future(
+                        trickle(client, [head[i : i + 4] for i in range(0, len(head), 4)], 0.05)
+                    )
                     try:
                         raw = await client.read_raw(timeout=3)
                     finally:

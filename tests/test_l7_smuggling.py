@@ -61,7 +61,10 @@ class Forward:
 PENDING = Forward(0)  # forwarded as it comes, and still incomplete: the rest of the body is awaited
 
 
-WS = b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
+WS = (
+    b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
+)
 H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"
 CHUNKED = b"Transfer-Encoding: chunked"
 
@@ -77,7 +80,11 @@ ROWS: list[tuple[str, bytes, int | Forward]] = [
     ("conn-cl-ows", post(b"Connection:   content-length   ", cl(HIDDEN), body=HIDDEN), 400),
     ("conn-cl-tab", post(b"Connection:\tcontent-length", cl(HIDDEN), body=HIDDEN), 400),
     ("conn-cl-empty-tokens", post(b"Connection: ,, content-length ,", cl(HIDDEN), body=HIDDEN), 400),
-    ("conn-cl-second-header", post(b"Connection: keep-alive", b"Connection: content-length", cl(HIDDEN), body=HIDDEN), 400),
+    (
+        "conn-cl-second-header",
+        post(b"Connection: keep-alive", b"Connection: content-length", cl(HIDDEN), body=HIDDEN),
+        400,
+    ),
     ("conn-cl-after-cl", post(cl(HIDDEN), b"Connection: content-length", body=HIDDEN), 400),
     ("conn-cl-no-cl", post(b"Connection: content-length"), 400),
     ("conn-cl-get", head(b"GET /a HTTP/1.1", b"Host: x", b"Connection: content-length", b"Content-Length: 0"), 400),
@@ -168,7 +175,11 @@ ROWS: list[tuple[str, bytes, int | Forward]] = [
     ("trailer", post(CHUNKED, body=chunks(b"hello", trailers=b"X-Checksum: 1\r\n")), Forward(absent=b"x-checksum")),
     ("trailer-cl", post(CHUNKED, body=chunks(b"hello", trailers=cl(HIDDEN) + b"\r\n")), 400),
     ("trailer-te", post(CHUNKED, body=chunks(b"hello", trailers=CHUNKED + b"\r\n")), 400),
-    ("trailer-connection-cl", post(CHUNKED, body=chunks(b"hello", trailers=b"Connection: content-length\r\n")), Forward()),
+    (
+        "trailer-connection-cl",
+        post(CHUNKED, body=chunks(b"hello", trailers=b"Connection: content-length\r\n")),
+        Forward(),
+    ),
     ("trailer-host", post(CHUNKED, body=chunks(b"hello", trailers=b"Host: other\r\n")), Forward()),
     ("trailer-obs-fold", post(CHUNKED, body=chunks(b"hello", trailers=b"X-T: a\r\n b\r\n")), 400),
     # --- request-targets ---------------------------------------------------------------------
@@ -185,7 +196,11 @@ ROWS: list[tuple[str, bytes, int | Forward]] = [
     # --- plain shapes that must pass untouched ---------------------------------------------
     ("pipelined", post(cl(b"abc"), body=b"abc") + post(CHUNKED, body=chunks(b"de", b"f")), Forward()),
     ("hidden-in-body", post(cl(HIDDEN), body=HIDDEN), Forward()),
-    ("http10-keep-alive", head(b"POST /a HTTP/1.0", b"Host: x", b"Connection: keep-alive", cl(b"abc"), body=b"abc"), Forward()),
+    (
+        "http10-keep-alive",
+        head(b"POST /a HTTP/1.0", b"Host: x", b"Connection: keep-alive", cl(b"abc"), body=b"abc"),
+        Forward(),
+    ),
 ]
 
 
@@ -202,9 +217,15 @@ async def exchange(payload: bytes, expect: int | Forward) -> tuple[Client, list[
             async with await Client.open(port) as client:
                 client.send(payload + SENTINEL)
                 if isinstance(expect, Forward):
-                    count = expect.requests if expect.requests is not None else len(parse_stream(payload + SENTINEL).requests)
+                    count = (
+                        expect.requests
+                        if expect.requests is not None
+                        else len(parse_stream(payload + SENTINEL).requests)
+                    )
                     client.responses = [await client.response(timeout=3) for _ in range(count)]  # type: ignore[attr-defined]
-                    await asyncio.sleep(0.2 if expect is PENDING else 0.02)  # anything glued after the last answer comes now
+                    await asyncio.sleep(
+                        0.2 if expect is PENDING else 0.02
+                    )  # anything glued after the last answer comes now
                 else:
                     client.raw += await client.read_raw(timeout=3)
         return client, [bytes(raw) for raw in b.stats.raw]

@@ -5,8 +5,9 @@ Headers are kept as the flat list the upstream head is joined from
 ": ", value, CRLF per header), so forwarding them costs one ``b"".join``.
 Hop-by-hop headers (RFC 9110 §7.6.1, and any the Connection header names)
 are dropped, except that a Connection header may not name a framing header
-or Host (the request is refused: see the client's on_headers_complete); X-Forwarded-For is appended to, X-Forwarded-Proto/-Port are
-replaced with ours.
+or Host (the request is refused: see the client's on_headers_complete);
+X-Forwarded-For is appended to, X-Forwarded-Proto/-Port are replaced with
+ours.
 """
 
 from __future__ import annotations
