@@ -16,6 +16,16 @@ test's own loop (or a thread's, see :class:`ThreadedBackends`):
 - ``close``: reads a request, closes (FIN) without answering.
 - ``truncate``: answers a head promising 1000 bytes, sends 10, then resets.
 - ``websocket``: completes the RFC 6455 handshake, then echoes every frame.
+- ``halfclose``: answers any request 101, then keeps every byte it gets
+  (``stats.raw``); on ``FIN-PLEASE`` it sends ``last words`` and half-closes
+  (and reads on); at the client's FIN it sends ``bye after your FIN`` and
+  closes.
+- ``record``: keeps every byte it receives, per connection (``stats.raw``),
+  and answers each request it can delimit with a small 200 whose body is
+  ``<method> <target>``, or with what its ``script`` returns: (delay, bytes)
+  writes, for a target that misbehaves on cue. It delimits requests with
+  httptools as a naive target would (the bytes after an Upgrade request are
+  parsed as the next request): the tests judge framing by ``stats.raw``.
 
 Everything started here is closed by the ``async with`` that started it.
 """
@@ -59,6 +69,8 @@ class BackendStats:
     requests: int = 0
     upload_bytes: int = 0
     peers: list[tuple[str, int]] = field(default_factory=list)
+    raw: list[bytearray] = field(default_factory=list)  # record: every byte received, per connection
+    eofs: int = 0  # record / half-close: connections whose peer sent FIN
 
 
 class _HttpBackend(asyncio.Protocol):
@@ -288,6 +300,43 @@ class _WebSocketBackend(asyncio.Protocol):
             t.write(encode_frame(opcode, payload, mask=False))
 
 
+class _HalfCloseBackend(asyncio.Protocol):
+    def __init__(self, stats: BackendStats) -> None:
+        self.stats = stats
+        self.transport: asyncio.Transport | None = None
+        self.raw = bytearray()
+        self.open = False
+        self.sent_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.stats.connections += 1
+        self.stats.raw.append(self.raw)
+
+    def data_received(self, data: bytes) -> None:
+        t = self.transport
+        assert t is not None
+        if not self.open:
+            self.open = True
+            self.stats.requests += 1
+            t.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            data = data.partition(b"\r\n\r\n")[2]
+        self.raw += data
+        if b"FIN-PLEASE" in data and not self.sent_eof:
+            self.sent_eof = True
+            t.write(b"last words")
+            t.write_eof()
+
+    def eof_received(self) -> bool:
+        self.stats.eofs += 1
+        t = self.transport
+        assert t is not None
+        if not self.sent_eof:
+            t.write(b"bye after your FIN")
+        t.close()
+        return True
+
+
 def encode_frame(opcode: int, payload: bytes, mask: bool = True) -> bytes:
     head = bytes([0x80 | opcode])
     n = len(payload)
@@ -334,6 +383,85 @@ def decode_frame(data: bytes) -> tuple[int, bytes, int] | None:
     return opcode, payload, i + n
 
 
+# What a recording backend writes for one request: (method, target, headers,
+# body) → [(delay in seconds, bytes)], or None for its usual answer.
+Script = Callable[[bytes, bytes, list[tuple[bytes, bytes]], bytes], list[tuple[float, bytes]] | None]
+
+
+def echo_response(method: bytes, target: bytes) -> bytes:
+    """The recording backend's usual answer: a 200 whose body names the request."""
+    body = method + b" " + target
+    return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class _RecordingBackend(asyncio.Protocol):
+    def __init__(self, stats: BackendStats, script: Script | None) -> None:
+        self.stats = stats
+        self.script = script
+        self.raw = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.failed = False
+        self.last_write = 0.0  # writes stay in order, whatever their delays
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.stats.connections += 1
+        self.stats.raw.append(self.raw)
+
+    def data_received(self, data: bytes) -> None:
+        self.raw += data
+        while data and not self.failed:
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:  # naive: the rest is the next request
+                data = data[exc.args[0] :]
+                self.parser = httptools.HttpRequestParser(self)
+            except httptools.HttpParserError:
+                self.failed = True  # keep recording, answer nothing more
+
+    def eof_received(self) -> bool:
+        self.stats.eofs += 1
+        return False
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.stats.requests += 1
+        method = self.parser.get_method()
+        writes = self.script(method, self.url, self.headers, b"".join(self.body)) if self.script else None
+        if writes is None:
+            writes = [(0.0, echo_response(method, self.url))]
+        loop = asyncio.get_running_loop()
+        for delay, data in writes:
+            when = self.last_write = max(self.last_write, loop.time() + delay)
+            loop.call_at(when, self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            if data:
+                t.write(data)
+            else:  # b"": close
+                t.close()
+
+
 @dataclass
 class Backend:
     kind: str
@@ -341,6 +469,7 @@ class Backend:
     port: int
     stats: BackendStats
     server: asyncio.AbstractServer
+    protocols: list[Any] = field(default_factory=list)  # one per accepted connection, in order
 
     @property
     def endpoint(self) -> tuple[str, int, int]:
@@ -349,12 +478,16 @@ class Backend:
 
 @contextlib.asynccontextmanager
 async def backend(
-    kind: str = "http", name: str = "b", body: bytes | None = None, close_after: int = 0
+    kind: str = "http", name: str = "b", body: bytes | None = None, close_after: int = 0, script: Script | None = None
 ) -> AsyncIterator[Backend]:
     """Start one backend on 127.0.0.1:<ephemeral>; closed on exit."""
     stats = BackendStats()
-    factory: Callable[[], _HttpBackend | _WebSocketBackend | _MisbehavingBackend]
-    if kind == "http":
+    factory: Callable[[], asyncio.Protocol]
+    if kind == "record":
+        factory = functools.partial(_RecordingBackend, stats, script)
+    elif kind == "halfclose":
+        factory = functools.partial(_HalfCloseBackend, stats)
+    elif kind == "http":
         factory = functools.partial(_HttpBackend, name, stats, body, close_after)
     elif kind == "websocket":
         factory = functools.partial(_WebSocketBackend, stats)
@@ -363,7 +496,7 @@ async def backend(
     else:
         raise ValueError(kind)
     loop = asyncio.get_running_loop()
-    protocols: list[_HttpBackend | _WebSocketBackend | _MisbehavingBackend] = []
+    protocols: list[Any] = []
 
     def tracked() -> asyncio.Protocol:
         protocol = factory()
@@ -373,7 +506,7 @@ async def backend(
     server = await loop.create_server(tracked, HOST, 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        yield Backend(kind, name, port, stats, server)
+        yield Backend(kind, name, port, stats, server, protocols)
     finally:
         server.close()
         for protocol in protocols:

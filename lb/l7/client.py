@@ -52,7 +52,7 @@ from lb.l7.clock import Clock
 from lb.l7.config import L7Config
 from lb.l7.exchange import Exchange
 from lb.l7.flow_control import ReadGate
-from lb.l7.httputil import CRLF, UNKNOWN
+from lb.l7.httputil import CRLF, NOT_NOMINABLE, UNKNOWN
 from lb.l7.request_head import (
     COLON,
     HOST,
@@ -79,6 +79,54 @@ _now = time.perf_counter  # loop.time() has only millisecond resolution under uv
 _CLOSING_STATUSES = frozenset((400, 408, 500, 501, 505))
 _LINGER = 1.0  # seconds to read and drop after an error response, before closing
 _CLIENT_CLOSED = 460  # ELB's access log status for "the client closed first"
+
+
+def _stand_in_head(ex: Exchange) -> bytes:
+    """A head with the framing of ``ex``, for a parser that is to read its body."""
+    if ex.chunked:
+        return b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+    parts = ex.parts
+    for i in range(4, len(parts), 4):
+        if parts[i].lower() == b"content-length":
+            return b"POST / HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % int(parts[i + 2])
+    raise AssertionError("a body without framing")  # has_body comes from one of the two
+
+
+class _BodyAfterUpgrade:
+    """The callbacks of the parser that takes over after a declined Upgrade request with a body.
+
+    httptools stops at such a request's head. The new parser is fed a stand-in
+    head with the request's framing (swallowed here), then the bytes that
+    followed: the body goes to the client protocol, and so does every later
+    request on the connection. A rare path: the per-call delegation is the
+    price of keeping the usual parser's callbacks free of a check.
+    """
+
+    __slots__ = ("client", "head")
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.head = True  # the stand-in's
+
+    def on_url(self, url: bytes) -> None:
+        if not self.head:
+            self.client.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head:
+            self.client.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.head:
+            self.head = False
+        else:
+            self.client.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.client.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.client.on_message_complete()
 
 
 class WorkerView(Protocol):
@@ -126,6 +174,8 @@ class ClientProtocol(asyncio.Protocol):
         "dead",  # closed or closing
         "in_head",  # parsing a request head (for its size limit)
         "head_bytes",
+        "head_since",  # coarse clock at the first byte of the request head being received, 0 if none
+        "swept",  # the last check_idle: time the gate kept the client from sending is not held against it
         "tunnel",  # the upstream connection after a 101
         "upgrading",  # the Upgrade request waiting for its 101
         "held",  # client bytes received while upgrading
@@ -162,6 +212,8 @@ class ClientProtocol(asyncio.Protocol):
         self.closing = self.eof = self.broken = self.dead = False
         self.in_head = False
         self.head_bytes = 0
+        self.head_since = 0.0
+        self.swept = self.clock.now
         self.tunnel: UpstreamConnection | None = None
         self.upgrading: Exchange | None = None
         self.held: list[bytes] = []
@@ -179,7 +231,17 @@ class ClientProtocol(asyncio.Protocol):
         # A stream transport: uvloop's are asyncio.Transports in all but name.
         self.transport = cast(asyncio.Transport, transport)
         self.gate = ReadGate(self.transport)
-        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        peer = transport.get_extra_info("peername")
+        if not peer:
+            # Reset before we saw it: getpeername fails once the peer's RST is in,
+            # though what it sent before is still readable. Its address unknown,
+            # nothing of it can be matched by source, forwarded with a true
+            # X-Forwarded-For or logged with a true peer (it was "0.0.0.0:0"),
+            # and no answer can reach it: dropped unread.
+            self.worker.opened(self)
+            self.dead = self.broken = True
+            self.transport.abort()
+            return
         local = transport.get_extra_info("sockname") or ("127.0.0.1", 0)
         ip = peer[0]
         self.peer_ip = ip
@@ -204,7 +266,10 @@ class ClientProtocol(asyncio.Protocol):
         tunnel = self.tunnel
         if tunnel is not None:
             self.tunnel = None
-            tunnel.abort()
+            if exc is None:  # closed after a half-close: what we still hold for the target goes out
+                tunnel.close()
+            else:
+                tunnel.abort()
         ex = self.current
         if ex is not None:
             self.current = None
@@ -213,8 +278,11 @@ class ClientProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        tunnel = self.tunnel
+        if tunnel is not None:  # the client is done sending; the target may not be
+            return tunnel.client_eof()
         # Nothing in flight: close now. Else answer what was sent, then close (_done).
-        return self.tunnel is None and (self.current is not None or bool(self.queue))
+        return self.current is not None or bool(self.queue)
 
     def pause_writing(self) -> None:
         # The client reads slower than we answer: stop reading the target, and
@@ -245,6 +313,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.in_head:
             self.head_bytes += len(data)
+        elif self.parsing is None and not self.head_since:  # these bytes begin a request head
+            self.head_since = self.last_rx
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
@@ -280,6 +350,8 @@ class ClientProtocol(asyncio.Protocol):
             ex = self.parsing = Exchange(self)
             self.in_head = True
             self.head_bytes = 0
+            if not self.head_since:  # began in the read that ended the previous request
+                self.head_since = self.clock.now
         ex.url += url  # may come in pieces
         if len(ex.url) > self.config.max_request_line:
             raise errors.RequestRejected(errors.BAD_REQUEST, "request line too long")
@@ -291,6 +363,8 @@ class ClientProtocol(asyncio.Protocol):
         ex.header_bytes += size + 4
         if size > self.config.max_header or ex.header_bytes > self.config.max_headers:
             raise errors.RequestRejected(errors.BAD_REQUEST, "request headers too large")
+        if not self.in_head:  # a trailer (chunked body): counted, never forwarded nor acted on
+            return
         kind = TABLE.get(name, UNKNOWN)
         if kind == UNKNOWN:
             kind = SPECIAL.get(name.lower())
@@ -306,6 +380,7 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         assert ex is not None  # on_url came first
         self.in_head = False
+        self.head_since = 0.0
         parser = self.parser
         version = parser.get_http_version()
         if version != "1.1":
@@ -313,12 +388,22 @@ class ClientProtocol(asyncio.Protocol):
                 raise errors.RequestRejected(errors.VERSION_NOT_SUPPORTED, f"HTTP/{version}")
             ex.version11 = False
         method = parser.get_method()
+        if ex.chunked and not ex.version11:  # RFC 9112 §6.1: faulty framing
+            raise errors.RequestRejected(errors.BAD_REQUEST, "Transfer-Encoding in an HTTP/1.0 request")
         if ex.bad_te:
             raise errors.RequestRejected(errors.NOT_IMPLEMENTED, "unsupported Transfer-Encoding")
+        if b"#" in ex.url:
+            # A fragment is not part of a request-target (RFC 9112 §3.2): no client
+            # sends one. Refused rather than stripped, so that no rule and no target
+            # ever sees a path that means something else to either.
+            raise errors.RequestRejected(errors.BAD_REQUEST, "fragment in the request-target")
         if method == b"TRACE" or method == b"CONNECT":
             raise errors.RequestRejected(errors.METHOD_NOT_ALLOWED, method.decode())
         if ex.host is None and ex.version11:
             raise errors.RequestRejected(errors.BAD_REQUEST, "HTTP/1.1 request without Host")
+        if ex.drop is not None and not ex.drop.isdisjoint(NOT_NOMINABLE):
+            # Framed (or routed) by a header it asks the next hop to drop: a desync attempt.
+            raise errors.RequestRejected(errors.BAD_REQUEST, "Connection nominates a framing header or Host")
         ex.method = method
         parts = ex.parts
         parts[0] = method
@@ -331,6 +416,15 @@ class ClientProtocol(asyncio.Protocol):
             ex.request_complete = True  # nothing follows the head
         if parser.should_upgrade():
             ex.upgrade = ex.upgrade_value.strip().lower() == b"websocket"
+            if ex.has_body:
+                # httptools gives an Upgrade request no body: the bytes after its
+                # head would be parsed as the next request while the target waits
+                # for the body its Content-Length promised (a desync).
+                if ex.upgrade:  # a WebSocket handshake is a GET without content (RFC 6455 §4.1)
+                    raise errors.RequestRejected(errors.BAD_REQUEST, "WebSocket upgrade with a body")
+                # Any other upgrade (h2c: curl --http2 -d) is declined, as a server
+                # may (RFC 9110 §7.8): the request goes on as plain HTTP, body framed.
+                ex.body_after_upgrade = True
         ex.req_bytes = len(ex.url) + ex.header_bytes + len(method) + 13
         ex.t_start = _now()
         self.last = ex
@@ -348,6 +442,9 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         if ex is None:  # rejected or closed meanwhile
             return
+        if not ex.body_since:
+            ex.body_since = self.clock.now
+            ex.body_base = ex.req_bytes
         ex.req_bytes += len(body)
         if ex.discard:
             return
@@ -368,6 +465,8 @@ class ClientProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.parsing
         if ex is None:  # rejected or closed meanwhile
+            return
+        if ex.body_after_upgrade:  # the parser stops here; _upgrade_requested parses the body
             return
         self.parsing = None
         ex.request_complete = True
@@ -530,6 +629,9 @@ class ClientProtocol(asyncio.Protocol):
         while idle:
             conn = idle.pop()
             if not conn.transport.is_closing():
+                if conn.stray():  # it sent bytes nobody asked for: never reused
+                    conn.close()
+                    continue
                 self._send(ex, conn)
                 return
         self._open(ex, pool)
@@ -583,7 +685,7 @@ class ClientProtocol(asyncio.Protocol):
 
     # --- called by the upstream connection ----------------------------------------
 
-    # These five methods, with transport, gate, write_paused and closing, are
+    # These six methods, with transport, gate, write_paused and closing, are
     # the lb.l7.exchange.Client boundary: all the upstream side uses of us.
 
     def response_done(self, ex: Exchange) -> None:
@@ -621,6 +723,18 @@ class ClientProtocol(asyncio.Protocol):
         self.current = None
         self._account(ex)
 
+    def tunnel_eof(self) -> bool:
+        """The target sent FIN through the tunnel: pass it on to the client.
+
+        Returns whether the target's connection stays open, for the client's
+        bytes still to come; not if the client had finished sending too.
+        """
+        if self.eof:
+            return False
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+        return True
+
     def tunnel_closed(self) -> None:
         """The target closed its side of the tunnel."""
         self.tunnel = None
@@ -639,6 +753,13 @@ class ClientProtocol(asyncio.Protocol):
     def _upgrade_requested(self, rest: bytes) -> None:
         """The parser stopped after an Upgrade request; ``rest`` came after it."""
         ex = self.last
+        if ex is not None and ex.body_after_upgrade:  # declined, with a body: parse it, then go on
+            ex.body_after_upgrade = False
+            self.parser = httptools.HttpRequestParser(_BodyAfterUpgrade(self))
+            self.parser.feed_data(_stand_in_head(ex))
+            if rest:
+                self._feed(rest)
+            return
         if ex is None or not ex.upgrade:  # not WebSocket: go on as plain HTTP
             if rest:
                 self._feed(rest)
@@ -673,6 +794,7 @@ class ClientProtocol(asyncio.Protocol):
         log.debug("%s: %d %s", self.peer, status, why)
         self.broken = True
         self.in_head = False
+        self.head_since = 0.0
         ex = self.parsing
         self.parsing = None
         if ex is None:
@@ -694,6 +816,8 @@ class ClientProtocol(asyncio.Protocol):
         if tunnel is not None:
             if now - max(self.last_rx, tunnel.last_rx) > idle:
                 self._close()
+            return
+        if not self.broken and self._too_slow(now):
             return
         ex = self.current
         client_idle = now - self.last_rx > idle
@@ -718,6 +842,30 @@ class ClientProtocol(asyncio.Protocol):
             return
         log.debug("%s: %d on %s", self.peer, status, ex.target)
         self._fail_current(ex, status)
+
+    def _too_slow(self, now: float) -> bool:
+        """The request deadlines (L7Config.header_timeout, body_timeout, min_body_rate):
+        408 for a head or a body that is too slow, however steadily its bytes trickle in."""
+        swept, self.swept = self.swept, now
+        config = self.config
+        ex = self.parsing
+        if self.gate.reasons:  # we are not reading: the client cannot send
+            if self.head_since:
+                self.head_since += now - swept
+            if ex is not None and ex.body_since:
+                ex.body_since += now - swept
+            return False
+        head_since = self.head_since
+        if head_since and now - head_since > config.header_timeout:
+            self._reject(errors.REQUEST_TIMEOUT, "request head timeout")
+            return True
+        if ex is None or not ex.body_since or self.upgrading is not None:
+            return False
+        allowed = config.body_timeout + (ex.req_bytes - ex.body_base) / config.min_body_rate
+        if now - ex.body_since <= allowed:
+            return False
+        self._reject(errors.REQUEST_TIMEOUT, "request body too slow")
+        return True
 
     def _fail_current(self, ex: Exchange, status: int) -> None:
         """Give up on the exchange in flight with ``status``, however far it got."""

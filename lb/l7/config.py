@@ -26,6 +26,23 @@ class L7Config:
     max_request_line: int = 16 * 1024
     max_header: int = 16 * 1024  # one header, name and value
     max_headers: int = 64 * 1024  # all of a request's headers
+    # Request deadlines, against clients that send slowly on purpose (slowloris,
+    # slow POST). Past either: 408 and close (RFC 9110 §15.5.9: the request did
+    # not arrive whole within the time the server was prepared to wait; nginx
+    # answers a slow head or body with 408 too). The defaults are Apache
+    # mod_reqtimeout's (header=20, body=20,MinRate=500). nginx has
+    # client_header_timeout / client_body_timeout (60 s, the body's between two
+    # reads, so a byte every few seconds passes it); HAProxy `timeout
+    # http-request` bounds the head. ELB has no counterpart of its own: only
+    # the idle timeout (60 s) between bytes, which a byte every 5 s never trips.
+    header_timeout: float = 20.0  # from the first byte of a request head to its end
+    body_timeout: float = 20.0  # a request body's allowance from its first byte, plus:
+    min_body_rate: int = 500  # one more second per this many body bytes received
+    # A target's response head (status line and header fields, each 1xx too):
+    # past it, 502 and the connection closed. ALB's quota: 32 KiB for all
+    # response headers (docs/elb-reference.md); nginx's proxy_buffer_size is
+    # 4-8 KiB. Without it a target's 50 MB header block was buffered whole.
+    max_response_head: int = 32 * 1024
     # Flow control.
     max_pipeline: int = 16  # parsed requests queued behind the one in flight
     buffer_high_water: int = 64 * 1024  # request body held before an upstream is ready

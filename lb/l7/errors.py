@@ -5,12 +5,20 @@ Causes (docs/elb-reference.md, "L7 behaviour"):
 ====  ==========================================================================
 400   malformed request, header or request line over its limit, smuggling
       (Content-Length with Transfer-Encoding, conflicting or non-numeric
-      Content-Length, obs-fold, invalid header name), HTTP/1.1 without Host
+      Content-Length, obs-fold, invalid header name, a Connection header
+      nominating Content-Length, Transfer-Encoding or Host, a
+      Content_Length / Transfer_Encoding lookalike, Transfer-Encoding in
+      HTTP/1.0, a WebSocket upgrade with a body), HTTP/1.1 without Host, a
+      fragment ("#") or userinfo in the request-target
 405   TRACE (and CONNECT: this is not a forward proxy)
-408   the client sent nothing, or not a whole request, within the idle timeout
+408   the client sent nothing, or not a whole request, within the idle
+      timeout; a request head not whole within L7Config.header_timeout; a
+      body slower than L7Config.body_timeout and min_body_rate allow
 501   Transfer-Encoding other than chunked
-502   target refused or reset, sent a malformed response, or closed with the
-      request outstanding
+502   target refused or reset, sent a malformed response (one whose
+      Connection header nominates Content-Length or Transfer-Encoding is,
+      and one whose head is over L7Config.max_response_head), or closed
+      with the request outstanding
 503   the target group has no registered targets (in service)
 504   connect timeout, or the target idle past the idle timeout
 505   HTTP version other than 1.0 and 1.1

@@ -41,6 +41,9 @@ class Client(Protocol):
     def start_tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
         """A 101 is relayed: bytes pass through both ways from now on."""
 
+    def tunnel_eof(self) -> bool:
+        """The target sent FIN through the tunnel; whether its connection stays open."""
+
     def tunnel_closed(self) -> None:
         """The target closed its side of the tunnel."""
 
@@ -60,6 +63,7 @@ class Exchange:
         "expect_continue",
         "upgrade",  # a WebSocket upgrade request
         "upgrade_value",
+        "body_after_upgrade",  # an Upgrade declined for its body: httptools left the body to us
         "chunked",  # request body chunked (re-chunked upstream)
         "has_body",
         "head_only",  # HEAD: the response has no body
@@ -72,6 +76,8 @@ class Exchange:
         "body_buf",  # body held until an upstream is attached
         "buffered",
         "discard",  # answered locally: the rest of the body is dropped
+        "body_since",  # coarse clock at the first body byte (the body deadline's start), 0 before
+        "body_base",  # req_bytes then: the body's bytes are counted from it
         # Routing (when the exchange starts).
         "rule",  # priority, None for the default rule
         "target",  # "address:port" or "-"
@@ -110,6 +116,7 @@ class Exchange:
         self.expect_continue = False
         self.upgrade = False
         self.upgrade_value = b""
+        self.body_after_upgrade = False
         self.chunked = False
         self.has_body = False
         self.head_only = False
@@ -121,6 +128,8 @@ class Exchange:
         self.body_buf: list[bytes] | None = None
         self.buffered = 0
         self.discard = False
+        self.body_since = 0.0
+        self.body_base = 0
         self.rule: int | None = None
         self.target = "-"
         self.pool: Pool | None = None

@@ -14,6 +14,13 @@ CRLF = b"\r\n"
 
 # Connection header options we act on ourselves; any other token names a header to drop.
 CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+# Headers that frame the message: a Connection header may not nominate them
+# (RFC 9110 §7.6.1: a connection option never names a field meant for every
+# recipient). Dropping one at the hop while framing by it is how
+# "Connection: content-length" smuggles a request past the proxy.
+FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+# ... nor, in a request, Host: the target would see another authority than the one routed on.
+NOT_NOMINABLE = FRAMING | {b"host"}
 
 
 def connection_names(value: bytes, names: set[bytes] | None) -> set[bytes] | None:
@@ -46,21 +53,37 @@ def reason(status: int) -> bytes:
 
 
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason(code)) for code in range(100, 600)}
+
+# Reason phrases come from targets: a longer one is replaced by the standard
+# phrase (RFC 9112 §4: a client ignores it anyway), and the cache of status
+# lines with a target's own phrase is bounded in bytes, not only in entries
+# (200 distinct 1 MB phrases once grew a worker by 411 MB for good).
+MAX_PHRASE = 256
+STATUS_CACHE_BYTES = 64 * 1024
 _status_cache: dict[tuple[int, bytes], bytes] = {}
+_status_cache_bytes = 0
 
 
 def status_line(status: int, phrase: bytes | None = None) -> bytes:
     """``HTTP/1.1 <status> <phrase>\\r\\n``; the target's own phrase when given."""
-    if phrase is None:
+    global _status_cache_bytes
+    if phrase is None or len(phrase) > MAX_PHRASE:
         line = _STATUS_LINES.get(status)
         return line if line is not None else b"HTTP/1.1 %d \r\n" % status
     key = (status, phrase)
     line = _status_cache.get(key)
     if line is None:
         line = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
-        if len(_status_cache) < 512:  # bounded: phrases come from targets
+        size = 2 * len(line)  # the key's phrase and the line
+        if _status_cache_bytes + size <= STATUS_CACHE_BYTES:
             _status_cache[key] = line
+            _status_cache_bytes += size
     return line
+
+
+def status_cache_bytes() -> int:
+    """Bytes of phrases and lines held by the status-line cache (for tests)."""
+    return _status_cache_bytes
 
 
 class HttpDate:

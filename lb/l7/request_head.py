@@ -4,8 +4,10 @@ Headers are kept as the flat list the upstream head is joined from
 (``Exchange.parts``: method, " ", target, " HTTP/1.1\\r\\n", then name,
 ": ", value, CRLF per header), so forwarding them costs one ``b"".join``.
 Hop-by-hop headers (RFC 9110 §7.6.1, and any the Connection header names)
-are dropped; X-Forwarded-For is appended to, X-Forwarded-Proto/-Port are
-replaced with ours.
+are dropped, except that a Connection header may not name a framing header
+or Host (the request is refused: see the client's on_headers_complete);
+X-Forwarded-For is appended to, X-Forwarded-Proto/-Port are replaced with
+ours.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ COLON = b": "
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 
 # What a request header is to us.
-HOST, CONNECTION, HOP, TRANSFER_ENCODING, UPGRADE, XFF, OURS, EXPECT, COOKIE, LENGTH = range(10)
+HOST, CONNECTION, HOP, TRANSFER_ENCODING, UPGRADE, XFF, OURS, EXPECT, COOKIE, LENGTH, LOOKALIKE = range(11)
 SPECIAL = {
     b"host": HOST,
     b"connection": CONNECTION,
@@ -40,6 +42,11 @@ SPECIAL = {
     b"expect": EXPECT,
     b"cookie": COOKIE,
     b"content-length": LENGTH,
+    # Valid names that a target normalising "_" to "-" (CGI, WSGI, PHP: both
+    # become HTTP_CONTENT_LENGTH) reads as framing lb did not frame by: refused
+    # (ALB's desync mitigation calls them SuspiciousHeader).
+    b"content_length": LOOKALIKE,
+    b"transfer_encoding": LOOKALIKE,
 }
 TABLE = header_table(SPECIAL, COMMON_REQUEST_HEADERS)  # most names without a lower()
 _CODINGS = (b"chunked", b"identity")
@@ -74,6 +81,8 @@ def special_header(ex: Exchange, kind: int, name: bytes, value: bytes) -> None:
             raise errors.RequestRejected(errors.BAD_REQUEST, "more than one Host header")
         ex.host = value
         ex.parts += (name, COLON, value, CRLF)
+    elif kind == LOOKALIKE:
+        raise errors.RequestRejected(errors.BAD_REQUEST, f"header {name!r} looks like a framing header")
     # HOP and OURS: dropped (ours are added by build_head)
 
 
@@ -106,8 +115,8 @@ def origin_form(ex: Exchange) -> bool:
         url = httptools.parse_url(ex.url)
     except httptools.HttpParserInvalidURLError:
         return False
-    if not url.schema or not url.host:
-        return False
+    if not url.schema or not url.host or url.userinfo:
+        return False  # userinfo: an error in a received http URI (RFC 9110 §4.2.4)
     authority = url.host + (b":%d" % url.port if url.port else b"")
     ex.url = (url.path or b"/") + (b"?" + url.query if url.query else b"")
     parts = ex.parts

@@ -16,6 +16,10 @@ closes before answering the next one is retried once on a new connection when
 the request has no body (the target closed an idle keep-alive connection
 just as we reused it).
 
+A connection that delivers bytes nobody asked for (after the final response
+to its request, in the same read or while idle in its pool) is poisoned:
+those bytes reach no client and the connection is closed, never reused.
+
 A :class:`Pool` per target endpoint (per worker) keeps the idle keep-alive
 connections to it, opens new ones, and hands a released connection straight
 to a request queued for it when ``max_conns_per_target`` is reached. Pools
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -49,6 +54,7 @@ from lb.l7.config import L7Config
 from lb.l7.httputil import (
     COMMON_RESPONSE_HEADERS,
     CRLF,
+    FRAMING,
     UNKNOWN,
     connection_names,
     header_table,
@@ -109,6 +115,8 @@ class UpstreamConnection(asyncio.Protocol):
         "read_paused",  # by the client, whose write buffer is full
         "write_paused",  # by our transport, whose write buffer is full
         "tunnel",  # after a 101: raw bytes both ways
+        "eof_in",  # the target sent FIN through the tunnel
+        "poller",  # polls the socket for stray bytes before an idle connection is reused
         # While it serves one exchange.
         "ex",
         "client_tx",
@@ -126,6 +134,8 @@ class UpstreamConnection(asyncio.Protocol):
         "interim",
         "upgrade_value",
         "drop",
+        "head_size",  # bytes of the response head(s) parsed so far: status lines and fields
+        "head_rx",  # bytes read while a response head was incomplete
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -137,6 +147,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.tunnel = False
+        self.eof_in = False
+        self.poller: select.poll | None = None
         self.ex: Exchange | None = None
         self.client_tx: asyncio.Transport | None = None
         self.out: list[bytes] = []
@@ -153,12 +165,30 @@ class UpstreamConnection(asyncio.Protocol):
         self.interim = False
         self.upgrade_value = b""
         self.drop: set[bytes] | None = None
+        self.head_size = 0
+        self.head_rx = 0
 
     # --- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport: uvloop's are asyncio.Transports in all but name.
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
+
+    def stray(self) -> bool:
+        """Whether bytes (or the end) wait unread on this idle connection.
+
+        Asked before an idle connection is reused: what a target sends while
+        nobody asked for anything is normally read at once and closes the
+        connection (data_received), but the client's next request can be read
+        first in the same loop iteration, and those bytes would be taken for
+        its response. One poll(2) with no timeout.
+        """
+        poller = self.poller
+        return poller is not None and bool(poller.poll(0))
 
     def attach(self, ex: Exchange) -> None:
         """Serve ``ex``: its request head is written next by the client side."""
@@ -166,6 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = ex
         self.client_tx = client.transport
         self.done = self.broken = self.got_data = False
+        self.head_size = self.head_rx = 0
         self._new_message()
         self.last_rx = self.pool.clock.now
         if client.write_paused:
@@ -196,15 +227,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_data = True
         out = self.out = []
         failed = None
+        in_head = not self.in_body
+        if in_head:
+            self.head_rx += len(data)
         try:
-            self.parser.feed_data(data)
+            if ex.head_only and not ex.upgrade:
+                self._feed_head_only(data)
+            else:
+                self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             failed = self._switch(ex, data[exc.args[0] :])
         except HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadOnly):
                 self.parser = HttpResponseParser(self)  # the old one stopped mid-message
-                if not data.endswith(b"\n"):
-                    self.broken = True
             else:
                 cause = exc.__context__
                 if not isinstance(cause, _BadResponse):
@@ -212,6 +247,11 @@ class UpstreamConnection(asyncio.Protocol):
                 failed = f"malformed response: {cause or exc}"
         except HttpParserError as exc:
             failed = f"malformed response: {exc}"
+        else:
+            # Still in a head after this read: every byte of it was head (the
+            # parser buffers a field until it ends: bound it before it does).
+            if in_head and not self.in_body and not self.done and self.head_rx > self.pool.max_head:
+                failed = "response head too large"
         if out:
             chunk = b"".join(out) if len(out) > 1 else out[0]
             ex.resp_bytes += len(chunk)
@@ -227,6 +267,25 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete(ex)
         elif self.tunnel:
             ex.client.start_tunnel(ex, self)
+
+    def _feed_head_only(self, data: bytes) -> None:
+        """Feed a response to HEAD a line at a time, to know where its head ends.
+
+        The parser is stopped at the end of the head (_HeadOnly): any byte
+        after it in the same read is one nobody asked for, and poisons the
+        connection.
+        """
+        pos = 0
+        size = len(data)
+        while pos < size:
+            end = data.find(b"\n", pos) + 1 or size
+            try:
+                self.parser.feed_data(data[pos:end])
+            except HttpParserCallbackError as exc:
+                if end < size and isinstance(exc.__context__, _HeadOnly):
+                    self.broken = True
+                raise
+            pos = end
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
@@ -250,7 +309,23 @@ class UpstreamConnection(asyncio.Protocol):
         self._fail(ex, f"target closed the connection ({exc or 'EOF'})")
 
     def eof_received(self) -> bool:
+        ex = self.ex
+        if self.tunnel and ex is not None:  # half-close: the client may still send
+            self.eof_in = True
+            return ex.client.tunnel_eof()
         return False
+
+    def client_eof(self) -> bool:
+        """The client sent FIN through the tunnel: pass it on to the target.
+
+        Returns whether the client's connection stays open, for the target's
+        bytes still to come; not if the target had finished sending too.
+        """
+        if self.eof_in:
+            return False
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+        return True
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -289,16 +364,30 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------
 
     def _new_message(self) -> None:
-        # Not on_message_begin: one callback less per response.
+        # Called by attach and after an interim response; on_message_begin only
+        # watches for responses nobody asked for.
         self.parts = [b""]
         self.phrase = b""
         self.in_body = self.has_length = self.chunked_in = self.chunk_out = False
         self.drop = None
 
+    def on_message_begin(self) -> None:
+        # A response begins after the final one to this request: the target sent
+        # bytes nobody asked for. Whatever they are, they are not relayed (the
+        # parser stops at their head) and the connection is never reused.
+        if self.done:
+            self.broken = True
+
     def on_status(self, phrase: bytes) -> None:
         self.phrase += phrase
+        self.head_size = size = self.head_size + len(phrase) + 15  # "HTTP/1.1 200 " and CRLF
+        if size > self.pool.max_head:
+            raise _BadResponse("response head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size = size = self.head_size + len(name) + len(value) + 4
+        if size > self.pool.max_head:  # trailers count too
+            raise _BadResponse("response head too large")
         if self.in_body:  # a trailer: not passed on
             return
         kind = _TABLE.get(name, UNKNOWN)
@@ -339,6 +428,10 @@ class UpstreamConnection(asyncio.Protocol):
                 parts.append(CRLF)
                 self.out += parts
             return
+        if self.drop is not None and not self.drop.isdisjoint(FRAMING):
+            # Framed by a header it nominates as hop-by-hop: relayed without it, the
+            # body would run into the next response. Malformed (502), not reused.
+            raise _BadResponse("Connection nominates a framing header")
         self.in_body = True
         self.keep_alive = parser.should_keep_alive()
         ex.upstream_time = _now() - ex.t_sent
@@ -445,6 +538,7 @@ class Pool:
         "connections",
         "retired",
         "waiters",
+        "max_head",
         "_max_idle",
         "_max_conns",
         "_factory",
@@ -461,6 +555,7 @@ class Pool:
         self.connections = 0  # open or opening
         self.retired = False  # left the table: no idle keeping
         self.waiters: deque[Waiter] = deque()  # requests queued for a connection
+        self.max_head = config.max_response_head
         self._max_idle = config.max_idle_per_target
         self._max_conns = config.max_conns_per_target
         self._factory = lambda: UpstreamConnection(self)
