@@ -65,7 +65,33 @@ unmount_all() {  # whatever is still mounted under $1, deepest first
   local m
   for m in $(findmnt -rn -o TARGET | grep -F "$1/" | sort -r); do umount -l "$m" || true; done
 }
+# The long steps run as their own process group, in the background, so that
+# a signal is handled at once (bash defers traps while a foreground child
+# runs) and stops the whole step, chroot'ed dpkg included, before cleanup.
+step_pid=
+step() {  # log command...
+  local log=$1 status=0
+  shift
+  setsid "$@" >"$log" 2>&1 &
+  step_pid=$!
+  wait "$step_pid" || status=$?
+  step_pid=
+  [ "$status" = 0 ] || tail -n 30 "$log" >&2
+  return "$status"
+}
+stop_step() {
+  [ -n "$step_pid" ] || return 0
+  kill -TERM -- "-$step_pid" 2>/dev/null || true
+  local i
+  for i in $(seq 100); do  # up to 10 s for the group to go, then KILL
+    kill -0 -- "-$step_pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL -- "-$step_pid" 2>/dev/null || true
+  sleep 0.5
+}
 cleanup() {
+  stop_step
   unmount_all "$work"
   if findmnt -rn -o TARGET | grep -qF "$work/"; then
     echo "rootfs.sh: $work still has mounts: left in place" >&2
@@ -80,8 +106,7 @@ root="$work/root"
 mkdir -p "$root"
 
 log "debootstrap $suite (minbase) into $root"
-debootstrap --variant=minbase --components=main "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 \
-  || { tail -n 30 "$work/debootstrap.log" >&2; exit 1; }
+step "$work/debootstrap.log" debootstrap --variant=minbase --components=main "$suite" "$root" "$mirror"
 
 cat >"$root/etc/apt/sources.list" <<EOF
 deb $mirror $suite main
@@ -100,11 +125,10 @@ mount --bind /dev/pts "$root/dev/pts"
 
 log "installing ${packages[*]}"
 export DEBIAN_FRONTEND=noninteractive
-{
-  chroot "$root" apt-get update -q
-  chroot "$root" apt-get install -y -q --no-install-recommends "${packages[@]}"
-  chroot "$root" apt-get clean
-} >"$work/apt.log" 2>&1 || { tail -n 30 "$work/apt.log" >&2; exit 1; }
+# shellcheck disable=SC2016  # expanded by the inner shell
+step "$work/apt.log" sh -c 'root=$1; shift; chroot "$root" apt-get update -q &&
+  chroot "$root" apt-get install -y -q --no-install-recommends "$@" && chroot "$root" apt-get clean' \
+  sh "$root" "${packages[@]}"
 unmount_all "$work"
 rm -rf "$root/var/lib/apt/lists/"* "$root/usr/sbin/policy-rc.d" "$root/etc/resolv.conf"
 
@@ -116,9 +140,8 @@ if [ "$guest_python" != "$host_python" ]; then
 fi
 log "Python packages (pinned to $python): $(echo $requirements)"
 echo "$requirements" >"$work/requirements.txt"
-"$python" -m pip install -q --disable-pip-version-check --no-warn-script-location --only-binary=:all: \
-  --target "$root/opt/lb-site" -r "$work/requirements.txt" >"$work/pip.log" 2>&1 \
-  || { tail -n 30 "$work/pip.log" >&2; exit 1; }
+step "$work/pip.log" "$python" -m pip install -q --disable-pip-version-check --no-warn-script-location \
+  --only-binary=:all: --target "$root/opt/lb-site" -r "$work/requirements.txt"
 
 install -m 0755 "$here/guest-init" "$root/sbin/lb-kernels-init"
 mkdir -p "$root/mnt/lb" "$root/mnt/out"
