@@ -35,6 +35,7 @@ log() { echo "test-kernels: $*"; }
 tmp=$(mktemp -d /tmp/lb-kernels.XXXXXX)
 qemu_pid=
 tail_pid=
+rootfs_pid=
 stop() {  # a process this script started, by its id
   if [ -n "$1" ] && kill -0 "$1" 2>/dev/null; then
     kill "$1" 2>/dev/null || true
@@ -42,6 +43,7 @@ stop() {  # a process this script started, by its id
   fi
 }
 cleanup() {
+  stop "$rootfs_pid"  # it cleans up its own partial build
   stop "$qemu_pid"  # timeout(1), which passes the signal on to QEMU
   stop "$tail_pid"
   rm -rf "$tmp"
@@ -63,16 +65,23 @@ run_qemu() {
 }
 
 # Can /dev/kvm run a guest? Boot the guest's kernel with no root under KVM:
-# it must reach its "cannot mount root" panic within seconds. (On some hosts
-# /dev/kvm exists but QEMU aborts or hangs with it.) Sets accel.
+# it must reach its "cannot mount root" panic, which takes TCG about 4 s on
+# this 2-core host, within 10 s. (On some hosts /dev/kvm exists but QEMU
+# aborts or hangs with it.) Sets accel, and why_not_kvm when it falls back.
 pick_accel() {
   accel=${LB_KERNELS_ACCEL:-}
+  why_not_kvm="LB_KERNELS_ACCEL=$accel"
   [ -z "$accel" ] || return 0
   accel=tcg
+  why_not_kvm="no writable /dev/kvm"
   [ -w /dev/kvm ] || return 0
-  run_qemu 30 -accel kvm -cpu host -m 256 -kernel "$1" -append "console=ttyS0 panic=-1" \
+  run_qemu 10 -accel kvm -cpu host -m 256 -kernel "$1" -append "console=ttyS0 panic=-1" \
     -serial "file:$tmp/kvm-probe.log" >/dev/null 2>&1 || true
-  if grep -q "Kernel panic" "$tmp/kvm-probe.log" 2>/dev/null; then accel=kvm; fi
+  if grep -q "Kernel panic" "$tmp/kvm-probe.log" 2>/dev/null; then
+    accel=kvm
+  else
+    why_not_kvm="/dev/kvm cannot run a guest here (a test boot aborted or hung for 10 s)"
+  fi
 }
 
 begun=$(date +%s)
@@ -84,6 +93,11 @@ judge() {  # label log status: record the verdict line, count a failure
   verdicts+=("$line")
   log "$line"
 }
+fail() {  # label reason
+  verdicts+=("$1: FAILED, $2")
+  failed=$((failed + 1))
+  log "$1: FAILED, $2"
+}
 
 # --- the running kernel, on this host ----------------------------------------
 log "running kernel $(uname -r), on this host: pytest ${tests[*]}"
@@ -93,46 +107,56 @@ host_status=0
 judge "running kernel $(uname -r) (host)" "$tmp/host.log" "$host_status"
 
 # --- Debian 12's stock kernel, in a guest ---------------------------------------
-guest=$("$here/rootfs.sh")
-kernel_file=$(readlink -f "$guest/kernel")
-release=${kernel_file##*/vmlinuz-}
-pick_accel "$guest/kernel"
-if [ "$accel" = kvm ]; then
-  cpu=host
-else
-  cpu=qemu64
-  log "KVM cannot run a guest here (or LB_KERNELS_ACCEL=tcg): falling back to TCG, much slower"
-fi
-mkdir "$tmp/out"
-echo "${tests[*]}" >"$tmp/out/args"
-log "Debian 12 kernel $release in QEMU ($accel, $smp CPUs, $mem MiB, timeout ${guest_timeout}s); its console:"
-started=$(date +%s)
-: >"$tmp/console.log"
-tail -n +1 -F "$tmp/console.log" 2>/dev/null &
-tail_pid=$!
-guest_status=0
-run_qemu "$guest_timeout" -accel "$accel" -cpu "$cpu" -smp "$smp" -m "$mem" \
-  -kernel "$guest/kernel" -initrd "$guest/initrd" \
-  -append "root=lbroot rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro init=/sbin/lb-kernels-init console=ttyS0 panic=-1 quiet" \
-  -serial "file:$tmp/console.log" \
-  -virtfs "local,path=$guest/root,mount_tag=lbroot,security_model=passthrough,readonly=on" \
-  -virtfs "local,path=$repo,mount_tag=lbsrc,security_model=none,readonly=on" \
-  -virtfs "local,path=$tmp/out,mount_tag=lbout,security_model=none" \
-  || guest_status=$?
-sleep 1  # tail's last lines
-stop "$tail_pid"
-tail_pid=
-label="Debian 12 kernel ${release} (QEMU $accel, $(($(date +%s) - started))s)"
-if [ "$guest_status" = 124 ] || [ "$guest_status" = 137 ]; then
-  log "the guest timed out after ${guest_timeout}s"
-  verdicts+=("$label: FAILED, timed out after ${guest_timeout}s")
-  failed=$((failed + 1))
-elif [ "$(cat "$tmp/out/kernel" 2>/dev/null)" != "$release" ]; then
-  verdicts+=("$label: FAILED, the guest never reported running $release (QEMU exit status $guest_status)")
-  failed=$((failed + 1))
-else
-  judge "$label" "$tmp/out/pytest.log" "$(cat "$tmp/out/rc" 2>/dev/null || echo none)"
-fi
+debian12() {
+  local label="Debian 12 kernel" guest release started status=0
+  # In the background, so that a signal reaches the trap (and rootfs.sh) at once.
+  "$here/rootfs.sh" >"$tmp/rootfs.path" &
+  rootfs_pid=$!
+  wait "$rootfs_pid" || status=$?
+  rootfs_pid=
+  if [ "$status" != 0 ]; then
+    fail "$label" "could not build the guest's root (tests/kernels/rootfs.sh, status $status)"
+    return
+  fi
+  guest=$(cat "$tmp/rootfs.path")
+  release=$(readlink -f "$guest/kernel")
+  release=${release##*/vmlinuz-}
+  label="$label $release"
+  pick_accel "$guest/kernel"
+  if [ "$accel" = kvm ]; then
+    cpu=host
+  else
+    cpu=qemu64
+    log "$why_not_kvm: falling back to TCG (emulation, much slower)"
+  fi
+  mkdir "$tmp/out"
+  echo "${tests[*]}" >"$tmp/out/args"
+  log "$label in QEMU ($accel, $smp CPUs, $mem MiB, timeout ${guest_timeout}s); its console:"
+  started=$(date +%s)
+  : >"$tmp/console.log"
+  tail -n +1 -F "$tmp/console.log" 2>/dev/null &
+  tail_pid=$!
+  run_qemu "$guest_timeout" -accel "$accel" -cpu "$cpu" -smp "$smp" -m "$mem" \
+    -kernel "$guest/kernel" -initrd "$guest/initrd" \
+    -append "root=lbroot rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro init=/sbin/lb-kernels-init console=ttyS0 panic=-1 quiet" \
+    -serial "file:$tmp/console.log" \
+    -virtfs "local,path=$guest/root,mount_tag=lbroot,security_model=passthrough,readonly=on" \
+    -virtfs "local,path=$repo,mount_tag=lbsrc,security_model=none,readonly=on" \
+    -virtfs "local,path=$tmp/out,mount_tag=lbout,security_model=none" \
+    || status=$?
+  sleep 1  # tail's last lines
+  stop "$tail_pid"
+  tail_pid=
+  label="$label (QEMU $accel, $(($(date +%s) - started))s)"
+  if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+    fail "$label" "timed out after ${guest_timeout}s"
+  elif [ "$(cat "$tmp/out/kernel" 2>/dev/null)" != "$release" ]; then
+    fail "$label" "the guest never reported running $release (QEMU exit status $status)"
+  else
+    judge "$label" "$tmp/out/pytest.log" "$(cat "$tmp/out/rc" 2>/dev/null || echo none)"
+  fi
+}
+debian12
 
 echo
 log "summary ($(($(date +%s) - begun))s in all)"
