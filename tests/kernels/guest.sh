@@ -7,7 +7,8 @@
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
 export PYTHONPATH=/opt/lb-site PYTHONDONTWRITEBYTECODE=1
 say() { echo "lb-kernels: $*" >/dev/console; }
-off() { sync; echo o >/proc/sysrq-trigger; sleep 60; }
+# Power off; wait for it with builtins (sleep, on the 9p root, may already be gone).
+off() { sync; echo o >/proc/sysrq-trigger; while :; do read -r _ </dev/console; done; }
 
 # The initramfs hands over /dev, /proc, /sys and /run; the root itself is read-only.
 mountpoint -q /proc || mount -t proc proc /proc
@@ -24,7 +25,7 @@ ip link set lo up
 
 uname -r >/mnt/out/kernel
 say "kernel $(uname -r), running: pytest $(cat /mnt/out/args)"
-cd /mnt/lb
+cd /mnt/lb || off
 # shellcheck disable=SC2046  # the arguments are test paths, one word each
 { python3 -m pytest -p no:cacheprovider -ra $(cat /mnt/out/args); echo $? >/mnt/out/rc; } 2>&1 \
 	| tee /mnt/out/pytest.log >/dev/console

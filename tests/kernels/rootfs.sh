@@ -82,8 +82,8 @@ step() {  # log command...
 stop_step() {
   [ -n "$step_pid" ] || return 0
   kill -TERM -- "-$step_pid" 2>/dev/null || true
-  local i
-  for i in $(seq 100); do  # up to 10 s for the group to go, then KILL
+  local _
+  for _ in $(seq 100); do  # up to 10 s for the group to go, then KILL
     kill -0 -- "-$step_pid" 2>/dev/null || return 0
     sleep 0.1
   done
@@ -138,7 +138,7 @@ if [ "$guest_python" != "$host_python" ]; then
   echo "rootfs.sh: the guest has Python $guest_python, $python is $host_python: the wheelhouse would not fit" >&2
   exit 1
 fi
-log "Python packages (pinned to $python): $(echo $requirements)"
+log "Python packages (pinned to $python): ${requirements//$'\n'/ }"
 echo "$requirements" >"$work/requirements.txt"
 step "$work/pip.log" "$python" -m pip install -q --disable-pip-version-check --no-warn-script-location \
   --only-binary=:all: --target "$root/opt/lb-site" -r "$work/requirements.txt"
