@@ -3,7 +3,7 @@
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup setup-bench demo test bench lab-down clean
+.PHONY: setup setup-bench setup-kernels demo test test-kernels bench lab-down clean
 
 setup:
 	./deploy/install.sh
@@ -11,11 +11,20 @@ setup:
 setup-bench:
 	./deploy/install.sh --bench
 
+setup-kernels:
+	./deploy/install.sh --kernels
+
 demo: setup
 	$(PYTHON) -m lb.demo
 
 test: setup
 	$(PYTHON) -m pytest
+
+# The XDP program's fixtures on each supported kernel: this host's, and
+# Debian 12's stock 6.1 in a QEMU guest (tests/kernels/run.sh). Minutes, not
+# part of `make test`.
+test-kernels: setup-kernels
+	./tests/kernels/run.sh
 
 bench: setup-bench
 	@for script in tests/bench/*.py; do \

@@ -76,7 +76,13 @@ static __always_inline enum parse_result parse_packet(struct xdp_md *ctx, struct
 			return PARSE_TRUNCATED;
 		pkt->l4_check = &udp->check;
 	}
-	if ((void *)pkt->ip + tot_len > data_end)
+	/* pkt->ip + tot_len > data_end, in scalars: pkt->ip is data plus the
+	 * Ethernet header and pkt->len is data_end - data, so this is the same
+	 * test. Debian 12's 6.1 verifier keeps no bounds through bpf_ntohs's byte
+	 * swap, so it rejects adding tot_len to a packet pointer ("math between
+	 * pkt pointer and register with unbounded min value"); comparing two
+	 * scalars needs no bounds. */
+	if (sizeof(struct ethhdr) + tot_len > pkt->len)
 		return PARSE_TRUNCATED;
 
 	pkt->ports = l4;

@@ -8,6 +8,8 @@
 #                                `lb` command in /usr/local/bin, the systemd unit
 #                                and example configs in /etc/lb
 #   deploy/install.sh --bench    also the comparison tools the benchmarks use
+#   deploy/install.sh --kernels  also QEMU and debootstrap, for `make test-kernels`
+#                                (the program on other kernels, in VMs)
 #
 # A second run with everything present only checks, and finishes in seconds.
 # --system honours LB_PREFIX (/opt/lb), LB_BINDIR (/usr/local/bin),
@@ -18,13 +20,15 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv="$here/.venv"
 bench=0
+kernels=0
 system=0
 for arg in "$@"; do
   case "$arg" in
     --bench) bench=1 ;;
+    --kernels) kernels=1 ;;
     --system) system=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown argument '$arg' (allowed: --system, --bench)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument '$arg' (allowed: --system, --bench, --kernels)" >&2; exit 2 ;;
   esac
 done
 
@@ -45,6 +49,10 @@ if [ "$system" = 0 ]; then
 fi
 if [ "$bench" = 1 ]; then
   packages+=(wrk nginx-light haproxy iperf3)
+fi
+if [ "$kernels" = 1 ]; then
+  # tests/kernels/run.sh: debootstrap builds the guest's root, QEMU boots it.
+  packages+=(qemu-system-x86 debootstrap)
 fi
 missing=()
 for p in "${packages[@]}"; do
