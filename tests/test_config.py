@@ -11,6 +11,10 @@ import copy
 import ipaddress
 import json
 import re
+import resource
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -977,3 +981,85 @@ def test_validate_json_errors(tmp_path: Path) -> None:
 )
 def test_summary_describes_each_action(action: Any, text: str) -> None:
     assert describe_action(action) == text
+
+
+# --- operator input that must never reach the wire or the stack ----------------------------------
+# (the "L7 hardening" issue: header injection through a redirect, quotas, deep nesting)
+
+# nesting: tomllib recurses on arrays and inline tables, and a dotted key of n
+# parts costs it O(n²) memory; the reader must not recurse into a value either
+
+
+def _nested_list(depth: int) -> object:
+    value: object = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "key_path",
+    [f"{REDIRECT}.status_code", f"{REDIRECT}.port", f"{HC}.port", "load_balancer.name", f"{C0}.values[0]"],
+)
+def test_the_reader_does_not_recurse_into_a_deep_value(key_path: str) -> None:
+    data = good()
+    edit(data, HC, {})
+    edit(data, key_path, _nested_list(100_000))
+    issues = issues_of(data)
+    assert [issue.path for issue in issues] == [key_path]
+    assert len(issues[0].message) < 200
+
+
+DEEP = 100_000
+DEEP_TOML = [
+    pytest.param("x = " + "[" * DEEP + "]" * DEEP + "\n", 1, id="arrays"),
+    pytest.param("x = " + "{ a = " * DEEP + "1" + " }" * DEEP + "\n", 1, id="inline-tables"),
+    pytest.param(".".join(["a"] * DEEP) + " = 1\n", 1, id="dotted-key"),
+    pytest.param("[load_balancer]\n[" + ".".join(["a"] * DEEP) + "]\n", 2, id="table-header"),
+    pytest.param('[load_balancer]\nname = "x"\n[[' + ".".join(["b"] * DEEP) + "]]\n", 3, id="array-header"),
+]
+
+
+def _validate_in_a_child(path: Path) -> subprocess.CompletedProcess[str]:
+    """`lb validate` in its own process, its memory capped: what it would do to a host."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31))
+
+    return subprocess.run([sys.executable, "-m", "lb", "validate", str(path)], capture_output=True, text=True,
+                          timeout=120, preexec_fn=cap)  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "line"), DEEP_TOML)
+def test_validate_a_config_nested_100000_deep(tmp_path: Path, text: str, line: int) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    started = time.monotonic()
+    result = _validate_in_a_child(path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"{path}: invalid TOML: nested more than 32 levels deep (line {line}, column ")
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_config_nested_32_deep_is_read_normally() -> None:
+    text = "[load_balancer]\nname = \"x\"\nx = " + "[" * 31 + "]" * 31 + "\n"
+    with pytest.raises(ConfigError) as info:
+        config.loads(text)
+    assert [issue.path for issue in info.value.errors] == ["load_balancer.x"]
+
+
+def test_nesting_inside_strings_and_comments_does_not_count() -> None:
+    junk = "[" * 100 + "{" * 100 + "." * 100
+    text = (
+        f'# {junk}\n[load_balancer] # {junk}\nname = "x"\n'
+        f'admin_socket = "/tmp/{"[" * 50}"\nnetns = \'{"{" * 20}\'\n'
+        f'x = """\n{junk}\n"""\ny = \'\'\'{junk}\'\'\'\nz = """a\\"""{junk}"""\nw = """q""""\n'
+        f"v = [1.5, 2.5, {', '.join(['3.5'] * 100)}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        config.loads(text)
+    assert sorted(issue.path for issue in info.value.errors) == [
+        "load_balancer.netns", "load_balancer.v", "load_balancer.w", "load_balancer.x", "load_balancer.y",
+        "load_balancer.z",
+    ]  # fmt: skip

@@ -19,7 +19,7 @@ from typing import Any
 
 from lb import model as m
 from lb.config._checks import host_port, is_prime, matcher_codes, matching, next_prime
-from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates
+from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates, toml_too_deep
 from lb.config._rules import RuleBuilder, with_article
 
 DEFAULT_SOURCE = "<embedded default.toml>"
@@ -31,6 +31,7 @@ NAME_RULE = "1-32 letters, digits and hyphens, not starting or ending with a hyp
 IFNAME = re.compile(r"(?!\.{1,2}$)[^/:\s]{1,15}")  # Linux dev_valid_name
 NETNS = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}")
 MAX_RING_SIZE = 2**20  # ours: Maglev table size bound
+MAX_NESTING = 32  # ours: TOML levels (an lb config needs about 6); see toml_too_deep
 LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
     "udp_idle_timeout", "ring_size", "workers", "admin_socket", "metrics_address",
@@ -68,10 +69,19 @@ def load(path: str | Path) -> m.LoadBalancer:
 
 def loads(text: str, source: str | None = "<string>") -> m.LoadBalancer:
     """Parse and validate TOML text."""
+    too_deep = toml_too_deep(text, MAX_NESTING)
+    if too_deep is not None:
+        line = text.count("\n", 0, too_deep) + 1
+        column = too_deep - (text.rfind("\n", 0, too_deep) + 1) + 1
+        where = f"(line {line}, column {column})"
+        issue = ConfigIssue("", f"invalid TOML: nested more than {MAX_NESTING} levels deep {where}")
+        raise ConfigError([issue], source)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigIssue("", f"invalid TOML: {exc}")], source) from None
+    except RecursionError:  # toml_too_deep should have caught it first
+        raise ConfigError([ConfigIssue("", "invalid TOML: nested too deep for the parser")], source) from None
     return parse(data, source)
 
 
