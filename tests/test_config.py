@@ -384,6 +384,37 @@ BAD = [
     case({"load_balancer.netns": "a/b"}, "load_balancer.netns", "'a/b' is not valid", id="netns"),
     case({"load_balancer.admin_socket": "/" + "x" * 107}, "load_balancer.admin_socket", "at most 107",
          id="admin-socket-long"),  # fmt: skip
+    # strings that end up in a response head or a request line: no CR, LF, NUL or other
+    # control characters, and ELB's (or, where ELB names none, RFC 3986's) characters
+    case({f"{REDIRECT}.host": "evil.example\r\nSet-Cookie: a=b"}, f"{REDIRECT}.host",
+         r"'evil.example\r\nSet-Cookie: a=b' is not valid", "letters, digits", id="redirect-host-crlf"),  # fmt: skip
+    case({f"{REDIRECT}.path": "/a\r\nSet-Cookie: a=b"}, f"{REDIRECT}.path", r"'/a\r\nSet-Cookie: a=b'",
+         "%XX", id="redirect-path-crlf"),  # fmt: skip
+    case({f"{REDIRECT}.query": "a=1\r\nSet-Cookie: a=b"}, f"{REDIRECT}.query", r"'a=1\r\nSet-Cookie: a=b'",
+         id="redirect-query-crlf"),  # fmt: skip
+    case({f"{REDIRECT}.host": "a\x00b"}, f"{REDIRECT}.host", r"'a\x00b' is not valid", id="redirect-host-nul"),
+    case({f"{REDIRECT}.path": "/a\tb"}, f"{REDIRECT}.path", r"'/a\tb' is not valid", id="redirect-path-tab"),
+    case({f"{REDIRECT}.path": "/a b"}, f"{REDIRECT}.path", "'/a b' is not valid", id="redirect-path-space"),
+    case({f"{REDIRECT}.query": "a=\x7f"}, f"{REDIRECT}.query", r"'a=\x7f' is not valid", id="redirect-query-del"),
+    case({f"{REDIRECT}.host": "b\u00fccher.example"}, f"{REDIRECT}.host", "punycode", id="redirect-host-idn"),
+    case({f"{REDIRECT}.path": "/\u65e5\u672c"}, f"{REDIRECT}.path", "%XX", id="redirect-path-non-ascii"),
+    case({f"{REDIRECT}.host": "evil.example:8080"}, f"{REDIRECT}.host", "'evil.example:8080' is not valid",
+         id="redirect-host-with-port"),  # fmt: skip
+    case({f"{REDIRECT}.host": "evil.example/x"}, f"{REDIRECT}.host", "is not valid", id="redirect-host-slash"),
+    case({f"{REDIRECT}.host": "#{path}.example"}, f"{REDIRECT}.host", "#{host}", id="redirect-host-placeholder"),
+    case({f"{REDIRECT}.path": "/#{query}"}, f"{REDIRECT}.path", "#{host}, #{path}, #{port}",
+         id="redirect-path-placeholder"),  # fmt: skip
+    case({f"{REDIRECT}.query": "a=1#top"}, f"{REDIRECT}.query", "'a=1#top' is not valid", id="redirect-query-hash"),
+    case({f"{REDIRECT}.path": "/a%zz"}, f"{REDIRECT}.path", "'/a%zz' is not valid", id="redirect-path-bad-escape"),
+    case({f"{REDIRECT}.host": "[::1"}, f"{REDIRECT}.host", "'[::1' is not valid", id="redirect-host-bracket"),
+    case({HC: {"path": "/health\r\nX-Injected: 1"}}, f"{HC}.path", r"'/health\r\nX-Injected: 1' is not valid",
+         id="health-path-crlf"),  # fmt: skip
+    case({HC: {"path": "/a b"}}, f"{HC}.path", "'/a b' is not valid", id="health-path-space"),
+    case({HC: {"path": "/" + "a" * 1024}}, f"{HC}.path", "1025 characters long; at most 1024", id="health-path-long"),
+    case({"load_balancer.admin_socket": "/run/lb/a\x00.sock"}, "load_balancer.admin_socket",
+         r"'/run/lb/a\x00.sock' contains a control character (U+0000)", id="admin-socket-nul"),  # fmt: skip
+    case({"load_balancer.interfaces": ["eth\x010"]}, "load_balancer.interfaces[0]", "interface name",
+         id="interface-control"),  # fmt: skip
 ]
 
 
@@ -986,6 +1017,87 @@ def test_summary_describes_each_action(action: Any, text: str) -> None:
 # --- operator input that must never reach the wire or the stack ----------------------------------
 # (the "L7 hardening" issue: header injection through a redirect, quotas, deep nesting)
 
+CONTROLS = [chr(c) for c in (*range(0x20), 0x7F, 0x85)]
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+def test_no_control_character_reaches_a_response_head_or_a_request_line(char: str) -> None:
+    """A redirect's host, path and query become the Location header; a health
+    check's path, the request line of every check: each is rejected at its key."""
+    where = {
+        f"{REDIRECT}.host": f"a{char}b.example",
+        f"{REDIRECT}.path": f"/a{char}b",
+        f"{REDIRECT}.query": f"a={char}",
+        f"{HC}.path": f"/a{char}b",
+        "load_balancer.admin_socket": f"/run/lb/a{char}.sock",
+    }
+    for key_path, value in where.items():
+        data = good()
+        edit(data, HC, {})
+        edit(data, key_path, value)
+        issues = issues_of(data)
+        assert [issue.path for issue in issues] == [key_path], (key_path, issues)
+        assert repr(value) in issues[0].message  # escaped: an error line holds no raw control character
+
+
+def test_what_a_redirect_accepts_renders_as_one_location_line() -> None:
+    """The widest host, path and query the config accepts stay inside one header line."""
+    from lb.l7.actions import Redirect  # the worker's renderer; lb.config never imports lb.l7
+
+    path = "/AZaz09-._~!$&'()*+,;=:@%2F/#{host}/#{path}/#{port}"
+    query = "AZaz09-._~!$&'()*+,;=:@/?%20&#{protocol}#{host}#{port}#{path}#{query}"
+    data = good()
+    edit(data, f"{REDIRECT}.host", "a-0.#{host}.example")
+    edit(data, f"{REDIRECT}.path", path)
+    edit(data, f"{REDIRECT}.query", query)
+    action = config.parse(data).listeners[0].rules[1].action
+    assert isinstance(action, RedirectAction)
+    raw = Redirect(action).render(b"", False, "client.example:8080", "/p/q", "x=1", 80, "10.0.0.100")
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    (location,) = [line for line in head if line.startswith(b"location: ")]
+    assert location == (
+        b"location: http://a-0.client.example.example/AZaz09-._~!$&'()*+,;=:@%2F/client.example/p/q/80"
+        b"?AZaz09-._~!$&'()*+,;=:@/?%20&httpclient.example80p/qx=1"
+    )
+    assert all(32 <= byte < 127 for byte in location)
+
+
+@pytest.mark.parametrize("char", [c for c in CONTROLS if c < "\x80" and c != "\t"], ids=lambda c: f"U+{ord(c):04X}")
+def test_the_request_parser_keeps_control_characters_out_of_the_placeholders(char: str) -> None:
+    """At run time #{host} comes from the Host header and #{path}/#{query} from the
+    target, as received (docs/elb-reference.md): the workers' parser must refuse
+    CR, LF and the other C0 controls and DEL in both (HTAB is legal in a value;
+    bytes 0x80-0xFF are obs-text there, and pass)."""
+    import httptools
+
+    class Sink:
+        def on_header(self, name: bytes, value: bytes) -> None:
+            pass
+
+    byte = char.encode("latin-1")
+    host = b"GET /x HTTP/1.1\r\nHost: a" + byte + b"b\r\n\r\n"
+    target = b"GET /a" + byte + b"b HTTP/1.1\r\nHost: h\r\n\r\n"
+    for head in (host, target):
+        with pytest.raises(httptools.HttpParserError):
+            httptools.HttpRequestParser(Sink()).feed_data(head)
+
+
+def test_an_ipv6_redirect_host_is_accepted() -> None:
+    data = good()
+    edit(data, f"{REDIRECT}.host", "[2001:db8::1]")
+    action = config.parse(data).listeners[0].rules[1].action
+    assert isinstance(action, RedirectAction) and action.host == "[2001:db8::1]"
+
+
+def test_a_fixed_response_body_is_free_text() -> None:
+    """The body is framed by content-length, never part of the head: any text,
+    newlines included (ELB names no character set for it)."""
+    data = good()
+    edit(data, f"{FIXED}.body", "line 1\r\nline 2\n\t\u00e9\u65e5")
+    action = config.parse(data).listeners[0].rules[2].action
+    assert isinstance(action, FixedResponseAction) and action.body == "line 1\r\nline 2\n\t\u00e9\u65e5"
+
+
 # nesting: tomllib recurses on arrays and inline tables, and a dotted key of n
 # parts costs it O(n²) memory; the reader must not recurse into a value either
 
@@ -1063,3 +1175,47 @@ def test_nesting_inside_strings_and_comments_does_not_count() -> None:
         "load_balancer.netns", "load_balancer.v", "load_balancer.w", "load_balancer.x", "load_balancer.y",
         "load_balancer.z",
     ]  # fmt: skip
+
+
+# `lb validate` on each kind of bad input: exit 2, the key path, never a traceback
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """good()-style data as TOML text (inline tables; enough for these tests)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, str)):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        assert isinstance(v, dict)
+        return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+
+    return "".join(f"{key} = {value(v)}\n" for key, v in data.items())
+
+
+def _edited(key_path: str, value: object) -> dict[str, Any]:
+    data = good()
+    edit(data, key_path, value)
+    return data
+
+
+CLI_BAD = [
+    pytest.param(_edited(f"{REDIRECT}.host", "evil.example\r\nSet-Cookie: a=b"), f"{REDIRECT}.host",
+                 id="redirect-host-crlf"),  # fmt: skip
+    pytest.param(_edited(f"{REDIRECT}.path", "/\r\nSet-Cookie: a=b"), f"{REDIRECT}.path", id="redirect-path-crlf"),
+    pytest.param(_edited(f"{REDIRECT}.query", "\r\nSet-Cookie: a=b"), f"{REDIRECT}.query", id="redirect-query-crlf"),
+    pytest.param(_edited(HC, {"path": "/\r\nX: y"}), f"{HC}.path", id="health-path-crlf"),
+]
+
+
+@pytest.mark.parametrize(("data", "key_path"), CLI_BAD)
+def test_validate_rejects_each_with_its_key_path(tmp_path: Path, data: dict[str, Any], key_path: str) -> None:
+    path = tmp_path / "lb.toml"
+    path.write_text(to_toml(data), encoding="utf-8")
+    result = invoke(str(path))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"{path}: {key_path}: "), result.stderr[:500]
+    assert "\r" not in result.stderr and "Traceback" not in result.output

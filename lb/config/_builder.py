@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lb import model as m
-from lb.config._checks import host_port, is_prime, matcher_codes, matching, next_prime
+from lb.config._checks import PCHAR, PCT, URI_CHARS, host_port, is_prime, matcher_codes, matching, next_prime
 from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates, toml_too_deep
 from lb.config._rules import RuleBuilder, with_article
 
@@ -28,10 +28,14 @@ DEFAULT_SOURCE = "<embedded default.toml>"
 
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?")
 NAME_RULE = "1-32 letters, digits and hyphens, not starting or ending with a hyphen"
-IFNAME = re.compile(r"(?!\.{1,2}$)[^/:\s]{1,15}")  # Linux dev_valid_name
+IFNAME = re.compile(r"(?!\.{1,2}$)[^/:\s\x00-\x1f\x7f]{1,15}")  # Linux dev_valid_name, no control characters
 NETNS = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}")
 MAX_RING_SIZE = 2**20  # ours: Maglev table size bound
 MAX_NESTING = 32  # ours: TOML levels (an lb config needs about 6); see toml_too_deep
+# The health check's path (and query) goes into the request line of every check:
+# RFC 3986's characters, as ELB names none (it says 1-1024 characters).
+HEALTH_PATH = re.compile(rf"(?:[{PCHAR}/]|{PCT})*(?:\?(?:[{PCHAR}/?]|{PCT})*)?")
+HEALTH_PATH_RULE = f"a URI path and optional ?query: {URI_CHARS}, '/' (and '?' in the query)"
 LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
     "udp_idle_timeout", "ring_size", "workers", "admin_socket", "metrics_address",
@@ -236,7 +240,7 @@ class _Builder:
         if timeout >= interval and not {"timeout", "interval"} & t.bad:
             origin = "" if t.has("timeout") else f" (the {protocol.value} default)"
             t.error("timeout", f"{timeout}{origin} must be smaller than interval ({interval})")
-        path = t.string("path", "/")
+        path = t.string("path", "/", max_len=1024, pattern=HEALTH_PATH, rule=HEALTH_PATH_RULE)
         if not path.startswith("/"):
             t.error("path", f"{path!r} must start with '/'")
         health_port = t.port_or("port", "traffic-port")

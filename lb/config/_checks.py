@@ -12,6 +12,12 @@ from collections.abc import Callable
 
 from lb.config._reader import shown
 
+# RFC 3986: what a path segment may hold besides %XX escapes (pchar), and an escape.
+# A path adds "/", a query "/" and "?". No space, no control character, nothing non-ASCII.
+PCHAR = r"A-Za-z0-9\-._~!$&'()*+,;=:@"
+PCT = r"%[0-9A-Fa-f]{2}"
+URI_CHARS = "letters, digits, - . _ ~ ! $ & ' ( ) * + , ; = : @ and %XX escapes"
+
 
 def matching(pattern: re.Pattern[str], rule: str) -> Callable[[str], str]:
     def check(value: str) -> str:

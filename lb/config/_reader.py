@@ -27,6 +27,9 @@ T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# C0 controls, DEL and C1 controls: CR, LF and NUL among them. None of them
+# belongs in a name, a path or anything that reaches a header or a request line.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 SHOWN = 80  # characters of a bad value quoted in a message; a long one is cut
 
 
@@ -254,6 +257,7 @@ class Table:
         pattern: re.Pattern[str] | None = ...,
         rule: str = ...,
         empty: bool = ...,
+        text: bool = ...,
     ) -> str | None: ...
 
     @overload
@@ -266,6 +270,7 @@ class Table:
         pattern: re.Pattern[str] | None = ...,
         rule: str = ...,
         empty: bool = ...,
+        text: bool = ...,
     ) -> str: ...
 
     def string(
@@ -277,16 +282,22 @@ class Table:
         pattern: re.Pattern[str] | None = None,
         rule: str = "",
         empty: bool = False,
+        text: bool = False,
     ) -> str | None:
         """A string of at most ``max_len`` characters matching ``pattern``
-        (described by ``rule``); "" only when ``empty``."""
+        (described by ``rule``); "" only when ``empty``. Without a pattern, no
+        control character (CR, LF, NUL, ...) unless ``text`` (free text such
+        as a response body)."""
         value = self._typed(key, str, "a string", default is None)
         if value is None:
             return default
+        control = None if text or pattern is not None else CONTROL.search(value)
         if len(value) > max_len:
             self.error(key, f"{len(value)} characters long; at most {max_len}")
         elif pattern is not None and not pattern.fullmatch(value):
             self.error(key, f"{shown(value)} is not valid: {rule}")
+        elif control is not None:
+            self.error(key, f"{shown(value)} contains a control character (U+{ord(control.group()):04X})")
         elif not value and not empty:
             self.error(key, "must not be empty")
         else:

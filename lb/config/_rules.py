@@ -9,11 +9,12 @@ group defined further down.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from lb import model as m
-from lb.config._checks import cidr, matching
-from lb.config._reader import Table, report_duplicates
+from lb.config._checks import PCHAR, PCT, URI_CHARS, cidr, matching
+from lb.config._reader import Table, report_duplicates, shown
 
 # --- limits (ELB's, docs/elb-reference.md) ------------------------------------
 
@@ -28,6 +29,23 @@ MAX_PRIORITY = 50000
 MAX_VALUES = 3  # per condition
 MAX_WILDCARDS = 5  # per rule
 MAX_FORWARD_GROUPS = 5
+
+# A redirect's host, path and query become the Location header. ELB gives each
+# 1-128 characters (a query 0-128), "not percent-encoded", and names the
+# placeholders each may hold; lb adds the characters: a host name, or RFC 3986's
+# path and query characters. Nothing else, so no CR, LF, space or control
+# character can reach the response head.
+REDIRECT_HOST = re.compile(r"(?:[A-Za-z0-9.-]|#\{host\})+|\[[0-9A-Fa-f:.]+\]")
+REDIRECT_HOST_RULE = (
+    "a host name of letters, digits, '-' and '.' (an IDN in punycode, xn--...) that may hold #{host}, "
+    "or an IPv6 address in brackets"
+)
+REDIRECT_PATH = re.compile(rf"(?:[{PCHAR}/]|{PCT}|#\{{(?:host|path|port)\}})+")
+REDIRECT_PATH_RULE = f"URI path characters: {URI_CHARS}, '/', and #{{host}}, #{{path}}, #{{port}}"
+REDIRECT_QUERY = re.compile(rf"(?:[{PCHAR}/?]|{PCT}|#\{{(?:protocol|host|port|path|query)\}})*")
+REDIRECT_QUERY_RULE = (
+    f"URI query characters: {URI_CHARS}, '/', '?', and #{{protocol}}, #{{host}}, #{{port}}, #{{path}}, #{{query}}"
+)
 SINGLE_CONDITIONS = (
     m.ConditionField.HOST_HEADER,
     m.ConditionField.HTTP_REQUEST_METHOD,
@@ -45,6 +63,14 @@ def _wildcards(condition: m.Condition) -> int:
     if condition.field in (m.ConditionField.SOURCE_IP, m.ConditionField.HTTP_REQUEST_METHOD):
         return 0
     return sum(text.count("*") + text.count("?") for text in texts)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def with_article(protocol: m.Protocol) -> str:
@@ -235,15 +261,18 @@ class RuleBuilder:
         default = m.RedirectAction(status_code=301)
         status = t.lookup("status_code", REDIRECT_STATUS, "301, 302 (or 'HTTP_301', 'HTTP_302')")
         protocol = t.one_of("protocol", REDIRECT_PROTOCOLS, default.protocol)
-        host = t.string("host", default.host, max_len=128)
+        host = t.string("host", default.host, max_len=128, pattern=REDIRECT_HOST, rule=REDIRECT_HOST_RULE)
+        if host.startswith("[") and not _is_ipv6(host[1:-1]):
+            t.error("host", f"{shown(host)} is not valid: {REDIRECT_HOST_RULE}")
         port_number = t.port_or("port", default.port, digits=True)
         port = default.port if port_number is None else str(port_number)
-        path = t.string("path", default.path, max_len=128)
+        path = t.string("path", default.path, max_len=128, pattern=REDIRECT_PATH, rule=REDIRECT_PATH_RULE)
         if not path.startswith("/"):
-            t.error("path", f"{path!r} must start with '/' (an absolute path)")
-        query = t.string("query", default.query, max_len=128, empty=True)  # "" drops the query
-        if query.startswith("?"):
-            t.error("query", f"{query!r} must not start with '?'")
+            t.error("path", f"{shown(path)} must start with '/' (an absolute path)")
+        rule = REDIRECT_QUERY_RULE
+        query = t.string("query", default.query, max_len=128, empty=True, pattern=REDIRECT_QUERY, rule=rule)
+        if query.startswith("?"):  # "" drops the query
+            t.error("query", f"{shown(query)} must not start with '?'")
         changed = (protocol, host, port, path) != (default.protocol, default.host, default.port, default.path)
         if not changed and not {"protocol", "host", "port", "path"} & t.bad:
             what = "at least one of protocol, host, port or path to something other than its #{...} placeholder"
@@ -260,7 +289,7 @@ class RuleBuilder:
             t.error("status_code", f"{status} is not allowed; use {rule}")
             status = None
         content_type = t.one_of("content_type", CONTENT_TYPES, "text/plain")
-        body = t.string("body", "", max_len=1024, empty=True)
+        body = t.string("body", "", max_len=1024, empty=True, text=True)  # the body, never the head
         if status is None:
             return None
         return m.FixedResponseAction(status, content_type, body)
