@@ -415,6 +415,10 @@ BAD = [
          r"'/run/lb/a\x00.sock' contains a control character (U+0000)", id="admin-socket-nul"),  # fmt: skip
     case({"load_balancer.interfaces": ["eth\x010"]}, "load_balancer.interfaces[0]", "interface name",
          id="interface-control"),  # fmt: skip
+    # quotas (ALB's, docs/elb-reference.md)
+    case({f"{C0}.values": ["/a", "/b", "/c"],
+          f"{R0}.conditions[1]": {"field": "http-header", "header_name": "X", "values": ["1", "2", "3"]}},
+         f"{R0}.conditions", "6 condition values in one rule; at most 5", id="six-values-per-rule"),  # fmt: skip
 ]
 
 
@@ -1098,6 +1102,91 @@ def test_a_fixed_response_body_is_free_text() -> None:
     assert isinstance(action, FixedResponseAction) and action.body == "line 1\r\nline 2\n\t\u00e9\u65e5"
 
 
+# quotas: the limit is accepted, one more is rejected, once, at the key that went over
+
+
+def _fixed_rule(priority: int) -> dict[str, Any]:
+    return {
+        "priority": priority,
+        "conditions": [{"field": "path-pattern", "values": [f"/r{priority}"]}],
+        "actions": [{"type": "fixed-response", "status_code": 200}],
+    }
+
+
+def _targets(n: int, third: int = 1) -> list[dict[str, Any]]:
+    return [{"id": f"10.{third}.{i // 250}.{i % 250 + 1}"} for i in range(n)]
+
+
+def with_rules(total: int) -> dict[str, Any]:
+    """good() (3 rules on 'web') plus a second HTTP listener holding the rest."""
+    data = good()
+    second = {**copy.deepcopy(data["listeners"][0]), "name": "web2", "port": 8080}
+    second["rules"] = [_fixed_rule(p) for p in range(1, total - 3 + 1)]
+    edit(data, "listeners[3]", second)
+    return data
+
+
+def with_targets(per_group: dict[int, int]) -> dict[str, Any]:
+    data = good()
+    for group, n in per_group.items():
+        edit(data, f"target_groups[{group}].targets", _targets(n, third=group + 1))
+    return data
+
+
+def with_listeners(total: int) -> dict[str, Any]:
+    data = good()
+    for i in range(3, total):
+        listener = {"name": f"tcp{i}", "protocol": "TCP", "address": "10.0.0.100", "port": 10000 + i,
+                    "default_action": {"type": "forward", "target_group": "echo"}}  # fmt: skip
+        edit(data, f"listeners[{i}]", listener)
+    return data
+
+
+def with_groups(total: int) -> dict[str, Any]:
+    data = good()
+    for i in range(4, total):
+        edit(data, f"target_groups[{i}]", {"name": f"g{i}", **HTTP_GROUP})
+    return data
+
+
+def with_values(n: int) -> dict[str, Any]:
+    """Rule 0 with n condition values, 3 in its path-pattern and the rest in http-headers."""
+    data = good()
+    conditions: list[dict[str, Any]] = [{"field": "path-pattern", "values": [f"/p{i}" for i in range(min(n, 3))]}]
+    rest = n - 3
+    while rest > 0:
+        conditions.append({"field": "http-header", "header_name": "X", "values": ["v"] * min(rest, 3)})
+        rest -= 3
+    edit(data, f"{R0}.conditions", conditions)
+    return data
+
+
+QUOTAS = [
+    pytest.param(with_rules, 100, "listeners[3].rules[97]",
+                 "rule 101 of the load balancer; at most 100 rules per load balancer", id="rules-per-lb"),
+    pytest.param(lambda n: with_targets({0: n, 1: 0, 2: 0, 3: 0}), 1000, "target_groups[0].targets",
+                 "1001 targets; at most 1000 per target group", id="targets-per-group"),
+    pytest.param(lambda n: with_targets({0: 500, 1: n - 502}), 1000, "target_groups[3].targets",
+                 "1001 targets in the load balancer; at most 1000", id="targets-per-lb"),
+    pytest.param(with_values, 5, f"{R0}.conditions", "6 condition values in one rule; at most 5",
+                 id="values-per-rule"),
+    pytest.param(with_listeners, 50, "listeners", "51 listeners; at most 50", id="listeners-per-lb"),
+    pytest.param(with_groups, 100, "target_groups", "101 target groups; at most 100", id="groups-per-lb"),
+]
+
+
+@pytest.mark.parametrize(("build", "limit", "path", "words"), QUOTAS)
+def test_quotas_accept_the_limit_and_reject_one_more(build: Any, limit: int, path: str, words: str) -> None:
+    config.parse(build(limit))
+    issues = issues_of(build(limit + 1))
+    assert [(issue.path, words in issue.message) for issue in issues] == [(path, True)], issues
+
+
+def test_ten_thousand_rules_give_one_error_not_thousands() -> None:
+    issues = issues_of(with_rules(10_000))
+    assert [issue.path for issue in issues] == ["listeners[3].rules[97]"]
+
+
 # nesting: tomllib recurses on arrays and inline tables, and a dotted key of n
 # parts costs it O(n²) memory; the reader must not recurse into a value either
 
@@ -1208,6 +1297,9 @@ CLI_BAD = [
     pytest.param(_edited(f"{REDIRECT}.path", "/\r\nSet-Cookie: a=b"), f"{REDIRECT}.path", id="redirect-path-crlf"),
     pytest.param(_edited(f"{REDIRECT}.query", "\r\nSet-Cookie: a=b"), f"{REDIRECT}.query", id="redirect-query-crlf"),
     pytest.param(_edited(HC, {"path": "/\r\nX: y"}), f"{HC}.path", id="health-path-crlf"),
+    pytest.param(with_rules(10_000), "listeners[3].rules[97]", id="rules-10000"),
+    pytest.param(with_targets({0: 100_000}), "target_groups[0].targets", id="targets-100000"),
+    pytest.param(with_values(6), f"{R0}.conditions", id="values-per-rule"),
 ]
 
 

@@ -31,6 +31,10 @@ NAME_RULE = "1-32 letters, digits and hyphens, not starting or ending with a hyp
 IFNAME = re.compile(r"(?!\.{1,2}$)[^/:\s\x00-\x1f\x7f]{1,15}")  # Linux dev_valid_name, no control characters
 NETNS = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}")
 MAX_RING_SIZE = 2**20  # ours: Maglev table size bound
+MAX_LISTENERS = 50  # per load balancer
+MAX_TARGET_GROUPS = 100  # per load balancer
+MAX_TARGETS_PER_GROUP = 1000
+MAX_TARGETS = 1000  # per load balancer, each target of each group counted
 MAX_NESTING = 32  # ours: TOML levels (an lb config needs about 6); see toml_too_deep
 # The health check's path (and query) goes into the request line of every check:
 # RFC 3986's characters, as ELB names none (it says 1-1024 characters).
@@ -119,16 +123,22 @@ class _Builder:
         self.routing = RuleBuilder()
         # (address, port, transport) → the listener table that took it.
         self.endpoints: dict[tuple[m.IPAddress, int, str], Table] = {}
+        # Targets of the groups read so far, for the per-load-balancer quota.
+        self.target_count = 0
 
     def load_balancer(self, root: Table) -> m.LoadBalancer | None:
         root.only("load_balancer", "listeners", "target_groups")
         section = root.table("load_balancer")
         settings = None if section is None else self.settings(section)
         group_tables = root.tables("target_groups")
+        if len(group_tables) > MAX_TARGET_GROUPS:
+            root.error("target_groups", f"{len(group_tables)} target groups; at most {MAX_TARGET_GROUPS}")
         self.routing.declare_groups(group_tables)
         groups = [self.target_group(t) for t in group_tables]
         report_duplicates([(t, t.value_of("name")) for t in group_tables], "name", "target group name")
         listener_tables = root.tables("listeners")
+        if len(listener_tables) > MAX_LISTENERS:
+            root.error("listeners", f"{len(listener_tables)} listeners; at most {MAX_LISTENERS}")
         listeners = [self.listener(t) for t in listener_tables]
         report_duplicates([(t, t.value_of("name")) for t in listener_tables], "name", "listener name")
         if section is None or settings is None or None in groups or None in listeners:
@@ -207,9 +217,16 @@ class _Builder:
         return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness)
 
     def targets(self, group: Table, protocol: m.Protocol | None, port: int | None) -> tuple[m.Target, ...] | None:
+        tables = group.tables("targets")
+        before, self.target_count = self.target_count, self.target_count + len(tables)
+        if len(tables) > MAX_TARGETS_PER_GROUP:
+            group.error("targets", f"{len(tables)} targets; at most {MAX_TARGETS_PER_GROUP} per target group")
+        elif before <= MAX_TARGETS < self.target_count:
+            each = "each target of each group counts"
+            group.error("targets", f"{self.target_count} targets in the load balancer; at most {MAX_TARGETS} ({each})")
         result: list[m.Target | None] = []
         seen: list[tuple[Table, Hashable | None]] = []
-        for t in group.tables("targets"):
+        for t in tables:
             t.only("id", "port", "weight")
             address = t.address("id")
             target_port = t.integer("port", 1, 65535) if t.has("port") else None

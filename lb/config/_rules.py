@@ -26,7 +26,9 @@ PRINTABLE = re.compile(r"[\x20-\x7e]{1,128}")
 PRINTABLE_RULE = "1-128 printable ASCII characters"
 
 MAX_PRIORITY = 50000
+MAX_RULES = 100  # per load balancer, default actions not counted
 MAX_VALUES = 3  # per condition
+MAX_RULE_VALUES = 5  # per rule, all its conditions together
 MAX_WILDCARDS = 5  # per rule
 MAX_FORWARD_GROUPS = 5
 
@@ -84,6 +86,8 @@ class RuleBuilder:
     def __init__(self) -> None:
         # Declared target groups by name; protocol None when it is invalid.
         self.groups: dict[str, m.Protocol | None] = {}
+        # Rules of the listeners read so far, for the per-load-balancer quota.
+        self.rule_count = 0
 
     def declare_groups(self, tables: list[Table]) -> None:
         """Index the file's target groups, before any action refers to one."""
@@ -101,6 +105,10 @@ class RuleBuilder:
             why = f"a {protocol.value} listener sends every flow to its default_action"
             listener.error("rules", f"rules are only allowed on HTTP listeners; {why}")
             return None
+        before, self.rule_count = self.rule_count, self.rule_count + len(tables)
+        if before <= MAX_RULES < self.rule_count:
+            most = f"at most {MAX_RULES} rules per load balancer, not counting default actions"
+            tables[MAX_RULES - before].error(None, f"rule {MAX_RULES + 1} of the load balancer; {most}")
         rules = [self.rule(t, protocol) for t in tables]
         report_duplicates([(t, t.value_of("priority")) for t in tables], "priority", "priority")
         if None in rules:
@@ -136,6 +144,10 @@ class RuleBuilder:
         wildcards = sum(_wildcards(c) for c in built if c is not None)
         if wildcards > MAX_WILDCARDS:
             rule.error("conditions", f"{wildcards} wildcards ('*' or '?') in one rule; at most {MAX_WILDCARDS}")
+        values = sum(len(c.values) + len(c.query) for c in built if c is not None)
+        if values > MAX_RULE_VALUES:
+            most = f"at most {MAX_RULE_VALUES} (and {MAX_VALUES} per condition)"
+            rule.error("conditions", f"{values} condition values in one rule; {most}")
         if not tables or None in built:
             return None
         return tuple(c for c in built if c is not None)
