@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Hashable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from lb import model as m
 from lb.config._checks import PCHAR, PCT, URI_CHARS, host_port, is_prime, matcher_codes, matching, next_prime
-from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates, toml_too_deep
+from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates, shown, toml_too_deep
 from lb.config._rules import RuleBuilder, with_article
 
 DEFAULT_SOURCE = "<embedded default.toml>"
@@ -228,18 +228,10 @@ class _Builder:
         seen: list[tuple[Table, Hashable | None]] = []
         for t in tables:
             t.only("id", "port", "weight")
-            address = t.address("id")
-            target_port = t.integer("port", 1, 65535) if t.has("port") else None
-            weight = t.integer("weight", 1, 100, 1)
-            if address is not None and protocol is not None and protocol.is_l4 and address.version == 6:
-                why = f"{protocol.value} target groups are served by the IPv4-only XDP path"
-                t.error("id", f"{address} is IPv6; {why}")
-            elif address is not None and (address.is_unspecified or address.is_multicast):
-                t.error("id", f"{address} is not a unicast address")
-            resolved = target_port or port
-            endpoint = f"{address}:{resolved}" if address is not None and resolved is not None else None
-            seen.append((t, endpoint))
-            result.append(None if address is None else m.Target(address, target_port, weight))
+            target = read_target(t, "id", protocol)
+            resolved = target.traffic_port(port) if target is not None and port is not None else None
+            seen.append((t, None if target is None or resolved is None else f"{target.address}:{resolved}"))
+            result.append(target)
         report_duplicates(seen, "id", "target")
         return None if None in result else tuple(t for t in result if t is not None)
 
@@ -322,3 +314,104 @@ class _Builder:
             where = f"[{address}]" if address.version == 6 else str(address)
             owner = f"{other.path} ({other.data.get('name')!r})"
             t.error("port", f"{where}:{port}/{transport} is already used by {owner}")
+
+
+# --- one target: of a [[target_groups]] table, or of an admin request ----------------
+
+
+def read_target(t: Table, key: str, protocol: m.Protocol | None) -> m.Target | None:
+    """The address under ``key`` (``id`` in a file), an optional port and a
+    weight, checked against the group's protocol; None if anything is wrong."""
+    address = t.address(key)
+    port = t.integer("port", 1, 65535) if t.has("port") else None
+    weight = t.integer("weight", 1, 100, 1)
+    if address is not None and protocol is not None and protocol.is_l4 and address.version == 6:
+        why = f"{protocol.value} target groups are served by the IPv4-only XDP path"
+        t.error(key, f"{address} is IPv6; {why}")
+    elif address is not None and (address.is_unspecified or address.is_multicast):
+        t.error(key, f"{address} is not a unicast address")
+    if address is None or {key, "port", "weight"} & t.bad:
+        return None
+    return m.Target(address, port, weight)
+
+
+# --- the admin socket's requests, read like a file --------------------------------------
+
+# Each command and the keys it takes besides "cmd".
+ADMIN_COMMANDS: dict[str, tuple[str, ...]] = {
+    "status": (),
+    "targets": ("group",),
+    "register": ("group", "target", "port", "weight"),
+    "deregister": ("group", "target", "port"),
+    "reload": (),
+}
+
+
+@dataclass(frozen=True)
+class AdminRequest:
+    """A validated admin request: the command and what it names."""
+
+    cmd: str
+    group: m.TargetGroup | None = None  # targets (optional), register, deregister
+    target: m.Target | None = None  # register, deregister
+
+
+def admin_request(
+    request: Mapping[str, Any],
+    lb: m.LoadBalancer,
+    registered: Callable[[str], Sequence[m.Target]] = lambda group: (),
+) -> AdminRequest:
+    """Validate one admin socket request against the running config.
+
+    The same reader, rules, ranges and messages as a file, with the command
+    as the key path (``register.weight: -5 is outside 1..100``): unknown keys
+    with a did-you-mean, a target as a ``[[target_groups]]`` target (``target``
+    is its ``id``), and a new registration within the quotas, counting what
+    ``registered(group)`` says each group has now. Raises ConfigError with
+    every issue; nothing is changed here.
+    """
+    issues: list[ConfigIssue] = []
+    cmd = Table(request, "", issues).one_of("cmd", tuple(ADMIN_COMMANDS))
+    if cmd is None:
+        raise ConfigError(issues)
+    t = Table(request, cmd, issues)
+    keys = ADMIN_COMMANDS[cmd]
+    t.only("cmd", *keys)
+    group = None
+    if "group" in keys and (t.has("group") or "target" in keys):
+        name = t.string("group")
+        groups = {g.name: g for g in lb.target_groups}
+        group = groups.get(name) if name is not None else None
+        if name is not None and group is None:
+            t.error("group", f"{shown(name)} is not a defined target group (defined: {', '.join(sorted(groups))})")
+    protocol = None if group is None else group.protocol
+    target = read_target(t, "target", protocol) if "target" in keys else None
+    if cmd == "register" and group is not None and target is not None:
+        _registration_quota(t, lb, group, target, registered)
+    if issues:
+        raise ConfigError(issues)
+    return AdminRequest(cmd, group, target)
+
+
+def _registration_quota(
+    t: Table,
+    lb: m.LoadBalancer,
+    group: m.TargetGroup,
+    target: m.Target,
+    registered: Callable[[str], Sequence[m.Target]],
+) -> None:
+    """A new target must fit the group's and the load balancer's quotas, as in a file."""
+    endpoint = (target.address, target.traffic_port(group.port))
+    current = registered(group.name)
+    if any((other.address, other.traffic_port(group.port)) == endpoint for other in current):
+        return  # registered already (perhaps draining): a new weight, not one more target
+    count = len(current) + 1
+    total = sum(len(registered(g.name)) for g in lb.target_groups) + 1
+    name = shown(group.name)
+    if count > MAX_TARGETS_PER_GROUP:
+        t.error("target", f"target group {name} would have {count} targets; at most {MAX_TARGETS_PER_GROUP}")
+    elif group.protocol.is_l4 and count > lb.ring_size:
+        t.error("target", f"target group {name} would have {count} targets, more than ring_size ({lb.ring_size})")
+    elif total > MAX_TARGETS:
+        each = "each target of each group counts"
+        t.error("target", f"the load balancer would have {total} targets; at most {MAX_TARGETS} ({each})")

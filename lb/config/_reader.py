@@ -186,7 +186,7 @@ class Table:
         self.issues.append(ConfigIssue(f"{self.at(key)}[{index}]", message))
 
     def has(self, key: str) -> bool:
-        return key in self.data
+        return self.data.get(key) is not None
 
     def only(self, *allowed: str) -> None:
         """Reject every key that is not in ``allowed``."""
@@ -203,8 +203,9 @@ class Table:
     # --- typed getters -------------------------------------------------------
 
     def raw(self, key: str, required: bool = True) -> object | None:
-        """The value under ``key`` unchecked; None (and an issue) when missing."""
-        if key not in self.data:
+        """The value under ``key`` unchecked; None (and an issue) when missing.
+        A None value (JSON's null; TOML has none) counts as missing."""
+        if self.data.get(key) is None:
             if required:
                 self.error(key, "required key is missing")
             return None
@@ -316,7 +317,9 @@ class Table:
         if value is None:
             return default
         if value not in allowed:
-            self.error(key, f"{shown(value)} is not one of {', '.join(allowed)}")
+            close = difflib.get_close_matches(value, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.error(key, f"{shown(value)} is not one of {', '.join(allowed)}{hint}")
             return default
         return value
 
