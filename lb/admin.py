@@ -9,6 +9,13 @@
 The socket is created mode 0600 in a 0700 directory, and every connection's
 peer credentials (SO_PEERCRED) are checked: only root (uid 0) is served,
 anyone else gets one error line and is disconnected.
+
+Whatever a line holds, it gets one answer line and the server goes on: a line
+that is not UTF-8, not JSON, not an object, has a key twice, or nests more
+than MAX_DEPTH levels is answered with the error; a line over MAX_REQUEST
+bytes too, and then the connection is closed. The handler validates the
+object (lb.admin_commands, with lb.config's rules); anything else it raises
+is logged and answered as an internal error, never a dropped connection.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -25,7 +33,10 @@ from typing import Any
 log = logging.getLogger("lb.admin")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 64 * 1024  # bytes of one request line
+MAX_DEPTH = 32  # JSON nesting of a request; one is a flat object (json.loads recurses)
+DISCARD = 1 << 20  # after an over-long line: bytes read and dropped before closing
+DISCARD_TIMEOUT = 1.0
 
 
 class AdminError(RuntimeError):
@@ -76,17 +87,21 @@ class AdminServer:
                 log.warning("admin: refused a client with uid %d", uid)
                 await self._send(writer, {"ok": False, "error": "permission denied: the admin socket serves root only"})
                 return
-            while line := await reader.readline():
+            while True:
                 try:
-                    request = json.loads(line)
-                    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-                        raise AdminError('a request is a JSON object with a "cmd" string')
-                    response = {"ok": True, "result": await self.handler(request)}
-                except (AdminError, json.JSONDecodeError, ValueError, KeyError) as exc:
-                    response = {"ok": False, "error": str(exc)}
-                await self._send(writer, response)
-        except (ConnectionError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):  # readline's way to say: over the limit
+                    error = f"a request line is at most {MAX_REQUEST} bytes; closing the connection"
+                    await self._send(writer, {"ok": False, "error": error})
+                    await self._close_after_overrun(reader, writer)
+                    break
+                if not line:
+                    break
+                await self._send(writer, await self._answer(line))
+        except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception:  # a bug here must not end the task with an unseen exception
+            log.exception("admin: a connection failed")
         finally:
             writer.close()
             try:
@@ -94,10 +109,100 @@ class AdminServer:
             except ConnectionError:
                 pass
 
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            return {"ok": True, "result": await self.handler(parse_request(line))}
+        except AdminError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("admin: request %.200r failed", line)
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc} (see the daemon's log)"}
+
+    @staticmethod
+    async def _close_after_overrun(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """End our side, then drop what the client is still sending (within bounds):
+        closing with unread input would reset the connection under the answer."""
+        if writer.can_write_eof():
+            writer.write_eof()
+        try:
+            async with asyncio.timeout(DISCARD_TIMEOUT):
+                dropped = 0
+                while dropped < DISCARD and (chunk := await reader.read(65536)):
+                    dropped += len(chunk)
+        except TimeoutError:
+            pass
+
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
         writer.write(json.dumps(response, default=str).encode() + b"\n")
         await writer.drain()
+
+
+# --- one request line → a JSON object ---------------------------------------------------
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]')
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """The JSON object of one request line; AdminError says what is wrong with it."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AdminError(f"a request is UTF-8 JSON; byte {exc.start} is not valid UTF-8") from None
+    where = json_too_deep(text, MAX_DEPTH)
+    if where is not None:
+        raise AdminError(f"{where}nested more than {MAX_DEPTH} levels deep")
+    try:
+        request = json.loads(text, object_pairs_hook=_object)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise AdminError(f"invalid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise AdminError('a request is a JSON object, e.g. {"cmd": "status"}')
+    return request
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def json_too_deep(text: str, limit: int) -> str | None:
+    """None if ``text`` nests at most ``limit`` levels; else where it goes
+    deeper, as a key path prefix ("register.target: ", "" at the top), found
+    without recursion (json.loads recurses, and would run out of stack)."""
+    depth = 0
+    key: str | None = None
+    cmd: str | None = None
+    expect_key = False
+    for token in _JSON_TOKEN.finditer(text):
+        char = token.group()
+        if char in "[{":
+            depth += 1
+            expect_key = char == "{" and depth == 1
+            if depth > limit:
+                if key is None:
+                    return ""
+                shown = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+                return f"{cmd}.{shown}: " if cmd and _BARE_KEY.fullmatch(cmd) else f"{shown}: "
+        elif char in "]}":
+            depth, expect_key = depth - 1, False
+        elif char == ",":
+            expect_key = depth == 1
+        elif char != ":" and depth == 1:  # a string in the request object: a key, or a key's value
+            try:
+                string = json.loads(char)
+            except ValueError:
+                string = char
+            if expect_key:
+                key, expect_key = string, False
+            elif key == "cmd":
+                cmd = string
+    return None
 
 
 def request(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:

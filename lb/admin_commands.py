@@ -6,24 +6,28 @@
     reload                  re-read the config: all or nothing (Daemon.reload)
 
 lb.admin carries the requests over the socket; this module answers them.
-It sees the daemon through `DaemonView`, the few parts a command reads or
-acts on, so it never imports lb.daemon: the daemon hands itself over.
+Every request is first validated by lb.config (`admin_request`) exactly like
+a config file: the same rules, ranges and quotas for a target, unknown keys
+refused with a did-you-mean, every issue at its key path under the command
+(``register.weight: -5 is outside 1..100``); a rejected request changes
+nothing. It sees the daemon through `DaemonView`, the few parts a command
+reads or acts on, so it never imports lb.daemon: the daemon hands itself over.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from typing import Any, Protocol
 
+from lb import config as configmod
 from lb.admin import AdminError
 from lb.dataplane.loader import Program
 from lb.health import HealthChecker
-from lb.model import LoadBalancer, Target
+from lb.model import LoadBalancer, Target, TargetGroup
 from lb.runstate import RuntimeState, listener_rows
 
-COMMANDS = ("status", "targets", "register", "deregister", "reload")
+COMMANDS = tuple(configmod.ADMIN_COMMANDS)
 
 
 class DaemonView(Protocol):
@@ -56,16 +60,22 @@ class AdminCommands:
         self.daemon = daemon
 
     async def handle(self, request: dict[str, Any]) -> Any:
-        cmd = request["cmd"]
-        if cmd == "status":
+        try:
+            valid = configmod.admin_request(request, self.daemon.config, self._registered)
+        except configmod.ConfigError as exc:
+            raise AdminError("\n".join(exc.lines())) from None
+        if valid.cmd == "status":
             return self.status()
-        if cmd == "targets":
-            return self.targets(request.get("group"))
-        if cmd == "reload":
+        if valid.cmd == "targets":
+            return self.targets(valid.group)
+        if valid.cmd == "reload":
             return await self.daemon.reload()
-        if cmd in ("register", "deregister"):
-            return self.change_registration(cmd, request)
-        raise AdminError(f"unknown command {cmd!r} ({', '.join(COMMANDS)})")
+        assert valid.group is not None and valid.target is not None  # register, deregister
+        return self.change_registration(valid.cmd, valid.group, valid.target)
+
+    def _registered(self, group: str) -> tuple[Target, ...]:
+        health = self.daemon.health
+        return () if health is None else health.registered(group)
 
     def status(self) -> dict[str, Any]:
         daemon = self.daemon
@@ -81,14 +91,12 @@ class AdminCommands:
             "listeners": listener_rows(daemon.config),
         }
 
-    def targets(self, group: str | None) -> list[dict[str, Any]]:
+    def targets(self, group: TargetGroup | None) -> list[dict[str, Any]]:
         config, health = self.daemon.config, self.daemon.health
         assert health is not None
-        names = [g.name for g in config.target_groups]
-        if group is not None and group not in names:
-            raise AdminError(f"no target group {group!r} (groups: {', '.join(names)})")
+        names = [g.name for g in config.target_groups] if group is None else [group.name]
         rows = []
-        for name in ([group] if group else names):
+        for name in names:
             port = config.target_group(name).port
             for target, record in health.health(name).items():
                 rows.append({
@@ -106,29 +114,17 @@ class AdminCommands:
                 })
         return rows
 
-    def change_registration(self, cmd: str, request: dict[str, Any]) -> dict[str, Any]:
+    def change_registration(self, cmd: str, group: TargetGroup, target: Target) -> dict[str, Any]:
         health = self.daemon.health
         assert health is not None
-        group_name = request.get("group")
-        try:
-            group = self.daemon.config.target_group(str(group_name))
-        except KeyError:
-            raise AdminError(f"no target group {group_name!r}") from None
-        try:
-            address = ipaddress.ip_address(str(request.get("target")))
-        except ValueError:
-            raise AdminError(f"target: {request.get('target')!r} is not an IP address") from None
-        port = request.get("port")
-        if port is not None and not (isinstance(port, int) and 1 <= port <= 65535):
-            raise AdminError(f"port: {port!r} is outside 1..65535")
-        target = Target(address, port, int(request.get("weight", 1)))
+        address, port = target.address, target.traffic_port(group.port)
         if cmd == "register":
             health.register(group.name, target)
         else:
-            known = [t for t in health.health(group.name) if t.address == address
-                     and t.traffic_port(group.port) == target.traffic_port(group.port)]
+            known = [t for t in health.health(group.name) if (t.address, t.traffic_port(group.port)) == (address, port)]
             if not known:
-                raise AdminError(f"{address} is not registered in {group.name}")
+                where = f"target group {group.name!r}"
+                raise AdminError(f"deregister.target: {address}:{port} is not registered in {where}")
             health.deregister(group.name, known[0])
         self.daemon.schedule_reconcile()
-        return {cmd: f"{address}:{target.traffic_port(group.port)}", "group": group.name}
+        return {cmd: f"{address}:{port}", "group": group.name}

@@ -11,6 +11,10 @@ import copy
 import ipaddress
 import json
 import re
+import resource
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +384,41 @@ BAD = [
     case({"load_balancer.netns": "a/b"}, "load_balancer.netns", "'a/b' is not valid", id="netns"),
     case({"load_balancer.admin_socket": "/" + "x" * 107}, "load_balancer.admin_socket", "at most 107",
          id="admin-socket-long"),  # fmt: skip
+    # strings that end up in a response head or a request line: no CR, LF, NUL or other
+    # control characters, and ELB's (or, where ELB names none, RFC 3986's) characters
+    case({f"{REDIRECT}.host": "evil.example\r\nSet-Cookie: a=b"}, f"{REDIRECT}.host",
+         r"'evil.example\r\nSet-Cookie: a=b' is not valid", "letters, digits", id="redirect-host-crlf"),  # fmt: skip
+    case({f"{REDIRECT}.path": "/a\r\nSet-Cookie: a=b"}, f"{REDIRECT}.path", r"'/a\r\nSet-Cookie: a=b'",
+         "%XX", id="redirect-path-crlf"),  # fmt: skip
+    case({f"{REDIRECT}.query": "a=1\r\nSet-Cookie: a=b"}, f"{REDIRECT}.query", r"'a=1\r\nSet-Cookie: a=b'",
+         id="redirect-query-crlf"),  # fmt: skip
+    case({f"{REDIRECT}.host": "a\x00b"}, f"{REDIRECT}.host", r"'a\x00b' is not valid", id="redirect-host-nul"),
+    case({f"{REDIRECT}.path": "/a\tb"}, f"{REDIRECT}.path", r"'/a\tb' is not valid", id="redirect-path-tab"),
+    case({f"{REDIRECT}.path": "/a b"}, f"{REDIRECT}.path", "'/a b' is not valid", id="redirect-path-space"),
+    case({f"{REDIRECT}.query": "a=\x7f"}, f"{REDIRECT}.query", r"'a=\x7f' is not valid", id="redirect-query-del"),
+    case({f"{REDIRECT}.host": "b\u00fccher.example"}, f"{REDIRECT}.host", "punycode", id="redirect-host-idn"),
+    case({f"{REDIRECT}.path": "/\u65e5\u672c"}, f"{REDIRECT}.path", "%XX", id="redirect-path-non-ascii"),
+    case({f"{REDIRECT}.host": "evil.example:8080"}, f"{REDIRECT}.host", "'evil.example:8080' is not valid",
+         id="redirect-host-with-port"),  # fmt: skip
+    case({f"{REDIRECT}.host": "evil.example/x"}, f"{REDIRECT}.host", "is not valid", id="redirect-host-slash"),
+    case({f"{REDIRECT}.host": "#{path}.example"}, f"{REDIRECT}.host", "#{host}", id="redirect-host-placeholder"),
+    case({f"{REDIRECT}.path": "/#{query}"}, f"{REDIRECT}.path", "#{host}, #{path}, #{port}",
+         id="redirect-path-placeholder"),  # fmt: skip
+    case({f"{REDIRECT}.query": "a=1#top"}, f"{REDIRECT}.query", "'a=1#top' is not valid", id="redirect-query-hash"),
+    case({f"{REDIRECT}.path": "/a%zz"}, f"{REDIRECT}.path", "'/a%zz' is not valid", id="redirect-path-bad-escape"),
+    case({f"{REDIRECT}.host": "[::1"}, f"{REDIRECT}.host", "'[::1' is not valid", id="redirect-host-bracket"),
+    case({HC: {"path": "/health\r\nX-Injected: 1"}}, f"{HC}.path", r"'/health\r\nX-Injected: 1' is not valid",
+         id="health-path-crlf"),  # fmt: skip
+    case({HC: {"path": "/a b"}}, f"{HC}.path", "'/a b' is not valid", id="health-path-space"),
+    case({HC: {"path": "/" + "a" * 1024}}, f"{HC}.path", "1025 characters long; at most 1024", id="health-path-long"),
+    case({"load_balancer.admin_socket": "/run/lb/a\x00.sock"}, "load_balancer.admin_socket",
+         r"'/run/lb/a\x00.sock' contains a control character (U+0000)", id="admin-socket-nul"),  # fmt: skip
+    case({"load_balancer.interfaces": ["eth\x010"]}, "load_balancer.interfaces[0]", "interface name",
+         id="interface-control"),  # fmt: skip
+    # quotas (ALB's, docs/elb-reference.md)
+    case({f"{C0}.values": ["/a", "/b", "/c"],
+          f"{R0}.conditions[1]": {"field": "http-header", "header_name": "X", "values": ["1", "2", "3"]}},
+         f"{R0}.conditions", "6 condition values in one rule; at most 5", id="six-values-per-rule"),  # fmt: skip
 ]
 
 
@@ -977,3 +1016,298 @@ def test_validate_json_errors(tmp_path: Path) -> None:
 )
 def test_summary_describes_each_action(action: Any, text: str) -> None:
     assert describe_action(action) == text
+
+
+# --- operator input that must never reach the wire or the stack ----------------------------------
+# (the "L7 hardening" issue: header injection through a redirect, quotas, deep nesting)
+
+CONTROLS = [chr(c) for c in (*range(0x20), 0x7F, 0x85)]
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+def test_no_control_character_reaches_a_response_head_or_a_request_line(char: str) -> None:
+    """A redirect's host, path and query become the Location header; a health
+    check's path, the request line of every check: each is rejected at its key."""
+    where = {
+        f"{REDIRECT}.host": f"a{char}b.example",
+        f"{REDIRECT}.path": f"/a{char}b",
+        f"{REDIRECT}.query": f"a={char}",
+        f"{HC}.path": f"/a{char}b",
+        "load_balancer.admin_socket": f"/run/lb/a{char}.sock",
+    }
+    for key_path, value in where.items():
+        data = good()
+        edit(data, HC, {})
+        edit(data, key_path, value)
+        issues = issues_of(data)
+        assert [issue.path for issue in issues] == [key_path], (key_path, issues)
+        assert repr(value) in issues[0].message  # escaped: an error line holds no raw control character
+
+
+def test_what_a_redirect_accepts_renders_as_one_location_line() -> None:
+    """The widest host, path and query the config accepts stay inside one header line."""
+    from lb.l7.actions import Redirect  # the worker's renderer; lb.config never imports lb.l7
+
+    path = "/AZaz09-._~!$&'()*+,;=:@%2F/#{host}/#{path}/#{port}"
+    query = "AZaz09-._~!$&'()*+,;=:@/?%20&#{protocol}#{host}#{port}#{path}#{query}"
+    data = good()
+    edit(data, f"{REDIRECT}.host", "a-0.#{host}.example")
+    edit(data, f"{REDIRECT}.path", path)
+    edit(data, f"{REDIRECT}.query", query)
+    action = config.parse(data).listeners[0].rules[1].action
+    assert isinstance(action, RedirectAction)
+    raw = Redirect(action).render(b"", False, "client.example:8080", "/p/q", "x=1", 80, "10.0.0.100")
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    (location,) = [line for line in head if line.startswith(b"location: ")]
+    assert location == (
+        b"location: http://a-0.client.example.example/AZaz09-._~!$&'()*+,;=:@%2F/client.example/p/q/80"
+        b"?AZaz09-._~!$&'()*+,;=:@/?%20&httpclient.example80p/qx=1"
+    )
+    assert all(32 <= byte < 127 for byte in location)
+
+
+@pytest.mark.parametrize("char", [c for c in CONTROLS if c < "\x80" and c != "\t"], ids=lambda c: f"U+{ord(c):04X}")
+def test_the_request_parser_keeps_control_characters_out_of_the_placeholders(char: str) -> None:
+    """At run time #{host} comes from the Host header and #{path}/#{query} from the
+    target, as received (docs/elb-reference.md): the workers' parser must refuse
+    CR, LF and the other C0 controls and DEL in both (HTAB is legal in a value;
+    bytes 0x80-0xFF are obs-text there, and pass)."""
+    import httptools
+
+    class Sink:
+        def on_header(self, name: bytes, value: bytes) -> None:
+            pass
+
+    byte = char.encode("latin-1")
+    host = b"GET /x HTTP/1.1\r\nHost: a" + byte + b"b\r\n\r\n"
+    target = b"GET /a" + byte + b"b HTTP/1.1\r\nHost: h\r\n\r\n"
+    for head in (host, target):
+        with pytest.raises(httptools.HttpParserError):
+            httptools.HttpRequestParser(Sink()).feed_data(head)
+
+
+def test_an_ipv6_redirect_host_is_accepted() -> None:
+    data = good()
+    edit(data, f"{REDIRECT}.host", "[2001:db8::1]")
+    action = config.parse(data).listeners[0].rules[1].action
+    assert isinstance(action, RedirectAction) and action.host == "[2001:db8::1]"
+
+
+def test_a_fixed_response_body_is_free_text() -> None:
+    """The body is framed by content-length, never part of the head: any text,
+    newlines included (ELB names no character set for it)."""
+    data = good()
+    edit(data, f"{FIXED}.body", "line 1\r\nline 2\n\t\u00e9\u65e5")
+    action = config.parse(data).listeners[0].rules[2].action
+    assert isinstance(action, FixedResponseAction) and action.body == "line 1\r\nline 2\n\t\u00e9\u65e5"
+
+
+# quotas: the limit is accepted, one more is rejected, once, at the key that went over
+
+
+def _fixed_rule(priority: int) -> dict[str, Any]:
+    return {
+        "priority": priority,
+        "conditions": [{"field": "path-pattern", "values": [f"/r{priority}"]}],
+        "actions": [{"type": "fixed-response", "status_code": 200}],
+    }
+
+
+def _targets(n: int, third: int = 1) -> list[dict[str, Any]]:
+    return [{"id": f"10.{third}.{i // 250}.{i % 250 + 1}"} for i in range(n)]
+
+
+def with_rules(total: int) -> dict[str, Any]:
+    """good() (3 rules on 'web') plus a second HTTP listener holding the rest."""
+    data = good()
+    second = {**copy.deepcopy(data["listeners"][0]), "name": "web2", "port": 8080}
+    second["rules"] = [_fixed_rule(p) for p in range(1, total - 3 + 1)]
+    edit(data, "listeners[3]", second)
+    return data
+
+
+def with_targets(per_group: dict[int, int]) -> dict[str, Any]:
+    data = good()
+    for group, n in per_group.items():
+        edit(data, f"target_groups[{group}].targets", _targets(n, third=group + 1))
+    return data
+
+
+def with_listeners(total: int) -> dict[str, Any]:
+    data = good()
+    for i in range(3, total):
+        listener = {"name": f"tcp{i}", "protocol": "TCP", "address": "10.0.0.100", "port": 10000 + i,
+                    "default_action": {"type": "forward", "target_group": "echo"}}  # fmt: skip
+        edit(data, f"listeners[{i}]", listener)
+    return data
+
+
+def with_groups(total: int) -> dict[str, Any]:
+    data = good()
+    for i in range(4, total):
+        edit(data, f"target_groups[{i}]", {"name": f"g{i}", **HTTP_GROUP})
+    return data
+
+
+def with_values(n: int) -> dict[str, Any]:
+    """Rule 0 with n condition values, 3 in its path-pattern and the rest in http-headers."""
+    data = good()
+    conditions: list[dict[str, Any]] = [{"field": "path-pattern", "values": [f"/p{i}" for i in range(min(n, 3))]}]
+    rest = n - 3
+    while rest > 0:
+        conditions.append({"field": "http-header", "header_name": "X", "values": ["v"] * min(rest, 3)})
+        rest -= 3
+    edit(data, f"{R0}.conditions", conditions)
+    return data
+
+
+QUOTAS = [
+    pytest.param(with_rules, 100, "listeners[3].rules[97]",
+                 "rule 101 of the load balancer; at most 100 rules per load balancer", id="rules-per-lb"),
+    pytest.param(lambda n: with_targets({0: n, 1: 0, 2: 0, 3: 0}), 1000, "target_groups[0].targets",
+                 "1001 targets; at most 1000 per target group", id="targets-per-group"),
+    pytest.param(lambda n: with_targets({0: 500, 1: n - 502}), 1000, "target_groups[3].targets",
+                 "1001 targets in the load balancer; at most 1000", id="targets-per-lb"),
+    pytest.param(with_values, 5, f"{R0}.conditions", "6 condition values in one rule; at most 5",
+                 id="values-per-rule"),
+    pytest.param(with_listeners, 50, "listeners", "51 listeners; at most 50", id="listeners-per-lb"),
+    pytest.param(with_groups, 100, "target_groups", "101 target groups; at most 100", id="groups-per-lb"),
+]
+
+
+@pytest.mark.parametrize(("build", "limit", "path", "words"), QUOTAS)
+def test_quotas_accept_the_limit_and_reject_one_more(build: Any, limit: int, path: str, words: str) -> None:
+    config.parse(build(limit))
+    issues = issues_of(build(limit + 1))
+    assert [(issue.path, words in issue.message) for issue in issues] == [(path, True)], issues
+
+
+def test_ten_thousand_rules_give_one_error_not_thousands() -> None:
+    issues = issues_of(with_rules(10_000))
+    assert [issue.path for issue in issues] == ["listeners[3].rules[97]"]
+
+
+# nesting: tomllib recurses on arrays and inline tables, and a dotted key of n
+# parts costs it O(n²) memory; the reader must not recurse into a value either
+
+
+def _nested_list(depth: int) -> object:
+    value: object = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "key_path",
+    [f"{REDIRECT}.status_code", f"{REDIRECT}.port", f"{HC}.port", "load_balancer.name", f"{C0}.values[0]"],
+)
+def test_the_reader_does_not_recurse_into_a_deep_value(key_path: str) -> None:
+    data = good()
+    edit(data, HC, {})
+    edit(data, key_path, _nested_list(100_000))
+    issues = issues_of(data)
+    assert [issue.path for issue in issues] == [key_path]
+    assert len(issues[0].message) < 200
+
+
+DEEP = 100_000
+DEEP_TOML = [
+    pytest.param("x = " + "[" * DEEP + "]" * DEEP + "\n", 1, id="arrays"),
+    pytest.param("x = " + "{ a = " * DEEP + "1" + " }" * DEEP + "\n", 1, id="inline-tables"),
+    pytest.param(".".join(["a"] * DEEP) + " = 1\n", 1, id="dotted-key"),
+    pytest.param("[load_balancer]\n[" + ".".join(["a"] * DEEP) + "]\n", 2, id="table-header"),
+    pytest.param('[load_balancer]\nname = "x"\n[[' + ".".join(["b"] * DEEP) + "]]\n", 3, id="array-header"),
+]
+
+
+def _validate_in_a_child(path: Path) -> subprocess.CompletedProcess[str]:
+    """`lb validate` in its own process, its memory capped: what it would do to a host."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31))
+
+    return subprocess.run([sys.executable, "-m", "lb", "validate", str(path)], capture_output=True, text=True,
+                          timeout=120, preexec_fn=cap)  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "line"), DEEP_TOML)
+def test_validate_a_config_nested_100000_deep(tmp_path: Path, text: str, line: int) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    started = time.monotonic()
+    result = _validate_in_a_child(path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"{path}: invalid TOML: nested more than 32 levels deep (line {line}, column ")
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_config_nested_32_deep_is_read_normally() -> None:
+    text = "[load_balancer]\nname = \"x\"\nx = " + "[" * 31 + "]" * 31 + "\n"
+    with pytest.raises(ConfigError) as info:
+        config.loads(text)
+    assert [issue.path for issue in info.value.errors] == ["load_balancer.x"]
+
+
+def test_nesting_inside_strings_and_comments_does_not_count() -> None:
+    junk = "[" * 100 + "{" * 100 + "." * 100
+    text = (
+        f'# {junk}\n[load_balancer] # {junk}\nname = "x"\n'
+        f'admin_socket = "/tmp/{"[" * 50}"\nnetns = \'{"{" * 20}\'\n'
+        f'x = """\n{junk}\n"""\ny = \'\'\'{junk}\'\'\'\nz = """a\\"""{junk}"""\nw = """q""""\n'
+        f"v = [1.5, 2.5, {', '.join(['3.5'] * 100)}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        config.loads(text)
+    assert sorted(issue.path for issue in info.value.errors) == [
+        "load_balancer.netns", "load_balancer.v", "load_balancer.w", "load_balancer.x", "load_balancer.y",
+        "load_balancer.z",
+    ]  # fmt: skip
+
+
+# `lb validate` on each kind of bad input: exit 2, the key path, never a traceback
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """good()-style data as TOML text (inline tables; enough for these tests)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, str)):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        assert isinstance(v, dict)
+        return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+
+    return "".join(f"{key} = {value(v)}\n" for key, v in data.items())
+
+
+def _edited(key_path: str, value: object) -> dict[str, Any]:
+    data = good()
+    edit(data, key_path, value)
+    return data
+
+
+CLI_BAD = [
+    pytest.param(_edited(f"{REDIRECT}.host", "evil.example\r\nSet-Cookie: a=b"), f"{REDIRECT}.host",
+                 id="redirect-host-crlf"),  # fmt: skip
+    pytest.param(_edited(f"{REDIRECT}.path", "/\r\nSet-Cookie: a=b"), f"{REDIRECT}.path", id="redirect-path-crlf"),
+    pytest.param(_edited(f"{REDIRECT}.query", "\r\nSet-Cookie: a=b"), f"{REDIRECT}.query", id="redirect-query-crlf"),
+    pytest.param(_edited(HC, {"path": "/\r\nX: y"}), f"{HC}.path", id="health-path-crlf"),
+    pytest.param(with_rules(10_000), "listeners[3].rules[97]", id="rules-10000"),
+    pytest.param(with_targets({0: 100_000}), "target_groups[0].targets", id="targets-100000"),
+    pytest.param(with_values(6), f"{R0}.conditions", id="values-per-rule"),
+]
+
+
+@pytest.mark.parametrize(("data", "key_path"), CLI_BAD)
+def test_validate_rejects_each_with_its_key_path(tmp_path: Path, data: dict[str, Any], key_path: str) -> None:
+    path = tmp_path / "lb.toml"
+    path.write_text(to_toml(data), encoding="utf-8")
+    result = invoke(str(path))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"{path}: {key_path}: "), result.stderr[:500]
+    assert "\r" not in result.stderr and "Traceback" not in result.output

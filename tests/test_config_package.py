@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # What callers in lb/ and tests/ use today; the package must keep exporting it.
 PUBLIC = {
+    "ADMIN_COMMANDS",
+    "AdminRequest",
+    "admin_request",
     "ConfigError",
     "ConfigIssue",
     "DEFAULT_SOURCE",

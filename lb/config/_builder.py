@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Hashable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from lb import model as m
-from lb.config._checks import host_port, is_prime, matcher_codes, matching, next_prime
-from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates
+from lb.config._checks import PCHAR, PCT, URI_CHARS, host_port, is_prime, matcher_codes, matching, next_prime
+from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates, shown, toml_too_deep
 from lb.config._rules import RuleBuilder, with_article
 
 DEFAULT_SOURCE = "<embedded default.toml>"
@@ -28,9 +28,18 @@ DEFAULT_SOURCE = "<embedded default.toml>"
 
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?")
 NAME_RULE = "1-32 letters, digits and hyphens, not starting or ending with a hyphen"
-IFNAME = re.compile(r"(?!\.{1,2}$)[^/:\s]{1,15}")  # Linux dev_valid_name
+IFNAME = re.compile(r"(?!\.{1,2}$)[^/:\s\x00-\x1f\x7f]{1,15}")  # Linux dev_valid_name, no control characters
 NETNS = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}")
 MAX_RING_SIZE = 2**20  # ours: Maglev table size bound
+MAX_LISTENERS = 50  # per load balancer
+MAX_TARGET_GROUPS = 100  # per load balancer
+MAX_TARGETS_PER_GROUP = 1000
+MAX_TARGETS = 1000  # per load balancer, each target of each group counted
+MAX_NESTING = 32  # ours: TOML levels (an lb config needs about 6); see toml_too_deep
+# The health check's path (and query) goes into the request line of every check:
+# RFC 3986's characters, as ELB names none (it says 1-1024 characters).
+HEALTH_PATH = re.compile(rf"(?:[{PCHAR}/]|{PCT})*(?:\?(?:[{PCHAR}/?]|{PCT})*)?")
+HEALTH_PATH_RULE = f"a URI path and optional ?query: {URI_CHARS}, '/' (and '?' in the query)"
 LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
     "udp_idle_timeout", "ring_size", "workers", "admin_socket", "metrics_address",
@@ -68,10 +77,19 @@ def load(path: str | Path) -> m.LoadBalancer:
 
 def loads(text: str, source: str | None = "<string>") -> m.LoadBalancer:
     """Parse and validate TOML text."""
+    too_deep = toml_too_deep(text, MAX_NESTING)
+    if too_deep is not None:
+        line = text.count("\n", 0, too_deep) + 1
+        column = too_deep - (text.rfind("\n", 0, too_deep) + 1) + 1
+        where = f"(line {line}, column {column})"
+        issue = ConfigIssue("", f"invalid TOML: nested more than {MAX_NESTING} levels deep {where}")
+        raise ConfigError([issue], source)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigIssue("", f"invalid TOML: {exc}")], source) from None
+    except RecursionError:  # toml_too_deep should have caught it first
+        raise ConfigError([ConfigIssue("", "invalid TOML: nested too deep for the parser")], source) from None
     return parse(data, source)
 
 
@@ -105,16 +123,22 @@ class _Builder:
         self.routing = RuleBuilder()
         # (address, port, transport) → the listener table that took it.
         self.endpoints: dict[tuple[m.IPAddress, int, str], Table] = {}
+        # Targets of the groups read so far, for the per-load-balancer quota.
+        self.target_count = 0
 
     def load_balancer(self, root: Table) -> m.LoadBalancer | None:
         root.only("load_balancer", "listeners", "target_groups")
         section = root.table("load_balancer")
         settings = None if section is None else self.settings(section)
         group_tables = root.tables("target_groups")
+        if len(group_tables) > MAX_TARGET_GROUPS:
+            root.error("target_groups", f"{len(group_tables)} target groups; at most {MAX_TARGET_GROUPS}")
         self.routing.declare_groups(group_tables)
         groups = [self.target_group(t) for t in group_tables]
         report_duplicates([(t, t.value_of("name")) for t in group_tables], "name", "target group name")
         listener_tables = root.tables("listeners")
+        if len(listener_tables) > MAX_LISTENERS:
+            root.error("listeners", f"{len(listener_tables)} listeners; at most {MAX_LISTENERS}")
         listeners = [self.listener(t) for t in listener_tables]
         report_duplicates([(t, t.value_of("name")) for t in listener_tables], "name", "listener name")
         if section is None or settings is None or None in groups or None in listeners:
@@ -193,22 +217,21 @@ class _Builder:
         return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness)
 
     def targets(self, group: Table, protocol: m.Protocol | None, port: int | None) -> tuple[m.Target, ...] | None:
+        tables = group.tables("targets")
+        before, self.target_count = self.target_count, self.target_count + len(tables)
+        if len(tables) > MAX_TARGETS_PER_GROUP:
+            group.error("targets", f"{len(tables)} targets; at most {MAX_TARGETS_PER_GROUP} per target group")
+        elif before <= MAX_TARGETS < self.target_count:
+            each = "each target of each group counts"
+            group.error("targets", f"{self.target_count} targets in the load balancer; at most {MAX_TARGETS} ({each})")
         result: list[m.Target | None] = []
         seen: list[tuple[Table, Hashable | None]] = []
-        for t in group.tables("targets"):
+        for t in tables:
             t.only("id", "port", "weight")
-            address = t.address("id")
-            target_port = t.integer("port", 1, 65535) if t.has("port") else None
-            weight = t.integer("weight", 1, 100, 1)
-            if address is not None and protocol is not None and protocol.is_l4 and address.version == 6:
-                why = f"{protocol.value} target groups are served by the IPv4-only XDP path"
-                t.error("id", f"{address} is IPv6; {why}")
-            elif address is not None and (address.is_unspecified or address.is_multicast):
-                t.error("id", f"{address} is not a unicast address")
-            resolved = target_port or port
-            endpoint = f"{address}:{resolved}" if address is not None and resolved is not None else None
-            seen.append((t, endpoint))
-            result.append(None if address is None else m.Target(address, target_port, weight))
+            target = read_target(t, "id", protocol)
+            resolved = target.traffic_port(port) if target is not None and port is not None else None
+            seen.append((t, None if target is None or resolved is None else f"{target.address}:{resolved}"))
+            result.append(target)
         report_duplicates(seen, "id", "target")
         return None if None in result else tuple(t for t in result if t is not None)
 
@@ -226,7 +249,7 @@ class _Builder:
         if timeout >= interval and not {"timeout", "interval"} & t.bad:
             origin = "" if t.has("timeout") else f" (the {protocol.value} default)"
             t.error("timeout", f"{timeout}{origin} must be smaller than interval ({interval})")
-        path = t.string("path", "/")
+        path = t.string("path", "/", max_len=1024, pattern=HEALTH_PATH, rule=HEALTH_PATH_RULE)
         if not path.startswith("/"):
             t.error("path", f"{path!r} must start with '/'")
         health_port = t.port_or("port", "traffic-port")
@@ -291,3 +314,104 @@ class _Builder:
             where = f"[{address}]" if address.version == 6 else str(address)
             owner = f"{other.path} ({other.data.get('name')!r})"
             t.error("port", f"{where}:{port}/{transport} is already used by {owner}")
+
+
+# --- one target: of a [[target_groups]] table, or of an admin request ----------------
+
+
+def read_target(t: Table, key: str, protocol: m.Protocol | None) -> m.Target | None:
+    """The address under ``key`` (``id`` in a file), an optional port and a
+    weight, checked against the group's protocol; None if anything is wrong."""
+    address = t.address(key)
+    port = t.integer("port", 1, 65535) if t.has("port") else None
+    weight = t.integer("weight", 1, 100, 1)
+    if address is not None and protocol is not None and protocol.is_l4 and address.version == 6:
+        why = f"{protocol.value} target groups are served by the IPv4-only XDP path"
+        t.error(key, f"{address} is IPv6; {why}")
+    elif address is not None and (address.is_unspecified or address.is_multicast):
+        t.error(key, f"{address} is not a unicast address")
+    if address is None or {key, "port", "weight"} & t.bad:
+        return None
+    return m.Target(address, port, weight)
+
+
+# --- the admin socket's requests, read like a file --------------------------------------
+
+# Each command and the keys it takes besides "cmd".
+ADMIN_COMMANDS: dict[str, tuple[str, ...]] = {
+    "status": (),
+    "targets": ("group",),
+    "register": ("group", "target", "port", "weight"),
+    "deregister": ("group", "target", "port"),
+    "reload": (),
+}
+
+
+@dataclass(frozen=True)
+class AdminRequest:
+    """A validated admin request: the command and what it names."""
+
+    cmd: str
+    group: m.TargetGroup | None = None  # targets (optional), register, deregister
+    target: m.Target | None = None  # register, deregister
+
+
+def admin_request(
+    request: Mapping[str, Any],
+    lb: m.LoadBalancer,
+    registered: Callable[[str], Sequence[m.Target]] = lambda group: (),
+) -> AdminRequest:
+    """Validate one admin socket request against the running config.
+
+    The same reader, rules, ranges and messages as a file, with the command
+    as the key path (``register.weight: -5 is outside 1..100``): unknown keys
+    with a did-you-mean, a target as a ``[[target_groups]]`` target (``target``
+    is its ``id``), and a new registration within the quotas, counting what
+    ``registered(group)`` says each group has now. Raises ConfigError with
+    every issue; nothing is changed here.
+    """
+    issues: list[ConfigIssue] = []
+    cmd = Table(request, "", issues).one_of("cmd", tuple(ADMIN_COMMANDS))
+    if cmd is None:
+        raise ConfigError(issues)
+    t = Table(request, cmd, issues)
+    keys = ADMIN_COMMANDS[cmd]
+    t.only("cmd", *keys)
+    group = None
+    if "group" in keys and (t.has("group") or "target" in keys):
+        name = t.string("group")
+        groups = {g.name: g for g in lb.target_groups}
+        group = groups.get(name) if name is not None else None
+        if name is not None and group is None:
+            t.error("group", f"{shown(name)} is not a defined target group (defined: {', '.join(sorted(groups))})")
+    protocol = None if group is None else group.protocol
+    target = read_target(t, "target", protocol) if "target" in keys else None
+    if cmd == "register" and group is not None and target is not None:
+        _registration_quota(t, lb, group, target, registered)
+    if issues:
+        raise ConfigError(issues)
+    return AdminRequest(cmd, group, target)
+
+
+def _registration_quota(
+    t: Table,
+    lb: m.LoadBalancer,
+    group: m.TargetGroup,
+    target: m.Target,
+    registered: Callable[[str], Sequence[m.Target]],
+) -> None:
+    """A new target must fit the group's and the load balancer's quotas, as in a file."""
+    endpoint = (target.address, target.traffic_port(group.port))
+    current = registered(group.name)
+    if any((other.address, other.traffic_port(group.port)) == endpoint for other in current):
+        return  # registered already (perhaps draining): a new weight, not one more target
+    count = len(current) + 1
+    total = sum(len(registered(g.name)) for g in lb.target_groups) + 1
+    name = shown(group.name)
+    if count > MAX_TARGETS_PER_GROUP:
+        t.error("target", f"target group {name} would have {count} targets; at most {MAX_TARGETS_PER_GROUP}")
+    elif group.protocol.is_l4 and count > lb.ring_size:
+        t.error("target", f"target group {name} would have {count} targets, more than ring_size ({lb.ring_size})")
+    elif total > MAX_TARGETS:
+        each = "each target of each group counts"
+        t.error("target", f"the load balancer would have {total} targets; at most {MAX_TARGETS} ({each})")

@@ -10,11 +10,19 @@ import ipaddress
 import re
 from collections.abc import Callable
 
+from lb.config._reader import shown
+
+# RFC 3986: what a path segment may hold besides %XX escapes (pchar), and an escape.
+# A path adds "/", a query "/" and "?". No space, no control character, nothing non-ASCII.
+PCHAR = r"A-Za-z0-9\-._~!$&'()*+,;=:@"
+PCT = r"%[0-9A-Fa-f]{2}"
+URI_CHARS = "letters, digits, - . _ ~ ! $ & ' ( ) * + , ; = : @ and %XX escapes"
+
 
 def matching(pattern: re.Pattern[str], rule: str) -> Callable[[str], str]:
     def check(value: str) -> str:
         if not pattern.fullmatch(value):
-            raise ValueError(f"{value!r} is not valid: {rule}")
+            raise ValueError(f"{shown(value)} is not valid: {rule}")
         return value
 
     return check
@@ -28,8 +36,8 @@ def cidr(value: str) -> str:
     try:
         loose = ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ValueError(f"{value!r} is not an IPv4 or IPv6 CIDR block, e.g. '10.0.0.0/24'") from None
-    raise ValueError(f"{value!r} has host bits set; did you mean '{loose}'?")
+        raise ValueError(f"{shown(value)} is not an IPv4 or IPv6 CIDR block, e.g. '10.0.0.0/24'") from None
+    raise ValueError(f"{shown(value)} has host bits set; did you mean '{loose}'?")
 
 
 def matcher_codes(value: str) -> str:
@@ -45,7 +53,7 @@ def matcher_codes(value: str) -> str:
                 raise ValueError
     except ValueError:
         codes = "codes 200..499 as '200', '200,202' or '200-299'"
-        raise ValueError(f"{value!r} is not a valid matcher: {codes}") from None
+        raise ValueError(f"{shown(value)} is not a valid matcher: {codes}") from None
     return value
 
 
@@ -59,7 +67,7 @@ def host_port(value: str) -> str:
         else:
             ipaddress.IPv4Address(host)
     except ValueError:
-        raise ValueError(f"{value!r} is not ADDRESS:PORT (IPv6 in brackets), e.g. '127.0.0.1:9464'") from None
+        raise ValueError(f"{shown(value)} is not ADDRESS:PORT (IPv6 in brackets), e.g. '127.0.0.1:9464'") from None
     return value
 
 

@@ -27,6 +27,69 @@ T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# C0 controls, DEL and C1 controls: CR, LF and NUL among them. None of them
+# belongs in a name, a path or anything that reaches a header or a request line.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+SHOWN = 80  # characters of a bad value quoted in a message; a long one is cut
+
+
+# --- nesting, before the TOML parser sees the text ----------------------------------
+
+# tomllib parses arrays and inline tables recursively (a RecursionError near
+# 1000 levels) and a dotted key of n parts costs it O(n²) memory; an lb config
+# nests a handful of levels. So the text is measured first, without recursion:
+# at each point, the open brackets and braces plus the dots of the key (or
+# float) being read. Strings and comments are skipped, as TOML reads them.
+_TOML_MARK = re.compile(r"[#\"'\[\]{}.=,\n]")
+_STRING_END = {
+    '"""': re.compile(r'\\.|"""', re.S),  # a backslash escapes the next character, newline included
+    '"': re.compile(r'\\.|"|\n', re.S),
+    "'''": re.compile(r"'''"),
+    "'": re.compile(r"'|\n"),
+}
+
+
+def toml_too_deep(text: str, limit: int) -> int | None:
+    """The offset at which ``text`` nests more than ``limit`` levels deep, or None."""
+    depth = dots = 0
+    pos = 0
+    while match := _TOML_MARK.search(text, pos):
+        at = match.start()
+        char = text[at]
+        pos = at + 1
+        if char == "#":
+            end = text.find("\n", at)
+            pos = len(text) if end < 0 else end
+        elif char in "\"'":
+            pos = _string_end(text, at, char * 3 if text.startswith(char * 3, at) else char)
+        elif char in "[{.":
+            if char == ".":
+                dots += 1
+            else:
+                depth, dots = depth + 1, 0
+            if depth + dots > limit:
+                return at
+        elif char in "]}":
+            depth, dots = max(depth - 1, 0), 0
+        else:  # = , newline: a key or a value ends
+            dots = 0
+    return None
+
+
+def _string_end(text: str, start: int, quote: str) -> int:
+    """Where the string opened by ``quote`` at ``start`` ends (len(text) if it does not)."""
+    end = _STRING_END[quote]
+    pos = start + len(quote)
+    while found := end.search(text, pos):
+        if found.group() == "\n":  # a one-line string left open: the parser will say so
+            return found.start()
+        pos = found.end()
+        if found.group() == quote:
+            if len(quote) == 3:  # up to two quotes of the content may precede the closing three
+                while pos < len(text) and pos - found.start() < 5 and text[pos] == quote[0]:
+                    pos += 1
+            return pos
+    return len(text)
 
 
 @dataclass(frozen=True)
@@ -57,8 +120,16 @@ class ConfigError(Exception):
         return "\n".join(self.lines())
 
 
+def shown(text: str) -> str:
+    """A string quoted for a message: escaped (no raw control character reaches
+    a terminal or a log line) and cut after SHOWN characters."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= SHOWN else f"{quoted[: SHOWN - 4]}...{quoted[-1]}"
+
+
 def describe(value: object) -> str:
-    """A TOML-flavoured description of a value for error messages."""
+    """A TOML-flavoured description of a value for error messages; never
+    looks inside an array or a table, however deep it goes."""
     if isinstance(value, bool):
         return f"boolean {str(value).lower()}"
     if isinstance(value, int):
@@ -66,12 +137,21 @@ def describe(value: object) -> str:
     if isinstance(value, float):
         return f"float {value}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {shown(value)}"
     if isinstance(value, list):
         return "an array"
     if isinstance(value, dict):
         return "a table"
-    return f"{type(value).__name__} {value}"
+    return f"{type(value).__name__} {shown(str(value))}"
+
+
+def literal(value: object) -> str:
+    """A scalar as it was written ('HTTP_303', 307); anything else described."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return describe(value)
 
 
 def join(path: str, key: str) -> str:
@@ -106,7 +186,7 @@ class Table:
         self.issues.append(ConfigIssue(f"{self.at(key)}[{index}]", message))
 
     def has(self, key: str) -> bool:
-        return key in self.data
+        return self.data.get(key) is not None
 
     def only(self, *allowed: str) -> None:
         """Reject every key that is not in ``allowed``."""
@@ -123,8 +203,9 @@ class Table:
     # --- typed getters -------------------------------------------------------
 
     def raw(self, key: str, required: bool = True) -> object | None:
-        """The value under ``key`` unchecked; None (and an issue) when missing."""
-        if key not in self.data:
+        """The value under ``key`` unchecked; None (and an issue) when missing.
+        A None value (JSON's null; TOML has none) counts as missing."""
+        if self.data.get(key) is None:
             if required:
                 self.error(key, "required key is missing")
             return None
@@ -177,6 +258,7 @@ class Table:
         pattern: re.Pattern[str] | None = ...,
         rule: str = ...,
         empty: bool = ...,
+        text: bool = ...,
     ) -> str | None: ...
 
     @overload
@@ -189,6 +271,7 @@ class Table:
         pattern: re.Pattern[str] | None = ...,
         rule: str = ...,
         empty: bool = ...,
+        text: bool = ...,
     ) -> str: ...
 
     def string(
@@ -200,16 +283,22 @@ class Table:
         pattern: re.Pattern[str] | None = None,
         rule: str = "",
         empty: bool = False,
+        text: bool = False,
     ) -> str | None:
         """A string of at most ``max_len`` characters matching ``pattern``
-        (described by ``rule``); "" only when ``empty``."""
+        (described by ``rule``); "" only when ``empty``. Without a pattern, no
+        control character (CR, LF, NUL, ...) unless ``text`` (free text such
+        as a response body)."""
         value = self._typed(key, str, "a string", default is None)
         if value is None:
             return default
+        control = None if text or pattern is not None else CONTROL.search(value)
         if len(value) > max_len:
             self.error(key, f"{len(value)} characters long; at most {max_len}")
         elif pattern is not None and not pattern.fullmatch(value):
-            self.error(key, f"{value!r} is not valid: {rule}")
+            self.error(key, f"{shown(value)} is not valid: {rule}")
+        elif control is not None:
+            self.error(key, f"{shown(value)} contains a control character (U+{ord(control.group()):04X})")
         elif not value and not empty:
             self.error(key, "must not be empty")
         else:
@@ -228,7 +317,9 @@ class Table:
         if value is None:
             return default
         if value not in allowed:
-            self.error(key, f"{value!r} is not one of {', '.join(allowed)}")
+            close = difflib.get_close_matches(value, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.error(key, f"{shown(value)} is not one of {', '.join(allowed)}{hint}")
             return default
         return value
 
@@ -253,7 +344,7 @@ class Table:
             return None
         if isinstance(value, (int, str)) and not isinstance(value, bool) and value in table:
             return table[value]
-        self.error(key, f"{value!r} is not one of {allowed}")
+        self.error(key, f"{literal(value)} is not one of {allowed}")
         return None
 
     def port_or(self, key: str, word: str, *, digits: bool = False) -> int | str | None:
@@ -265,7 +356,7 @@ class Table:
         number = int(value) if digits and isinstance(value, str) and value.isdigit() else value
         if isinstance(number, int) and not isinstance(number, bool) and 1 <= number <= 65535:
             return number
-        self.error(key, f"{value!r} is not allowed; use 1..65535 or {word!r}")
+        self.error(key, f"{literal(value)} is not allowed; use 1..65535 or {word!r}")
         return None
 
     def strings(self, key: str, required: bool = True) -> list[str] | None:
@@ -308,7 +399,7 @@ class Table:
         try:
             return ipaddress.ip_address(text)
         except ValueError:
-            self.error(key, f"{text!r} is not an IPv4 or IPv6 address")
+            self.error(key, f"{shown(text)} is not an IPv4 or IPv6 address")
             return None
 
     def values(

@@ -9,11 +9,12 @@ group defined further down.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from lb import model as m
-from lb.config._checks import cidr, matching
-from lb.config._reader import Table, report_duplicates
+from lb.config._checks import PCHAR, PCT, URI_CHARS, cidr, matching
+from lb.config._reader import Table, report_duplicates, shown
 
 # --- limits (ELB's, docs/elb-reference.md) ------------------------------------
 
@@ -25,9 +26,28 @@ PRINTABLE = re.compile(r"[\x20-\x7e]{1,128}")
 PRINTABLE_RULE = "1-128 printable ASCII characters"
 
 MAX_PRIORITY = 50000
+MAX_RULES = 100  # per load balancer, default actions not counted
 MAX_VALUES = 3  # per condition
+MAX_RULE_VALUES = 5  # per rule, all its conditions together
 MAX_WILDCARDS = 5  # per rule
 MAX_FORWARD_GROUPS = 5
+
+# A redirect's host, path and query become the Location header. ELB gives each
+# 1-128 characters (a query 0-128), "not percent-encoded", and names the
+# placeholders each may hold; lb adds the characters: a host name, or RFC 3986's
+# path and query characters. Nothing else, so no CR, LF, space or control
+# character can reach the response head.
+REDIRECT_HOST = re.compile(r"(?:[A-Za-z0-9.-]|#\{host\})+|\[[0-9A-Fa-f:.]+\]")
+REDIRECT_HOST_RULE = (
+    "a host name of letters, digits, '-' and '.' (an IDN in punycode, xn--...) that may hold #{host}, "
+    "or an IPv6 address in brackets"
+)
+REDIRECT_PATH = re.compile(rf"(?:[{PCHAR}/]|{PCT}|#\{{(?:host|path|port)\}})+")
+REDIRECT_PATH_RULE = f"URI path characters: {URI_CHARS}, '/', and #{{host}}, #{{path}}, #{{port}}"
+REDIRECT_QUERY = re.compile(rf"(?:[{PCHAR}/?]|{PCT}|#\{{(?:protocol|host|port|path|query)\}})*")
+REDIRECT_QUERY_RULE = (
+    f"URI query characters: {URI_CHARS}, '/', '?', and #{{protocol}}, #{{host}}, #{{port}}, #{{path}}, #{{query}}"
+)
 SINGLE_CONDITIONS = (
     m.ConditionField.HOST_HEADER,
     m.ConditionField.HTTP_REQUEST_METHOD,
@@ -47,6 +67,14 @@ def _wildcards(condition: m.Condition) -> int:
     return sum(text.count("*") + text.count("?") for text in texts)
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def with_article(protocol: m.Protocol) -> str:
     """'an HTTP', 'a TCP', 'a UDP': the protocol with its article."""
     return f"{'an' if protocol is m.Protocol.HTTP else 'a'} {protocol.value}"
@@ -58,6 +86,8 @@ class RuleBuilder:
     def __init__(self) -> None:
         # Declared target groups by name; protocol None when it is invalid.
         self.groups: dict[str, m.Protocol | None] = {}
+        # Rules of the listeners read so far, for the per-load-balancer quota.
+        self.rule_count = 0
 
     def declare_groups(self, tables: list[Table]) -> None:
         """Index the file's target groups, before any action refers to one."""
@@ -75,6 +105,10 @@ class RuleBuilder:
             why = f"a {protocol.value} listener sends every flow to its default_action"
             listener.error("rules", f"rules are only allowed on HTTP listeners; {why}")
             return None
+        before, self.rule_count = self.rule_count, self.rule_count + len(tables)
+        if before <= MAX_RULES < self.rule_count:
+            most = f"at most {MAX_RULES} rules per load balancer, not counting default actions"
+            tables[MAX_RULES - before].error(None, f"rule {MAX_RULES + 1} of the load balancer; {most}")
         rules = [self.rule(t, protocol) for t in tables]
         report_duplicates([(t, t.value_of("priority")) for t in tables], "priority", "priority")
         if None in rules:
@@ -110,6 +144,10 @@ class RuleBuilder:
         wildcards = sum(_wildcards(c) for c in built if c is not None)
         if wildcards > MAX_WILDCARDS:
             rule.error("conditions", f"{wildcards} wildcards ('*' or '?') in one rule; at most {MAX_WILDCARDS}")
+        values = sum(len(c.values) + len(c.query) for c in built if c is not None)
+        if values > MAX_RULE_VALUES:
+            most = f"at most {MAX_RULE_VALUES} (and {MAX_VALUES} per condition)"
+            rule.error("conditions", f"{values} condition values in one rule; {most}")
         if not tables or None in built:
             return None
         return tuple(c for c in built if c is not None)
@@ -235,15 +273,18 @@ class RuleBuilder:
         default = m.RedirectAction(status_code=301)
         status = t.lookup("status_code", REDIRECT_STATUS, "301, 302 (or 'HTTP_301', 'HTTP_302')")
         protocol = t.one_of("protocol", REDIRECT_PROTOCOLS, default.protocol)
-        host = t.string("host", default.host, max_len=128)
+        host = t.string("host", default.host, max_len=128, pattern=REDIRECT_HOST, rule=REDIRECT_HOST_RULE)
+        if host.startswith("[") and not _is_ipv6(host[1:-1]):
+            t.error("host", f"{shown(host)} is not valid: {REDIRECT_HOST_RULE}")
         port_number = t.port_or("port", default.port, digits=True)
         port = default.port if port_number is None else str(port_number)
-        path = t.string("path", default.path, max_len=128)
+        path = t.string("path", default.path, max_len=128, pattern=REDIRECT_PATH, rule=REDIRECT_PATH_RULE)
         if not path.startswith("/"):
-            t.error("path", f"{path!r} must start with '/' (an absolute path)")
-        query = t.string("query", default.query, max_len=128, empty=True)  # "" drops the query
-        if query.startswith("?"):
-            t.error("query", f"{query!r} must not start with '?'")
+            t.error("path", f"{shown(path)} must start with '/' (an absolute path)")
+        rule = REDIRECT_QUERY_RULE
+        query = t.string("query", default.query, max_len=128, empty=True, pattern=REDIRECT_QUERY, rule=rule)
+        if query.startswith("?"):  # "" drops the query
+            t.error("query", f"{shown(query)} must not start with '?'")
         changed = (protocol, host, port, path) != (default.protocol, default.host, default.port, default.path)
         if not changed and not {"protocol", "host", "port", "path"} & t.bad:
             what = "at least one of protocol, host, port or path to something other than its #{...} placeholder"
@@ -260,7 +301,7 @@ class RuleBuilder:
             t.error("status_code", f"{status} is not allowed; use {rule}")
             status = None
         content_type = t.one_of("content_type", CONTENT_TYPES, "text/plain")
-        body = t.string("body", "", max_len=1024, empty=True)
+        body = t.string("body", "", max_len=1024, empty=True, text=True)  # the body, never the head
         if status is None:
             return None
         return m.FixedResponseAction(status, content_type, body)
