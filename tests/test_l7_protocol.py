@@ -248,6 +248,18 @@ REJECTED = [
         400,
     ),
     ("two Host", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    # Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2); anything else is 400,
+    # so what #{host} copies into a redirect's Location is always an authority.
+    ("Host with a path", b"GET / HTTP/1.1\r\nHost: evil.example/x?\r\n\r\n", 400),
+    ("Host with userinfo", b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n", 400),
+    ("Host with a space", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    ("Host with a tab", b"GET / HTTP/1.1\r\nHost: a\tb\r\n\r\n", 400),
+    ("Host with a fragment", b"GET / HTTP/1.1\r\nHost: a#b\r\n\r\n", 400),
+    ("Host with 8-bit bytes", b"GET / HTTP/1.1\r\nHost: a\x85b\r\n\r\n", 400),
+    ("Host with a bad port", b"GET / HTTP/1.1\r\nHost: a:8x\r\n\r\n", 400),
+    ("Host with two ports", b"GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n", 400),
+    ("Host IPv6 unbracketed", b"GET / HTTP/1.1\r\nHost: ::1\r\n\r\n", 400),
+    ("Host IPv6 bad", b"GET / HTTP/1.1\r\nHost: [x::1]\r\n\r\n", 400),
     ("no Host in 1.1", b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 400),
     ("bare LF", b"GET / HTTP/1.1\nHost: a\n\n", 400),
     ("not HTTP", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
@@ -267,6 +279,19 @@ REJECTED = [
         400,
     ),
 ]
+
+
+@pytest.mark.parametrize("host", [b"a", b"a.example:8080", b"10.0.0.1:80", b"[::1]:80", b"[::ffff:10.0.0.1]", b"xn--bcher-kva.example", b"a:", b""])
+def test_a_host_that_is_an_authority_is_forwarded_as_received(run: Any, host: bytes) -> None:
+    def body(loop: asyncio.AbstractEventLoop) -> None:
+        h = Harness(loop, RoutingTable((listener(forward("g")),), (group("g", ("10.0.0.1", 80, 1)),)))
+        _, up = h.upstream()
+        client, t = h.client()
+        client.data_received(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert b"\r\nHost: " + host + b"\r\n" in up.data()
+        assert t.data() == b""
+
+    run(body)
 
 
 @pytest.mark.parametrize("name,payload,status", REJECTED, ids=[r[0] for r in REJECTED])

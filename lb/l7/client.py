@@ -56,6 +56,7 @@ from lb.l7.httputil import CRLF, NOT_NOMINABLE, UNKNOWN
 from lb.l7.request_head import (
     COLON,
     HOST,
+    HOST_SYNTAX,
     SPECIAL,
     TABLE,
     build_head,
@@ -370,7 +371,7 @@ class ClientProtocol(asyncio.Protocol):
             kind = SPECIAL.get(name.lower())
         if kind is None:  # passed through as received
             ex.parts += (name, COLON, value, CRLF)
-        elif kind == HOST and ex.host is None:
+        elif kind == HOST and ex.host is None and HOST_SYNTAX.fullmatch(value):  # else special_header refuses it
             ex.host = value
             ex.parts += (name, COLON, value, CRLF)
         else:

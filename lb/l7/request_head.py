@@ -13,6 +13,7 @@ ours.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import httptools
 
@@ -23,6 +24,11 @@ from lb.l7.rules import Request
 from lb.model import IPAddress
 
 COLON = b": "
+# Host = uri-host [ ":" port ] (RFC 9110 §7.2): an IP-literal, or a reg-name
+# (unreserved, pct-encoded, sub-delims; an IPv4 address is one too), then an
+# optional port. A server must answer 400 to anything else, and a redirect's
+# #{host} copies this value into Location, so nothing else may pass.
+HOST_SYNTAX = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 
 # What a request header is to us.
@@ -79,6 +85,8 @@ def special_header(ex: Exchange, kind: int, name: bytes, value: bytes) -> None:
     elif kind == HOST:
         if ex.host is not None:
             raise errors.RequestRejected(errors.BAD_REQUEST, "more than one Host header")
+        if HOST_SYNTAX.fullmatch(value) is None:
+            raise errors.RequestRejected(errors.BAD_REQUEST, "Host is not host[:port]")
         ex.host = value
         ex.parts += (name, COLON, value, CRLF)
     elif kind == LOOKALIKE:
