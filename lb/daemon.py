@@ -53,7 +53,8 @@ GRACE_SECONDS = 30.0
 
 # Settings a running daemon cannot change: a reload that changes one is refused.
 RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size",
-                "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address")
+                "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address",
+                "header_timeout", "body_timeout", "min_body_rate", "max_response_head")
 
 
 class DaemonError(RuntimeError):
@@ -111,7 +112,7 @@ class Daemon:
             from lb.l7.config import L7Config
             from lb.l7.server import L7Server
 
-            self.l7 = L7Server(L7Config(workers=config.workers, access_log="-"))
+            self.l7 = L7Server(L7Config.for_load_balancer(config, access_log="-"))
             self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
         self._after_reconcile(self.controller.reconcile())

@@ -262,6 +262,11 @@ class LoadBalancer:
     idle_timeout: int = 60  # L7, seconds, 1..4000
     tcp_idle_timeout: int = 350  # L4 TCP flows, seconds
     udp_idle_timeout: int = 120  # L4 UDP flows, seconds
+    # L7 request deadlines and the response-head bound (lb.l7.config.L7Config says why).
+    header_timeout: int = 20  # seconds from a request head's first byte to its end
+    body_timeout: int = 20  # seconds a request body may take from its first byte, plus:
+    min_body_rate: int = 500  # one more second per this many body bytes
+    max_response_head: int = 32 * 1024  # bytes of a target's status line and headers
     ring_size: int = 65537  # Maglev table size M, a prime
     workers: int = 0  # L7 worker processes; 0: one per core
     admin_socket: str = "/run/lb/admin.sock"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from lb import config as configmod
 from lb import model as m
 from lb.l7.config import L7Config
 from lb.l7.server import L7Server
@@ -69,6 +70,13 @@ def test_routing_table_build_and_pickle() -> None:
     assert entry is not None and entry.in_service == (("10.0.0.2", 81, 3),) and entry.draining == {("10.0.0.1", 8080)}
     assert pickle.loads(pickle.dumps(later)) == later
     assert L7Config.for_load_balancer(lb, connect_timeout=1.0) == L7Config(workers=3, connect_timeout=1.0)
+    strict = configmod.loads(
+        '[load_balancer]\nname = "x"\nheader_timeout = 5\nbody_timeout = 6\nmin_body_rate = 7\n'
+        "max_response_head = 8192\n"
+    )
+    assert L7Config.for_load_balancer(strict) == L7Config(
+        header_timeout=5, body_timeout=6, min_body_rate=7, max_response_head=8192
+    )
 
 
 # --- keep-alive, pipelining, bodies ----------------------------------------------------

@@ -42,7 +42,8 @@ HEALTH_PATH = re.compile(rf"(?:[{PCHAR}/]|{PCT})*(?:\?(?:[{PCHAR}/?]|{PCT})*)?")
 HEALTH_PATH_RULE = f"a URI path and optional ?query: {URI_CHARS}, '/' (and '?' in the query)"
 LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
-    "udp_idle_timeout", "ring_size", "workers", "admin_socket", "metrics_address",
+    "udp_idle_timeout", "header_timeout", "body_timeout", "min_body_rate", "max_response_head", "ring_size",
+    "workers", "admin_socket", "metrics_address",
 )  # fmt: skip
 LISTENER_KEYS = ("name", "protocol", "address", "port", "default_action", "rules")
 GROUP_KEYS = (
@@ -177,6 +178,10 @@ class _Builder:
             idle_timeout=t.integer("idle_timeout", 1, 4000, 60),
             tcp_idle_timeout=t.integer("tcp_idle_timeout", 1, 86400, 350),
             udp_idle_timeout=t.integer("udp_idle_timeout", 1, 86400, 120),
+            header_timeout=t.integer("header_timeout", 1, 4000, 20),
+            body_timeout=t.integer("body_timeout", 1, 4000, 20),
+            min_body_rate=t.integer("min_body_rate", 1, 1 << 30, 500),
+            max_response_head=t.integer("max_response_head", 1024, 1 << 20, 32 * 1024),
             ring_size=ring_size,
             workers=t.integer("workers", 0, 256, 0),
             admin_socket=t.string("admin_socket", "/run/lb/admin.sock", max_len=107),  # sun_path

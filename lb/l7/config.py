@@ -61,5 +61,13 @@ class L7Config:
 
     @classmethod
     def for_load_balancer(cls, lb: LoadBalancer, **overrides: Any) -> L7Config:
-        """The settings the model decides (the worker count), plus ``overrides``."""
-        return cls(workers=lb.workers, **overrides)
+        """The settings the model decides (workers, deadlines, the response-head
+        bound), plus ``overrides``."""
+        return cls(
+            workers=lb.workers,
+            header_timeout=lb.header_timeout,
+            body_timeout=lb.body_timeout,
+            min_body_rate=lb.min_body_rate,
+            max_response_head=lb.max_response_head,
+            **overrides,
+        )
