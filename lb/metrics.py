@@ -8,7 +8,7 @@
 for each scrape, so nothing goes stale across a restart of the program),
 health rows, and the L7 workers' snapshots summed over workers. `serve`
 exposes it on its own registry (never prometheus_client's global one), from
-a daemon thread of prometheus_client's WSGI server.
+one thread (lb.metrics_http: bounded connections, idle ones timed out).
 
 The daemon's health checker and L7 server belong to its event loop; the
 scrape thread must not touch them directly (L7Server.stats() and update()
@@ -45,14 +45,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import gzip
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
@@ -60,6 +59,7 @@ from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry
 from lb.dataplane.pins import open_pinned
 from lb.dataplane.structs import COUNTER_HELP
 from lb.inspect.names import l4_listeners
+from lb.metrics_http import IDLE_TIMEOUT, MAX_CONNECTIONS, ScrapeServer
 from lb.model import LoadBalancer, TargetState
 
 log = logging.getLogger("lb.metrics")
@@ -257,16 +257,12 @@ class Collector(PromCollector):
 class MetricsServer:
     """A running endpoint; close() stops it and frees the port."""
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
-        self._httpd = httpd
-        self._thread = thread
-        host, port = httpd.server_address[:2]
-        self.address = (str(host), int(port))
+    def __init__(self, server: ScrapeServer) -> None:
+        self._server = server
+        self.address = server.address
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5.0)
+        self._server.close()
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -275,10 +271,19 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve(address: str, collector: Collector) -> MetricsServer:
-    """Serve /metrics for `collector` on ADDRESS:PORT, from a daemon thread."""
+def serve(address: str, collector: Collector, *, idle_timeout: float = IDLE_TIMEOUT,
+          max_connections: int = MAX_CONNECTIONS) -> MetricsServer:
+    """Serve /metrics for `collector` on ADDRESS:PORT, from one daemon thread
+    (lb.metrics_http: bounded connections, idle ones closed after `idle_timeout`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    host, port = split_address(address)
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsServer(httpd, thread)
+
+    def render(accept: str, accept_encoding: str) -> tuple[str, list[tuple[str, str]], bytes]:
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(registry)
+        if gzip_accepted(accept_encoding):
+            return content_type, [("Content-Encoding", "gzip")], gzip.compress(body)
+        return content_type, [], body
+
+    return MetricsServer(ScrapeServer(split_address(address), render, idle_timeout=idle_timeout,
+                                      max_connections=max_connections))
