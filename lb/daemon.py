@@ -112,31 +112,16 @@ class Daemon:
             from lb.l7.server import L7Server
 
             self.l7 = L7Server(L7Config(workers=config.workers, access_log="-"))
-            self.l7.start(self.controller.routing_table())
+            await self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
         self._after_reconcile(self.controller.reconcile())
-        self._start_metrics()
+        self.metrics_server = metrics.start(self.config.metrics_address, lambda: self.config, self.health, self.l7)
         self.admin = admin.AdminServer(config.admin_socket, AdminCommands(self).handle)
         await self.admin.start()
         self.state.save()
         log.info("lb %s up: %d listeners, %d target groups", config.name, len(config.listeners),
                  len(config.target_groups))
         sd_notify("READY=1\nSTATUS=serving")
-
-    def _start_metrics(self) -> None:
-        """Prometheus on config.metrics_address, in our netns. The scrape thread
-        opens the pinned maps itself; health records and the L7 workers' pipes
-        belong to this loop, so it asks the loop for them (on_loop). A port
-        already taken is logged, not fatal: L4 and L7 serve on without it."""
-        loop, address = asyncio.get_running_loop(), self.config.metrics_address
-        health = metrics.on_loop(loop, lambda: metrics.health_rows(self.config, self.health))
-        l7_stats = metrics.on_loop(loop, self.l7.stats) if self.l7 is not None else None
-        collector = metrics.Collector(lambda: self.config, health=health, l7_stats=l7_stats)
-        try:
-            self.metrics_server = metrics.serve(address, collector)
-            log.info("metrics on http://%s/metrics", address)
-        except OSError as exc:
-            log.error("metrics_address %s: %s; no metrics endpoint", address, exc)
 
     def _start_dataplane(self) -> None:
         config = self.config
@@ -180,7 +165,7 @@ class Daemon:
         if self._health_task is not None:
             await asyncio.gather(self._health_task, return_exceptions=True)
         if self.l7 is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.l7.stop, GRACE_SECONDS)
+            await self.l7.stop(GRACE_SECONDS)
         self.close_dataplane()
         log.info("lb %s stopped; XDP program and maps left in place (lb down removes them)", self.config.name)
 
@@ -241,11 +226,15 @@ class Daemon:
         self.health.update_groups(new.target_groups)
         self.controller.set_config(new)
         self._after_reconcile(self.controller.reconcile())
+        warnings = await self.l7.settle() if self.l7 is not None else []  # a stuck worker is named, not waited for
+        for warning in warnings:
+            log.warning("reload: %s", warning)
         self.state.loaded_at = time.time()
         self.state.save()
         log.info("reloaded %s", self.config_path or "the embedded config")
         sd_notify("READY=1")
-        return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups)}
+        return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups),
+                "warnings": warnings}
 
 
 # --- entry points ----------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
+from typing import Any
 
 from lb.l7.client import ClientProtocol
 from lb.l7.clock import Clock
@@ -120,6 +121,10 @@ class Worker:
     def closed(self, conn: ClientProtocol) -> None:
         self.connections.discard(conn)
         self.stats.connections -= 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """:meth:`WorkerStats.snapshot`: what the parent's stats request gets."""
+        return self.stats.snapshot()
 
     def _sweep(self) -> None:
         now = self.clock.now = self.loop.time()
