@@ -13,7 +13,8 @@ notice that the control plane was gone.
 
 Only the wiring is here. The parts: lb.hostnet (netns, addresses, interfaces),
 lb.dataplane (program, pinned maps), lb.runstate (/run/lb), lb.admin_commands,
-lb.metrics, lb.systemd (sd_notify), lb.health, lb.controller and lb.l7.
+lb.metrics, lb.rlimits (open files), lb.systemd (sd_notify), lb.health, lb.controller
+and lb.l7.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from lb import admin, metrics, runstate
+from lb import admin, metrics, rlimits, runstate
 from lb import config as configmod
 from lb import netlink as nl
 from lb.admin_commands import AdminCommands
@@ -253,6 +254,7 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
     problems a user can fix (already running, no such namespace, ...)."""
     if os.geteuid() != 0:
         raise DaemonError("lb up needs root (BPF, XDP, addresses): run it with sudo")
+    rlimits.raise_and_report()  # open files: the soft limit up to the hard one (the workers inherit it)
     try:
         enter_netns(config.netns)  # the main thread, before any other thread or socket exists
         lock = runstate.lock(config.name)

@@ -41,6 +41,10 @@ lb_l7_worker_restarts_total{worker}         counter  worker processes started to
                                                       exited or was killed (worker: slot 0..N-1)
 lb_l7_worker_up{worker}                     gauge    1 if the worker answered this scrape in time
 lb_l7_worker_start_time_seconds{worker}     gauge    when the worker process started
+lb_l7_open_fds{worker}                      gauge    descriptors open (the worker's estimate)
+lb_l7_fd_limit{worker}                      gauge    its limit on open files
+lb_l7_connections_shed_total                counter  idle connections closed near the open files limit
+lb_l7_connections_refused_total             counter  new ones closed there (nothing idle to close)
 ==========================================  =======  ==========================================
 
 Per-CPU maps are summed per scrape.
@@ -264,6 +268,12 @@ class Collector(PromCollector):
                                         "Time from sending a request to a target to its response head",
                                         buckets=cumulative, sum_value=total)
         yield GaugeMetricFamily("lb_http_connections", "L7 client connections open now", value=connections)
+        yield CounterMetricFamily("lb_l7_connections_shed", "Idle L7 client connections closed, oldest first, "
+                                  "to keep descriptors free near the open files limit",
+                                  value=sum(snap.get("shed", 0) for snap in snapshots))
+        yield CounterMetricFamily("lb_l7_connections_refused", "New L7 client connections closed at once near "
+                                  "the open files limit (no idle one to close instead)",
+                                  value=sum(snap.get("refused", 0) for snap in snapshots))
         yield from self._l7_workers([snap for snap in snapshots if snap.get("worker") is not None])
 
     def _l7_workers(self, rows: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -274,13 +284,19 @@ class Collector(PromCollector):
                                labels=["worker"])
         started = GaugeMetricFamily("lb_l7_worker_start_time_seconds", "When the L7 worker process started "
                                     "(Unix time)", labels=["worker"])
+        fds = GaugeMetricFamily("lb_l7_open_fds", "Descriptors the L7 worker has open (its estimate: its own "
+                                "files and listeners, client and upstream connections)", labels=["worker"])
+        limit = GaugeMetricFamily("lb_l7_fd_limit", "The L7 worker's limit on open files", labels=["worker"])
         for row in rows:
             worker = [str(row["worker"])]
             restarts.add_metric(worker, row.get("restarts", 0))
             up.add_metric(worker, 1 if row.get("answered") else 0)
             if row.get("started") is not None:
                 started.add_metric(worker, row["started"])
-        yield from (restarts, up, started)
+            if row.get("fds"):
+                fds.add_metric(worker, row["fds"]["open"])
+                limit.add_metric(worker, row["fds"]["limit"])
+        yield from (restarts, up, started, fds, limit)
 
 
 # --- serving ---------------------------------------------------------------------

@@ -5,32 +5,18 @@ Loopback only; no root, nothing pinned."""
 from __future__ import annotations
 
 import contextlib
-import resource
-import select
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 from lb import metrics
 from lb.model import LoadBalancer
+from tests.idle_clients import nofile_at_least, open_idle
 from tests.names import name
 
 IDLE_CONNECTIONS = 3000
-
-
-@contextlib.contextmanager
-def nofile_at_least(wanted: int) -> Iterator[None]:
-    """The soft RLIMIT_NOFILE of this process raised for the test (to the hard limit at most)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def endpoint(idle_timeout: float = 10.0) -> metrics.MetricsServer:
@@ -43,34 +29,6 @@ def scrape(server: metrics.MetricsServer, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:
         body: bytes = response.read()
     return body.decode()
-
-
-def open_idle(address: tuple[str, int], count: int, within: float = 20.0) -> list[socket.socket]:
-    """`count` connections to `address` that send nothing: those whose
-    handshake completed within `within` s (all connects in flight at once)."""
-    pending: list[socket.socket] = []
-    done: list[socket.socket] = []
-    poller = select.poll()
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            pending.append(sock)
-            sock.setblocking(False)
-            sock.connect_ex(address)
-            poller.register(sock, select.POLLOUT)
-        by_fd = {sock.fileno(): sock for sock in pending}
-        deadline = time.monotonic() + within
-        while by_fd and time.monotonic() < deadline:
-            for fd, _ in poller.poll(100):
-                sock = by_fd.pop(fd)
-                poller.unregister(fd)
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                    done.append(sock)
-    finally:
-        for sock in pending:
-            if sock not in done:
-                sock.close()
-    return done
 
 
 def test_thousands_of_idle_connections_keep_threads_bounded_and_a_scrape_answers() -> None:

@@ -57,6 +57,7 @@ from typing import Any
 
 import uvloop
 
+from lb import rlimits
 from lb.l7.channel import Channel, ChannelClosed, open_channel
 from lb.l7.config import L7Config
 from lb.l7.stats import WorkerStats
@@ -629,6 +630,7 @@ def merge_snapshots(total: dict[str, Any] | None, snapshot: dict[str, Any]) -> d
 def _worker_main(sock: socket.socket, config: L7Config) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     _setup_logging(config)
+    rlimits.raise_nofile()  # the daemon did too; not every parent does (lb.rlimits)
     if not uvloop.run(_worker(sock, config)):
         sys.exit(1)  # could not start: the parent logs why
 
