@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -192,6 +194,13 @@ def test_each_killed_worker_is_replaced_within_a_second_and_gets_the_routing_upd
     rows = worker_rows(daemon)
     assert sorted(row["pid"] for row in rows) == replacements
     assert all(row["restarts"] == 1 and row["state"] == "running" and row["started"] > 0 for row in rows), rows
+    shown = subprocess.run([sys.executable, "-m", "lb", "status", "-c", daemon.config_path], capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    table = shown[shown.index("l7 worker"):].splitlines()
+    assert table[0].split() == ["l7", "worker", "pid", "state", "started", "restarts", "last", "exit"], shown
+    for row, line in zip(rows, table[1:]):
+        assert line.split()[:3] == [row["name"], str(row["pid"]), "running"], shown
+        assert line.split()[5:] == ["1", "was", "killed", "by", "SIGKILL"], shown
 
     # Routing updates reach the new workers: a deregistered target gets no new requests from any of them.
     drained = lab.backends[0]

@@ -220,9 +220,6 @@ class L7Server:
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, finish requests in flight for up to ``grace`` s, exit."""
         self._running, self._stopping = False, True
-        if self._tick is not None:
-            self._tick.cancel()
-            self._tick = None
         procs = []
         for slot in self._slots:
             if slot.restart_timer is not None:
@@ -231,14 +228,19 @@ class L7Server:
             if slot.proc is not None:
                 procs.append(slot.proc)
         for proc in procs:
+            if proc.state == "unresponsive":  # it would not finish anything: do not wait for it
+                self._kill(proc)
             proc.state = "stopping"
             try:
                 if proc.channel is not None:
                     proc.channel.send(("stop", 0, grace))
             except ChannelClosed:
                 pass
-        if procs:
+        if procs:  # the heartbeat goes on meanwhile: one silent for kill_after is killed
             await asyncio.wait([p.exited for p in procs], timeout=grace + 5.0)
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         await self._kill_all()
         for task in list(self._tasks):
             task.cancel()
@@ -256,8 +258,8 @@ class L7Server:
         are bound, those that left are closed; their connections stay until
         they end. A worker that rejects it is logged and keeps its table.
         """
-        if not self._slots:
-            raise RuntimeError("not started")
+        if not self._slots or self._stopping:  # nothing to update (a reconcile racing the daemon's stop)
+            return
         self._reserve_ports(table)
         resolved = self._table = self._resolved(table)
         acks = {}
