@@ -173,7 +173,7 @@ def test_each_killed_worker_is_replaced_within_a_second_and_gets_the_routing_upd
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             kills.append(killed_at)
-            wait_until(lambda: len(pids := worker_pids(daemon)) == WORKERS and victim not in pids, 5.0)
+            wait_until(lambda gone=victim: len(pids := worker_pids(daemon)) == WORKERS and gone not in pids, 5.0)
             replaced_in = time.monotonic() - killed_at
             assert replaced_in <= 1.0, f"worker {victim} replaced after {replaced_in:.2f} s"
             time.sleep(1.0)

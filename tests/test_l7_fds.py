@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.l7_backends import Client, backend, build_request, forward_to, http_listener, proxy, routing_table, run, \
-    target_group
+from tests.l7_backends import (
+    Client,
+    backend,
+    build_request,
+    forward_to,
+    http_listener,
+    proxy,
+    routing_table,
+    run,
+    target_group,
+)
 
 
 def test_the_oldest_idle_connections_make_room_and_requests_in_flight_finish() -> None:

@@ -17,8 +17,16 @@ import pytest
 from lb.l7.config import L7Config
 from lb.l7.server import L7Server, Supervision, describe_exit
 from lb.l7.table import RoutingTable
-from tests.l7_backends import Backend, Client, ThreadedBackends, forward_to, http_listener, routing_table, run, \
-    target_group
+from tests.l7_backends import (
+    Backend,
+    Client,
+    ThreadedBackends,
+    forward_to,
+    http_listener,
+    routing_table,
+    run,
+    target_group,
+)
 
 LISTENER = http_listener(forward_to("g"))
 
