@@ -311,8 +311,10 @@ class L7Server:
             await asyncio.wait([future for _, future in asked.values()], timeout=timeout)
         rows = []
         for slot, row in zip(self._slots, self.workers()):
-            proc, future = asked.get(slot.index, (None, None))
-            answered = future is not None and future.done() and not future.cancelled() and not future.exception()
+            proc = slot.proc  # the one asked may have exited meanwhile: its counters are in _retired now
+            asked_proc, future = asked.get(slot.index, (None, None))
+            answered = asked_proc is proc and future is not None and future.done() and not future.cancelled() \
+                and not future.exception()
             snapshot = proc.snapshot if proc is not None and proc.snapshot is not None else _EMPTY
             rows.append({**snapshot, **row, "answered": answered})
         if self._retired is not None:
