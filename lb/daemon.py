@@ -148,8 +148,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._stopping)
         await self._stop.wait()
+
+    def _stopping(self) -> None:
+        if self.l7 is not None:  # no worker is replaced from now on
+            self.l7.stopping()
+        self._stop.set()
 
     async def stop(self) -> None:
         """Graceful: the L7 workers finish in-flight requests; XDP stays attached."""

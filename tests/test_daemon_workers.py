@@ -314,3 +314,36 @@ def test_with_one_worker_the_listener_is_back_within_a_second(daemon: RunningDae
     back_in = time.monotonic() - killed_at
     assert back_in <= 1.0, f"the listener was back after {back_in:.2f} s"
     assert len(worker_pids(daemon)) == 1
+
+
+def test_sigterm_to_the_whole_unit_stops_gracefully_without_replacing_a_worker(
+        daemon: RunningDaemon, lab: Lab) -> None:
+    """systemd's default KillMode (control-group) sends SIGTERM to every
+    process of the unit, the workers first here, and lb is stopped (SIGSTOP)
+    meanwhile so they would be long gone before it sees its own SIGTERM, had
+    they acted on theirs. lb decides when they stop: a request in flight
+    still finishes, and no worker is replaced."""
+    assert daemon.proc is not None
+    workers = worker_pids(daemon)
+    seen = len(daemon_log(daemon))
+    with ThreadPoolExecutor(1) as pool:
+        def slow_request() -> int:
+            status, _, _ = labclient.http_get(lab.client_ns, labmod.VIP, labmod.HTTP_PORT, "/sleep/2", timeout=10)
+            return status
+
+        in_flight = pool.submit(slow_request)
+        time.sleep(0.5)
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            for pid in workers:
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(1.0)
+            assert worker_pids(daemon) == workers  # still there
+            os.kill(daemon.proc.pid, signal.SIGTERM)
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        assert daemon.stop() == 0
+        assert in_flight.result(timeout=10) == 200
+    logs = daemon_log(daemon)[seen:]
+    assert "replace" not in logs and "Traceback" not in logs and "exited" not in logs, logs
+    daemon.start()  # for the fixture's own teardown

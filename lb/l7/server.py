@@ -217,9 +217,14 @@ class L7Server:
         self._running = True
         self._tick = self._loop.call_later(self.supervision.heartbeat, self._heartbeat)
 
+    def stopping(self) -> None:
+        """No more replacements from now on: call it as soon as the stop is
+        decided (a worker that dies meanwhile, say to the OOM killer, stays dead)."""
+        self._running, self._stopping = False, True
+
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, finish requests in flight for up to ``grace`` s, exit."""
-        self._running, self._stopping = False, True
+        self.stopping()
         procs = []
         for slot in self._slots:
             if slot.restart_timer is not None:
@@ -632,7 +637,12 @@ def merge_snapshots(total: dict[str, Any] | None, snapshot: dict[str, Any]) -> d
 
 
 def _worker_main(sock: socket.socket, config: L7Config) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    # The parent decides when we stop, and with which grace: systemd sends
+    # SIGTERM to every process of the unit, and a worker that left on its own
+    # would race the parent's stop (and be replaced). A parent that is gone
+    # closes our channel: we stop then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _setup_logging(config)
     rlimits.raise_nofile()  # the daemon did too; not every parent does (lb.rlimits)
     if not uvloop.run(_worker(sock, config)):
@@ -712,7 +722,6 @@ async def _worker(sock: socket.socket, config: L7Config) -> bool:
 
     sock.setblocking(False)
     channel = await open_channel(sock, on_message, parent_gone)
-    loop.add_signal_handler(signal.SIGTERM, lambda: spawn(stop(config.ready_timeout)))
     try:
         return await finished
     finally:
