@@ -1,6 +1,7 @@
 """What the admin socket's commands do in a running daemon.
 
-    status                  name, pid, config and load time, program, attachments, listeners
+    status                  name, pid, config and load time, program, attachments, listeners,
+                            L7 workers (pid, state, started, restarts)
     targets [group]         every target with its health, as describe-target-health
     register / deregister   a target in a group (deregistered targets drain first)
     reload                  re-read the config: all or nothing (Daemon.reload)
@@ -30,6 +31,12 @@ from lb.runstate import RuntimeState, listener_rows
 COMMANDS = tuple(configmod.ADMIN_COMMANDS)
 
 
+class WorkerTable(Protocol):
+    """The L7 workers (lb.l7.server.L7Server), for status."""
+
+    def workers(self) -> list[dict[str, Any]]: ...
+
+
 class DaemonView(Protocol):
     """The running daemon as the commands see it."""
 
@@ -47,6 +54,9 @@ class DaemonView(Protocol):
 
     @property
     def health(self) -> HealthChecker | None: ...
+
+    @property
+    def l7(self) -> WorkerTable | None: ...
 
     def schedule_reconcile(self) -> None: ...
 
@@ -89,6 +99,7 @@ class AdminCommands:
             "program_id": daemon.program.prog_id if daemon.program else None,
             "attachments": daemon.state.attachments,
             "listeners": listener_rows(daemon.config),
+            "l7_workers": daemon.l7.workers() if daemon.l7 is not None else [],
         }
 
     def targets(self, group: TargetGroup | None) -> list[dict[str, Any]]:

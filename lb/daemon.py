@@ -13,7 +13,8 @@ notice that the control plane was gone.
 
 Only the wiring is here. The parts: lb.hostnet (netns, addresses, interfaces),
 lb.dataplane (program, pinned maps), lb.runstate (/run/lb), lb.admin_commands,
-lb.metrics, lb.systemd (sd_notify), lb.health, lb.controller and lb.l7.
+lb.metrics, lb.rlimits (open files), lb.systemd (sd_notify), lb.health, lb.controller
+and lb.l7.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from lb import admin, metrics, runstate
+from lb import admin, metrics, rlimits, runstate
 from lb import config as configmod
 from lb import netlink as nl
 from lb.admin_commands import AdminCommands
@@ -113,31 +114,16 @@ class Daemon:
             from lb.l7.server import L7Server
 
             self.l7 = L7Server(L7Config.for_load_balancer(config, access_log="-"))
-            self.l7.start(self.controller.routing_table())
+            await self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
         self._after_reconcile(self.controller.reconcile())
-        self._start_metrics()
+        self.metrics_server = metrics.start(self.config.metrics_address, lambda: self.config, self.health, self.l7)
         self.admin = admin.AdminServer(config.admin_socket, AdminCommands(self).handle)
         await self.admin.start()
         self.state.save()
         log.info("lb %s up: %d listeners, %d target groups", config.name, len(config.listeners),
                  len(config.target_groups))
         sd_notify("READY=1\nSTATUS=serving")
-
-    def _start_metrics(self) -> None:
-        """Prometheus on config.metrics_address, in our netns. The scrape thread
-        opens the pinned maps itself; health records and the L7 workers' pipes
-        belong to this loop, so it asks the loop for them (on_loop). A port
-        already taken is logged, not fatal: L4 and L7 serve on without it."""
-        loop, address = asyncio.get_running_loop(), self.config.metrics_address
-        health = metrics.on_loop(loop, lambda: metrics.health_rows(self.config, self.health))
-        l7_stats = metrics.on_loop(loop, self.l7.stats) if self.l7 is not None else None
-        collector = metrics.Collector(lambda: self.config, health=health, l7_stats=l7_stats)
-        try:
-            self.metrics_server = metrics.serve(address, collector)
-            log.info("metrics on http://%s/metrics", address)
-        except OSError as exc:
-            log.error("metrics_address %s: %s; no metrics endpoint", address, exc)
 
     def _start_dataplane(self) -> None:
         config = self.config
@@ -163,8 +149,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._stopping)
         await self._stop.wait()
+
+    def _stopping(self) -> None:
+        if self.l7 is not None:  # no worker is replaced from now on
+            self.l7.stopping()
+        self._stop.set()
 
     async def stop(self) -> None:
         """Graceful: the L7 workers finish in-flight requests; XDP stays attached."""
@@ -181,7 +172,7 @@ class Daemon:
         if self._health_task is not None:
             await asyncio.gather(self._health_task, return_exceptions=True)
         if self.l7 is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.l7.stop, GRACE_SECONDS)
+            await self.l7.stop(GRACE_SECONDS)
         self.close_dataplane()
         log.info("lb %s stopped; XDP program and maps left in place (lb down removes them)", self.config.name)
 
@@ -242,11 +233,15 @@ class Daemon:
         self.health.update_groups(new.target_groups)
         self.controller.set_config(new)
         self._after_reconcile(self.controller.reconcile())
+        warnings = await self.l7.settle() if self.l7 is not None else []  # a stuck worker is named, not waited for
+        for warning in warnings:
+            log.warning("reload: %s", warning)
         self.state.loaded_at = time.time()
         self.state.save()
         log.info("reloaded %s", self.config_path or "the embedded config")
         sd_notify("READY=1")
-        return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups)}
+        return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups),
+                "warnings": warnings}
 
 
 # --- entry points ----------------------------------------------------------------
@@ -265,6 +260,7 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
     problems a user can fix (already running, no such namespace, ...)."""
     if os.geteuid() != 0:
         raise DaemonError("lb up needs root (BPF, XDP, addresses): run it with sudo")
+    rlimits.raise_and_report()  # open files: the soft limit up to the hard one (the workers inherit it)
     try:
         enter_netns(config.netns)  # the main thread, before any other thread or socket exists
         lock = runstate.lock(config.name)

@@ -8,11 +8,13 @@
 for each scrape, so nothing goes stale across a restart of the program),
 health rows, and the L7 workers' snapshots summed over workers. `serve`
 exposes it on its own registry (never prometheus_client's global one), from
-a daemon thread of prometheus_client's WSGI server.
+one thread (lb.metrics_http: bounded connections, idle ones timed out).
 
 The daemon's health checker and L7 server belong to its event loop; the
-scrape thread must not touch them directly (L7Server.stats() and update()
-share one pipe per worker). Wrap such callables with :func:`on_loop`.
+scrape thread must not touch them directly: :func:`on_loop` runs them there
+(awaiting L7Server.stats(), which never blocks the loop) with a timeout.
+The L7 counters include those of workers that exited (L7Server.stats()),
+so they do not go backwards when a worker is replaced.
 
 Metrics (all prefixed ``lb_``; "vip" is "ADDRESS:PORT", "target" too):
 
@@ -35,6 +37,14 @@ lb_http_requests_total{listener,rule,       counter  L7 requests answered; rule 
   target,code}                                        the default rule, target "-" for none
 lb_http_upstream_latency_seconds            histo.   time to the target's response head
 lb_http_connections                         gauge    client connections open now
+lb_l7_worker_restarts_total{worker}         counter  worker processes started to replace one that
+                                                      exited or was killed (worker: slot 0..N-1)
+lb_l7_worker_up{worker}                     gauge    1 if the worker answered this scrape in time
+lb_l7_worker_start_time_seconds{worker}     gauge    when the worker process started
+lb_l7_open_fds{worker}                      gauge    descriptors open (the worker's estimate)
+lb_l7_fd_limit{worker}                      gauge    its limit on open files
+lb_l7_connections_shed_total                counter  idle connections closed near the open files limit
+lb_l7_connections_refused_total             counter  new ones closed there (nothing idle to close)
 ==========================================  =======  ==========================================
 
 Per-CPU maps are summed per scrape.
@@ -45,14 +55,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import gzip
+import inspect
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
-from wsgiref.simple_server import WSGIServer
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
@@ -60,7 +70,12 @@ from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry
 from lb.dataplane.pins import open_pinned
 from lb.dataplane.structs import COUNTER_HELP
 from lb.inspect.names import l4_listeners
+from lb.metrics_http import IDLE_TIMEOUT, MAX_CONNECTIONS, ScrapeServer
 from lb.model import LoadBalancer, TargetState
+
+if TYPE_CHECKING:
+    from lb.health import HealthChecker
+    from lb.l7.server import L7Server
 
 log = logging.getLogger("lb.metrics")
 
@@ -75,7 +90,9 @@ L7Stats = Callable[[], list[dict[str, Any]]]
 
 
 def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], timeout: float = 10.0) -> Callable[[], Any]:
-    """`fn` made callable from another thread: it runs on `loop`, the caller waits."""
+    """`fn` made callable from another thread: it runs on `loop` (awaited
+    there if it is a coroutine function), the caller waits at most `timeout` s
+    (TimeoutError) and never blocks the loop itself."""
 
     def call() -> Any:
         try:
@@ -83,17 +100,17 @@ def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], timeout: flo
                 return fn()
         except RuntimeError:  # no loop in this thread: the usual case
             pass
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
-        def run() -> None:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # handed to the waiting thread
-                    future.set_exception(exc)
+        async def run() -> Any:
+            result = fn()
+            return await result if inspect.isawaitable(result) else result
 
-        loop.call_soon_threadsafe(run)
-        return future.result(timeout)
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"the event loop did not answer within {timeout:g} s") from None
 
     return call
 
@@ -128,6 +145,8 @@ class Collector(PromCollector):
         for section in (self._kernel, self._health_metrics, self._l7):
             try:
                 yield from section(config)
+            except TimeoutError as exc:  # the daemon's loop is busy: no traceback for that
+                log.warning("metrics: %s: %s", section.__name__, exc)
             except Exception:  # one broken source must not hide the others
                 log.exception("metrics: %s failed", section.__name__)
 
@@ -249,6 +268,35 @@ class Collector(PromCollector):
                                         "Time from sending a request to a target to its response head",
                                         buckets=cumulative, sum_value=total)
         yield GaugeMetricFamily("lb_http_connections", "L7 client connections open now", value=connections)
+        yield CounterMetricFamily("lb_l7_connections_shed", "Idle L7 client connections closed, oldest first, "
+                                  "to keep descriptors free near the open files limit",
+                                  value=sum(snap.get("shed", 0) for snap in snapshots))
+        yield CounterMetricFamily("lb_l7_connections_refused", "New L7 client connections closed at once near "
+                                  "the open files limit (no idle one to close instead)",
+                                  value=sum(snap.get("refused", 0) for snap in snapshots))
+        yield from self._l7_workers([snap for snap in snapshots if snap.get("worker") is not None])
+
+    def _l7_workers(self, rows: list[dict[str, Any]]) -> Iterator[Metric]:
+        """Per worker slot (label "worker": 0..N-1; a replacement takes its slot)."""
+        restarts = CounterMetricFamily("lb_l7_worker_restarts", "L7 worker processes started to replace one "
+                                       "that exited or was killed", labels=["worker"])
+        up = GaugeMetricFamily("lb_l7_worker_up", "1 if the L7 worker answered this scrape in time",
+                               labels=["worker"])
+        started = GaugeMetricFamily("lb_l7_worker_start_time_seconds", "When the L7 worker process started "
+                                    "(Unix time)", labels=["worker"])
+        fds = GaugeMetricFamily("lb_l7_open_fds", "Descriptors the L7 worker has open (its estimate: its own "
+                                "files and listeners, client and upstream connections)", labels=["worker"])
+        limit = GaugeMetricFamily("lb_l7_fd_limit", "The L7 worker's limit on open files", labels=["worker"])
+        for row in rows:
+            worker = [str(row["worker"])]
+            restarts.add_metric(worker, row.get("restarts", 0))
+            up.add_metric(worker, 1 if row.get("answered") else 0)
+            if row.get("started") is not None:
+                started.add_metric(worker, row["started"])
+            if row.get("fds"):
+                fds.add_metric(worker, row["fds"]["open"])
+                limit.add_metric(worker, row["fds"]["limit"])
+        yield from (restarts, up, started, fds, limit)
 
 
 # --- serving ---------------------------------------------------------------------
@@ -257,16 +305,32 @@ class Collector(PromCollector):
 class MetricsServer:
     """A running endpoint; close() stops it and frees the port."""
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
-        self._httpd = httpd
-        self._thread = thread
-        host, port = httpd.server_address[:2]
-        self.address = (str(host), int(port))
+    def __init__(self, server: ScrapeServer) -> None:
+        self._server = server
+        self.address = server.address
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5.0)
+        self._server.close()
+
+
+def start(address: str, config: Callable[[], LoadBalancer], health: HealthChecker | None,
+          l7: L7Server | None) -> MetricsServer | None:
+    """The daemon's endpoint on `address`, in its netns, called on its event
+    loop. The scrape thread opens the pinned maps itself; the health checker
+    (lb.health.HealthChecker) and the L7 workers (lb.l7.server.L7Server,
+    or None) belong to the loop, so it asks the loop for them with a timeout
+    (on_loop; the workers' stats are awaited there, never blocking it). A port
+    already taken is logged, not fatal: L4 and L7 serve on without it."""
+    loop = asyncio.get_running_loop()
+    rows = on_loop(loop, lambda: health_rows(config(), health))
+    l7_stats = on_loop(loop, l7.stats) if l7 is not None else None
+    try:
+        server = serve(address, Collector(config, health=rows, l7_stats=l7_stats))
+    except OSError as exc:
+        log.error("metrics_address %s: %s; no metrics endpoint", address, exc)
+        return None
+    log.info("metrics on http://%s/metrics", address)
+    return server
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -275,10 +339,19 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve(address: str, collector: Collector) -> MetricsServer:
-    """Serve /metrics for `collector` on ADDRESS:PORT, from a daemon thread."""
+def serve(address: str, collector: Collector, *, idle_timeout: float = IDLE_TIMEOUT,
+          max_connections: int = MAX_CONNECTIONS) -> MetricsServer:
+    """Serve /metrics for `collector` on ADDRESS:PORT, from one daemon thread
+    (lb.metrics_http: bounded connections, idle ones closed after `idle_timeout`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    host, port = split_address(address)
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsServer(httpd, thread)
+
+    def render(accept: str, accept_encoding: str) -> tuple[str, list[tuple[str, str]], bytes]:
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(registry)
+        if gzip_accepted(accept_encoding):
+            return content_type, [("Content-Encoding", "gzip")], gzip.compress(body)
+        return content_type, [], body
+
+    return MetricsServer(ScrapeServer(split_address(address), render, idle_timeout=idle_timeout,
+                                      max_connections=max_connections))

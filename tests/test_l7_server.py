@@ -612,51 +612,55 @@ def test_graceful_stop_finishes_requests_in_flight() -> None:
 def test_l7server_workers_update_stats_and_stop() -> None:
     with ThreadedBackends(("http", "p1"), ("http", "p2")) as (p1, p2):
         listener = http_listener(forward_to("g"))
-        server = L7Server(L7Config(workers=2))
-        server.start(routing_table(listener, (target_group("g", p1),)))
-        try:
-            port = server.addresses["web"][1]
-            assert len(server.pids()) == 2 and port != 0
 
-            async def requests(n: int) -> list[bytes | None]:
-                out = []
-                for _ in range(n):  # a new connection each time: both workers get some
-                    async with await Client.open(port) as client:
-                        out.append((await client.request()).header("x-backend"))
-                return out
+        async def requests(port: int, n: int) -> list[bytes | None]:
+            out = []
+            for _ in range(n):  # a new connection each time: both workers get some
+                async with await Client.open(port) as client:
+                    out.append((await client.request()).header("x-backend"))
+            return out
 
-            assert set(run(requests(20))) == {b"p1"}
-            server.update(routing_table(listener, (target_group("g", p2),), version=3))
-            assert set(run(requests(20))) == {b"p2"}
-            stats = server.stats()
-            per_worker = [sum(r[4] for r in s["requests"]) for s in stats]
-            assert sum(per_worker) == 40 and min(per_worker) > 0  # SO_REUSEPORT spread them
-        finally:
-            server.stop(grace=1.0)
-        assert server.pids() == []
+        async def body() -> None:
+            server = L7Server(L7Config(workers=2))
+            await server.start(routing_table(listener, (target_group("g", p1),)))
+            try:
+                port = server.addresses["web"][1]
+                assert len(server.pids()) == 2 and port != 0
+                assert set(await requests(port, 20)) == {b"p1"}
+                server.update(routing_table(listener, (target_group("g", p2),), version=3))
+                assert await server.settle() == []
+                assert set(await requests(port, 20)) == {b"p2"}
+                stats = await server.stats()
+                assert [row["worker"] for row in stats] == [0, 1] and all(row["answered"] for row in stats)
+                per_worker = [sum(r[4] for r in s["requests"]) for s in stats]
+                assert sum(per_worker) == 40 and min(per_worker) > 0  # SO_REUSEPORT spread them
+            finally:
+                await server.stop(grace=1.0)
+            assert server.pids() == []
+
+        run(body())
 
 
 def test_l7server_graceful_stop_in_flight_and_access_log_file(tmp_path: Path) -> None:
     log_file = tmp_path / "access.log"
     with ThreadedBackends(("http", "p1")) as (p1,):
-        server = L7Server(L7Config(workers=1, access_log=str(log_file)))
-        server.start(routing_table(http_listener(forward_to("g")), (target_group("g", p1),)))
-        port = server.addresses["web"][1]
 
-        async def slow_request() -> int:
-            async with await Client.open(port) as client:
-                client.send(build_request("GET", "/slow?ms=400"))
-                await asyncio.sleep(0.1)
-                loop = asyncio.get_running_loop()
-                stopper = loop.run_in_executor(None, server.stop, 3.0)
-                response = await client.response()
-                await stopper
-                return response.status
+        async def body() -> int:
+            server = L7Server(L7Config(workers=1, access_log=str(log_file)))
+            await server.start(routing_table(http_listener(forward_to("g")), (target_group("g", p1),)))
+            try:
+                port = server.addresses["web"][1]
+                async with await Client.open(port) as client:
+                    client.send(build_request("GET", "/slow?ms=400"))
+                    await asyncio.sleep(0.1)
+                    stopper = asyncio.get_running_loop().create_task(server.stop(3.0))
+                    response = await client.response()
+                    await stopper
+                    return response.status
+            finally:
+                await server.stop(grace=0.5)
 
-        try:
-            assert run(slow_request()) == 200
-        finally:
-            server.stop(grace=0.5)
+        assert run(body()) == 200
     (line,) = log_file.read_text().splitlines()
     assert re.fullmatch(r"\S+Z 127\.0\.0\.1:\d+ web default 127\.0\.0\.1:\d+ 200 \d+ \d+ \d+\.\d+ \d+\.\d+", line), line
 
@@ -664,32 +668,14 @@ def test_l7server_graceful_stop_in_flight_and_access_log_file(tmp_path: Path) ->
 def test_l7server_start_fails_cleanly_when_the_port_is_taken() -> None:
     import socket
 
-    with socket.socket() as taken:  # no SO_REUSEPORT: nobody can share it
-        taken.bind((HOST, 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        server = L7Server(L7Config(workers=2, ready_timeout=10))
-        with pytest.raises(OSError):
-            server.start(routing_table(http_listener(m.FixedResponseAction(200), port=port)))
-        assert server.pids() == []
+    async def body() -> None:
+        with socket.socket() as taken:  # no SO_REUSEPORT: nobody can share it
+            taken.bind((HOST, 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            server = L7Server(L7Config(workers=2, ready_timeout=10))
+            with pytest.raises(OSError, match="lb-l7-"):
+                await server.start(routing_table(http_listener(m.FixedResponseAction(200), port=port)))
+            assert server.pids() == []
 
-
-def test_a_late_reply_is_not_taken_for_the_next_answer() -> None:
-    """A worker's answer to a request that timed out (here a late "updated")
-    is skipped, so the pipe never falls out of step."""
-    import multiprocessing
-
-    from lb.l7.server import _receive
-
-    parent, child = multiprocessing.Pipe()
-    try:
-        child.send(("updated", 7, {}))
-        child.send(("stats", {"requests": []}))
-        process = multiprocessing.current_process()
-        assert _receive(parent, 1.0, process, lambda r: r[0] == "stats") == ("stats", {"requests": []})
-        child.send(("updated", 7, {}))
-        child.send(("updated", 8, {"web": ("10.0.0.1", 80)}))
-        assert _receive(parent, 1.0, process, lambda r: r[0] == "updated" and r[1] == 8)[1] == 8
-    finally:
-        parent.close()
-        child.close()
+    run(body())

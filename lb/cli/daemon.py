@@ -69,3 +69,5 @@ def reload(config_path: str | None) -> None:
     except admin.AdminError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"reloaded: {result['listeners']} listeners, {result['target_groups']} target groups")
+    for warning in result.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)

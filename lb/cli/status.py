@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
@@ -44,3 +45,15 @@ def status(config_path: str | None, as_json: bool) -> None:
     click.echo("")
     rows = [[li["name"], li["protocol"], f"{li['address']}:{li['port']}"] for li in info["listeners"]]
     click.echo(table(rows, ["listener", "protocol", "address"]))
+    workers = daemon.get("l7_workers") or []
+    if workers:
+        click.echo("")
+        rows = [[w["name"], w["pid"] or "-", worker_state(w), when(w["started"]), w["restarts"], w["last_exit"] or "-"]
+                for w in workers]
+        click.echo(table(rows, ["l7 worker", "pid", "state", "started", "restarts", "last exit"]))
+
+
+def worker_state(row: dict[str, Any]) -> str:
+    if row["state"] == "restarting" and row.get("restart_in"):
+        return f"restarting in {row['restart_in']:g} s"
+    return str(row["state"])

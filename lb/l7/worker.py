@@ -6,6 +6,17 @@ share: the compiled routes (swapped whole on :meth:`update`), the upstream
 pools, the stats, the coarse clock, and the sweep that enforces idle and
 connect timeouts a few times a second (one timer for the worker rather than
 one per request).
+
+Open files: near the process's limit (the soft RLIMIT_NOFILE less
+:func:`lb.rlimits.reserve`), a new connection makes the worker close its
+oldest idle connections (no request in flight: idle keep-alive, or a
+request head still arriving, slowloris-style), nginx-like, so the listener
+keeps accepting and requests in flight keep finding descriptors for their
+upstream connections. With nothing idle to close, the new connection is
+closed instead. Both are counted (:meth:`Worker.snapshot`) and logged at
+most every 10 s. The count is an estimate kept without system calls: the
+descriptors open once the listeners were bound, plus client and upstream
+connections.
 """
 
 from __future__ import annotations
@@ -13,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
+from typing import Any
 
+from lb import rlimits
 from lb.l7.client import ClientProtocol
 from lb.l7.clock import Clock
 from lb.l7.config import L7Config
@@ -38,8 +51,17 @@ class Worker:
         self.signer = CookieSigner(secret)
         self.table = table
         self.routes = Routes(table, self.pools)
-        self.connections: set[ClientProtocol] = set()
+        self.connections: dict[ClientProtocol, None] = {}  # oldest first
         self.closing = False
+        # Open files (see the module's docstring).
+        self.fd_limit = rlimits.nofile_limit()
+        self.fd_high = self.fd_limit - rlimits.reserve(self.fd_limit)  # shed idle connections from here
+        self.base_fds = 0  # open once the listeners were bound (counted at start and update)
+        self.upstream_fds = 0  # upstream connections (counted by the sweep and near the limit)
+        self.shed = 0  # idle connections closed to make room
+        self.refused = 0  # new connections closed: nothing idle to close
+        self._reported = (0, 0)  # shed, refused at the last log line
+        self._report_after = 0.0
         # Whether "lb.access" takes INFO lines: read per request, so it is
         # cached here and refreshed by every sweep.
         self.access_log = access_logger.isEnabledFor(logging.INFO)
@@ -58,6 +80,7 @@ class Worker:
             for _, server in self._servers.values():
                 server.close()
             raise
+        self._count_base_fds()
         self._sweep()
 
     async def _bind(self, listener: Listener) -> None:
@@ -88,6 +111,7 @@ class Worker:
         for name, listener in wanted.items():
             if name not in self._servers:
                 await self._bind(listener)
+        self._count_base_fds()
         log.debug("routing table %d in service", table.version)
 
     async def stop(self, grace: float) -> None:
@@ -114,12 +138,72 @@ class Worker:
     # --- connections --------------------------------------------------------------
 
     def opened(self, conn: ClientProtocol) -> None:
-        self.connections.add(conn)
+        self.connections[conn] = None
         self.stats.connections += 1
+        if len(self.connections) + self.base_fds + self.upstream_fds >= self.fd_high:
+            self._make_room(conn)
 
     def closed(self, conn: ClientProtocol) -> None:
-        self.connections.discard(conn)
+        self.connections.pop(conn, None)
         self.stats.connections -= 1
+
+    # --- open files ---------------------------------------------------------------
+
+    def open_fds(self) -> int:
+        """The estimate: descriptors in use now."""
+        return self.base_fds + len(self.connections) + self.upstream_fds
+
+    def _count_base_fds(self) -> None:
+        counted = rlimits.open_fds()
+        if counted is not None:
+            self.base_fds = max(0, counted - len(self.connections) - self._count_upstream())
+
+    def _count_upstream(self) -> int:
+        self.upstream_fds = sum(pool.connections for pool in self.pools.pools.values())
+        return self.upstream_fds
+
+    def _make_room(self, new: ClientProtocol | None) -> None:
+        """At the mark: close the oldest idle connections (never `new`); none: close `new`."""
+        self._count_upstream()
+        excess = self.open_fds() - self.fd_high + (1 if new is not None else 0)
+        if excess <= 0:
+            return
+        victims = []
+        for conn in self.connections:  # oldest first
+            if conn is new:
+                continue
+            if conn.transport.is_closing():  # its descriptor is being freed already
+                excess -= 1
+            elif conn.current is None and conn.tunnel is None and conn.upgrading is None:
+                victims.append(conn)
+                excess -= 1
+            if excess <= 0:
+                break
+        for conn in victims:
+            conn.transport.close()
+        self.shed += len(victims)
+        if excess > 0 and new is not None:
+            new.transport.close()
+            self.refused += 1
+        self._report_pressure()
+
+    def _report_pressure(self) -> None:
+        now = self.loop.time()
+        if now < self._report_after:
+            return
+        self._report_after = now + 10.0
+        shed, refused = self.shed - self._reported[0], self.refused - self._reported[1]
+        self._reported = (self.shed, self.refused)
+        log.warning("file descriptors: %d of %d in use (%d kept free for accepting and upstream connections): "
+                    "closed %d idle connections, oldest first, and refused %d new ones since the last report",
+                    self.open_fds(), self.fd_limit, self.fd_limit - self.fd_high, shed, refused)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the parent's stats request gets: :meth:`WorkerStats.snapshot`,
+        "fds" {"open" (the estimate), "limit", "high" (where shedding starts)},
+        "shed" and "refused" (connections closed near the limit, see above)."""
+        return {**self.stats.snapshot(), "fds": {"open": self.open_fds(), "limit": self.fd_limit,
+                                                  "high": self.fd_high}, "shed": self.shed, "refused": self.refused}
 
     def _sweep(self) -> None:
         now = self.clock.now = self.loop.time()
@@ -129,5 +213,10 @@ class Worker:
         for conn in list(self.connections):
             conn.check_idle(now, idle, connect)
         self.pools.expire(now - idle)  # upstream keep-alive connections idle too long
+        self._count_upstream()
+        if self.open_fds() >= self.fd_high:  # grown with the upstream side
+            self._make_room(None)
+        elif (self.shed, self.refused) != self._reported:  # the rest of a burst, once 10 s have passed
+            self._report_pressure()
         interval = min(max(min(idle, connect) / 10.0, 0.01), 0.5)
         self._tick = self.loop.call_later(interval, self._sweep)

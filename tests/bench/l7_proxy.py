@@ -222,15 +222,27 @@ def lb_table(port: int, backend: int) -> RoutingTable:
 
 @contextlib.contextmanager
 def start_lb(workers: int, port: int, backend: int) -> Iterator[None]:
+    """lb's L7Server, supervising its workers from an event loop of its own thread."""
+    import asyncio
+    import threading
+
     from lb.l7.config import L7Config
     from lb.l7.server import L7Server
 
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
     server = L7Server(L7Config(workers=workers))
-    server.start(lb_table(port, backend))
     try:
-        yield
+        asyncio.run_coroutine_threadsafe(server.start(lb_table(port, backend)), loop).result(60)
+        try:
+            yield
+        finally:
+            asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(60)
     finally:
-        server.stop(grace=1.0)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 # --- profiling ----------------------------------------------------------------
