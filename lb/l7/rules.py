@@ -139,6 +139,16 @@ def _literal_query_key(key: str | None) -> str | None:
     return None
 
 
+def _headers(request: Request, wanted: frozenset[str]) -> dict[str, list[str]]:
+    """Name → lowercased values, for the names some rule asks for."""
+    headers: dict[str, list[str]] = {}
+    if wanted:
+        for name, value in request.headers:
+            if name in wanted:
+                headers.setdefault(name, []).append(value.lower())
+    return headers
+
+
 def _unmapped(address: IPAddress) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
@@ -585,9 +595,10 @@ class Router:
         keys = [_literal_query_key(p.key) for c in conditions for p in c.query]
         self._query_keys = None if None in keys else frozenset(k for k in keys if k is not None)
         # Facts match() computes only for a candidate that tests them.
+        header_names, query_keys = self._header_names, self._query_keys
         lazy: dict[int, Callable[[Request], object]] = {
-            _HEADERS: self._headers,
-            _PARAMS: lambda request: _parse_query(request.query, self._query_keys),
+            _HEADERS: lambda request: _headers(request, header_names),
+            _PARAMS: lambda request: _parse_query(request.query, query_keys),
             _PEER: lambda request: _unmapped(request.source_ip),
         }
         self._candidates: tuple[_Candidate, ...] = tuple(
@@ -679,21 +690,12 @@ class Router:
         verdicts.append(RuleVerdict(None, True, not selected, None, self._default.action))
         return verdicts
 
-    def _headers(self, request: Request) -> dict[str, list[str]]:
-        headers: dict[str, list[str]] = {}
-        wanted = self._header_names
-        if wanted:
-            for name, value in request.headers:
-                if name in wanted:
-                    headers.setdefault(name, []).append(value.lower())
-        return headers
-
     def _facts(self, request: Request) -> _Facts:
         return (
             request.method,
             _host_key(request.host),
             request.path,
-            self._headers(request),
+            _headers(request, self._header_names),
             _parse_query(request.query) if self._query else [],
             _unmapped(request.source_ip),
             request.query,
