@@ -436,7 +436,8 @@ class _HostIndex(_FieldIndex):
         """The candidates for a host fact (lowercased, no port; None: no Host)."""
         always, tested, exact, suffix, label = self.always, tuple(self.tested), self.exact, self.suffix, self.label
         without = self.without
-        longest = max(map(len, suffix), default=0)  # longer dot-suffixes are not looked up
+        # Dot-suffixes longer than the longest key, or shorter than the shortest, are not looked up.
+        longest, shortest = max(map(len, suffix), default=0), min(map(len, suffix), default=0)
 
         def candidates(host: str | None) -> int:
             if host is None:
@@ -448,10 +449,11 @@ class _HostIndex(_FieldIndex):
             if exact:
                 found |= exact.get(host, 0)
             if suffix:
-                i = host.find(".", max(0, len(host) - longest))
+                last = len(host) - shortest
+                i = host.find(".", max(0, len(host) - longest), last + 1)
                 while i >= 0:
                     found |= suffix.get(host[i:], 0)
-                    i = host.find(".", i + 1)
+                    i = host.find(".", i + 1, last + 1)
             if label:
                 i = host.find(".")
                 if i >= 0:
@@ -648,10 +650,11 @@ class Router:
 
         The index gives the candidates; the lowest-numbered one whose checks
         all pass is the answer, as if every rule had been walked in order."""
-        facts: list[Any] = [request.method, _host_key(request.host), request.path, _UNSET, _UNSET, _UNSET]
+        host = _host_key(request.host) if self._no_host != self._all else None  # None: no rule tests it
+        facts: list[Any] = [request.method, host, request.path, _UNSET, _UNSET, _UNSET]
         # Without a Host (or with an empty one), no host-header condition holds,
         # not even "*": only the rules without one are candidates.
-        found = self._all if facts[_HOST] is not None else self._no_host
+        found = self._all if host is not None else self._no_host
         for slot, probe in self._probes:
             if not found & (found - 1):
                 break  # one candidate (or none) left: checking it costs less than probing
