@@ -70,6 +70,7 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
+    round: int = 0
 
 
 def free_port() -> int:
@@ -407,11 +408,11 @@ def main() -> None:
         start_nginx(stack, tmp, "backend", args.backend_workers, body)
         wait_port(backend)
 
-        def measure(name: str, workers: int | None, port: int) -> None:
+        def measure(name: str, workers: int | None, port: int, round_: int) -> None:
             if args.warmup:
                 wrk(port, args.warmup)
             rps, p50, p99 = wrk(port, args.duration)
-            results.append(Result(name, workers, rps, p50, p99))
+            results.append(Result(name, workers, rps, p50, p99, round_))
             print(
                 f"  {name:<10} workers={workers or '-'}  {rps:>10,.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms",
                 flush=True,
@@ -429,7 +430,7 @@ def main() -> None:
                 print(f"round {round_ + 1}/{args.repeat} (load {load()})")
                 shift = round_ % len(runs)
                 for name, n, port in runs[shift:] + runs[:shift]:
-                    measure(name, n or None, port)
+                    measure(name, n or None, port, round_)
             if args.profile:
                 profile(lb_pids[1], ports["lb", 1], args.duration, tmp)
         for path in sorted(tmp.glob("*access.log")) + sorted(tmp.glob("lb-*w.out")):
@@ -466,7 +467,21 @@ def print_table(results: list[Result]) -> None:
     for r in rows:
         spread = " / ".join(f"{x / 1000:.1f}k" for x in rounds[(r.name, r.workers)])
         print(f"| {r.name} | {r.workers or '-'} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {spread} |")
+    by_round = {(r.name, r.workers, r.round): r for r in results}
+
+    def paired(r: Result, other: str, figure: str) -> str:
+        """The median over rounds of lb's figure over nginx's in the same round (neighbouring runs)."""
+        ratios = [
+            getattr(mine, figure) / getattr(theirs, figure)
+            for (name, workers, round_), mine in by_round.items()
+            if name == r.name and workers == r.workers
+            for theirs in [by_round.get((other, workers, round_))]
+            if theirs is not None
+        ]
+        return f"{statistics.median(ratios):.2f}x" if ratios else "-"
+
     print("\nlb up (access log on: it cannot be turned off yet) against nginx with the same worker count:")
+    print("ratio of the medians, and (in brackets) the median of each round's ratio")
     print("| workers | against | lb/nginx req/s | lb/nginx p99 |")
     print("|---|---|---|---|")
     for r in rows:
@@ -475,7 +490,10 @@ def print_table(results: list[Result]) -> None:
         for other, label in (("nginx log", "nginx, access_log to a file"), ("nginx", "nginx, access_log off")):
             nginx = ref.get((other, r.workers))
             if nginx is not None:
-                print(f"| {r.workers} | {label} | {r.rps / nginx.rps:.2f}x | {r.p99_ms / nginx.p99_ms:.2f}x |")
+                print(
+                    f"| {r.workers} | {label} | {r.rps / nginx.rps:.2f}x ({paired(r, other, 'rps')}) "
+                    f"| {r.p99_ms / nginx.p99_ms:.2f}x ({paired(r, other, 'p99_ms')}) |"
+                )
 
 
 if __name__ == "__main__":
