@@ -8,6 +8,7 @@
 #                                `lb` command in /usr/local/bin, the systemd unit
 #                                and example configs in /etc/lb
 #   deploy/install.sh --bench    also the comparison tools the benchmarks use
+#                                (wrk, nginx, HAProxy, iperf3; py-spy in the .venv)
 #   deploy/install.sh --kernels  also QEMU and debootstrap, for `make test-kernels`
 #                                (the program on other kernels, in VMs)
 #
@@ -129,6 +130,11 @@ if [ "$system" = 0 ]; then
   fi
   "$venv/bin/python" -c 'import bcc, pyroute2, uvloop, httptools, click' \
     || { echo "install: the venv cannot import its dependencies" >&2; exit 1; }
+  # tests/bench/l7_proxy.py --profile samples `lb up` and its workers with py-spy.
+  if [ "$bench" = 1 ] && [ ! -x "$venv/bin/py-spy" ]; then
+    log "installing py-spy into $venv"
+    "$venv/bin/pip" install -q py-spy
+  fi
   log "ready ($venv)"
   exit 0
 fi

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 import re
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -404,3 +406,222 @@ def test_match_builds_no_regex_per_request(monkeypatch: pytest.MonkeyPatch) -> N
     assert router.match(req).rule_priority == 1
     assert router.explain(req)[0].selected
     assert router.match(request(path="/", query="k1=v%5Aw")).rule_priority == 3
+
+
+# --- the index: compiled match() against a linear reference -----------------------
+#
+# The reference is written here from docs/elb-reference.md and rules.py's
+# documented choices, sharing no code with lb.l7.rules: a regex per pattern
+# (``*`` → ``.*``, ``?`` → ``.``), every rule walked in priority order. Random
+# rule sets and requests are drawn from tiny alphabets, so that patterns of
+# every shape (exact, prefix, suffix, infix, ``?`` anywhere, dots and slashes
+# where index keys are cut) collide with the requests often. A seed that
+# fails is named in the assertion.
+
+
+def _reference_regex(pattern: str, escapes: bool = False) -> re.Pattern[str]:
+    out = []
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if escapes and char == "\\" and pattern[i + 1 : i + 2] in ("*", "?", "\\"):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        out.append(".*" if char == "*" else "." if char == "?" else re.escape(char))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+def _reference_any(patterns: tuple[str, ...], text: str, fold: bool, escapes: bool = False) -> bool:
+    if fold:
+        patterns, text = tuple(p.lower() for p in patterns), text.lower()
+    return any(_reference_regex(p, escapes).fullmatch(text) for p in patterns)
+
+
+def _reference_host(value: str | None) -> str | None:
+    if not value:
+        return None
+    if value.startswith("["):
+        end = value.find("]")
+        name = value if end < 0 else value[: end + 1]
+    elif value.count(":") == 1:
+        name = value.split(":")[0]
+    else:
+        name = value
+    return name.lower() or None
+
+
+def _reference_params(query: str) -> list[tuple[str, str]]:
+    pairs = []
+    for piece in query.split("&"):
+        if piece:
+            key, _, value = piece.partition("=")
+            pairs.append((unquote(key, errors="replace").lower(), unquote(value, errors="replace").lower()))
+    return pairs
+
+
+def _reference_holds(condition: Condition, req: Request) -> bool:
+    field = condition.field
+    if field is ConditionField.HOST_HEADER:
+        name = _reference_host(req.host)
+        return name is not None and _reference_any(condition.values, name, fold=True)
+    if field is ConditionField.PATH_PATTERN:
+        return _reference_any(condition.values, req.path, fold=False)
+    if field is ConditionField.HTTP_REQUEST_METHOD:
+        return req.method in condition.values
+    if field is ConditionField.HTTP_HEADER:
+        assert condition.header_name is not None
+        wanted = condition.header_name.lower()
+        return any(
+            _reference_any(condition.values, value, fold=True) for name, value in req.headers if name == wanted
+        )
+    if field is ConditionField.QUERY_STRING:
+        return any(
+            _reference_any((pair.value,), value, fold=True, escapes=True)
+            and (pair.key is None or _reference_any((pair.key,), key, fold=True, escapes=True))
+            for key, value in _reference_params(req.query)
+            for pair in condition.query
+        )
+    peer = req.source_ip
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    for cidr in condition.values:
+        net = ipaddress.ip_network(cidr, strict=False)
+        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(ipaddress.IPv6Network("::ffff:0:0/96")):
+            net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}", strict=False)
+        if peer in net:
+            return True
+    return False
+
+
+def reference_match(rules: list[Rule], req: Request) -> int | None:
+    """The straightforward matcher: every rule, lowest priority number first."""
+    for r in sorted(rules, key=lambda r: r.priority):
+        if all(_reference_holds(c, req) for c in r.conditions):
+            return r.priority
+    return None
+
+
+def _soup(rng: random.Random, alphabet: str, longest: int) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, longest)))
+
+
+_HOST_VALUES = ("a.ex.com", "*.ex.com", "*.a.ex.com", "a.*", "www.ex.*", "a-?.ex.com", "*", "*a*", "a*",
+                "?.ex.com", "A.EX.com", "ex.com", "[::1]", "*.ex.net", "b.a.ex.com")  # fmt: skip
+_PATH_VALUES = ("/a", "/a/*", "/a*", "/a/b/*", "*.css", "/a/*.css", "/v?/a/*", "*", "*/b/*", "/a?b", "/?",
+                "/a/?/c*", "", "/ab/*", "/a/b", "/A/*", "*.min.css", "/a.b/*", "/ab*")  # fmt: skip
+_CIDRS = ("10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24", "::/0", "2001:db8::/32", "::ffff:10.0.0.0/104", "0.0.0.0/0")
+
+
+def _random_values(rng: random.Random, pool: tuple[str, ...], alphabet: str, longest: int) -> tuple[str, ...]:
+    count = rng.choice((1, 1, 2, 3))
+    return tuple(rng.choice(pool) if rng.random() < 0.5 else _soup(rng, alphabet, longest) for _ in range(count))
+
+
+def _random_condition(rng: random.Random, field: ConditionField) -> Condition:
+    if field is ConditionField.HOST_HEADER:
+        return host(*_random_values(rng, _HOST_VALUES, "ab.-*?A", 7))
+    if field is ConditionField.PATH_PATTERN:
+        return path(*_random_values(rng, _PATH_VALUES, "/ab.*?", 8))
+    if field is ConditionField.HTTP_REQUEST_METHOD:
+        return method(*rng.sample(("GET", "HEAD", "POST", "get"), rng.randint(1, 3)))
+    if field is ConditionField.HTTP_HEADER:
+        return header(rng.choice(("x-a", "X-A", "x-b")), *_random_values(rng, ("a", "*b*", "A?"), "ab*?", 4))
+    if field is ConditionField.QUERY_STRING:
+        keys = (None, "a", "b", "a*", "?", "A", "a\\*", "%61")
+        return query(*((rng.choice(keys), rng.choice(("1", "*", "a?", "x", "", "%20", "a b"))) for _ in range(2)))
+    return source(*rng.sample(_CIDRS, rng.randint(1, 2)))
+
+
+_FIELDS = tuple(ConditionField)
+_FIELD_WEIGHTS = (6, 6, 2, 2, 2, 1)  # host, path, header, method, query, source: as ConditionField lists them
+
+
+def _random_rules(rng: random.Random, count: int) -> list[Rule]:
+    priorities = rng.sample(range(1, 50001), count)
+    rules = []
+    for priority in priorities:
+        fields = set(rng.choices(_FIELDS, weights=_FIELD_WEIGHTS, k=rng.choice((0, 1, 2, 2, 3, 4))))
+        conditions = [_random_condition(rng, field) for field in fields]
+        if rng.random() < 0.05:  # a second condition on the host or the path: both must hold
+            conditions.append(_random_condition(rng, rng.choice(_FIELDS[:2])))
+        rules.append(rule(priority, *conditions, action=forward(f"g{priority}")))
+    return rules
+
+
+def _random_request(rng: random.Random) -> Request:
+    hosts = (None, "", "a.ex.com", "A.Ex.Com:8080", "b.a.ex.com", "a-1.ex.com", "ex.com", "www.ex.net", "[::1]:80",
+             "a.ex.com.", "x", "a.b", "c.ex.net")  # fmt: skip
+    paths = ("/", "/a", "/a/", "/a/b", "/a/b/c", "/a/x.css", "/v1/a/z", "/ab", "/ab/c", "/a.b/c", "/x.min.css",
+             "/A/b", "", "/a?b", "/axb", "/a/q/c/d")  # fmt: skip
+    return request(
+        method=rng.choice(("GET", "HEAD", "POST", "get", "PUT")),
+        host=rng.choice(hosts) if rng.random() < 0.6 else _soup(rng, "aAb.-", 8) + rng.choice(("", ":80")),
+        path=rng.choice(paths) if rng.random() < 0.6 else _soup(rng, "/ab.", 9),
+        query=rng.choice(("", "a=1", "A=x&b=a%20b", "a*=1", "%61=x", "b&&a=ab", "a=%2a", "x=a+b")),
+        headers=tuple((name, rng.choice(("a", "xby", "AB"))) for name in ("x-a", "x-b") if rng.random() < 0.5),
+        source=rng.choice(("10.1.2.3", "192.0.2.9", "198.51.100.1", "2001:db8::1", "::ffff:10.0.0.2", "::1")),
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_match_equals_the_linear_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    for round_ in range(12):
+        # mostly small listeners, some past a machine word of rule bits
+        count = rng.choice((0, 1, 2, 3, 5, 8, 13, 30, 70, 150)) if round_ else 100
+        rules = _random_rules(rng, count)
+        router = Router.compile(listener(*rules))
+        for _ in range(25):
+            req = _random_request(rng)
+            want = reference_match(rules, req)
+            found = router.match(req)
+            context = f"seed {seed}, round {round_}, {count} rules, {req}"
+            assert found.rule_priority == want, context
+            assert found.action == (DEFAULT if want is None else forward(f"g{want}")), context
+            selected = [v.priority for v in router.explain(req) if v.selected]
+            assert selected == [want], context
+
+
+def _tenant_rules(count: int) -> list[Rule]:
+    """Rules like a big listener's: hosts, directories, suffixes, methods, spread over the index's kinds."""
+    rules = []
+    for i in range(count):
+        kind = i % 6
+        if kind == 0:
+            conditions: tuple[Condition, ...] = (host(f"t{i}.example.com", f"*.t{i}.example.net"),)
+        elif kind == 1:
+            conditions = (path(f"/api/svc{i}/*", f"/v?/svc{i}/*"), method("GET", "HEAD"))
+        elif kind == 2:
+            conditions = (path(f"/svc{i}*"),)
+        elif kind == 3:
+            conditions = (host(f"www{i}.example.*"), path(f"*.t{i}"))
+        elif kind == 4:
+            conditions = (path(f"/exact/{i}"), header("x-t", f"t{i}"))
+        else:
+            conditions = (host(f"*t{i}*"), query((f"k{i}", "*")))
+        rules.append(rule(i + 1, *conditions, action=forward(f"g{i + 1}")))
+    return rules
+
+
+def test_compiled_match_finds_each_of_many_rules() -> None:
+    rules = _tenant_rules(300)
+    router = Router.compile(listener(*rules))
+    requests = [
+        request(host="t0.example.com"),
+        request(host="a.t6.example.net:443", path="/x"),
+        request(path="/api/svc7/items"),
+        request(path="/v2/svc13/x", method="HEAD"),
+        request(path="/v2/svc13/x", method="POST"),
+        request(path="/svc8"),
+        request(path="/svc80/x"),
+        request(host="WWW9.example.org", path="/a/b.t9"),
+        request(path="/exact/10", headers=(("x-t", "T10"),)),
+        request(path="/exact/10"),
+        request(host="at11b.com", query="K11=v"),
+        request(host="nowhere.example.org", path="/nothing"),
+        request(host=None, path="/svc2/x"),
+    ]
+    for req in requests:
+        assert router.match(req).rule_priority == reference_match(rules, req), req

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["Test", "compile_patterns"]
+__all__ = ["Test", "Token", "compile_patterns", "is_star", "tokenize"]
 
 
 class _Wild(enum.Enum):
@@ -23,6 +23,7 @@ class _Wild(enum.Enum):
 
 
 _Token = str | _Wild
+Token = _Token  # a literal run (str) or a wildcard; see tokenize()
 Test = Callable[[Any], object]  # truthy when the fact it is given matches
 
 
@@ -48,6 +49,21 @@ def _tokenize(pattern: str, escapes: bool) -> list[_Token]:
     if literal:
         tokens.append("".join(literal))
     return tokens
+
+
+def tokenize(pattern: str, *, fold: bool, escapes: bool = False) -> list[Token]:
+    """A pattern as compile_patterns() sees it: literal runs and wildcards.
+
+    Literal runs are never adjacent, runs of ``*`` are one ``*``, and with
+    ``fold`` the pattern is lowercased first, exactly as compile_patterns()
+    does, so a literal here is what the compiled test compares against.
+    The rules index derives its keys from these.
+    """
+    return _tokenize(pattern.lower() if fold else pattern, escapes)
+
+
+def is_star(token: Token) -> bool:
+    return token is _Wild.STAR
 
 
 def _shape(tokens: list[_Token]) -> tuple[str, str] | None:

@@ -1,31 +1,46 @@
-"""L7 proxy throughput and latency: lb against nginx and HAProxy, on loopback.
+"""L7 proxy throughput and latency: `lb up` as users run it, against nginx, on loopback.
 
-Usage:
-    .venv/bin/python tests/bench/l7_proxy.py [--duration 10] [--workers 1 2] [--profile]
-    .venv/bin/python tests/bench/l7_proxy.py --quick          # 3 s runs, 1 worker
+Usage (as root: `lb up` needs it):
+    .venv/bin/python tests/bench/l7_proxy.py [--duration 10] [--workers 1 2] [--repeat 3] [--profile]
+    .venv/bin/python tests/bench/l7_proxy.py --quick          # 3 s runs, 1 worker, 1 round
 
-Needs wrk, nginx and haproxy from Debian (``deploy/install.sh --bench``).
-Starts, on 127.0.0.1 only and on free ports, in a temporary directory:
+Needs wrk, nginx and haproxy from Debian and py-spy in the venv
+(``deploy/install.sh --bench``). Starts, on 127.0.0.1 only, on free ports,
+in a temporary directory:
+
   - the backend: nginx (``--backend-workers``, default 1) answering every
-    request with a fixed small body;
-  - for each worker count: nginx as a reverse proxy (keep-alive upstream),
-    HAProxy (as many threads), and lb's L7Server (as many worker processes),
-    each adding X-Forwarded-For like lb does;
-and runs ``wrk -t2 -c64 -d<duration>s --latency`` against the backend
-directly and through each proxy, after a short warm-up. Prints requests/s,
-p50 and p99 latency, and the ratios against nginx-as-proxy with the same
-number of workers (the goal: lb ≥ 1.0× nginx requests/s, p99 ≤ 1.5×).
-Access logs are off everywhere. Everything started is stopped in ``finally``.
+    request with a fixed small body, its access log off;
+  - for each worker count, as contenders, all proxying to that backend:
+    - ``lb``: ``python -m lb up -c FILE`` with a config whose one HTTP
+      listener is on 127.0.0.1 and whose target group is the backend
+      (``workers = N``; no TCP/UDP listener, so no XDP). Its stderr goes to
+      a file: that is lb's access log today (the daemon hard-wires
+      ``access_log="-"``), one line per request. lb's log cannot be turned
+      off yet, so lb runs with its log on in every comparison.
+    - ``nginx log``: nginx as a reverse proxy (keep-alive upstream, N
+      worker processes, X-Forwarded-* set like lb does), ``access_log`` to a
+      file (the default "combined" format, unbuffered like lb's);
+    - ``nginx``: the same with ``access_log off``;
+    - ``haproxy`` (only with ``--only``): N threads, no log.
 
-``--profile`` then runs one lb worker under cProfile (in a child process)
-while wrk loads it, and prints where the time goes.
+Every contender runs for the whole benchmark; each round measures every one
+with ``wrk -t2 -c64 -d<duration>s --latency`` after a short warm-up, the
+order rotated from round to round, so that a burst of load from elsewhere on
+a shared machine hits them alike. The table shows the median of the rounds
+and the ratios of lb to nginx with the same worker count: req/s and p99, log
+on against log on, and against nginx with its log off. The load average is
+printed before and after. Everything started is stopped in ``finally``
+(``lb down`` then removes lb's state file).
+
+``--profile`` then samples the 1-worker lb (its daemon and worker processes)
+with py-spy while wrk loads it, and prints the functions where the workers
+spend their time (own samples, and with their callees).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import os
 import re
 import shutil
@@ -36,19 +51,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lb.l7.table import RoutingTable
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
 HOST = "127.0.0.1"
 BODY = "hello from the backend, a small fixed body\n"
+PY_SPY = Path(sys.executable).with_name("py-spy")
 
 
 @dataclass
@@ -58,6 +70,7 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
+    round: int = 0
 
 
 def free_port() -> int:
@@ -74,6 +87,22 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {HOST}:{port}")
+
+
+def wait_ok(port: int, timeout: float = 30.0) -> None:
+    """Until GET / answers 200 (lb: its target has passed its first health check)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=2) as response:
+                if response.status == 200:
+                    return
+                last = response.status
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{HOST}:{port} does not answer 200: {last}")
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -110,6 +139,10 @@ def wrk(port: int, duration: float, connections: int = 64, threads: int = 2) -> 
     return rps, p50, p99
 
 
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+
+
 # --- the contenders -----------------------------------------------------------
 
 
@@ -121,7 +154,7 @@ worker_processes {workers};
 worker_rlimit_nofile 16384;
 events {{ worker_connections 8192; }}
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {dir}/{name}-body;
     proxy_temp_path {dir}/{name}-proxy;
     fastcgi_temp_path {dir}/{name}-fastcgi;
@@ -178,17 +211,42 @@ backend be
     server s1 {host}:{backend}
 """
 
+# `lb up`'s config: one HTTP listener on loopback, the backend as its one
+# target. Health checks at ELB's defaults (every 30 s).
+LB_CONFIG = """
+[load_balancer]
+name = "{name}"
+workers = {workers}
+admin_socket = "/run/lb/{name}.sock"
+metrics_address = "{host}:{metrics}"
+
+[[listeners]]
+name = "http"
+protocol = "HTTP"
+address = "{host}"
+port = {port}
+default_action = {{ type = "forward", target_group = "backend" }}
+
+[[target_groups]]
+name = "backend"
+protocol = "HTTP"
+port = {backend}
+targets = [{{ id = "{host}" }}]
+"""
+
 
 class Stack(contextlib.ExitStack):
-    def process(self, args: list[str], name: str, logdir: Path) -> subprocess.Popen[bytes]:
+    def process(
+        self, args: list[str], name: str, logdir: Path, stop_timeout: float = 5.0
+    ) -> subprocess.Popen[bytes]:
         log = self.enter_context(open(logdir / f"{name}.out", "wb"))  # noqa: SIM115 (closed by the stack)
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
         def stop() -> None:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
-                    proc.wait(5)
+                    proc.wait(stop_timeout)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
@@ -197,101 +255,120 @@ class Stack(contextlib.ExitStack):
         return proc
 
 
-def start_nginx(stack: Stack, tmp: Path, name: str, workers: int, body: str) -> None:
+def start_nginx(stack: Stack, tmp: Path, name: str, workers: int, body: str, access_log: str = "off") -> None:
     conf = tmp / f"{name}.conf"
-    conf.write_text(NGINX_COMMON.format(dir=tmp, name=name, workers=workers, body=body))
+    conf.write_text(NGINX_COMMON.format(dir=tmp, name=name, workers=workers, body=body, access_log=access_log))
     stack.process(["nginx", "-p", str(tmp), "-c", str(conf)], name, tmp)
 
 
 def start_haproxy(stack: Stack, tmp: Path, workers: int, port: int, backend: int) -> None:
-    conf = tmp / "haproxy.cfg"
+    conf = tmp / f"haproxy{workers}.cfg"
     conf.write_text(HAPROXY.format(workers=workers, host=HOST, port=port, backend=backend))
-    stack.process(["haproxy", "-db", "-f", str(conf)], "haproxy", tmp)
+    stack.process(["haproxy", "-db", "-f", str(conf)], f"haproxy{workers}", tmp)
 
 
-def lb_table(port: int, backend: int) -> RoutingTable:
-    from lb import model as m
-    from lb.l7.table import GroupTargets, RoutingTable
-
-    group = m.TargetGroup("backend", m.Protocol.HTTP, backend)
-    listener = m.Listener(
-        "bench", m.Protocol.HTTP, ipaddress.ip_address(HOST), port, m.ForwardAction((m.WeightedTargetGroup("backend"),))
+def start_lb(stack: Stack, tmp: Path, workers: int, port: int, backend: int) -> int:
+    """`python -m lb up -c FILE`, its stderr (the access log) to lb-<N>w.out; returns its pid."""
+    name = f"l7bench-{workers}w-{os.getpid()}"
+    conf = tmp / f"{name}.toml"
+    conf.write_text(
+        LB_CONFIG.format(name=name, workers=workers, host=HOST, port=port, backend=backend, metrics=free_port())
     )
-    return RoutingTable((listener,), (GroupTargets(group, ((HOST, backend, 1),)),), idle_timeout=60)
-
-
-@contextlib.contextmanager
-def start_lb(workers: int, port: int, backend: int) -> Iterator[None]:
-    """lb's L7Server, supervising its workers from an event loop of its own thread."""
-    import asyncio
-    import threading
-
-    from lb.l7.config import L7Config
-    from lb.l7.server import L7Server
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = L7Server(L7Config(workers=workers))
-    try:
-        asyncio.run_coroutine_threadsafe(server.start(lb_table(port, backend)), loop).result(60)
-        try:
-            yield
-        finally:
-            asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(60)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    # lb down after lb up has stopped (callbacks run last in, first out): its state file goes.
+    stack.callback(
+        subprocess.run,
+        [sys.executable, "-m", "lb", "down", "-c", str(conf)],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )
+    # SIGTERM: the workers finish in-flight requests (wrk has gone: none).
+    proc = stack.process([sys.executable, "-m", "lb", "up", "-c", str(conf)], f"lb-{workers}w", tmp, 40.0)
+    return proc.pid
 
 
 # --- profiling ----------------------------------------------------------------
 
 
-def profiled_worker(port: int, backend: int, out: str) -> None:
-    """Child process: one lb worker in this process, under cProfile, until SIGTERM."""
-    import asyncio
-    import cProfile
-
-    import uvloop
-
-    from lb.l7.server import serve
-
-    async def main() -> None:
-        worker = await serve(lb_table(port, backend))
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await worker.stop(0.5)
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    uvloop.run(main())
-    profiler.disable()
-    profiler.dump_stats(out)
-
-
-def profile(tmp: Path, backend: int, duration: float) -> None:
-    import pstats
-
-    port = free_port()
-    out = tmp / "lb.prof"
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--profiled-worker", str(port), str(backend), str(out)],
-        start_new_session=True,
-    )
-    try:
-        wait_port(port)
-        rps, _, _ = wrk(port, duration)
-        print(f"\nlb, 1 worker under cProfile: {rps:,.0f} req/s (profiling slows it down)")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
-    stats = pstats.Stats(str(out))
-    stats.sort_stats("tottime").print_stats(25)
+def profile(pid: int, port: int, duration: float, tmp: Path) -> None:
+    """py-spy on `lb up` (pid) and its workers while wrk loads it; top functions of the workers."""
+    out = tmp / "lb-profile.txt"
+    spy = subprocess.Popen(
+        [str(PY_SPY), "record", "--pid", str(pid), "--subprocesses", "--duration", f"{duration:g}",
+         "--rate", "250", "--function", "--format", "raw", "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    time.sleep(0.5)
+    rps, _, _ = wrk(port, duration)
+    _, err = spy.communicate(timeout=duration + 30)
+    print(f"\nlb up, 1 worker, log on, under py-spy (250 Hz, non-blocking): {rps:,.0f} req/s")
+    if not out.exists():
+        print(f"py-spy wrote nothing:\n{err}")
+        return
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        if "spawn_main" not in stack or not frames:  # the daemon's own process: not the workers
+            continue
+        count = int(count_text)
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    print(f"{total} samples in the worker processes (py-spy sees Python frames: time in C counts for its caller;")
+    print("the event loop's own, Runner.run, is mostly uvloop's I/O)")
+    print("\nown samples (the function itself):")
+    for frame, count in own.most_common(25):
+        print(f"  {100 * count / total:5.1f}%  {frame}")
+    print("\nwith callees (frames of the event loop and the process start left out):")
+    shown = 0
+    for frame, count in inclusive.most_common():
+        if any(skip in frame for skip in ("spawn", "process.py", "runners.py", "uvloop/__init__", "<module>",
+                                          "_worker_main")):  # fmt: skip
+            continue
+        print(f"  {100 * count / total:5.1f}%  {frame}")
+        shown += 1
+        if shown == 25:
+            break
 
 
 # --- main -----------------------------------------------------------------------
+
+CONTENDERS = ("direct", "nginx", "nginx log", "lb", "haproxy")
+
+
+@contextlib.contextmanager
+def contenders(
+    tmp: Path, backend: int, workers: list[int], wanted: set[str]
+) -> Iterator[tuple[dict[tuple[str, int], int], dict[int, int]]]:
+    """Start every contender for every worker count; yields {(name, workers): port}, {workers: lb up's pid}."""
+    with Stack() as stack:
+        ports: dict[tuple[str, int], int] = {}
+        lb_pids: dict[int, int] = {}
+        for n in workers:
+            if "nginx" in wanted:
+                ports["nginx", n] = free_port()
+                body = PROXY_SERVER.format(host=HOST, port=ports["nginx", n], backend=backend)
+                start_nginx(stack, tmp, f"proxy{n}", n, body)
+            if "nginx log" in wanted:
+                ports["nginx log", n] = free_port()
+                body = PROXY_SERVER.format(host=HOST, port=ports["nginx log", n], backend=backend)
+                start_nginx(stack, tmp, f"proxylog{n}", n, body, access_log=f"{tmp}/proxylog{n}-access.log")
+            if "haproxy" in wanted:
+                ports["haproxy", n] = free_port()
+                start_haproxy(stack, tmp, n, ports["haproxy", n], backend)
+            if "lb" in wanted:
+                ports["lb", n] = free_port()
+                lb_pids[n] = start_lb(stack, tmp, n, ports["lb", n], backend)
+        for port in ports.values():
+            wait_port(port, 30.0)
+            wait_ok(port)
+        yield ports, lb_pids
 
 
 def main() -> None:
@@ -300,46 +377,44 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk before each measured run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="proxy worker counts (default 1 2)")
     parser.add_argument("--backend-workers", type=int, default=1)
-    parser.add_argument("--only", nargs="+", choices=["direct", "nginx", "haproxy", "lb"], help="run only these")
-    parser.add_argument("--profile", action="store_true", help="also profile one lb worker with cProfile")
-    parser.add_argument("--quick", action="store_true", help="3 s runs, 1 worker, 1 s warm-up")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="rounds of every contender, interleaved; the table shows medians"
+        "--only", nargs="+", choices=CONTENDERS, help="run only these (default: all but haproxy)"
     )
-    parser.add_argument("--profiled-worker", nargs=3, metavar=("PORT", "BACKEND", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="also profile the 1-worker lb with py-spy")
+    parser.add_argument("--quick", action="store_true", help="3 s runs, 1 worker, 1 s warm-up, 1 round")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds, contenders interleaved; the table shows medians")
     args = parser.parse_args()
-    if args.profiled_worker:
-        port, backend, out = args.profiled_worker
-        profiled_worker(int(port), int(backend), out)
-        return
     if args.quick:
-        args.duration, args.workers, args.warmup = 3.0, [1], 1.0
+        args.duration, args.workers, args.warmup, args.repeat = 3.0, [1], 1.0, 1
     missing = [tool for tool in ("wrk", "nginx", "haproxy") if shutil.which(tool) is None]
+    if args.profile and not PY_SPY.exists():
+        missing.append("py-spy")
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run deploy/install.sh --bench")
-    wanted = set(args.only or ["direct", "nginx", "haproxy", "lb"])
+    wanted = set(args.only or [c for c in CONTENDERS if c != "haproxy"])
+    if args.profile:
+        wanted.add("lb")
+        if 1 not in args.workers:
+            args.workers.append(1)
+    if "lb" in wanted and os.geteuid() != 0:
+        sys.exit("lb up needs root: run this as root (or --only nginx 'nginx log' haproxy direct)")
 
     results: list[Result] = []
+    print(f"load average at the start: {load()}")
     with tempfile.TemporaryDirectory(prefix="lb-bench-") as tmpdir, Stack() as stack:
         tmp = Path(tmpdir)
         backend = free_port()
-        start_nginx(
-            stack,
-            tmp,
-            "backend",
-            args.backend_workers,
-            BACKEND_SERVER.format(host=HOST, port=backend, text=BODY.strip()),
-        )
+        body = BACKEND_SERVER.format(host=HOST, port=backend, text=BODY.strip())
+        start_nginx(stack, tmp, "backend", args.backend_workers, body)
         wait_port(backend)
 
-        def measure(name: str, workers: int | None, port: int) -> None:
-            wait_port(port)
+        def measure(name: str, workers: int | None, port: int, round_: int) -> None:
             if args.warmup:
                 wrk(port, args.warmup)
             rps, p50, p99 = wrk(port, args.duration)
-            results.append(Result(name, workers, rps, p50, p99))
+            results.append(Result(name, workers, rps, p50, p99, round_))
             print(
-                f"  {name:<14} workers={workers or '-'}  {rps:>10,.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms",
+                f"  {name:<10} workers={workers or '-'}  {rps:>10,.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms",
                 flush=True,
             )
 
@@ -347,30 +422,20 @@ def main() -> None:
             f"wrk -t2 -c64 -d{args.duration:g}s --latency, backend nginx ({args.backend_workers} worker) on {HOST}, "
             f"{args.repeat} round(s), contenders interleaved"
         )
-        for round_ in range(args.repeat):
-            if args.repeat > 1:
-                print(f"round {round_ + 1}/{args.repeat}")
+        with contenders(tmp, backend, args.workers, wanted) as (ports, lb_pids):
+            runs = [(name, n, port) for (name, n), port in ports.items()]
             if "direct" in wanted:
-                measure("direct", None, backend)
-            for workers in args.workers:
-                if "nginx" in wanted:
-                    with Stack() as inner:
-                        port = free_port()
-                        conf = PROXY_SERVER.format(host=HOST, port=port, backend=backend)
-                        start_nginx(inner, tmp, f"proxy{workers}", workers, conf)
-                        measure("nginx proxy", workers, port)
-                if "haproxy" in wanted:
-                    with Stack() as inner:
-                        port = free_port()
-                        start_haproxy(inner, tmp, workers, port, backend)
-                        measure("haproxy", workers, port)
-                if "lb" in wanted:
-                    port = free_port()
-                    with start_lb(workers, port, backend):
-                        measure("lb", workers, port)
-        if args.profile:
-            profile(tmp, backend, args.duration)
-
+                runs.insert(0, ("direct", 0, backend))
+            for round_ in range(args.repeat):
+                print(f"round {round_ + 1}/{args.repeat} (load {load()})")
+                shift = round_ % len(runs)
+                for name, n, port in runs[shift:] + runs[:shift]:
+                    measure(name, n or None, port, round_)
+            if args.profile:
+                profile(lb_pids[1], ports["lb", 1], args.duration, tmp)
+        for path in sorted(tmp.glob("*access.log")) + sorted(tmp.glob("lb-*w.out")):
+            print(f"log {path.name}: {path.stat().st_size / 1e6:,.1f} MB")
+    print(f"load average at the end: {load()}")
     print_table(results)
 
 
@@ -387,7 +452,7 @@ def median_of(results: list[Result]) -> list[Result]:
             statistics.median(r.p50_ms for r in rows),
             statistics.median(r.p99_ms for r in rows),
         )
-        for (name, workers), rows in groups.items()
+        for (name, workers), rows in sorted(groups.items(), key=lambda item: (item[0][1] or 0, item[0][0]))
     ]
 
 
@@ -396,26 +461,39 @@ def print_table(results: list[Result]) -> None:
         key: [r.rps for r in results if (r.name, r.workers) == key] for key in {(r.name, r.workers) for r in results}
     }
     rows = median_of(results)
-    nginx = {r.workers: r for r in rows if r.name == "nginx proxy"}
-    print("\n| target | workers | req/s | p50 ms | p99 ms | req/s vs nginx | p99 vs nginx | req/s per round |")
-    print("|---|---|---|---|---|---|---|---|")
+    ref = {(r.name, r.workers): r for r in rows}
+    print("\n| target | workers | req/s | p50 ms | p99 ms | req/s per round |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        ref = nginx.get(r.workers)
-        ratio = f"{r.rps / ref.rps:.2f}x" if ref else "-"
-        p99 = f"{r.p99_ms / ref.p99_ms:.2f}x" if ref else "-"
         spread = " / ".join(f"{x / 1000:.1f}k" for x in rounds[(r.name, r.workers)])
-        print(
-            f"| {r.name} | {r.workers or '-'} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {ratio} | {p99} | {spread} |"
-        )
+        print(f"| {r.name} | {r.workers or '-'} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {spread} |")
+    by_round = {(r.name, r.workers, r.round): r for r in results}
+
+    def paired(r: Result, other: str, figure: str) -> str:
+        """The median over rounds of lb's figure over nginx's in the same round (neighbouring runs)."""
+        ratios = [
+            getattr(mine, figure) / getattr(theirs, figure)
+            for (name, workers, round_), mine in by_round.items()
+            if name == r.name and workers == r.workers
+            for theirs in [by_round.get((other, workers, round_))]
+            if theirs is not None
+        ]
+        return f"{statistics.median(ratios):.2f}x" if ratios else "-"
+
+    print("\nlb up (access log on: it cannot be turned off yet) against nginx with the same worker count:")
+    print("ratio of the medians, and (in brackets) the median of each round's ratio")
+    print("| workers | against | lb/nginx req/s | lb/nginx p99 |")
+    print("|---|---|---|---|")
     for r in rows:
-        if r.name != "lb" or r.workers not in nginx:
+        if r.name != "lb":
             continue
-        ref = nginx[r.workers]
-        met = r.rps >= ref.rps and r.p99_ms <= 1.5 * ref.p99_ms
-        print(
-            f"goal (workers={r.workers}): lb {r.rps / ref.rps:.2f}x nginx req/s, p99 {r.p99_ms / ref.p99_ms:.2f}x "
-            f"→ {'met' if met else 'not met'}"
-        )
+        for other, label in (("nginx log", "nginx, access_log to a file"), ("nginx", "nginx, access_log off")):
+            nginx = ref.get((other, r.workers))
+            if nginx is not None:
+                print(
+                    f"| {r.workers} | {label} | {r.rps / nginx.rps:.2f}x ({paired(r, other, 'rps')}) "
+                    f"| {r.p99_ms / nginx.p99_ms:.2f}x ({paired(r, other, 'p99_ms')}) |"
+                )
 
 
 if __name__ == "__main__":
