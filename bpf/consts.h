@@ -77,6 +77,7 @@ enum lb_counter {
 	CNT_CONNTRACK_HIT,       /* forward packet of a known flow */
 	CNT_CONNTRACK_MISS,      /* new flow (or forgotten one): hashed onto the ring */
 	CNT_REVERSE_NAT,         /* reply from a target rewritten back to VIP:port */
+	CNT_DROP_BAD_IP_CSUM,    /* IPv4 header checksum wrong: drop (the kernel would) */
 	CNT_MAX,
 };
 

@@ -3,6 +3,7 @@
  * Attached to every interface that carries VIP traffic or replies from
  * targets. For each frame:
  *
+ *   bad IPv4 header sum  -> drop (the kernel would: it must not make state)
  *   a tracked flow       -> conntrack hit: DNAT to its target, or (a reply
  *                           from a target) source back to VIP:port -> out
  *   TCP/UDP to a VIP     -> Maglev ring picks the target, both directions
@@ -250,6 +251,10 @@ int xdp_lb(struct xdp_md *ctx)
 	default:
 		count(CNT_PASS_PARSE_ERROR);
 		return XDP_PASS;
+	}
+	if (!ipv4_header_csum_ok(pkt.ip)) {
+		count(CNT_DROP_BAD_IP_CSUM);
+		return XDP_DROP;
 	}
 
 	/* Established flows first: one lookup for both directions. The clock

@@ -60,8 +60,8 @@ def from_client(l4: Packet, dst: str = VIP, ttl: int = 64, **ip: Any) -> Packet:
     return Ether(src=MAC["client"], dst=MAC["fxa"]) / IP(src=CLIENT, dst=dst, ttl=ttl, id=7, **ip) / l4
 
 
-def from_target(src: str, src_mac: str, l4: Packet, dst: str = CLIENT) -> Packet:
-    return Ether(src=src_mac, dst=MAC["fxb"]) / IP(src=src, dst=dst, ttl=64, id=9) / l4
+def from_target(src: str, src_mac: str, l4: Packet, dst: str = CLIENT, **ip: Any) -> Packet:
+    return Ether(src=src_mac, dst=MAC["fxb"]) / IP(src=src, dst=dst, ttl=64, id=9, **ip) / l4
 
 
 def tcp(sport: int, dport: int = 9000, flags: str = "S", payload: bytes = b"") -> Packet:
@@ -225,6 +225,12 @@ def cases() -> Iterator[Case]:
     yield Case("target with no neighbour entry: rewritten, passed to the kernel to forward", raw(unresolved),
                XDP_PASS, rewritten(unresolved, out_src_mac=None, out_dst_mac=None, dst="10.0.1.14", ttl_dec=False),
                {Counter.CONNTRACK_MISS: 1, Counter.PASS_FIB: 1}, new_flow=True)
+
+    bad = from_client(tcp(40020), chksum=0x1234)
+    yield Case("bad IPv4 header checksum: drop", raw(bad), XDP_DROP, None, {Counter.DROP_BAD_IP_CSUM: 1})
+    bad_reply = from_target("10.0.1.11", MAC["t1"], tcp(9000, 40004, flags="A"), chksum=0x1234)
+    yield Case("bad IPv4 header checksum on a reply: drop", raw(bad_reply), XDP_DROP, None,
+               {Counter.DROP_BAD_IP_CSUM: 1}, ingress=TARGET_IF, before=[(raw(from_client(tcp(40004))), CLIENT_IF)])
 
 
 CASES = list(cases())

@@ -51,6 +51,7 @@ class Counter(enum.IntEnum):
     CONNTRACK_HIT = 10
     CONNTRACK_MISS = 11
     REVERSE_NAT = 12
+    DROP_BAD_IP_CSUM = 13
 
     @property
     def label(self) -> str:
@@ -73,6 +74,7 @@ COUNTER_HELP = {
     Counter.CONNTRACK_HIT: "packet of a known flow",
     Counter.CONNTRACK_MISS: "new flow hashed onto the ring",
     Counter.REVERSE_NAT: "reply rewritten to the VIP",
+    Counter.DROP_BAD_IP_CSUM: "IPv4 header checksum wrong: dropped",
 }
 
 
