@@ -3,7 +3,8 @@
  * All maps are pinned under PIN_DIR (/sys/fs/bpf/lb/<name>/) and reused by
  * the next load, so a restarted daemon adopts the live state: flows keep
  * their targets while the control plane is away. Userspace writes vips,
- * targets, rings and vip_gens; the program writes conntrack and the stats.
+ * targets, rings, vip_gens, replies and reply_ports; the program writes
+ * conntrack and the stats.
  *
  * Only declarations live here: bcc rewrites map calls (vips.lookup(...))
  * in the main file alone, so every function that touches a map is in lb.c.
@@ -45,12 +46,24 @@ BPF_TABLE("array", u32, struct target, targets, LB_MAP_ENTRIES(MAX_TARGETS));
  * one update, so no packet ever sees a half-written ring. */
 BPF_TABLE("array", u32, u32, rings, LB_MAP_ENTRIES(MAX_VIPS * 2 * RING_SIZE));
 
-/* 5-tuple -> flow state, both directions of every flow: a forward entry
- * (client -> VIP) naming the target, a reply entry (target -> client)
- * naming the VIP to restore. A flow stays on its target for its life.
- * LRU lists per CPU (no common lock on the fast path). */
+/* client -> VIP 5-tuple -> flow state: the target, and where the TCP
+ * connection is. One entry per flow, made only by a packet that starts one
+ * (a TCP SYN, a UDP datagram), so a flood of other segments makes none;
+ * the flow's replies find it through `replies`. One LRU list shared by all
+ * CPUs unless CONNTRACK_LRU_FLAGS says otherwise (consts.h). */
 BPF_F_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, LB_MAP_ENTRIES(CONNTRACK_SIZE),
-            BPF_F_NO_COMMON_LRU);
+            CONNTRACK_LRU_FLAGS);
+
+/* target endpoint (source of its replies) -> its target id and the VIPs it
+ * serves: a reply's source goes back to the VIP whose flow it belongs to,
+ * known from that flow's entry, or from the ring when the flow has none. */
+BPF_TABLE("hash", struct endpoint_key, struct reply_route, replies, LB_MAP_ENTRIES(MAX_TARGETS * 2));
+
+/* port >> 6 -> 64 bits, one per port: set for the port of every target
+ * endpoint in `replies`. A packet whose source port has no bit is no reply,
+ * and goes straight to conntrack (an array load instead of a hash lookup on
+ * every client packet). */
+BPF_TABLE("array", u32, u64, reply_ports, LB_MAP_ENTRIES(1024));
 
 /* vip id -> generation. Userspace bumps it when it deletes a VIP or gives
  * its id to another one, which makes every flow begun under the old
