@@ -59,6 +59,13 @@
 #define TCP_TIME_WAIT_NS (120ULL * 1000000000ULL)
 #endif
 
+/* Flood guard: at most this many new conntrack entries per CPU per second
+ * (Katran's max_conn_rate). A new flow over it is still forwarded by the
+ * ring, without an entry (CNT_FLOOD_NO_ENTRY). 0: no limit. */
+#ifndef NEW_FLOW_RATE_LIMIT
+#define NEW_FLOW_RATE_LIMIT 20000
+#endif
+
 /* last_seen is written back at most this often per flow, so an established
  * flow's fast path is read-only on the conntrack entry. */
 #ifndef LAST_SEEN_GRANULARITY_NS
@@ -106,6 +113,7 @@ enum lb_counter {
 	CNT_REPLY_NO_ENTRY,      /* reply of a flow with no entry (a half flow): rewritten, the ring sends that
 	                          * flow to this target */
 	CNT_FLOW_CLOSED,         /* TCP flow closed (RST, or FIN from both sides): short timeout, a SYN replaces it */
+	CNT_FLOOD_NO_ENTRY,      /* new flow above NEW_FLOW_RATE_LIMIT: forwarded by the ring, no entry made */
 	CNT_MAX,
 };
 

@@ -11,8 +11,8 @@
  *   anything else            -> XDP_PASS, untouched
  *
  * A flow has one conntrack entry, keyed by its client -> VIP 5-tuple and
- * made only by a packet that starts a flow (TCP SYN, UDP datagram): a flood
- * of other segments makes no state, and a flow
+ * made only by a packet that starts a flow (TCP SYN, UDP datagram), under a
+ * per-CPU rate limit: a flood of other segments makes no state, and a flow
  * whose segment misses takes the ring (stateless, like Katran). Replies
  * need no entry of their own: `replies` maps the target endpoint to the
  * VIPs it serves, and the flow's entry (or, with none, the ring) says which.
@@ -331,6 +331,26 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 	return send_by(ctx, pkt, &fib, rc);
 }
 
+/* May this flow get a new entry now? Per CPU, at most NEW_FLOW_RATE_LIMIT a
+ * second (a flood of SYNs cannot churn the table faster). */
+static __always_inline int flood_guard_allows(__u64 now)
+{
+	if (NEW_FLOW_RATE_LIMIT == 0)
+		return 1;
+	u32 zero = 0;
+	struct flood_window *window = flood_guard.lookup(&zero);
+	if (!window)
+		return 1;
+	if (now - window->start_ns >= 1000000000ULL) {
+		window->start_ns = now;
+		window->entries = 0;
+	}
+	if (window->entries >= NEW_FLOW_RATE_LIMIT)
+		return 0;
+	window->entries += 1;
+	return 1;
+}
+
 /* What an existing entry does for this packet. */
 enum entry_use {
 	ENTRY_DECIDES,    /* the packet goes to the entry's target */
@@ -339,7 +359,7 @@ enum entry_use {
 };
 
 /* A packet to a VIP, decided by the ring: a SYN or a UDP datagram starts a
- * flow and gets an entry; a packet whose entry
+ * flow and gets an entry (under the flood guard); a packet whose entry
  * could not decide replaces it (it was there: no table growth); any other
  * TCP segment is forwarded without one. */
 static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struct vip_meta *vip, __u64 now,
@@ -359,8 +379,12 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 	if (had_entry && is_syn(pkt))
 		count(CNT_SYN_RESCHEDULED);
 	int write = starts || (had_entry && existing == ENTRY_REPLACE);
-	if (!write)
+	if (!write) {
 		count(CNT_MISS_NO_ENTRY);
+	} else if (!had_entry && !flood_guard_allows(now)) {
+		count(CNT_FLOOD_NO_ENTRY);
+		write = 0;
+	}
 	if (write) {
 		struct flow_state state = {
 			.target_id = target_id,

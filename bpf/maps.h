@@ -4,7 +4,7 @@
  * the next load, so a restarted daemon adopts the live state: flows keep
  * their targets while the control plane is away. Userspace writes vips,
  * targets, rings, vip_gens, replies and reply_ports; the program writes
- * conntrack and the stats.
+ * conntrack, flood_guard and the stats.
  *
  * Only declarations live here: bcc rewrites map calls (vips.lookup(...))
  * in the main file alone, so every function that touches a map is in lb.c.
@@ -80,5 +80,8 @@ BPF_TABLE("percpu_array", u32, struct traffic_stats, target_stats, LB_MAP_ENTRIE
 
 /* enum lb_counter -> packets: why each packet got its verdict. */
 BPF_TABLE("percpu_array", u32, u64, counters, LB_MAP_ENTRIES(CNT_MAX));
+
+/* 0 -> this CPU's flood window: new entries made in the current second. */
+BPF_TABLE("percpu_array", u32, struct flood_window, flood_guard, LB_MAP_ENTRIES(1));
 
 #endif /* LB_MAPS_H */

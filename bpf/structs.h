@@ -92,6 +92,12 @@ struct reply_route {
 	struct reply_vip vips[MAX_REPLY_VIPS];
 };
 
+/* flood_guard value (per CPU): new entries made in the current second. */
+struct flood_window {
+	__u64 start_ns; /* host order; bpf_ktime_get_coarse_ns() when the window began */
+	__u64 entries;  /* host order; entries made since */
+};
+
 /* vip_stats and target_stats value (per CPU; userspace sums). */
 struct traffic_stats {
 	__u64 packets;       /* client -> target packets */

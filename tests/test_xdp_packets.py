@@ -723,6 +723,29 @@ def small_program() -> Iterator[Callable[[Limits], tuple[Program, Maps]]]:
         purge_pins(SMALL)
 
 
+def test_flood_guard_stops_inserting_above_the_rate(pkt_lab: PacketLab,
+                                                    small_program: Callable[[Limits], tuple[Program, Maps]]) -> None:
+    program, maps = small_program(replace(LIMITS, new_flow_rate_limit=3))
+    frames = [from_client(tcp(41100 + i)) for i in range(5)]
+
+    def send() -> list[tuple[libbpf.RunResult, dict[Counter, int]]]:
+        out = []
+        for frame in frames:
+            before = maps.counters()
+            result = libbpf.prog_test_run(program.fd, raw(frame), ingress_ifindex=pkt_lab.ifindex[CLIENT_IF])
+            after = maps.counters()
+            out.append((result, {r: after[r] - before[r] for r in Counter if after[r] != before[r]}))
+        return out
+
+    results = run_on_one_cpu(send)  # one CPU's window (the limit is per CPU per second)
+    for frame, (result, deltas) in zip(frames[:3], results[:3]):
+        assert (result.retval, result.data, deltas) == (XDP_REDIRECT, to_t1(frame), FWD)
+    for frame, (result, deltas) in zip(frames[3:], results[3:]):
+        assert (result.retval, result.data) == (XDP_REDIRECT, to_t1(frame))  # forwarded all the same
+        assert deltas == {**FWD, Counter.FLOOD_NO_ENTRY: 1}
+    assert flows_of(maps) == 3
+
+
 def test_the_table_holds_its_size_in_flows_from_one_cpu(
         small_program: Callable[[Limits], tuple[Program, Maps]]) -> None:
     """conntrack_size is flows, whichever CPUs they arrive on: one entry per

@@ -57,6 +57,7 @@ class Counter(enum.IntEnum):
     MISS_NO_ENTRY = 15
     REPLY_NO_ENTRY = 16
     FLOW_CLOSED = 17
+    FLOOD_NO_ENTRY = 18
 
     @property
     def label(self) -> str:
@@ -86,6 +87,7 @@ COUNTER_HELP = {
                            "made (an evicted or untracked flow, or a stray or spoofed packet)",
     Counter.REPLY_NO_ENTRY: "reply of a flow with no entry (half flow): rewritten, as the ring sends it there",
     Counter.FLOW_CLOSED: "TCP flow closed (RST, or FIN both ways): short timeout, a SYN replaces it",
+    Counter.FLOOD_NO_ENTRY: "new flow above new_flow_rate_limit: forwarded by the ring, no entry made",
 }
 
 
@@ -102,6 +104,7 @@ class MapName(str, enum.Enum):
     COUNTERS = "counters"
     REPLIES = "replies"
     REPLY_PORTS = "reply_ports"
+    FLOOD_GUARD = "flood_guard"
 
 
 # --- structs (bpf/structs.h) ---------------------------------------------------
@@ -199,6 +202,13 @@ class ReplyRoute(ctypes.Structure):
     ]
 
 
+class FloodWindow(ctypes.Structure):
+    _fields_ = [
+        ("start_ns", ctypes.c_uint64),
+        ("entries", ctypes.c_uint64),
+    ]
+
+
 class TrafficStats(ctypes.Structure):
     _fields_ = [
         ("packets", ctypes.c_uint64),
@@ -227,6 +237,7 @@ class Limits:
     udp_idle_timeout: int = 120  # seconds
     tcp_closed_timeout: int = 10  # seconds, after a RST
     tcp_time_wait_timeout: int = 120  # seconds, after FIN both ways
+    new_flow_rate_limit: int = 20000  # new entries per CPU per second; 0: no limit
     # An LRU list per CPU (BPF_F_NO_COMMON_LRU), the map made conntrack_size x
     # possible CPUs so each CPU still holds conntrack_size flows; only the
     # benchmark sets it, to compare with the shared list.
@@ -242,6 +253,7 @@ class Limits:
             f"-DUDP_IDLE_NS={self.udp_idle_timeout * 1_000_000_000}ULL",
             f"-DTCP_CLOSED_NS={self.tcp_closed_timeout * 1_000_000_000}ULL",
             f"-DTCP_TIME_WAIT_NS={self.tcp_time_wait_timeout * 1_000_000_000}ULL",
+            f"-DNEW_FLOW_RATE_LIMIT={self.new_flow_rate_limit}ULL",
             f"-DCONNTRACK_LRU_FLAGS={BPF_F_NO_COMMON_LRU if self.conntrack_per_cpu_lru else 0}",
         ]
 
@@ -300,6 +312,7 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
         MapSpec(MapName.COUNTERS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, u64, COUNTER_MAX, True),
         MapSpec(MapName.REPLIES, BPF_MAP_TYPE_HASH, EndpointKey, ReplyRoute, limits.max_targets * 2),
         MapSpec(MapName.REPLY_PORTS, BPF_MAP_TYPE_ARRAY, u32, u64, REPLY_PORT_WORDS),
+        MapSpec(MapName.FLOOD_GUARD, BPF_MAP_TYPE_PERCPU_ARRAY, u32, FloodWindow, 1, True),
     ]
     return {spec.name: spec for spec in specs}
 
