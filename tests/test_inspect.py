@@ -233,7 +233,7 @@ def test_vips_show_each_ring_and_its_shares(daemon: RunningDaemon, lab: Lab) -> 
         assert row["ring_size"] == 65537 and row["empty_slots"] == 0
         assert {t["target"] for t in row["targets"]} == {f"{b.address}:{PORT}" for b in lab.backends}
         assert sum(t["slots"] for t in row["targets"]) == 65537
-        assert all(abs(t["share"] - 1 / 3) < 0.001 and t["active"] for t in row["targets"])
+        assert all(abs(t["share"] - 1 / 3) < 0.001 and t["active"] and t["in_service"] for t in row["targets"])
     text = lb(daemon, "vips").output
     assert re.search(r"TCP 10\.0\.0\.100:9000\s+echo-tcp\s+echo-tcp\s+65537\s+10\.0\.1\.11:9000\s+\d+\s+2184[56]"
                      r"\s+33\.3%", text)
@@ -403,10 +403,15 @@ def test_explain_flow_agrees_with_the_kernel_conntrack(daemon: RunningDaemon, la
             client = f"{labmod.CLIENT_ADDR}:{sock.getsockname()[1]}"
             info = lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")
             assert info["decision"] == "conntrack" and info["listener"] == "echo-tcp"
-            assert info["conntrack"]["state"] == "live"
+            assert info["conntrack"]["state"] == "live" and info["conntrack"]["tcp_state"] == "established"
+            assert info["syn"]["decision"] == "conntrack"  # open, its target in service: a SYN would follow it
+            assert info["reply"] == {"target": f"{backend}:{PORT}", "vips": [f"{VIP}:{PORT}"], "by": "entry",
+                                     "half_flow": False}
             assert info["target"] == info["conntrack"]["target"] == info["ring"]["target"] == f"{backend}:{PORT}"
         text = lb(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}").output
         assert f"conntrack: target {backend}:{PORT}" in text and "the conntrack entry decides" in text
+        assert "live, established: it decides, for a SYN too" in text
+        assert "back to the VIP by the flow's entry" in text
     finally:
         for sock in socks:
             sock.close()

@@ -31,7 +31,7 @@ from lb.dataplane.dataplane import Dataplane, L4Service, ring_seed
 from lb.dataplane.loader import Program, purge_pins
 from lb.dataplane.maps import Endpoint, Maps, VipAddr
 from lb.dataplane.structs import IPPROTO_TCP, Counter, FlowKey, Limits, MapName, ip_to_net, port_to_net
-from lb.inspect.explain import flow_hash
+from lb.inspect.explain import explain_flow_in, flow_hash
 from tests.names import name
 from tests.xdp_fixture import CLIENT_IF, LIMITS, MAC, NETNS, TARGET_IF, PacketLab, packet_lab
 
@@ -762,3 +762,50 @@ def test_the_table_holds_its_size_in_flows_from_one_cpu(
     run_on_one_cpu(send)
     assert flows_of(maps) == size
 
+
+def test_explain_flow_agrees_with_the_program(pkt_lab: PacketLab) -> None:
+    """`lb explain flow` (on the maps) predicts what the program then does, for
+    a segment and for a SYN: with no entry, a live one, one whose target
+    drains, a closed one; and whether the replies go back by an entry or by
+    the ring alone (a half flow)."""
+    svc, port = "10.0.0.119", 9540
+    one = [extra(svc, port, ("10.0.1.11",))]
+    moved = [extra(svc, port, ("10.0.1.12",), draining=("10.0.1.11",))]
+
+    def explain(sport: int) -> dict[str, Any]:
+        return explain_flow_in(pkt_lab.maps, "TCP", ep(CLIENT, sport), ep(svc, port))
+
+    def goes_to(sport: int, flags: str) -> str:
+        result = pkt_lab.run(raw(from_client(tcp(sport, dport=port, flags=flags), dst=svc)))
+        return str(Ether(result.data)[IP].dst) + f":{port}"
+
+    try:
+        pkt_lab.dataplane.apply([*SERVICES, *one])
+        info = explain(40060)
+        assert (info["decision"], info["conntrack"], info["makes_entry"]) == ("ring", None, False)
+        assert info["syn"]["decision"] == "ring" and info["reply"]["by"] == "ring" and info["reply"]["half_flow"]
+        assert goes_to(40060, "A") == info["target"] == "10.0.1.11:9540"
+        assert pkt_lab.maps.flow("TCP", ep(CLIENT, 40060), ep(svc, port)) is None
+
+        goes_to(40061, "S")
+        goes_to(40062, "S")
+        goes_to(40062, "R")
+        pkt_lab.dataplane.apply([*SERVICES, *moved])
+        live = explain(40061)
+        assert live["decision"] == "conntrack" and live["target"] == "10.0.1.11:9540"
+        assert live["conntrack"]["tcp_state"] == "syn_sent" and not live["conntrack"]["syn_decides"]
+        assert "out of service" in live["conntrack"]["why"]
+        assert live["syn"]["decision"] == "ring" and live["syn"]["target"] == "10.0.1.12:9540"
+        assert live["reply"] == {"target": "10.0.1.11:9540", "vips": [f"{svc}:{port}"], "by": "entry",
+                                 "half_flow": False}
+        closed = explain(40062)
+        assert closed["conntrack"]["tcp_state"] == "closed" and closed["decision"] == "conntrack"
+        assert closed["conntrack"]["timeout_s"] == LIMITS.tcp_closed_timeout
+        assert goes_to(40061, "A") == live["target"]
+        assert goes_to(40062, "A") == closed["target"]
+        assert goes_to(40061, "S") == live["syn"]["target"]
+        assert goes_to(40062, "S") == closed["syn"]["target"] == "10.0.1.12:9540"
+        again = explain(40061)
+        assert again["conntrack"]["syn_decides"] and again["syn"]["decision"] == "conntrack"
+    finally:
+        pkt_lab.dataplane.apply(SERVICES)
