@@ -29,7 +29,7 @@ from lb import netlink as nl
 from lb.dataplane import libbpf
 from lb.dataplane.dataplane import Dataplane, L4Service, ring_seed
 from lb.dataplane.loader import Program, purge_pins
-from lb.dataplane.maps import Endpoint, Maps, VipAddr
+from lb.dataplane.maps import Endpoint, Maps, Traffic, VipAddr
 from lb.dataplane.structs import IPPROTO_TCP, Counter, FlowKey, Limits, MapName, ip_to_net, port_to_net
 from lb.inspect.explain import explain_flow_in, flow_hash
 from tests.names import name
@@ -702,16 +702,16 @@ def run_on_one_cpu(fn: Callable[[], T]) -> T:
 
 
 @pytest.fixture()
-def small_program() -> Iterator[Callable[[Limits], tuple[Program, Maps]]]:
+def small_program() -> Iterator[Callable[..., tuple[Program, Maps]]]:
     """Another program (own pins, own limits) in the packet namespace, with SERVICES applied."""
     loaded: list[tuple[Program, Maps]] = []
 
-    def load(limits: Limits) -> tuple[Program, Maps]:
+    def load(limits: Limits, services: list[L4Service] | None = None) -> tuple[Program, Maps]:
         purge_pins(SMALL)
         program = Program.load(SMALL, limits)
         maps = Maps(program.pin_dir, limits)
         loaded.append((program, maps))
-        Dataplane(maps).apply(SERVICES)
+        Dataplane(maps).apply(SERVICES if services is None else services)
         return program, maps
 
     try:
@@ -724,7 +724,7 @@ def small_program() -> Iterator[Callable[[Limits], tuple[Program, Maps]]]:
 
 
 def test_flood_guard_stops_inserting_above_the_rate(pkt_lab: PacketLab,
-                                                    small_program: Callable[[Limits], tuple[Program, Maps]]) -> None:
+                                                    small_program: Callable[..., tuple[Program, Maps]]) -> None:
     program, maps = small_program(replace(LIMITS, new_flow_rate_limit=3))
     frames = [from_client(tcp(41100 + i)) for i in range(5)]
 
@@ -747,7 +747,7 @@ def test_flood_guard_stops_inserting_above_the_rate(pkt_lab: PacketLab,
 
 
 def test_the_table_holds_its_size_in_flows_from_one_cpu(
-        small_program: Callable[[Limits], tuple[Program, Maps]]) -> None:
+        small_program: Callable[..., tuple[Program, Maps]]) -> None:
     """conntrack_size is flows, whichever CPUs they arrive on: one entry per
     flow, and no per-CPU share of the table (each CPU's LRU list would hold
     conntrack_size / possible CPUs)."""
@@ -809,3 +809,27 @@ def test_explain_flow_agrees_with_the_program(pkt_lab: PacketLab) -> None:
         assert again["conntrack"]["syn_decides"] and again["syn"]["decision"] == "conntrack"
     finally:
         pkt_lab.dataplane.apply(SERVICES)
+
+
+def test_a_reused_target_id_starts_from_zero_and_ends_no_flow_it_never_had(
+        pkt_lab: PacketLab, small_program: Callable[..., tuple[Program, Maps]]) -> None:
+    """Two target ids: the third endpoint takes the first one's id back with
+    counters at zero (not the former endpoint's), so ending its flows, which
+    it never had, walks no table; the first endpoint's flows did end."""
+    program, maps = small_program(replace(LIMITS, max_targets=2), [])
+    dataplane = Dataplane(maps)
+    service = vip("10.0.0.120", 9550)
+
+    def only(address: str) -> list[L4Service]:
+        return [L4Service(service, members=((ep(address, 9550), 1),), end_flows_on_removal=True)]
+
+    dataplane.apply(only("10.0.1.11"))
+    first = dataplane.target_id(ep("10.0.1.11", 9550))
+    assert first is not None
+    frame = raw(from_client(tcp(41310, dport=9550), dst="10.0.0.120"))
+    run_on_one_cpu(lambda: libbpf.prog_test_run(program.fd, frame, ingress_ifindex=pkt_lab.ifindex[CLIENT_IF]))
+    assert maps.target_traffic(first).packets == 1 and flows_of(maps) == 1
+    assert dataplane.apply(only("10.0.1.12")).flows_ended == 1
+    assert dataplane.apply(only("10.0.1.13")).flows_ended == 0
+    assert dataplane.target_id(ep("10.0.1.13", 9550)) == first
+    assert maps.target_traffic(first) == Traffic()

@@ -296,6 +296,8 @@ class Dataplane:
         if target_id in ended and own != target_id:  # an old flow must not find the new endpoint
             report.flows_ended += self.maps.delete_flows({target_id})
             ended.discard(target_id)
+        if own != target_id:  # its counters start from zero, not from the former endpoint's
+            self.maps.reset_target_stats(target_id)
         return target_id
 
     def _write_routes(self, wanted: dict[VipAddr, L4Service], entries: dict[VipAddr, VipEntry]) -> None:

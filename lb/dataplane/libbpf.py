@@ -264,6 +264,17 @@ class BpfMap:
         """Every entry, `chunk` per bpf(2) call (BPF_MAP_LOOKUP_BATCH): a hash
         map of half a million entries in a fraction of a second, where
         items() takes two calls per entry. Keys and values are copies."""
+        key_size, value_size = ctypes.sizeof(self.key_type), ctypes.sizeof(self.cell_type)
+        for keys, values, n in self.scan_batch(chunk):
+            for i in range(n):
+                yield (self.key_type.from_buffer_copy(keys, i * key_size),
+                       self.cell_type.from_buffer_copy(values, i * value_size))
+
+    def scan_batch(self, chunk: int = 8192) -> Iterator[tuple[Any, Any, int]]:
+        """The map in chunks, as BPF_MAP_LOOKUP_BATCH gives them: (keys,
+        values, n), arrays of key_type and cell_type of which the first n are
+        entries; both are reused by the next chunk. For scans that look at
+        raw fields of many entries without making an object of each."""
         keys = (self.key_type * chunk)()
         values = (self.cell_type * chunk)()
         size = max(ctypes.sizeof(self.key_type), 8)  # the batch token: a key, or the kernel's bucket index
@@ -277,10 +288,8 @@ class BpfMap:
             code = 0 if rc >= 0 else (-rc if rc != -1 else ctypes.get_errno())
             if code not in (0, errno.ENOENT):
                 _check(-code, f"batch lookup in {self.info.name}")
-            key_size, value_size = ctypes.sizeof(self.key_type), ctypes.sizeof(self.cell_type)
-            for i in range(n.value):
-                yield (self.key_type.from_buffer_copy(keys, i * key_size),
-                       self.cell_type.from_buffer_copy(values, i * value_size))
+            if n.value:
+                yield keys, values, n.value
             if code == errno.ENOENT:  # no more entries
                 return
             first = False
