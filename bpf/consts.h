@@ -66,6 +66,17 @@
 #define NEW_FLOW_RATE_LIMIT 20000
 #endif
 
+/* The forward path keeps, per CPU and target, what bpf_fib_lookup answered
+ * (the next hop's MAC, the egress interface, the largest packet it let
+ * through) for this long, instead of asking for every packet: the lookup
+ * is most of what forwarding a packet costs (tests/bench/xdp_cost.py). A
+ * route or neighbour change reaches a target's flows within this time; a
+ * bigger packet than any let through is asked for again (the MTU). 0: ask
+ * for every packet. */
+#ifndef NEXT_HOP_CACHE_NS
+#define NEXT_HOP_CACHE_NS 1000000000ULL
+#endif
+
 /* last_seen is written back at most this often per flow, so an established
  * flow's fast path is read-only on the conntrack entry. */
 #ifndef LAST_SEEN_GRANULARITY_NS

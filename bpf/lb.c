@@ -20,8 +20,9 @@
  * and a SYN does not follow an entry that is closed or whose target left
  * the ring: it takes the ring and replaces the entry (docs/architecture.md).
  *
- * "Out" is bpf_fib_lookup for the next hop and MACs, then bpf_redirect (or
- * XDP_TX on the receiving interface). Userspace computes (rings, targets,
+ * "Out" is bpf_fib_lookup for the next hop and MACs (toward a target: what
+ * this CPU's last lookup for it said, for up to NEXT_HOP_CACHE_NS), then
+ * bpf_redirect (or XDP_TX on the receiving interface). Userspace computes (rings, targets,
  * replies); this program only looks up, and writes conntrack.
  */
 #include <uapi/linux/bpf.h>
@@ -109,6 +110,21 @@ static __always_inline int fib_lookup(struct xdp_md *ctx, struct packet *pkt, st
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
+/* The rewritten packet leaves now, to next hop `dmac` from interface `ifindex`. */
+static __always_inline int send_via(struct xdp_md *ctx, struct packet *pkt, __u32 ifindex,
+                                    const unsigned char *dmac, const unsigned char *smac)
+{
+	ip_decrease_ttl(pkt->ip);
+	__builtin_memcpy(pkt->eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(pkt->eth->h_source, smac, ETH_ALEN);
+	if (ifindex == ctx->ingress_ifindex) {
+		count(CNT_TX);
+		return XDP_TX;
+	}
+	count(CNT_REDIRECTED);
+	return bpf_redirect(ifindex, 0);
+}
+
 /* The rewritten packet leaves now, by what fib_lookup answered. */
 static __always_inline int send_by(struct xdp_md *ctx, struct packet *pkt, struct bpf_fib_lookup *fib, int rc)
 {
@@ -118,15 +134,7 @@ static __always_inline int send_by(struct xdp_md *ctx, struct packet *pkt, struc
 		count(CNT_PASS_FIB);
 		return XDP_PASS;
 	}
-	ip_decrease_ttl(pkt->ip);
-	__builtin_memcpy(pkt->eth->h_dest, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(pkt->eth->h_source, fib->smac, ETH_ALEN);
-	if (fib->ifindex == ctx->ingress_ifindex) {
-		count(CNT_TX);
-		return XDP_TX;
-	}
-	count(CNT_REDIRECTED);
-	return bpf_redirect(fib->ifindex, 0);
+	return send_via(ctx, pkt, fib->ifindex, fib->dmac, fib->smac);
 }
 
 /* Next hop for the rewritten packet; on success the frame leaves now. */
@@ -222,14 +230,49 @@ static __always_inline int ttl_ok(struct packet *pkt)
 	return 0;
 }
 
+static __always_inline int same_mac(const unsigned char *a, const unsigned char *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
+}
+
+/* Out toward target `target_id`, by this CPU's remembered next hop while it
+ * is fresh, was asked for this ingress and let a packet this big through;
+ * else by bpf_fib_lookup, whose answer is remembered. */
+static __always_inline int send_to_target(struct xdp_md *ctx, struct packet *pkt, __u32 target_id, __u64 now)
+{
+	struct next_hop *hop = NEXT_HOP_CACHE_NS ? next_hops.lookup(&target_id) : NULL;
+	if (!hop)
+		return send_out(ctx, pkt);
+	__u16 len = bpf_ntohs(pkt->ip->tot_len);
+	int fresh = now < hop->expires_ns && hop->in_ifindex == ctx->ingress_ifindex;
+	if (fresh && len <= hop->max_len)
+		return send_via(ctx, pkt, hop->ifindex, hop->dmac, hop->smac);
+
+	struct bpf_fib_lookup fib = {};
+	int rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0]);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (fresh && hop->ifindex == fib.ifindex && same_mac(hop->dmac, fib.dmac)) {
+			hop->max_len = len; /* the same next hop takes bigger packets */
+		} else {
+			hop->expires_ns = now + NEXT_HOP_CACHE_NS;
+			hop->ifindex = fib.ifindex;
+			hop->in_ifindex = ctx->ingress_ifindex;
+			hop->max_len = len;
+			__builtin_memcpy(hop->dmac, fib.dmac, ETH_ALEN);
+			__builtin_memcpy(hop->smac, fib.smac, ETH_ALEN);
+		}
+	}
+	return send_by(ctx, pkt, &fib, rc);
+}
+
 /* DNAT toward `t` and out; the stats say whether this packet began the flow. */
 static __always_inline int to_target(struct xdp_md *ctx, struct packet *pkt, struct target *t,
-                                     __u32 vip_id, __u32 target_id, int new_flow)
+                                     __u32 vip_id, __u32 target_id, int new_flow, __u64 now)
 {
 	account(vip_stats.lookup(&vip_id), pkt->len, new_flow);
 	account(target_stats.lookup(&target_id), pkt->len, new_flow);
 	nat_forward(pkt, t);
-	return send_out(ctx, pkt);
+	return send_to_target(ctx, pkt, target_id, now);
 }
 
 /* The target the VIP's ring gives this client -> VIP flow (NO_TARGET: none). */
@@ -400,7 +443,7 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 			state.fin_client = 1;
 		conntrack.update(&pkt->flow, &state);
 	}
-	return to_target(ctx, pkt, t, vip->vip_id, target_id, starts);
+	return to_target(ctx, pkt, t, vip->vip_id, target_id, starts, now);
 }
 
 int xdp_lb(struct xdp_md *ctx)
@@ -467,7 +510,7 @@ int xdp_lb(struct xdp_md *ctx)
 			else
 				touch(state, now);
 			count(CNT_CONNTRACK_HIT);
-			return to_target(ctx, &pkt, t, state->vip_id, target_id, 0);
+			return to_target(ctx, &pkt, t, state->vip_id, target_id, 0, now);
 		}
 		if (is_tcp(&pkt) && !is_syn(&pkt) && flow_closed(state))
 			use = ENTRY_BYPASS; /* a late segment does not bring a closed flow back */

@@ -4,7 +4,7 @@
  * the next load, so a restarted daemon adopts the live state: flows keep
  * their targets while the control plane is away. Userspace writes vips,
  * targets, rings, vip_gens, replies and reply_ports; the program writes
- * conntrack, flood_guard and the stats.
+ * conntrack, flood_guard, next_hops and the stats.
  *
  * Only declarations live here: bcc rewrites map calls (vips.lookup(...))
  * in the main file alone, so every function that touches a map is in lb.c.
@@ -71,6 +71,10 @@ BPF_TABLE("array", u32, u64, reply_ports, LB_MAP_ENTRIES(1024));
  * kernel when the VIP is gone). An array lookup instead of a hash lookup
  * on every established packet. */
 BPF_TABLE("array", u32, u32, vip_gens, LB_MAP_ENTRIES(MAX_VIPS));
+
+/* target id -> its next hop, as this CPU last asked bpf_fib_lookup
+ * (NEXT_HOP_CACHE_NS). Userspace empties a target's when it writes it. */
+BPF_TABLE("percpu_array", u32, struct next_hop, next_hops, LB_MAP_ENTRIES(MAX_TARGETS));
 
 /* vip id -> traffic. */
 BPF_TABLE("percpu_array", u32, struct traffic_stats, vip_stats, LB_MAP_ENTRIES(MAX_VIPS));

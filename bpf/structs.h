@@ -98,6 +98,18 @@ struct flood_window {
 	__u64 entries;  /* host order; entries made since */
 };
 
+/* next_hops value (per CPU, by target id): what bpf_fib_lookup answered
+ * for packets to that target arriving on `in_ifindex`. */
+struct next_hop {
+	__u64 expires_ns;  /* host order; bpf_ktime_get_coarse_ns() from which it is asked again; 0: empty */
+	__u32 ifindex;     /* host order; egress interface */
+	__u32 in_ifindex;  /* host order; the ingress interface it was asked for */
+	__u16 max_len;     /* host order; the largest IPv4 total length it let through */
+	__u8  dmac[6];     /* the next hop's MAC */
+	__u8  smac[6];     /* the egress interface's MAC */
+	__u8  pad[2];      /* zero */
+};
+
 /* vip_stats and target_stats value (per CPU; userspace sums). */
 struct traffic_stats {
 	__u64 packets;       /* client -> target packets */

@@ -350,7 +350,7 @@ def test_stats_watch_prints_rates(daemon: RunningDaemon, lab: Lab) -> None:
 def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     rows = {m["name"]: m for m in lb_json(daemon, "maps", "list")}
     assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
-                         "replies", "reply_ports", "flood_guard"}
+                         "replies", "reply_ports", "flood_guard", "next_hops"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
         "hash", 8, 16, 2)
     assert rows["conntrack"]["type"] == "lru_hash" and rows["conntrack"]["max_entries"] == 524288
@@ -568,6 +568,6 @@ def test_daemon_down_maps_still_read_and_targets_say_so(daemon: RunningDaemon, l
         assert any(f["client"] == client and f["target"] == f"{backend}:{PORT}" for f in flows)
         assert lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")["target"] == f"{backend}:{PORT}"
         assert vip_row(lb_json(daemon, "stats"), "TCP")["new_flows"] > 0
-        assert len(lb_json(daemon, "maps", "list")) == 11
+        assert len(lb_json(daemon, "maps", "list")) == 12
         sock.sendall(b"still here\n")  # the kernel forwards with no daemon
         assert read_line(sock) == "still here"

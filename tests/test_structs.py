@@ -96,6 +96,11 @@ def test_idle_defaults_match_consts_h(macro: str, seconds: int) -> None:
     assert found is not None and int(found.group(1)) == seconds
 
 
+def test_next_hop_cache_default_matches_consts_h() -> None:
+    found = re.search(r"#define NEXT_HOP_CACHE_NS (\d+)ULL", header("consts.h"))
+    assert found is not None and int(found.group(1)) == Limits().next_hop_cache_ms * 1_000_000
+
+
 def test_vip_meta_keeps_the_layout_of_pinned_vips_maps() -> None:
     # `mode` became `reserved`, in name only: a vips map pinned by an earlier
     # build (value 16 B, four u32) must still be adopted on restart, and what

@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -833,3 +834,83 @@ def test_a_reused_target_id_starts_from_zero_and_ends_no_flow_it_never_had(
     assert dataplane.apply(only("10.0.1.13")).flows_ended == 0
     assert dataplane.target_id(ep("10.0.1.13", 9550)) == first
     assert maps.target_traffic(first) == Traffic()
+
+
+def test_a_targets_next_hop_is_asked_again_after_next_hop_cache_ms(
+        pkt_lab: PacketLab, small_program: Callable[..., tuple[Program, Maps]]) -> None:
+    """The forward path keeps a target's next hop for next_hop_cache_ms: a
+    neighbour that changed its MAC gets the packets after that, not before."""
+    ttl = 3.0  # long enough for the steps between two packets even under emulation (make test-kernels)
+    program, maps = small_program(replace(LIMITS, next_hop_cache_ms=int(ttl * 1000)))
+    frames = [raw(from_client(tcp(41300))), raw(from_client(tcp(41300, flags="A")))]
+
+    def dst_mac(frame: bytes) -> str:
+        result = libbpf.prog_test_run(program.fd, frame, ingress_ifindex=pkt_lab.ifindex[CLIENT_IF])
+        return str(Ether(result.data).dst)
+
+    try:
+        started = time.monotonic()  # the next hop is remembered between these two instants
+        assert run_on_one_cpu(lambda: dst_mac(frames[0])) == MAC["t1"]
+        remembered = time.monotonic()
+        with nl.iproute(NETNS) as ipr:
+            nl.add_neighbor(ipr, TARGET_IF, "10.0.1.11", "02:00:00:00:01:99")
+        assert run_on_one_cpu(lambda: dst_mac(frames[1])) == MAC["t1"]  # remembered
+        assert time.monotonic() - started < ttl, "too slow a host for this test's TTL"
+        time.sleep(max(0.0, remembered + ttl + 0.1 - time.monotonic()))
+        assert run_on_one_cpu(lambda: dst_mac(frames[1])) == "02:00:00:00:01:99"  # asked again
+    finally:
+        with nl.iproute(NETNS) as ipr:
+            nl.add_neighbor(ipr, TARGET_IF, "10.0.1.11", MAC["t1"])
+
+
+def test_a_bigger_packet_than_any_let_through_is_asked_for_again(
+        pkt_lab: PacketLab, small_program: Callable[..., tuple[Program, Maps]]) -> None:
+    """The next hop is kept with the largest packet the lookup let through:
+    a bigger one is looked up again, so the egress MTU still holds."""
+    program, maps = small_program(LIMITS)
+    small = raw(from_client(tcp(41301)))
+    big = from_client(tcp(41301, flags="PA", payload=b"x" * 900))
+
+    def send(frame: bytes) -> libbpf.RunResult:
+        return libbpf.prog_test_run(program.fd, frame, ingress_ifindex=pkt_lab.ifindex[CLIENT_IF])
+
+    with nl.iproute(NETNS) as ipr:
+        ipr.link("set", index=nl.ifindex(ipr, TARGET_IF), mtu=576)
+    try:
+        assert run_on_one_cpu(lambda: send(small)).retval == XDP_REDIRECT
+        before = maps.counters()
+        result = run_on_one_cpu(lambda: send(raw(big)))
+        assert (result.retval, result.data) == (XDP_PASS, rewritten(big, out_src_mac=None, out_dst_mac=None,
+                                                                    dst="10.0.1.11", ttl_dec=False))
+        after = maps.counters()
+        assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == {
+            Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1}  # FRAG_NEEDED: the kernel fragments or says so
+    finally:
+        with nl.iproute(NETNS) as ipr:
+            ipr.link("set", index=nl.ifindex(ipr, TARGET_IF), mtu=1500)
+
+
+def test_a_reused_target_id_forgets_its_former_next_hop(
+        pkt_lab: PacketLab, small_program: Callable[..., tuple[Program, Maps]]) -> None:
+    """Two target ids: the third endpoint takes the first one's id back, and
+    its packets go to its own MAC at once, not the one remembered for the id."""
+    program, maps = small_program(replace(LIMITS, max_targets=2), [])
+    dataplane = Dataplane(maps)
+    service = vip("10.0.0.120", 9550)
+
+    def to(address: str, sport: int) -> tuple[str, str]:
+        frame = raw(from_client(tcp(sport, dport=9550), dst="10.0.0.120"))
+        out = Ether(run_on_one_cpu(lambda: libbpf.prog_test_run(
+            program.fd, frame, ingress_ifindex=pkt_lab.ifindex[CLIENT_IF])).data)
+        return str(out[IP].dst), str(out.dst)
+
+    def only(address: str) -> list[L4Service]:
+        return [L4Service(service, members=((ep(address, 9550), 1),), end_flows_on_removal=True)]
+
+    dataplane.apply(only("10.0.1.11"))
+    first = dataplane.target_id(ep("10.0.1.11", 9550))
+    assert to("10.0.1.11", 41310) == ("10.0.1.11", MAC["t1"])
+    dataplane.apply(only("10.0.1.12"))
+    dataplane.apply(only("10.0.1.13"))
+    assert dataplane.target_id(ep("10.0.1.13", 9550)) == first
+    assert to("10.0.1.13", 41311) == ("10.0.1.13", MAC["t3"])

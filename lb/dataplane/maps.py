@@ -220,6 +220,11 @@ class Maps:
         flags = (TARGET_F_ACTIVE | TARGET_F_IN_SERVICE) if in_service else TARGET_F_ACTIVE if active else 0
         value = Target(ip_to_net(endpoint.address), port_to_net(endpoint.port), flags)
         self._maps[MapName.TARGETS].update(ctypes.c_uint32(target_id), value)
+        # After the target: a packet between the two writes cannot reach a new
+        # endpoint yet (rings name it later), and none after them finds the
+        # next hop of the id's former endpoint.
+        next_hops = self._maps[MapName.NEXT_HOPS]
+        next_hops.update(ctypes.c_uint32(target_id), next_hops.cell_type())
 
     # --- replies (target endpoint -> VIPs) and reply_ports --------------------
 

@@ -105,6 +105,7 @@ class MapName(str, enum.Enum):
     REPLIES = "replies"
     REPLY_PORTS = "reply_ports"
     FLOOD_GUARD = "flood_guard"
+    NEXT_HOPS = "next_hops"
 
 
 # --- structs (bpf/structs.h) ---------------------------------------------------
@@ -209,6 +210,18 @@ class FloodWindow(ctypes.Structure):
     ]
 
 
+class NextHop(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),  # CLOCK_MONOTONIC_COARSE; 0: empty
+        ("ifindex", ctypes.c_uint32),
+        ("in_ifindex", ctypes.c_uint32),
+        ("max_len", ctypes.c_uint16),
+        ("dmac", ctypes.c_uint8 * 6),
+        ("smac", ctypes.c_uint8 * 6),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
 class TrafficStats(ctypes.Structure):
     _fields_ = [
         ("packets", ctypes.c_uint64),
@@ -242,6 +255,9 @@ class Limits:
     # possible CPUs so each CPU still holds conntrack_size flows; only the
     # benchmark sets it, to compare with the shared list.
     conntrack_per_cpu_lru: bool = False
+    # How long the forward path keeps a target's next hop (bpf_fib_lookup's
+    # answer) per CPU, in milliseconds; 0: a lookup for every packet.
+    next_hop_cache_ms: int = 1000
 
     def cflags(self) -> list[str]:
         return [
@@ -255,6 +271,7 @@ class Limits:
             f"-DTCP_TIME_WAIT_NS={self.tcp_time_wait_timeout * 1_000_000_000}ULL",
             f"-DNEW_FLOW_RATE_LIMIT={self.new_flow_rate_limit}ULL",
             f"-DCONNTRACK_LRU_FLAGS={BPF_F_NO_COMMON_LRU if self.conntrack_per_cpu_lru else 0}",
+            f"-DNEXT_HOP_CACHE_NS={self.next_hop_cache_ms * 1_000_000}ULL",
         ]
 
     def conntrack_entries(self) -> int:
@@ -313,6 +330,7 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
         MapSpec(MapName.REPLIES, BPF_MAP_TYPE_HASH, EndpointKey, ReplyRoute, limits.max_targets * 2),
         MapSpec(MapName.REPLY_PORTS, BPF_MAP_TYPE_ARRAY, u32, u64, REPLY_PORT_WORDS),
         MapSpec(MapName.FLOOD_GUARD, BPF_MAP_TYPE_PERCPU_ARRAY, u32, FloodWindow, 1, True),
+        MapSpec(MapName.NEXT_HOPS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, NextHop, limits.max_targets, True),
     ]
     return {spec.name: spec for spec in specs}
 

@@ -158,8 +158,11 @@ NO_TCP_STATE = ("\t\t\tif (is_tcp(&pkt))\n\t\t\t\tfollow_tcp(&pkt, state, now, 1
                 "\t\t\ttouch(state, now);")
 NO_COUNT = ("u64 *value = counters.lookup(&slot);\n\tif (value)\n\t\t*value += 1;", "")
 NO_STATS = ("\tif (!stats)\n\t\treturn;\n\tstats->packets", "\treturn;\n\tstats->packets")
+NO_HOP_CACHE = ("\tstruct next_hop *hop = NEXT_HOP_CACHE_NS ? next_hops.lookup(&target_id) : NULL;",
+                "\tstruct next_hop *hop = NULL;")
 VARIANTS: list[tuple[str, list[tuple[str, str]]]] = [
     ("as shipped", []),
+    ("no next-hop cache (bpf_fib_lookup every packet)", [NO_HOP_CACHE]),
     ("no IPv4 header checksum check", [NO_CSUM]),
     ("no reply_ports bit test", [NO_REPLY_BITS]),
     ("no TCP state (FIN/RST/SYN bytes)", [NO_TCP_STATE]),
