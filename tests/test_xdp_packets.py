@@ -914,3 +914,24 @@ def test_a_reused_target_id_forgets_its_former_next_hop(
     dataplane.apply(only("10.0.1.13"))
     assert dataplane.target_id(ep("10.0.1.13", 9550)) == first
     assert to("10.0.1.13", 41311) == ("10.0.1.13", MAC["t3"])
+
+
+def test_a_spoofed_flood_of_acks_rsts_and_fins_leaves_the_table_as_it_was(pkt_lab: PacketLab) -> None:
+    """3000 segments of no flow, from 3000 ports: all forwarded by the ring,
+    none makes an entry, and a live flow keeps its own."""
+    pkt_lab.run(raw(from_client(tcp(40070))))
+    pkt_lab.run(raw(from_client(tcp(40070, flags="A"))))
+    flows = {(f.client, f.vip) for f in pkt_lab.maps.flows()}
+    frames = [raw(from_client(tcp(10000 + i, flags=("A", "R", "FA")[i % 3]))) for i in range(3000)]
+    before = pkt_lab.maps.counters()
+
+    def flood() -> None:
+        for frame in frames:
+            libbpf.prog_test_run(pkt_lab.program.fd, frame, ingress_ifindex=pkt_lab.ifindex[CLIENT_IF])
+
+    nl.run_in_netns(NETNS, flood)
+    assert counter_deltas(pkt_lab, before) == {Counter.CONNTRACK_MISS: 3000, Counter.MISS_NO_ENTRY: 3000,
+                                               Counter.REDIRECTED: 3000}
+    assert {(f.client, f.vip) for f in pkt_lab.maps.flows()} == flows
+    flow = pkt_lab.maps.flow("TCP", ep(CLIENT, 40070), ep(VIP, 9000))
+    assert flow is not None and flow.tcp_state == "established"
