@@ -155,6 +155,11 @@ class TargetGroup:
     slow_start: int = 0  # 0 (off) or 30..900 seconds
     algorithm: Algorithm = Algorithm.ROUND_ROBIN
     stickiness: Stickiness = field(default_factory=Stickiness)
+    # TCP/UDP groups (NLB): end a target's flows when it becomes unhealthy
+    # (target_health_state.unhealthy.connection_termination.enabled), and at
+    # the end of its deregistration delay (deregistration_delay.connection_termination.enabled).
+    unhealthy_connection_termination: bool = True
+    deregistration_connection_termination: bool = False
 
     def endpoints(self) -> tuple[tuple[IPAddress, int], ...]:
         """(address, port) of every target, ports resolved."""
@@ -262,6 +267,9 @@ class LoadBalancer:
     idle_timeout: int = 60  # L7, seconds, 1..4000
     tcp_idle_timeout: int = 350  # L4 TCP flows, seconds
     udp_idle_timeout: int = 120  # L4 UDP flows, seconds
+    tcp_closed_timeout: int = 10  # ours: an L4 TCP flow after a RST (conntrack's CLOSE), seconds
+    tcp_time_wait_timeout: int = 120  # ours: an L4 TCP flow after FIN both ways (conntrack's TIME_WAIT), seconds
+    new_flow_rate_limit: int = 20000  # ours: new L4 conntrack entries per CPU per second; 0: no limit
     # L7 request deadlines and the response-head bound (lb.l7.config.L7Config says why).
     header_timeout: int = 20  # seconds from a request head's first byte to its end
     body_timeout: int = 20  # seconds a request body may take from its first byte, plus:

@@ -42,13 +42,14 @@ HEALTH_PATH = re.compile(rf"(?:[{PCHAR}/]|{PCT})*(?:\?(?:[{PCHAR}/?]|{PCT})*)?")
 HEALTH_PATH_RULE = f"a URI path and optional ?query: {URI_CHARS}, '/' (and '?' in the query)"
 LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
-    "udp_idle_timeout", "header_timeout", "body_timeout", "min_body_rate", "max_response_head", "ring_size",
+    "udp_idle_timeout", "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "header_timeout",
+    "body_timeout", "min_body_rate", "max_response_head", "ring_size",
     "workers", "admin_socket", "metrics_address",
 )  # fmt: skip
 LISTENER_KEYS = ("name", "protocol", "address", "port", "default_action", "rules")
 GROUP_KEYS = (
     "name", "protocol", "port", "targets", "health_check", "deregistration_delay", "slow_start",
-    "algorithm", "stickiness",
+    "algorithm", "stickiness", "unhealthy_connection_termination", "deregistration_connection_termination",
 )  # fmt: skip
 HEALTH_KEYS = (
     "enabled", "protocol", "port", "path", "method", "interval", "timeout", "healthy_threshold",
@@ -178,6 +179,9 @@ class _Builder:
             idle_timeout=t.integer("idle_timeout", 1, 4000, 60),
             tcp_idle_timeout=t.integer("tcp_idle_timeout", 1, 86400, 350),
             udp_idle_timeout=t.integer("udp_idle_timeout", 1, 86400, 120),
+            tcp_closed_timeout=t.integer("tcp_closed_timeout", 1, 3600, 10),
+            tcp_time_wait_timeout=t.integer("tcp_time_wait_timeout", 1, 3600, 120),
+            new_flow_rate_limit=t.integer("new_flow_rate_limit", 0, 100_000_000, 20000),
             header_timeout=t.integer("header_timeout", 1, 4000, 20),
             body_timeout=t.integer("body_timeout", 1, 4000, 20),
             min_body_rate=t.integer("min_body_rate", 1, 1 << 30, 500),
@@ -217,9 +221,12 @@ class _Builder:
                 why = "L4 flows already stay on one target"
                 t.error("stickiness", f"lb_cookie stickiness needs an HTTP target group, not {protocol.value}; {why}")
         dereg = t.integer("deregistration_delay", 0, 3600, 300)
+        unhealthy_termination = t.boolean("unhealthy_connection_termination", True)
+        dereg_termination = t.boolean("deregistration_connection_termination", False)
         if name is None or protocol is None or port is None or targets is None:
             return None
-        return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness)
+        return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness,
+                             unhealthy_termination, dereg_termination)
 
     def targets(self, group: Table, protocol: m.Protocol | None, port: int | None) -> tuple[m.Target, ...] | None:
         tables = group.tables("targets")
