@@ -40,8 +40,9 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from lb.model import DEFAULT_SSL_POLICY, Certificate, ListenerTls
+from lb.model import DEFAULT_SSL_POLICY, Certificate, ListenerTls, LoadBalancer
 
 # --- ELB's security policies -------------------------------------------------------
 
@@ -214,6 +215,21 @@ def read_certificate(certificate_file: str, key_file: str | None = None, now: fl
     except ssl.SSLError as exc:
         raise CertificateError(certificate_file, f"OpenSSL refuses it: {exc.reason or exc}") from None
     return cert
+
+
+def certificate_rows(config: LoadBalancer) -> list[dict[str, Any]]:
+    """Every HTTPS listener's certificates, for `lb status` and the metrics:
+    {"listener", "default" (bool), "certificate" (its file), "names",
+    "key_type", "not_before", "not_after" (Unix time)}."""
+    rows: list[dict[str, Any]] = []
+    for listener in config.listeners:
+        if listener.tls is None:
+            continue
+        for index, cert in enumerate(listener.tls.all_certificates()):
+            rows.append({"listener": listener.name, "default": index == 0, "certificate": cert.certificate_file,
+                         "names": list(cert.names), "key_type": cert.key_type, "not_before": cert.not_before,
+                         "not_after": cert.not_after})
+    return rows
 
 
 # --- contexts -------------------------------------------------------------------------

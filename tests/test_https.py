@@ -413,3 +413,19 @@ def test_tickets_resume_on_every_worker_until_the_key_rotates(certs: Certs) -> N
             await server.stop(grace=1.0)
 
     run(body(), timeout=60)
+
+
+def test_certificate_expiry_metric_and_rows(certs: Certs) -> None:
+    from lb import metrics
+
+    listener_tls = certs.listener_tls("www.example.com", others=(("api.example.com", "*.api.example.com"),))
+    lb = m.LoadBalancer(name="t", listeners=(http_listener(fixed(), tls=listener_tls),))
+    rows = tls.certificate_rows(lb)
+    assert [(r["names"], r["default"]) for r in rows] == [
+        (["www.example.com"], True), (["api.example.com", "*.api.example.com"], False)]
+    collector = metrics.Collector(lambda: lb)
+    (family,) = [f for f in collector.collect() if f.name == "lb_certificate_expiry_seconds"]
+    samples = {s.labels["names"]: s for s in family.samples}
+    assert samples["www.example.com"].value == listener_tls.default_certificate.not_after
+    assert samples["api.example.com,*.api.example.com"].labels["default"] == "false"
+    assert samples["www.example.com"].labels["certificate"] == listener_tls.default_certificate.certificate_file
