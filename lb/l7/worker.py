@@ -94,6 +94,9 @@ class Worker:
         if listener.tls is not None:
             contexts = self.tls[listener.name] = tls.SniContexts(listener.tls)
             context = self._listening[listener.name] = tls.listening_context(contexts)
+            if not self.config.session_tickets:
+                context.options |= ssl.OP_NO_TICKET
+                context.num_tickets = 0
             if self.ticket_key is not None:
                 tls.set_ticket_keys(context, self.ticket_key)
         server = await self.loop.create_server(
