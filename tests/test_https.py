@@ -266,8 +266,8 @@ def test_renewed_certificate_served_to_new_handshakes_while_a_connection_stays(c
                 async with await Client.open(port, ssl=ctx, server_hostname="www.example.com") as kept:
                     assert (await kept.request()).status == 200
                     renewed = certs.listener_tls("www.example.com", others=(("new.example.com",),))
-                    await worker.update(routing_table(http_listener(forward_to("g"), port=fixed_port, tls=renewed), groups,
-                                                      version=2))
+                    renewed_listener = http_listener(forward_to("g"), port=fixed_port, tls=renewed)
+                    await worker.update(routing_table(renewed_listener, groups, version=2))
                     after = await asyncio.to_thread(tls_request, port, ctx)
                     assert after.serial != before.serial
                     assert after.serial == int(_serial(renewed), 16)
@@ -276,8 +276,8 @@ def test_renewed_certificate_served_to_new_handshakes_while_a_connection_stays(c
                     assert (await kept.request()).status == 200  # the open connection goes on
                     # A new policy: a new listening socket on the same port, the connection still goes on.
                     strict = m.ListenerTls(renewed.default_certificate, (), "ELBSecurityPolicy-TLS13-1-3-2021-06")
-                    await worker.update(routing_table(http_listener(forward_to("g"), port=fixed_port, tls=strict), groups,
-                                                      version=3))
+                    strict_listener = http_listener(forward_to("g"), port=fixed_port, tls=strict)
+                    await worker.update(routing_table(strict_listener, groups, version=3))
                     assert worker.addresses["web"][1] == port
                     assert not await asyncio.to_thread(_accepted, port, certs.client(V.TLSv1_2))
                     assert (await asyncio.to_thread(tls_request, port, certs.client(V.TLSv1_3))).version == "TLSv1.3"
@@ -372,7 +372,8 @@ def test_tls_keys_only_on_https_listeners_and_policies_by_name(certs: Certs) -> 
     issues = _issues(https_config(str(cert), str(key), 'ssl_policy = "ELBSecurityPolicy-TLS13-1-2-2021-07"'))
     assert issues[0].startswith("listeners[0].ssl_policy: 'ELBSecurityPolicy-TLS13-1-2-2021-07' is not one of ")
     assert "(did you mean 'ELBSecurityPolicy-TLS13-1-2-2021-06'?)" in issues[0]
-    text = https_config(str(cert), str(key)).replace('"HTTPS"', '"HTTP"').replace("[[listeners]]", "[[listeners]]\nport = 80")
+    text = https_config(str(cert), str(key)).replace('"HTTPS"', '"HTTP"')
+    text = text.replace("[[listeners]]", "[[listeners]]\nport = 80")
     assert _issues(text) == ["listeners[0].default_certificate: only for HTTPS listeners; this one is HTTP"]
     no_cert = https_config(str(cert), str(key)).replace("default_certificate", "# default_certificate")
     assert _issues(no_cert) == ["listeners[0].default_certificate: required key is missing"]

@@ -99,7 +99,8 @@ def tls_request(port: int, ctx: ssl.SSLContext, server_name: str | None = "www.e
         with ctx.wrap_socket(raw, server_hostname=server_name, session=session) as conn:
             cert: dict[str, Any] = conn.getpeercert() or {}
             names = tuple(value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS")
-            conn.sendall(request or f"GET / HTTP/1.1\r\nHost: {server_name or 'x'}\r\nConnection: close\r\n\r\n".encode())
+            default = f"GET / HTTP/1.1\r\nHost: {server_name or 'x'}\r\nConnection: close\r\n\r\n".encode()
+            conn.sendall(request or default)
             chunks = []
             while True:
                 try:
