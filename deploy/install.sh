@@ -161,6 +161,9 @@ install -d "$bindir"
 ln -sfn "$prefix/venv/bin/lb" "$bindir/lb"
 install -d -m 0755 "$etcdir" "$etcdir/examples"
 install -m 0644 "$here"/deploy/examples/*.toml "$etcdir/examples/"
+install -d -m 0755 "$etcdir/examples/tls"   # https-redirect.toml's example certificate
+install -m 0644 "$here"/deploy/examples/tls/*.pem "$etcdir/examples/tls/"
+install -m 0600 "$here"/deploy/examples/tls/*.key "$etcdir/examples/tls/"
 install -d "$unitdir"
 install -m 0644 "$here/deploy/lb.service" "$unitdir/lb.service"
 if [ -d /run/systemd/system ] && [ "$unitdir" = /etc/systemd/system ]; then

@@ -48,6 +48,8 @@ lb_l7_open_fds{worker}                      gauge    descriptors open (the worke
 lb_l7_fd_limit{worker}                      gauge    its limit on open files
 lb_l7_connections_shed_total                counter  idle connections closed near the open files limit
 lb_l7_connections_refused_total             counter  new ones closed there (nothing idle to close)
+lb_certificate_expiry_seconds{listener,     gauge    when an HTTPS listener's certificate expires
+  certificate,names,default}                         (Unix time: alert on it minus time())
 ==========================================  =======  ==========================================
 
 Per-CPU maps are summed per scrape.
@@ -69,6 +71,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
+from lb import tls
 from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry
 from lb.dataplane.pins import open_pinned
 from lb.dataplane.structs import COUNTER_HELP
@@ -146,7 +149,7 @@ class Collector(PromCollector):
 
     def collect(self) -> Iterator[Metric]:
         config = self._config()
-        for section in (self._kernel, self._health_metrics, self._l7):
+        for section in (self._kernel, self._health_metrics, self._l7, self._certificates):
             try:
                 yield from section(config)
             except TimeoutError as exc:  # the daemon's loop is busy: no traceback for that
@@ -287,6 +290,19 @@ class Collector(PromCollector):
                                   "the open files limit (no idle one to close instead)",
                                   value=sum(snap.get("refused", 0) for snap in snapshots))
         yield from self._l7_workers([snap for snap in snapshots if snap.get("worker") is not None])
+
+    def _certificates(self, config: LoadBalancer) -> Iterator[Metric]:
+        """The certificates of the running config (a reload replaces them)."""
+        rows = tls.certificate_rows(config)
+        if not rows:
+            return
+        expiry = GaugeMetricFamily("lb_certificate_expiry_seconds", "When the certificate of an HTTPS listener "
+                                   "expires (Unix time, its notAfter)",
+                                   labels=["listener", "certificate", "names", "default"])
+        for row in rows:
+            expiry.add_metric([row["listener"], row["certificate"], ",".join(row["names"]),
+                               "true" if row["default"] else "false"], row["not_after"])
+        yield expiry
 
     def _l7_workers(self, rows: list[dict[str, Any]]) -> Iterator[Metric]:
         """Per worker slot (label "worker": 0..N-1; a replacement takes its slot)."""

@@ -239,6 +239,45 @@ class Rule:
     action: Action
 
 
+# --- TLS ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certificate as read and checked by lb.config (lb.tls.read_certificate):
+    the PEM bytes themselves travel in the model, so the workers serve exactly
+    what was validated, whatever happens to the files afterwards."""
+
+    certificate_file: str  # PEM: the certificate, then its chain
+    key_file: str  # PEM: its private key (may be the same file)
+    chain: bytes = field(default=b"", repr=False)  # the certificates, PEM, leaf first
+    key: bytes = field(default=b"", repr=False)  # the private key, PEM
+    names: tuple[str, ...] = ()  # DNS names it is valid for (subjectAltName, else the CN), lower case
+    not_before: float = 0.0  # Unix time
+    not_after: float = 0.0  # Unix time
+    key_type: str = ""  # "ECDSA P-256", "RSA 2048", ...
+
+
+DEFAULT_SSL_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    """What makes an HTTP listener an HTTPS one: TLS terminated by lb.
+
+    The default certificate is served to clients that send no SNI or a name
+    no certificate has; the list adds certificates chosen by SNI, as ALB's
+    certificate list (docs/elb-reference.md, HTTPS listeners).
+    """
+
+    default_certificate: Certificate
+    certificates: tuple[Certificate, ...] = ()
+    ssl_policy: str = DEFAULT_SSL_POLICY
+
+    def all_certificates(self) -> tuple[Certificate, ...]:
+        return (self.default_certificate, *self.certificates)
+
+
 @dataclass(frozen=True)
 class Listener:
     name: str
@@ -247,6 +286,13 @@ class Listener:
     port: int
     default_action: Action
     rules: tuple[Rule, ...] = ()  # sorted by priority; HTTP listeners only
+    # HTTPS listeners: protocol HTTP (the proxy is the same) plus TLS.
+    tls: ListenerTls | None = None
+
+    @property
+    def scheme(self) -> str:
+        """The listener's protocol as the config names it: HTTP, HTTPS, TCP, UDP."""
+        return "HTTPS" if self.tls is not None else self.protocol.value
 
 
 # --- the load balancer -------------------------------------------------------

@@ -197,7 +197,7 @@ BAD = [
     case({f"{C0}.values": "/api/*"}, f"{C0}.values", "expected an array of strings", id="values-not-array"),
     case({f"{HC}": {"enabled": "yes"}}, f"{HC}.enabled", "expected a boolean", id="enabled-string"),
     # enums list what is allowed
-    case({"listeners[0].protocol": "http"}, "listeners[0].protocol", "'http' is not one of HTTP, TCP, UDP",
+    case({"listeners[0].protocol": "http"}, "listeners[0].protocol", "'http' is not one of HTTP, HTTPS, TCP, UDP",
          id="protocol-lowercase"),  # fmt: skip
     case({"load_balancer.xdp_mode": "fast"}, "load_balancer.xdp_mode", "'fast'", "native, generic, auto",
          id="xdp-mode"),  # fmt: skip
