@@ -49,8 +49,8 @@ def listener_addresses(config: LoadBalancer) -> list[str]:
 
 
 # IFA_PROTO of the addresses lb places (an unassigned value; `ip address`
-# shows `proto 0x6c`). With the state file's list it tells lb's own address
-# from one an operator put in its place.
+# shows `proto 0x6c`; Linux 5.18+, docs/kernel-notes.md). With the state
+# file's list it tells lb's own address from one an operator put in its place.
 ADDRESS_PROTO = 0x6C
 
 Placed = tuple[str, str, int]  # (ifname, address, prefixlen)
