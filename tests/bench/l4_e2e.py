@@ -684,9 +684,10 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
             print(f"  forwarded by XDP: {fwd / (fwd + fib):.4%} of rewritten packets; "
                   f"passed to the kernel for want of a neighbour (pass_fib): {fib:,}")
         made = sum(r.requests for r in lb.wrk) + 12  # wrk's connections + the warm-up requests
-        print(f"  conntrack misses {counters_total[Counter.CONNTRACK_MISS]:,} for ~{made:,} HTTP connections: "
-              f"lb tracks no FIN/RST, so a client port reused within the idle timeout "
-              f"({LIMITS.tcp_idle_timeout} s) finds its old entry (a hit, same backend)")
+        misses = counters_total[Counter.CONNTRACK_MISS]
+        why = (f": a client port reused within the idle timeout ({LIMITS.tcp_idle_timeout} s) found the entry of "
+               f"its closed connection (a hit, same backend)" if misses < 0.9 * made else "")
+        print(f"  conntrack misses {misses:,} for ~{made:,} HTTP connections{why}")
     print()
     for other, goal in (("nftables", GOAL_VS_NFT), ("stateless", GOAL_VS_STATELESS)):
         if lb and other in by_key:
