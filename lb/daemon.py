@@ -93,9 +93,16 @@ class Daemon:
         """The kernel-facing setup, before the event loop runs: pyroute2's
         synchronous API drives an event loop of its own, so inside ours its
         calls go to a worker thread instead (see reload)."""
-        self.state.addresses = place_addresses(self.config)
+        # We hold the lock: a state file left now is from an `lb up` that died
+        # without `lb down`. The addresses it placed are still ours to remove.
+        previous = RuntimeState.load(self.config.name)
+        earlier = previous.addresses if previous is not None and previous.netns == self.config.netns else []
+        self.state.addresses = place_addresses(self.config, earlier)
         if self.config.listeners_of(Protocol.TCP, Protocol.UDP):
             self._start_dataplane()
+        # Saved again once serving; saved now so that a daemon killed during its
+        # first health round still leaves `lb down` the addresses and attachments.
+        self.state.save()
 
     async def start(self) -> None:
         config = self.config
