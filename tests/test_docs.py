@@ -79,3 +79,22 @@ def test_imports_go_one_way_down_the_module_map() -> None:
             if rows[target] > rows[module]:
                 upward.append(f"{module} (row {rows[module]}) imports {target} (row {rows[target]})")
     assert not upward, "imports against the module map's order:\n" + "\n".join(sorted(upward))
+
+
+def test_no_merge_conflict_markers_are_committed() -> None:
+    """A conflict resolved in one file and committed in another once left
+    markers in docs/architecture.md; every tracked text file is checked."""
+    offenders = []
+    for path in [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml",
+                 *(ROOT / "docs").rglob("*.md"), *(ROOT / "lb").rglob("*.py"), *(ROOT / "bpf").glob("*.[ch]"),
+                 *(ROOT / "tests").rglob("*.py"), *(ROOT / "deploy").rglob("*"), *(ROOT / "vagrant").rglob("*")]:
+        if not path.is_file() or path.suffix in (".key", ".pem") or ".vagrant" in path.parts:
+            continue
+        try:
+            lines = path.read_text().splitlines()
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(lines, 1):
+            if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "=======":
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not offenders, "merge conflict markers: " + ", ".join(offenders)
