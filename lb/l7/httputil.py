@@ -1,12 +1,15 @@
 """Small HTTP/1.x building blocks shared by the proxy's modules.
 
 Everything here is computed once (status lines, header tables) or once
-a second (the Date header), never per request.
+a second (the Date header), never per request, but for the request ids
+(a counter).
 """
 
 from __future__ import annotations
 
 import http
+import os
+import re
 import time
 from email.utils import formatdate
 
@@ -105,6 +108,36 @@ class HttpDate:
 
 
 http_date = HttpDate()
+
+
+class RequestIds:
+    """X-Request-Id values for requests that come without one (ALB's X-Amzn-Trace-Id
+    pattern): 32 hex digits, the Unix time (8), a random part drawn once per
+    process (16) and a counter (8), so unique across workers and restarts,
+    and sortable by time. A counter and a cached prefix: no system call."""
+
+    __slots__ = ("_node", "_count", "_second", "_prefix")
+
+    def __init__(self) -> None:
+        self._node = os.urandom(8).hex().encode("ascii")
+        self._count = 0
+        self._second = -1
+        self._prefix = b""
+
+    def __call__(self) -> bytes:
+        self._count = count = (self._count + 1) & 0xFFFFFFFF
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._prefix = b"%08x%s" % (second, self._node)
+        return b"%s%08x" % (self._prefix, count)
+
+
+request_ids = RequestIds()  # per process: each worker draws its own random part
+# An X-Request-Id a client (or a proxy before lb) sent is kept if it is 1-128
+# printable ASCII characters other than '"' and '\\' (so a log line never
+# needs to escape it); otherwise lb makes one.
+REQUEST_ID_SYNTAX = re.compile(rb"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
 
 
 def cookie_expires(timestamp: float) -> bytes:
