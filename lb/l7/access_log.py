@@ -1,11 +1,11 @@
 """The access log: one line per L7 request with ALB's fields, never through `logging`.
 
-A worker formats a request's line when its exchange ends (the client
-protocol's ``_account``) and appends it to a buffer: a request costs one
-format and one list append, no system call and no lock. The buffer goes out
-in one ``write(2)``:
+A worker records an exchange when it ends (the client protocol's
+``_account``): one list append, no formatting, no system call, no lock.
+The recorded exchanges are formatted into lines and written in one
+``write(2)``:
 
-- when it holds :data:`BUFFER_BYTES`;
+- when :data:`PENDING` of them wait (about 64 KiB of text);
 - at every sweep of the worker (a few times a second, half a second apart at
   most: :meth:`lb.l7.worker.Worker._sweep`);
 - before the file is reopened (SIGUSR1 to the daemon, for logrotate: the
@@ -42,7 +42,7 @@ import re
 import stat
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lb.model import AccessLog, AccessLogFormat
 
@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lb.l7")
 
-BUFFER_BYTES = 64 * 1024  # written out when the buffer holds this much
+PENDING = 256  # exchanges recorded before their lines are written (about 64 KiB of text)
+_HOSTS = 1024  # Host values whose logged form is cached
 PIPE_BUF = 4096  # bytes a pipe takes in one piece (Linux)
 STDERR = "-"
 _REPORT_EVERY = 10.0  # seconds between two reports of lost lines
@@ -75,34 +76,14 @@ class LoggedConnection(Protocol):
 
 # --- values ------------------------------------------------------------------------
 
-
-class _IsoClock:
-    """ISO 8601 UTC with microseconds (ALB's), the part down to the second cached."""
-
-    __slots__ = ("_second", "_prefix")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self, now: float) -> str:
-        second = int(now)
-        if second == self._second:
-            prefix = self._prefix
-        else:
-            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            if second > self._second:  # not for a request's start in an earlier second
-                self._second, self._prefix = second, prefix
-        return f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
-
-
 _UNSAFE = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')  # all but printable ASCII less '"' and '\'
+_UNSAFE_BYTES = re.compile(rb'[^\x20\x21\x23-\x5b\x5d-\x7e]')
 
 
 def _escaped_text(value: bytes) -> str:
     """Bytes from the client, safe between double quotes: ``\\xHH`` for the rest (nginx's way)."""
     s = value.decode("latin-1")
-    if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s:
+    if _UNSAFE_BYTES.search(value) is None:
         return s
     return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", s)
 
@@ -110,7 +91,7 @@ def _escaped_text(value: bytes) -> str:
 def _escaped_json(value: bytes) -> str:
     """The same for a JSON string: ``\\u00HH`` (each byte as the Latin-1 character it is)."""
     s = value.decode("latin-1")
-    if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s:
+    if _UNSAFE_BYTES.search(value) is None:
         return s
     return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", s)
 
@@ -127,20 +108,44 @@ def _request_line(ex: Exchange, authority: bytes) -> bytes:
     return b"%s http://%s%s HTTP/1.%d" % (ex.method, host, ex.url, 1 if ex.version11 else 0)
 
 
+def _request_text(ex: Exchange, authority: bytes, escape: Callable[[bytes], str]) -> str:
+    """The request line as a log string. httptools admits no control or non-ASCII
+    byte in a method or URL, and Host is checked (lb.l7.request_head), so only a
+    quote or a backslash in the URL needs escaping: two scans, no regex."""
+    line = _request_line(ex, authority)
+    if b'"' in line or b"\\" in line:
+        return escape(line)
+    return line.decode("ascii")
+
+
+# The line of a request forwarded and answered by its target, lb adding no
+# error: nearly all of them. One `%` formats it whole in C (times, numbers, the
+# two ISO 8601 times from a cached prefix and the microseconds); any other
+# exchange takes the general path (AccessLogFile._general).
+_TEXT_FORWARDED = ('http %s.%06dZ %s %s %s %.6f %.6f %.6f %d %d %d %d "%s http://%s%s HTTP/1.%d" %s %s "%s" %d '
+                   '%s.%06dZ "forward" "-"\n')
+_JSON_FORWARDED = (
+    '{"type":"http","time":"%s.%06dZ","listener":"%s","client":"%s","target":"%s",'
+    '"request_processing_time":%.6f,"target_processing_time":%.6f,"response_processing_time":%.6f,'
+    '"elb_status_code":%d,"target_status_code":%d,"received_bytes":%d,"sent_bytes":%d,'
+    '"request":"%s http://%s%s HTTP/1.%d","user_agent":%s,"target_group":"%s","request_id":"%s",'
+    '"matched_rule_priority":%d,'
+    '"request_creation_time":"%s.%06dZ","actions_executed":"forward","error_reason":null}\n'
+)
+
+
 # --- the writer ----------------------------------------------------------------------
 
 
 class _Writer:
-    """A file opened for appending (or standard error), written from a buffer of lines."""
+    """A file opened for appending (or standard error), written whole lines at a time."""
 
-    __slots__ = ("path", "fd", "regular", "lines", "size", "lost", "_reported", "_report_after")
+    __slots__ = ("path", "fd", "regular", "lost", "_reported", "_report_after")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = -1
         self.regular = False
-        self.lines: list[str] = []
-        self.size = 0
         self.lost = 0  # lines dropped: their write failed
         self._reported = 0
         self._report_after = 0.0
@@ -153,12 +158,7 @@ class _Writer:
         if old > 2:
             os.close(old)
 
-    def flush(self) -> None:
-        lines = self.lines
-        if not lines:
-            return
-        self.lines = []
-        self.size = 0
+    def write(self, lines: list[str]) -> None:
         data = "".join(lines).encode("utf-8", "backslashreplace")
         try:
             if self.regular or len(data) <= PIPE_BUF:
@@ -179,8 +179,7 @@ class _Writer:
         log.error("access log %s: %s; %d lines lost since the last report", self.path, exc, lost)
 
     def reopen(self) -> None:
-        """Write what is buffered, then open the path again (logrotate renamed the file)."""
-        self.flush()
+        """Open the path again (logrotate renamed the file)."""
         if self.path == STDERR:
             return
         try:
@@ -189,7 +188,6 @@ class _Writer:
             log.error("access log %s: cannot reopen: %s; still writing to the file open before", self.path, exc)
 
     def close(self) -> None:
-        self.flush()
         if self.fd > 2:
             os.close(self.fd)
         self.fd = -1
@@ -244,100 +242,169 @@ def _pieces(data: bytes, limit: int) -> list[bytes]:
 
 
 class AccessLogFile:
-    """One worker's access log: :meth:`record` per request, flushed by the worker."""
+    """One worker's access log: :meth:`record` per request, :meth:`flush` by the worker.
 
-    __slots__ = ("settings", "record", "_writer", "_iso", "_ids")
+    :meth:`record` keeps what the exchange's line needs (a tuple of its
+    values, or for the rare line that is not the usual one the exchange
+    itself) and formats nothing: the lines are formatted when they are
+    written, up to :data:`PENDING` at a time, in one tight loop. The same work
+    costs less there than spread between requests, where every line's
+    formatting would run with the rest of the request path's code and data
+    out of the CPU's caches. An exchange is done when it is recorded: nothing
+    changes it afterwards.
+    """
+
+    __slots__ = ("settings", "_pending", "_writer", "_ids", "_json", "_offset", "_second", "_prefix", "_hosts")
 
     def __init__(self, settings: AccessLog, request_id: Callable[[], bytes]) -> None:
         self.settings = settings
+        # Per exchange: (conn, end, its line's values...) for the usual one (see record), else (conn, end, exchange).
+        self._pending: list[tuple[Any, ...]] = []
         self._writer = _Writer(settings.path)
-        self._iso = _IsoClock()
         self._ids = request_id  # for a request lb answered before it had one
-        self.record: Callable[[LoggedConnection, Exchange], None] = (
-            self._json if settings.format is AccessLogFormat.JSON else self._text
-        )
+        self._json = settings.format is AccessLogFormat.JSON
+        # Wall-clock time from the exchange's perf_counter stamps: plus this
+        # offset, measured anew at each flush (at least every half second).
+        self._offset = _wall() - _perf()
+        self._second = -1  # the second of _prefix
+        self._prefix = ""  # "2026-12-02T08:12:22"
+        # (Host, our address) as received → "host:port" as logged; bounded (cleared when full).
+        self._hosts: dict[tuple[bytes, bytes], str] = {}
 
     @property
     def lost(self) -> int:
         return self._writer.lost
 
+    def record(self, conn: LoggedConnection, ex: Exchange) -> None:
+        """The exchange ``ex`` of ``conn`` has ended: its line is written with the next flush."""
+        pending = self._pending
+        sent = ex.t_sent
+        url = ex.url
+        if (sent and ex.response_started and not ex.local and ex.error_reason == "-" and ex.host is not None
+                and b'"' not in url and b"\\" not in url):
+            # The usual exchange (see _TEXT_FORWARDED): only what its line needs, so
+            # the exchange itself is freed now and its memory reused by the next one.
+            pending.append((conn, _perf(), ex.t_start, sent, ex.upstream_time, ex.status, ex.req_bytes,
+                            ex.resp_bytes, ex.method, ex.host, url, ex.version11, ex.user_agent, ex.target,
+                            ex.group, ex.request_id, ex.rule))  # fmt: skip
+        else:
+            pending.append((conn, _perf(), ex))
+        if len(pending) >= PENDING:
+            self.flush()
+
     def flush(self) -> None:
-        self._writer.flush()
+        """Format the lines recorded so far and write them."""
+        pending = self._pending
+        if pending:
+            self._pending = []
+            line, general = self._line, self._general
+            self._writer.write([general(*item) if len(item) == 3 else line(item) for item in pending])
+        self._offset = _wall() - _perf()
 
     def reopen(self) -> None:
+        self.flush()
         self._writer.reopen()
 
     def close(self) -> None:
+        self.flush()
         self._writer.close()
 
-    def _times(self, ex: Exchange, end: float) -> tuple[float, float, float, float]:
-        """request, target and response processing times (-1.0: none), and the start."""
+    def _iso_prefix(self, second: int) -> str:
+        """ISO 8601 UTC down to the second; the current second's is cached."""
+        if second == self._second:
+            return self._prefix
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        if second > self._second:  # not for a request's start in an earlier second
+            self._second, self._prefix = second, prefix
+        return prefix
+
+    def _authority(self, host: bytes, authority: bytes) -> str:
+        """``host`` with our port when it has none, as a string (cached)."""
+        key = (host, authority)
+        text = self._hosts.get(key)
+        if text is None:
+            if host.rfind(b":") <= host.rfind(b"]"):  # no port in it
+                host += authority[authority.rfind(b":") :]
+            text = host.decode("latin-1")  # Host's syntax is checked (lb.l7.request_head): no escape needed
+            if len(self._hosts) >= _HOSTS:
+                self._hosts.clear()
+            self._hosts[key] = text
+        return text
+
+    def _line(self, item: tuple[Any, ...]) -> str:
+        """The line of an exchange forwarded and answered (see record), in one `%` operation."""
+        (conn, end, start, sent, upstream, status, received, sent_bytes, method, host, url, version11, agent,
+         target, group, request_id, rule) = item  # fmt: skip
+        offset = self._offset
+        wall = end + offset
+        second = int(wall)
+        prefix = self._prefix if second == self._second else self._iso_prefix(second)
+        created = start + offset
+        created_second = int(created)
+        created_prefix = prefix if created_second == second else self._iso_prefix(created_second)
+        authority = self._authority(host, conn.authority)
+        if self._json:
+            return _JSON_FORWARDED % (
+                prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
+                sent - start, upstream, end - sent - upstream, status, status, received, sent_bytes,
+                method.decode("ascii"), authority, url.decode("ascii"), version11,
+                "null" if agent is None else f'"{_escaped_json(agent)}"', group,
+                request_id.decode("ascii"), 0 if rule is None else rule,
+                created_prefix, (created - created_second) * 1e6,
+            )  # fmt: skip
+        return _TEXT_FORWARDED % (
+            prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
+            sent - start, upstream, end - sent - upstream, status, status, received, sent_bytes,
+            method.decode("ascii"), authority, url.decode("ascii"), version11,
+            '"-"' if agent is None else f'"{_escaped_text(agent)}"', group,
+            request_id.decode("ascii"), 0 if rule is None else rule,
+            created_prefix, (created - created_second) * 1e6,
+        )  # fmt: skip
+
+    def _iso(self, wall: float) -> str:
+        second = int(wall)
+        return "%s.%06dZ" % (self._iso_prefix(second), (wall - second) * 1e6)
+
+    def _general(self, conn: LoggedConnection, end: float, ex: Exchange) -> str:
+        """Any line: lb's own answers, errors, exchanges cut short."""
         start = ex.t_start or end
         sent = ex.t_sent
+        request = target = response = -1.0
         if sent:
-            upstream = ex.upstream_time
-            if upstream >= 0.0:
-                return sent - start, upstream, end - sent - upstream, start
-            return sent - start, -1.0, -1.0, start
-        if ex.local:  # answered by lb: until its answer
-            return end - start, -1.0, -1.0, start
-        return -1.0, -1.0, -1.0, start
-
-    def _text(self, conn: LoggedConnection, ex: Exchange) -> None:
-        end = _perf()
-        wall = _wall()
-        request, target, response, start = self._times(ex, end)
-        iso = self._iso
+            request = sent - start
+            if ex.upstream_time >= 0.0:
+                target = ex.upstream_time
+                response = end - sent - target
+        elif ex.local:  # answered by lb: until its answer
+            request = end - start
+        times = ["%.6f" % t if t >= 0.0 else "-1" for t in (request, target, response)]
+        target_status = ex.status if ex.response_started and not ex.local else None
         agent = ex.user_agent
-        rule = ex.rule
-        line = (
-            f"http {iso(wall)} {conn.listener} {conn.peer} {ex.target} "
-            f"{'%.6f' % request if request >= 0.0 else '-1'} "
-            f"{'%.6f' % target if target >= 0.0 else '-1'} "
-            f"{'%.6f' % response if response >= 0.0 else '-1'} "
-            f"{ex.status} {ex.status if ex.response_started and not ex.local else '-'} "
-            f"{ex.req_bytes} {ex.resp_bytes} "
-            f'"{_escaped_text(_request_line(ex, conn.authority))}" '
-            f'"{"-" if agent is None else _escaped_text(agent)}" '
-            f"{ex.group} "
-            f'"{(ex.request_id or self._ids()).decode("ascii")}" '
-            f"{'-' if not ex.action else 0 if rule is None else rule} "
-            f"{iso(wall - (end - start))} "
-            f'"{ex.action or "-"}" "{ex.error_reason}"\n'
-        )
-        writer = self._writer
-        writer.lines.append(line)
-        writer.size += len(line)
-        if writer.size >= BUFFER_BYTES:
-            writer.flush()
+        rule = None if not ex.action else 0 if ex.rule is None else ex.rule
+        request_id = (ex.request_id or self._ids()).decode("ascii")
+        wall, created = self._iso(end + self._offset), self._iso(start + self._offset)
+        if self._json:
 
-    def _json(self, conn: LoggedConnection, ex: Exchange) -> None:
-        end = _perf()
-        wall = _wall()
-        request, target, response, start = self._times(ex, end)
-        iso = self._iso
-        agent = ex.user_agent
-        rule = ex.rule
-        line = (
-            f'{{"type":"http","time":"{iso(wall)}","listener":"{conn.listener}","client":"{conn.peer}",'
-            f'"target":{"null" if ex.target == "-" else chr(34) + ex.target + chr(34)},'
-            f'"request_processing_time":{"%.6f" % request if request >= 0.0 else "-1"},'
-            f'"target_processing_time":{"%.6f" % target if target >= 0.0 else "-1"},'
-            f'"response_processing_time":{"%.6f" % response if response >= 0.0 else "-1"},'
-            f'"elb_status_code":{ex.status},'
-            f'"target_status_code":{ex.status if ex.response_started and not ex.local else "null"},'
-            f'"received_bytes":{ex.req_bytes},"sent_bytes":{ex.resp_bytes},'
-            f'"request":"{_escaped_json(_request_line(ex, conn.authority))}",'
-            f'"user_agent":{"null" if agent is None else chr(34) + _escaped_json(agent) + chr(34)},'
-            f'"target_group":{"null" if ex.group == "-" else chr(34) + ex.group + chr(34)},'
-            f'"request_id":"{(ex.request_id or self._ids()).decode("ascii")}",'
-            f'"matched_rule_priority":{"null" if not ex.action else 0 if rule is None else rule},'
-            f'"request_creation_time":"{iso(wall - (end - start))}",'
-            f'"actions_executed":{"null" if not ex.action else chr(34) + ex.action + chr(34)},'
-            f'"error_reason":{"null" if ex.error_reason == "-" else chr(34) + ex.error_reason + chr(34)}}}\n'
+            def string(value: str | None) -> str:
+                return "null" if value is None or value == "-" else f'"{value}"'
+
+            return (
+                f'{{"type":"http","time":"{wall}","listener":"{conn.listener}","client":"{conn.peer}",'
+                f'"target":{string(ex.target)},"request_processing_time":{times[0]},'
+                f'"target_processing_time":{times[1]},"response_processing_time":{times[2]},'
+                f'"elb_status_code":{ex.status},'
+                f'"target_status_code":{"null" if target_status is None else target_status},'
+                f'"received_bytes":{ex.req_bytes},"sent_bytes":{ex.resp_bytes},'
+                f'"request":"{_request_text(ex, conn.authority, _escaped_json)}",'
+                f'"user_agent":{"null" if agent is None else string(_escaped_json(agent))},'
+                f'"target_group":{string(ex.group)},"request_id":"{request_id}",'
+                f'"matched_rule_priority":{"null" if rule is None else rule},"request_creation_time":"{created}",'
+                f'"actions_executed":{string(ex.action or None)},"error_reason":{string(ex.error_reason)}}}\n'
+            )
+        return (
+            f"http {wall} {conn.listener} {conn.peer} {ex.target} {times[0]} {times[1]} {times[2]} "
+            f"{ex.status} {'-' if target_status is None else target_status} {ex.req_bytes} {ex.resp_bytes} "
+            f'"{_request_text(ex, conn.authority, _escaped_text)}" '
+            f'"{"-" if agent is None else _escaped_text(agent)}" {ex.group} "{request_id}" '
+            f"{'-' if rule is None else rule} {created} \"{ex.action or '-'}\" \"{ex.error_reason}\"\n"
         )
-        writer = self._writer
-        writer.lines.append(line)
-        writer.size += len(line)
-        if writer.size >= BUFFER_BYTES:
-            writer.flush()
