@@ -57,9 +57,9 @@ from lb.l7.httputil import CRLF, NOT_NOMINABLE, UNKNOWN
 from lb.l7.request_head import (
     COLON,
     HOST,
-    HOST_SYNTAX,
     SPECIAL,
     TABLE,
+    VALID_HOSTS,
     build_head,
     origin_form,
     peer_address,
@@ -376,7 +376,7 @@ class ClientProtocol(asyncio.Protocol):
             kind = SPECIAL.get(name.lower())
         if kind is None:  # passed through as received
             ex.parts += (name, COLON, value, CRLF)
-        elif kind == HOST and ex.host is None and HOST_SYNTAX.fullmatch(value):  # else special_header refuses it
+        elif kind == HOST and ex.host is None and value in VALID_HOSTS:  # else special_header checks it
             ex.host = value
             ex.parts += (name, COLON, value, CRLF)
         else:

@@ -112,25 +112,19 @@ http_date = HttpDate()
 
 class RequestIds:
     """X-Request-Id values for requests that come without one (ALB's X-Amzn-Trace-Id
-    pattern): 32 hex digits, the Unix time (8), a random part drawn once per
-    process (16) and a counter (8), so unique across workers and restarts,
-    and sortable by time. A counter and a cached prefix: no system call."""
+    pattern): 32 hex digits, when the process started (8, Unix time), a random
+    part drawn then (8) and a counter (16), so unique across workers and
+    restarts. A counter and a fixed prefix: no clock, no system call."""
 
-    __slots__ = ("_node", "_count", "_second", "_prefix")
+    __slots__ = ("_prefix", "_count")
 
     def __init__(self) -> None:
-        self._node = os.urandom(8).hex().encode("ascii")
+        self._prefix = b"%08x%s" % (int(time.time()) & 0xFFFFFFFF, os.urandom(4).hex().encode("ascii"))
         self._count = 0
-        self._second = -1
-        self._prefix = b""
 
     def __call__(self) -> bytes:
-        self._count = count = (self._count + 1) & 0xFFFFFFFF
-        second = int(time.time())
-        if second != self._second:
-            self._second = second
-            self._prefix = b"%08x%s" % (second, self._node)
-        return b"%s%08x" % (self._prefix, count)
+        self._count = count = self._count + 1
+        return b"%s%016x" % (self._prefix, count)
 
 
 request_ids = RequestIds()  # per process: each worker draws its own random part

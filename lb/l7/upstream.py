@@ -140,6 +140,7 @@ class UpstreamConnection(asyncio.Protocol):
         "drop",
         "head_size",  # bytes of the response head(s) parsed so far: status lines and fields
         "head_rx",  # bytes read while a response head was incomplete
+        "max_head",  # the pool's (L7Config.max_response_head)
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -171,6 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.drop: set[bytes] | None = None
         self.head_size = 0
         self.head_rx = 0
+        self.max_head = pool.max_head
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -257,7 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             # Still in a head after this read: every byte of it was head (the
             # parser buffers a field until it ends: bound it before it does).
-            if in_head and not self.in_body and not self.done and self.head_rx > self.pool.max_head:
+            if in_head and not self.in_body and not self.done and self.head_rx > self.max_head:
                 failed = "response head too large"
                 reason = errors.TARGET_RESPONSE_HEAD_TOO_LARGE
         if out:
@@ -389,12 +391,12 @@ class UpstreamConnection(asyncio.Protocol):
     def on_status(self, phrase: bytes) -> None:
         self.phrase += phrase
         self.head_size = size = self.head_size + len(phrase) + 15  # "HTTP/1.1 200 " and CRLF
-        if size > self.pool.max_head:
+        if size > self.max_head:
             raise _HeadTooLarge("response head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size = size = self.head_size + len(name) + len(value) + 4
-        if size > self.pool.max_head:  # trailers count too
+        if size > self.max_head:  # trailers count too
             raise _HeadTooLarge("response head too large")
         if self.in_body:  # a trailer: not passed on
             return
