@@ -477,10 +477,11 @@ def test_listeners_added_and_removed_at_run_time() -> None:
 # --- WebSocket -----------------------------------------------------------------------
 
 
-def test_websocket_echo_through_the_proxy() -> None:
+def test_websocket_echo_through_the_proxy(tmp_path: Path) -> None:
     async def body() -> None:
         async with backend("websocket") as ws:
-            table = routing_table(http_listener(forward_to("g")), (target_group("g", ws),))
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", ws),),
+                                  access_log=str(tmp_path / "access.log"), log_format="json")
             async with proxy(table) as (_, port):
                 reader, writer = await asyncio.open_connection(HOST, port)
                 try:
@@ -519,6 +520,9 @@ def test_websocket_echo_through_the_proxy() -> None:
                     await writer.wait_closed()
 
     run(body())
+    (line,) = (tmp_path / "access.log").read_text().splitlines()
+    record = parse_access_line(line)  # ALB's type "ws", logged at the 101
+    assert (record["type"], record["elb_status_code"], record["target_status_code"]) == ("ws", 101, 101)
 
 
 # --- table swaps, timeouts, logging, stopping ---------------------------------------------

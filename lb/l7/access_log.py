@@ -281,7 +281,7 @@ class AccessLogFile:
         sent = ex.t_sent
         url = ex.url
         if (sent and ex.response_started and not ex.local and ex.error_reason == "-" and ex.host is not None
-                and b'"' not in url and b"\\" not in url):
+                and not ex.upgrade and b'"' not in url and b"\\" not in url):
             # The usual exchange (see _TEXT_FORWARDED): only what its line needs, so
             # the exchange itself is freed now and its memory reused by the next one.
             pending.append((conn, _perf(), ex.t_start, sent, ex.upstream_time, ex.status, ex.req_bytes,
@@ -383,13 +383,14 @@ class AccessLogFile:
         rule = None if not ex.action else 0 if ex.rule is None else ex.rule
         request_id = (ex.request_id or self._ids()).decode("ascii")
         wall, created = self._iso(end + self._offset), self._iso(start + self._offset)
+        kind = "ws" if ex.status == 101 else "http"  # ALB's type: a WebSocket's line is written at its 101
         if self._json:
 
             def string(value: str | None) -> str:
                 return "null" if value is None or value == "-" else f'"{value}"'
 
             return (
-                f'{{"type":"http","time":"{wall}","listener":"{conn.listener}","client":"{conn.peer}",'
+                f'{{"type":"{kind}","time":"{wall}","listener":"{conn.listener}","client":"{conn.peer}",'
                 f'"target":{string(ex.target)},"request_processing_time":{times[0]},'
                 f'"target_processing_time":{times[1]},"response_processing_time":{times[2]},'
                 f'"elb_status_code":{ex.status},'
@@ -402,7 +403,7 @@ class AccessLogFile:
                 f'"actions_executed":{string(ex.action or None)},"error_reason":{string(ex.error_reason)}}}\n'
             )
         return (
-            f"http {wall} {conn.listener} {conn.peer} {ex.target} {times[0]} {times[1]} {times[2]} "
+            f"{kind} {wall} {conn.listener} {conn.peer} {ex.target} {times[0]} {times[1]} {times[2]} "
             f"{ex.status} {'-' if target_status is None else target_status} {ex.req_bytes} {ex.resp_bytes} "
             f'"{_request_text(ex, conn.authority, _escaped_text)}" '
             f'"{"-" if agent is None else _escaped_text(agent)}" {ex.group} "{request_id}" '
