@@ -222,6 +222,29 @@ def test_a_request_id_lb_cannot_log_safely_is_replaced() -> None:
     run(body())
 
 
+def test_a_table_update_moves_or_closes_the_log(tmp_path: Path) -> None:
+    """What `lb reload` does with a changed access_log: each worker flushes and reopens."""
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+
+    async def body() -> None:
+        async with backend("http") as b:
+            groups = (target_group("g", b),)
+            listener = http_listener(forward_to("g"))
+            async with proxy(routing_table(listener, groups, access_log=str(first))) as (worker, port):
+                async with await Client.open(port) as client:
+                    await client.request("GET", "/one")
+                    await worker.update(routing_table(listener, groups, version=2, access_log=str(second),
+                                                      log_format="json"))
+                    await client.request("GET", "/two")
+                    await worker.update(routing_table(listener, groups, version=3))  # off
+                    await client.request("GET", "/three")
+
+    run(body())
+    assert [r["request"].split()[1].rsplit("/", 1)[1] for r in read_access_log(first)] == ["one"]
+    assert [r["request"].split()[1].rsplit("/", 1)[1] for r in read_access_log(second)] == ["two"]
+    assert second.read_text().startswith("{")
+
+
 # --- the writer ------------------------------------------------------------------------------
 
 
@@ -240,6 +263,27 @@ def test_a_failing_write_drops_its_lines_and_keeps_serving(tmp_path: Path) -> No
     writer.write(["one\n", "two\n"])
     assert writer.lost == 2
     writer.close()
+
+
+def test_lb_up_and_reload_refuse_a_log_the_workers_could_not_open(tmp_path: Path) -> None:
+    from lb import config as configmod
+    from lb.daemon import access_log_problem
+
+    text = f"""
+[load_balancer]
+name = "x"
+access_log = {{ enabled = true, path = "{tmp_path}/missing/access.log" }}
+[[listeners]]
+name = "web"
+protocol = "HTTP"
+address = "127.0.0.1"
+port = 8080
+default_action = {{ type = "fixed-response", status_code = 200 }}
+"""
+    problem = access_log_problem(configmod.loads(text))
+    assert problem is not None and problem.startswith("load_balancer.access_log.path: cannot open")
+    assert access_log_problem(configmod.loads(text.replace("/missing", ""))) is None
+    assert access_log_problem(configmod.loads(text.replace("enabled = true", "enabled = false"))) is None
 
 
 def test_check_path_names_the_problem(tmp_path: Path) -> None:
