@@ -401,6 +401,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.in_body:  # a trailer: not passed on
             return
         kind = _TABLE.get(name, UNKNOWN)
+        if kind is None:  # the usual header, passed on as it came
+            self.parts += (name, _COLON, value, CRLF)
+            return
         if kind == UNKNOWN:
             kind = _SPECIAL.get(name.lower())
         if kind is None:
