@@ -3,7 +3,7 @@
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup setup-bench setup-kernels demo test test-kernels bench lab-down clean
+.PHONY: setup setup-bench setup-kernels setup-vagrant demo test test-kernels vagrant-test bench lab-down clean
 
 setup:
 	./deploy/install.sh
@@ -13,6 +13,9 @@ setup-bench:
 
 setup-kernels:
 	./deploy/install.sh --kernels
+
+setup-vagrant:
+	./deploy/install.sh --vagrant
 
 demo: setup
 	$(PYTHON) -m lb.demo
@@ -25,6 +28,12 @@ test: setup
 # part of `make test`.
 test-kernels: setup-kernels
 	./tests/kernels/run.sh
+
+# The Vagrant lab booted for real (vagrant/README.md): five libvirt VMs, the
+# walk-through as assertions, everything destroyed at the end, pass or fail
+# (vagrant/test/run.sh). About 25 minutes under TCG, not part of `make test`.
+vagrant-test: setup-vagrant
+	./vagrant/test/run.sh
 
 bench: setup-bench
 	@for script in tests/bench/*.py; do \

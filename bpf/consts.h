@@ -23,10 +23,20 @@
 #define MAX_TARGETS 1024
 #endif
 
-/* Entries in the connection-tracking LRU: two per flow (its forward entry
- * and its reply entry), so 524288 tracks 262144 flows. */
+/* Flows in the connection-tracking LRU: one entry per flow (replies find
+ * it through the `replies` map). One LRU list for all CPUs, so the table
+ * holds this many flows whichever CPUs they arrive on. */
 #ifndef CONNTRACK_SIZE
 #define CONNTRACK_SIZE 524288
+#endif
+
+/* CONNTRACK_LRU_FLAGS: 0, one LRU list shared by all CPUs (the default), or
+ * BPF_F_NO_COMMON_LRU, a list per CPU, each of CONNTRACK_SIZE / possible CPUs
+ * (the loader then makes the map CONNTRACK_SIZE x possible CPUs entries, so
+ * each CPU still holds CONNTRACK_SIZE). Only tests/bench/xdp_cost.py asks
+ * for the second, to compare. */
+#ifndef CONNTRACK_LRU_FLAGS
+#define CONNTRACK_LRU_FLAGS 0
 #endif
 
 /* A flow idle longer than this is forgotten and may be re-hashed (ELB: TCP
@@ -37,6 +47,34 @@
 #endif
 #ifndef UDP_IDLE_NS
 #define UDP_IDLE_NS (120ULL * 1000000000ULL)
+#endif
+
+/* A TCP flow that saw a RST (conntrack's CLOSE, 10 s) or a FIN from both
+ * sides (TIME_WAIT, 120 s) is forgotten after this long without a packet;
+ * meanwhile a late segment still reaches its target, and a SYN replaces it. */
+#ifndef TCP_CLOSED_NS
+#define TCP_CLOSED_NS (10ULL * 1000000000ULL)
+#endif
+#ifndef TCP_TIME_WAIT_NS
+#define TCP_TIME_WAIT_NS (120ULL * 1000000000ULL)
+#endif
+
+/* Flood guard: at most this many new conntrack entries per CPU per second
+ * (Katran's max_conn_rate). A new flow over it is still forwarded by the
+ * ring, without an entry (CNT_FLOOD_NO_ENTRY). 0: no limit. */
+#ifndef NEW_FLOW_RATE_LIMIT
+#define NEW_FLOW_RATE_LIMIT 20000
+#endif
+
+/* The forward path keeps, per CPU and target, what bpf_fib_lookup answered
+ * (the next hop's MAC, the egress interface, the largest packet it let
+ * through) for this long, instead of asking for every packet: the lookup
+ * is most of what forwarding a packet costs (tests/bench/xdp_cost.py). A
+ * route or neighbour change reaches a target's flows within this time; a
+ * bigger packet than any let through is asked for again (the MTU). 0: ask
+ * for every packet. */
+#ifndef NEXT_HOP_CACHE_NS
+#define NEXT_HOP_CACHE_NS 1000000000ULL
 #endif
 
 /* last_seen is written back at most this often per flow, so an established
@@ -54,12 +92,13 @@
 /* A ring slot with no target (empty target group). */
 #define NO_TARGET 0xffffffffU
 
-/* flow_state.kind: which way a conntrack entry's packets go. */
-#define FLOW_FORWARD 0 /* client -> VIP: DNAT to the target */
-#define FLOW_REPLY   1 /* target -> client: source back to VIP:port */
+/* Most VIPs one target endpoint (address, port, protocol) can serve: the
+ * reply path tries each of them (reply_route.vips). */
+#define MAX_REPLY_VIPS 4
 
 /* target.flags */
-#define TARGET_F_ACTIVE 0x1 /* may carry traffic; a flow to an inactive target is re-hashed */
+#define TARGET_F_ACTIVE     0x1 /* its flows may go on; a flow to an inactive target is re-hashed */
+#define TARGET_F_IN_SERVICE 0x2 /* in the ring: a SYN may follow an entry to it (else the SYN takes the ring) */
 
 /* Global counter slots (maps.h: counters). Each packet increments exactly one
  * "verdict" reason; the others (CNT_CONNTRACK_*) count events on the way. */
@@ -77,6 +116,15 @@ enum lb_counter {
 	CNT_CONNTRACK_HIT,       /* forward packet of a known flow */
 	CNT_CONNTRACK_MISS,      /* new flow (or forgotten one): hashed onto the ring */
 	CNT_REVERSE_NAT,         /* reply from a target rewritten back to VIP:port */
+	CNT_DROP_BAD_IP_CSUM,    /* IPv4 header checksum wrong: drop (the kernel would) */
+	CNT_SYN_RESCHEDULED,     /* a SYN found an entry it must not follow (target out of service, entry
+	                          * closed, expired or stale): hashed onto the ring, entry replaced */
+	CNT_MISS_NO_ENTRY,       /* TCP segment, not a SYN, of no usable entry: forwarded by the ring, no entry
+	                          * made (an evicted or untracked flow, or a stray or spoofed packet) */
+	CNT_REPLY_NO_ENTRY,      /* reply of a flow with no entry (a half flow): rewritten, the ring sends that
+	                          * flow to this target */
+	CNT_FLOW_CLOSED,         /* TCP flow closed (RST, or FIN from both sides): short timeout, a SYN replaces it */
+	CNT_FLOOD_NO_ENTRY,      /* new flow above NEW_FLOW_RATE_LIMIT: forwarded by the ring, no entry made */
 	CNT_MAX,
 };
 

@@ -36,4 +36,17 @@ static __always_inline void csum_replace4(__sum16 *check, __u32 from, __u32 to)
 	*check = ~csum_fold(sum);
 }
 
+/* Is the IPv4 header's checksum right? `hdr` is a 20-byte header (no
+ * options) that the caller has bounds-checked: the one's-complement sum of
+ * its ten 16-bit words, checksum included, is 0xffff when it is. */
+static __always_inline int ipv4_header_csum_ok(const void *hdr)
+{
+	const __u32 *word = hdr;
+	__u64 sum = (__u64)word[0] + word[1] + word[2] + word[3] + word[4];
+
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	return csum_fold((__u32)sum) == 0xffff;
+}
+
 #endif /* LB_CSUM_H */

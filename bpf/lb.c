@@ -3,18 +3,27 @@
  * Attached to every interface that carries VIP traffic or replies from
  * targets. For each frame:
  *
- *   a tracked flow       -> conntrack hit: DNAT to its target, or (a reply
- *                           from a target) source back to VIP:port -> out
- *   TCP/UDP to a VIP     -> Maglev ring picks the target, both directions
- *                           remembered -> DNAT -> out
- *   anything else        -> XDP_PASS, untouched
+ *   bad IPv4 header checksum -> drop
+ *   a reply from a target    -> source back to the VIP of its flow -> out
+ *   a tracked flow           -> conntrack hit: DNAT to its target -> out
+ *   TCP/UDP to a VIP         -> Maglev ring picks the target (a SYN or a UDP
+ *                               datagram also makes the flow's entry) -> DNAT -> out
+ *   anything else            -> XDP_PASS, untouched
  *
- * Conntrack comes first, so an established packet costs one hash lookup
- * whichever way it goes; the vips lookup is only for new flows.
+ * A flow has one conntrack entry, keyed by its client -> VIP 5-tuple and
+ * made only by a packet that starts a flow (TCP SYN, UDP datagram), under a
+ * per-CPU rate limit: a flood of other segments makes no state, and a flow
+ * whose segment misses takes the ring (stateless, like Katran). Replies
+ * need no entry of their own: `replies` maps the target endpoint to the
+ * VIPs it serves, and the flow's entry (or, with none, the ring) says which.
+ * The entry follows TCP: FIN both ways or RST closes it (short timeout),
+ * and a SYN does not follow an entry that is closed or whose target left
+ * the ring: it takes the ring and replaces the entry (docs/architecture.md).
  *
- * "Out" is bpf_fib_lookup for the next hop and MACs, then bpf_redirect (or
- * XDP_TX on the receiving interface). Userspace computes (rings, targets);
- * this program only looks up.
+ * "Out" is bpf_fib_lookup for the next hop and MACs (toward a target: what
+ * this CPU's last lookup for it said, for up to NEXT_HOP_CACHE_NS), then
+ * bpf_redirect (or XDP_TX on the receiving interface). Userspace computes (rings, targets,
+ * replies); this program only looks up, and writes conntrack.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -84,50 +93,92 @@ static __always_inline void account_reply(struct traffic_stats *stats, __u32 len
 	stats->reply_bytes += len;
 }
 
-/* Next hop for the rewritten packet; on success the frame leaves now. */
-static __always_inline int send_out(struct xdp_md *ctx, struct packet *pkt)
+/* The next hop of the packet as it will leave: its own addresses and ports,
+ * except the source, which is (saddr, sport). */
+static __always_inline int fib_lookup(struct xdp_md *ctx, struct packet *pkt, struct bpf_fib_lookup *fib,
+                                      __be32 saddr, __be16 sport)
 {
-	struct bpf_fib_lookup fib = {};
-	int rc;
+	fib->family = AF_INET;
+	fib->tos = pkt->ip->tos;
+	fib->l4_protocol = pkt->ip->protocol;
+	fib->sport = sport;
+	fib->dport = pkt->ports[1];
+	fib->tot_len = bpf_ntohs(pkt->ip->tot_len);
+	fib->ipv4_src = saddr;
+	fib->ipv4_dst = pkt->ip->daddr;
+	fib->ifindex = ctx->ingress_ifindex;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
 
-	fib.family = AF_INET;
-	fib.tos = pkt->ip->tos;
-	fib.l4_protocol = pkt->ip->protocol;
-	fib.sport = pkt->ports[0];
-	fib.dport = pkt->ports[1];
-	fib.tot_len = bpf_ntohs(pkt->ip->tot_len);
-	fib.ipv4_src = pkt->ip->saddr;
-	fib.ipv4_dst = pkt->ip->daddr;
-	fib.ifindex = ctx->ingress_ifindex;
+/* The rewritten packet leaves now, to next hop `dmac` from interface `ifindex`. */
+static __always_inline int send_via(struct xdp_md *ctx, struct packet *pkt, __u32 ifindex,
+                                    const unsigned char *dmac, const unsigned char *smac)
+{
+	ip_decrease_ttl(pkt->ip);
+	__builtin_memcpy(pkt->eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(pkt->eth->h_source, smac, ETH_ALEN);
+	if (ifindex == ctx->ingress_ifindex) {
+		count(CNT_TX);
+		return XDP_TX;
+	}
+	count(CNT_REDIRECTED);
+	return bpf_redirect(ifindex, 0);
+}
 
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+/* The rewritten packet leaves now, by what fib_lookup answered. */
+static __always_inline int send_by(struct xdp_md *ctx, struct packet *pkt, struct bpf_fib_lookup *fib, int rc)
+{
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
 		/* No neighbour entry yet (or no route): the kernel forwards the
 		 * already rewritten packet and resolves the neighbour for the next. */
 		count(CNT_PASS_FIB);
 		return XDP_PASS;
 	}
-	ip_decrease_ttl(pkt->ip);
-	__builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(pkt->eth->h_source, fib.smac, ETH_ALEN);
-	if (fib.ifindex == ctx->ingress_ifindex) {
-		count(CNT_TX);
-		return XDP_TX;
-	}
-	count(CNT_REDIRECTED);
-	return bpf_redirect(fib.ifindex, 0);
+	return send_via(ctx, pkt, fib->ifindex, fib->dmac, fib->smac);
 }
 
-static __always_inline __u64 idle_timeout_ns(__u8 proto)
+/* Next hop for the rewritten packet; on success the frame leaves now. */
+static __always_inline int send_out(struct xdp_md *ctx, struct packet *pkt)
 {
-	return proto == IPPROTO_TCP ? TCP_IDLE_NS : UDP_IDLE_NS;
+	struct bpf_fib_lookup fib = {};
+	int rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0]);
+	return send_by(ctx, pkt, &fib, rc);
+}
+
+static __always_inline int is_tcp(struct packet *pkt)
+{
+	return pkt->flow.proto == IPPROTO_TCP;
+}
+
+/* A bare SYN: the first segment of a connection (not a SYN-ACK, not a RST). */
+static __always_inline int is_syn(struct packet *pkt)
+{
+	return is_tcp(pkt) && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN;
+}
+
+/* Closed: RST seen, or FIN from both sides. A SYN does not follow it. */
+static __always_inline int flow_closed(struct flow_state *state)
+{
+	return state->rst || (state->fin_client && state->fin_target);
+}
+
+/* How long this entry lives without a packet: its TCP state's timeout, else the protocol's. */
+static __always_inline __u64 timeout_ns(__u8 proto, struct flow_state *state)
+{
+	if (proto != IPPROTO_TCP)
+		return UDP_IDLE_NS;
+	if (state->rst)
+		return TCP_CLOSED_NS;
+	if (state->fin_client && state->fin_target)
+		return TCP_TIME_WAIT_NS;
+	return TCP_IDLE_NS;
 }
 
 /* Is this conntrack entry still good: not idle past its timeout, and begun
  * under the VIP's current generation (the VIP was not deleted since)? */
-static __always_inline int flow_is_live(struct packet *pkt, struct flow_state *state, __u64 now)
+static __always_inline int flow_is_live(__u8 proto, struct flow_state *state, __u64 now)
 {
-	if (now - state->last_seen_ns >= idle_timeout_ns(pkt->flow.proto))
+	if (now - state->last_seen_ns >= timeout_ns(proto, state))
 		return 0;
 	__u32 vip_id = state->vip_id;
 	__u32 *gen = vip_gens.lookup(&vip_id);
@@ -140,6 +191,37 @@ static __always_inline void touch(struct flow_state *state, __u64 now)
 		state->last_seen_ns = now;
 }
 
+/* The packet's FIN or RST moves the entry's TCP state on; `from_client`
+ * says which side sent it. Each byte has one writer, and is written only
+ * when it changes. The entry's clock restarts when it closes. */
+static __always_inline void follow_tcp(struct packet *pkt, struct flow_state *state, __u64 now, int from_client)
+{
+	__u8 flags = pkt->tcp_flags;
+
+	if (from_client && state->syn_only && !(flags & TCP_FLAG_SYN))
+		state->syn_only = 0;
+	if (!(flags & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		touch(state, now);
+		return;
+	}
+	int was_closed = flow_closed(state);
+	if (flags & TCP_FLAG_RST) {
+		if (!state->rst)
+			state->rst = 1;
+	} else if (from_client) {
+		if (!state->fin_client)
+			state->fin_client = 1;
+	} else if (!state->fin_target) {
+		state->fin_target = 1;
+	}
+	if (!was_closed && flow_closed(state)) {
+		count(CNT_FLOW_CLOSED);
+		state->last_seen_ns = now;
+	} else {
+		touch(state, now);
+	}
+}
+
 static __always_inline int ttl_ok(struct packet *pkt)
 {
 	if (pkt->ip->ttl > 1)
@@ -148,84 +230,220 @@ static __always_inline int ttl_ok(struct packet *pkt)
 	return 0;
 }
 
+static __always_inline int same_mac(const unsigned char *a, const unsigned char *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
+}
+
+/* Out toward target `target_id`, by this CPU's remembered next hop while it
+ * is fresh, was asked for this ingress and let a packet this big through;
+ * else by bpf_fib_lookup, whose answer is remembered. */
+static __always_inline int send_to_target(struct xdp_md *ctx, struct packet *pkt, __u32 target_id, __u64 now)
+{
+	struct next_hop *hop = NEXT_HOP_CACHE_NS ? next_hops.lookup(&target_id) : NULL;
+	if (!hop)
+		return send_out(ctx, pkt);
+	__u16 len = bpf_ntohs(pkt->ip->tot_len);
+	int fresh = now < hop->expires_ns && hop->in_ifindex == ctx->ingress_ifindex;
+	if (fresh && len <= hop->max_len)
+		return send_via(ctx, pkt, hop->ifindex, hop->dmac, hop->smac);
+
+	struct bpf_fib_lookup fib = {};
+	int rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0]);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (fresh && hop->ifindex == fib.ifindex && same_mac(hop->dmac, fib.dmac)) {
+			hop->max_len = len; /* the same next hop takes bigger packets */
+		} else {
+			hop->expires_ns = now + NEXT_HOP_CACHE_NS;
+			hop->ifindex = fib.ifindex;
+			hop->in_ifindex = ctx->ingress_ifindex;
+			hop->max_len = len;
+			__builtin_memcpy(hop->dmac, fib.dmac, ETH_ALEN);
+			__builtin_memcpy(hop->smac, fib.smac, ETH_ALEN);
+		}
+	}
+	return send_by(ctx, pkt, &fib, rc);
+}
+
 /* DNAT toward `t` and out; the stats say whether this packet began the flow. */
 static __always_inline int to_target(struct xdp_md *ctx, struct packet *pkt, struct target *t,
-                                     __u32 vip_id, __u32 target_id, int new_flow)
+                                     __u32 vip_id, __u32 target_id, int new_flow, __u64 now)
 {
 	account(vip_stats.lookup(&vip_id), pkt->len, new_flow);
 	account(target_stats.lookup(&target_id), pkt->len, new_flow);
 	nat_forward(pkt, t);
-	return send_out(ctx, pkt);
+	return send_to_target(ctx, pkt, target_id, now);
 }
 
-/* An established flow, either direction: one conntrack hit decides it. */
-static __always_inline int established(struct xdp_md *ctx, struct packet *pkt, struct flow_state *state,
-                                       __u64 now, int *done)
+/* The target the VIP's ring gives this client -> VIP flow (NO_TARGET: none). */
+static __always_inline __u32 ring_target(struct vip_meta *vip, struct flow_key *flow)
 {
-	__u32 vip_id = state->vip_id;
-	__u32 target_id = state->target_id;
+	__u32 slot = (vip->vip_id * 2 + (vip->ring & 1)) * RING_SIZE + flow_hash(flow) % RING_SIZE;
+	__u32 *ring_entry = rings.lookup(&slot);
+	return ring_entry ? *ring_entry : NO_TARGET;
+}
 
-	if (state->kind == FLOW_REPLY) {
-		*done = 1;
-		if (!ttl_ok(pkt))
-			return XDP_DROP;
-		touch(state, now);
-		account_reply(vip_stats.lookup(&vip_id), pkt->len);
-		account_reply(target_stats.lookup(&target_id), pkt->len);
-		count(CNT_REVERSE_NAT);
-		nat_reverse(pkt, state->vip_addr, state->vip_port);
-		return send_out(ctx, pkt);
+/* A reply, if the packet is one: from a target endpoint, to a client of a
+ * flow of one of the VIPs it serves. That flow is the one whose entry names
+ * this target, else (a flow with no entry: evicted, forwarded by the ring
+ * without one, or begun elsewhere) the one the ring gives this target. The
+ * source goes back to that VIP. Returns -1 when the packet is no such reply
+ * (the caller goes on with it): a target answering lb's own address (a
+ * health check) is not one, whatever the ring says. */
+static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct endpoint_key ek = {
+		.addr = pkt->flow.src,
+		.port = pkt->flow.sport,
+		.proto = pkt->flow.proto,
+	};
+	struct reply_route *route = replies.lookup(&ek);
+	if (!route)
+		return -1;
+
+	/* The flow as its client sent it: client -> VIP, for each VIP in turn. */
+	struct flow_key fwd = {
+		.src = pkt->flow.dst,
+		.sport = pkt->flow.dport,
+		.proto = pkt->flow.proto,
+	};
+	struct flow_state *state = NULL;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int found = -1;
+	__u32 count_vips = route->count;
+#pragma unroll
+	for (int i = 0; i < MAX_REPLY_VIPS; i++) {
+		if (i >= count_vips || found >= 0)
+			break;
+		fwd.dst = route->vips[i].addr;
+		fwd.dport = route->vips[i].port;
+		struct flow_state *s = conntrack.lookup(&fwd);
+		if (s && s->target_id == route->target_id && s->vip_id == route->vips[i].vip_id &&
+		    s->vip_gen == route->vips[i].gen && now - s->last_seen_ns < timeout_ns(pkt->flow.proto, s)) {
+			found = i;
+			state = s;
+		}
 	}
-	struct target *t = targets.lookup(&target_id);
-	if (!t || !(t->flags & TARGET_F_ACTIVE))
-		return XDP_PASS; /* its target left: *done stays 0, the flow is hashed again */
-	*done = 1;
+	if (found < 0) {
+#pragma unroll
+		for (int i = 0; i < MAX_REPLY_VIPS; i++) {
+			if (i >= count_vips || found >= 0)
+				break;
+			struct vip_key vk = {
+				.addr = route->vips[i].addr,
+				.port = route->vips[i].port,
+				.proto = pkt->flow.proto,
+			};
+			struct vip_meta *vip = vips.lookup(&vk);
+			if (!vip)
+				continue;
+			fwd.dst = vk.addr;
+			fwd.dport = vk.port;
+			if (ring_target(vip, &fwd) == route->target_id)
+				found = i;
+		}
+	}
+	if (found < 0 || found >= MAX_REPLY_VIPS)
+		return -1;
+
+	__be32 vip_addr = route->vips[found].addr;
+	__be16 vip_port = route->vips[found].port;
+	__u32 vip_id = route->vips[found].vip_id;
+	__u32 target_id = route->target_id;
+
+	/* Where it would go with the VIP as its source: a local address is lb's
+	 * own traffic with the target (health checks, the L7 proxy), not a reply. */
+	struct bpf_fib_lookup fib = {};
+	int rc = fib_lookup(ctx, pkt, &fib, vip_addr, vip_port);
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return -1;
 	if (!ttl_ok(pkt))
 		return XDP_DROP;
-	touch(state, now);
-	count(CNT_CONNTRACK_HIT);
-	return to_target(ctx, pkt, t, vip_id, target_id, 0);
+	if (state) {
+		if (is_tcp(pkt))
+			follow_tcp(pkt, state, now, 0);
+		else
+			touch(state, now);
+	} else {
+		count(CNT_REPLY_NO_ENTRY);
+	}
+	account_reply(vip_stats.lookup(&vip_id), pkt->len);
+	account_reply(target_stats.lookup(&target_id), pkt->len);
+	count(CNT_REVERSE_NAT);
+	nat_reverse(pkt, vip_addr, vip_port);
+	return send_by(ctx, pkt, &fib, rc);
 }
 
-/* A packet to a VIP with no live flow: a slot of the VIP's ring picks the
- * target, and both directions of the flow are remembered. */
-static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt, struct vip_meta *vip, __u64 now)
+/* May this flow get a new entry now? Per CPU, at most NEW_FLOW_RATE_LIMIT a
+ * second (a flood of SYNs cannot churn the table faster). */
+static __always_inline int flood_guard_allows(__u64 now)
+{
+	if (NEW_FLOW_RATE_LIMIT == 0)
+		return 1;
+	u32 zero = 0;
+	struct flood_window *window = flood_guard.lookup(&zero);
+	if (!window)
+		return 1;
+	if (now - window->start_ns >= 1000000000ULL) {
+		window->start_ns = now;
+		window->entries = 0;
+	}
+	if (window->entries >= NEW_FLOW_RATE_LIMIT)
+		return 0;
+	window->entries += 1;
+	return 1;
+}
+
+/* What an existing entry does for this packet. */
+enum entry_use {
+	ENTRY_DECIDES,    /* the packet goes to the entry's target */
+	ENTRY_REPLACE,    /* the ring decides, and its answer replaces the entry */
+	ENTRY_BYPASS,     /* the ring decides; the entry stays as it is (a closed TCP flow: only a SYN reopens it) */
+};
+
+/* A packet to a VIP, decided by the ring: a SYN or a UDP datagram starts a
+ * flow and gets an entry (under the flood guard); a packet whose entry
+ * could not decide replaces it (it was there: no table growth); any other
+ * TCP segment is forwarded without one. */
+static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struct vip_meta *vip, __u64 now,
+                                   enum entry_use existing, int had_entry)
 {
 	if (!ttl_ok(pkt))
 		return XDP_DROP;
 	count(CNT_CONNTRACK_MISS);
-	__u32 slot = (vip->vip_id * 2 + (vip->ring & 1)) * RING_SIZE + flow_hash(&pkt->flow) % RING_SIZE;
-	__u32 *ring_entry = rings.lookup(&slot);
-	__u32 target_id = ring_entry ? *ring_entry : NO_TARGET;
+	__u32 target_id = ring_target(vip, &pkt->flow);
 	struct target *t = target_id == NO_TARGET ? NULL : targets.lookup(&target_id);
 	if (!t || !(t->flags & TARGET_F_ACTIVE)) {
 		count(CNT_DROP_NO_TARGET);
 		return XDP_DROP;
 	}
 
-	struct flow_state state = {
-		.target_id = target_id,
-		.vip_id = vip->vip_id,
-		.created_ns = now,
-		.last_seen_ns = now,
-		.vip_gen = vip->gen,
-		.kind = FLOW_FORWARD,
-	};
-	conntrack.update(&pkt->flow, &state);
-
-	struct flow_key back = {
-		.src = t->addr,
-		.dst = pkt->flow.src,
-		.sport = t->port,
-		.dport = pkt->flow.sport,
-		.proto = pkt->flow.proto,
-	};
-	state.vip_addr = pkt->flow.dst;
-	state.vip_port = pkt->flow.dport;
-	state.kind = FLOW_REPLY;
-	conntrack.update(&back, &state);
-
-	return to_target(ctx, pkt, t, vip->vip_id, target_id, 1);
+	int starts = !is_tcp(pkt) || is_syn(pkt);
+	if (had_entry && is_syn(pkt))
+		count(CNT_SYN_RESCHEDULED);
+	int write = starts || (had_entry && existing == ENTRY_REPLACE);
+	if (!write) {
+		count(CNT_MISS_NO_ENTRY);
+	} else if (!had_entry && !flood_guard_allows(now)) {
+		count(CNT_FLOOD_NO_ENTRY);
+		write = 0;
+	}
+	if (write) {
+		struct flow_state state = {
+			.target_id = target_id,
+			.vip_id = vip->vip_id,
+			.created_ns = now,
+			.last_seen_ns = now,
+			.vip_gen = vip->gen,
+			.syn_only = is_syn(pkt),
+		};
+		if (is_tcp(pkt) && (pkt->tcp_flags & TCP_FLAG_RST))
+			state.rst = 1;
+		else if (is_tcp(pkt) && (pkt->tcp_flags & TCP_FLAG_FIN))
+			state.fin_client = 1;
+		conntrack.update(&pkt->flow, &state);
+	}
+	return to_target(ctx, pkt, t, vip->vip_id, target_id, starts, now);
 }
 
 int xdp_lb(struct xdp_md *ctx)
@@ -251,19 +469,51 @@ int xdp_lb(struct xdp_md *ctx)
 		count(CNT_PASS_PARSE_ERROR);
 		return XDP_PASS;
 	}
+	if (!ipv4_header_csum_ok(pkt.ip)) {
+		count(CNT_DROP_BAD_IP_CSUM);
+		return XDP_DROP;
+	}
 
-	/* Established flows first: one lookup for both directions. The clock
-	 * is read only for packets that touch a flow. */
+	/* Replies first, but only from a port some target endpoint uses. */
+	__u16 sport = bpf_ntohs(pkt.flow.sport);
+	__u32 word = sport >> 6;
+	__u64 *bits = reply_ports.lookup(&word);
+	if (bits && (*bits >> (sport & 63)) & 1) {
+		int action = reply(ctx, &pkt);
+		if (action >= 0)
+			return action;
+	}
+
+	/* Established flows: one lookup. The clock is read only for packets
+	 * that touch a flow. */
 	__u64 now = 0;
+	enum entry_use use = ENTRY_REPLACE;
 	struct flow_state *state = conntrack.lookup(&pkt.flow);
 	if (state) {
 		now = bpf_ktime_get_coarse_ns();
-		if (flow_is_live(&pkt, state, now)) {
-			int done = 0;
-			int action = established(ctx, &pkt, state, now, &done);
-			if (done)
-				return action;
+		int live = flow_is_live(pkt.flow.proto, state, now);
+		__u32 target_id = state->target_id;
+		struct target *t = live ? targets.lookup(&target_id) : NULL;
+		if (t && (t->flags & TARGET_F_ACTIVE)) {
+			/* A SYN follows its entry only to a target still in the ring,
+			 * and only while the entry is open: a retransmitted SYN stays
+			 * with its target; one after a close or to a target out of
+			 * service takes the ring. */
+			if (!is_syn(&pkt) || ((t->flags & TARGET_F_IN_SERVICE) && !flow_closed(state)))
+				use = ENTRY_DECIDES;
 		}
+		if (use == ENTRY_DECIDES) {
+			if (!ttl_ok(&pkt))
+				return XDP_DROP;
+			if (is_tcp(&pkt))
+				follow_tcp(&pkt, state, now, 1);
+			else
+				touch(state, now);
+			count(CNT_CONNTRACK_HIT);
+			return to_target(ctx, &pkt, t, state->vip_id, target_id, 0, now);
+		}
+		if (is_tcp(&pkt) && !is_syn(&pkt) && flow_closed(state))
+			use = ENTRY_BYPASS; /* a late segment does not bring a closed flow back */
 	}
 
 	struct vip_key vk = {
@@ -273,7 +523,7 @@ int xdp_lb(struct xdp_md *ctx)
 	};
 	struct vip_meta *vip = vips.lookup(&vk);
 	if (vip)
-		return new_flow(ctx, &pkt, vip, now ? now : bpf_ktime_get_coarse_ns());
+		return by_ring(ctx, &pkt, vip, now ? now : bpf_ktime_get_coarse_ns(), use, state != NULL);
 
 	count(CNT_PASS_NOT_VIP);
 	return XDP_PASS;

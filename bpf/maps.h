@@ -3,7 +3,8 @@
  * All maps are pinned under PIN_DIR (/sys/fs/bpf/lb/<name>/) and reused by
  * the next load, so a restarted daemon adopts the live state: flows keep
  * their targets while the control plane is away. Userspace writes vips,
- * targets, rings and vip_gens; the program writes conntrack and the stats.
+ * targets, rings, vip_gens, replies and reply_ports; the program writes
+ * conntrack, flood_guard, next_hops and the stats.
  *
  * Only declarations live here: bcc rewrites map calls (vips.lookup(...))
  * in the main file alone, so every function that touches a map is in lb.c.
@@ -45,12 +46,24 @@ BPF_TABLE("array", u32, struct target, targets, LB_MAP_ENTRIES(MAX_TARGETS));
  * one update, so no packet ever sees a half-written ring. */
 BPF_TABLE("array", u32, u32, rings, LB_MAP_ENTRIES(MAX_VIPS * 2 * RING_SIZE));
 
-/* 5-tuple -> flow state, both directions of every flow: a forward entry
- * (client -> VIP) naming the target, a reply entry (target -> client)
- * naming the VIP to restore. A flow stays on its target for its life.
- * LRU lists per CPU (no common lock on the fast path). */
+/* client -> VIP 5-tuple -> flow state: the target, and where the TCP
+ * connection is. One entry per flow, made only by a packet that starts one
+ * (a TCP SYN, a UDP datagram), so a flood of other segments makes none;
+ * the flow's replies find it through `replies`. One LRU list shared by all
+ * CPUs unless CONNTRACK_LRU_FLAGS says otherwise (consts.h). */
 BPF_F_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, LB_MAP_ENTRIES(CONNTRACK_SIZE),
-            BPF_F_NO_COMMON_LRU);
+            CONNTRACK_LRU_FLAGS);
+
+/* target endpoint (source of its replies) -> its target id and the VIPs it
+ * serves: a reply's source goes back to the VIP whose flow it belongs to,
+ * known from that flow's entry, or from the ring when the flow has none. */
+BPF_TABLE("hash", struct endpoint_key, struct reply_route, replies, LB_MAP_ENTRIES(MAX_TARGETS * 2));
+
+/* port >> 6 -> 64 bits, one per port: set for the port of every target
+ * endpoint in `replies`. A packet whose source port has no bit is no reply,
+ * and goes straight to conntrack (an array load instead of a hash lookup on
+ * every client packet). */
+BPF_TABLE("array", u32, u64, reply_ports, LB_MAP_ENTRIES(1024));
 
 /* vip id -> generation. Userspace bumps it when it deletes a VIP or gives
  * its id to another one, which makes every flow begun under the old
@@ -58,6 +71,10 @@ BPF_F_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, LB_MAP_EN
  * kernel when the VIP is gone). An array lookup instead of a hash lookup
  * on every established packet. */
 BPF_TABLE("array", u32, u32, vip_gens, LB_MAP_ENTRIES(MAX_VIPS));
+
+/* target id -> its next hop, as this CPU last asked bpf_fib_lookup
+ * (NEXT_HOP_CACHE_NS). Userspace empties a target's when it writes it. */
+BPF_TABLE("percpu_array", u32, struct next_hop, next_hops, LB_MAP_ENTRIES(MAX_TARGETS));
 
 /* vip id -> traffic. */
 BPF_TABLE("percpu_array", u32, struct traffic_stats, vip_stats, LB_MAP_ENTRIES(MAX_VIPS));
@@ -67,5 +84,8 @@ BPF_TABLE("percpu_array", u32, struct traffic_stats, target_stats, LB_MAP_ENTRIE
 
 /* enum lb_counter -> packets: why each packet got its verdict. */
 BPF_TABLE("percpu_array", u32, u64, counters, LB_MAP_ENTRIES(CNT_MAX));
+
+/* 0 -> this CPU's flood window: new entries made in the current second. */
+BPF_TABLE("percpu_array", u32, struct flood_window, flood_guard, LB_MAP_ENTRIES(1));
 
 #endif /* LB_MAPS_H */

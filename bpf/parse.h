@@ -28,7 +28,14 @@ struct packet {
 	__sum16 *l4_check;   /* TCP or UDP checksum field */
 	struct flow_key flow;
 	__u32 len;           /* whole frame, bytes */
+	__u8 tcp_flags;      /* TCP: byte 13 of the header (TCP_FLAG_* below); UDP: 0 */
 };
+
+/* The low byte of TCP's flags (byte 13 of the header). */
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
 
 enum parse_result {
 	PARSE_OK = 0,
@@ -70,6 +77,7 @@ static __always_inline enum parse_result parse_packet(struct xdp_md *ctx, struct
 		if ((void *)(tcp + 1) > data_end || tot_len < sizeof(struct iphdr) + sizeof(struct tcphdr))
 			return PARSE_TRUNCATED;
 		pkt->l4_check = &tcp->check;
+		pkt->tcp_flags = ((__u8 *)tcp)[13];
 	} else {
 		struct udphdr *udp = l4;
 		if ((void *)(udp + 1) > data_end || tot_len < sizeof(struct iphdr) + sizeof(struct udphdr))

@@ -10,6 +10,8 @@
 
 #include <linux/types.h>
 
+#include "consts.h"
+
 /* vips key: a VIP as packets address it. */
 struct vip_key {
 	__be32 addr;   /* IPv4 address, network order */
@@ -36,8 +38,9 @@ struct target {
 	__u16  flags;  /* host order; TARGET_F_* */
 };
 
-/* conntrack key: a 5-tuple exactly as the packet carries it. A flow has
- * two entries: client -> VIP (forward) and target -> client (reply). */
+/* conntrack key: a 5-tuple exactly as the packet carries it, client -> VIP.
+ * A flow has this one entry; its replies (target -> client) find it again
+ * through the `replies` map, which gives the VIP to put back. */
 struct flow_key {
 	__be32 src;    /* network order */
 	__be32 dst;    /* network order */
@@ -47,19 +50,64 @@ struct flow_key {
 	__u8   pad[3]; /* zero */
 };
 
-/* conntrack value. One lookup serves both directions of an established
- * flow, before (and instead of) the vips lookup. */
+/* conntrack value: the flow's target and where its TCP connection is.
+ * The four state bytes are each written by one event only (never read,
+ * modified and written back), so two CPUs seeing the two FINs at once
+ * cannot lose one. */
 struct flow_state {
 	__u32 target_id;     /* host order */
 	__u32 vip_id;        /* host order */
 	__u64 created_ns;    /* host order; bpf_ktime_get_coarse_ns() at the first packet */
-	__u64 last_seen_ns;  /* host order; refreshed at most every LAST_SEEN_GRANULARITY_NS */
+	__u64 last_seen_ns;  /* host order; refreshed at most every LAST_SEEN_GRANULARITY_NS, and
+	                      * at each state change */
 	__u32 vip_gen;       /* host order; the VIP's generation when the flow began: a VIP
 	                      * deleted (or its id reused) since makes the entry stale */
-	__be32 vip_addr;     /* network order; FLOW_REPLY: the source to put back */
-	__be16 vip_port;     /* network order; FLOW_REPLY: the source port to put back */
-	__u8  kind;          /* FLOW_FORWARD or FLOW_REPLY */
-	__u8  pad[5];        /* zero */
+	__u8  syn_only;      /* 1: made by a SYN, no other client segment yet (TCP) */
+	__u8  fin_client;    /* 1: the client sent a FIN */
+	__u8  fin_target;    /* 1: the target sent a FIN */
+	__u8  rst;           /* 1: either side sent a RST */
+};
+
+/* replies key: a target endpoint as its replies carry it (source). */
+struct endpoint_key {
+	__be32 addr;   /* network order */
+	__be16 port;   /* network order */
+	__u8   proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad;    /* zero */
+};
+
+/* One VIP a target endpoint serves: what a reply's source becomes. */
+struct reply_vip {
+	__be32 addr;   /* network order */
+	__be16 port;   /* network order */
+	__u16  pad;    /* zero */
+	__u32  vip_id; /* host order */
+	__u32  gen;    /* host order; the VIP's generation (an entry of another is stale) */
+};
+
+/* replies value: the target's id and the VIPs it serves (first `count`). */
+struct reply_route {
+	__u32 target_id;                      /* host order */
+	__u32 count;                          /* host order; 1..MAX_REPLY_VIPS */
+	struct reply_vip vips[MAX_REPLY_VIPS];
+};
+
+/* flood_guard value (per CPU): new entries made in the current second. */
+struct flood_window {
+	__u64 start_ns; /* host order; bpf_ktime_get_coarse_ns() when the window began */
+	__u64 entries;  /* host order; entries made since */
+};
+
+/* next_hops value (per CPU, by target id): what bpf_fib_lookup answered
+ * for packets to that target arriving on `in_ifindex`. */
+struct next_hop {
+	__u64 expires_ns;  /* host order; bpf_ktime_get_coarse_ns() from which it is asked again; 0: empty */
+	__u32 ifindex;     /* host order; egress interface */
+	__u32 in_ifindex;  /* host order; the ingress interface it was asked for */
+	__u16 max_len;     /* host order; the largest IPv4 total length it let through */
+	__u8  dmac[6];     /* the next hop's MAC */
+	__u8  smac[6];     /* the egress interface's MAC */
+	__u8  pad[2];      /* zero */
 };
 
 /* vip_stats and target_stats value (per CPU; userspace sums). */

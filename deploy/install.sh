@@ -12,6 +12,8 @@
 #                                (wrk, nginx, HAProxy, iperf3; py-spy in the .venv)
 #   deploy/install.sh --kernels  also QEMU and debootstrap, for `make test-kernels`
 #                                (the program on other kernels, in VMs)
+#   deploy/install.sh --vagrant  also libvirt, QEMU, qemu-img and debootstrap, for
+#                                `make vagrant-test` (the Vagrant lab, booted)
 #
 # A second run with everything present only checks, and finishes in seconds.
 # --system honours LB_PREFIX (/opt/lb), LB_BINDIR (/usr/local/bin),
@@ -25,13 +27,15 @@ venv="$here/.venv"
 bench=0
 kernels=0
 system=0
+vagrant=0
 for arg in "$@"; do
   case "$arg" in
     --bench) bench=1 ;;
     --kernels) kernels=1 ;;
     --system) system=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown argument '$arg' (allowed: --system, --bench, --kernels)" >&2; exit 2 ;;
+    --vagrant) vagrant=1 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument '$arg' (allowed: --system, --bench, --kernels, --vagrant)" >&2; exit 2 ;;
   esac
 done
 
@@ -56,6 +60,15 @@ fi
 if [ "$kernels" = 1 ]; then
   # tests/kernels/run.sh: debootstrap builds the guest's root, QEMU boots it.
   packages+=(qemu-system-x86 debootstrap)
+fi
+if [ "$vagrant" = 1 ]; then
+  # vagrant/test/run.sh: libvirt runs the lab's VMs, vagrant/box/build.sh
+  # builds the box (debootstrap, qemu-img, sfdisk). Where PID 1 is not
+  # systemd, the SysV flavour of libvirt's daemon package keeps systemd's
+  # packages as they are (run.sh starts the daemons itself).
+  packages+=(vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils dnsmasq-base
+             debootstrap fdisk e2fsprogs)
+  [ -d /run/systemd/system ] || packages+=(libvirt-daemon-system-sysv)
 fi
 missing=()
 for p in "${packages[@]}"; do
@@ -164,6 +177,9 @@ install -d "$bindir"
 ln -sfn "$prefix/venv/bin/lb" "$bindir/lb"
 install -d -m 0755 "$etcdir" "$etcdir/examples"
 install -m 0644 "$here"/deploy/examples/*.toml "$etcdir/examples/"
+install -d -m 0755 "$etcdir/examples/tls"   # https-redirect.toml's example certificate
+install -m 0644 "$here"/deploy/examples/tls/*.pem "$etcdir/examples/tls/"
+install -m 0600 "$here"/deploy/examples/tls/*.key "$etcdir/examples/tls/"
 install -d "$unitdir"
 install -m 0644 "$here/deploy/lb.service" "$unitdir/lb.service"
 install -d "$logrotatedir"

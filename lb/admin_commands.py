@@ -1,7 +1,8 @@
 """What the admin socket's commands do in a running daemon.
 
     status                  name, pid, config and load time, program, attachments, listeners,
-                            L7 workers (pid, state, started, restarts)
+                            L7 workers (pid, state, started, restarts), HTTPS certificates
+                            (listener, file, names, expiry)
     targets [group]         every target with its health, as describe-target-health
     register / deregister   a target in a group (deregistered targets drain first)
     reload                  re-read the config: all or nothing (Daemon.reload)
@@ -22,6 +23,7 @@ import time
 from typing import Any, Protocol
 
 from lb import config as configmod
+from lb import tls
 from lb.admin import AdminError
 from lb.dataplane.loader import Program
 from lb.health import HealthChecker
@@ -100,6 +102,7 @@ class AdminCommands:
             "attachments": daemon.state.attachments,
             "listeners": listener_rows(daemon.config),
             "l7_workers": daemon.l7.workers() if daemon.l7 is not None else [],
+            "certificates": tls.certificate_rows(daemon.config),
         }
 
     def targets(self, group: TargetGroup | None) -> list[dict[str, Any]]:

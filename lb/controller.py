@@ -14,8 +14,15 @@ Per target group the health view gives three sets:
 
 At L4, draining and out-of-service targets stay *active* in the maps (their
 established flows still find them through conntrack) but are not in the
-ring, so they get no new flows. At L7 the draining set lets in-flight
-requests finish; new requests only go to the in-service set.
+ring and not *in service*, so they get no new flows, and a SYN does not
+follow an old entry to them. Connection termination, as NLB has it: with
+`unhealthy_connection_termination` (default on) an unhealthy target's
+flows end at once (their entries are removed, the next packet of each is
+hashed onto the ring, whose target answers a mid-flow segment with a RST);
+with `deregistration_connection_termination` (default off) a deregistered
+target's flows end when its delay does, else they go on. At L7 the draining
+set lets in-flight requests finish; new requests only go to the in-service
+set.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Protocol as TypingProtocol
 from lb.dataplane.dataplane import Dataplane, L4Service
 from lb.dataplane.maps import Endpoint, VipAddr
 from lb.l7.table import GroupTargets, RoutingTable
-from lb.model import ForwardAction, LoadBalancer, Protocol, Target, TargetGroup
+from lb.model import ForwardAction, LoadBalancer, Protocol, Target, TargetGroup, TargetHealth, TargetState
 
 log = logging.getLogger("lb.controller")
 
@@ -44,6 +51,8 @@ class HealthView(TypingProtocol):
 
     def healthy_since(self, group: str, target: Target) -> float | None: ...
 
+    def target_health(self, group: str, target: Target) -> TargetHealth: ...
+
 
 class L7Sink(TypingProtocol):
     """Where routing tables go (lb.l7.server.L7Server)."""
@@ -58,14 +67,20 @@ class GroupView:
     group: TargetGroup
     in_service: tuple[Target, ...]
     draining: tuple[Target, ...]
-    out_of_service: tuple[Target, ...]
+    out_of_service: tuple[Target, ...]  # registered, neither in service nor draining (initial, unhealthy)
     # Slow start: in-service targets still ramping, with their share (0..1)
     # of a full one, and when the last of them finishes (clock time).
     ramp: tuple[tuple[Target, float], ...] = ()
     ramp_ends: float | None = None
+    unhealthy: tuple[Target, ...] = ()  # of out_of_service, the unhealthy ones
 
     def share(self, target: Target) -> float:
         return next((s for t, s in self.ramp if t == target), 1.0)
+
+    @property
+    def terminated(self) -> tuple[Target, ...]:
+        """Targets whose L4 flows end now: unhealthy ones, with unhealthy_connection_termination."""
+        return self.unhealthy if self.group.unhealthy_connection_termination else ()
 
 
 # A ramping target's share grows in steps: rings are rebuilt, and L7 tables
@@ -102,8 +117,9 @@ def group_views(config: LoadBalancer, health: HealthView, now: float | None = No
         live = health.in_service(group.name)
         draining = health.draining(group.name)
         rest = tuple(t for t in health.registered(group.name) if t not in live and t not in draining)
+        unhealthy = tuple(t for t in rest if health.target_health(group.name, t).state is TargetState.UNHEALTHY)
         ramp, ends = slow_start_ramp(group, live, health, now)
-        views[group.name] = GroupView(group, live, draining, rest, ramp, ends)
+        views[group.name] = GroupView(group, live, draining, rest, ramp, ends, unhealthy)
     return views
 
 
@@ -123,11 +139,15 @@ def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Serv
                             for t in view.in_service)
         else:
             members = tuple((_endpoint(view.group, t), t.weight) for t in view.in_service)
-        keep = tuple(_endpoint(view.group, t) for t in (*view.draining, *view.out_of_service))
+        ended = tuple(_endpoint(view.group, t) for t in view.terminated)
+        keep = tuple(_endpoint(view.group, t) for t in (*view.draining, *view.out_of_service)
+                     if t not in view.terminated)
         vip = VipAddr(listener.address,  # type: ignore[arg-type]  # lb.config admits only IPv4 on L4
                       listener.port, listener.protocol.value)
         in_ring = {e for e, _ in members}
-        services.append(L4Service(vip, members=members, draining=tuple(e for e in keep if e not in in_ring)))
+        services.append(L4Service(vip, members=members, draining=tuple(e for e in keep if e not in in_ring),
+                                  terminated=tuple(e for e in ended if e not in in_ring),
+                                  end_flows_on_removal=view.group.deregistration_connection_termination))
     return services
 
 

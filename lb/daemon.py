@@ -56,7 +56,8 @@ GRACE_SECONDS = 30.0
 # Settings a running daemon cannot change: a reload that changes one is refused.
 RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size",
                 "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address",
-                "header_timeout", "body_timeout", "min_body_rate", "max_response_head")
+                "header_timeout", "body_timeout", "min_body_rate", "max_response_head",
+                "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit")
 
 
 class DaemonError(RuntimeError):
@@ -93,9 +94,16 @@ class Daemon:
         """The kernel-facing setup, before the event loop runs: pyroute2's
         synchronous API drives an event loop of its own, so inside ours its
         calls go to a worker thread instead (see reload)."""
-        self.state.addresses = place_addresses(self.config)
+        # We hold the lock: a state file left now is from an `lb up` that died
+        # without `lb down`. The addresses it placed are still ours to remove.
+        previous = RuntimeState.load(self.config.name)
+        earlier = previous.addresses if previous is not None and previous.netns == self.config.netns else []
+        self.state.addresses = place_addresses(self.config, earlier)
         if self.config.listeners_of(Protocol.TCP, Protocol.UDP):
             self._start_dataplane()
+        # Saved again once serving; saved now so that a daemon killed during its
+        # first health round still leaves `lb down` the addresses and attachments.
+        self.state.save()
 
     async def start(self) -> None:
         config = self.config

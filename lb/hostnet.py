@@ -2,7 +2,8 @@
 
 - `enter_netns`: run inside the config's network namespace (the lab's);
 - `place_addresses`: make every listener address local, so the host answers
-  ARP for L4 VIPs and the L7 proxy can bind; `remove_addresses` undoes it;
+  ARP for L4 VIPs and the L7 proxy can bind, marked as lb's; `remove_addresses`
+  undoes it;
 - `xdp_interfaces`: where the XDP program attaches, from the config or from
   the routes.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Iterable
 
 from pyroute2.netns import setns
 
@@ -46,26 +48,43 @@ def listener_addresses(config: LoadBalancer) -> list[str]:
     return seen
 
 
-def place_addresses(config: LoadBalancer) -> list[tuple[str, str, int]]:
+# IFA_PROTO of the addresses lb places (an unassigned value; `ip address`
+# shows `proto 0x6c`; Linux 5.18+, docs/kernel-notes.md). With the state
+# file's list it tells lb's own address from one an operator put in its place.
+ADDRESS_PROTO = 0x6C
+
+Placed = tuple[str, str, int]  # (ifname, address, prefixlen)
+
+
+def place_addresses(config: LoadBalancer, earlier: Iterable[Placed] = ()) -> list[Placed]:
     """Make every listener address local. An address inside a connected
     subnet goes on that interface; any other on `lo` (a routed VIP: the
-    upstream router, or BGP, sends it here). Returns the addresses added
-    (not those already there) as (ifname, address, prefixlen)."""
-    added: list[tuple[str, str, int]] = []
+    upstream router, or BGP, sends it here). Returns the addresses lb owns
+    (`lb down` removes those): the ones it added now, and the ones already
+    there that `earlier` (the state file of an `lb up` killed before `lb
+    down`) lists and that still carry lb's mark. Any other address already
+    there is the operator's, and stays theirs."""
+    owned: list[Placed] = []
+    ours_before = {address for _, address, _ in earlier}
     with nl.iproute() as ipr:
         for address in listener_addresses(config):
-            if nl.has_address(ipr, address):
+            present = nl.find_address(ipr, address)
+            if present is not None:
+                ifname, prefixlen, proto = present
+                if address in ours_before and proto == ADDRESS_PROTO:
+                    owned.append((ifname, address, prefixlen))
+                    log.info("address %s/%d on %s: placed by the last lb up, still ours", address, prefixlen, ifname)
                 continue
             ifname = nl.interface_for_subnet(ipr, address) or "lo"
             prefixlen = ipaddress.ip_address(address).max_prefixlen
-            nl.add_address(ipr, ifname, address, prefixlen)
-            added.append((ifname, address, prefixlen))
+            nl.add_address(ipr, ifname, address, prefixlen, proto=ADDRESS_PROTO)
+            owned.append((ifname, address, prefixlen))
             log.info("address %s/%d added to %s", address, prefixlen, ifname)
-    return added
+    return owned
 
 
-def remove_addresses(added: list[tuple[str, str, int]], netns: str | None) -> list[str]:
-    """Remove what place_addresses added (inside `netns`); returns the addresses."""
+def remove_addresses(added: list[Placed], netns: str | None) -> list[str]:
+    """Remove what place_addresses owned (inside `netns`); returns the addresses."""
     removed = []
     with nl.iproute(netns) as ipr:
         for ifname, address, prefixlen in added:

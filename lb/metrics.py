@@ -28,7 +28,10 @@ lb_vip_reply_bytes_total{...}               counter  their bytes
 lb_target_packets_total{target}             counter  as the VIP ones, per target (a target
  (and _bytes, _new_flows, _reply_*)                   serving two VIPs counts both)
 lb_xdp_packets_total{reason}                counter  global verdicts and events (structs.Counter)
-lb_conntrack_entries{vip,protocol,state}    gauge    conntrack entries; state live or expired
+lb_conntrack_entries{vip,protocol,state}    gauge    conntrack entries (one a flow); state live or
+                                                     expired (idle past its TCP state's timeout)
+lb_conntrack_tcp_entries{vip,tcp_state}     gauge    TCP entries by state: syn_sent, established,
+                                                     closing, time_wait, closed
 lb_conntrack_walk_truncated                 gauge    1 if the walk stopped at CONNTRACK_WALK_CAP
 lb_target_health{group,target,port,state}   gauge    1 for the target's state, 0 for the others
 lb_target_health_check_latency_seconds      gauge    the last check's latency
@@ -52,6 +55,8 @@ lb_l7_open_fds{worker}                      gauge    descriptors open (the worke
 lb_l7_fd_limit{worker}                      gauge    its limit on open files
 lb_l7_connections_shed_total                counter  idle connections closed near the open files limit
 lb_l7_connections_refused_total             counter  new ones closed there (nothing idle to close)
+lb_certificate_expiry_seconds{listener,     gauge    when an HTTPS listener's certificate expires
+  certificate,names,default}                         (Unix time: alert on it minus time())
 ==========================================  =======  ==========================================
 
 Per-CPU maps are summed per scrape.
@@ -73,9 +78,11 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
+from lb import tls
 from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry
 from lb.dataplane.pins import open_pinned
 from lb.dataplane.structs import COUNTER_HELP
+from lb.inspect.kernel import entry_timeout
 from lb.inspect.names import l4_listeners
 from lb.metrics_http import IDLE_TIMEOUT, MAX_CONNECTIONS, ScrapeServer
 from lb.model import LoadBalancer, TargetState
@@ -149,7 +156,7 @@ class Collector(PromCollector):
 
     def collect(self) -> Iterator[Metric]:
         config = self._config()
-        for section in (self._kernel, self._health_metrics, self._l7):
+        for section in (self._kernel, self._health_metrics, self._l7, self._certificates):
             try:
                 yield from section(config)
             except TimeoutError as exc:  # the daemon's loop is busy: no traceback for that
@@ -203,21 +210,29 @@ class Collector(PromCollector):
 
     def _conntrack(self, maps: Maps, vips: list[VipEntry]) -> Iterator[Metric]:
         counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        tcp: collections.Counter[tuple[str, str]] = collections.Counter()
         truncated = 0
-        timeouts = {"TCP": maps.limits.tcp_idle_timeout, "UDP": maps.limits.udp_idle_timeout}
         for n, flow in enumerate(maps.flows(limit=CONNTRACK_WALK_CAP + 1)):
             if n == CONNTRACK_WALK_CAP:
                 truncated = 1
                 break
-            state = "expired" if flow.idle_s >= timeouts.get(flow.vip.protocol, 0) else "live"
-            counts[(f"{flow.vip.address}:{flow.vip.port}", flow.vip.protocol, state)] += 1
+            vip = f"{flow.vip.address}:{flow.vip.port}"
+            state = "expired" if flow.idle_s >= entry_timeout(flow, maps.limits) else "live"
+            counts[(vip, flow.vip.protocol, state)] += 1
+            if flow.tcp_state is not None:
+                tcp[(vip, flow.tcp_state)] += 1
         for entry in vips:  # every VIP shows, with 0 when it has no flows
             counts.update({(f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol, "live"): 0})
-        entries = GaugeMetricFamily("lb_conntrack_entries", "Conntrack entries per VIP (live, or expired "
-                                    "but not yet evicted from the LRU)", labels=["vip", "protocol", "state"])
+        entries = GaugeMetricFamily("lb_conntrack_entries", "Conntrack entries (one a flow) per VIP (live, or "
+                                    "expired but not yet evicted from the LRU)", labels=["vip", "protocol", "state"])
         for labels, value in sorted(counts.items()):
             entries.add_metric(list(labels), value)
         yield entries
+        states = GaugeMetricFamily("lb_conntrack_tcp_entries", "TCP conntrack entries per VIP by TCP state",
+                                   labels=["vip", "tcp_state"])
+        for (vip, tcp_state), value in sorted(tcp.items()):
+            states.add_metric([vip, tcp_state], value)
+        yield states
         yield GaugeMetricFamily("lb_conntrack_walk_truncated",
                                 f"1 if counting stopped at {CONNTRACK_WALK_CAP} entries", value=truncated)
 
@@ -301,6 +316,19 @@ class Collector(PromCollector):
                                   "the open files limit (no idle one to close instead)",
                                   value=sum(snap.get("refused", 0) for snap in snapshots))
         yield from self._l7_workers([snap for snap in snapshots if snap.get("worker") is not None])
+
+    def _certificates(self, config: LoadBalancer) -> Iterator[Metric]:
+        """The certificates of the running config (a reload replaces them)."""
+        rows = tls.certificate_rows(config)
+        if not rows:
+            return
+        expiry = GaugeMetricFamily("lb_certificate_expiry_seconds", "When the certificate of an HTTPS listener "
+                                   "expires (Unix time, its notAfter)",
+                                   labels=["listener", "certificate", "names", "default"])
+        for row in rows:
+            expiry.add_metric([row["listener"], row["certificate"], ",".join(row["names"]),
+                               "true" if row["default"] else "false"], row["not_after"])
+        yield expiry
 
     def _l7_workers(self, rows: list[dict[str, Any]]) -> Iterator[Metric]:
         """Per worker slot (label "worker": 0..N-1; a replacement takes its slot)."""

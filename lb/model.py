@@ -155,6 +155,11 @@ class TargetGroup:
     slow_start: int = 0  # 0 (off) or 30..900 seconds
     algorithm: Algorithm = Algorithm.ROUND_ROBIN
     stickiness: Stickiness = field(default_factory=Stickiness)
+    # TCP/UDP groups (NLB): end a target's flows when it becomes unhealthy
+    # (target_health_state.unhealthy.connection_termination.enabled), and at
+    # the end of its deregistration delay (deregistration_delay.connection_termination.enabled).
+    unhealthy_connection_termination: bool = True
+    deregistration_connection_termination: bool = False
 
     def endpoints(self) -> tuple[tuple[IPAddress, int], ...]:
         """(address, port) of every target, ports resolved."""
@@ -234,6 +239,45 @@ class Rule:
     action: Action
 
 
+# --- TLS ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certificate as read and checked by lb.config (lb.tls.read_certificate):
+    the PEM bytes themselves travel in the model, so the workers serve exactly
+    what was validated, whatever happens to the files afterwards."""
+
+    certificate_file: str  # PEM: the certificate, then its chain
+    key_file: str  # PEM: its private key (may be the same file)
+    chain: bytes = field(default=b"", repr=False)  # the certificates, PEM, leaf first
+    key: bytes = field(default=b"", repr=False)  # the private key, PEM
+    names: tuple[str, ...] = ()  # DNS names it is valid for (subjectAltName, else the CN), lower case
+    not_before: float = 0.0  # Unix time
+    not_after: float = 0.0  # Unix time
+    key_type: str = ""  # "ECDSA P-256", "RSA 2048", ...
+
+
+DEFAULT_SSL_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    """What makes an HTTP listener an HTTPS one: TLS terminated by lb.
+
+    The default certificate is served to clients that send no SNI or a name
+    no certificate has; the list adds certificates chosen by SNI, as ALB's
+    certificate list (docs/elb-reference.md, HTTPS listeners).
+    """
+
+    default_certificate: Certificate
+    certificates: tuple[Certificate, ...] = ()
+    ssl_policy: str = DEFAULT_SSL_POLICY
+
+    def all_certificates(self) -> tuple[Certificate, ...]:
+        return (self.default_certificate, *self.certificates)
+
+
 @dataclass(frozen=True)
 class Listener:
     name: str
@@ -242,6 +286,13 @@ class Listener:
     port: int
     default_action: Action
     rules: tuple[Rule, ...] = ()  # sorted by priority; HTTP listeners only
+    # HTTPS listeners: protocol HTTP (the proxy is the same) plus TLS.
+    tls: ListenerTls | None = None
+
+    @property
+    def scheme(self) -> str:
+        """The listener's protocol as the config names it: HTTP, HTTPS, TCP, UDP."""
+        return "HTTPS" if self.tls is not None else self.protocol.value
 
 
 # --- the access log ------------------------------------------------------------
@@ -280,6 +331,9 @@ class LoadBalancer:
     idle_timeout: int = 60  # L7, seconds, 1..4000
     tcp_idle_timeout: int = 350  # L4 TCP flows, seconds
     udp_idle_timeout: int = 120  # L4 UDP flows, seconds
+    tcp_closed_timeout: int = 10  # ours: an L4 TCP flow after a RST (conntrack's CLOSE), seconds
+    tcp_time_wait_timeout: int = 120  # ours: an L4 TCP flow after FIN both ways (conntrack's TIME_WAIT), seconds
+    new_flow_rate_limit: int = 20000  # ours: new L4 conntrack entries per CPU per second; 0: no limit
     # L7 request deadlines and the response-head bound (lb.l7.config.L7Config says why).
     header_timeout: int = 20  # seconds from a request head's first byte to its end
     body_timeout: int = 20  # seconds a request body may take from its first byte, plus:

@@ -139,10 +139,12 @@ def set_up(ipr: IPRoute, ifname: str) -> None:
     ipr.link("set", index=ifindex(ipr, ifname), state="up")
 
 
-def add_address(ipr: IPRoute, ifname: str, address: str, prefixlen: int) -> None:
-    """Add an address; already present is fine."""
+def add_address(ipr: IPRoute, ifname: str, address: str, prefixlen: int, proto: int | None = None) -> None:
+    """Add an address; already present is fine. `proto` (IFA_PROTO, Linux
+    5.18+) marks who placed it; `ip address` shows it as `proto N`."""
+    spec: dict[str, Any] = {"proto": proto} if proto is not None else {}
     try:
-        ipr.addr("add", index=ifindex(ipr, ifname), address=address, prefixlen=prefixlen)
+        ipr.addr("add", index=ifindex(ipr, ifname), address=address, prefixlen=prefixlen, **spec)
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise
@@ -305,5 +307,10 @@ def route_interface(ipr: IPRoute, address: str) -> str | None:
     return None
 
 
-def has_address(ipr: IPRoute, address: str) -> bool:
-    return any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr())
+def find_address(ipr: IPRoute, address: str) -> tuple[str, int, int] | None:
+    """Where `address` is: (ifname, prefixlen, IFA_PROTO, 0 when unset), or None."""
+    for entry in ipr.get_addr():
+        if entry.get_attr("IFA_ADDRESS") == address:
+            ifname = str(ipr.get_links(entry["index"])[0].get_attr("IFLA_IFNAME"))
+            return ifname, int(entry["prefixlen"]), int(entry.get_attr("IFA_PROTO") or 0)
+    return None

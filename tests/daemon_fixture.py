@@ -16,21 +16,28 @@ from pathlib import Path
 from typing import Any
 
 from lb import admin
-from lb.lab import Lab
+from lb.lab import ECHO_PORT, HTTP_PORT, VIP, Backend, Lab
 from tests.labclient import read_line
 
 READY_TIMEOUT = 30.0
 UNIT_FILE = Path(__file__).resolve().parents[1] / "deploy" / "lb.service"
 
 
+CHECKS = "interval = 5, timeout = 2, healthy_threshold = 2, unhealthy_threshold = 2"  # the fastest lb.config allows
+
+
+def target_list(backends: Sequence[Backend]) -> str:
+    """A TOML array of targets: the backends' addresses."""
+    return "[" + ", ".join(f'{{ id = "{b.address}" }}' for b in backends) + "]"
+
+
 def lab_config(lab: Lab, name: str, *, echo_targets: int = 3, udp: bool = False, http: bool = False,
                deregistration_delay: int = 10, broken: bool = False, netns: bool = True) -> str:
     """A config for the test lab: a TCP echo VIP (and optionally UDP and HTTP).
     With netns=False it names no namespace: for a daemon started inside the
-    lab's lb namespace (see confined)."""
-    targets = ", ".join(f'{{ id = "{b.address}" }}' for b in lab.backends[:echo_targets])
-    all_targets = ", ".join(f'{{ id = "{b.address}" }}' for b in lab.backends)
-    checks = "interval = 5, timeout = 2, healthy_threshold = 2, unhealthy_threshold = 2"
+    lab's lb namespace (see confined). More listeners: append forwarded()."""
+    targets = target_list(lab.backends[:echo_targets])
+    all_targets = target_list(lab.backends)
     netns_line = f'netns = "{lab.lb_ns}"\n' if netns else ""
     text = f"""
 [load_balancer]
@@ -40,24 +47,24 @@ xdp_mode = "native"
 admin_socket = "/run/lb/{name}.sock"
 workers = 1
 """
-    text += _forwarded("echo-tcp", "TCP", 9000, targets, f"{{ {checks} }}", deregistration_delay)
+    text += forwarded("echo-tcp", "TCP", ECHO_PORT, targets, f"{{ {CHECKS} }}", deregistration_delay)
     if udp:
-        text += _forwarded("echo-udp", "UDP", 9000, all_targets, f'{{ protocol = "TCP", port = 9000, {checks} }}')
+        text += forwarded("echo-udp", "UDP", ECHO_PORT, all_targets, f'{{ protocol = "TCP", port = 9000, {CHECKS} }}')
     if http:
-        text += _forwarded("web", "HTTP", 80, all_targets, f"{{ {checks} }}", deregistration_delay)
+        text += forwarded("web", "HTTP", HTTP_PORT, all_targets, f"{{ {CHECKS} }}", deregistration_delay)
     if broken:
         text += '\n[[listeners]]\nname = "bad"\nprotocol = "SCTP"\nport = 0\n'
     return text
 
 
-def _forwarded(name: str, protocol: str, port: int, targets: str, health_check: str,
-               deregistration_delay: int | None = None) -> str:
-    """A listener on the lab's VIP and the target group (of the same name) it forwards to."""
+def forwarded(name: str, protocol: str, port: int, targets: str, health_check: str,
+              deregistration_delay: int | None = None, *, address: str = VIP) -> str:
+    """A listener on `address` (the lab's VIP) and the target group (of the same name) it forwards to."""
     text = f"""
 [[listeners]]
 name = "{name}"
 protocol = "{protocol}"
-address = "10.0.0.100"
+address = "{address}"
 port = {port}
 default_action = {{ type = "forward", target_group = "{name}" }}
 
@@ -65,7 +72,7 @@ default_action = {{ type = "forward", target_group = "{name}" }}
 name = "{name}"
 protocol = "{protocol}"
 port = {port}
-targets = [{targets}]
+targets = {targets}
 health_check = {health_check}
 """
     if deregistration_delay is not None:

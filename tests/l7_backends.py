@@ -612,8 +612,13 @@ class Client:
         self._reason = b""
 
     @classmethod
-    async def open(cls, port: int, host: str = HOST) -> Client:
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    async def open(
+        cls, port: int, host: str = HOST, ssl: Any = None, server_hostname: str | None = None
+    ) -> Client:
+        """Connect; with ``ssl`` (a client SSLContext), over TLS with that SNI."""
+        reader, writer = await asyncio.open_connection(
+            host, port, limit=1 << 20, ssl=ssl, server_hostname=server_hostname if ssl is not None else None
+        )
         return cls(reader, writer)
 
     async def close(self) -> None:
@@ -774,8 +779,11 @@ def blackhole() -> Iterator[int]:
 LOCALHOST = ipaddress.ip_address(HOST)
 
 
-def http_listener(action: m.Action, rules: tuple[m.Rule, ...] = (), name: str = "web", port: int = 0) -> m.Listener:
-    return m.Listener(name, m.Protocol.HTTP, LOCALHOST, port, action, rules)
+def http_listener(
+    action: m.Action, rules: tuple[m.Rule, ...] = (), name: str = "web", port: int = 0, tls: m.ListenerTls | None = None
+) -> m.Listener:
+    """An HTTP listener, or with ``tls`` an HTTPS one."""
+    return m.Listener(name, m.Protocol.HTTP, LOCALHOST, port, action, rules, tls)
 
 
 def forward_to(*groups: str | tuple[str, int], stickiness: int | None = None) -> m.ForwardAction:

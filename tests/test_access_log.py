@@ -45,6 +45,7 @@ from tests.l7_backends import (
     target_group,
 )
 from tests.names import name
+from tests.tls_certs import Certs, tls_request
 
 
 def path_rule(priority: int, pattern: str, action: m.Action) -> m.Rule:
@@ -243,6 +244,26 @@ def test_a_table_update_moves_or_closes_the_log(tmp_path: Path) -> None:
     assert [r["request"].split()[1].rsplit("/", 1)[1] for r in read_access_log(first)] == ["one"]
     assert [r["request"].split()[1].rsplit("/", 1)[1] for r in read_access_log(second)] == ["two"]
     assert second.read_text().startswith("{")
+
+
+def test_an_https_listener_logs_https(tmp_path: Path) -> None:
+    certs = Certs(tmp_path)
+    log_file = tmp_path / "access.log"
+
+    async def body() -> None:
+        async with backend("http") as b:
+            listener = http_listener(forward_to("g"), tls=certs.listener_tls("www.example.com"))
+            table = routing_table(listener, (target_group("g", b),), access_log=str(log_file), log_format="json")
+            async with proxy(table) as (_, port):
+                shake = await asyncio.to_thread(tls_request, port, certs.client())
+                assert shake.response.startswith(b"HTTP/1.1 200 ")
+                seen["port"] = port
+
+    seen: dict[str, int] = {}
+    run(body())
+    (record,) = read_access_log(log_file)
+    assert record["type"] == "https" and record["elb_status_code"] == 200
+    assert record["request"] == f"GET https://www.example.com:{seen['port']}/ HTTP/1.1"
 
 
 # --- the writer ------------------------------------------------------------------------------

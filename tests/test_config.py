@@ -197,7 +197,7 @@ BAD = [
     case({f"{C0}.values": "/api/*"}, f"{C0}.values", "expected an array of strings", id="values-not-array"),
     case({f"{HC}": {"enabled": "yes"}}, f"{HC}.enabled", "expected a boolean", id="enabled-string"),
     # enums list what is allowed
-    case({"listeners[0].protocol": "http"}, "listeners[0].protocol", "'http' is not one of HTTP, TCP, UDP",
+    case({"listeners[0].protocol": "http"}, "listeners[0].protocol", "'http' is not one of HTTP, HTTPS, TCP, UDP",
          id="protocol-lowercase"),  # fmt: skip
     case({"load_balancer.xdp_mode": "fast"}, "load_balancer.xdp_mode", "'fast'", "native, generic, auto",
          id="xdp-mode"),  # fmt: skip
@@ -336,6 +336,14 @@ BAD = [
     case({"load_balancer.udp_idle_timeout": 0}, "load_balancer.udp_idle_timeout", "0 is outside 1..86400",
          id="udp-idle-timeout"),  # fmt: skip
     case({"load_balancer.workers": 257}, "load_balancer.workers", "257 is outside 0..256", id="workers"),
+    case({"load_balancer.tcp_closed_timeout": 0}, "load_balancer.tcp_closed_timeout", "0 is outside 1..3600",
+         id="tcp-closed-timeout"),  # fmt: skip
+    case({"load_balancer.tcp_time_wait_timeout": 3601}, "load_balancer.tcp_time_wait_timeout",
+         "3601 is outside 1..3600", id="tcp-time-wait-timeout"),  # fmt: skip
+    case({"load_balancer.new_flow_rate_limit": -1}, "load_balancer.new_flow_rate_limit",
+         "-1 is outside 0..100000000", id="new-flow-rate-limit"),  # fmt: skip
+    case({"target_groups[2].unhealthy_connection_termination": "yes"},
+         "target_groups[2].unhealthy_connection_termination", "boolean", id="unhealthy-termination"),  # fmt: skip
     case({"load_balancer.ring_size": 65536}, "load_balancer.ring_size", "65536 is not a prime", "try 65537",
          id="ring-not-prime"),  # fmt: skip
     case({"load_balancer.ring_size": 2}, "load_balancer.ring_size", "2 is outside 3..1048576", id="ring-small"),
@@ -704,6 +712,9 @@ netns = "ns1"
 idle_timeout = 4000
 tcp_idle_timeout = 1
 udp_idle_timeout = 86400
+tcp_closed_timeout = 3600
+tcp_time_wait_timeout = 1
+new_flow_rate_limit = 0
 ring_size = 1048573
 workers = 256
 admin_socket = "/tmp/lb.sock"
@@ -719,6 +730,8 @@ deregistration_delay = 0
 slow_start = 900
 algorithm = "least_outstanding_requests"
 stickiness = { enabled = true, type = "lb_cookie", duration = 604800 }
+unhealthy_connection_termination = false
+deregistration_connection_termination = true
 """  # noqa: E501
     lb = config.loads(text)
     assert lb == LoadBalancer(
@@ -729,6 +742,9 @@ stickiness = { enabled = true, type = "lb_cookie", duration = 604800 }
         idle_timeout=4000,
         tcp_idle_timeout=1,
         udp_idle_timeout=86400,
+        tcp_closed_timeout=3600,
+        tcp_time_wait_timeout=1,
+        new_flow_rate_limit=0,
         ring_size=1048573,
         workers=256,
         admin_socket="/tmp/lb.sock",
@@ -745,6 +761,8 @@ stickiness = { enabled = true, type = "lb_cookie", duration = 604800 }
                 slow_start=900,
                 algorithm=Algorithm.LEAST_OUTSTANDING_REQUESTS,
                 stickiness=Stickiness(True, "lb_cookie", 604800),
+                unhealthy_connection_termination=False,
+                deregistration_connection_termination=True,
             ),
         ),
     )

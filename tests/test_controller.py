@@ -9,8 +9,10 @@ import pytest
 
 from lb import config as configmod
 from lb.controller import L4_WEIGHT_SCALE, RAMP_STEP_SECONDS, Controller, desired_l4, desired_l7, group_views
+from lb.dataplane.dataplane import L4Service
+from lb.dataplane.maps import Endpoint
 from lb.l7.balancer import RoundRobin, make_balancer
-from lb.model import Algorithm, LoadBalancer, Target
+from lb.model import Algorithm, LoadBalancer, Target, TargetHealth, TargetState
 
 CONFIG = """
 [load_balancer]
@@ -41,12 +43,22 @@ targets = [{ id = "10.0.1.11" }, { id = "10.0.1.12" }, { id = "10.0.1.13" }]
 
 
 class FakeHealth:
-    """A HealthView with fixed answers: per group, who is live/draining and since when healthy."""
+    """A HealthView with fixed answers: per group, who is live/draining/unhealthy
+    (the rest: initial) and since when healthy."""
 
     def __init__(self, config: LoadBalancer, live: dict[str, list[int]], draining: dict[str, list[int]] | None = None,
-                 since: dict[str, float] | None = None) -> None:
+                 since: dict[str, float] | None = None, unhealthy: dict[str, list[int]] | None = None) -> None:
         self.groups = {g.name: g.targets for g in config.target_groups}
         self.live, self.drain, self.since = live, draining or {}, since or {}
+        self.sick = unhealthy or {}
+
+    def target_health(self, group: str, target: Target) -> TargetHealth:
+        index = self.groups[group].index(target)
+        for state, table in ((TargetState.UNHEALTHY, self.sick), (TargetState.DRAINING, self.drain),
+                             (TargetState.HEALTHY, self.live)):
+            if index in table.get(group, []):
+                return TargetHealth(state)
+        return TargetHealth(TargetState.INITIAL)
 
     def in_service(self, group: str) -> tuple[Target, ...]:
         return tuple(self.groups[group][i] for i in self.live.get(group, []))
@@ -80,6 +92,42 @@ def test_unhealthy_and_draining_targets_leave_the_ring_but_stay_reachable(config
     web = table.group("web")
     assert web is not None and [a for a, _, _ in web.in_service] == ["10.0.1.11", "10.0.1.12"]
     assert table.version == 7 and not web.ramp
+
+
+def l4_service(config: LoadBalancer, health: FakeHealth) -> L4Service:
+    return desired_l4(config, group_views(config, health))[0]
+
+
+def addresses(endpoints: tuple[Endpoint, ...]) -> list[str]:
+    return sorted(str(e.address) for e in endpoints)
+
+
+def test_an_unhealthy_target_is_terminated_by_default(config: LoadBalancer) -> None:
+    """NLB: target_health_state.unhealthy.connection_termination.enabled is on
+    by default: an unhealthy target's flows end; an initial one keeps its own."""
+    health = FakeHealth(config, live={"tcp": [0]}, unhealthy={"tcp": [1]})
+    service = l4_service(config, health)
+    assert addresses(service.terminated) == ["10.0.1.12"]
+    assert addresses(service.draining) == ["10.0.1.13"]  # initial: out of service, not terminated
+    assert [str(e.address) for e, _ in service.members] == ["10.0.1.11"]
+    assert service.end_flows_on_removal is False  # deregistration_delay.connection_termination: off
+
+
+def test_connection_termination_follows_the_group(config: LoadBalancer) -> None:
+    groups = tuple(replace(g, unhealthy_connection_termination=False, deregistration_connection_termination=True)
+                   for g in config.target_groups)
+    config = replace(config, target_groups=groups)
+    service = l4_service(config, FakeHealth(config, live={"tcp": [0]}, unhealthy={"tcp": [1]}, draining={"tcp": [2]}))
+    assert service.terminated == ()
+    assert addresses(service.draining) == ["10.0.1.12", "10.0.1.13"]  # unhealthy and draining flows go on
+    assert service.end_flows_on_removal is True
+
+
+def test_fail_open_terminates_nobody(config: LoadBalancer) -> None:
+    """Every target unhealthy: lb.health puts them all in service (fail open)."""
+    health = FakeHealth(config, live={"tcp": [0, 1, 2]}, unhealthy={"tcp": [0, 1, 2]})
+    service = l4_service(config, health)
+    assert service.terminated == () and len(service.members) == 3
 
 
 def test_no_slow_start_means_plain_weights(config: LoadBalancer) -> None:
@@ -151,3 +199,57 @@ def test_l7_balancers_give_a_ramping_target_its_share(algorithm: Algorithm) -> N
     assert share == pytest.approx(0.25 / 3, abs=0.015)
     assert picks.count("a") == pytest.approx(picks.count("b"), rel=0.1)
     assert isinstance(make_balancer(Algorithm.ROUND_ROBIN, pools, (1, 1, 1), (1.0, 1.0, 1.0)), RoundRobin)
+
+
+@pytest.mark.root
+def test_reconcile_ends_an_unhealthy_targets_flows_in_the_kernel(config: LoadBalancer) -> None:
+    """Controller + Dataplane + the real program: flags, entries, and where
+    the next packets go when a target turns unhealthy, then healthy again."""
+    from scapy.compat import raw
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    from lb.dataplane.structs import Counter
+    from tests.xdp_fixture import MAC, packet_lab
+
+    def frame(sport: int, flags: str) -> bytes:
+        return raw(Ether(src=MAC["client"], dst=MAC["fxa"]) / IP(src="10.0.0.2", dst="10.0.0.100", ttl=64)
+                   / TCP(sport=sport, dport=9000, flags=flags, seq=1, ack=1 if "A" in flags else 0))
+
+    with packet_lab() as lab:
+        health = FakeHealth(config, live={"tcp": [0, 1, 2]})
+        controller = Controller(config, health, lab.dataplane, None)
+        controller.reconcile()
+        owner: dict[int, str] = {}
+        for sport in range(41200, 41230):
+            owner[sport] = str(Ether(lab.run(frame(sport, "S")).data)[IP].dst)
+            lab.run(frame(sport, "A"))
+        on_b = [p for p, a in owner.items() if a == "10.0.1.12"]
+        assert on_b and len(on_b) < 30
+
+        health.live, health.sick = {"tcp": [0, 2]}, {"tcp": [1]}
+        controller.reconcile()
+        flags = {str(t.endpoint.address): (t.active, t.in_service) for t in lab.maps.targets()}
+        assert flags == {"10.0.1.11": (True, True), "10.0.1.12": (False, False), "10.0.1.13": (True, True)}
+        assert {f.client.port for f in lab.maps.flows()} == set(owner) - set(on_b)
+        before = lab.maps.counters()
+        moved = str(Ether(lab.run(frame(on_b[0], "A")).data)[IP].dst)
+        after = lab.maps.counters()
+        assert moved in ("10.0.1.11", "10.0.1.13")
+        assert after[Counter.MISS_NO_ENTRY] - before[Counter.MISS_NO_ENTRY] == 1
+        kept = next(p for p, a in owner.items() if a == "10.0.1.11")
+        assert str(Ether(lab.run(frame(kept, "A")).data)[IP].dst) == "10.0.1.11"
+
+        health.live, health.sick = {"tcp": [0, 1, 2]}, {}
+        controller.reconcile()
+        flags = {str(t.endpoint.address): (t.active, t.in_service) for t in lab.maps.targets()}
+        assert flags["10.0.1.12"] == (True, True)
+
+
+def test_the_programs_limits_come_from_the_config(config: LoadBalancer) -> None:
+    from lb.dataplane.pins import limits_for
+
+    config = replace(config, tcp_closed_timeout=5, tcp_time_wait_timeout=60, new_flow_rate_limit=0)
+    limits = limits_for(config)
+    assert (limits.tcp_closed_timeout, limits.tcp_time_wait_timeout, limits.new_flow_rate_limit) == (5, 60, 0)
+    assert "-DTCP_CLOSED_NS=5000000000ULL" in limits.cflags() and "-DNEW_FLOW_RATE_LIMIT=0ULL" in limits.cflags()

@@ -5,6 +5,7 @@ and replaced once silent for too long. Real daemon, real lab traffic."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -229,6 +230,7 @@ def test_each_killed_worker_is_replaced_within_a_second_and_gets_the_routing_upd
 def test_a_stopped_worker_never_blocks_the_daemon_and_is_reported(daemon: RunningDaemon, lab: Lab) -> None:
     victim = worker_pids(daemon)[0]
     os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     try:
         with ThreadPoolExecutor(2) as pool:
             started = time.monotonic()
@@ -246,8 +248,11 @@ def test_a_stopped_worker_never_blocks_the_daemon_and_is_reported(daemon: Runnin
         samples = scrape(lab)
         assert time.monotonic() - asked < 5.0
         assert total(samples, "lb_l7_worker_up") == WORKERS - 1
-        row = next(r for r in worker_rows(daemon) if r["pid"] == victim)
-        assert row["state"] == "unresponsive", row
+        row = next((r for r in worker_rows(daemon) if r["pid"] == victim), None)
+        # Silent for kill_after (10 s), a stopped worker is killed and replaced, as
+        # designed: on a loaded machine the steps above can take that long.
+        if row is not None or time.monotonic() - stopped_at < 9.0:
+            assert row is not None and row["state"] == "unresponsive", row
         # The other workers still serve, and still take routing updates.
         drained = lab.backends[1]
         daemon.request("deregister", group="web", target=drained.address)
@@ -263,12 +268,17 @@ def test_a_stopped_worker_never_blocks_the_daemon_and_is_reported(daemon: Runnin
             daemon.request("register", group="web", target=drained.address)
         assert len(served) >= 5 and all(s == 200 and b != drained.name for s, b in served), served
     finally:
-        os.kill(victim, signal.SIGCONT)
-    # It answers again: back to running, nothing reported, no restart.
-    wait_until(lambda: next(r for r in worker_rows(daemon) if r["pid"] == victim)["state"] == "running", 5.0, 0.1)
-    result = daemon.request("reload")
-    assert not result.get("warnings"), result
-    assert victim in worker_pids(daemon)
+        with contextlib.suppress(ProcessLookupError):  # killed and replaced already (see above)
+            os.kill(victim, signal.SIGCONT)
+    if victim in worker_pids(daemon):
+        # It answers again: back to running, nothing reported, no restart.
+        wait_until(lambda: next(r for r in worker_rows(daemon) if r["pid"] == victim)["state"] == "running",
+                   5.0, 0.1)
+        result = daemon.request("reload")
+        assert not result.get("warnings"), result
+    else:
+        assert time.monotonic() - stopped_at >= 9.0, "a stopped worker was replaced before kill_after"
+        wait_until(lambda: len(worker_pids(daemon)) == WORKERS, 10.0, 0.1)
     wait_healthy(daemon, lab)
 
 

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "deploy" / "examples"
 UNIT = REPO / "deploy" / "lb.service"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.toml"))
-EXPECTED_EXAMPLES = {"path-host-routing.toml", "tcp-service.toml", "udp-service.toml", "mixed.toml"}
+EXPECTED_EXAMPLES = {"path-host-routing.toml", "tcp-service.toml", "udp-service.toml", "mixed.toml",
+                     "https-redirect.toml"}
 # What lb needs (the unit's comment says why each, and why not CAP_SYS_ADMIN).
 CAPABILITIES = {"CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_PERFMON"}
 

@@ -233,7 +233,7 @@ def test_vips_show_each_ring_and_its_shares(daemon: RunningDaemon, lab: Lab) -> 
         assert row["ring_size"] == 65537 and row["empty_slots"] == 0
         assert {t["target"] for t in row["targets"]} == {f"{b.address}:{PORT}" for b in lab.backends}
         assert sum(t["slots"] for t in row["targets"]) == 65537
-        assert all(abs(t["share"] - 1 / 3) < 0.001 and t["active"] for t in row["targets"])
+        assert all(abs(t["share"] - 1 / 3) < 0.001 and t["active"] and t["in_service"] for t in row["targets"])
     text = lb(daemon, "vips").output
     assert re.search(r"TCP 10\.0\.0\.100:9000\s+echo-tcp\s+echo-tcp\s+65537\s+10\.0\.1\.11:9000\s+\d+\s+2184[56]"
                      r"\s+33\.3%", text)
@@ -349,27 +349,33 @@ def test_stats_watch_prints_rates(daemon: RunningDaemon, lab: Lab) -> None:
 
 def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     rows = {m["name"]: m for m in lb_json(daemon, "maps", "list")}
-    assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters"}
+    assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
+                         "replies", "reply_ports", "flood_guard", "next_hops"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
         "hash", 8, 16, 2)
     assert rows["conntrack"]["type"] == "lru_hash" and rows["conntrack"]["max_entries"] == 524288
-    assert rows["conntrack"]["entries"] >= 2 * 105  # the flows of the tests above, both directions
+    assert rows["conntrack"]["entries"] >= 105  # the flows of the tests above, one entry each
     assert rows["rings"]["max_entries"] == 64 * 2 * 65537 and rows["counters"]["per_cpu"]
     text = lb(daemon, "maps", "list").output
-    assert re.search(r"conntrack\s+lru_hash\s+\d+\s+16\s+40\s+524288\s+\d+", text)
+    assert re.search(r"conntrack\s+lru_hash\s+\d+\s+16\s+32\s+524288\s+\d+", text)
 
     vips = lb_json(daemon, "maps", "dump", "vips")
     assert {(e["key"]["addr"], e["key"]["port"], e["key"]["proto"]) for e in vips["entries"]} == {
         (VIP, PORT, "TCP"), (VIP, PORT, "UDP")}
     targets = lb_json(daemon, "maps", "dump", "targets")["entries"]
     assert {(e["value"]["addr"], e["value"]["port"], e["value"]["flags"]) for e in targets} == {
-        (b.address, PORT, 1) for b in lab.backends}
+        (b.address, PORT, 3) for b in lab.backends}  # TARGET_F_ACTIVE | TARGET_F_IN_SERVICE
     some = lb_json(daemon, "maps", "dump", "conntrack", "--limit", "5")
     assert some["count"] == 5 and some["truncated"]
     assert all(e["value"]["age_s"] >= 0 for e in some["entries"])
-    for entry in some["entries"]:  # forward entries are addressed to the VIP, reply entries come from a target
-        side = "dst" if entry["value"]["kind"] == "forward" else "src"
-        assert (entry["key"][side] == VIP) == (side == "dst"), entry
+    for entry in some["entries"]:  # one entry a flow, keyed client -> VIP
+        assert entry["key"]["dst"] == VIP, entry
+        assert entry["value"]["tcp_state"] in (None, "syn_sent", "established", "closing", "time_wait", "closed")
+    routes = lb_json(daemon, "maps", "dump", "replies")["entries"]
+    assert {(e["key"]["addr"], e["key"]["port"], e["key"]["proto"]) for e in routes} >= {
+        (b.address, PORT, "TCP") for b in lab.backends}
+    assert all(e["value"]["vips"] == [{"addr": VIP, "port": PORT, "vip_id": e["value"]["vips"][0]["vip_id"],
+                                       "gen": e["value"]["vips"][0]["gen"]}] for e in routes)
     counters = {e["key"]["reason"]: e["value"]["total"] for e in lb_json(daemon, "maps", "dump", "counters")["entries"]}
     assert counters["conntrack_miss"] >= 105 and counters["redirected"] > 0
     text = lb(daemon, "maps", "dump", "target_stats").output
@@ -397,10 +403,15 @@ def test_explain_flow_agrees_with_the_kernel_conntrack(daemon: RunningDaemon, la
             client = f"{labmod.CLIENT_ADDR}:{sock.getsockname()[1]}"
             info = lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")
             assert info["decision"] == "conntrack" and info["listener"] == "echo-tcp"
-            assert info["conntrack"]["state"] == "live"
+            assert info["conntrack"]["state"] == "live" and info["conntrack"]["tcp_state"] == "established"
+            assert info["syn"]["decision"] == "conntrack"  # open, its target in service: a SYN would follow it
+            assert info["reply"] == {"target": f"{backend}:{PORT}", "vips": [f"{VIP}:{PORT}"], "by": "entry",
+                                     "half_flow": False}
             assert info["target"] == info["conntrack"]["target"] == info["ring"]["target"] == f"{backend}:{PORT}"
         text = lb(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}").output
         assert f"conntrack: target {backend}:{PORT}" in text and "the conntrack entry decides" in text
+        assert "live, established: it decides, for a SYN too" in text
+        assert "back to the VIP by the flow's entry" in text
     finally:
         for sock in socks:
             sock.close()
@@ -557,6 +568,6 @@ def test_daemon_down_maps_still_read_and_targets_say_so(daemon: RunningDaemon, l
         assert any(f["client"] == client and f["target"] == f"{backend}:{PORT}" for f in flows)
         assert lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")["target"] == f"{backend}:{PORT}"
         assert vip_row(lb_json(daemon, "stats"), "TCP")["new_flows"] > 0
-        assert len(lb_json(daemon, "maps", "list")) == 8
+        assert len(lb_json(daemon, "maps", "list")) == 12
         sock.sendall(b"still here\n")  # the kernel forwards with no daemon
         assert read_line(sock) == "still here"

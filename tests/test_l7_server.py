@@ -11,6 +11,7 @@ import base64
 import os
 import re
 import resource
+import ssl
 from collections import Counter
 from pathlib import Path
 
@@ -37,8 +38,35 @@ from tests.l7_backends import (
     run,
     target_group,
 )
+from tests.tls_certs import Certs
 
 PAGE = resource.getpagesize()
+
+
+# The tests that take `scheme` run over plain HTTP and over an HTTPS listener
+# (TLS terminated by lb, the same rules and actions).
+@pytest.fixture(scope="module")
+def tls_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[m.ListenerTls, ssl.SSLContext]:
+    certs = Certs(tmp_path_factory.mktemp("certs"))
+    return certs.listener_tls("example.com", others=(("shop.example",),)), certs.client()
+
+
+@pytest.fixture(params=["http", "https"])
+def scheme(request: pytest.FixtureRequest, tls_setup: tuple[m.ListenerTls, ssl.SSLContext]) -> Scheme:
+    return Scheme(request.param, *tls_setup)
+
+
+class Scheme:
+    def __init__(self, name: str, listener_tls: m.ListenerTls, client: ssl.SSLContext) -> None:
+        self.name = name
+        self.tls = listener_tls if name == "https" else None
+        self.client = client if name == "https" else None
+
+    def listener(self, action: m.Action, rules: tuple[m.Rule, ...] = ()) -> m.Listener:
+        return http_listener(action, rules, tls=self.tls)
+
+    async def open(self, port: int) -> Client:
+        return await Client.open(port, ssl=self.client, server_hostname="example.com")
 
 
 def rss() -> int:
@@ -82,12 +110,12 @@ def test_routing_table_build_and_pickle() -> None:
 # --- keep-alive, pipelining, bodies ----------------------------------------------------
 
 
-def test_keep_alive_both_sides_and_forwarded_headers() -> None:
+def test_keep_alive_both_sides_and_forwarded_headers(scheme: Scheme) -> None:
     async def body() -> None:
         async with backend("http", "b1") as b:
-            table = routing_table(http_listener(forward_to("g")), (target_group("g", b),))
+            table = routing_table(scheme.listener(forward_to("g")), (target_group("g", b),))
             async with proxy(table) as (_, port):
-                async with await Client.open(port) as client:
+                async with await scheme.open(port) as client:
                     for i in range(10):
                         response = await client.request(
                             "GET",
@@ -101,7 +129,7 @@ def test_keep_alive_both_sides_and_forwarded_headers() -> None:
                         assert seen["url"] == f"/p/{i}?q=1"
                         assert headers["host"] == "shop.example:8443"  # preserved
                         assert headers["x-forwarded-for"] == f"203.0.113.5, {HOST}"
-                        assert headers["x-forwarded-proto"] == "http"
+                        assert headers["x-forwarded-proto"] == scheme.name
                         assert headers["x-forwarded-port"] == str(port)
                         assert "connection" not in headers and "x-drop" not in headers
                 assert b.stats.connections == 1 and b.stats.requests == 10
@@ -287,11 +315,11 @@ def test_fixed_response_and_redirect_exact_bytes_over_sockets() -> None:
 # --- routing: rules, actions, weights, stickiness ------------------------------------------
 
 
-def rules_listener(*rules: m.Rule) -> m.Listener:
-    return http_listener(m.FixedResponseAction(404, "text/plain", "no route"), rules)
+def rules_listener(*rules: m.Rule, listener_tls: m.ListenerTls | None = None) -> m.Listener:
+    return http_listener(m.FixedResponseAction(404, "text/plain", "no route"), rules, tls=listener_tls)
 
 
-def test_rules_route_to_forward_fixed_response_and_redirect() -> None:
+def test_rules_route_to_forward_fixed_response_and_redirect(scheme: Scheme) -> None:
     async def body() -> None:
         async with backend("http", "api") as api:
 
@@ -302,17 +330,18 @@ def test_rules_route_to_forward_fixed_response_and_redirect() -> None:
                 m.Rule(10, path("/api/*"), forward_to("api")),
                 m.Rule(20, path("/health"), m.FixedResponseAction(200, "application/json", '{"ok":true}')),
                 m.Rule(30, path("/old/*"), m.RedirectAction(301, path="/new/#{path}")),
+                listener_tls=scheme.tls,
             )
             table = routing_table(listener, (target_group("api", api),))
             async with proxy(table) as (_, port):
-                async with await Client.open(port) as client:
+                async with await scheme.open(port) as client:
                     assert (await client.request("GET", "/api/v1")).json()["backend"] == "api"
                     health = await client.request("GET", "/health")
                     assert (health.status, health.body) == (200, b'{"ok":true}')
                     assert health.header("content-type") == b"application/json; charset=utf-8"
                     moved = await client.request("GET", "/old/page?x=1", host="h")
                     assert moved.status == 301
-                    assert moved.header("location") == b"http://h:%d/new/old/page?x=1" % port
+                    assert moved.header("location") == b"%s://h:%d/new/old/page?x=1" % (scheme.name.encode(), port)
                     assert (await client.request("GET", "/nowhere")).body == b"no route"
 
     run(body())
@@ -395,16 +424,17 @@ def test_draining_targets_get_no_new_requests() -> None:
     run(body())
 
 
-def test_header_and_source_ip_rules() -> None:
+def test_header_and_source_ip_rules(scheme: Scheme) -> None:
     async def body() -> None:
         header = m.Condition(m.ConditionField.HTTP_HEADER, ("beta*",), header_name="X-Channel")
         source = m.Condition(m.ConditionField.SOURCE_IP, ("10.0.0.0/8",))
         listener = rules_listener(
             m.Rule(1, (source,), m.FixedResponseAction(200, body="private")),
             m.Rule(2, (header,), m.FixedResponseAction(200, body="beta")),
+            listener_tls=scheme.tls,
         )
         async with proxy(routing_table(listener)) as (_, port):
-            async with await Client.open(port) as client:
+            async with await scheme.open(port) as client:
                 assert (await client.request("GET", "/", {"X-Channel": "Beta-2"})).body == b"beta"
                 assert (await client.request("GET", "/", {"X-Forwarded-For": "10.1.1.1"})).body == b"no route"
 

@@ -3,6 +3,7 @@ first load creates and pins them, every later one opens them by path."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 
@@ -86,5 +87,28 @@ def test_first_load_creates_the_maps_and_later_loads_adopt_them() -> None:
         with pytest.raises(LoaderError, match="other limits"):
             Program.load(NAME, Limits(ring_size=17, max_vips=4, max_targets=8, conntrack_size=128))
         assert {n: i.map_id for n, i in pinned_maps().items()} == {n: i.map_id for n, i in made.items()}
+    finally:
+        purge_pins(NAME)
+
+
+@pytest.mark.root
+def test_a_pinned_map_with_other_flags_is_refused() -> None:
+    """Same type, sizes and entries, other flags (a per-CPU LRU list where the
+    build wants one list, or the reverse): refused with a message naming the map."""
+    from lb.dataplane.structs import BPF_F_NO_COMMON_LRU
+
+    purge_pins(NAME)
+    try:
+        os.makedirs(pin_dir(NAME), exist_ok=True)
+        spec = map_specs(LIMITS)[MapName.CONNTRACK]
+        fd = libbpf.map_create(spec.map_type, spec.name.value, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
+                               spec.max_entries, spec.flags ^ BPF_F_NO_COMMON_LRU)
+        try:
+            libbpf.obj_pin(fd, os.path.join(pin_dir(NAME), MapName.CONNTRACK.value))
+        finally:
+            os.close(fd)
+        with pytest.raises(LoaderError, match=r"conntrack: pinned as lru_hash .* flags 0x[02], this build needs .*"
+                                              r"flags 0x[02]\n.*`lb down`"):
+            Program.load(NAME, LIMITS)
     finally:
         purge_pins(NAME)

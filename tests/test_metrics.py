@@ -204,6 +204,9 @@ def test_scrape_counts_the_traffic_sent(daemon: RunningDaemon, lab: Lab) -> None
     assert value(after, "lb_conntrack_entries", vip=vip, protocol="TCP", state="live") >= 30
     assert value(after, "lb_conntrack_entries", vip=vip, protocol="UDP", state="live") >= 10
     assert value(after, "lb_conntrack_walk_truncated") == 0
+    # Each of the 30 connections was closed by the client (a FIN at least): the entries say so.
+    assert sum(value(after, "lb_conntrack_tcp_entries", vip=vip, tcp_state=state)
+               for state in ("closing", "time_wait")) >= 30
     # L7: requests by target and status code, and one latency observation each.
     for (address, status), count in http.items():
         assert delta("lb_http_requests_total", listener="web", rule="default", target=f"{address}:80",

@@ -86,8 +86,10 @@ port = 9000
 """
     lb = configmod.loads(text)
     http, tcp = lb.target_group("h"), lb.target_group("t")
+    assert (tcp.unhealthy_connection_termination, tcp.deregistration_connection_termination) == (True, False)
     groups = reference_table("`[[target_groups]]`")
-    for key in ("deregistration_delay", "slow_start", "algorithm"):
+    for key in ("deregistration_delay", "slow_start", "algorithm", "unhealthy_connection_termination",
+                "deregistration_connection_termination"):
         value = getattr(http, key)
         assert literal(groups[key][0]) == getattr(value, "value", value), key
     checks = reference_table("`health_check`")

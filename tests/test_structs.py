@@ -74,20 +74,31 @@ def test_counter_enum_matches_consts_h() -> None:
         ("CONNTRACK_SIZE", Limits().conntrack_size),
         ("NO_TARGET", structs.NO_TARGET),
         ("TARGET_F_ACTIVE", structs.TARGET_F_ACTIVE),
+        ("TARGET_F_IN_SERVICE", structs.TARGET_F_IN_SERVICE),
+        ("MAX_REPLY_VIPS", structs.MAX_REPLY_VIPS),
         ("FLOW_HASH_SEED", structs.FLOW_HASH_SEED),
+        ("NEW_FLOW_RATE_LIMIT", Limits().new_flow_rate_limit),
+        ("CONNTRACK_LRU_FLAGS", 0),  # Limits().conntrack_per_cpu_lru is False
     ],
 )
 def test_constants_match_consts_h(macro: str, value: int) -> None:
-    found = re.search(rf"#define {macro} (\S+)", header("consts.h"))
+    found = re.search(rf"#define {macro}\s+(\S+)", header("consts.h"))
     assert found is not None
     assert int(found.group(1).rstrip("U"), 0) == value
 
 
 @pytest.mark.parametrize("macro, seconds", [("TCP_IDLE_NS", Limits().tcp_idle_timeout),
-                                            ("UDP_IDLE_NS", Limits().udp_idle_timeout)])
+                                            ("UDP_IDLE_NS", Limits().udp_idle_timeout),
+                                            ("TCP_CLOSED_NS", Limits().tcp_closed_timeout),
+                                            ("TCP_TIME_WAIT_NS", Limits().tcp_time_wait_timeout)])
 def test_idle_defaults_match_consts_h(macro: str, seconds: int) -> None:
     found = re.search(rf"#define {macro} \((\d+)ULL \*", header("consts.h"))
     assert found is not None and int(found.group(1)) == seconds
+
+
+def test_next_hop_cache_default_matches_consts_h() -> None:
+    found = re.search(r"#define NEXT_HOP_CACHE_NS (\d+)ULL", header("consts.h"))
+    assert found is not None and int(found.group(1)) == Limits().next_hop_cache_ms * 1_000_000
 
 
 def test_vip_meta_keeps_the_layout_of_pinned_vips_maps() -> None:
@@ -98,6 +109,21 @@ def test_vip_meta_keeps_the_layout_of_pinned_vips_maps() -> None:
     fields = [("vip_id", 0, u32), ("ring", 4, u32), ("gen", 8, u32), ("reserved", 12, u32)]
     assert layout(structs.VipMeta) == (16, fields)
     assert structs.FWD_NAT == 0
+
+
+def test_every_counter_has_help() -> None:
+    assert set(structs.COUNTER_HELP) == set(Counter)
+
+
+@pytest.mark.parametrize("bytes_, state", [
+    ((1, 0, 0, 0), "syn_sent"), ((0, 0, 0, 0), "established"), ((0, 1, 0, 0), "closing"),
+    ((0, 0, 1, 0), "closing"), ((0, 1, 1, 0), "time_wait"), ((0, 0, 0, 1), "closed"), ((1, 1, 1, 1), "closed"),
+])
+def test_tcp_state_names(bytes_: tuple[int, int, int, int], state: str) -> None:
+    syn_only, fin_client, fin_target, rst = bytes_
+    flow = structs.FlowState(syn_only=syn_only, fin_client=fin_client, fin_target=fin_target, rst=rst)
+    assert structs.tcp_state(flow) == state
+    assert (state in structs.CLOSED_TCP_STATES) == (bool(rst) or bool(fin_client and fin_target))
 
 
 def test_every_map_in_maps_h_is_mirrored() -> None:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,13 @@ def address_on(host: dict[str, Any], network: str) -> str:
 # --- vagrant validate ------------------------------------------------------------------
 
 
-def run_vagrant_validate(vagrant_dir: Path) -> subprocess.CompletedProcess[str]:
+def run_vagrant_validate(vagrant_dir: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    """`vagrant validate`; `settings`: LB_VAGRANT_* variables (none from the caller's environment)."""
     vagrant = shutil.which("vagrant")
     if vagrant is None:
         pytest.skip("the vagrant binary is missing (deploy/install.sh installs Debian's vagrant)")
-    env = {**os.environ, "VAGRANT_CHECKPOINT_DISABLE": "1", "VAGRANT_NO_COLOR": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LB_VAGRANT_")}
+    env |= {"VAGRANT_CHECKPOINT_DISABLE": "1", "VAGRANT_NO_COLOR": "1", **settings}
     return subprocess.run([vagrant, "validate"], cwd=vagrant_dir, env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -82,6 +85,27 @@ def test_vagrant_validate_reads_topology_json(tmp_path: Path) -> None:
     assert "unknown role" in result.stdout + result.stderr
 
 
+def test_vagrant_validate_with_the_tests_settings(tmp_path: Path) -> None:
+    """What vagrant/test/run.sh sets: an offline box, a prefix, TCG, its own management network."""
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    result = run_vagrant_validate(copy_of_vagrant_dir(tmp_path), LB_VAGRANT_BOX="lb/bookworm64-test",
+                                  LB_VAGRANT_PREFIX="lbg-vt", LB_VAGRANT_ACCEL="tcg",
+                                  LB_VAGRANT_MGMT_NET="192.168.120.0/24", LB_VAGRANT_DISK_CACHE="unsafe",
+                                  LB_VAGRANT_WHEELHOUSE=str(wheelhouse))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("LB_VAGRANT_ACCEL", "hvf", "kvm or tcg"),
+    ("LB_VAGRANT_PREFIX", "lb lab", "letters, digits and '-' only"),
+])
+def test_vagrant_validate_refuses_bad_settings(tmp_path: Path, name: str, value: str, message: str) -> None:
+    result = run_vagrant_validate(copy_of_vagrant_dir(tmp_path), **{name: value})
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+
+
 def test_vagrantfile_repeats_no_address() -> None:
     code = [line for line in (VAGRANT_DIR / "Vagrantfile").read_text().splitlines()
             if not line.lstrip().startswith("#")]
@@ -99,6 +123,43 @@ def test_provisioning_scripts_exist_and_parse() -> None:
     vagrantfile = (VAGRANT_DIR / "Vagrantfile").read_text()
     for role, script in SCRIPTS.items():
         assert f'"{role}" => "{script}"' in vagrantfile
+
+
+# --- the lab booted as a test (sudo make vagrant-test) --------------------------------------
+
+
+def test_lab_test_scripts_exist_and_parse() -> None:
+    for script in ("test/run.sh", "box/build.sh", "wheelhouse.sh"):
+        path = VAGRANT_DIR / script
+        assert os.access(path, os.X_OK), f"{path} is not executable"
+        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+def test_lab_test_is_not_part_of_make_test() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^vagrant-test: setup-vagrant\n\t\./vagrant/test/run\.sh$", makefile, re.M)
+    (test_rule,) = re.findall(r"^test:(.*)$", makefile, re.M)
+    assert "vagrant" not in test_rule
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'testpaths = ["tests"]' in pyproject  # so pytest never collects vagrant/test/
+
+
+def test_walkthrough_skips_without_a_lab() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LB_VAGRANT_")}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(VAGRANT_DIR / "test" / "test_walkthrough.py")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\b\d+ skipped\b", result.stdout) and "passed" not in result.stdout, result.stdout
+
+
+def test_lb_vm_uses_the_wheelhouse_when_given_one() -> None:
+    vagrantfile = (VAGRANT_DIR / "Vagrantfile").read_text()
+    assert '"LAB_WHEELHOUSE" =>' in vagrantfile
+    script = (VAGRANT_DIR / "provision" / "lb.sh").read_text()
+    assert 'export PIP_NO_INDEX=1 PIP_FIND_LINKS="$LAB_WHEELHOUSE"' in script
+    assert script.index("PIP_NO_INDEX") < script.index("deploy/install.sh\" --system")
 
 
 # --- the same topology as lb/lab.py ------------------------------------------------------

@@ -15,10 +15,13 @@ from lb.cli.common import config_option, echo_json, inspect_errors, json_option,
 @config_option
 @json_option
 def conntrack(vip: str | None, target: str | None, limit: int, config_path: str | None, as_json: bool) -> None:
-    """Flows in the conntrack map: 5-tuple, target, age and idle time.
+    """Flows in the conntrack map: 5-tuple, target, age, idle time, TCP state.
 
     State "expired" (idle past the timeout) and "retired" (its target left)
     are still in the LRU, but their next packet is hashed onto the ring again.
+    TCP: syn_sent, established, closing (one FIN), time_wait (FIN both ways,
+    tcp_time_wait_timeout) or closed (RST, tcp_closed_timeout); a SYN does
+    not follow a time_wait or closed entry.
     """
     config = load_config(config_path)
     with inspect_errors():
@@ -27,6 +30,6 @@ def conntrack(vip: str | None, target: str | None, limit: int, config_path: str 
         echo_json(info)
         return
     rows = [[f["protocol"], f["client"], f["vip"], f["target"], f"{f['age_s']:.1f}s", f"{f['idle_s']:.1f}s",
-             f["state"]] for f in info["flows"]]
-    click.echo(table(rows, ["proto", "client", "vip", "target", "age", "idle", "state"]))
+             f["state"], f["tcp_state"]] for f in info["flows"]]
+    click.echo(table(rows, ["proto", "client", "vip", "target", "age", "idle", "state", "tcp"]))
     click.echo(f"{info['count']} flows{' (truncated: --limit)' if info['truncated'] else ''}")

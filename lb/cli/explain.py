@@ -80,7 +80,8 @@ def http(listener: str | None, method: str, host: str | None, path: str, headers
 @config_option
 @json_option
 def flow(protocol: str, source: str, destination: str, config_path: str | None, as_json: bool) -> None:
-    """The conntrack entry of a flow, else the ring slot and target a new one would get."""
+    """The conntrack entry of a flow (its TCP state, and why it does or does not
+    decide), else the ring slot and target; what a SYN would do; its replies."""
     config = load_config(config_path)
     with inspect_errors():
         info = inspect.explain_flow(config, protocol, source, destination)
@@ -96,10 +97,26 @@ def flow(protocol: str, source: str, destination: str, config_path: str | None, 
     if ct is None:
         click.echo("conntrack: no entry")
     else:
+        tcp = f", {ct['tcp_state']}" if ct["tcp_state"] else ""
         click.echo(f"conntrack: target {ct['target']} (id {ct['target_id']}), age {ct['age_s']:.1f}s, "
-                   f"idle {ct['idle_s']:.1f}s, {ct['state']}")
+                   f"idle {ct['idle_s']:.1f}s (timeout {ct['timeout_s']}s), {ct['state']}{tcp}: {ct['why']}")
     click.echo(f"ring: hash {ring['hash']:#010x} -> slot {ring['slot']} of {ring['size']} (half {ring['half']}) "
                f"-> target {ring['target'] or 'none'}")
-    verdict = {"conntrack": "the conntrack entry decides", "ring": "a new flow, hashed onto the ring",
-               "drop": "no active target in that slot: dropped"}[info["decision"]]
-    click.echo(f"=> {info['target'] or 'no target'}: {verdict}")
+    if info["decision"] == "conntrack":
+        verdict = "the conntrack entry decides"
+    elif info["decision"] == "ring":
+        made = "an entry is made" if info["makes_entry"] else "no entry is made (only a SYN makes one)"
+        verdict = f"hashed onto the ring, {made}" if info["protocol"] == "TCP" else "a new flow, hashed onto the ring"
+    else:
+        verdict = "no active target in that slot: dropped"
+    segment = "a segment" if info["protocol"] == "TCP" else "a datagram"
+    click.echo(f"=> {segment}: {info['target'] or 'no target'}: {verdict}")
+    syn = info["syn"]
+    if syn is not None:
+        click.echo(f"=> a SYN: {syn['target'] or 'no target'}: {syn['why']}")
+    reply = info["reply"]
+    if reply is not None:
+        how = {"entry": "back to the VIP by the flow's entry",
+               "ring": "back to the VIP by the ring alone (a half flow: no entry)",
+               None: "passed untouched (no route to this VIP)"}[reply["by"]]
+        click.echo(f"replies from {reply['target']}: {how}")

@@ -28,7 +28,8 @@ def render(info: dict[str, Any]) -> str:
             for v in info["vips"]]
     out.append(table(vips, ["vip", "listener", "packets", "bytes", "new flows", "reply pkts", "reply bytes",
                             *rate_heads]))
-    targets = [[t["target"], t["target_id"], "yes" if t["active"] else "no", ",".join(t["groups"]) or None,
+    targets = [[t["target"], t["target_id"], "in service" if t["in_service"] else "yes" if t["active"] else "no",
+                ",".join(t["groups"]) or None,
                 t["packets"], t["bytes"], t["new_flows"], t["reply_packets"], t["reply_bytes"],
                 *([_rate(t, "packets"), _rate(t, "bytes"), _rate(t, "new_flows")] if watching else [])]
                for t in info["targets"]]

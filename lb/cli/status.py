@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from lb import inspect
+from lb import inspect, tls
 from lb.cli.common import config_option, echo_json, inspect_errors, json_option, load_config, table
 
 
@@ -43,8 +43,21 @@ def status(config_path: str | None, as_json: bool) -> None:
     rows = [[x["interface"], x["mode"] or "none", x["program_id"], "yes" if x["ours"] else "no"] for x in info["xdp"]]
     click.echo(table(rows, ["interface", "xdp mode", "program", "ours"]))
     click.echo("")
-    rows = [[li["name"], li["protocol"], f"{li['address']}:{li['port']}"] for li in info["listeners"]]
+    schemes = {li.name: li.scheme for li in config.listeners}  # HTTPS: HTTP with TLS in the model
+    rows = [[li["name"], schemes.get(li["name"], li["protocol"]), f"{li['address']}:{li['port']}"]
+            for li in info["listeners"]]
     click.echo(table(rows, ["listener", "protocol", "address"]))
+    # The certificates the daemon serves (its last load), else those of the file.
+    certificates = daemon.get("certificates") if daemon["running"] else None
+    if certificates is None:
+        certificates = tls.certificate_rows(config)
+    if certificates:
+        click.echo("")
+        now = time.time()
+        rows = [[c["listener"], ", ".join(c["names"]), c["key_type"], when(c["not_after"]),
+                 f"{(c['not_after'] - now) / 86400:.0f} days", ("default " if c["default"] else "") + c["certificate"]]
+                for c in certificates]
+        click.echo(table(rows, ["listener", "certificate names", "key", "expires", "left", "file"]))
     workers = daemon.get("l7_workers") or []
     if workers:
         click.echo("")

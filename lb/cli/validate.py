@@ -91,13 +91,18 @@ def _endpoint(address: m.IPAddress, port: int) -> str:
 def _listener_row(listener: m.Listener) -> list[str]:
     count = len(listener.rules)
     rules = f"{count} rule{'s' if count != 1 else ''}"
-    return [
+    row = [
         listener.name,
-        listener.protocol.value,
+        listener.scheme,
         _endpoint(listener.address, listener.port),
         rules,
         "default: " + describe_action(listener.default_action),
     ]
+    if listener.tls is not None:
+        certificates = listener.tls.all_certificates()
+        names = ", ".join(name for cert in certificates for name in cert.names)
+        row[-1] += f"; {listener.tls.ssl_policy}, certificates for {names}"
+    return row
 
 
 def describe_action(action: m.Action) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lb import model as m
+from lb import tls
 from lb.config._checks import PCHAR, PCT, URI_CHARS, host_port, is_prime, matcher_codes, matching, next_prime
 from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates, shown, toml_too_deep
 from lb.config._rules import RuleBuilder, with_article
@@ -42,14 +43,21 @@ HEALTH_PATH = re.compile(rf"(?:[{PCHAR}/]|{PCT})*(?:\?(?:[{PCHAR}/?]|{PCT})*)?")
 HEALTH_PATH_RULE = f"a URI path and optional ?query: {URI_CHARS}, '/' (and '?' in the query)"
 LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
-    "udp_idle_timeout", "header_timeout", "body_timeout", "min_body_rate", "max_response_head", "ring_size",
+    "udp_idle_timeout", "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "header_timeout",
+    "body_timeout", "min_body_rate", "max_response_head", "ring_size",
     "workers", "access_log", "admin_socket", "metrics_address",
 )  # fmt: skip
 ACCESS_LOG_KEYS = ("enabled", "path", "format")
-LISTENER_KEYS = ("name", "protocol", "address", "port", "default_action", "rules")
+LISTENER_KEYS = (
+    "name", "protocol", "address", "port", "default_action", "rules", "default_certificate", "certificates",
+    "ssl_policy",
+)  # fmt: skip
+LISTENER_PROTOCOLS = ("HTTP", "HTTPS", "TCP", "UDP")
+TLS_KEYS = ("default_certificate", "certificates", "ssl_policy")
+MAX_CERTIFICATES = 25  # ALB: certificates per load balancer, not counting default certificates
 GROUP_KEYS = (
     "name", "protocol", "port", "targets", "health_check", "deregistration_delay", "slow_start",
-    "algorithm", "stickiness",
+    "algorithm", "stickiness", "unhealthy_connection_termination", "deregistration_connection_termination",
 )  # fmt: skip
 HEALTH_KEYS = (
     "enabled", "protocol", "port", "path", "method", "interval", "timeout", "healthy_threshold",
@@ -62,7 +70,9 @@ HTTP_ONLY_HEALTH_KEYS = ("path", "method", "matcher")
 
 
 def load(path: str | Path) -> m.LoadBalancer:
-    """Read and validate a TOML file; every problem raises ConfigError."""
+    """Read and validate a TOML file; every problem raises ConfigError.
+
+    Relative certificate paths are read from the file's directory."""
     source = str(path)
     try:
         raw = Path(path).read_bytes()
@@ -74,11 +84,12 @@ def load(path: str | Path) -> m.LoadBalancer:
         line = raw[: exc.start].count(b"\n") + 1
         issue = ConfigIssue("", f"not valid UTF-8 (byte {exc.start}, line {line})")
         raise ConfigError([issue], source) from None
-    return loads(text, source)
+    return loads(text, source, Path(path).resolve().parent)
 
 
-def loads(text: str, source: str | None = "<string>") -> m.LoadBalancer:
-    """Parse and validate TOML text."""
+def loads(text: str, source: str | None = "<string>", base: Path | None = None) -> m.LoadBalancer:
+    """Parse and validate TOML text; relative paths are taken from ``base``
+    (default: the current directory)."""
     too_deep = toml_too_deep(text, MAX_NESTING)
     if too_deep is not None:
         line = text.count("\n", 0, too_deep) + 1
@@ -92,13 +103,14 @@ def loads(text: str, source: str | None = "<string>") -> m.LoadBalancer:
         raise ConfigError([ConfigIssue("", f"invalid TOML: {exc}")], source) from None
     except RecursionError:  # toml_too_deep should have caught it first
         raise ConfigError([ConfigIssue("", "invalid TOML: nested too deep for the parser")], source) from None
-    return parse(data, source)
+    return parse(data, source, base)
 
 
-def parse(data: Mapping[str, Any], source: str | None = None) -> m.LoadBalancer:
-    """Validate already-parsed TOML data and build the model."""
+def parse(data: Mapping[str, Any], source: str | None = None, base: Path | None = None) -> m.LoadBalancer:
+    """Validate already-parsed TOML data and build the model (reading the
+    certificate files it names, relative to ``base``)."""
     issues: list[ConfigIssue] = []
-    result = _Builder().load_balancer(Table(data, "", issues))
+    result = _Builder(base).load_balancer(Table(data, "", issues))
     if issues or result is None:
         raise ConfigError(issues, source)
     return result
@@ -120,7 +132,11 @@ def load_default() -> m.LoadBalancer:
 class _Builder:
     """Builds the model section by section, recording issues as it goes."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: Path | None = None) -> None:
+        # Relative certificate paths are taken from here.
+        self.base = base
+        # Certificates in the lists of HTTPS listeners, for ALB's quota.
+        self.certificate_count = 0
         # Listener rules and actions; knows the declared target groups.
         self.routing = RuleBuilder()
         # (address, port, transport) → the listener table that took it.
@@ -179,6 +195,9 @@ class _Builder:
             idle_timeout=t.integer("idle_timeout", 1, 4000, 60),
             tcp_idle_timeout=t.integer("tcp_idle_timeout", 1, 86400, 350),
             udp_idle_timeout=t.integer("udp_idle_timeout", 1, 86400, 120),
+            tcp_closed_timeout=t.integer("tcp_closed_timeout", 1, 3600, 10),
+            tcp_time_wait_timeout=t.integer("tcp_time_wait_timeout", 1, 3600, 120),
+            new_flow_rate_limit=t.integer("new_flow_rate_limit", 0, 100_000_000, 20000),
             header_timeout=t.integer("header_timeout", 1, 4000, 20),
             body_timeout=t.integer("body_timeout", 1, 4000, 20),
             min_body_rate=t.integer("min_body_rate", 1, 1 << 30, 500),
@@ -233,9 +252,12 @@ class _Builder:
                 why = "L4 flows already stay on one target"
                 t.error("stickiness", f"lb_cookie stickiness needs an HTTP target group, not {protocol.value}; {why}")
         dereg = t.integer("deregistration_delay", 0, 3600, 300)
+        unhealthy_termination = t.boolean("unhealthy_connection_termination", True)
+        dereg_termination = t.boolean("deregistration_connection_termination", False)
         if name is None or protocol is None or port is None or targets is None:
             return None
-        return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness)
+        return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness,
+                             unhealthy_termination, dereg_termination)
 
     def targets(self, group: Table, protocol: m.Protocol | None, port: int | None) -> tuple[m.Target, ...] | None:
         tables = group.tables("targets")
@@ -305,9 +327,16 @@ class _Builder:
     def listener(self, t: Table) -> m.Listener | None:
         t.only(*LISTENER_KEYS)
         name = t.string("name", pattern=NAME, rule=NAME_RULE)
-        protocol = t.choice("protocol", m.Protocol)
+        scheme = t.one_of("protocol", LISTENER_PROTOCOLS)
+        # An HTTPS listener is the HTTP proxy with TLS in front (m.Listener.tls).
+        protocol = None if scheme is None else m.Protocol.HTTP if scheme == "HTTPS" else m.Protocol(scheme)
         address = t.address("address")
-        port = t.integer("port", 1, 65535)
+        port = t.integer("port", 1, 65535, 443) if scheme == "HTTPS" else t.integer("port", 1, 65535)
+        listener_tls = self.listener_tls(t) if scheme == "HTTPS" else None
+        if scheme is not None and scheme != "HTTPS":
+            for key in TLS_KEYS:
+                if t.has(key):
+                    t.error(key, f"only for HTTPS listeners; this one is {scheme}")
         if address is not None and protocol is not None:
             self._check_address(t, address, protocol)
             if port is not None:
@@ -317,9 +346,45 @@ class _Builder:
         rules = self.routing.rules(t, protocol)
         if name is None or protocol is None or address is None or port is None:
             return None
-        if action is None or rules is None:
+        if action is None or rules is None or (scheme == "HTTPS" and listener_tls is None):
             return None
-        return m.Listener(name, protocol, address, port, action, rules)
+        return m.Listener(name, protocol, address, port, action, rules, listener_tls)
+
+    def listener_tls(self, t: Table) -> m.ListenerTls | None:
+        """An HTTPS listener's certificates (each file read and checked) and policy."""
+        policy = t.one_of("ssl_policy", tuple(tls.POLICIES), m.DEFAULT_SSL_POLICY)
+        default_table = t.table("default_certificate")
+        default = None if default_table is None else self.certificate(default_table)
+        tables = t.tables("certificates")
+        before, self.certificate_count = self.certificate_count, self.certificate_count + len(tables)
+        if before <= MAX_CERTIFICATES < self.certificate_count:
+            most = f"at most {MAX_CERTIFICATES} in the certificate lists of a load balancer (defaults not counted)"
+            tables[MAX_CERTIFICATES - before].error(None, f"certificate {MAX_CERTIFICATES + 1}; {most}")
+        others = [self.certificate(c) for c in tables]
+        if default is None or None in others:
+            return None
+        return m.ListenerTls(default, tuple(c for c in others if c is not None), policy)
+
+    def certificate(self, t: Table) -> m.Certificate | None:
+        """``{ certificate = "chain.pem", key = "key.pem" }``: read and checked now,
+        so a reload with a bad file changes nothing (lb.tls.read_certificate)."""
+        t.only("certificate", "key")
+        cert_path = t.string("certificate")
+        key_path = t.string("key") if t.has("key") else None
+        if cert_path is None or "key" in t.bad:
+            return None
+        cert_file = self._path(cert_path)
+        key_file = self._path(key_path) if key_path is not None else cert_file
+        try:
+            return tls.read_certificate(cert_file, key_file)
+        except tls.CertificateError as exc:
+            t.error("key" if exc.file == key_file and key_path is not None else "certificate", str(exc))
+            return None
+
+    def _path(self, path: str) -> str:
+        if self.base is None or Path(path).is_absolute():
+            return str(Path(path).absolute())
+        return str(self.base / path)
 
     def _check_address(self, t: Table, address: m.IPAddress, protocol: m.Protocol) -> None:
         if protocol.is_l4 and address.version == 6:

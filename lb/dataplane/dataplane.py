@@ -1,22 +1,32 @@
 """The data plane's Python API: desired L4 services in, map writes out.
 
     dp = Dataplane(maps)
-    dp.apply([L4Service(vip, members=((endpoint, weight), ...), draining=(endpoint, ...))])
+    dp.apply([L4Service(vip, members=((endpoint, weight), ...), draining=(endpoint, ...),
+                        terminated=(endpoint, ...), end_flows_on_removal=False)])
 
 apply() diffs against what the maps hold and writes only what changed:
 
-- every endpoint in a ring or draining gets a target id (stable across
-  restarts: ids are read back from the pinned `targets` map) and is ACTIVE;
-  draining endpoints are not in the ring, so they get no new flows, while
-  their existing flows still find them through conntrack;
+- every endpoint in a ring, draining or terminated gets a target id
+  (stable across restarts: ids are read back from the pinned `targets`
+  map). Ring members are ACTIVE and IN_SERVICE; draining endpoints are
+  ACTIVE only: they are not in the ring, so they get no new flows, and a
+  SYN does not follow an entry to them, while their existing flows still
+  find them through conntrack. Terminated endpoints (unhealthy, with
+  connection termination) are neither: their flows' entries are deleted,
+  and the next packet of such a flow takes the ring;
 - a VIP's ring is rebuilt (Maglev) when its members change, written into
   the idle half, then made live by one update of the VIP entry;
+- `replies` (target endpoint -> the VIPs it serves) and `reply_ports` are
+  kept for every active endpoint, before a new VIP goes live, so the first
+  reply of its first flow finds its way back;
 - VIPs that are gone are deleted and their id's generation bumped, so
   their flows' conntrack entries go stale (their packets pass to the
   kernel again);
-  endpoints that are gone are marked inactive, so a flow still pointing at
-  one is re-hashed, and their ids go to the back of the free list so a
-  recently freed id is the last to be reused.
+- endpoints that are in no service any more either end their flows
+  (end_flows_on_removal: NLB's connection termination at the end of the
+  deregistration delay) and their ids go to the back of the free list, or
+  linger: still ACTIVE, so their flows go on (NLB's default), their ids
+  taken back (their flows ended then) only when no free id is left.
 
 Everything is checked (limits, protocols) before the first write, so an
 apply that cannot fit changes nothing.
@@ -30,8 +40,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lb import maglev
-from lb.dataplane.maps import Endpoint, Flow, Maps, TargetEntry, Traffic, VipAddr, VipEntry
-from lb.dataplane.structs import NO_TARGET, PROTO_NUMBERS, Counter
+from lb.dataplane.maps import (
+    Endpoint,
+    Flow,
+    Maps,
+    ReplyVipEntry,
+    RouteEntry,
+    TargetEntry,
+    Traffic,
+    VipAddr,
+    VipEntry,
+)
+from lb.dataplane.structs import MAX_REPLY_VIPS, NO_TARGET, PROTO_NUMBERS, Counter
 
 log = logging.getLogger("lb.dataplane")
 
@@ -47,6 +67,10 @@ class L4Service:
     vip: VipAddr
     members: tuple[tuple[Endpoint, int], ...] = ()  # in the ring, with weights
     draining: tuple[Endpoint, ...] = ()  # no new flows; existing ones continue
+    terminated: tuple[Endpoint, ...] = ()  # registered, but their flows end now (NLB: unhealthy, termination on)
+    # An endpoint that leaves every service: its flows end (NLB's connection
+    # termination at the end of the deregistration delay), or go on (default).
+    end_flows_on_removal: bool = False
 
 
 @dataclass
@@ -55,18 +79,25 @@ class ApplyReport:
     vips_removed: list[VipAddr] = field(default_factory=list)
     rings_rebuilt: list[VipAddr] = field(default_factory=list)
     targets_added: list[Endpoint] = field(default_factory=list)
-    targets_retired: list[Endpoint] = field(default_factory=list)
+    targets_retired: list[Endpoint] = field(default_factory=list)  # left every service, flows ended
+    targets_lingering: list[Endpoint] = field(default_factory=list)  # left every service, flows go on
+    targets_terminated: list[Endpoint] = field(default_factory=list)  # still registered, flows ended
+    flows_ended: int = 0  # conntrack entries deleted
 
     def __str__(self) -> str:
         parts = [f"{label} {', '.join(map(str, items))}" for label, items in (
             ("VIPs added:", self.vips_added), ("VIPs removed:", self.vips_removed),
             ("rings rebuilt:", self.rings_rebuilt), ("targets added:", self.targets_added),
-            ("targets retired:", self.targets_retired)) if items]
+            ("targets retired:", self.targets_retired), ("targets lingering:", self.targets_lingering),
+            ("targets terminated:", self.targets_terminated)) if items]
+        if self.flows_ended:
+            parts.append(f"flows ended: {self.flows_ended}")
         return "; ".join(parts) or "no change"
 
     @property
     def changed(self) -> bool:
-        return any((self.vips_added, self.vips_removed, self.rings_rebuilt, self.targets_added, self.targets_retired))
+        return any((self.vips_added, self.vips_removed, self.rings_rebuilt, self.targets_added, self.targets_retired,
+                    self.targets_lingering, self.targets_terminated, self.flows_ended))
 
 
 def ring_seed(vip: VipAddr) -> bytes:
@@ -85,8 +116,29 @@ def build_ring(vip: VipAddr, members: tuple[tuple[Endpoint, int], ...], ids: dic
 
 
 def endpoints_of(services: Iterable[L4Service]) -> set[Endpoint]:
-    """Every endpoint the services need a target id for: ring members and draining ones."""
-    return {e for s in services for e, _ in s.members} | {e for s in services for e in s.draining}
+    """Every endpoint the services need a target id for: ring members, draining and terminated ones."""
+    return ({e for s in services for e, _ in s.members} | {e for s in services for e in s.draining}
+            | {e for s in services for e in s.terminated})
+
+
+# Target flags as Dataplane writes them: (active, in service).
+IN_SERVICE, ACTIVE_ONLY, INACTIVE = (True, True), (True, False), (False, False)
+
+
+def wanted_flags(services: Iterable[L4Service]) -> dict[Endpoint, tuple[bool, bool]]:
+    """Each endpoint's flags: in a ring anywhere, in service; else draining
+    anywhere, active; else (terminated) neither."""
+    flags: dict[Endpoint, tuple[bool, bool]] = {}
+    for service in services:
+        for endpoint in service.terminated:
+            flags.setdefault(endpoint, INACTIVE)
+    for service in services:
+        for endpoint in service.draining:
+            if flags.get(endpoint) != IN_SERVICE:
+                flags[endpoint] = ACTIVE_ONLY
+        for endpoint, _ in service.members:
+            flags[endpoint] = IN_SERVICE
+    return flags
 
 
 class Dataplane:
@@ -100,8 +152,14 @@ class Dataplane:
         self._vips: dict[VipAddr, VipEntry] = {e.vip: e for e in maps.vips()}
         known = maps.targets()
         self._target_ids: dict[Endpoint, int] = {t.endpoint: t.target_id for t in known if t.active}
+        self._flags: dict[Endpoint, tuple[bool, bool]] = {t.endpoint: (t.active, t.in_service) for t in known
+                                                          if t.active}
         used = set(self._target_ids.values())
         retired = [t.target_id for t in known if not t.active and t.target_id not in used]
+        # Inactive slots by endpoint: retired, or terminated (still registered).
+        # An endpoint wanted again takes its own id back, when it is free.
+        self._inactive_ids: dict[Endpoint, int] = {t.endpoint: t.target_id for t in known
+                                                   if not t.active and t.target_id in retired}
         taken = used | set(retired)
         never = [i for i in range(self.limits.max_targets) if i not in taken]
         self._free_target_ids: deque[int] = deque(never + retired)
@@ -110,6 +168,14 @@ class Dataplane:
         # Ring membership last written per VIP; empty after a restart, so the
         # first apply rewrites every ring once (same table: Maglev is deterministic).
         self._members: dict[VipAddr, tuple[tuple[Endpoint, int], ...]] = {}
+        # Reply routes as written, by (endpoint, protocol).
+        self._routes: dict[tuple[Endpoint, str], RouteEntry] = {(r.endpoint, r.protocol): r for r in maps.routes()}
+        self._reply_ports: set[int] | None = None  # unknown after a restart: written at the first apply
+        # Endpoints in no service whose flows go on, oldest first; and, for
+        # each endpoint in a service, whether its flows end when it leaves
+        # (unknown after a restart: they go on).
+        self._lingering: dict[Endpoint, None] = {}
+        self._end_on_removal: dict[Endpoint, bool] = {}
 
     # --- writing -------------------------------------------------------------
 
@@ -117,13 +183,46 @@ class Dataplane:
         wanted = {s.vip: s for s in services}
         self._check(wanted)
         report = ApplyReport()
+        flags = wanted_flags(wanted.values())
+        ends: dict[Endpoint, bool] = {}
+        for service in wanted.values():  # an endpoint's flows end on removal only if every service says so
+            for endpoint in endpoints_of([service]):
+                ends[endpoint] = ends.get(endpoint, True) and service.end_flows_on_removal
+        self._end_on_removal.update(ends)
+        ended: set[int] = set()  # target ids whose flows end (deleted last, once nothing can name them)
 
-        endpoints = endpoints_of(wanted.values())
-        for endpoint in sorted(endpoints - self._target_ids.keys()):
-            target_id = self._free_target_ids.popleft()
-            self._target_ids[endpoint] = target_id
-            self.maps.put_target(target_id, endpoint, active=True)
-            report.targets_added.append(endpoint)
+        # Endpoints that left every service: retired (their ids free), or lingering.
+        for endpoint in sorted(self._target_ids.keys() - flags.keys() - self._lingering.keys()):
+            if self._end_on_removal.pop(endpoint, False):
+                self._retire(endpoint, report, ended)
+            else:
+                self._lingering[endpoint] = None
+                if self._flags.get(endpoint) != ACTIVE_ONLY:
+                    self._write_target(endpoint, ACTIVE_ONLY)
+                report.targets_lingering.append(endpoint)
+
+        # Target ids and flags: a ring never names a target not yet written.
+        for endpoint in sorted(flags):
+            self._lingering.pop(endpoint, None)
+            if endpoint not in self._target_ids:
+                self._target_ids[endpoint] = self._take_target_id(endpoint, report, ended)
+                report.targets_added.append(endpoint)
+            if self._flags.get(endpoint) != flags[endpoint]:
+                if flags[endpoint] == INACTIVE:
+                    ended.add(self._target_ids[endpoint])
+                    report.targets_terminated.append(endpoint)
+                self._write_target(endpoint, flags[endpoint])
+
+        # VIP ids of new VIPs first, so their routes are written before they go live.
+        entries: dict[VipAddr, VipEntry] = {}
+        for vip in sorted(wanted):
+            entry = self._vips.get(vip)
+            if entry is None:
+                vip_id = self._free_vip_ids.popleft()
+                gen = self.maps.bump_vip_gen(vip_id)  # flows of an earlier VIP with this id are stale
+                entry = VipEntry(vip, vip_id, 0, gen)
+            entries[vip] = entry
+        self._write_routes(wanted, entries)
 
         for vip, service in sorted(wanted.items()):
             members = tuple(sorted(service.members))
@@ -132,11 +231,10 @@ class Dataplane:
                 continue
             ring = build_ring(vip, members, self._target_ids, self.limits.ring_size)
             if entry is None:
-                vip_id = self._free_vip_ids.popleft()
-                gen = self.maps.bump_vip_gen(vip_id)  # flows of an earlier VIP with this id are stale
-                self.maps.write_ring(vip_id, 0, ring)
-                self.maps.put_vip(vip, vip_id, 0, gen)
-                self._vips[vip] = VipEntry(vip, vip_id, 0, gen)
+                entry = entries[vip]
+                self.maps.write_ring(entry.vip_id, 0, ring)
+                self.maps.put_vip(vip, entry.vip_id, 0, entry.gen)
+                self._vips[vip] = entry
                 report.vips_added.append(vip)
             else:
                 idle = entry.ring ^ 1
@@ -154,15 +252,82 @@ class Dataplane:
             self._free_vip_ids.append(entry.vip_id)
             report.vips_removed.append(vip)
 
-        for endpoint in sorted(self._target_ids.keys() - endpoints):
-            target_id = self._target_ids.pop(endpoint)
-            self.maps.put_target(target_id, endpoint, active=False)
-            self._free_target_ids.append(target_id)
-            report.targets_retired.append(endpoint)
-
+        # Last: every target whose flows end is inactive by now, so no new entry names it.
+        report.flows_ended += self.maps.delete_flows(ended)
         if report.changed:
             log.info("dataplane: %s", report)
         return report
+
+    def _write_target(self, endpoint: Endpoint, flags: tuple[bool, bool]) -> None:
+        active, in_service = flags
+        self.maps.put_target(self._target_ids[endpoint], endpoint, active, in_service)
+        self._flags[endpoint] = flags
+
+    def _retire(self, endpoint: Endpoint, report: ApplyReport, ended: set[int]) -> None:
+        """Take an endpoint out: inactive, no route, its flows to end, its id to the back of the free list."""
+        target_id = self._target_ids.pop(endpoint)
+        self.maps.put_target(target_id, endpoint, active=False)
+        self._flags.pop(endpoint, None)
+        self._lingering.pop(endpoint, None)
+        self._end_on_removal.pop(endpoint, None)
+        for key in [k for k in self._routes if k[0] == endpoint]:
+            self.maps.delete_route(*key)
+            del self._routes[key]
+        ended.add(target_id)
+        self._free_target_ids.append(target_id)
+        self._inactive_ids[endpoint] = target_id
+        report.targets_retired.append(endpoint)
+
+    def _take_target_id(self, endpoint: Endpoint, report: ApplyReport, ended: set[int]) -> int:
+        """The endpoint's own former id if it is free, else the next free one;
+        with none left, the oldest lingering endpoint's (its flows end)."""
+        own = self._inactive_ids.pop(endpoint, None)
+        if own is not None and own in self._free_target_ids:
+            self._free_target_ids.remove(own)
+            self._flags[endpoint] = INACTIVE  # as the map has it
+            target_id = own
+        else:
+            if not self._free_target_ids:
+                self._retire(next(iter(self._lingering)), report, ended)  # _check: one is lingering
+            target_id = self._free_target_ids.popleft()
+        for other, former in list(self._inactive_ids.items()):
+            if former == target_id:
+                del self._inactive_ids[other]
+        if target_id in ended and own != target_id:  # an old flow must not find the new endpoint
+            report.flows_ended += self.maps.delete_flows({target_id})
+            ended.discard(target_id)
+        if own != target_id:  # its counters start from zero, not from the former endpoint's
+            self.maps.reset_target_stats(target_id)
+        return target_id
+
+    def _write_routes(self, wanted: dict[VipAddr, L4Service], entries: dict[VipAddr, VipEntry]) -> None:
+        """replies and reply_ports for every active endpoint: the VIPs whose
+        service lists it (ring or draining); a lingering one keeps the VIPs
+        it had that still exist, under the same generation."""
+        routes: dict[tuple[Endpoint, str], list[ReplyVipEntry]] = {}
+        for vip, service in sorted(wanted.items()):
+            entry = entries[vip]
+            for endpoint in sorted({e for e, _ in service.members} | set(service.draining)):
+                routes.setdefault((endpoint, vip.protocol), []).append(ReplyVipEntry(vip, entry.vip_id, entry.gen))
+        live = {(e.vip, e.vip_id, e.gen) for e in entries.values()}
+        for key, route in self._routes.items():
+            if key[0] in self._lingering and key not in routes:
+                kept = [v for v in route.vips if (v.vip, v.vip_id, v.gen) in live]
+                if kept:
+                    routes[key] = kept
+        for key in sorted(self._routes.keys() - routes.keys()):
+            self.maps.delete_route(*key)
+            del self._routes[key]
+        for key, vips in sorted(routes.items()):
+            endpoint, protocol = key
+            route = RouteEntry(endpoint, protocol, self._target_ids[endpoint], tuple(vips))
+            if self._routes.get(key) != route:
+                self.maps.put_route(route)
+                self._routes[key] = route
+        ports = {endpoint.port for endpoint, _ in self._routes}
+        if ports != self._reply_ports:
+            self.maps.write_reply_ports(ports)
+            self._reply_ports = ports
 
     def _check(self, wanted: dict[VipAddr, L4Service]) -> None:
         problems = []
@@ -182,6 +347,14 @@ class Dataplane:
         if len(all_endpoints) > self.limits.max_targets:
             most = f"the program holds at most {self.limits.max_targets} (max_targets)"
             problems.append(f"{len(all_endpoints)} targets, {most}")
+        serving: dict[tuple[Endpoint, str], int] = {}
+        for vip, service in wanted.items():
+            for endpoint in {e for e, _ in service.members} | set(service.draining):
+                serving[(endpoint, vip.protocol)] = serving.get((endpoint, vip.protocol), 0) + 1
+        for (endpoint, protocol), n in sorted(serving.items()):
+            if n > MAX_REPLY_VIPS:
+                problems.append(f"{protocol} {endpoint} serves {n} VIPs; its replies can be told apart among at "
+                                f"most {MAX_REPLY_VIPS}")
         if problems:
             raise DataplaneError("; ".join(problems))
 
@@ -195,6 +368,10 @@ class Dataplane:
 
     def target_id(self, endpoint: Endpoint) -> int | None:
         return self._target_ids.get(endpoint)
+
+    def lingering(self) -> list[Endpoint]:
+        """Endpoints in no service whose flows go on (oldest first)."""
+        return list(self._lingering)
 
     def ring(self, vip: VipAddr) -> list[int]:
         entry = next((e for e in self.maps.vips() if e.vip == vip), None)

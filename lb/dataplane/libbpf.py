@@ -38,6 +38,8 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
         "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
         "bpf_map_update_batch": (c_int, [c_int, c_void_p, c_void_p, c_uint32_p, c_void_p]),
+        "bpf_map_lookup_batch": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_uint32_p, c_void_p]),
+        "bpf_map_delete_batch": (c_int, [c_int, c_void_p, c_uint32_p, c_void_p]),
         "bpf_prog_test_run_opts": (c_int, [c_int, c_void_p]),
         "libbpf_num_possible_cpus": (c_int, []),
     }
@@ -253,14 +255,69 @@ class BpfMap:
 
     def update_batch(self, keys: Any, values: Any, count: int) -> None:
         """Write `count` entries in one bpf(2) call (arrays of key_type/value_type)."""
-
-        class _BatchOpts(ctypes.Structure):
-            _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
         opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
         n = ctypes.c_uint32(count)
         _check(_lib().bpf_map_update_batch(self.fd, keys, values, ctypes.byref(n), ctypes.byref(opts)),
                f"batch update {self.info.name}")
+
+    def items_batch(self, chunk: int = 4096) -> Iterator[tuple[Any, Any]]:
+        """Every entry, `chunk` per bpf(2) call (BPF_MAP_LOOKUP_BATCH): a hash
+        map of half a million entries in a fraction of a second, where
+        items() takes two calls per entry. Keys and values are copies."""
+        key_size, value_size = ctypes.sizeof(self.key_type), ctypes.sizeof(self.cell_type)
+        for keys, values, n in self.scan_batch(chunk):
+            for i in range(n):
+                yield (self.key_type.from_buffer_copy(keys, i * key_size),
+                       self.cell_type.from_buffer_copy(values, i * value_size))
+
+    def scan_batch(self, chunk: int = 8192) -> Iterator[tuple[Any, Any, int]]:
+        """The map in chunks, as BPF_MAP_LOOKUP_BATCH gives them: (keys,
+        values, n), arrays of key_type and cell_type of which the first n are
+        entries; both are reused by the next chunk. For scans that look at
+        raw fields of many entries without making an object of each."""
+        keys = (self.key_type * chunk)()
+        values = (self.cell_type * chunk)()
+        size = max(ctypes.sizeof(self.key_type), 8)  # the batch token: a key, or the kernel's bucket index
+        tokens = [ctypes.create_string_buffer(size), ctypes.create_string_buffer(size)]
+        opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+        first = True
+        while True:
+            n = ctypes.c_uint32(chunk)
+            rc = _lib().bpf_map_lookup_batch(self.fd, None if first else tokens[0], tokens[1], keys, values,
+                                             ctypes.byref(n), ctypes.byref(opts))
+            code = 0 if rc >= 0 else (-rc if rc != -1 else ctypes.get_errno())
+            if code not in (0, errno.ENOENT):
+                _check(-code, f"batch lookup in {self.info.name}")
+            if n.value:
+                yield keys, values, n.value
+            if code == errno.ENOENT:  # no more entries
+                return
+            first = False
+            tokens.reverse()
+
+    def delete_batch(self, keys: Any, count: int) -> int:
+        """Delete `count` keys (an array of key_type) in as few bpf(2) calls as
+        possible; keys already gone (an LRU may evict) are skipped. Returns
+        how many were deleted."""
+        opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+        size = ctypes.sizeof(self.key_type)
+        deleted = at = 0
+        while at < count:
+            n = ctypes.c_uint32(count - at)
+            rc = _lib().bpf_map_delete_batch(self.fd, ctypes.byref(keys, at * size), ctypes.byref(n),
+                                             ctypes.byref(opts))
+            deleted += n.value
+            if rc >= 0:
+                break
+            code = -rc if rc != -1 else ctypes.get_errno()
+            if code != errno.ENOENT:
+                _check(-code, f"batch delete from {self.info.name}")
+            at += n.value + 1  # the kernel stopped at a missing key: go on after it
+        return deleted
+
+
+class _BatchOpts(ctypes.Structure):  # struct bpf_map_batch_opts
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
 # --- BPF_PROG_TEST_RUN -----------------------------------------------------------

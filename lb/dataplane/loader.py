@@ -92,14 +92,14 @@ def check_pinned_maps(directory: str, limits: Limits) -> list[str]:
 
 def map_mismatch(path: str, spec: MapSpec, info: libbpf.MapInfo) -> str | None:
     """Why the map pinned at `path` (described by `info`) is not what `spec` needs; None if it is."""
-    want = (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.max_entries)
-    have = (info.map_type, info.key_size, info.value_size, info.max_entries)
+    want = (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.max_entries, spec.flags)
+    have = (info.map_type, info.key_size, info.value_size, info.max_entries, info.flags)
     if want == have:
         return None
     return (
         f"{path}: pinned as {MAP_TYPE_NAMES.get(have[0], have[0])} key {have[1]} B value {have[2]} B "
-        f"max {have[3]}, this build needs {MAP_TYPE_NAMES.get(want[0], want[0])} key {want[1]} B "
-        f"value {want[2]} B max {want[3]}"
+        f"max {have[3]} flags {have[4]:#x}, this build needs {MAP_TYPE_NAMES.get(want[0], want[0])} key "
+        f"{want[1]} B value {want[2]} B max {want[3]} flags {want[4]:#x}"
     )
 
 
@@ -258,8 +258,8 @@ class Program:
         problems = check_pinned_maps(directory, limits)
         if problems:
             raise LoaderError(
-                "pinned maps were made by a build with other limits:\n  " + "\n  ".join(problems)
-                + "\nremove them with `lb down --purge` (flows in them are lost), or keep the old limits"
+                "pinned maps were made by a build with other limits or layouts:\n  " + "\n  ".join(problems)
+                + "\nremove them with `lb down` (flows in them are lost), or keep the old limits"
             )
         os.makedirs(directory, exist_ok=True)
         from bcc import BPF  # deferred: the CLI reads maps without a compiler

@@ -15,17 +15,22 @@ from ipaddress import IPv4Address
 
 from lb.dataplane.libbpf import BpfMap
 from lb.dataplane.structs import (
-    FLOW_FORWARD,
     FWD_NAT,
+    MAX_REPLY_VIPS,
     NO_TARGET,
     PROTO_NAMES,
     PROTO_NUMBERS,
+    REPLY_PORT_WORDS,
     TARGET_F_ACTIVE,
+    TARGET_F_IN_SERVICE,
     Counter,
+    EndpointKey,
     FlowKey,
     FlowState,
     Limits,
     MapName,
+    ReplyRoute,
+    ReplyVip,
     Target,
     TrafficStats,
     VipKey,
@@ -35,6 +40,7 @@ from lb.dataplane.structs import (
     net_to_ip,
     net_to_port,
     port_to_net,
+    tcp_state,
 )
 
 
@@ -75,7 +81,8 @@ class Endpoint:
 class TargetEntry:
     target_id: int
     endpoint: Endpoint
-    active: bool
+    active: bool  # its flows may go on
+    in_service: bool = False  # in the ring: a SYN may follow an entry to it
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,26 @@ class Flow:
     age_s: float
     idle_s: float
     current: bool = True  # begun under the VIP's current generation (else stale: hashed again)
+    tcp_state: str | None = None  # structs.tcp_state() of a TCP flow; None for UDP
+
+
+@dataclass(frozen=True)
+class ReplyVipEntry:
+    """One VIP a target endpoint's replies may belong to."""
+
+    vip: VipAddr
+    vip_id: int
+    gen: int
+
+
+@dataclass(frozen=True)
+class RouteEntry:
+    """A `replies` entry: a target endpoint, its id, and the VIPs it serves."""
+
+    endpoint: Endpoint
+    protocol: str
+    target_id: int
+    vips: tuple[ReplyVipEntry, ...]
 
 
 @dataclass(frozen=True)
@@ -183,12 +210,69 @@ class Maps:
             if value is None or value.addr == 0:
                 continue
             endpoint = Endpoint(net_to_ip(value.addr), net_to_port(value.port))
-            entries.append(TargetEntry(target_id, endpoint, bool(value.flags & TARGET_F_ACTIVE)))
+            entries.append(TargetEntry(target_id, endpoint, bool(value.flags & TARGET_F_ACTIVE),
+                                       bool(value.flags & TARGET_F_IN_SERVICE)))
         return entries
 
-    def put_target(self, target_id: int, endpoint: Endpoint, active: bool) -> None:
-        value = Target(ip_to_net(endpoint.address), port_to_net(endpoint.port), TARGET_F_ACTIVE if active else 0)
+    def put_target(self, target_id: int, endpoint: Endpoint, active: bool, in_service: bool = False) -> None:
+        """Write a target: active (its flows may go on), in service (in the
+        ring: a SYN may follow an entry to it; implies active)."""
+        flags = (TARGET_F_ACTIVE | TARGET_F_IN_SERVICE) if in_service else TARGET_F_ACTIVE if active else 0
+        value = Target(ip_to_net(endpoint.address), port_to_net(endpoint.port), flags)
         self._maps[MapName.TARGETS].update(ctypes.c_uint32(target_id), value)
+        # After the target: a packet between the two writes cannot reach a new
+        # endpoint yet (rings name it later), and none after them finds the
+        # next hop of the id's former endpoint.
+        next_hops = self._maps[MapName.NEXT_HOPS]
+        next_hops.update(ctypes.c_uint32(target_id), next_hops.cell_type())
+
+    # --- replies (target endpoint -> VIPs) and reply_ports --------------------
+
+    @staticmethod
+    def _endpoint_key(endpoint: Endpoint, protocol: str) -> EndpointKey:
+        return EndpointKey(ip_to_net(endpoint.address), port_to_net(endpoint.port), PROTO_NUMBERS[protocol], 0)
+
+    def routes(self) -> list[RouteEntry]:
+        out = []
+        for key, value in self._maps[MapName.REPLIES].items():
+            protocol = PROTO_NAMES.get(key.proto, str(key.proto))
+            vips = tuple(ReplyVipEntry(VipAddr(net_to_ip(v.addr), net_to_port(v.port), protocol), v.vip_id, v.gen)
+                         for v in value.vips[:min(value.count, MAX_REPLY_VIPS)])
+            out.append(RouteEntry(Endpoint(net_to_ip(key.addr), net_to_port(key.port)), protocol, value.target_id,
+                                  vips))
+        return sorted(out, key=lambda r: (r.endpoint, r.protocol))
+
+    def route(self, endpoint: Endpoint, protocol: str) -> RouteEntry | None:
+        return next((r for r in self.routes() if r.endpoint == endpoint and r.protocol == protocol), None)
+
+    def put_route(self, route: RouteEntry) -> None:
+        if not 0 < len(route.vips) <= MAX_REPLY_VIPS:
+            raise ValueError(f"{route.endpoint}: 1..{MAX_REPLY_VIPS} VIPs a route, got {len(route.vips)}")
+        value = ReplyRoute(route.target_id, len(route.vips))
+        for i, v in enumerate(route.vips):
+            value.vips[i] = ReplyVip(ip_to_net(v.vip.address), port_to_net(v.vip.port), 0, v.vip_id, v.gen)
+        self._maps[MapName.REPLIES].update(self._endpoint_key(route.endpoint, route.protocol), value)
+
+    def delete_route(self, endpoint: Endpoint, protocol: str) -> bool:
+        return self._maps[MapName.REPLIES].delete(self._endpoint_key(endpoint, protocol))
+
+    def write_reply_ports(self, ports: set[int]) -> None:
+        """Set exactly these ports' bits in reply_ports (every word written, in one batch)."""
+        words = [0] * REPLY_PORT_WORDS
+        for port in ports:
+            words[port >> 6] |= 1 << (port & 63)
+        keys = (ctypes.c_uint32 * REPLY_PORT_WORDS)(*range(REPLY_PORT_WORDS))
+        values = (ctypes.c_uint64 * REPLY_PORT_WORDS)(*words)
+        self._maps[MapName.REPLY_PORTS].update_batch(keys, values, REPLY_PORT_WORDS)
+
+    def reply_ports(self) -> set[int]:
+        bpf_map = self._maps[MapName.REPLY_PORTS]
+        ports: set[int] = set()
+        for word in range(REPLY_PORT_WORDS):
+            value = bpf_map.lookup(ctypes.c_uint32(word))
+            bits = 0 if value is None else int(value.value)
+            ports.update(word * 64 + bit for bit in range(64) if bits >> bit & 1)
+        return ports
 
     # --- rings ---------------------------------------------------------------
 
@@ -223,16 +307,12 @@ class Maps:
     # --- conntrack -----------------------------------------------------------
 
     def flows(self, limit: int | None = None) -> Iterator[Flow]:
-        """Every flow, by its forward entry (each flow also has a reply entry)."""
+        """Every flow (one entry each), read in batches."""
         now = _monotonic_ns()
         gens: dict[int, int] = {}
-        n = 0
-        for key, state in self._maps[MapName.CONNTRACK].items():
-            if state.kind != FLOW_FORWARD:
-                continue
+        for n, (key, state) in enumerate(self._maps[MapName.CONNTRACK].items_batch()):
             if limit is not None and n >= limit:
                 return
-            n += 1
             if state.vip_id not in gens:
                 gens[state.vip_id] = self.vip_gen(state.vip_id)
             yield self._flow(key, state, now, gens[state.vip_id])
@@ -241,21 +321,56 @@ class Maps:
         key = FlowKey(ip_to_net(client.address), ip_to_net(vip.address), port_to_net(client.port),
                       port_to_net(vip.port), PROTO_NUMBERS[protocol])
         state = self._maps[MapName.CONNTRACK].lookup(key)
-        if state is None or state.kind != FLOW_FORWARD:
+        if state is None:
             return None
         return self._flow(key, state, _monotonic_ns(), self.vip_gen(state.vip_id))
 
     @staticmethod
     def _flow(key: FlowKey, state: FlowState, now: int, gen: int) -> Flow:
+        protocol = PROTO_NAMES.get(key.proto, str(key.proto))
         return Flow(
             client=Endpoint(net_to_ip(key.src), net_to_port(key.sport)),
-            vip=VipAddr(net_to_ip(key.dst), net_to_port(key.dport), PROTO_NAMES.get(key.proto, str(key.proto))),
+            vip=VipAddr(net_to_ip(key.dst), net_to_port(key.dport), protocol),
             target_id=state.target_id,
             vip_id=state.vip_id,
             age_s=max(0, now - state.created_ns) / 1e9,
             idle_s=max(0, now - state.last_seen_ns) / 1e9,
             current=state.vip_gen == gen,
+            tcp_state=tcp_state(state) if protocol == "TCP" else None,
         )
+
+    def delete_flows(self, target_ids: set[int]) -> int:
+        """Remove every conntrack entry whose target is one of `target_ids`
+        (connection termination); returns how many went.
+
+        A target that has not forwarded a packet since its id was given to
+        it (reset_target_stats) can have no entry: every entry is made by a
+        packet forwarded to its target. The others cost one walk of the
+        table, read in batches and looked at as raw bytes (target_id is the
+        value's first field): half a million entries in a fraction of a
+        second."""
+        wanted = {i for i in target_ids if self.target_traffic(i).packets}
+        if not wanted:
+            return 0
+        table = self._maps[MapName.CONNTRACK]
+        key_size, value_size = ctypes.sizeof(FlowKey), ctypes.sizeof(FlowState)
+        assert FlowState.target_id.offset == 0 and value_size % 4 == 0
+        doomed = bytearray()
+        for keys, values, n in table.scan_batch():
+            ids = memoryview(values).cast("B").cast("I")[: n * value_size // 4 : value_size // 4]
+            raw = memoryview(keys).cast("B")
+            for i, target_id in enumerate(ids):
+                if target_id in wanted:
+                    doomed += raw[i * key_size:(i + 1) * key_size]
+        count = len(doomed) // key_size
+        if not count:
+            return 0
+        return table.delete_batch((FlowKey * count).from_buffer(doomed), count)
+
+    def reset_target_stats(self, target_id: int) -> None:
+        """Zero a target id's traffic counters (on every CPU): for an id given to a new endpoint."""
+        stats = self._maps[MapName.TARGET_STATS]
+        stats.update(ctypes.c_uint32(target_id), stats.cell_type())
 
     # --- statistics ----------------------------------------------------------
 

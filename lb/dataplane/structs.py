@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 NO_TARGET = 0xFFFFFFFF
 FLOW_HASH_SEED = 0x6C620001  # every host sharing VIPs must use the same one
-TARGET_F_ACTIVE = 0x1
+TARGET_F_ACTIVE = 0x1  # its flows may go on
+TARGET_F_IN_SERVICE = 0x2  # in the ring: a SYN may follow an entry to it
+MAX_REPLY_VIPS = 4  # VIPs one target endpoint can serve (reply_route.vips)
+BPF_F_NO_COMMON_LRU = 0x2  # an LRU list per CPU (uapi/linux/bpf.h)
 # vip_meta.reserved is written as this: 0, what it held when it was `mode`
 # and FWD_NAT its only value (lb/dataplane/maps.py writes it by that name).
 # No longer in consts.h: the program never reads the field.
 FWD_NAT = 0
-FLOW_FORWARD = 0  # conntrack entry of client -> VIP packets
-FLOW_REPLY = 1  # conntrack entry of target -> client packets
 
 IPPROTO_TCP = socket.IPPROTO_TCP
 IPPROTO_UDP = socket.IPPROTO_UDP
@@ -51,6 +52,12 @@ class Counter(enum.IntEnum):
     CONNTRACK_HIT = 10
     CONNTRACK_MISS = 11
     REVERSE_NAT = 12
+    DROP_BAD_IP_CSUM = 13
+    SYN_RESCHEDULED = 14
+    MISS_NO_ENTRY = 15
+    REPLY_NO_ENTRY = 16
+    FLOW_CLOSED = 17
+    FLOOD_NO_ENTRY = 18
 
     @property
     def label(self) -> str:
@@ -73,6 +80,14 @@ COUNTER_HELP = {
     Counter.CONNTRACK_HIT: "packet of a known flow",
     Counter.CONNTRACK_MISS: "new flow hashed onto the ring",
     Counter.REVERSE_NAT: "reply rewritten to the VIP",
+    Counter.DROP_BAD_IP_CSUM: "IPv4 header checksum wrong: dropped",
+    Counter.SYN_RESCHEDULED: "SYN whose entry it must not follow (target out of service, flow closed, "
+                             "expired): hashed onto the ring, entry replaced",
+    Counter.MISS_NO_ENTRY: "TCP segment (not a SYN) of no tracked flow: forwarded by the ring, no entry "
+                           "made (an evicted or untracked flow, or a stray or spoofed packet)",
+    Counter.REPLY_NO_ENTRY: "reply of a flow with no entry (half flow): rewritten, as the ring sends it there",
+    Counter.FLOW_CLOSED: "TCP flow closed (RST, or FIN both ways): short timeout, a SYN replaces it",
+    Counter.FLOOD_NO_ENTRY: "new flow above new_flow_rate_limit: forwarded by the ring, no entry made",
 }
 
 
@@ -87,6 +102,10 @@ class MapName(str, enum.Enum):
     VIP_STATS = "vip_stats"
     TARGET_STATS = "target_stats"
     COUNTERS = "counters"
+    REPLIES = "replies"
+    REPLY_PORTS = "reply_ports"
+    FLOOD_GUARD = "flood_guard"
+    NEXT_HOPS = "next_hops"
 
 
 # --- structs (bpf/structs.h) ---------------------------------------------------
@@ -135,10 +154,71 @@ class FlowState(ctypes.Structure):
         ("created_ns", ctypes.c_uint64),  # CLOCK_MONOTONIC_COARSE
         ("last_seen_ns", ctypes.c_uint64),
         ("vip_gen", ctypes.c_uint32),
-        ("vip_addr", ctypes.c_uint32),  # network order; FLOW_REPLY entries
-        ("vip_port", ctypes.c_uint16),  # network order; FLOW_REPLY entries
-        ("kind", ctypes.c_uint8),  # FLOW_FORWARD | FLOW_REPLY
-        ("pad", ctypes.c_uint8 * 5),
+        ("syn_only", ctypes.c_uint8),  # 1: made by a SYN, no other client segment yet
+        ("fin_client", ctypes.c_uint8),  # 1: the client sent a FIN
+        ("fin_target", ctypes.c_uint8),  # 1: the target sent a FIN
+        ("rst", ctypes.c_uint8),  # 1: either side sent a RST
+    ]
+
+
+def tcp_state(state: FlowState) -> str:
+    """A TCP entry's state by name: syn_sent, established, closing (one FIN),
+    time_wait (FIN both ways) or closed (RST); the last two are closed."""
+    if state.rst:
+        return "closed"
+    if state.fin_client and state.fin_target:
+        return "time_wait"
+    if state.fin_client or state.fin_target:
+        return "closing"
+    return "syn_sent" if state.syn_only else "established"
+
+
+CLOSED_TCP_STATES = ("time_wait", "closed")
+
+
+class EndpointKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32),  # network order
+        ("port", ctypes.c_uint16),  # network order
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class ReplyVip(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32),  # network order
+        ("port", ctypes.c_uint16),  # network order
+        ("pad", ctypes.c_uint16),
+        ("vip_id", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+    ]
+
+
+class ReplyRoute(ctypes.Structure):
+    _fields_ = [
+        ("target_id", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+        ("vips", ReplyVip * MAX_REPLY_VIPS),
+    ]
+
+
+class FloodWindow(ctypes.Structure):
+    _fields_ = [
+        ("start_ns", ctypes.c_uint64),
+        ("entries", ctypes.c_uint64),
+    ]
+
+
+class NextHop(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),  # CLOCK_MONOTONIC_COARSE; 0: empty
+        ("ifindex", ctypes.c_uint32),
+        ("in_ifindex", ctypes.c_uint32),
+        ("max_len", ctypes.c_uint16),
+        ("dmac", ctypes.c_uint8 * 6),
+        ("smac", ctypes.c_uint8 * 6),
+        ("pad", ctypes.c_uint8 * 2),
     ]
 
 
@@ -165,9 +245,19 @@ class Limits:
     ring_size: int = 65537
     max_vips: int = 64
     max_targets: int = 1024
-    conntrack_size: int = 524288  # entries: two per flow
+    conntrack_size: int = 524288  # flows (one entry each)
     tcp_idle_timeout: int = 350  # seconds
     udp_idle_timeout: int = 120  # seconds
+    tcp_closed_timeout: int = 10  # seconds, after a RST
+    tcp_time_wait_timeout: int = 120  # seconds, after FIN both ways
+    new_flow_rate_limit: int = 20000  # new entries per CPU per second; 0: no limit
+    # An LRU list per CPU (BPF_F_NO_COMMON_LRU), the map made conntrack_size x
+    # possible CPUs so each CPU still holds conntrack_size flows; only the
+    # benchmark sets it, to compare with the shared list.
+    conntrack_per_cpu_lru: bool = False
+    # How long the forward path keeps a target's next hop (bpf_fib_lookup's
+    # answer) per CPU, in milliseconds; 0: a lookup for every packet.
+    next_hop_cache_ms: int = 1000
 
     def cflags(self) -> list[str]:
         return [
@@ -177,7 +267,21 @@ class Limits:
             f"-DCONNTRACK_SIZE={self.conntrack_size}",
             f"-DTCP_IDLE_NS={self.tcp_idle_timeout * 1_000_000_000}ULL",
             f"-DUDP_IDLE_NS={self.udp_idle_timeout * 1_000_000_000}ULL",
+            f"-DTCP_CLOSED_NS={self.tcp_closed_timeout * 1_000_000_000}ULL",
+            f"-DTCP_TIME_WAIT_NS={self.tcp_time_wait_timeout * 1_000_000_000}ULL",
+            f"-DNEW_FLOW_RATE_LIMIT={self.new_flow_rate_limit}ULL",
+            f"-DCONNTRACK_LRU_FLAGS={BPF_F_NO_COMMON_LRU if self.conntrack_per_cpu_lru else 0}",
+            f"-DNEXT_HOP_CACHE_NS={self.next_hop_cache_ms * 1_000_000}ULL",
         ]
+
+    def conntrack_entries(self) -> int:
+        """max_entries of the conntrack map: conntrack_size, times the possible
+        CPUs with a per-CPU LRU (each CPU's list gets max_entries / CPUs)."""
+        if self.conntrack_per_cpu_lru:
+            from lb.dataplane.libbpf import possible_cpus  # a ctypes binding, no compiler
+
+            return self.conntrack_size * possible_cpus()
+        return self.conntrack_size
 
 
 @dataclass(frozen=True)
@@ -196,7 +300,6 @@ class MapSpec:
     flags: int = 0  # BPF_F_*, as declared in maps.h: the loader creates the map with them
 
 
-BPF_F_NO_COMMON_LRU = 0x2  # an LRU list per CPU
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
@@ -209,18 +312,25 @@ MAP_TYPE_NAMES = {
 }
 
 
+REPLY_PORT_WORDS = 1024  # reply_ports: 65536 bits, 64 a word
+
+
 def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
     u32, u64 = ctypes.c_uint32, ctypes.c_uint64
     specs = [
         MapSpec(MapName.VIPS, BPF_MAP_TYPE_HASH, VipKey, VipMeta, limits.max_vips),
         MapSpec(MapName.TARGETS, BPF_MAP_TYPE_ARRAY, u32, Target, limits.max_targets),
         MapSpec(MapName.RINGS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips * 2 * limits.ring_size),
-        MapSpec(MapName.CONNTRACK, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowState, limits.conntrack_size,
-                flags=BPF_F_NO_COMMON_LRU),
+        MapSpec(MapName.CONNTRACK, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowState, limits.conntrack_entries(),
+                flags=BPF_F_NO_COMMON_LRU if limits.conntrack_per_cpu_lru else 0),
         MapSpec(MapName.VIP_GENS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips),
         MapSpec(MapName.VIP_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_vips, True),
         MapSpec(MapName.TARGET_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_targets, True),
         MapSpec(MapName.COUNTERS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, u64, COUNTER_MAX, True),
+        MapSpec(MapName.REPLIES, BPF_MAP_TYPE_HASH, EndpointKey, ReplyRoute, limits.max_targets * 2),
+        MapSpec(MapName.REPLY_PORTS, BPF_MAP_TYPE_ARRAY, u32, u64, REPLY_PORT_WORDS),
+        MapSpec(MapName.FLOOD_GUARD, BPF_MAP_TYPE_PERCPU_ARRAY, u32, FloodWindow, 1, True),
+        MapSpec(MapName.NEXT_HOPS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, NextHop, limits.max_targets, True),
     ]
     return {spec.name: spec for spec in specs}
 

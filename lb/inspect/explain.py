@@ -8,10 +8,10 @@ import ipaddress
 import os
 from typing import Any
 
-from lb.dataplane.maps import Endpoint, VipAddr
-from lb.dataplane.structs import FLOW_HASH_SEED, PROTO_NUMBERS, ip_to_net, port_to_net
+from lb.dataplane.maps import Endpoint, Maps, VipAddr
+from lb.dataplane.structs import CLOSED_TCP_STATES, FLOW_HASH_SEED, PROTO_NUMBERS, ip_to_net, port_to_net
 from lb.inspect.access import InspectError, ask_daemon, open_maps
-from lb.inspect.kernel import flow_state
+from lb.inspect.kernel import entry_timeout, flow_state
 from lb.inspect.names import l4_listeners, parse_endpoint
 from lb.l7.actions import Redirect
 from lb.l7.rules import Request, Router
@@ -140,15 +140,29 @@ def flow_hash(protocol: str, src: ipaddress.IPv4Address, sport: int, dst: ipaddr
 
 
 def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: str) -> dict[str, Any]:
-    """Where a packet of this 5-tuple goes: its conntrack entry, else the ring.
+    """Where a packet of this 5-tuple goes, as bpf/lb.c decides it: its
+    conntrack entry, else the ring; what a SYN would do; and its replies.
 
     {"protocol", "client", "vip", "listener", "vip_id" (None: not a VIP),
-    "decision" ("conntrack": the entry decides | "ring": a new flow, hashed |
+    "decision" (for a segment of the flow that is not a SYN, or any UDP
+    datagram: "conntrack": the entry decides | "ring": hashed onto the ring |
     "drop": no target in the slot | "pass": not a VIP, the kernel gets it),
-    "target": "ADDR:PORT"|None, "target_id", "conntrack": {"target",
-    "target_id", "age_s", "idle_s", "state"}|None, "ring": {"hash", "size",
-    "half", "slot", "target_id", "target"}|None}. "ring" is where a new
-    flow would land, given even when a live entry decides.
+    "target": "ADDR:PORT"|None, "target_id", "makes_entry" (taking the ring,
+    the packet makes or replaces the entry: a UDP datagram, or a TCP segment
+    whose open entry could not decide; a TCP segment of no entry makes none),
+    "conntrack": {"target", "target_id", "age_s", "idle_s", "state"
+    (live|expired|stale|retired), "tcp_state" (syn_sent|established|closing|
+    time_wait|closed; None for UDP), "timeout_s", "decides" (for a segment),
+    "syn_decides", "why" (why it does or does not decide)}|None, "syn":
+    {"decision", "target", "target_id", "why"}|None (TCP only: a SYN does not
+    follow an entry that is closed or whose target is out of service), "ring":
+    {"hash", "size", "half", "slot", "target_id", "target"}|None, "reply":
+    {"target" (whose replies the flow gets), "vips" (the VIPs that endpoint
+    serves), "by" ("entry": the flow's entry names the VIP | "ring": no entry,
+    the ring sends this flow to that target | None: its replies pass
+    untouched), "half_flow" (true: no entry, the replies go back by the ring
+    alone)}|None}. "ring" is where a new flow would land, given even when a
+    live entry decides.
     """
     proto = protocol.upper()
     if proto not in PROTO_NUMBERS:
@@ -156,36 +170,91 @@ def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: 
     src_ip, sport = parse_endpoint(source)
     dst_ip, dport = parse_endpoint(destination)
     assert sport is not None and dport is not None
-    vip = VipAddr(dst_ip, dport, proto)
-    out: dict[str, Any] = {"protocol": proto, "client": f"{src_ip}:{sport}", "vip": f"{dst_ip}:{dport}",
-                           "listener": l4_listeners(config).get(vip, (None, None))[0], "vip_id": None,
-                           "decision": "pass", "target": None, "target_id": None, "conntrack": None, "ring": None}
     with open_maps(config, "lb explain flow") as maps:
-        entry = next((e for e in maps.vips() if e.vip == vip), None)
-        if entry is None:
-            return out
-        out["vip_id"] = entry.vip_id
-        known = {t.target_id: t for t in maps.targets()}
+        out = explain_flow_in(maps, proto, Endpoint(src_ip, sport), Endpoint(dst_ip, dport))
+    out["listener"] = l4_listeners(config).get(VipAddr(dst_ip, dport, proto), (None, None))[0]
+    return out
 
-        def name(target_id: int | None) -> str | None:
-            t = known.get(target_id) if target_id is not None else None
-            return str(t.endpoint) if t else None
 
-        size = maps.limits.ring_size
-        hashed = flow_hash(proto, src_ip, sport, dst_ip, dport)
-        ring_target = maps.ring_slot(entry.vip_id, entry.ring, hashed % size)
-        out["ring"] = {"hash": hashed, "size": size, "half": entry.ring, "slot": hashed % size,
-                       "target_id": ring_target, "target": name(ring_target)}
-        flow = maps.flow(proto, Endpoint(src_ip, sport), Endpoint(dst_ip, dport))
-        if flow is not None:
-            t = known.get(flow.target_id)
-            state = flow_state(flow, maps.limits, bool(t and t.active))
-            out["conntrack"] = {"target": name(flow.target_id), "target_id": flow.target_id,
-                                "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3), "state": state}
-            if state == "live":
-                out.update(decision="conntrack", target_id=flow.target_id, target=name(flow.target_id))
-                return out
-        ring_ok = ring_target is not None and bool(known.get(ring_target) and known[ring_target].active)
-        out.update(decision="ring" if ring_ok else "drop", target_id=ring_target if ring_ok else None,
-                   target=name(ring_target) if ring_ok else None)
+def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpoint) -> dict[str, Any]:
+    """explain_flow on open maps (no "listener" names: those come from the config)."""
+    vip = VipAddr(destination.address, destination.port, proto)
+    out: dict[str, Any] = {"protocol": proto, "client": str(client), "vip": str(destination), "listener": None,
+                           "vip_id": None, "decision": "pass", "target": None, "target_id": None,
+                           "makes_entry": False, "conntrack": None, "syn": None, "ring": None, "reply": None}
+    entry = next((e for e in maps.vips() if e.vip == vip), None)
+    if entry is None:
         return out
+    out["vip_id"] = entry.vip_id
+    known = {t.target_id: t for t in maps.targets()}
+
+    def name(target_id: int | None) -> str | None:
+        t = known.get(target_id) if target_id is not None else None
+        return str(t.endpoint) if t else None
+
+    size = maps.limits.ring_size
+    hashed = flow_hash(proto, client.address, client.port, destination.address, destination.port)
+    ring_target = maps.ring_slot(entry.vip_id, entry.ring, hashed % size)
+    out["ring"] = {"hash": hashed, "size": size, "half": entry.ring, "slot": hashed % size,
+                   "target_id": ring_target, "target": name(ring_target)}
+    ring_ok = ring_target is not None and bool(known.get(ring_target) and known[ring_target].active)
+    by_ring = ({"decision": "ring", "target": name(ring_target), "target_id": ring_target} if ring_ok
+               else {"decision": "drop", "target": None, "target_id": None})
+
+    flow = maps.flow(proto, client, destination)
+    decides = syn_decides = False
+    if flow is not None:
+        t = known.get(flow.target_id)
+        state = flow_state(flow, maps.limits, bool(t and t.active))
+        closed = flow.tcp_state in CLOSED_TCP_STATES
+        decides = state == "live"
+        syn_decides = decides and bool(t and t.in_service) and not closed
+        why = _entry_why(state, flow.tcp_state, bool(t and t.in_service), entry_timeout(flow, maps.limits))
+        out["conntrack"] = {"target": name(flow.target_id), "target_id": flow.target_id,
+                            "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3), "state": state,
+                            "tcp_state": flow.tcp_state, "timeout_s": entry_timeout(flow, maps.limits),
+                            "decides": decides, "syn_decides": syn_decides, "why": why}
+    if decides:
+        assert flow is not None
+        out.update(decision="conntrack", target=name(flow.target_id), target_id=flow.target_id)
+    else:
+        out.update(by_ring)
+        reopens = flow is not None and flow.tcp_state not in CLOSED_TCP_STATES
+        out["makes_entry"] = ring_ok and (proto == "UDP" or reopens)
+    if proto == "TCP":
+        if syn_decides:
+            assert flow is not None
+            out["syn"] = {"decision": "conntrack", "target": name(flow.target_id), "target_id": flow.target_id,
+                          "why": "its entry is open and its target in service: a retransmitted SYN stays there"}
+        else:
+            why = ("a new flow, hashed onto the ring" if flow is None
+                   else "its entry must not decide a SYN: hashed onto the ring, the entry replaced")
+            out["syn"] = {**by_ring, "why": why}
+
+    # Replies: from whichever target the flow's next segment reaches.
+    target_id = out["target_id"]
+    if target_id is not None and target_id in known:
+        endpoint = known[target_id].endpoint
+        route = maps.route(endpoint, proto)
+        vips = [str(v.vip.address) + f":{v.vip.port}" for v in route.vips] if route else []
+        by: str | None = None
+        if route is not None and any(v.vip == vip for v in route.vips):
+            entry_names_it = (flow is not None and flow.target_id == target_id and flow.current
+                              and flow.idle_s < entry_timeout(flow, maps.limits))
+            by = "entry" if entry_names_it else "ring" if ring_target == target_id else None
+        out["reply"] = {"target": str(endpoint), "vips": vips, "by": by, "half_flow": by == "ring"}
+    return out
+
+
+def _entry_why(state: str, tcp: str | None, in_service: bool, timeout: int) -> str:
+    if state == "expired":
+        return f"idle past its {timeout} s timeout: the ring decides"
+    if state == "stale":
+        return "its VIP was deleted since: the ring decides"
+    if state == "retired":
+        return "its target is not active (removed or its connections terminated): the ring decides"
+    if tcp in CLOSED_TCP_STATES:
+        return f"{tcp}: segments still go to its target for {timeout} s idle; a SYN takes the ring"
+    if not in_service:
+        return "its target is out of service (draining or unhealthy): its segments go on, a SYN takes the ring"
+    return "it decides, for a SYN too"

@@ -21,8 +21,8 @@ def vips(config: LoadBalancer) -> list[dict[str, Any]]:
     [{"vip": "ADDR:PORT", "protocol", "address", "port", "listener",
     "target_group" (None for a VIP the config does not know), "vip_id",
     "ring_half" (live half), "ring_size", "empty_slots", "targets":
-    [{"target_id", "target": "ADDR:PORT"|None, "active", "slots", "share"
-    (slots / ring_size)}]}], sorted by VIP; targets by target id.
+    [{"target_id", "target": "ADDR:PORT"|None, "active", "in_service", "slots",
+    "share" (slots / ring_size)}]}], sorted by VIP; targets by target id.
     """
     listeners = l4_listeners(config)
     with open_maps(config, "lb vips") as maps:
@@ -37,15 +37,27 @@ def vips(config: LoadBalancer) -> list[dict[str, Any]]:
             for target_id, slots in sorted(counts.items()):
                 t = known.get(target_id)
                 targets.append({"target_id": target_id, "target": str(t.endpoint) if t else None,
-                                "active": bool(t and t.active), "slots": slots, "share": round(slots / size, 6)})
+                                "active": bool(t and t.active), "in_service": bool(t and t.in_service),
+                                "slots": slots, "share": round(slots / size, 6)})
             out.append({**vip_dict(entry.vip), "listener": listener, "target_group": group, "vip_id": entry.vip_id,
                         "ring_half": entry.ring, "ring_size": size, "empty_slots": empty, "targets": targets})
         return out
 
 
+def entry_timeout(flow: Flow, limits: Limits) -> int:
+    """Seconds the entry lives without a packet, as bpf/lb.c timeout_ns() has it."""
+    if flow.vip.protocol != "TCP":
+        return limits.udp_idle_timeout
+    if flow.tcp_state == "closed":
+        return limits.tcp_closed_timeout
+    if flow.tcp_state == "time_wait":
+        return limits.tcp_time_wait_timeout
+    return limits.tcp_idle_timeout
+
+
 def flow_state(flow: Flow, limits: Limits, active: bool) -> str:
-    timeout = limits.tcp_idle_timeout if flow.vip.protocol == "TCP" else limits.udp_idle_timeout
-    if flow.idle_s >= timeout:
+    """Whether the entry decides a (non-SYN) packet: live, or why not."""
+    if flow.idle_s >= entry_timeout(flow, limits):
         return "expired"  # still in the LRU; the next packet is hashed again
     if not flow.current:
         return "stale"  # its VIP was deleted since: the next packet takes the vips path
@@ -59,7 +71,10 @@ def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None =
     {"flows": [{"protocol", "client": "ADDR:PORT", "client_address",
     "client_port", "vip": "ADDR:PORT", "listener", "vip_id", "target":
     "ADDR:PORT"|None, "target_id", "age_s", "idle_s", "state"
-    (live|expired|stale|retired)}], "count", "truncated"}, sorted by VIP then client.
+    (live|expired|stale|retired), "tcp_state" (syn_sent|established|closing|
+    time_wait|closed; None for UDP), "timeout_s" (how long the entry lives
+    without a packet in its TCP state)}], "count", "truncated"}, sorted by
+    VIP then client.
     """
     vip_filter = parse_endpoint(vip, port_required=False) if vip else None
     target_filter = parse_endpoint(target, port_required=False) if target else None
@@ -83,7 +98,8 @@ def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None =
                 "listener": listeners.get(flow.vip, (None, None))[0], "vip_id": flow.vip_id,
                 "target": str(t.endpoint) if t else None, "target_id": flow.target_id,
                 "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3),
-                "state": flow_state(flow, maps.limits, bool(t and t.active)),
+                "state": flow_state(flow, maps.limits, bool(t and t.active)), "tcp_state": flow.tcp_state,
+                "timeout_s": entry_timeout(flow, maps.limits),
             })
         flows.sort(key=lambda f: (f["vip"], f["protocol"], ipaddress.IPv4Address(f["client_address"]),
                                   f["client_port"]))
@@ -106,8 +122,9 @@ def stats(config: LoadBalancer) -> dict[str, Any]:
 
     {"time" (epoch s), "vips": [{"vip", "protocol", "address", "port",
     "listener", "vip_id", "packets", "bytes", "new_flows", "reply_packets",
-    "reply_bytes"}], "targets": [{"target", "target_id", "active", "groups",
-    ...the same five counters}], "counters": [{"reason", "packets", "help"}]}.
+    "reply_bytes"}], "targets": [{"target", "target_id", "active", "in_service",
+    "groups", ...the same five counters}], "counters": [{"reason", "packets",
+    "help"}]} (counters: every enum lb_counter reason, bpf/consts.h).
     Forward packets count client → target, reply packets target → client.
     """
     listeners, groups = l4_listeners(config), endpoint_groups(config)
@@ -116,7 +133,8 @@ def stats(config: LoadBalancer) -> dict[str, Any]:
         vip_rows = [{**vip_dict(e.vip), "listener": listeners.get(e.vip, (None, None))[0], "vip_id": e.vip_id,
                      **_traffic(maps.vip_traffic(e.vip_id))} for e in maps.vips()]
         target_rows = [{"target": str(t.endpoint), "target_id": t.target_id, "active": t.active,
-                        "groups": groups.get(t.endpoint, []), **_traffic(maps.target_traffic(t.target_id))}
+                        "in_service": t.in_service, "groups": groups.get(t.endpoint, []),
+                        **_traffic(maps.target_traffic(t.target_id))}
                        for t in maps.targets()]
         counters = [{"reason": c.label, "packets": n, "help": COUNTER_HELP[c]} for c, n in maps.counters().items()]
     return {"time": now, "vips": vip_rows, "targets": target_rows, "counters": counters}

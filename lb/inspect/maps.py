@@ -13,7 +13,7 @@ from lb.dataplane.maps import CLOCK_MONOTONIC_COARSE
 from lb.dataplane.structs import (
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_PERCPU_ARRAY,
-    FLOW_REPLY,
+    IPPROTO_TCP,
     MAP_TYPE_NAMES,
     NO_TARGET,
     PROTO_NAMES,
@@ -23,6 +23,7 @@ from lb.dataplane.structs import (
     map_specs,
     net_to_ip,
     net_to_port,
+    tcp_state,
 )
 from lb.inspect.access import InspectError, open_maps
 from lb.model import LoadBalancer
@@ -67,7 +68,9 @@ def _fields(struct: ctypes.Structure) -> dict[str, Any]:
         if field == "pad":
             continue
         value = getattr(struct, field)
-        if field in _ADDRESS_FIELDS:
+        if isinstance(value, ctypes.Array):  # reply_route.vips: the first `count`
+            value = [_plain(item) for item in value[:getattr(struct, "count", len(value))]]
+        elif field in _ADDRESS_FIELDS:
             value = str(net_to_ip(value))
         elif field in _PORT_FIELDS:
             value = net_to_port(value)
@@ -94,7 +97,7 @@ def _decode_key(name: MapName, key: Any, limits: Limits) -> Any:
     return _plain(key)
 
 
-def _decode_value(name: MapName, value: Any, per_cpu: bool, now_ns: int) -> Any:
+def _decode_value(name: MapName, key: Any, value: Any, per_cpu: bool, now_ns: int) -> Any:
     if per_cpu:
         cells = [_plain(cell) for cell in value]
         if cells and isinstance(cells[0], dict):
@@ -104,7 +107,7 @@ def _decode_value(name: MapName, value: Any, per_cpu: bool, now_ns: int) -> Any:
     if name is MapName.RINGS:
         return None if plain == NO_TARGET else plain
     if name is MapName.CONNTRACK:
-        plain["kind"] = "reply" if plain["kind"] == FLOW_REPLY else "forward"
+        plain["tcp_state"] = tcp_state(value) if key.proto == IPPROTO_TCP else None
         plain["age_s"] = round(max(0, now_ns - plain["created_ns"]) / 1e9, 3)
         plain["idle_s"] = round(max(0, now_ns - plain["last_seen_ns"]) / 1e9, 3)
     return plain
@@ -119,10 +122,11 @@ def maps_dump(config: LoadBalancer, name: str, limit: int = 100) -> dict[str, An
 
     {"name", "type", "entries": [{"key", "value"}], "count", "truncated"}.
     Keys and values are decoded: structs become objects (addresses dotted,
-    ports in host order, pad fields left out), per-CPU values
+    ports in host order, pad fields left out, arrays as lists), per-CPU values
     {"total", "per_cpu": [...]}; `counters` keys {"index", "reason"},
     `rings` keys {"slot", "vip_id", "half", "index"} and values a target id
-    (None: empty slot). Array entries whose value is all zero bytes are left
+    (None: empty slot); `conntrack` values also "tcp_state" (structs.tcp_state,
+    None for UDP), "age_s" and "idle_s". Array entries whose value is all zero bytes are left
     out, except in `rings` (0 is a target id). limit 0: no limit.
     """
     try:
@@ -143,6 +147,6 @@ def maps_dump(config: LoadBalancer, name: str, limit: int = 100) -> dict[str, An
                 truncated = True
                 break
             entries.append({"key": _decode_key(map_name, key, maps.limits),
-                            "value": _decode_value(map_name, value, spec.per_cpu, now_ns)})
+                            "value": _decode_value(map_name, key, value, spec.per_cpu, now_ns)})
         return {"name": map_name.value, "type": MAP_TYPE_NAMES.get(bpf_map.info.map_type, ""),
                 "entries": entries, "count": len(entries), "truncated": truncated}

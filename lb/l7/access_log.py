@@ -73,6 +73,9 @@ class LoggedConnection(Protocol):
     @property
     def authority(self) -> bytes: ...  # b"<our address>:<port>"
 
+    @property
+    def protocol(self) -> str: ...  # "http" or "https"
+
 
 # --- values ------------------------------------------------------------------------
 
@@ -96,23 +99,23 @@ def _escaped_json(value: bytes) -> str:
     return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", s)
 
 
-def _request_line(ex: Exchange, authority: bytes) -> bytes:
+def _request_line(ex: Exchange, scheme: bytes, authority: bytes) -> bytes:
     """``GET http://host:port/path?query HTTP/1.1`` (ALB's: the URL absolute, port included)."""
     if not ex.method:  # refused before its head was whole (its URL may be cut, or megabytes long)
-        return b"- http://" + authority + b"- -"
+        return b"- %s://%s- -" % (scheme, authority)
     host = ex.host
     if host is None:
         host = authority
     elif host.rfind(b":") <= host.rfind(b"]"):  # no port in it
         host += authority[authority.rfind(b":") :]
-    return b"%s http://%s%s HTTP/1.%d" % (ex.method, host, ex.url, 1 if ex.version11 else 0)
+    return b"%s %s://%s%s HTTP/1.%d" % (ex.method, scheme, host, ex.url, 1 if ex.version11 else 0)
 
 
-def _request_text(ex: Exchange, authority: bytes, escape: Callable[[bytes], str]) -> str:
+def _request_text(ex: Exchange, conn: LoggedConnection, escape: Callable[[bytes], str]) -> str:
     """The request line as a log string. httptools admits no control or non-ASCII
     byte in a method or URL, and Host is checked (lb.l7.request_head), so only a
     quote or a backslash in the URL needs escaping: two scans, no regex."""
-    line = _request_line(ex, authority)
+    line = _request_line(ex, conn.protocol.encode("ascii"), conn.authority)
     if b'"' in line or b"\\" in line:
         return escape(line)
     return line.decode("ascii")
@@ -122,13 +125,13 @@ def _request_text(ex: Exchange, authority: bytes, escape: Callable[[bytes], str]
 # error: nearly all of them. One `%` formats it whole in C (times, numbers, the
 # two ISO 8601 times from a cached prefix and the microseconds); any other
 # exchange takes the general path (AccessLogFile._general).
-_TEXT_FORWARDED = ('http %s.%06dZ %s %s %s %.6f %.6f %.6f %d %d %d %d "%s http://%s%s HTTP/1.%d" %s %s "%s" %d '
+_TEXT_FORWARDED = ('%s %s.%06dZ %s %s %s %.6f %.6f %.6f %d %d %d %d "%s %s://%s%s HTTP/1.%d" %s %s "%s" %d '
                    '%s.%06dZ "forward" "-"\n')
 _JSON_FORWARDED = (
-    '{"type":"http","time":"%s.%06dZ","listener":"%s","client":"%s","target":"%s",'
+    '{"type":"%s","time":"%s.%06dZ","listener":"%s","client":"%s","target":"%s",'
     '"request_processing_time":%.6f,"target_processing_time":%.6f,"response_processing_time":%.6f,'
     '"elb_status_code":%d,"target_status_code":%d,"received_bytes":%d,"sent_bytes":%d,'
-    '"request":"%s http://%s%s HTTP/1.%d","user_agent":%s,"target_group":"%s","request_id":"%s",'
+    '"request":"%s %s://%s%s HTTP/1.%d","user_agent":%s,"target_group":"%s","request_id":"%s",'
     '"matched_rule_priority":%d,'
     '"request_creation_time":"%s.%06dZ","actions_executed":"forward","error_reason":null}\n'
 )
@@ -345,17 +348,17 @@ class AccessLogFile:
         authority = self._authority(host, conn.authority)
         if self._json:
             return _JSON_FORWARDED % (
-                prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
+                conn.protocol, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
                 sent - start, upstream, end - sent - upstream, status, status, received, sent_bytes,
-                method.decode("ascii"), authority, url.decode("ascii"), version11,
+                method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version11,
                 "null" if agent is None else f'"{_escaped_json(agent)}"', group,
                 request_id.decode("ascii"), 0 if rule is None else rule,
                 created_prefix, (created - created_second) * 1e6,
             )  # fmt: skip
         return _TEXT_FORWARDED % (
-            prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
+            conn.protocol, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
             sent - start, upstream, end - sent - upstream, status, status, received, sent_bytes,
-            method.decode("ascii"), authority, url.decode("ascii"), version11,
+            method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version11,
             '"-"' if agent is None else f'"{_escaped_text(agent)}"', group,
             request_id.decode("ascii"), 0 if rule is None else rule,
             created_prefix, (created - created_second) * 1e6,
@@ -383,7 +386,8 @@ class AccessLogFile:
         rule = None if not ex.action else 0 if ex.rule is None else ex.rule
         request_id = (ex.request_id or self._ids()).decode("ascii")
         wall, created = self._iso(end + self._offset), self._iso(start + self._offset)
-        kind = "ws" if ex.status == 101 else "http"  # ALB's type: a WebSocket's line is written at its 101
+        # ALB's type: http or https; ws or wss for a WebSocket, whose line is written at its 101.
+        kind = ("wss" if conn.protocol == "https" else "ws") if ex.status == 101 else conn.protocol
         if self._json:
 
             def string(value: str | None) -> str:
@@ -396,7 +400,7 @@ class AccessLogFile:
                 f'"elb_status_code":{ex.status},'
                 f'"target_status_code":{"null" if target_status is None else target_status},'
                 f'"received_bytes":{ex.req_bytes},"sent_bytes":{ex.resp_bytes},'
-                f'"request":"{_request_text(ex, conn.authority, _escaped_json)}",'
+                f'"request":"{_request_text(ex, conn, _escaped_json)}",'
                 f'"user_agent":{"null" if agent is None else string(_escaped_json(agent))},'
                 f'"target_group":{string(ex.group)},"request_id":"{request_id}",'
                 f'"matched_rule_priority":{"null" if rule is None else rule},"request_creation_time":"{created}",'
@@ -405,7 +409,7 @@ class AccessLogFile:
         return (
             f"{kind} {wall} {conn.listener} {conn.peer} {ex.target} {times[0]} {times[1]} {times[2]} "
             f"{ex.status} {'-' if target_status is None else target_status} {ex.req_bytes} {ex.resp_bytes} "
-            f'"{_request_text(ex, conn.authority, _escaped_text)}" '
+            f'"{_request_text(ex, conn, _escaped_text)}" '
             f'"{"-" if agent is None else _escaped_text(agent)}" {ex.group} "{request_id}" '
             f"{'-' if rule is None else rule} {created} \"{ex.action or '-'}\" \"{ex.error_reason}\"\n"
         )

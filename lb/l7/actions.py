@@ -75,10 +75,12 @@ class Redirect:
             for value in (action.protocol, action.host, action.port, action.path, action.query)
         )
 
-    def location(self, host: str | None, path: str, query: str, port: int, fallback_host: str) -> str:
+    def location(
+        self, host: str | None, path: str, query: str, port: int, fallback_host: str, protocol: str = "http"
+    ) -> str:
         """The Location for a request; unset components keep the request's values."""
         values = {
-            "#{protocol}": "http",
+            "#{protocol}": protocol,
             "#{host}": host_without_port(host) if host else fallback_host,
             "#{port}": str(port),
             "#{path}": path.removeprefix("/"),
@@ -104,8 +106,9 @@ class Redirect:
         query: str,
         port: int,
         fallback_host: str,
+        protocol: str = "http",
     ) -> bytes:
-        location = self.location(host, path, query, port, fallback_host).encode("latin-1")
+        location = self.location(host, path, query, port, fallback_host, protocol).encode("latin-1")
         return b"".join(
             (
                 self._head,

@@ -156,6 +156,7 @@ class ClientProtocol(asyncio.Protocol):
         "clock",
         "config",
         "listener",  # the listener's name: its route is looked up per request
+        "protocol",  # "http" or "https" (TLS terminated before us), for X-Forwarded-Proto and redirects
         # Per connection.
         "transport",
         "gate",
@@ -190,13 +191,14 @@ class ClientProtocol(asyncio.Protocol):
         "queue",  # parsed, waiting for current to finish
     )
 
-    def __init__(self, worker: WorkerView, listener: str) -> None:
+    def __init__(self, worker: WorkerView, listener: str, https: bool = False) -> None:
         # Worker-wide.
         self.worker = worker
         self.loop = worker.loop
         self.clock = worker.clock
         self.config = worker.config
         self.listener = listener
+        self.protocol = "https" if https else "http"
         # Per connection.
         self.transport: asyncio.Transport  # set by connection_made, before anything reads it
         self.gate: ReadGate  # likewise
@@ -253,7 +255,7 @@ class ClientProtocol(asyncio.Protocol):
         self.authority = b"%s:%d" % (self.local_host.encode("ascii"), local[1])
         # Per connection, so the common request costs no formatting.
         self.xff_line = b"x-forwarded-for: " + ip.encode("ascii") + CRLF
-        self.fwd_tail = b"x-forwarded-proto: http\r\nx-forwarded-port: %d\r\n" % local[1]
+        self.fwd_tail = b"x-forwarded-proto: %s\r\nx-forwarded-port: %d\r\n" % (self.protocol.encode(), local[1])
         self.last_rx = self.clock.now
         self.worker.opened(self)
         if self.worker.closing:
@@ -545,6 +547,7 @@ class ClientProtocol(asyncio.Protocol):
                 query.decode("latin-1"),
                 self.local_port,
                 self.local_host,
+                self.protocol,
             )
             self._respond(ex, data, plan.status)
 
@@ -735,6 +738,9 @@ class ClientProtocol(asyncio.Protocol):
         bytes still to come; not if the client had finished sending too.
         """
         if self.eof:
+            return False
+        if not self.transport.can_write_eof():  # TLS: no half-close; what is queued goes out, then close
+            self._close()
             return False
         if not self.transport.is_closing():
             self.transport.write_eof()

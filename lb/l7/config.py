@@ -52,6 +52,12 @@ class L7Config:
     # key, made once per L7Server (shared by its workers) or per serve().
     cookie_secret: bytes = b""
     ready_timeout: float = 15.0  # for a worker process to bind its listeners
+    # HTTPS: the workers' shared TLS session ticket key is replaced this often
+    # (seconds); a ticket made before resumes no more (a full handshake).
+    ticket_key_rotation: float = 3600.0
+    # Off: no session tickets (no resumption), for measuring full handshakes
+    # (tests/bench/https.py); ELB always resumes.
+    session_tickets: bool = True
 
     def worker_count(self) -> int:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)

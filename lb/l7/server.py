@@ -57,7 +57,7 @@ from typing import Any
 
 import uvloop
 
-from lb import rlimits
+from lb import rlimits, tls
 from lb.l7.channel import Channel, ChannelClosed, open_channel
 from lb.l7.config import L7Config
 from lb.l7.stats import WorkerStats
@@ -189,6 +189,10 @@ class L7Server:
         self._placeholders: dict[str, socket.socket] = {}
         self._retired: dict[str, Any] | None = None  # the summed last stats of the workers that exited
         self._ids = itertools.count(1)
+        # TLS session tickets: one key for every worker, so a ticket resumes on
+        # any of them; replaced every config.ticket_key_rotation seconds.
+        self._ticket_key = os.urandom(tls.TICKET_KEY_BYTES)
+        self._ticket_key_at = time.monotonic()
         self._tick: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False  # started, not stopping: exits are restarted
@@ -359,6 +363,16 @@ class L7Server:
         return [f"{label} did not reopen its access log within {timeout:g} s" for label, future in asked.items()
                 if not future.done() or future.cancelled() or future.exception() is not None]
 
+    def rotate_ticket_key(self) -> None:
+        """A new TLS session ticket key for every worker (and every replacement):
+        tickets made with the old one get a full handshake from now on."""
+        self._ticket_key = os.urandom(tls.TICKET_KEY_BYTES)
+        self._ticket_key_at = time.monotonic()
+        for slot in self._slots:
+            proc = slot.proc
+            if proc is not None and proc.ready and not proc.gone:
+                self._request(proc, "ticket_key", self._ticket_key)
+
     def pids(self) -> list[int]:
         return [slot.proc.pid for slot in self._slots if slot.proc is not None and not slot.proc.gone]
 
@@ -432,7 +446,7 @@ class L7Server:
             self._kill(proc)
             raise
         try:
-            self.addresses = await asyncio.wait_for(self._request(proc, "start", self._table),
+            self.addresses = await asyncio.wait_for(self._request(proc, "start", self._table, self._ticket_key),
                                                     self.config.ready_timeout)
         except WorkerError as exc:  # it could not bind: it exits by itself
             raise OSError(f"{slot.name}: {exc}") from None
@@ -568,6 +582,8 @@ class L7Server:
         assert self._loop is not None
         self._tick = self._loop.call_later(self.supervision.heartbeat, self._heartbeat)
         now = time.monotonic()
+        if now - self._ticket_key_at >= self.config.ticket_key_rotation:
+            self.rotate_ticket_key()
         for slot in self._slots:
             proc = slot.proc
             if proc is None or proc.gone:
@@ -691,10 +707,11 @@ async def _worker(sock: socket.socket, config: L7Config) -> bool:
         except ChannelClosed:
             pass
 
-    async def start(ident: int, table: RoutingTable) -> None:
+    async def start(ident: int, table: RoutingTable, ticket_key: bytes) -> None:
         nonlocal worker
         async with serialized:
             started = Worker(table, config, loop, config.cookie_secret)
+            started.ticket_key = ticket_key
             try:
                 await started.start()
             except OSError as exc:
@@ -731,7 +748,7 @@ async def _worker(sock: socket.socket, config: L7Config) -> bool:
     def on_message(message: tuple[Any, ...]) -> None:
         kind, ident = message[0], message[1]
         if kind == "start":
-            spawn(start(ident, message[2]))
+            spawn(start(ident, message[2], message[3]))
         elif kind == "table":
             spawn(update(ident, message[2]))
         elif kind == "stats":
@@ -739,6 +756,9 @@ async def _worker(sock: socket.socket, config: L7Config) -> bool:
         elif kind == "reopen":
             if worker is not None:
                 worker.reopen_access_log()
+        elif kind == "ticket_key":
+            if worker is not None:
+                worker.set_ticket_key(message[2])
             reply(ident, "ok", None)
         elif kind == "stop":
             spawn(stop(message[2]))

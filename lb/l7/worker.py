@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from functools import partial
 from typing import Any
 
-from lb import rlimits
+from lb import rlimits, tls
 from lb.l7.access_log import AccessLogFile
 from lb.l7.client import ClientProtocol
 from lb.l7.clock import Clock
@@ -67,8 +68,13 @@ class Worker:
         # The access log (lb.l7.access_log), as the table says: opened by start(),
         # changed by update(), written by the sweep and by stop().
         self.access_log: AccessLogFile | None = None
-        # Listening sockets, by listener name.
-        self._servers: dict[str, tuple[tuple[str, int], asyncio.AbstractServer]] = {}
+        # Listening sockets, by listener name: (address, port, TLS policy or None) and the server.
+        self._servers: dict[str, tuple[tuple[str, int, str | None], asyncio.AbstractServer]] = {}
+        # HTTPS listeners' certificates, by listener name: replaced in place by
+        # update() so the listening socket stays (lb.tls.SniContexts).
+        self.tls: dict[str, tls.SniContexts] = {}
+        self._listening: dict[str, ssl.SSLContext] = {}  # each HTTPS listener's listening context
+        self.ticket_key: bytes | None = None  # session ticket key shared by the workers (lb.tls.set_ticket_keys)
         self.addresses: dict[str, tuple[str, int]] = {}  # listener name → bound (host, port)
         self._tick: asyncio.TimerHandle | None = None
 
@@ -88,33 +94,69 @@ class Worker:
         self._sweep()
 
     async def _bind(self, listener: Listener) -> None:
+        context = None
+        if listener.tls is not None:
+            contexts = self.tls[listener.name] = tls.SniContexts(listener.tls)
+            context = self._listening[listener.name] = tls.listening_context(contexts)
+            if not self.config.session_tickets:
+                context.options |= ssl.OP_NO_TICKET
+                context.num_tickets = 0
+            if self.ticket_key is not None:
+                tls.set_ticket_keys(context, self.ticket_key)
         server = await self.loop.create_server(
-            partial(ClientProtocol, self, listener.name),
+            partial(ClientProtocol, self, listener.name, listener.tls is not None),
             host=str(listener.address),
             port=listener.port,
             reuse_port=True,
             backlog=self.config.backlog,
+            ssl=context,
+            # A handshake is part of a request head's arrival: the same deadline.
+            ssl_handshake_timeout=self.config.header_timeout if context is not None else None,
         )
-        self._servers[listener.name] = ((str(listener.address), listener.port), server)
+        self._servers[listener.name] = (_bind_key(listener), server)
         host, port = server.sockets[0].getsockname()[:2]
         self.addresses[listener.name] = (host, port)
 
     async def update(self, table: RoutingTable) -> None:
-        """Swap in ``table``: new requests use it, requests in flight keep theirs."""
+        """Swap in ``table``: new requests use it, requests in flight keep theirs.
+
+        An HTTPS listener whose certificates changed keeps its socket: new
+        handshakes get the new certificates, established connections keep
+        theirs. All are built before anything is swapped (a failure changes
+        nothing); a new policy binds a new socket.
+        """
+        replaced = {}
+        for new in table.listeners:
+            current = self.tls.get(new.name)
+            if new.tls is not None and current is not None and current.tls != new.tls \
+                    and current.tls.ssl_policy == new.tls.ssl_policy:
+                replaced[new.name] = tls.SniContexts(new.tls, current.alpn)
+        for name, contexts in replaced.items():
+            self.tls[name].adopt(contexts)
         routes = Routes(table, self.pools)
         self.routes = routes  # one assignment: the swap is atomic for every request
         self.table = table
         self.pools.retain(routes.endpoints)
         wanted = {listener.name: listener for listener in table.listeners}
+        stale = []
         for name, (key, server) in list(self._servers.items()):
             listener = wanted.get(name)
-            if listener is None or (str(listener.address), listener.port) != key:
-                server.close()
+            if listener is None or _bind_key(listener) != key:
                 del self._servers[name]
                 self.addresses.pop(name, None)
-        for name, listener in wanted.items():
-            if name not in self._servers:
-                await self._bind(listener)
+                self.tls.pop(name, None)
+                self._listening.pop(name, None)
+                if listener is not None and key[:2] == _bind_key(listener)[:2]:
+                    stale.append(server)  # the same port, set up anew: closed once the new socket listens
+                else:
+                    server.close()
+        try:
+            for name, listener in wanted.items():
+                if name not in self._servers:
+                    await self._bind(listener)
+        finally:
+            for server in stale:
+                server.close()
         try:
             self._set_access_log(table.access_log)
         except OSError as exc:  # the daemon checked the path: rare (a race, a full disk)
@@ -138,6 +180,15 @@ class Worker:
         open now (renamed, perhaps), the next lines to the path opened anew."""
         if self.access_log is not None:
             self.access_log.reopen()
+
+    def set_ticket_key(self, key: bytes) -> None:
+        """Encrypt and decrypt TLS session tickets with ``key`` from now on, on
+        every HTTPS listener (and those bound later): the server gives all its
+        workers the same key, so a ticket resumes on any of them, and replaces
+        it to rotate (tickets made with the old one then get a full handshake)."""
+        self.ticket_key = key
+        for context in self._listening.values():
+            tls.set_ticket_keys(context, key)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let requests in flight finish for ``grace`` s, close the rest."""
@@ -248,3 +299,8 @@ class Worker:
             self._report_pressure()
         interval = min(max(min(idle, connect) / 10.0, 0.01), 0.5)
         self._tick = self.loop.call_later(interval, self._sweep)
+
+
+def _bind_key(listener: Listener) -> tuple[str, int, str | None]:
+    """What a listening socket is bound and set up with: a change binds anew."""
+    return str(listener.address), listener.port, listener.tls.ssl_policy if listener.tls is not None else None

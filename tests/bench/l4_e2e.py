@@ -10,9 +10,16 @@ tests' "lbt" or the demo's "lab"):
     lbb-client 10.0.0.2 ── to-client [VIP 10.0.0.100] lbb-lb ── to-backendN ── lbb-backendN 10.0.1.1N
 
 Two TCP services on the VIP, the same in every setup:
-    10.0.0.100:8080 -> backends 1..3 :80    HTTP (the lab servers), new connections per second
+    10.0.0.100:8080 -> backends 1..3 :80    HTTP (nginx, 2 workers each), new connections per second
     10.0.0.100:5201 -> backend1 :5201       iperf3, one stream (one backend only: iperf3's
                                             control and data connections must meet the same server)
+
+The HTTP backends are nginx (`worker_processes 2`, access log off, a
+`return 200` that names the backend in X-Backend), one per backend
+namespace with its config, pid file and prefix in a temporary directory,
+in place of the lab's Python servers (stopped for the run): with those the
+backends took over half of both CPUs, so the connection rate measured
+them rather than the balancers.
 
 Setups, each measured with the same iperf3 and wrk parameters:
     lb          lb's XDP program, native mode, on every lb-side interface (as tests/l4_lab.py)
@@ -44,7 +51,7 @@ line shows the CPU split during the measurement, including what other
 sessions used, so that noisy runs can be told apart.
 
 Everything created here is removed in `finally`, also on Ctrl-C or SIGTERM:
-the lab's namespaces and the processes in them (lab servers, iperf3,
+the lab's namespaces and the processes in them (nginx, iperf3,
 HAProxy), the nftables table, the XDP attachments, the pinned maps under
 /sys/fs/bpf/lb/lbb-e2e, the lab's logs under /run/lb-lab/lbb. Traffic only
 flows between those namespaces.
@@ -91,7 +98,8 @@ NAME = "lbb-e2e"  # pin directory /sys/fs/bpf/lb/lbb-e2e
 LIMITS = Limits(ring_size=65537, max_vips=8, max_targets=64, conntrack_size=262144)
 VIP = labmod.VIP
 HTTP_VIP_PORT = 8080
-HTTP_PORT = labmod.HTTP_PORT  # what the lab servers listen on
+HTTP_PORT = labmod.HTTP_PORT  # what the backends' nginx listen on
+NGINX_WORKERS = 2
 IPERF_PORT = 5201
 NFT_TABLE = "lbb_bench"
 BASELINE_C = Path(__file__).resolve().parent / "baseline_dnat.c"
@@ -350,6 +358,50 @@ backend iperf_pool
 """
 
 
+def nginx_config(backend: labmod.Backend, directory: str) -> str:
+    """One backend's nginx: its address only, no logs, every answer naming it."""
+    return f"""
+worker_processes {NGINX_WORKERS};
+pid {directory}/nginx.pid;
+error_log /dev/null crit;
+events {{
+    worker_connections 8192;
+}}
+http {{
+    access_log off;
+    server {{
+        listen {backend.address}:{HTTP_PORT} reuseport backlog=4096;
+        location / {{
+            default_type text/plain;
+            add_header X-Backend {backend.name} always;
+            return 200 "{backend.name}\\n";
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(lab: Lab, stack: ExitStack) -> None:
+    """Replace each backend's lab server by nginx on its HTTP port; stopped by `stack`."""
+    for backend in lab.backends:
+        lab.stop_server(backend)  # it holds 0.0.0.0:80
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lbb-nginx-{backend.name}-"))
+        config = os.path.join(directory, "nginx.conf")
+        with open(config, "w") as f:
+            f.write(nginx_config(backend, directory))
+        proc = subprocess.Popen(ns_cmd(backend.netns, "nginx", "-p", directory, "-c", config, "-e", "/dev/null",
+                                       "-g", "daemon off;"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        stack.callback(stop_process, proc)
+        try:
+            wait_listening(backend.netns, backend.address, HTTP_PORT, proc, f"nginx in {backend.netns}")
+        except BenchError:
+            stop_process(proc)
+            assert proc.stderr is not None
+            raise BenchError(f"nginx in {backend.netns}: {proc.stderr.read().decode().strip()}") from None
+
+
 def veth_report(lab: Lab) -> list[str]:
     lines = []
     for ns in (lab.client_ns, *(b.netns for b in lab.backends)):
@@ -388,7 +440,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("l4_e2e.py: needs root (XDP, network namespaces)", file=sys.stderr)
         return 1
-    missing = [t for t in ("iperf3", "wrk", "nft") if shutil.which(t) is None]
+    missing = [t for t in ("iperf3", "wrk", "nft", "nginx") if shutil.which(t) is None]
     if missing:
         print(f"l4_e2e.py: missing {', '.join(missing)}: run `deploy/install.sh --bench`", file=sys.stderr)
         return 1
@@ -399,7 +451,8 @@ def main() -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"cpu:     {cpu}, {os.cpu_count()} CPUs")
     versions = []
-    for tool, flag in (("iperf3", "--version"), ("wrk", "-v"), ("nft", "--version"), ("haproxy", "-v")):
+    for tool, flag in (("iperf3", "--version"), ("wrk", "-v"), ("nft", "--version"), ("nginx", "-v"),
+                       ("haproxy", "-v")):
         if shutil.which(tool):
             out = subprocess.run([tool, flag], capture_output=True, text=True)
             versions.append((out.stdout or out.stderr).splitlines()[0].strip())
@@ -438,6 +491,8 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
             nl.set_sysctl(ns, key, value)
     for line in veth_report(lab):
         print(f"lab:     {line}")
+    start_nginx(lab, stack)
+    print(f"lab:     HTTP backends: nginx, {NGINX_WORKERS} workers each")
 
     backend1 = lab.backends[0]
     iperf_server = subprocess.Popen(ns_cmd(backend1.netns, "iperf3", "-s", "-p", str(IPERF_PORT)),
@@ -605,7 +660,7 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
               f"{foreign:>19}")
     print()
     print("median cpu% of the whole machine (2 CPUs = 100) during the wrk runs (tick-sampled; softirq time is also")
-    print("counted in the process it interrupted; tools = wrk, backends = lab servers, lb-ns = HAProxy):")
+    print("counted in the process it interrupted; tools = wrk, backends = nginx, lb-ns = HAProxy):")
     for s in setups:
         if s.wrk_cpu:
             keys = sorted({k for c in s.wrk_cpu for k in c.groups} - {"foreign"})
@@ -629,9 +684,10 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
             print(f"  forwarded by XDP: {fwd / (fwd + fib):.4%} of rewritten packets; "
                   f"passed to the kernel for want of a neighbour (pass_fib): {fib:,}")
         made = sum(r.requests for r in lb.wrk) + 12  # wrk's connections + the warm-up requests
-        print(f"  conntrack misses {counters_total[Counter.CONNTRACK_MISS]:,} for ~{made:,} HTTP connections: "
-              f"lb tracks no FIN/RST, so a client port reused within the idle timeout "
-              f"({LIMITS.tcp_idle_timeout} s) finds its old entry (a hit, same backend)")
+        misses = counters_total[Counter.CONNTRACK_MISS]
+        why = (f": a client port reused within the idle timeout ({LIMITS.tcp_idle_timeout} s) found the entry of "
+               f"its closed connection (a hit, same backend)" if misses < 0.9 * made else "")
+        print(f"  conntrack misses {misses:,} for ~{made:,} HTTP connections{why}")
     print()
     for other, goal in (("nftables", GOAL_VS_NFT), ("stateless", GOAL_VS_STATELESS)):
         if lb and other in by_key:

@@ -4,7 +4,9 @@
 # Run by `vagrant up` / `vagrant provision` as root; safe to run again.
 #
 # Environment (set by the Vagrantfile from topology.json):
-#   LAB_ADDRESSES  lb's addresses, one per lab network, in interface order
+#   LAB_ADDRESSES   lb's addresses, one per lab network, in interface order
+#   LAB_WHEELHOUSE  where the host's wheelhouse is synced (LB_VAGRANT_WHEELHOUSE
+#                   on the host), or empty: lb's virtualenv then comes from PyPI
 set -euo pipefail
 
 repo=/vagrant
@@ -13,7 +15,18 @@ log() { echo "lb.sh: $*"; }
 
 # --- lb and its dependencies ------------------------------------------------
 # The production install, as on any Debian 12 host: bcc, kernel headers,
-# bpffs, lb in /opt/lb, /usr/local/bin/lb and the systemd unit.
+# bpffs, lb in /opt/lb, /usr/local/bin/lb and the systemd unit. Python
+# packages come from PyPI, or only from the wheelhouse when there is one
+# (VMs that reach Debian's archive but not PyPI); pip reads both settings
+# from the environment, for its build environments too.
+if [ -n "${LAB_WHEELHOUSE:-}" ]; then
+  if ! ls "$LAB_WHEELHOUSE"/*.whl >/dev/null 2>&1; then
+    echo "lb.sh: LAB_WHEELHOUSE=$LAB_WHEELHOUSE holds no wheels (is it synced? vagrant rsync lb)" >&2
+    exit 1
+  fi
+  log "Python packages from the wheelhouse in $LAB_WHEELHOUSE, not PyPI"
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$LAB_WHEELHOUSE"
+fi
 "$repo/deploy/install.sh" --system
 
 # --- config -------------------------------------------------------------------
@@ -44,6 +57,17 @@ echo "net.ipv4.ip_forward = 1" > /etc/sysctl.d/60-lb.conf
 sysctl -q -w net.ipv4.ip_forward=1
 
 # --- the service --------------------------------------------------------------
+# Where QEMU emulates the CPU (TCG: no KVM on the host), compiling the BPF
+# program alone takes about a minute, so `lb up` may need longer than
+# systemd's default 90 s to report ready. Only then: a drop-in for this VM.
+dropin=/etc/systemd/system/lb.service.d/lab-tcg.conf
+if [ "$(systemd-detect-virt || true)" = qemu ]; then
+  install -d "$(dirname "$dropin")"
+  printf '# vagrant/provision/lb.sh: emulated CPU (TCG), slow start\n[Service]\nTimeoutStartSec=300\n' >"$dropin"
+  log "emulated CPU (TCG): TimeoutStartSec=300 ($dropin)"
+else
+  rm -f "$dropin"
+fi
 systemctl daemon-reload  # install.sh --system put the unit in place
 systemctl enable lb.service
 # restart, not start: a re-provision picks up new code and config.

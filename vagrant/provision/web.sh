@@ -36,9 +36,14 @@ fi
 # Same answer as lb.labserver's HTTP side in the namespace lab: the body is
 # "<name>\n" and the header X-Backend names the host, on every path (so
 # /api/* and / both answer), which health checks (GET /, matcher 200) pass.
+# HTTP reaches nginx from lb's L7 proxy, so the peer is lb (10.0.1.1); the
+# client's address is in X-Forwarded-For, which the access log shows too.
 cat > /etc/nginx/sites-available/lb-lab <<EOF
+log_format lb_lab '\$remote_addr - \$remote_user [\$time_local] "\$request" \$status \$body_bytes_sent '
+                  '"\$http_user_agent" xff=\$http_x_forwarded_for';
 server {
     listen ${LAB_HTTP_PORT} default_server;
+    access_log /var/log/nginx/access.log lb_lab;
     location / {
         default_type text/plain;
         add_header X-Backend ${LAB_NAME} always;

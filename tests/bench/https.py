@@ -1,0 +1,264 @@
+"""HTTPS listeners: lb against nginx, the same certificate and worker count, on loopback.
+
+Usage:
+    .venv/bin/python tests/bench/https.py [--duration 10] [--workers 1 2]
+    .venv/bin/python tests/bench/https.py --quick          # 3 s runs, 1 worker
+
+Needs wrk and nginx from Debian (``deploy/install.sh --bench``). Starts, on
+127.0.0.1 only and on free ports, in a temporary directory:
+  - the backend: nginx over plain HTTP answering a small fixed body;
+  - for each worker count: nginx terminating TLS as a reverse proxy
+    (keep-alive upstream, the forwarded headers lb adds) and lb's L7Server
+    with an HTTPS listener, both with one ECDSA P-256 certificate made here
+    and ELB's default policy's versions and ciphers (TLS 1.2 and 1.3);
+then measures, after a short warm-up:
+  - new TLS handshakes/s: ``wrk -t2 -c64 -H 'Connection: close'``, so each
+    request is a new connection and a full handshake (wrk keeps its session
+    across reconnections and would resume it: nginx's session cache and
+    tickets are off, and lb's tickets too, ``L7Config.session_tickets``);
+  - keep-alive requests/s over TLS: ``wrk -t2 -c64``.
+Prints the figures and the ratios lb / nginx (goals: handshakes ≥ 0.9×,
+keep-alive ≥ 0.8×). HTTP/2 (h2load) is not measured: lb's HTTPS listeners
+speak HTTP/1.1 only so far. Everything started is stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import ipaddress
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+HOST = "127.0.0.1"
+BODY = "hello from the backend, a small fixed body\n"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {HOST}:{port}")
+
+
+def wrk(url: str, duration: float, close: bool) -> float:
+    args = ["wrk", "-t2", "-c64", f"-d{duration:g}s"]
+    if close:
+        args += ["-H", "Connection: close"]
+    out = subprocess.run([*args, url], check=True, capture_output=True, text=True, timeout=duration + 30).stdout
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"wrk printed no rate:\n{out}")
+    if "Non-2xx" in out:
+        print(f"  wrk on {url} reported non-2xx answers:\n{out}", file=sys.stderr)
+    return float(found.group(1))
+
+
+def make_certificate(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for localhost, for both contenders."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+NGINX_COMMON = """
+daemon off;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}-error.log warn;
+worker_processes {workers};
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/{name}-body;
+    proxy_temp_path {dir}/{name}-proxy;
+    fastcgi_temp_path {dir}/{name}-fastcgi;
+    uwsgi_temp_path {dir}/{name}-uwsgi;
+    scgi_temp_path {dir}/{name}-scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    {body}
+}}
+"""
+
+BACKEND_SERVER = """
+    server {{
+        listen {host}:{port} reuseport;
+        location / {{ default_type text/plain; return 200 "{text}"; }}
+    }}
+"""
+
+TLS_PROXY_SERVER = """
+    upstream backend {{ server {host}:{backend}; keepalive 128; keepalive_requests 1000000; }}
+    server {{
+        listen {host}:{port} ssl reuseport;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {ciphers};
+        ssl_prefer_server_ciphers on;
+        ssl_session_cache off;
+        ssl_session_tickets off;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Port $server_port;
+        }}
+    }}
+"""
+
+
+class Stack(contextlib.ExitStack):
+    def process(self, args: list[str], name: str, logdir: Path) -> subprocess.Popen[bytes]:
+        log = self.enter_context(open(logdir / f"{name}.out", "wb"))  # noqa: SIM115 (closed by the stack)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def stop() -> None:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+        self.callback(stop)
+        return proc
+
+
+def start_nginx(stack: Stack, tmp: Path, name: str, workers: int, body: str) -> None:
+    conf = tmp / f"{name}.conf"
+    conf.write_text(NGINX_COMMON.format(dir=tmp, name=name, workers=workers, body=body))
+    stack.process(["nginx", "-p", str(tmp), "-c", str(conf)], name, tmp)
+
+
+@contextlib.contextmanager
+def start_lb(workers: int, port: int, backend: int, cert: Path, key: Path) -> Iterator[None]:
+    """lb's L7Server with one HTTPS listener, supervised from a loop in its own thread."""
+    import asyncio
+    import threading
+
+    from lb import model as m
+    from lb import tls
+    from lb.l7.config import L7Config
+    from lb.l7.server import L7Server
+    from lb.l7.table import GroupTargets, RoutingTable
+
+    group = m.TargetGroup("backend", m.Protocol.HTTP, backend)
+    listener_tls = m.ListenerTls(tls.read_certificate(str(cert), str(key)))
+    listener = m.Listener("bench", m.Protocol.HTTP, ipaddress.ip_address(HOST), port,
+                          m.ForwardAction((m.WeightedTargetGroup("backend"),)), tls=listener_tls)
+    table = RoutingTable((listener,), (GroupTargets(group, ((HOST, backend, 1),)),), idle_timeout=60)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = L7Server(L7Config(workers=workers, session_tickets=False))  # wrk would resume: full handshakes only
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(table), loop).result(60)
+        try:
+            yield
+        finally:
+            asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(60)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def measure(url: str, duration: float, warmup: float) -> dict[str, float]:
+    figures = {}
+    for kind, close in (("handshakes/s", True), ("keep-alive req/s", False)):
+        wrk(url, warmup, close)
+        figures[kind] = wrk(url, duration, close)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk before each measured run")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per contender, alternated; medians shown")
+    parser.add_argument("--quick", action="store_true", help="3 s runs, 1 worker, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup, args.workers, args.rounds = 3.0, 1.0, [1], 1
+    for tool in ("wrk", "nginx"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            sys.exit(f"{tool} not found: run deploy/install.sh --bench")
+    from lb import tls
+
+    ciphers = ":".join(tls.POLICIES["ELBSecurityPolicy-TLS13-1-2-2021-06"].ciphers)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lb-bench-https-") as tmpdir, Stack() as stack:
+        tmp = Path(tmpdir)
+        cert, key = make_certificate(tmp)
+        backend = free_port()
+        start_nginx(stack, tmp, "backend", 1, BACKEND_SERVER.format(host=HOST, port=backend, text=BODY.strip()))
+        wait_port(backend)
+        for workers in args.workers:
+            results: dict[str, list[dict[str, float]]] = {"nginx": [], "lb": []}
+            for _ in range(args.rounds):
+                with Stack() as contender:
+                    port = free_port()
+                    start_nginx(contender, tmp, f"nginx{workers}", workers, TLS_PROXY_SERVER.format(
+                        host=HOST, port=port, backend=backend, cert=cert, key=key, ciphers=ciphers))
+                    wait_port(port)
+                    results["nginx"].append(measure(f"https://{HOST}:{port}/", args.duration, args.warmup))
+                port = free_port()
+                with start_lb(workers, port, backend, cert, key):
+                    results["lb"].append(measure(f"https://{HOST}:{port}/", args.duration, args.warmup))
+            for kind in ("handshakes/s", "keep-alive req/s"):
+                nginx = statistics.median(r[kind] for r in results["nginx"])
+                lb = statistics.median(r[kind] for r in results["lb"])
+                runs = ", ".join(f"{r[kind]:,.0f}" for r in results["lb"])
+                rows.append((kind, workers, lb, nginx, lb / nginx, runs))
+    print(f"\n{'figure':<18} {'workers':>7} {'lb':>10} {'nginx':>10} {'lb/nginx':>9}   lb runs")
+    for kind, workers, lb, nginx, ratio, runs in rows:
+        print(f"{kind:<18} {workers:>7} {lb:>10,.0f} {nginx:>10,.0f} {ratio:>8.2f}×   {runs}")
+    print("\ngoals: handshakes/s >= 0.9x nginx, keep-alive req/s >= 0.8x nginx (same certificate, same workers)")
+
+
+if __name__ == "__main__":
+    main()
