@@ -5,8 +5,9 @@
 #                                bcc headers, bpffs, and an editable .venv here
 #   deploy/install.sh --system   production: runtime packages only, lb installed
 #                                (a copy, not this checkout) into /opt/lb, the
-#                                `lb` command in /usr/local/bin, the systemd unit
-#                                and example configs in /etc/lb
+#                                `lb` command in /usr/local/bin, the systemd unit,
+#                                example configs in /etc/lb and the access log's
+#                                logrotate snippet in /etc/logrotate.d
 #   deploy/install.sh --bench    also the comparison tools the benchmarks use
 #                                (wrk, nginx, HAProxy, iperf3; py-spy in the .venv)
 #   deploy/install.sh --kernels  also QEMU and debootstrap, for `make test-kernels`
@@ -16,7 +17,8 @@
 #
 # A second run with everything present only checks, and finishes in seconds.
 # --system honours LB_PREFIX (/opt/lb), LB_BINDIR (/usr/local/bin),
-# LB_ETCDIR (/etc/lb) and LB_UNITDIR (/etc/systemd/system), for packaging
+# LB_ETCDIR (/etc/lb), LB_UNITDIR (/etc/systemd/system) and LB_LOGROTATEDIR
+# (/etc/logrotate.d), for packaging
 # and for the test that installs into a temporary tree.
 set -euo pipefail
 
@@ -157,6 +159,7 @@ prefix=${LB_PREFIX:-/opt/lb}
 bindir=${LB_BINDIR:-/usr/local/bin}
 etcdir=${LB_ETCDIR:-/etc/lb}
 unitdir=${LB_UNITDIR:-/etc/systemd/system}
+logrotatedir=${LB_LOGROTATEDIR:-/etc/logrotate.d}
 make_venv "$prefix/venv"
 stamp="$prefix/.lb-installed"
 want=$(source_hash)
@@ -179,6 +182,8 @@ install -m 0644 "$here"/deploy/examples/tls/*.pem "$etcdir/examples/tls/"
 install -m 0600 "$here"/deploy/examples/tls/*.key "$etcdir/examples/tls/"
 install -d "$unitdir"
 install -m 0644 "$here/deploy/lb.service" "$unitdir/lb.service"
+install -d "$logrotatedir"
+install -m 0644 "$here/deploy/lb.logrotate" "$logrotatedir/lb"
 if [ -d /run/systemd/system ] && [ "$unitdir" = /etc/systemd/system ]; then
   systemctl daemon-reload
 fi

@@ -163,7 +163,8 @@ def desired_l7(config: LoadBalancer, views: dict[str, GroupView], version: int) 
             draining=frozenset((str(t.address), t.traffic_port(port)) for t in view.draining),
             ramp=tuple((str(t.address), t.traffic_port(port), share) for t, share in view.ramp),
         ))
-    return RoutingTable(config.listeners_of(Protocol.HTTP), tuple(groups), float(config.idle_timeout), version)
+    return RoutingTable(config.listeners_of(Protocol.HTTP), tuple(groups), float(config.idle_timeout), version,
+                        config.access_log)
 
 
 class Controller:

@@ -2,6 +2,7 @@
 
     run(config, config_path)    the foreground daemon (systemd Type=notify)
     SIGHUP / `lb reload`        re-read the config: all or nothing
+    SIGUSR1                     the L7 workers reopen the access log (logrotate)
     SIGTERM / SIGINT            L7 finishes in-flight requests, then exit; the XDP
                                 program and pinned maps stay, so L4 flows go on
     `lb down`                   detach, unpin, remove the addresses lb added
@@ -121,7 +122,10 @@ class Daemon:
             from lb.l7.config import L7Config
             from lb.l7.server import L7Server
 
-            self.l7 = L7Server(L7Config.for_load_balancer(config, access_log="-"))
+            problem = access_log_problem(config)
+            if problem is not None:
+                raise DaemonError(problem)
+            self.l7 = L7Server(L7Config.for_load_balancer(config))
             await self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
         self._after_reconcile(self.controller.reconcile())
@@ -156,6 +160,7 @@ class Daemon:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(self.reopen_logs()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping)
         await self._stop.wait()
@@ -226,6 +231,11 @@ class Daemon:
                 log.error("reload rejected: %s", line)
             sd_notify("READY=1")
             raise admin.AdminError(f"reload rejected, running config unchanged:\n{exc}") from exc
+        problem = access_log_problem(new) if new.access_log != self.config.access_log else None
+        if problem is not None:
+            log.error("reload rejected: %s; running config unchanged", problem)
+            sd_notify("READY=1")
+            raise admin.AdminError(f"reload rejected: {problem}; running config unchanged")
         changed = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
         needs_dataplane = bool(new.listeners_of(Protocol.TCP, Protocol.UDP)) and self.dataplane is None
         needs_l7 = bool(new.listeners_of(Protocol.HTTP)) and self.l7 is None
@@ -250,6 +260,28 @@ class Daemon:
         sd_notify("READY=1")
         return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups),
                 "warnings": warnings}
+
+
+    async def reopen_logs(self) -> None:
+        """SIGUSR1: the workers write what they buffered and reopen the access
+        log's path (logrotate renamed the file: deploy/logrotate)."""
+        if self.l7 is None:
+            return
+        for problem in await self.l7.reopen_access_logs():
+            log.warning("SIGUSR1: %s", problem)
+        if self.config.access_log.enabled:
+            log.info("access log %s reopened", self.config.access_log.path)
+
+
+def access_log_problem(config: LoadBalancer) -> str | None:
+    """Why the workers could not open the access log ``config`` asks for, or None."""
+    settings = config.access_log
+    if not settings.enabled or not config.listeners_of(Protocol.HTTP):
+        return None
+    from lb.l7.access_log import check_path  # with the rest of lb.l7: only for HTTP listeners
+
+    problem = check_path(settings.path)
+    return None if problem is None else f"load_balancer.access_log.path: {problem}"
 
 
 # --- entry points ----------------------------------------------------------------

@@ -37,8 +37,15 @@ lb_target_health{group,target,port,state}   gauge    1 for the target's state, 0
 lb_target_health_check_latency_seconds      gauge    the last check's latency
 lb_target_health_check_success{...}         gauge    1 if the last check passed, 0 if not
 lb_http_requests_total{listener,rule,       counter  L7 requests answered; rule "default" for
-  target,code}                                        the default rule, target "-" for none
+  group,target,code}                                  the default rule, group and target "-" for none
+lb_http_elb_5xx_total{listener,group,       counter  5xx answers lb made itself (502 connect refused,
+  target}                                             503, 504...): ALB's HTTPCode_ELB_5XX_Count
+lb_http_target_5xx_total{...}               counter  5xx answers of the targets, relayed:
+                                                      ALB's HTTPCode_Target_5XX_Count
+lb_http_elb_4xx_total{...},                 counter  the same for 4xx (lb's 400, 408, 460...; the
+  lb_http_target_4xx_total{...}                       targets' own)
 lb_http_upstream_latency_seconds            histo.   time to the target's response head
+  {group,target}
 lb_http_connections                         gauge    client connections open now
 lb_l7_worker_restarts_total{worker}         counter  worker processes started to replace one that
                                                       exited or was killed (worker: slot 0..N-1)
@@ -257,31 +264,50 @@ class Collector(PromCollector):
         if self._l7_stats is None:
             return
         snapshots = self._l7_stats()
-        requests: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        requests: collections.Counter[tuple[str, str, str, str, str]] = collections.Counter()
+        # (by lb, class) → (listener, group, target) → count: ALB's HTTPCode_ELB_5XX_Count and the like
+        origins: dict[tuple[bool, int], collections.Counter[tuple[str, str, str]]] = {
+            (by_lb, kind): collections.Counter() for by_lb in (True, False) for kind in (4, 5)}
         buckets: tuple[float, ...] = ()
-        counts: list[int] = []
-        total, connections = 0.0, 0
+        series: dict[tuple[str, str], tuple[list[int], float]] = {}
+        connections = 0
         for snap in snapshots:
-            for listener, rule, target, status, count in snap["requests"]:
-                requests[(listener, "default" if rule is None else str(rule), target, str(status))] += count
+            for listener, rule, group, target, status, by_lb, count in snap["requests"]:
+                requests[(listener, "default" if rule is None else str(rule), group, target, str(status))] += count
+                tally = origins.get((by_lb, status // 100))
+                if tally is not None:
+                    tally[(listener, group, target)] += count
             latency = snap["upstream_latency"]
             buckets = tuple(latency["buckets"])
-            counts = [a + b for a, b in zip(counts, latency["counts"])] if counts else list(latency["counts"])
-            total += latency["sum"]
+            for group, target, counts, total in latency["series"]:
+                mine = series.get((group, target))
+                series[(group, target)] = (
+                    ([a + b for a, b in zip(mine[0], counts)], mine[1] + total) if mine is not None
+                    else (list(counts), total))
             connections += snap["connections"]
-        family = CounterMetricFamily("lb_http_requests", "L7 requests answered, by listener, rule, target and "
-                                     "status code", labels=["listener", "rule", "target", "code"])
+        family = CounterMetricFamily("lb_http_requests", "L7 requests answered, by listener, rule, target group, "
+                                     "target and status code", labels=["listener", "rule", "group", "target", "code"])
         for labels, value in sorted(requests.items()):
             family.add_metric(list(labels), value)
         yield family
+        for (by_lb, kind), tally in origins.items():
+            who = "lb made itself" if by_lb else "targets sent (relayed by lb)"
+            origin = CounterMetricFamily(f"lb_http_{'elb' if by_lb else 'target'}_{kind}xx",
+                                         f"L7 {kind}xx responses {who}, by listener, target group and target",
+                                         labels=["listener", "group", "target"])
+            for labels3, value in sorted(tally.items()):
+                origin.add_metric(list(labels3), value)
+            yield origin
         if buckets:
-            cumulative, running = [], 0
-            for bound, count in zip([*map(str, buckets), "+Inf"], counts):
-                running += count
-                cumulative.append((bound, running))
-            yield HistogramMetricFamily("lb_http_upstream_latency_seconds",
-                                        "Time from sending a request to a target to its response head",
-                                        buckets=cumulative, sum_value=total)
+            histogram = HistogramMetricFamily("lb_http_upstream_latency_seconds", "Time from sending a request to "
+                                              "a target to its response head", labels=["group", "target"])
+            for (group, target), (counts, total) in sorted(series.items()):
+                cumulative, running = [], 0
+                for bound, count in zip([*map(str, buckets), "+Inf"], counts):
+                    running += count
+                    cumulative.append((bound, running))
+                histogram.add_metric([group, target], cumulative, total)
+            yield histogram
         yield GaugeMetricFamily("lb_http_connections", "L7 client connections open now", value=connections)
         yield CounterMetricFamily("lb_l7_connections_shed", "Idle L7 client connections closed, oldest first, "
                                   "to keep descriptors free near the open files limit",

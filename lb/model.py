@@ -295,6 +295,24 @@ class Listener:
         return "HTTPS" if self.tls is not None else self.protocol.value
 
 
+# --- the access log ------------------------------------------------------------
+
+
+class AccessLogFormat(str, enum.Enum):
+    TEXT = "text"  # ALB's: space-separated fields, the strings quoted
+    JSON = "json"  # one JSON object a line, the same fields
+
+
+@dataclass(frozen=True)
+class AccessLog:
+    """The L7 access log: one line per request (ALB's access_logs.* attributes,
+    off by default as ALB's is; README "The access log")."""
+
+    enabled: bool = False
+    path: str = "/var/log/lb/access.log"  # "-": the daemon's standard error
+    format: AccessLogFormat = AccessLogFormat.TEXT
+
+
 # --- the load balancer -------------------------------------------------------
 
 
@@ -323,6 +341,7 @@ class LoadBalancer:
     max_response_head: int = 32 * 1024  # bytes of a target's status line and headers
     ring_size: int = 65537  # Maglev table size M, a prime
     workers: int = 0  # L7 worker processes; 0: one per core
+    access_log: AccessLog = field(default_factory=AccessLog)  # ours: L7 requests; reloadable
     admin_socket: str = "/run/lb/admin.sock"
     metrics_address: str = "127.0.0.1:9464"
 

@@ -141,7 +141,7 @@ class RunningDaemon:
     """`python -m lb up -c FILE` as a child process; logs kept for failures.
     `launcher` prefixes the commands (`lb up`, `lb down`), e.g. confined(lab)."""
 
-    def __init__(self, lab: Lab, name: str, config_text: str, launcher: Sequence[str] = ()) -> None:
+    def __init__(self, lab: Lab | None, name: str, config_text: str, launcher: Sequence[str] = ()) -> None:
         self.lab = lab
         self.launcher = list(launcher)
         self.name = name

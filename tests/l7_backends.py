@@ -40,6 +40,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -810,10 +811,53 @@ def routing_table(
     groups: tuple[GroupTargets, ...] = (),
     idle_timeout: float = 5.0,
     version: int = 0,
+    access_log: str | None = None,
+    log_format: str = "text",
 ) -> RoutingTable:
+    """``access_log``: a path (or "-") to turn the access log on."""
     if not isinstance(listeners, tuple):
         listeners = (listeners,)
-    return RoutingTable(listeners, groups, idle_timeout=idle_timeout, version=version)
+    settings = m.AccessLog() if access_log is None else m.AccessLog(True, access_log, m.AccessLogFormat(log_format))
+    return RoutingTable(listeners, groups, idle_timeout=idle_timeout, version=version, access_log=settings)
+
+
+# --- the access log, read back ------------------------------------------------------------
+
+ACCESS_LOG_FIELDS = (
+    "type", "time", "listener", "client", "target", "request_processing_time", "target_processing_time",
+    "response_processing_time", "elb_status_code", "target_status_code", "received_bytes", "sent_bytes", "request",
+    "user_agent", "target_group", "request_id", "matched_rule_priority", "request_creation_time",
+    "actions_executed", "error_reason",
+)  # fmt: skip
+_TEXT_FIELD = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
+
+
+def parse_access_line(line: str) -> dict[str, Any]:
+    """One access log line, either format, as {field: value}: JSON's types, and
+    for text the strings as written, "-" for none (as JSON's null)."""
+    if line.startswith("{"):
+        record: dict[str, Any] = json.loads(line)
+        assert list(record) == list(ACCESS_LOG_FIELDS), list(record)
+        return record
+    values = [quoted if quoted is not None or bare is None else bare
+              for quoted, bare in (match.groups() for match in _TEXT_FIELD.finditer(line))]
+    assert len(values) == len(ACCESS_LOG_FIELDS), (len(values), line)
+    record = dict(zip(ACCESS_LOG_FIELDS, values))
+    for key in ("elb_status_code", "received_bytes", "sent_bytes"):
+        record[key] = int(record[key])
+    for key in ("target_status_code", "matched_rule_priority"):
+        record[key] = None if record[key] == "-" else int(record[key])
+    for key in ("request_processing_time", "target_processing_time", "response_processing_time"):
+        record[key] = float(record[key])
+    for key in ("target", "target_group", "user_agent", "actions_executed", "error_reason"):
+        if record[key] == "-":
+            record[key] = None
+    return record
+
+
+def read_access_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [parse_access_line(line) for line in f.read().splitlines()]
 
 
 @contextlib.asynccontextmanager

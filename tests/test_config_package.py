@@ -22,6 +22,7 @@ PUBLIC = {
     "ADMIN_COMMANDS",
     "AdminRequest",
     "admin_request",
+    "ACCESS_LOG_KEYS",
     "ConfigError",
     "ConfigIssue",
     "DEFAULT_SOURCE",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -139,6 +141,9 @@ def test_unit_sandbox(unit: dict[str, dict[str, list[str]]]) -> None:
     assert writable == {"/sys/fs/bpf", "/run/lb"}
     assert one(unit, "Service", "RuntimeDirectory") == "lb"
     assert one(unit, "Service", "RuntimeDirectoryMode") == "0700"
+    # The access log's default directory (lb.model.AccessLog.path), the only one the unit may write in /var/log.
+    assert one(unit, "Service", "LogsDirectory") == "lb"
+    assert os.path.dirname(m.AccessLog().path) == "/var/log/lb"
     assert one(unit, "Service", "ProtectHome") == "yes"
     assert one(unit, "Service", "PrivateTmp") == "yes"
     assert one(unit, "Service", "LimitMEMLOCK") == "infinity"
@@ -161,3 +166,19 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     about_unit = [line for line in result.stderr.splitlines() if "lb.service" in line]
     assert result.returncode == 0 and not about_unit, result.stderr
+
+
+def test_logrotate_snippet_rotates_the_default_access_log_and_signals_lb_only(tmp_path: Path) -> None:
+    text = (REPO / "deploy" / "lb.logrotate").read_text()
+    (pattern,) = re.findall(r"^(/\S+) \{$", text, re.M)
+    assert fnmatch.fnmatch(m.AccessLog().path, pattern)
+    assert "delaycompress" in text  # the renamed file takes lines until the reopen
+    postrotate = text.split("postrotate", 1)[1].split("endscript", 1)[0]
+    assert "--kill-whom=main" in postrotate and "USR1" in postrotate and "lb.service" in postrotate
+    logrotate = shutil.which("logrotate") or next(
+        (p for p in ("/usr/sbin/logrotate", "/sbin/logrotate") if os.path.exists(p)), None)
+    if logrotate is None:
+        pytest.skip("logrotate is not installed")
+    result = subprocess.run([logrotate, "--debug", "--state", str(tmp_path / "state"), str(REPO / "deploy/lb.logrotate")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "error" not in result.stderr.lower(), result.stderr

@@ -20,6 +20,7 @@ def test_system_install_gives_a_working_lb_command(tmp_path: Path) -> None:
         "LB_BINDIR": str(tmp_path / "bin"),
         "LB_ETCDIR": str(tmp_path / "etc"),
         "LB_UNITDIR": str(tmp_path / "units"),
+        "LB_LOGROTATEDIR": str(tmp_path / "logrotate.d"),
     }
     result = subprocess.run([str(REPO / "deploy/install.sh"), "--system"], env=env, capture_output=True,
                             text=True, timeout=600)
@@ -27,6 +28,7 @@ def test_system_install_gives_a_working_lb_command(tmp_path: Path) -> None:
     lb = tmp_path / "bin" / "lb"
     assert os.readlink(lb) == str(tmp_path / "opt/venv/bin/lb")
     assert (tmp_path / "units/lb.service").read_text() == (REPO / "deploy/lb.service").read_text()
+    assert (tmp_path / "logrotate.d/lb").read_text() == (REPO / "deploy/lb.logrotate").read_text()
     examples = sorted(p.name for p in (tmp_path / "etc/examples").glob("*.toml"))
     assert examples == sorted(p.name for p in (REPO / "deploy/examples").glob("*.toml"))
     # The installed copy is not this checkout: it finds its own BPF sources.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import logging
 import os
 import re
 import resource
@@ -33,6 +32,7 @@ from tests.l7_backends import (
     encode_frame,
     forward_to,
     http_listener,
+    parse_access_line,
     proxy,
     routing_table,
     run,
@@ -507,10 +507,11 @@ def test_listeners_added_and_removed_at_run_time() -> None:
 # --- WebSocket -----------------------------------------------------------------------
 
 
-def test_websocket_echo_through_the_proxy() -> None:
+def test_websocket_echo_through_the_proxy(tmp_path: Path) -> None:
     async def body() -> None:
         async with backend("websocket") as ws:
-            table = routing_table(http_listener(forward_to("g")), (target_group("g", ws),))
+            table = routing_table(http_listener(forward_to("g")), (target_group("g", ws),),
+                                  access_log=str(tmp_path / "access.log"), log_format="json")
             async with proxy(table) as (_, port):
                 reader, writer = await asyncio.open_connection(HOST, port)
                 try:
@@ -549,6 +550,9 @@ def test_websocket_echo_through_the_proxy() -> None:
                     await writer.wait_closed()
 
     run(body())
+    (line,) = (tmp_path / "access.log").read_text().splitlines()
+    record = parse_access_line(line)  # ALB's type "ws", logged at the 101
+    assert (record["type"], record["elb_status_code"], record["target_status_code"]) == ("ws", 101, 101)
 
 
 # --- table swaps, timeouts, logging, stopping ---------------------------------------------
@@ -588,27 +592,35 @@ def test_idle_timeouts_408_for_silence_and_close_for_idle_keep_alive() -> None:
     run(body())
 
 
-def test_access_log_line_and_stats(caplog: pytest.LogCaptureFixture) -> None:
+def test_access_log_line_and_stats(tmp_path: Path) -> None:
+    log_file = tmp_path / "access.log"
+
     async def body() -> None:
         async with backend("http") as b:
             listener = rules_listener(
                 m.Rule(5, (m.Condition(m.ConditionField.PATH_PATTERN, ("/x",)),), forward_to("g"))
             )
-            async with proxy(routing_table(listener, (target_group("g", b),))) as (worker, port):
+            table = routing_table(listener, (target_group("g", b),), access_log=str(log_file))
+            async with proxy(table) as (worker, port):
                 async with await Client.open(port) as client:
                     await client.request("GET", "/x")
                     await client.request("GET", "/y")
                 snapshot = worker.stats.snapshot()
-                requests = {(r[1], r[3]): r[4] for r in snapshot["requests"]}
-                assert requests == {(5, 200): 1, (None, 404): 1}
-                assert sum(snapshot["upstream_latency"]["counts"]) == 1
+                requests = {(r[1], r[2], r[4], r[5]): r[-1] for r in snapshot["requests"]}
+                assert requests == {(5, "g", 200, False): 1, (None, "-", 404, True): 1}
+                ((group, _, counts, _),) = snapshot["upstream_latency"]["series"]
+                assert group == "g" and sum(counts) == 1
 
-    with caplog.at_level(logging.INFO, logger="lb.access"):
-        run(body())
-    lines = [r.getMessage() for r in caplog.records if r.name == "lb.access"]
-    line = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z 127\.0\.0\.1:\d+ web"
-    assert re.fullmatch(line + r" 5 127\.0\.0\.1:\d+ 200 \d+ \d+ \d+\.\d{3} \d+\.\d{3}", lines[0]), lines[0]
-    assert re.fullmatch(line + r" default - 404 \d+ \d+ \d+\.\d{3} -", lines[1]), lines[1]
+    run(body())
+    lines = log_file.read_text().splitlines()
+    time = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
+    start = rf"http {time} web 127\.0\.0\.1:\d+ "
+    assert re.fullmatch(start + rf'127\.0\.0\.1:\d+ \d\.\d{{6}} \d\.\d{{6}} \d\.\d{{6}} 200 200 \d+ \d+ '
+                        rf'"GET http://example\.com:\d+/x HTTP/1\.1" "-" g "[0-9a-f]{{32}}" 5 {time} "forward" "-"',
+                        lines[0]), lines[0]
+    assert re.fullmatch(start + rf'- \d\.\d{{6}} -1 -1 404 - \d+ \d+ '
+                        rf'"GET http://example\.com:\d+/y HTTP/1\.1" "-" - "[0-9a-f]{{32}}" 0 {time} '
+                        rf'"fixed-response" "-"', lines[1]), lines[1]
 
 
 def test_graceful_stop_finishes_requests_in_flight() -> None:
@@ -662,7 +674,7 @@ def test_l7server_workers_update_stats_and_stop() -> None:
                 assert set(await requests(port, 20)) == {b"p2"}
                 stats = await server.stats()
                 assert [row["worker"] for row in stats] == [0, 1] and all(row["answered"] for row in stats)
-                per_worker = [sum(r[4] for r in s["requests"]) for s in stats]
+                per_worker = [sum(r[-1] for r in s["requests"]) for s in stats]
                 assert sum(per_worker) == 40 and min(per_worker) > 0  # SO_REUSEPORT spread them
             finally:
                 await server.stop(grace=1.0)
@@ -676,8 +688,9 @@ def test_l7server_graceful_stop_in_flight_and_access_log_file(tmp_path: Path) ->
     with ThreadedBackends(("http", "p1")) as (p1,):
 
         async def body() -> int:
-            server = L7Server(L7Config(workers=1, access_log=str(log_file)))
-            await server.start(routing_table(http_listener(forward_to("g")), (target_group("g", p1),)))
+            server = L7Server(L7Config(workers=1))
+            await server.start(routing_table(http_listener(forward_to("g")), (target_group("g", p1),),
+                                             access_log=str(log_file)))
             try:
                 port = server.addresses["web"][1]
                 async with await Client.open(port) as client:
@@ -692,7 +705,9 @@ def test_l7server_graceful_stop_in_flight_and_access_log_file(tmp_path: Path) ->
 
         assert run(body()) == 200
     (line,) = log_file.read_text().splitlines()
-    assert re.fullmatch(r"\S+Z 127\.0\.0\.1:\d+ web default 127\.0\.0\.1:\d+ 200 \d+ \d+ \d+\.\d+ \d+\.\d+", line), line
+    record = parse_access_line(line)
+    assert (record["listener"], record["elb_status_code"], record["target_status_code"]) == ("web", 200, 200)
+    assert re.fullmatch(r"GET http://example\.com:\d+/slow\?ms=400 HTTP/1\.1", record["request"]), record["request"]
 
 
 def test_l7server_start_fails_cleanly_when_the_port_is_taken() -> None:

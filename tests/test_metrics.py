@@ -54,10 +54,14 @@ def scrape_url(url: str) -> str:
 
 def test_collector_sums_workers_and_serves_on_its_own_registry() -> None:
     stats = [WorkerStats(), WorkerStats()]
-    stats[0].record("web", None, "10.0.1.11:80", 200, 0.003)
-    stats[0].record("web", 10, "10.0.1.12:80", 404, 0.02)
-    stats[1].record("web", None, "10.0.1.11:80", 200, 0.5)
-    stats[1].record("web", 20, "-", 301, -1.0)  # a redirect: no upstream time
+    stats[0].record("web", None, "g", "10.0.1.11:80", 200, False, 0.003)
+    stats[0].record("web", 10, "api", "10.0.1.12:80", 404, False, 0.02)
+    stats[1].record("web", None, "g", "10.0.1.11:80", 200, False, 0.5)
+    stats[1].record("web", 20, "-", "-", 301, True, -1.0)  # a redirect: no upstream time
+    stats[0].record("web", None, "g", "10.0.1.11:80", 502, True, -1.0)  # lb's: connect refused
+    stats[1].record("web", None, "g", "10.0.1.11:80", 502, True, -1.0)
+    stats[1].record("web", None, "g", "10.0.1.12:80", 500, False, 0.001)  # the target's own
+    stats[1].record("web", None, "-", "-", 400, True, -1.0)  # a malformed request
     stats[1].connections = 2
     health = [{"group": "web", "target": "10.0.1.11", "port": 80, "state": "unhealthy",
                "last_latency_ms": 12.5, "last_ok": False}]
@@ -71,13 +75,22 @@ def test_collector_sums_workers_and_serves_on_its_own_registry() -> None:
         server.close()
     assert value(samples, "lb_maps_loaded") == 0
     assert value(samples, "lb_http_requests_total", rule="default", target="10.0.1.11:80", code="200") == 2
-    assert value(samples, "lb_http_requests_total", rule="10", code="404") == 1
-    assert value(samples, "lb_http_requests_total", rule="20", target="-", code="301") == 1
-    assert value(samples, "lb_http_upstream_latency_seconds_count") == 3
-    assert value(samples, "lb_http_upstream_latency_seconds_bucket", le="0.005") == 1
-    assert value(samples, "lb_http_upstream_latency_seconds_bucket", le="0.025") == 2
-    assert value(samples, "lb_http_upstream_latency_seconds_bucket", le="+Inf") == 3
-    assert value(samples, "lb_http_upstream_latency_seconds_sum") == pytest.approx(0.523)
+    assert value(samples, "lb_http_requests_total", rule="10", group="api", code="404") == 1
+    assert value(samples, "lb_http_requests_total", rule="20", group="-", target="-", code="301") == 1
+    # lb's own errors apart from the targets' (ALB's HTTPCode_ELB_5XX_Count and HTTPCode_Target_5XX_Count)
+    assert value(samples, "lb_http_elb_5xx_total", listener="web", group="g", target="10.0.1.11:80") == 2
+    assert value(samples, "lb_http_elb_5xx_total") == 2
+    assert value(samples, "lb_http_target_5xx_total", listener="web", group="g", target="10.0.1.12:80") == 1
+    assert value(samples, "lb_http_target_5xx_total") == 1
+    assert value(samples, "lb_http_elb_4xx_total", group="-", target="-") == 1
+    assert value(samples, "lb_http_target_4xx_total", group="api") == 1
+    assert value(samples, "lb_http_upstream_latency_seconds_count") == 4
+    assert value(samples, "lb_http_upstream_latency_seconds_count", group="g", target="10.0.1.11:80") == 2
+    assert value(samples, "lb_http_upstream_latency_seconds_bucket", target="10.0.1.11:80", le="0.005") == 1
+    assert value(samples, "lb_http_upstream_latency_seconds_bucket", le="0.005") == 2
+    assert value(samples, "lb_http_upstream_latency_seconds_bucket", le="0.025") == 3
+    assert value(samples, "lb_http_upstream_latency_seconds_bucket", le="+Inf") == 4
+    assert value(samples, "lb_http_upstream_latency_seconds_sum") == pytest.approx(0.524)
     assert value(samples, "lb_http_connections") == 2
     assert value(samples, "lb_target_health", target="10.0.1.11", state="unhealthy") == 1
     assert value(samples, "lb_target_health", target="10.0.1.11") == 1  # one state at a time

@@ -32,6 +32,7 @@ def reference_table(heading: str) -> dict[str, list[str]]:
     ("`[[listeners]]`", configmod.LISTENER_KEYS),
     ("`[[target_groups]]`", configmod.GROUP_KEYS),
     ("`health_check`", configmod.HEALTH_KEYS),
+    ("`access_log`", configmod.ACCESS_LOG_KEYS),
 ])
 def test_every_key_is_documented_and_nothing_else(heading: str, keys: tuple[str, ...]) -> None:
     assert sorted(reference_table(heading)) == sorted(keys)
@@ -43,14 +44,31 @@ def literal(cell: str) -> object:
 
 def test_load_balancer_defaults_match_the_model() -> None:
     table = reference_table("`[load_balancer]`")
-    defaults = {f.name: f.default for f in dataclasses.fields(model.LoadBalancer)}
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(model.LoadBalancer)}
     for key, (default, _allowed) in table.items():
         if default == "required" or key == "netns":
             continue
-        want = defaults[key]
-        want = list(want) if isinstance(want, tuple) else getattr(want, "value", want)
+        want = plain(defaults[key])
         shown = [] if default.startswith("`[]`") else literal(default)
         assert shown == want, key
+
+
+def plain(value: object) -> object:
+    """A model value as TOML shows it: tuples as lists, enums as their values, dataclasses as tables."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
+    return getattr(value, "value", value)
+
+
+def test_access_log_defaults_match_the_model() -> None:
+    table = reference_table("`access_log`")
+    want = plain(model.AccessLog())
+    assert isinstance(want, dict)
+    for key, (default, _allowed) in table.items():
+        assert literal(default) == want[key], key
 
 
 def test_group_and_health_check_defaults_match_the_config() -> None:

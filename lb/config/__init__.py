@@ -27,6 +27,7 @@ get a built :class:`lb.model.LoadBalancer` and never load the TOML reader.
 """
 
 from lb.config._builder import (
+    ACCESS_LOG_KEYS,
     ADMIN_COMMANDS,
     DEFAULT_SOURCE,
     GROUP_KEYS,
@@ -44,6 +45,7 @@ from lb.config._builder import (
 from lb.config._reader import ConfigError, ConfigIssue
 
 __all__ = [
+    "ACCESS_LOG_KEYS",
     "ADMIN_COMMANDS",
     "DEFAULT_SOURCE",
     "GROUP_KEYS",

@@ -45,8 +45,9 @@ LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
     "udp_idle_timeout", "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "header_timeout",
     "body_timeout", "min_body_rate", "max_response_head", "ring_size",
-    "workers", "admin_socket", "metrics_address",
+    "workers", "access_log", "admin_socket", "metrics_address",
 )  # fmt: skip
+ACCESS_LOG_KEYS = ("enabled", "path", "format")
 LISTENER_KEYS = (
     "name", "protocol", "address", "port", "default_action", "rules", "default_certificate", "certificates",
     "ssl_policy",
@@ -203,10 +204,25 @@ class _Builder:
             max_response_head=t.integer("max_response_head", 1024, 1 << 20, 32 * 1024),
             ring_size=ring_size,
             workers=t.integer("workers", 0, 256, 0),
+            access_log=self.access_log(t.section("access_log")),
             admin_socket=t.string("admin_socket", "/run/lb/admin.sock", max_len=107),  # sun_path
             metrics_address=metrics,
         )
         return settings if name is not None and interfaces is not None else None
+
+    def access_log(self, t: Table) -> m.AccessLog:
+        t.only(*ACCESS_LOG_KEYS)
+        default = m.AccessLog()
+        path = t.string("path", default.path, max_len=4095)
+        if path != "-" and not path.startswith("/"):
+            t.error("path", f"{shown(path)} is not an absolute path (or \"-\", the daemon's standard error)")
+        elif path.endswith("/"):
+            t.error("path", f"{shown(path)} names a directory; name the file")
+        return m.AccessLog(
+            enabled=t.boolean("enabled", default.enabled),
+            path=path,
+            format=t.choice("format", m.AccessLogFormat, default.format),
+        )
 
     def _check_ring(self, t: Table, ring_size: int, groups: tuple[m.TargetGroup, ...]) -> None:
         for group in groups:

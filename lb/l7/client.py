@@ -47,6 +47,7 @@ from httptools import (
 )
 
 from lb.l7 import errors, flow_control
+from lb.l7.access_log import AccessLogFile
 from lb.l7.actions import FixedResponse, Redirect
 from lb.l7.clock import Clock
 from lb.l7.config import L7Config
@@ -56,9 +57,9 @@ from lb.l7.httputil import CRLF, NOT_NOMINABLE, UNKNOWN
 from lb.l7.request_head import (
     COLON,
     HOST,
-    HOST_SYNTAX,
     SPECIAL,
     TABLE,
+    VALID_HOSTS,
     build_head,
     origin_form,
     peer_address,
@@ -66,7 +67,7 @@ from lb.l7.request_head import (
     special_header,
 )
 from lb.l7.routing import Forward, Routes
-from lb.l7.stats import WorkerStats, log_access
+from lb.l7.stats import WorkerStats
 from lb.l7.stickiness import CookieSigner
 from lb.l7.upstream import Opening, Pool, UpstreamConnection
 from lb.model import IPAddress
@@ -139,7 +140,7 @@ class WorkerView(Protocol):
     routes: Routes  # swapped whole by a table update: read per request
     signer: CookieSigner
     stats: WorkerStats
-    access_log: bool
+    access_log: AccessLogFile | None
     closing: bool
 
     def opened(self, conn: ClientProtocol) -> None: ...
@@ -328,19 +329,22 @@ class ClientProtocol(asyncio.Protocol):
         except HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, errors.RequestRejected):
-                self._reject(cause.status, cause.why)
+                self._reject(cause.status, cause.why, cause.reason)
             else:
                 log.error("%s: request handling failed", self.peer, exc_info=cause or exc)
-                self._reject(500, "internal error")
+                self._reject(500, "internal error", errors.INTERNAL_ERROR)
         except HttpParserInvalidMethodError as exc:
-            self._reject(errors.BAD_REQUEST, str(exc))
+            self._reject(errors.BAD_REQUEST, str(exc), errors.REQUEST_MALFORMED)
         except HttpParserError as exc:
             why = str(exc)
-            self._reject(errors.VERSION_NOT_SUPPORTED if "HTTP version" in why else errors.BAD_REQUEST, why)
+            if "HTTP version" in why:
+                self._reject(errors.VERSION_NOT_SUPPORTED, why, errors.VERSION_REFUSED)
+            else:
+                self._reject(errors.BAD_REQUEST, why, errors.REQUEST_MALFORMED)
         else:
             # A head still incomplete after this read: every byte of it was head.
             if self.in_head and self.head_bytes > self.config.max_request_line + self.config.max_headers:
-                self._reject(errors.BAD_REQUEST, "request head too large")
+                self._reject(errors.BAD_REQUEST, "request head too large", errors.REQUEST_HEAD_TOO_LARGE)
 
     # --- httptools callbacks ----------------------------------------------------
 
@@ -357,7 +361,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.head_since = self.clock.now
         ex.url += url  # may come in pieces
         if len(ex.url) > self.config.max_request_line:
-            raise errors.RequestRejected(errors.BAD_REQUEST, "request line too long")
+            raise errors.RequestRejected(errors.BAD_REQUEST, "request line too long", errors.REQUEST_HEAD_TOO_LARGE)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
@@ -365,7 +369,8 @@ class ClientProtocol(asyncio.Protocol):
         size = len(name) + len(value)
         ex.header_bytes += size + 4
         if size > self.config.max_header or ex.header_bytes > self.config.max_headers:
-            raise errors.RequestRejected(errors.BAD_REQUEST, "request headers too large")
+            raise errors.RequestRejected(errors.BAD_REQUEST, "request headers too large",
+                                         errors.REQUEST_HEAD_TOO_LARGE)
         if not self.in_head:  # a trailer (chunked body): counted, never forwarded nor acted on
             return
         kind = TABLE.get(name, UNKNOWN)
@@ -373,7 +378,7 @@ class ClientProtocol(asyncio.Protocol):
             kind = SPECIAL.get(name.lower())
         if kind is None:  # passed through as received
             ex.parts += (name, COLON, value, CRLF)
-        elif kind == HOST and ex.host is None and HOST_SYNTAX.fullmatch(value):  # else special_header refuses it
+        elif kind == HOST and ex.host is None and value in VALID_HOSTS:  # else special_header checks it
             ex.host = value
             ex.parts += (name, COLON, value, CRLF)
         else:
@@ -390,7 +395,7 @@ class ClientProtocol(asyncio.Protocol):
             if version != "1.0":
                 raise errors.RequestRejected(errors.VERSION_NOT_SUPPORTED, f"HTTP/{version}")
             ex.version11 = False
-        method = parser.get_method()
+        method = ex.method = parser.get_method()
         if ex.chunked and not ex.version11:  # RFC 9112 §6.1: faulty framing
             raise errors.RequestRejected(errors.BAD_REQUEST, "Transfer-Encoding in an HTTP/1.0 request")
         if ex.bad_te:
@@ -407,7 +412,6 @@ class ClientProtocol(asyncio.Protocol):
         if ex.drop is not None and not ex.drop.isdisjoint(NOT_NOMINABLE):
             # Framed (or routed) by a header it asks the next hop to drop: a desync attempt.
             raise errors.RequestRejected(errors.BAD_REQUEST, "Connection nominates a framing header or Host")
-        ex.method = method
         parts = ex.parts
         parts[0] = method
         parts[2] = ex.url
@@ -509,6 +513,7 @@ class ClientProtocol(asyncio.Protocol):
         route = self.worker.routes.listeners.get(self.listener)
         if route is None:  # the listener left the table
             ex.close_after = True
+            ex.error_reason = errors.LISTENER_REMOVED
             self._respond_error(ex, errors.SERVICE_UNAVAILABLE)
             return
         if ex.url[:1] != b"/" and not origin_form(ex):
@@ -525,11 +530,14 @@ class ClientProtocol(asyncio.Protocol):
             ex.rule = match.rule_priority
             plan = route.default if match.rule_priority is None else route.plans[match.rule_priority]
         if plan.__class__ is Forward:
+            ex.action = "forward"
             self._forward(ex, plan)
         elif isinstance(plan, FixedResponse):
+            ex.action = "fixed-response"
             self._respond(ex, plan.render(self._connection(ex), ex.head_only), plan.status)
         else:
             assert isinstance(plan, Redirect)
+            ex.action = "redirect"
             path, _, query = ex.url.partition(b"?")
             data = plan.render(
                 self._connection(ex),
@@ -559,7 +567,7 @@ class ClientProtocol(asyncio.Protocol):
     def _respond(self, ex: Exchange, data: bytes, status: int) -> None:
         """A local answer: written whole; the rest of the request body is dropped."""
         ex.status = status
-        ex.response_started = ex.response_complete = True
+        ex.local = ex.response_started = ex.response_complete = True
         ex.resp_bytes += len(data)
         self.transport.write(data)
         ex.discard = True
@@ -570,6 +578,8 @@ class ClientProtocol(asyncio.Protocol):
             self._done(ex)
 
     def _respond_error(self, ex: Exchange, status: int) -> None:
+        if ex.error_reason == "-":
+            ex.error_reason = errors.REASONS.get(status, "-")
         if status in _CLOSING_STATUSES or not ex.request_complete:
             ex.close_after = True
         self._respond(ex, errors.error_response(status, self._connection(ex), ex.head_only), status)
@@ -592,19 +602,11 @@ class ClientProtocol(asyncio.Protocol):
     def _account(self, ex: Exchange) -> None:
         """The exchange's line in the stats, and in the access log if it is on."""
         worker = self.worker
-        worker.stats.record(self.listener, ex.rule, ex.target, ex.status, ex.upstream_time)
-        if worker.access_log:
-            log_access(
-                self.peer,
-                self.listener,
-                ex.rule,
-                ex.target,
-                ex.status,
-                ex.req_bytes,
-                ex.resp_bytes,
-                _now() - ex.t_start if ex.t_start else 0.0,
-                ex.upstream_time,
-            )
+        worker.stats.record(self.listener, ex.rule, ex.group, ex.target, ex.status,
+                            ex.local or not ex.response_started, ex.upstream_time)
+        access_log = worker.access_log
+        if access_log is not None:
+            access_log.record(self, ex)
 
     # --- forwarding ---------------------------------------------------------------
 
@@ -618,8 +620,9 @@ class ClientProtocol(asyncio.Protocol):
         direct = plan.direct
         if direct is not None:
             pool = direct.pick()
+            ex.group = plan.direct_group
         else:
-            chosen, ex.set_cookies = plan.choose(ex.cookies, self.worker.signer)
+            ex.group, chosen, ex.set_cookies = plan.choose(ex.cookies, self.worker.signer)
             if chosen is None:  # no target in service
                 self._respond_error(ex, errors.SERVICE_UNAVAILABLE)
                 return
@@ -668,6 +671,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         exc = task.exception()
         if exc is not None:  # refused, unreachable
+            ex.error_reason = errors.TARGET_CONNECTION_ERROR
             self.upstream_failed(ex, errors.BAD_GATEWAY, f"connect to {ex.target}: {exc}")
         else:
             self._send(ex, task.result()[1])
@@ -796,8 +800,9 @@ class ClientProtocol(asyncio.Protocol):
     #   half-closed for a moment (_linger) so that an error response is not
     #   destroyed by a reset caused by request bytes we never read.
 
-    def _reject(self, status: int, why: str) -> None:
-        """A request we will not serve: answer it in its turn, then close."""
+    def _reject(self, status: int, why: str, reason: str) -> None:
+        """A request we will not serve: answer it in its turn, then close
+        (``reason``: the access log's error_reason)."""
         log.debug("%s: %d %s", self.peer, status, why)
         self.broken = True
         self.in_head = False
@@ -807,6 +812,7 @@ class ClientProtocol(asyncio.Protocol):
         if ex is None:
             ex = Exchange(self)
         ex.error = status
+        ex.error_reason = reason
         ex.request_complete = True
         ex.close_after = True
         if ex is self.current:  # its body went bad mid-stream
@@ -831,20 +837,16 @@ class ClientProtocol(asyncio.Protocol):
         if ex is None:
             if client_idle:
                 if self.parsing is not None or self.served == 0:  # sent half a request, or nothing
-                    self._reject(errors.REQUEST_TIMEOUT, "idle timeout")
+                    self._reject(errors.REQUEST_TIMEOUT, "idle timeout", errors.CLIENT_IDLE_TIMEOUT)
                 else:  # an idle keep-alive connection
                     self._close()
             return
         if client_idle and not ex.request_complete:
-            status = errors.REQUEST_TIMEOUT
-        elif (
-            (ex.connecting is not None or ex.waiting is not None)
-            and now - ex.since > connect_timeout
-            or ex.upstream is not None
-            and client_idle
-            and now - ex.upstream.last_rx > idle
-        ):
-            status = errors.GATEWAY_TIMEOUT
+            status, ex.error_reason = errors.REQUEST_TIMEOUT, errors.CLIENT_IDLE_TIMEOUT
+        elif (ex.connecting is not None or ex.waiting is not None) and now - ex.since > connect_timeout:
+            status, ex.error_reason = errors.GATEWAY_TIMEOUT, errors.TARGET_CONNECT_TIMEOUT
+        elif ex.upstream is not None and client_idle and now - ex.upstream.last_rx > idle:
+            status, ex.error_reason = errors.GATEWAY_TIMEOUT, errors.TARGET_RESPONSE_TIMEOUT
         else:
             return
         log.debug("%s: %d on %s", self.peer, status, ex.target)
@@ -864,14 +866,14 @@ class ClientProtocol(asyncio.Protocol):
             return False
         head_since = self.head_since
         if head_since and now - head_since > config.header_timeout:
-            self._reject(errors.REQUEST_TIMEOUT, "request head timeout")
+            self._reject(errors.REQUEST_TIMEOUT, "request head timeout", errors.REQUEST_HEAD_TIMEOUT)
             return True
         if ex is None or not ex.body_since or self.upgrading is not None:
             return False
         allowed = config.body_timeout + (ex.req_bytes - ex.body_base) / config.min_body_rate
         if now - ex.body_since <= allowed:
             return False
-        self._reject(errors.REQUEST_TIMEOUT, "request body too slow")
+        self._reject(errors.REQUEST_TIMEOUT, "request body too slow", errors.REQUEST_BODY_TIMEOUT)
         return True
 
     def _fail_current(self, ex: Exchange, status: int) -> None:
@@ -908,6 +910,8 @@ class ClientProtocol(asyncio.Protocol):
         self._unhook(ex)
         if not ex.response_complete:
             ex.status = ex.status or _CLIENT_CLOSED
+            if ex.error_reason == "-":
+                ex.error_reason = errors.CLIENT_CLOSED
             self._account(ex)
 
     def _done_aborted(self, ex: Exchange) -> None:

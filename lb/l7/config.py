@@ -51,9 +51,6 @@ class L7Config:
     # lb_cookie / group stickiness: HMAC key of the cookies. Empty: a random
     # key, made once per L7Server (shared by its workers) or per serve().
     cookie_secret: bytes = b""
-    # Where the workers write the "lb.access" lines: a path, "-" for stderr,
-    # None to leave logging as the process has it.
-    access_log: str | None = None
     ready_timeout: float = 15.0  # for a worker process to bind its listeners
     # HTTPS: the workers' shared TLS session ticket key is replaced this often
     # (seconds); a ticket made before resumes no more (a full handshake).

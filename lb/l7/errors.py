@@ -25,6 +25,11 @@ Causes (docs/elb-reference.md, "L7 behaviour"):
 ====  ==========================================================================
 
 Bodies are fixed HTML like ELB's; only the Date line changes.
+
+Each answer, and each exchange lb cuts, has a reason in the access log
+(``error_reason``): ALB's field, in ALB's style (its own codes name the
+authenticate, Lambda and WAF failures that lb does not have). The codes are
+below; README "The access log" lists them with their status.
 """
 
 from __future__ import annotations
@@ -41,13 +46,49 @@ GATEWAY_TIMEOUT = 504
 VERSION_NOT_SUPPORTED = 505
 
 
+# error_reason: the request (lb answers it, then closes).
+REQUEST_MALFORMED = "RequestMalformed"  # 400: bad syntax, framing or Host; a smuggling or desync attempt
+REQUEST_HEAD_TOO_LARGE = "RequestHeadTooLarge"  # 400: the request line or headers over their limits
+METHOD_REFUSED = "MethodNotAllowed"  # 405: TRACE, CONNECT
+CLIENT_IDLE_TIMEOUT = "ClientIdleTimeout"  # 408: nothing (more) from the client within the idle timeout
+REQUEST_HEAD_TIMEOUT = "RequestHeadTimeout"  # 408: the head not whole within header_timeout
+REQUEST_BODY_TIMEOUT = "RequestBodyTimeout"  # 408: the body slower than body_timeout and min_body_rate allow
+ENCODING_NOT_IMPLEMENTED = "TransferEncodingNotImplemented"  # 501
+VERSION_REFUSED = "HttpVersionNotSupported"  # 505
+INTERNAL_ERROR = "InternalError"  # 500: a bug in lb
+CLIENT_CLOSED = "ClientClosed"  # 460: the client left before its response was whole
+# error_reason: routing and the target (lb answers 502, 503 or 504; or cuts a response already begun).
+LISTENER_REMOVED = "ListenerRemoved"  # 503: the listener left the routing table meanwhile
+NO_TARGET = "NoTargetInService"  # 503: the target group has no target in service
+TARGET_CONNECTION_ERROR = "TargetConnectionError"  # 502: connect refused, reset or unreachable
+TARGET_CONNECT_TIMEOUT = "TargetConnectTimeout"  # 504: no connection within the connect timeout
+TARGET_CONNECTION_CLOSED = "TargetConnectionClosed"  # 502: closed or reset before the response was whole
+TARGET_RESPONSE_MALFORMED = "TargetResponseMalformed"  # 502: not HTTP/1.x, bad framing, unexpected 101
+TARGET_RESPONSE_HEAD_TOO_LARGE = "TargetResponseHeadTooLarge"  # 502: over max_response_head
+TARGET_RESPONSE_TIMEOUT = "TargetResponseTimeout"  # 504: the target silent past the idle timeout
+
+# The reason of an answer when nothing more precise was said.
+REASONS = {
+    BAD_REQUEST: REQUEST_MALFORMED,
+    METHOD_NOT_ALLOWED: METHOD_REFUSED,
+    REQUEST_TIMEOUT: CLIENT_IDLE_TIMEOUT,
+    500: INTERNAL_ERROR,
+    NOT_IMPLEMENTED: ENCODING_NOT_IMPLEMENTED,
+    BAD_GATEWAY: TARGET_CONNECTION_CLOSED,
+    SERVICE_UNAVAILABLE: NO_TARGET,
+    GATEWAY_TIMEOUT: TARGET_RESPONSE_TIMEOUT,
+    VERSION_NOT_SUPPORTED: VERSION_REFUSED,
+}
+
+
 class RequestRejected(Exception):
     """Raised from a parser callback: answer ``status`` and close."""
 
-    def __init__(self, status: int, why: str) -> None:
+    def __init__(self, status: int, why: str, reason: str | None = None) -> None:
         super().__init__(f"{status}: {why}")
         self.status = status
         self.why = why
+        self.reason = reason or REASONS.get(status, REQUEST_MALFORMED)  # the access log's error_reason
 
 
 def html_body(status: int) -> bytes:

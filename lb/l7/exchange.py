@@ -71,6 +71,8 @@ class Exchange:
         "bad_te",
         "drop",  # header names the client's Connection header makes hop-by-hop
         "error",  # a status to answer with instead of routing (a rejected request)
+        "user_agent",  # for the access log
+        "request_id",  # a valid X-Request-Id received, or the one made when forwarding
         # Request body flow.
         "request_complete",
         "body_buf",  # body held until an upstream is attached
@@ -80,6 +82,8 @@ class Exchange:
         "body_base",  # req_bytes then: the body's bytes are counted from it
         # Routing (when the exchange starts).
         "rule",  # priority, None for the default rule
+        "action",  # "forward", "fixed-response", "redirect"; "" before (or without) routing
+        "group",  # the target group's name, or "-"
         "target",  # "address:port" or "-"
         "pool",  # set while the request counts as outstanding on it
         "set_cookies",  # set-cookie header lines for the response
@@ -91,7 +95,9 @@ class Exchange:
         "retried",
         "head",  # the request head as sent, for a retry
         # Response.
-        "status",
+        "status",  # sent to the client: the target's, or lb's own (local)
+        "local",  # lb answered itself (fixed-response, redirect, an error): no target status
+        "error_reason",  # why lb answered with an error or cut the exchange (ALB's error_reason), or "-"
         "response_started",
         "response_complete",
         "close_after",
@@ -124,6 +130,8 @@ class Exchange:
         self.bad_te = False
         self.drop: set[bytes] | None = None
         self.error = 0
+        self.user_agent: bytes | None = None
+        self.request_id: bytes | None = None
         self.request_complete = False
         self.body_buf: list[bytes] | None = None
         self.buffered = 0
@@ -131,6 +139,8 @@ class Exchange:
         self.body_since = 0.0
         self.body_base = 0
         self.rule: int | None = None
+        self.action = ""
+        self.group = "-"
         self.target = "-"
         self.pool: Pool | None = None
         self.set_cookies = b""
@@ -141,6 +151,8 @@ class Exchange:
         self.retried = False
         self.head = b""
         self.status = 0
+        self.local = False
+        self.error_reason = "-"
         self.response_started = False
         self.response_complete = False
         self.close_after = False

@@ -1,12 +1,15 @@
 """Small HTTP/1.x building blocks shared by the proxy's modules.
 
 Everything here is computed once (status lines, header tables) or once
-a second (the Date header), never per request.
+a second (the Date header), never per request, but for the request ids
+(a counter).
 """
 
 from __future__ import annotations
 
 import http
+import os
+import re
 import time
 from email.utils import formatdate
 
@@ -105,6 +108,30 @@ class HttpDate:
 
 
 http_date = HttpDate()
+
+
+class RequestIds:
+    """X-Request-Id values for requests that come without one (ALB's X-Amzn-Trace-Id
+    pattern): 32 hex digits, when the process started (8, Unix time), a random
+    part drawn then (8) and a counter (16), so unique across workers and
+    restarts. A counter and a fixed prefix: no clock, no system call."""
+
+    __slots__ = ("_prefix", "_count")
+
+    def __init__(self) -> None:
+        self._prefix = b"%08x%s" % (int(time.time()) & 0xFFFFFFFF, os.urandom(4).hex().encode("ascii"))
+        self._count = 0
+
+    def __call__(self) -> bytes:
+        self._count = count = self._count + 1
+        return b"%s%016x" % (self._prefix, count)
+
+
+request_ids = RequestIds()  # per process: each worker draws its own random part
+# An X-Request-Id a client (or a proxy before lb) sent is kept if it is 1-128
+# printable ASCII characters other than '"' and '\\' (so a log line never
+# needs to escape it); otherwise lb makes one.
+REQUEST_ID_SYNTAX = re.compile(rb"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
 
 
 def cookie_expires(timestamp: float) -> bytes:

@@ -7,7 +7,9 @@ Hop-by-hop headers (RFC 9110 §7.6.1, and any the Connection header names)
 are dropped, except that a Connection header may not name a framing header
 or Host (the request is refused: see the client's on_headers_complete);
 X-Forwarded-For is appended to, X-Forwarded-Proto/-Port are replaced with
-ours.
+ours. X-Request-Id goes on as received when it is a sane token, else lb
+makes one (:class:`lb.l7.httputil.RequestIds`); either way the target gets
+exactly one, and the access log line names it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ import httptools
 
 from lb.l7 import errors
 from lb.l7.exchange import Exchange
-from lb.l7.httputil import COMMON_REQUEST_HEADERS, CRLF, connection_names, header_table, without_headers
+from lb.l7.httputil import (
+    COMMON_REQUEST_HEADERS,
+    CRLF,
+    REQUEST_ID_SYNTAX,
+    connection_names,
+    header_table,
+    request_ids,
+    without_headers,
+)
 from lb.l7.rules import Request
 from lb.model import IPAddress
 
@@ -29,10 +39,28 @@ COLON = b": "
 # optional port. A server must answer 400 to anything else, and a redirect's
 # #{host} copies this value into Location, so nothing else may pass.
 HOST_SYNTAX = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+# Host values HOST_SYNTAX accepted: nearly every request repeats one, and a set
+# lookup costs a tenth of the match. Bounded: at most 1024 values of at most
+# 255 bytes (a DNS name and a port), cleared when full.
+VALID_HOSTS: set[bytes] = set()
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether ``value`` is a Host header lb passes on (and remember it if so)."""
+    if value in VALID_HOSTS:
+        return True
+    if HOST_SYNTAX.fullmatch(value) is None:
+        return False
+    if len(value) <= 255:
+        if len(VALID_HOSTS) >= 1024:
+            VALID_HOSTS.clear()
+        VALID_HOSTS.add(value)
+    return True
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 
 # What a request header is to us.
-HOST, CONNECTION, HOP, TRANSFER_ENCODING, UPGRADE, XFF, OURS, EXPECT, COOKIE, LENGTH, LOOKALIKE = range(11)
+(HOST, CONNECTION, HOP, TRANSFER_ENCODING, UPGRADE, XFF, OURS, EXPECT, COOKIE, LENGTH, LOOKALIKE, USER_AGENT,
+ REQUEST_ID) = range(13)
 SPECIAL = {
     b"host": HOST,
     b"connection": CONNECTION,
@@ -53,6 +81,9 @@ SPECIAL = {
     # (ALB's desync mitigation calls them SuspiciousHeader).
     b"content_length": LOOKALIKE,
     b"transfer_encoding": LOOKALIKE,
+    # Kept for the access log; the request id is forwarded as lb's own line.
+    b"user-agent": USER_AGENT,
+    b"x-request-id": REQUEST_ID,
 }
 TABLE = header_table(SPECIAL, COMMON_REQUEST_HEADERS)  # most names without a lower()
 _CODINGS = (b"chunked", b"identity")
@@ -60,7 +91,11 @@ _CODINGS = (b"chunked", b"identity")
 
 def special_header(ex: Exchange, kind: int, name: bytes, value: bytes) -> None:
     """Record a header we act on (Host is handled inline by the caller)."""
-    if kind == LENGTH:
+    if kind == USER_AGENT:
+        if ex.user_agent is None:
+            ex.user_agent = value
+        ex.parts += (name, COLON, value, CRLF)
+    elif kind == LENGTH:
         ex.has_body = value.strip() != b"0"
         ex.parts += (name, COLON, value, CRLF)
     elif kind == COOKIE:
@@ -85,10 +120,13 @@ def special_header(ex: Exchange, kind: int, name: bytes, value: bytes) -> None:
     elif kind == HOST:
         if ex.host is not None:
             raise errors.RequestRejected(errors.BAD_REQUEST, "more than one Host header")
-        if HOST_SYNTAX.fullmatch(value) is None:
+        if not valid_host(value):
             raise errors.RequestRejected(errors.BAD_REQUEST, "Host is not host[:port]")
         ex.host = value
         ex.parts += (name, COLON, value, CRLF)
+    elif kind == REQUEST_ID:  # the first valid one; the others are dropped (build_head adds one)
+        if ex.request_id is None and REQUEST_ID_SYNTAX.fullmatch(value):
+            ex.request_id = value
     elif kind == LOOKALIKE:
         raise errors.RequestRejected(errors.BAD_REQUEST, f"header {name!r} looks like a framing header")
     # HOP and OURS: dropped (ours are added by build_head)
@@ -104,6 +142,10 @@ def build_head(ex: Exchange, xff_line: bytes, fwd_tail: bytes, local: bytes) -> 
     else:  # "x-forwarded-for: " is 17 bytes
         parts += (b"x-forwarded-for: ", ex.xff, b", ", xff_line[17:])
     parts.append(fwd_tail)
+    request_id = ex.request_id
+    if request_id is None:
+        request_id = ex.request_id = request_ids()
+    parts += (b"x-request-id: ", request_id, CRLF)
     if ex.chunked:
         parts.append(_CHUNKED)
     if ex.upgrade:

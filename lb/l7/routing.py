@@ -75,7 +75,7 @@ class GroupRoute:
 class Forward:
     """A forward action: one group, or a weighted choice with group stickiness."""
 
-    __slots__ = ("single", "direct", "_choice", "_by_name", "_sticky", "_duration")
+    __slots__ = ("single", "direct", "direct_group", "_choice", "_by_name", "_sticky", "_duration")
 
     def __init__(self, action: ForwardAction, groups: dict[str, GroupRoute]) -> None:
         weighted = [(groups[wg.name], wg.weight) for wg in action.target_groups]
@@ -83,19 +83,21 @@ class Forward:
         # One group without stickiness (the common case): its balancer, called
         # directly by the client protocol without going through choose().
         self.direct = self.single.balancer if self.single is not None and not self.single.sticky else None
+        self.direct_group = self.single.name if self.single is not None else "-"
         live = [(group, weight) for group, weight in weighted if weight > 0]
         self._choice = WeightedChoice(tuple(g for g, _ in live), tuple(w for _, w in live)) if live else None
         self._by_name = {g.name: g for g, _ in live if g.balancer is not None}
         self._sticky = action.stickiness.enabled and self.single is None
         self._duration = action.stickiness.duration
 
-    def choose(self, cookies: list[bytes] | None, signer: CookieSigner) -> tuple[Pool | None, bytes]:
-        """The pool of the chosen target (None: no target → 503) and set-cookie lines."""
+    def choose(self, cookies: list[bytes] | None, signer: CookieSigner) -> tuple[str, Pool | None, bytes]:
+        """The chosen group's name ("-": none), the pool of the chosen target
+        (None: no target → 503) and set-cookie lines."""
         group = self.single
         set_cookies = b""
         if group is None:
             if self._choice is None:
-                return None, b""
+                return "-", None, b""
             if self._sticky and cookies:
                 value = find_cookie(cookies, GROUP_COOKIE)
                 name = signer.verify(value) if value else None
@@ -105,9 +107,9 @@ class Forward:
             if self._sticky:
                 set_cookies = signer.set_cookie(GROUP_COOKIE, group.name, self._duration)
         if group.balancer is None:
-            return None, set_cookies
+            return group.name, None, set_cookies
         pool, cookie = group.pick(cookies, signer)
-        return pool, set_cookies + cookie if cookie else set_cookies
+        return group.name, pool, set_cookies + cookie if cookie else set_cookies
 
 
 Plan = Forward | FixedResponse | Redirect

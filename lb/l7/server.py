@@ -351,6 +351,18 @@ class L7Server:
             })
         return rows
 
+    async def reopen_access_logs(self, timeout: float | None = None) -> list[str]:
+        """Every worker reopens its access log (SIGUSR1 to the daemon, for
+        logrotate), after writing what it buffered; waits up to ``timeout`` s
+        (the answer timeout) for them. Returns the workers that did not answer."""
+        timeout = self.supervision.answer_timeout if timeout is None else timeout
+        asked = {proc.label: self._request(proc, "reopen") for proc in
+                 (slot.proc for slot in self._slots) if proc is not None and proc.ready and not proc.gone}
+        if asked:
+            await asyncio.wait(asked.values(), timeout=timeout)
+        return [f"{label} did not reopen its access log within {timeout:g} s" for label, future in asked.items()
+                if not future.done() or future.cancelled() or future.exception() is not None]
+
     def rotate_ticket_key(self) -> None:
         """A new TLS session ticket key for every worker (and every replacement):
         tickets made with the old one get a full handshake from now on."""
@@ -631,17 +643,23 @@ _EMPTY = WorkerStats().snapshot()
 def merge_snapshots(total: dict[str, Any] | None, snapshot: dict[str, Any]) -> dict[str, Any]:
     """The counters of two :meth:`Worker.snapshot` results added up (gauges dropped)."""
     if total is None:
-        total = {"requests": [], "upstream_latency": {**snapshot["upstream_latency"], "counts": [], "sum": 0.0},
+        total = {"requests": [], "upstream_latency": {**snapshot["upstream_latency"], "series": []},
                  "connections": 0}
     requests: dict[tuple[Any, ...], int] = {tuple(row[:-1]): row[-1] for row in total["requests"]}
     for *key, count in snapshot["requests"]:
         requests[tuple(key)] = requests.get(tuple(key), 0) + count
-    mine, theirs = total["upstream_latency"]["counts"], snapshot["upstream_latency"]["counts"]
-    counts = [a + b for a, b in zip(mine, theirs)] if mine else list(theirs)
+    series: dict[tuple[str, str], tuple[list[int], float]] = {
+        (group, target): (list(counts), total_s) for group, target, counts, total_s in total["upstream_latency"]["series"]
+    }
+    for group, target, counts, total_s in snapshot["upstream_latency"]["series"]:
+        mine = series.get((group, target))
+        series[(group, target)] = (
+            ([a + b for a, b in zip(mine[0], counts)], mine[1] + total_s) if mine is not None else (list(counts), total_s)
+        )
     merged = {
         "requests": [(*key, count) for key, count in requests.items()],
-        "upstream_latency": {**total["upstream_latency"], "counts": counts,
-                             "sum": total["upstream_latency"]["sum"] + snapshot["upstream_latency"]["sum"]},
+        "upstream_latency": {**total["upstream_latency"],
+                             "series": [(group, target, counts, s) for (group, target), (counts, s) in series.items()]},
         "connections": 0,
     }
     for counter in ("shed", "refused"):
@@ -659,7 +677,11 @@ def _worker_main(sock: socket.socket, config: L7Config) -> None:
     # closes our channel: we stop then.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _setup_logging(config)
+    # Likewise SIGUSR1 (logrotate's "reopen your logs"): the parent passes it on
+    # as a message, and `systemctl kill -s USR1` (every process of the unit)
+    # must not end a worker.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _setup_logging()
     rlimits.raise_nofile()  # the daemon did too; not every parent does (lb.rlimits)
     if not uvloop.run(_worker(sock, config)):
         sys.exit(1)  # could not start: the parent logs why
@@ -731,6 +753,9 @@ async def _worker(sock: socket.socket, config: L7Config) -> bool:
             spawn(update(ident, message[2]))
         elif kind == "stats":
             reply(ident, "ok", worker.snapshot() if worker is not None else _EMPTY)
+        elif kind == "reopen":
+            if worker is not None:
+                worker.reopen_access_log()
         elif kind == "ticket_key":
             if worker is not None:
                 worker.set_ticket_key(message[2])
@@ -749,20 +774,10 @@ async def _worker(sock: socket.socket, config: L7Config) -> bool:
         await channel.flush_and_close()  # the last answer (an error at start) reaches the parent
 
 
-def _setup_logging(config: L7Config) -> None:
+def _setup_logging() -> None:
+    """The worker's own log (warnings and errors) to standard error; the access
+    log is not a `logging` log (lb.l7.access_log)."""
     errors = logging.StreamHandler(sys.stderr)
     errors.setFormatter(logging.Formatter("%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger("lb.l7").addHandler(errors)
     logging.getLogger("lb.l7").setLevel(logging.WARNING)
-    if config.access_log is None:
-        return
-    access = logging.getLogger("lb.access")
-    handler: logging.Handler
-    if config.access_log == "-":
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.FileHandler(config.access_log)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
-    access.propagate = False

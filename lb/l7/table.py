@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from lb.model import Listener, LoadBalancer, Protocol, TargetGroup
+from lb.model import AccessLog, Listener, LoadBalancer, Protocol, TargetGroup
 
 Endpoint = tuple[str, int, int]  # (address, port, weight)
 
@@ -34,12 +34,14 @@ class GroupTargets:
 
 @dataclass(frozen=True)
 class RoutingTable:
-    """Everything a worker needs to route: listeners, groups, idle timeout."""
+    """Everything a worker needs to route: listeners, groups, idle timeout;
+    and where its access log goes (so that a reload can change it)."""
 
     listeners: tuple[Listener, ...]  # HTTP listeners only
     groups: tuple[GroupTargets, ...] = ()
     idle_timeout: float = 60.0  # LoadBalancer.idle_timeout, seconds
     version: int = 0  # the controller's counter, for logs
+    access_log: AccessLog = AccessLog()  # LoadBalancer.access_log
 
     def group(self, name: str) -> GroupTargets | None:
         for entry in self.groups:
@@ -76,6 +78,7 @@ class RoutingTable:
             groups=tuple(entries),
             idle_timeout=float(lb.idle_timeout),
             version=version,
+            access_log=lb.access_log,
         )
 
 

@@ -48,7 +48,7 @@ from httptools import (
     HttpResponseParser,
 )
 
-from lb.l7 import flow_control
+from lb.l7 import errors, flow_control
 from lb.l7.clock import Clock
 from lb.l7.config import L7Config
 from lb.l7.httputil import (
@@ -101,6 +101,10 @@ class _BadResponse(Exception):
     pass
 
 
+class _HeadTooLarge(_BadResponse):
+    pass
+
+
 # --- the connection -----------------------------------------------------------------
 
 
@@ -136,6 +140,7 @@ class UpstreamConnection(asyncio.Protocol):
         "drop",
         "head_size",  # bytes of the response head(s) parsed so far: status lines and fields
         "head_rx",  # bytes read while a response head was incomplete
+        "max_head",  # the pool's (L7Config.max_response_head)
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -167,6 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.drop: set[bytes] | None = None
         self.head_size = 0
         self.head_rx = 0
+        self.max_head = pool.max_head
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -227,6 +233,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_data = True
         out = self.out = []
         failed = None
+        reason = errors.TARGET_RESPONSE_MALFORMED
         in_head = not self.in_body
         if in_head:
             self.head_rx += len(data)
@@ -245,13 +252,16 @@ class UpstreamConnection(asyncio.Protocol):
                 if not isinstance(cause, _BadResponse):
                     log.error("upstream %s: callback failed", self.pool.label, exc_info=cause)
                 failed = f"malformed response: {cause or exc}"
+                if isinstance(cause, _HeadTooLarge):
+                    reason = errors.TARGET_RESPONSE_HEAD_TOO_LARGE
         except HttpParserError as exc:
             failed = f"malformed response: {exc}"
         else:
             # Still in a head after this read: every byte of it was head (the
             # parser buffers a field until it ends: bound it before it does).
-            if in_head and not self.in_body and not self.done and self.head_rx > self.pool.max_head:
+            if in_head and not self.in_body and not self.done and self.head_rx > self.max_head:
                 failed = "response head too large"
+                reason = errors.TARGET_RESPONSE_HEAD_TOO_LARGE
         if out:
             chunk = b"".join(out) if len(out) > 1 else out[0]
             ex.resp_bytes += len(chunk)
@@ -261,7 +271,7 @@ class UpstreamConnection(asyncio.Protocol):
         if failed is not None:
             self.broken = True
             if not self.done:  # else: a whole response, then junk: relay it, drop the connection
-                self._fail(ex, failed)
+                self._fail(ex, failed, reason)
                 return
         if self.done:
             self._complete(ex)
@@ -306,7 +316,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep_alive = False
             self._complete(ex)
             return
-        self._fail(ex, f"target closed the connection ({exc or 'EOF'})")
+        self._fail(ex, f"target closed the connection ({exc or 'EOF'})", errors.TARGET_CONNECTION_CLOSED)
 
     def eof_received(self) -> bool:
         ex = self.ex
@@ -381,16 +391,19 @@ class UpstreamConnection(asyncio.Protocol):
     def on_status(self, phrase: bytes) -> None:
         self.phrase += phrase
         self.head_size = size = self.head_size + len(phrase) + 15  # "HTTP/1.1 200 " and CRLF
-        if size > self.pool.max_head:
-            raise _BadResponse("response head too large")
+        if size > self.max_head:
+            raise _HeadTooLarge("response head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size = size = self.head_size + len(name) + len(value) + 4
-        if size > self.pool.max_head:  # trailers count too
-            raise _BadResponse("response head too large")
+        if size > self.max_head:  # trailers count too
+            raise _HeadTooLarge("response head too large")
         if self.in_body:  # a trailer: not passed on
             return
         kind = _TABLE.get(name, UNKNOWN)
+        if kind is None:  # the usual header, passed on as it came
+            self.parts += (name, _COLON, value, CRLF)
+            return
         if kind == UNKNOWN:
             kind = _SPECIAL.get(name.lower())
         if kind is None:
@@ -507,7 +520,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.give_back(self, reusable)
         ex.client.response_done(ex)
 
-    def _fail(self, ex: Exchange, why: str) -> None:
+    def _fail(self, ex: Exchange, why: str, reason: str) -> None:
+        """The exchange failed here (``reason``: the access log's error_reason)."""
         retry = self.served > 0 and not self.got_data and ex.retryable()
         self.detach()
         if not self.transport.is_closing():
@@ -515,6 +529,7 @@ class UpstreamConnection(asyncio.Protocol):
         if retry:
             ex.client.retry(ex)
         else:
+            ex.error_reason = reason
             ex.client.upstream_failed(ex, 502, why)
 
 

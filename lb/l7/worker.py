@@ -28,15 +28,17 @@ from functools import partial
 from typing import Any
 
 from lb import rlimits, tls
+from lb.l7.access_log import AccessLogFile
 from lb.l7.client import ClientProtocol
 from lb.l7.clock import Clock
 from lb.l7.config import L7Config
+from lb.l7.httputil import request_ids
 from lb.l7.routing import Routes
-from lb.l7.stats import WorkerStats, access_logger
+from lb.l7.stats import WorkerStats
 from lb.l7.stickiness import CookieSigner
 from lb.l7.table import RoutingTable
 from lb.l7.upstream import PoolSet
-from lb.model import Listener
+from lb.model import AccessLog, Listener
 
 log = logging.getLogger("lb.l7")
 
@@ -63,9 +65,9 @@ class Worker:
         self.refused = 0  # new connections closed: nothing idle to close
         self._reported = (0, 0)  # shed, refused at the last log line
         self._report_after = 0.0
-        # Whether "lb.access" takes INFO lines: read per request, so it is
-        # cached here and refreshed by every sweep.
-        self.access_log = access_logger.isEnabledFor(logging.INFO)
+        # The access log (lb.l7.access_log), as the table says: opened by start(),
+        # changed by update(), written by the sweep and by stop().
+        self.access_log: AccessLogFile | None = None
         # Listening sockets, by listener name: (address, port, TLS policy or None) and the server.
         self._servers: dict[str, tuple[tuple[str, int, str | None], asyncio.AbstractServer]] = {}
         # HTTPS listeners' certificates, by listener name: replaced in place by
@@ -79,12 +81,14 @@ class Worker:
     # --- lifetime -----------------------------------------------------------------
 
     async def start(self) -> None:
+        self._set_access_log(self.table.access_log)
         try:
             for listener in self.table.listeners:
                 await self._bind(listener)
         except BaseException:
             for _, server in self._servers.values():
                 server.close()
+            self._set_access_log(AccessLog())
             raise
         self._count_base_fds()
         self._sweep()
@@ -153,8 +157,29 @@ class Worker:
         finally:
             for server in stale:
                 server.close()
+        try:
+            self._set_access_log(table.access_log)
+        except OSError as exc:  # the daemon checked the path: rare (a race, a full disk)
+            log.error("access log %s: %s; still as it was", table.access_log.path, exc)
         self._count_base_fds()
         log.debug("routing table %d in service", table.version)
+
+    def _set_access_log(self, settings: AccessLog) -> None:
+        """Open the access log, move it or close it as ``settings`` say (OSError:
+        the new file cannot be opened; the old one stays)."""
+        current = self.access_log
+        if current is not None and current.settings == settings:
+            return
+        new = AccessLogFile(settings, request_ids) if settings.enabled else None
+        self.access_log = new
+        if current is not None:
+            current.close()
+
+    def reopen_access_log(self) -> None:
+        """SIGUSR1 to the daemon (logrotate): what is buffered goes to the file
+        open now (renamed, perhaps), the next lines to the path opened anew."""
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     def set_ticket_key(self, key: bytes) -> None:
         """Encrypt and decrypt TLS session tickets with ``key`` from now on, on
@@ -184,7 +209,9 @@ class Worker:
         for _, server in self._servers.values():
             await server.wait_closed()
         self._servers.clear()
-        await asyncio.sleep(0)  # let the transports' connection_lost run
+        await asyncio.sleep(0)  # let the transports' connection_lost run (and log their requests)
+        await asyncio.sleep(0)
+        self._set_access_log(AccessLog())  # the last lines written, the file closed
 
     # --- connections --------------------------------------------------------------
 
@@ -258,7 +285,8 @@ class Worker:
 
     def _sweep(self) -> None:
         now = self.clock.now = self.loop.time()
-        self.access_log = access_logger.isEnabledFor(logging.INFO)
+        if self.access_log is not None:
+            self.access_log.flush()
         idle = self.routes.idle_timeout
         connect = self.config.connect_timeout
         for conn in list(self.connections):

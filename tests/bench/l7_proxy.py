@@ -11,15 +11,16 @@ in a temporary directory:
   - the backend: nginx (``--backend-workers``, default 1) answering every
     request with a fixed small body, its access log off;
   - for each worker count, as contenders, all proxying to that backend:
-    - ``lb``: ``python -m lb up -c FILE`` with a config whose one HTTP
+    - ``lb log``: ``python -m lb up -c FILE`` with a config whose one HTTP
       listener is on 127.0.0.1 and whose target group is the backend
-      (``workers = N``; no TCP/UDP listener, so no XDP). Its stderr goes to
-      a file: that is lb's access log today (the daemon hard-wires
-      ``access_log="-"``), one line per request. lb's log cannot be turned
-      off yet, so lb runs with its log on in every comparison.
+      (``workers = N``; no TCP/UDP listener, so no XDP), its access log on:
+      ``access_log = { enabled = true, path = <a file>, format = "text" }``
+      (ALB's fields, buffered by each worker, written every 64 KiB or half
+      second);
+    - ``lb``: the same with its access log off (the default);
     - ``nginx log``: nginx as a reverse proxy (keep-alive upstream, N
       worker processes, X-Forwarded-* set like lb does), ``access_log`` to a
-      file (the default "combined" format, unbuffered like lb's);
+      file (the default "combined" format, unbuffered);
     - ``nginx``: the same with ``access_log off``;
     - ``haproxy`` (only with ``--only``): N threads, no log.
 
@@ -27,14 +28,16 @@ Every contender runs for the whole benchmark; each round measures every one
 with ``wrk -t2 -c64 -d<duration>s --latency`` after a short warm-up, the
 order rotated from round to round, so that a burst of load from elsewhere on
 a shared machine hits them alike. The table shows the median of the rounds
-and the ratios of lb to nginx with the same worker count: req/s and p99, log
-on against log on, and against nginx with its log off. The load average is
-printed before and after. Everything started is stopped in ``finally``
+and the ratios of lb to nginx with the same worker count, req/s and p99:
+lb's log on against nginx's log on, lb's log off against nginx's log off
+(the goals: at least 1.0x the requests/s, at most 1.5x the p99). The load
+average is printed before and after. Everything started is stopped in ``finally``
 (``lb down`` then removes lb's state file).
 
-``--profile`` then samples the 1-worker lb (its daemon and worker processes)
-with py-spy while wrk loads it, and prints the functions where the workers
-spend their time (own samples, and with their callees).
+``--profile`` then samples the 1-worker lb with its log on (its daemon and
+worker processes) with py-spy while wrk loads it, and prints the functions
+where the workers spend their time (own samples, and with their callees);
+``--profile-native`` adds the C frames (uvloop, httptools, the kernel calls).
 """
 
 from __future__ import annotations
@@ -219,6 +222,7 @@ name = "{name}"
 workers = {workers}
 admin_socket = "/run/lb/{name}.sock"
 metrics_address = "{host}:{metrics}"
+access_log = {{ enabled = {log}, path = "{log_path}", format = "text" }}
 
 [[listeners]]
 name = "http"
@@ -267,12 +271,15 @@ def start_haproxy(stack: Stack, tmp: Path, workers: int, port: int, backend: int
     stack.process(["haproxy", "-db", "-f", str(conf)], f"haproxy{workers}", tmp)
 
 
-def start_lb(stack: Stack, tmp: Path, workers: int, port: int, backend: int) -> int:
-    """`python -m lb up -c FILE`, its stderr (the access log) to lb-<N>w.out; returns its pid."""
-    name = f"l7bench-{workers}w-{os.getpid()}"
+def start_lb(stack: Stack, tmp: Path, workers: int, port: int, backend: int, log: bool) -> int:
+    """`python -m lb up -c FILE`, its access log (if ``log``) to lb-<N>w-access.log,
+    its stderr to lb[log]-<N>w.out; returns its pid."""
+    tag = f"{'log' if log else 'nolog'}-{workers}w"
+    name = f"l7b-{tag}-{os.getpid()}"
     conf = tmp / f"{name}.toml"
     conf.write_text(
-        LB_CONFIG.format(name=name, workers=workers, host=HOST, port=port, backend=backend, metrics=free_port())
+        LB_CONFIG.format(name=name, workers=workers, host=HOST, port=port, backend=backend, metrics=free_port(),
+                         log="true" if log else "false", log_path=tmp / f"lb-{workers}w-access.log")
     )
     # lb down after lb up has stopped (callbacks run last in, first out): its state file goes.
     stack.callback(
@@ -283,19 +290,20 @@ def start_lb(stack: Stack, tmp: Path, workers: int, port: int, backend: int) -> 
         check=False,
     )
     # SIGTERM: the workers finish in-flight requests (wrk has gone: none).
-    proc = stack.process([sys.executable, "-m", "lb", "up", "-c", str(conf)], f"lb-{workers}w", tmp, 40.0)
+    proc = stack.process([sys.executable, "-m", "lb", "up", "-c", str(conf)], f"lb-{tag}", tmp, 40.0)
     return proc.pid
 
 
 # --- profiling ----------------------------------------------------------------
 
 
-def profile(pid: int, port: int, duration: float, tmp: Path) -> None:
+def profile(pid: int, port: int, duration: float, tmp: Path, native: bool = False) -> None:
     """py-spy on `lb up` (pid) and its workers while wrk loads it; top functions of the workers."""
     out = tmp / "lb-profile.txt"
     spy = subprocess.Popen(
         [str(PY_SPY), "record", "--pid", str(pid), "--subprocesses", "--duration", f"{duration:g}",
-         "--rate", "250", "--function", "--format", "raw", "--nonblocking", "--output", str(out)],
+         "--rate", "250", "--function", "--format", "raw", "--output", str(out),
+         *(["--native"] if native else ["--nonblocking"])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -303,7 +311,8 @@ def profile(pid: int, port: int, duration: float, tmp: Path) -> None:
     time.sleep(0.5)
     rps, _, _ = wrk(port, duration)
     _, err = spy.communicate(timeout=duration + 30)
-    print(f"\nlb up, 1 worker, log on, under py-spy (250 Hz, non-blocking): {rps:,.0f} req/s")
+    how = "native frames too" if native else "non-blocking"
+    print(f"\nlb up, 1 worker, access log on, under py-spy (250 Hz, {how}): {rps:,.0f} req/s")
     if not out.exists():
         print(f"py-spy wrote nothing:\n{err}")
         return
@@ -339,14 +348,15 @@ def profile(pid: int, port: int, duration: float, tmp: Path) -> None:
 
 # --- main -----------------------------------------------------------------------
 
-CONTENDERS = ("direct", "nginx", "nginx log", "lb", "haproxy")
+CONTENDERS = ("direct", "nginx", "nginx log", "lb", "lb log", "haproxy")
 
 
 @contextlib.contextmanager
 def contenders(
     tmp: Path, backend: int, workers: list[int], wanted: set[str]
 ) -> Iterator[tuple[dict[tuple[str, int], int], dict[int, int]]]:
-    """Start every contender for every worker count; yields {(name, workers): port}, {workers: lb up's pid}."""
+    """Start every contender for every worker count; yields {(name, workers): port},
+    {workers: the pid of `lb up` with its log on}."""
     with Stack() as stack:
         ports: dict[tuple[str, int], int] = {}
         lb_pids: dict[int, int] = {}
@@ -364,7 +374,10 @@ def contenders(
                 start_haproxy(stack, tmp, n, ports["haproxy", n], backend)
             if "lb" in wanted:
                 ports["lb", n] = free_port()
-                lb_pids[n] = start_lb(stack, tmp, n, ports["lb", n], backend)
+                start_lb(stack, tmp, n, ports["lb", n], backend, log=False)
+            if "lb log" in wanted:
+                ports["lb log", n] = free_port()
+                lb_pids[n] = start_lb(stack, tmp, n, ports["lb log", n], backend, log=True)
         for port in ports.values():
             wait_port(port, 30.0)
             wait_ok(port)
@@ -380,23 +393,25 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", choices=CONTENDERS, help="run only these (default: all but haproxy)"
     )
-    parser.add_argument("--profile", action="store_true", help="also profile the 1-worker lb with py-spy")
+    parser.add_argument("--profile", action="store_true", help="also profile the 1-worker lb (log on) with py-spy")
+    parser.add_argument("--profile-native", action="store_true", help="the same, with C frames (py-spy --native)")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 worker, 1 s warm-up, 1 round")
     parser.add_argument("--repeat", type=int, default=3, help="rounds, contenders interleaved; the table shows medians")
     args = parser.parse_args()
     if args.quick:
         args.duration, args.workers, args.warmup, args.repeat = 3.0, [1], 1.0, 1
     missing = [tool for tool in ("wrk", "nginx", "haproxy") if shutil.which(tool) is None]
+    args.profile = args.profile or args.profile_native
     if args.profile and not PY_SPY.exists():
         missing.append("py-spy")
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run deploy/install.sh --bench")
     wanted = set(args.only or [c for c in CONTENDERS if c != "haproxy"])
     if args.profile:
-        wanted.add("lb")
+        wanted.add("lb log")
         if 1 not in args.workers:
             args.workers.append(1)
-    if "lb" in wanted and os.geteuid() != 0:
+    if wanted & {"lb", "lb log"} and os.geteuid() != 0:
         sys.exit("lb up needs root: run this as root (or --only nginx 'nginx log' haproxy direct)")
 
     results: list[Result] = []
@@ -432,7 +447,7 @@ def main() -> None:
                 for name, n, port in runs[shift:] + runs[:shift]:
                     measure(name, n or None, port, round_)
             if args.profile:
-                profile(lb_pids[1], ports["lb", 1], args.duration, tmp)
+                profile(lb_pids[1], ports["lb log", 1], args.duration, tmp, args.profile_native)
         for path in sorted(tmp.glob("*access.log")) + sorted(tmp.glob("lb-*w.out")):
             print(f"log {path.name}: {path.stat().st_size / 1e6:,.1f} MB")
     print(f"load average at the end: {load()}")
@@ -480,20 +495,21 @@ def print_table(results: list[Result]) -> None:
         ]
         return f"{statistics.median(ratios):.2f}x" if ratios else "-"
 
-    print("\nlb up (access log on: it cannot be turned off yet) against nginx with the same worker count:")
-    print("ratio of the medians, and (in brackets) the median of each round's ratio")
-    print("| workers | against | lb/nginx req/s | lb/nginx p99 |")
-    print("|---|---|---|---|")
+    print("\nlb up against nginx with the same worker count, access logs on against on, off against off")
+    print("(goals: req/s >= 1.0x, p99 <= 1.5x): ratio of the medians, and (in brackets) the median of each")
+    print("round's ratio")
+    print("| workers | lb | against | lb/nginx req/s | lb/nginx p99 |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        if r.name != "lb":
-            continue
-        for other, label in (("nginx log", "nginx, access_log to a file"), ("nginx", "nginx, access_log off")):
-            nginx = ref.get((other, r.workers))
-            if nginx is not None:
-                print(
-                    f"| {r.workers} | {label} | {r.rps / nginx.rps:.2f}x ({paired(r, other, 'rps')}) "
-                    f"| {r.p99_ms / nginx.p99_ms:.2f}x ({paired(r, other, 'p99_ms')}) |"
-                )
+        other, label = {"lb log": ("nginx log", "nginx, access_log to a file"),
+                        "lb": ("nginx", "nginx, access_log off")}.get(r.name, ("", ""))
+        nginx = ref.get((other, r.workers))
+        if nginx is not None:
+            print(
+                f"| {r.workers} | {'log on' if r.name == 'lb log' else 'log off'} | {label} "
+                f"| {r.rps / nginx.rps:.2f}x ({paired(r, other, 'rps')}) "
+                f"| {r.p99_ms / nginx.p99_ms:.2f}x ({paired(r, other, 'p99_ms')}) |"
+            )
 
 
 if __name__ == "__main__":
