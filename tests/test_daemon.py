@@ -210,6 +210,9 @@ health_check = { interval = 5, timeout = 2, healthy_threshold = 2, unhealthy_thr
             with socket.create_connection((labmod.VIP, 9100), timeout=3) as sock:
                 return read_line(sock)
 
+        # A new group's target serves once its first check passes (ELB); on a
+        # loaded machine that can outlast the client's SYN retries.
+        daemon.wait_for("echo-tcp-2", "10.0.1.13", "healthy", timeout=INTERVAL * 2 + 3)
         assert run_in_netns(lab.client_ns, via_new_listener) == "backend3"
     finally:
         long_lived.close()
