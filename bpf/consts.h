@@ -111,6 +111,16 @@
  * reply path tries each of them (reply_route.vips). */
 #define MAX_REPLY_VIPS 4
 
+/* table_stats index: the flow tables whose fullness lb reports. table_fill
+ * has two slots a table: FILL_HELD(t), entries the program put in less
+ * those it took out (atomic adds), and FILL_REMOVED_BY_LB(t), entries lb
+ * deleted (written by userspace only); the table holds the difference. */
+#define TABLE_CONNTRACK 0
+#define TABLE_HALF_OPEN 1
+#define TABLE_COUNT     2
+#define FILL_HELD(t)          ((t) * 2)
+#define FILL_REMOVED_BY_LB(t) ((t) * 2 + 1)
+
 /* target.flags */
 #define TARGET_F_ACTIVE     0x1 /* its flows may go on; a flow to an inactive target is re-hashed */
 #define TARGET_F_IN_SERVICE 0x2 /* in the ring: a SYN may follow an entry to it (else the SYN takes the ring) */

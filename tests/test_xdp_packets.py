@@ -30,7 +30,7 @@ from lb import netlink as nl
 from lb.dataplane import libbpf
 from lb.dataplane.dataplane import Dataplane, L4Service, ring_seed
 from lb.dataplane.loader import Program, purge_pins
-from lb.dataplane.maps import Endpoint, Maps, Traffic, VipAddr
+from lb.dataplane.maps import Endpoint, Maps, TableUsage, Traffic, VipAddr
 from lb.dataplane.structs import IPPROTO_TCP, Counter, FlowKey, Limits, MapName, ip_to_net, port_to_net
 from lb.inspect.explain import explain_flow_in, flow_hash
 from tests.names import name
@@ -1009,3 +1009,50 @@ def test_a_syn_flood_fills_half_open_and_never_evicts_an_established_flow(
     assert 0 < sum(1 for _ in maps.half_open_flows()) <= size
     flow = maps.flow("TCP", ep(CLIENT, 40080), ep(VIP, 9000))
     assert flow is not None and flow.tcp_state == "established" and not flow.half_open
+
+
+def test_table_stats_count_what_goes_in_and_out_and_give_evictions_without_a_walk(
+        pkt_lab: PacketLab, small_program: Callable[..., tuple[Program, Maps]]) -> None:
+    """table_stats: exact inserts and removals, from the program (a SYN, the
+    handshake moving a flow to conntrack, a RST) and from lb (termination);
+    past the capacity, the estimated entries and evictions agree with a walk
+    of the table within the LRU's free-list slack."""
+    size = 256
+    program, maps = small_program(replace(LIMITS, conntrack_size=size, half_open_size=size, new_flow_rate_limit=0))
+
+    def send(frames: list[tuple[bytes, str]]) -> None:
+        for frame, ingress in frames:
+            libbpf.prog_test_run(program.fd, frame, ingress_ifindex=pkt_lab.ifindex[ingress])
+
+    def usage() -> dict[str, tuple[int, int, int, int, int]]:
+        return {u.table: (u.capacity, u.inserts, u.removed, u.entries, u.evictions) for u in maps.table_usage()}
+
+    assert usage() == {"conntrack": (size, 0, 0, 0, 0), "half_open": (size, 0, 0, 0, 0)}
+    run_on_one_cpu(lambda: send([*handshake(41400), (raw(from_client(tcp(41401))), CLIENT_IF),
+                                 (raw(from_client(tcp(41401, flags="R"))), CLIENT_IF)]))
+    assert usage() == {"conntrack": (size, 1, 0, 1, 0), "half_open": (size, 2, 2, 0, 0)}
+
+    slack = 128 * (libbpf.possible_cpus() + 1)  # free entries the LRU keeps per CPU, and globally
+
+    def conntrack() -> TableUsage:
+        usage = next(u for u in maps.table_usage() if u.table == "conntrack")
+        held = sum(1 for _ in maps.flows())
+        assert 0 <= usage.entries - held <= slack  # the model evicts at full, the kernel a little before
+        assert 0 <= (usage.inserts - usage.removed - held) - usage.evictions <= slack
+        return usage
+
+    datagrams = [(raw(from_client(udp(10000 + i))), CLIENT_IF) for i in range(4 * size)]
+    run_on_one_cpu(lambda: send(datagrams))
+    after = conntrack()
+    assert (after.inserts, after.removed, after.entries, after.evictions) == (1 + 4 * size, 0, size, 1 + 3 * size)
+
+    udp_target = Dataplane(maps).target_id(ep("10.0.1.12", 9000))
+    assert udp_target is not None
+    udp_flows = sum(1 for f in maps.flows() if f.vip.protocol == "UDP")  # the TCP flow may have been evicted
+    ended = maps.delete_flows({udp_target})
+    assert ended == udp_flows > 0
+    after = conntrack()  # still within the slack of a walk, though lb deleted entries of a full table
+    assert (after.inserts, after.removed, after.entries) == (1 + 4 * size, ended, size - ended)
+    run_on_one_cpu(lambda: send(datagrams[:size]))  # the table fills again: evictions resume only when full
+    after = conntrack()
+    assert after.entries == size and after.evictions == 1 + 3 * size + (size - ended)  # the room lb made, then full

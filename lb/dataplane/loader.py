@@ -96,10 +96,13 @@ def map_mismatch(path: str, spec: MapSpec, info: libbpf.MapInfo) -> str | None:
     have = (info.map_type, info.key_size, info.value_size, info.max_entries, info.flags)
     if want == have:
         return None
+    sized = ""
+    if want[3] != have[3] and want[:3] + want[4:] == have[:3] + have[4:] and spec.sized_by:
+        sized = f" (its size follows the config's {' and '.join(spec.sized_by)}, changed since it was pinned)"
     return (
         f"{path}: pinned as {MAP_TYPE_NAMES.get(have[0], have[0])} key {have[1]} B value {have[2]} B "
         f"max {have[3]} flags {have[4]:#x}, this build needs {MAP_TYPE_NAMES.get(want[0], want[0])} key "
-        f"{want[1]} B value {want[2]} B max {want[3]} flags {want[4]:#x}"
+        f"{want[1]} B value {want[2]} B max {want[3]} flags {want[4]:#x}{sized}"
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
 import time
 from typing import Any
@@ -126,7 +127,10 @@ def stats(config: LoadBalancer) -> dict[str, Any]:
     "listener", "vip_id", "packets", "bytes", "new_flows", "reply_packets",
     "reply_bytes"}], "targets": [{"target", "target_id", "active", "in_service",
     "groups", ...the same five counters}], "counters": [{"reason", "packets",
-    "help"}]} (counters: every enum lb_counter reason, bpf/consts.h).
+    "help"}], "tables": [{"table" (conntrack|half_open), "capacity", "entries",
+    "inserts", "removed", "evictions"}]} (counters: every enum lb_counter
+    reason, bpf/consts.h; tables: Maps.table_usage, entries and evictions
+    estimated from the program's bookkeeping, no walk).
     Forward packets count client → target, reply packets target → client.
     """
     listeners, groups = l4_listeners(config), endpoint_groups(config)
@@ -139,7 +143,8 @@ def stats(config: LoadBalancer) -> dict[str, Any]:
                         **_traffic(maps.target_traffic(t.target_id))}
                        for t in maps.targets()]
         counters = [{"reason": c.label, "packets": n, "help": COUNTER_HELP[c]} for c, n in maps.counters().items()]
-    return {"time": now, "vips": vip_rows, "targets": target_rows, "counters": counters}
+        tables = [dataclasses.asdict(usage) for usage in maps.table_usage()]
+    return {"time": now, "vips": vip_rows, "targets": target_rows, "counters": counters, "tables": tables}
 
 
 def stats_rates(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

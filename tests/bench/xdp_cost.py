@@ -87,8 +87,10 @@ from lb.dataplane.maps import Endpoint, Maps, VipAddr  # noqa: E402
 from lb.dataplane.structs import Counter, Limits, ip_to_net, port_to_net  # noqa: E402
 from tests.xdp_fixture import CLIENT_IF, MAC, NEIGHBORS, TARGET_IF  # noqa: E402
 
-NETNS = "lbb-pkt"
-NAME = "lbb-xdp-cost"  # pin directory /sys/fs/bpf/lb/lbb-xdp-cost
+# "lbb", or LB_TEST_PREFIX + "b" (lbsb-...) so benchmarks of two worktrees can run at once.
+PREFIX = os.environ["LB_TEST_PREFIX"] + "b" if os.environ.get("LB_TEST_PREFIX") else "lbb"
+NETNS = f"{PREFIX}-pkt"
+NAME = f"{PREFIX}-xdp-cost"  # pin directory /sys/fs/bpf/lb/lbb-xdp-cost
 # Production limits (M = 65537, conntrack 524288 flows), but no flood guard:
 # the new-flow rows run a million SYNs a second, each of which must make its
 # entry. --per-cpu-lru swaps the conntrack map's shared LRU list for one per CPU.
