@@ -159,13 +159,38 @@ static __always_inline int send_via(struct xdp_md *ctx, struct packet *pkt, __u3
 	return bpf_redirect(ifindex, 0);
 }
 
+/* Why bpf_fib_lookup would not forward a packet, one counter a cause. */
+static __always_inline void count_fib_failure(int rc)
+{
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		count(CNT_FIB_NO_NEIGH);
+		break;
+	case BPF_FIB_LKUP_RET_FWD_DISABLED:
+		count(CNT_FIB_FWD_DISABLED);
+		break;
+	case BPF_FIB_LKUP_RET_BLACKHOLE:
+	case BPF_FIB_LKUP_RET_UNREACHABLE:
+	case BPF_FIB_LKUP_RET_PROHIBIT:
+		count(CNT_FIB_BLACKHOLE);
+		break;
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		count(CNT_FIB_FRAG_NEEDED);
+		break;
+	default:
+		count(CNT_FIB_NO_ROUTE);
+	}
+}
+
 /* The rewritten packet leaves now, by what fib_lookup answered. */
 static __always_inline int send_by(struct xdp_md *ctx, struct packet *pkt, struct bpf_fib_lookup *fib, int rc)
 {
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-		/* No neighbour entry yet (or no route): the kernel forwards the
-		 * already rewritten packet and resolves the neighbour for the next. */
+		/* No neighbour entry yet (the kernel forwards the already
+		 * rewritten packet and resolves the neighbour for the next), or
+		 * the kernel will not forward it either: counted by cause. */
 		count(CNT_PASS_FIB);
+		count_fib_failure(rc);
 		return XDP_PASS;
 	}
 	return send_via(ctx, pkt, fib->ifindex, fib->dmac, fib->smac);

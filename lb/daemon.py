@@ -41,6 +41,7 @@ from lb.dataplane.maps import Maps
 from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.checker import FIRST_ROUND_SPREAD
+from lb.hostcheck import host_problems
 from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
 from lb.model import LoadBalancer, Protocol
 from lb.runstate import RuntimeState
@@ -140,14 +141,17 @@ class Daemon:
 
     def _start_dataplane(self) -> None:
         config = self.config
+        interfaces = xdp_interfaces(config)
+        if not interfaces:
+            raise DaemonError("no interface to attach XDP to: set load_balancer.interfaces")
+        problems = host_problems(config, interfaces)
+        if problems:
+            raise DaemonError("the host is not ready for lb:\n  " + "\n  ".join(problems))
         limits = limits_for(config)
         try:
             self.program = Program.load(config.name, limits)
         except LoaderError as exc:
             raise DaemonError(str(exc)) from exc
-        interfaces = xdp_interfaces(config)
-        if not interfaces:
-            raise DaemonError("no interface to attach XDP to: set load_balancer.interfaces")
         attachments: list[Attachment] = []
         for ifname in interfaces:
             try:

@@ -284,7 +284,7 @@ def cases() -> Iterator[Case]:
     unresolved = from_client(tcp(40019), dst="10.0.0.103")
     yield Case("target with no neighbour entry: rewritten, passed to the kernel to forward", raw(unresolved),
                XDP_PASS, rewritten(unresolved, out_src_mac=None, out_dst_mac=None, dst="10.0.1.14", ttl_dec=False),
-               {Counter.CONNTRACK_MISS: 1, Counter.PASS_FIB: 1}, new_flow=True)
+               {Counter.CONNTRACK_MISS: 1, Counter.PASS_FIB: 1, Counter.FIB_NO_NEIGH: 1}, new_flow=True)
 
     yield from tcp_life_cases()
 
@@ -925,7 +925,7 @@ def test_a_bigger_packet_than_any_let_through_is_asked_for_again(
                                                                     dst="10.0.1.11", ttl_dec=False))
         after = maps.counters()
         assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == {
-            Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1,  # FRAG_NEEDED: the kernel fragments or says so
+            Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1, Counter.FIB_FRAG_NEEDED: 1,  # the kernel fragments or says so
             Counter.HANDSHAKE_MISMATCH: 1}  # the flow is half-open: this program saw no SYN-ACK
     finally:
         with nl.iproute(NETNS) as ipr:
@@ -1056,3 +1056,34 @@ def test_table_stats_count_what_goes_in_and_out_and_give_evictions_without_a_wal
     run_on_one_cpu(lambda: send(datagrams[:size]))  # the table fills again: evictions resume only when full
     after = conntrack()
     assert after.entries == size and after.evictions == 1 + 3 * size + (size - ended)  # the room lb made, then full
+
+
+def test_each_fib_lookup_failure_is_counted_by_its_cause(pkt_lab: PacketLab) -> None:
+    """pass_fib says a rewritten packet went to the kernel; fib_* say why:
+    forwarding off on the receiving interface, a blackhole route, no route.
+    (No neighbour and the MTU have their cases above.) Each target is new,
+    so no next hop was remembered for it."""
+    svc, port = "10.0.0.121", 9560
+    cases = [("10.0.1.13", Counter.FIB_FWD_DISABLED), ("10.0.3.5", Counter.FIB_BLACKHOLE),
+             ("10.0.9.5", Counter.FIB_NO_ROUTE)]
+    with nl.iproute(NETNS) as ipr:
+        ipr.route("add", dst="10.0.3.0/24", type="blackhole")
+    try:
+        for n, (target, cause) in enumerate(cases):
+            pkt_lab.dataplane.apply([*SERVICES, extra(svc, port + n, (target,))])
+            syn = from_client(tcp(41500 + n, dport=port + n), dst=svc)
+            if cause is Counter.FIB_FWD_DISABLED:
+                nl.set_sysctl(NETNS, "net.ipv4.conf.fxa.forwarding", "0")
+            try:
+                before = pkt_lab.maps.counters()
+                result = pkt_lab.run(raw(syn))
+            finally:
+                nl.set_sysctl(NETNS, "net.ipv4.conf.fxa.forwarding", "1")
+            assert (result.retval, result.data) == (
+                XDP_PASS, rewritten(syn, out_src_mac=None, out_dst_mac=None, dst=target, ttl_dec=False)), cause
+            assert counter_deltas(pkt_lab, before) == {Counter.CONNTRACK_MISS: 1, Counter.PASS_FIB: 1, cause: 1}
+            pkt_lab.dataplane.apply([*SERVICES, L4Service(vip(svc, port + n), end_flows_on_removal=True)])
+    finally:
+        pkt_lab.dataplane.apply(SERVICES)
+        with nl.iproute(NETNS) as ipr:
+            ipr.route("del", dst="10.0.3.0/24", type="blackhole")

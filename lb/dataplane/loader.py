@@ -65,11 +65,21 @@ def bpf_source_dir() -> Path:
     raise LoaderError(f"bpf/lb.c found neither beside {here.parent} nor in {sys.prefix}/share/lb/bpf")
 
 
+BPFFS = "/sys/fs/bpf"
+
+
 def ensure_bpffs() -> None:
-    if not os.path.ismount("/sys/fs/bpf"):
-        raise LoaderError(
-            "bpffs is not mounted on /sys/fs/bpf (deploy/install.sh mounts it: mount -t bpf bpf /sys/fs/bpf)"
-        )
+    """Mount bpffs on /sys/fs/bpf if it is not (as cilium-agent does): the
+    maps are pinned there. Only lb's pins use it, so mounting it changes
+    nothing else on the host; said in the log."""
+    if os.path.ismount(BPFFS):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", BPFFS.encode(), b"bpf", ctypes.c_ulong(0), None) != 0:
+        err = ctypes.get_errno()
+        raise LoaderError(f"bpffs is not mounted on {BPFFS} and mounting it failed: {os.strerror(err)} "
+                          f"(mount it: mount -t bpf bpf {BPFFS}; deploy/install.sh --system does at boot)")
+    log.warning("bpffs was not mounted on %s: mounted it (mount -t bpf bpf %s)", BPFFS, BPFFS)
 
 
 def check_pinned_maps(directory: str, limits: Limits) -> list[str]:

@@ -72,6 +72,11 @@ class Counter(enum.IntEnum):
     FLOOD_NO_ENTRY = 18
     FLOW_ESTABLISHED = 19
     HANDSHAKE_MISMATCH = 20
+    FIB_NO_NEIGH = 21
+    FIB_FWD_DISABLED = 22
+    FIB_BLACKHOLE = 23
+    FIB_FRAG_NEEDED = 24
+    FIB_NO_ROUTE = 25
 
     @property
     def label(self) -> str:
@@ -86,7 +91,7 @@ COUNTER_HELP = {
     Counter.PASS_PARSE_ERROR: "truncated header, bad IHL or length: passed",
     Counter.PASS_IP_OPTIONS: "IPv4 options: passed",
     Counter.PASS_FRAGMENT: "IPv4 fragment: passed",
-    Counter.PASS_FIB: "rewritten, no neighbour yet: passed to the kernel",
+    Counter.PASS_FIB: "rewritten, bpf_fib_lookup would not forward it: passed to the kernel (fib_* say why)",
     Counter.DROP_TTL: "TTL <= 1: dropped",
     Counter.DROP_NO_TARGET: "VIP without targets: dropped",
     Counter.REDIRECTED: "forwarded (redirect)",
@@ -106,6 +111,12 @@ COUNTER_HELP = {
                               "the half-open entry moved to conntrack",
     Counter.HANDSHAKE_MISMATCH: "ACK of a half-open flow not acknowledging the target's SYN-ACK (spoofed, "
                                 "or early): forwarded, the flow stays half-open",
+    Counter.FIB_NO_NEIGH: "pass_fib: the next hop's MAC is not known yet (the kernel resolves it)",
+    Counter.FIB_FWD_DISABLED: "pass_fib: IPv4 forwarding is off on the receiving interface (the kernel drops it: "
+                              "set net.ipv4.ip_forward=1)",
+    Counter.FIB_BLACKHOLE: "pass_fib: the route is a blackhole, unreachable or prohibit (the kernel drops it)",
+    Counter.FIB_FRAG_NEEDED: "pass_fib: bigger than the egress MTU (the kernel fragments it or answers ICMP)",
+    Counter.FIB_NO_ROUTE: "pass_fib: no route to the destination (or it is local)",
 }
 
 
