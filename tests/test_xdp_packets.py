@@ -1087,3 +1087,24 @@ def test_each_fib_lookup_failure_is_counted_by_its_cause(pkt_lab: PacketLab) -> 
         pkt_lab.dataplane.apply(SERVICES)
         with nl.iproute(NETNS) as ipr:
             ipr.route("del", dst="10.0.3.0/24", type="blackhole")
+
+
+def test_lb_conntrack_lists_half_open_flows_with_their_state(pkt_lab: PacketLab) -> None:
+    """`lb conntrack` (inspect.conntrack, on the packet lab's pins): a flow
+    with only its SYN is syn_sent, with the SYN-ACK syn_recv, both half-open;
+    the handshake's ACK moves it to established."""
+    from lb.inspect.kernel import conntrack  # here: the module reads pins, the fixture's by the config's name
+    from lb.model import LoadBalancer
+
+    config = LoadBalancer(name=pkt_lab.program.name, ring_size=LIMITS.ring_size, max_vips=LIMITS.max_vips,
+                          max_targets=LIMITS.max_targets, conntrack_size=LIMITS.conntrack_size)
+    frames = handshake(41600)
+
+    def row() -> tuple[str, bool, str] | None:
+        rows = [f for f in conntrack(config, vip=f"{VIP}:9000")["flows"] if f["client_port"] == 41600]
+        return (rows[0]["tcp_state"], rows[0]["half_open"], rows[0]["target"]) if rows else None
+
+    assert row() is None
+    for (frame, ingress), state in zip(frames, ("syn_sent", "syn_recv", "established")):
+        pkt_lab.run(frame, ingress)
+        assert row() == (state, state != "established", "10.0.1.11:9000")
