@@ -58,8 +58,6 @@ static __always_inline void count(enum lb_counter reason)
 		*value += 1;
 }
 
-/* murmur3's finalizer over the 5-tuple: cheap, and it spreads the bits of
- * every field into the slot index. */
 /* A flow table's bookkeeping (table_stats, table_fill) for a new key or a
  * deleted entry: rc is what the map update or delete returned. A new key in
  * a table already full took an evicted entry's place: the count stays. Two
@@ -91,6 +89,8 @@ static __always_inline void table_removed(__u32 table, long rc)
 	__sync_fetch_and_add(held, -1);
 }
 
+/* murmur3's finalizer over the 5-tuple: cheap, and it spreads the bits of
+ * every field into the slot index. */
 static __always_inline __u32 mix32(__u32 h)
 {
 	h ^= h >> 16;
