@@ -350,7 +350,7 @@ def test_stats_watch_prints_rates(daemon: RunningDaemon, lab: Lab) -> None:
 def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     rows = {m["name"]: m for m in lb_json(daemon, "maps", "list")}
     assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
-                         "replies", "reply_ports", "flood_guard", "next_hops"}
+                         "replies", "reply_ports", "flood_guard", "next_hops", "half_open"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
         "hash", 8, 16, 2)
     assert rows["conntrack"]["type"] == "lru_hash" and rows["conntrack"]["max_entries"] == 524288
@@ -371,6 +371,7 @@ def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     for entry in some["entries"]:  # one entry a flow, keyed client -> VIP
         assert entry["key"]["dst"] == VIP, entry
         assert entry["value"]["tcp_state"] in (None, "syn_sent", "established", "closing", "time_wait", "closed")
+    assert lb_json(daemon, "maps", "dump", "half_open")["count"] >= 0
     routes = lb_json(daemon, "maps", "dump", "replies")["entries"]
     assert {(e["key"]["addr"], e["key"]["port"], e["key"]["proto"]) for e in routes} >= {
         (b.address, PORT, "TCP") for b in lab.backends}
@@ -568,6 +569,6 @@ def test_daemon_down_maps_still_read_and_targets_say_so(daemon: RunningDaemon, l
         assert any(f["client"] == client and f["target"] == f"{backend}:{PORT}" for f in flows)
         assert lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")["target"] == f"{backend}:{PORT}"
         assert vip_row(lb_json(daemon, "stats"), "TCP")["new_flows"] > 0
-        assert len(lb_json(daemon, "maps", "list")) == 12
+        assert len(lb_json(daemon, "maps", "list")) == 13
         sock.sendall(b"still here\n")  # the kernel forwards with no daemon
         assert read_line(sock) == "still here"
