@@ -52,7 +52,7 @@ log() { echo "install: $*"; }
 # vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile).
 packages=(python3-bpfcc libbpfcc libbpf1 python3-venv python3-dev iproute2 ethtool)
 if [ "$system" = 0 ]; then
-  packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux)
+  packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux logrotate)
 fi
 if [ "$bench" = 1 ]; then
   packages+=(wrk nginx-light haproxy iperf3)
