@@ -49,10 +49,12 @@ log() { echo "install: $*"; }
 # --- Debian packages -------------------------------------------------------
 # Runtime: bcc (Debian's; the PyPI package called bcc is unrelated), libbpf,
 # netlink and ethtool tools for operators. Tests add nftables, tcpdump and
-# vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile).
+# vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile),
+# and prometheus for its promtool (19 MB download), which checks and unit-tests
+# deploy/prometheus/lb-alerts.yml; its service is never started (policy-rc.d).
 packages=(python3-bpfcc libbpfcc libbpf1 python3-venv python3-dev iproute2 ethtool)
 if [ "$system" = 0 ]; then
-  packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux)
+  packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux prometheus)
 fi
 if [ "$bench" = 1 ]; then
   packages+=(wrk nginx-light haproxy iperf3)
