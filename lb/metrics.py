@@ -55,6 +55,8 @@ lb_l7_open_fds{worker}                      gauge    descriptors open (the worke
 lb_l7_fd_limit{worker}                      gauge    its limit on open files
 lb_l7_connections_shed_total                counter  idle connections closed near the open files limit
 lb_l7_connections_refused_total             counter  new ones closed there (nothing idle to close)
+lb_http_access_log_lines_lost_total         counter  access log lines dropped: their write failed (disk
+                                                     full, file system read-only)
 lb_certificate_expiry_seconds{listener,     gauge    when an HTTPS listener's certificate expires
   certificate,names,default}                         (Unix time: alert on it minus time())
 lb_reloads_total                            counter  reloads asked for (SIGHUP, `lb reload`)
@@ -323,6 +325,9 @@ class Collector(PromCollector):
         yield CounterMetricFamily("lb_l7_connections_refused", "New L7 client connections closed at once near "
                                   "the open files limit (no idle one to close instead)",
                                   value=sum(snap.get("refused", 0) for snap in snapshots))
+        yield CounterMetricFamily("lb_http_access_log_lines_lost", "Access log lines dropped because their write "
+                                  "failed (disk full, file system read-only); requests were served",
+                                  value=sum(snap.get("access_log_lost", 0) for snap in snapshots))
         yield from self._l7_workers([snap for snap in snapshots if snap.get("worker") is not None])
 
     def _certificates(self, config: LoadBalancer) -> Iterator[Metric]:

@@ -458,3 +458,46 @@ def test_lb_up_counts_its_own_5xx_apart(daemon: tuple[RunningDaemon, int, int, P
                 r["error_reason"]) for r in read_access_log(log_file)}
     assert ("dead", 502, None, "TargetConnectionError") in reasons
     assert ("500", 500, 500, None) in reasons
+
+
+def lost_lines(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "lb_http_access_log_lines_lost_total")
+
+
+@pytest.mark.root
+def test_lines_a_full_disk_drops_are_counted_and_stay_counted_after_a_reload(tmp_path: Path) -> None:
+    """A write that fails (ENOSPC: /dev/full) drops its lines, as the README
+    says; lb_http_access_log_lines_lost_total counts them, and a reload that
+    moves the log to a good file keeps the count (a counter never goes back)."""
+    with ThreadedBackends(("http", "b1")) as (b1,):
+        port, metrics_port = free_port(), free_port()
+        lb_name = name("alost")
+        text = LB_CONFIG.format(name=lb_name, host=HOST, port=port, backend=b1.port, dead=free_port(),
+                                metrics=metrics_port, log="/dev/full", format="text")
+        running = RunningDaemon(None, lb_name, text)
+        try:
+            running.start()
+            for _ in range(5):
+                with urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=10) as response:
+                    assert response.status == 200
+            deadline = time.monotonic() + 5
+            while lost_lines(metrics_port) < 5 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the workers write every half second at most
+            assert lost_lines(metrics_port) == 5, running.logs()
+            assert "lines lost" in running.logs()
+            good = tmp_path / "access.log"
+            running.write_config(text.replace('path = "/dev/full"', f'path = "{good}"'))
+            running.request("reload")
+            for _ in range(3):
+                with urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=10) as response:
+                    assert response.status == 200
+            deadline = time.monotonic() + 5
+            while len(read_access_log(good) if good.exists() else []) < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(read_access_log(good)) == 3
+            assert lost_lines(metrics_port) == 5
+        finally:
+            running.cleanup()
