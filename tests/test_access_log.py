@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -120,6 +121,8 @@ def test_each_line_says_what_happened_to_its_request(tmp_path: Path, log_format:
     assert forwarded["received_bytes"] > 50 and forwarded["sent_bytes"] > 100
     assert forwarded["request_processing_time"] >= 0 and forwarded["target_processing_time"] >= 0
     assert forwarded["response_processing_time"] >= 0
+    assert forwarded["redirect_url"] is None
+    assert all(r["ssl_cipher"] is None and r["ssl_protocol"] is None for r in records)  # plain HTTP
 
     assert [v for n, v in seen["echo2"]["headers"] if n.lower() == "x-request-id"] == [generated["request_id"]]
     assert generated["user_agent"] is None
@@ -134,6 +137,8 @@ def test_each_line_says_what_happened_to_its_request(tmp_path: Path, log_format:
     assert (redirect["elb_status_code"], redirect["actions_executed"], redirect["matched_rule_priority"]) == (
         301, "redirect", 20)
     assert redirect["request"] == f"GET http://example.com:{port}/old?q=1 HTTP/1.1"
+    assert redirect["redirect_url"] == f"http://example.com:{port}/new?q=1"  # the Location sent
+    assert all(r["redirect_url"] is None for r in records if r is not redirect)
 
     assert (refused["elb_status_code"], refused["target_status_code"]) == (502, None)
     assert (refused["target"], refused["target_group"]) == (f"{HOST}:{dead}", "dead")
@@ -246,24 +251,38 @@ def test_a_table_update_moves_or_closes_the_log(tmp_path: Path) -> None:
     assert second.read_text().startswith("{")
 
 
-def test_an_https_listener_logs_https(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_an_https_listener_logs_https_and_the_handshake(tmp_path: Path, log_format: str) -> None:
     certs = Certs(tmp_path)
     log_file = tmp_path / "access.log"
 
     async def body() -> None:
         async with backend("http") as b:
-            listener = http_listener(forward_to("g"), tls=certs.listener_tls("www.example.com"))
-            table = routing_table(listener, (target_group("g", b),), access_log=str(log_file), log_format="json")
+            listener = http_listener(forward_to("g"), tls=certs.listener_tls("www.example.com"),
+                                     rules=(path_rule(5, "/old", m.RedirectAction(302, path="/new")),))
+            table = routing_table(listener, (target_group("g", b),), access_log=str(log_file), log_format=log_format)
             async with proxy(table) as (_, port):
                 shake = await asyncio.to_thread(tls_request, port, certs.client())
                 assert shake.response.startswith(b"HTTP/1.1 200 ")
-                seen["port"] = port
+                seen["port"], seen["shake"] = port, shake
+                # TLS 1.2 with a named cipher: what the handshake chose is what the line says.
+                ctx = certs.client()
+                ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+                ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256")
+                request = b"GET /old HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n"
+                seen["old"] = await asyncio.to_thread(tls_request, port, ctx, request=request)
+                assert seen["old"].response.startswith(b"HTTP/1.1 302 ")
 
-    seen: dict[str, int] = {}
+    seen: dict[str, Any] = {}
     run(body())
-    (record,) = read_access_log(log_file)
+    record, redirect = read_access_log(log_file)
     assert record["type"] == "https" and record["elb_status_code"] == 200
     assert record["request"] == f"GET https://www.example.com:{seen['port']}/ HTTP/1.1"
+    assert (record["ssl_protocol"], record["ssl_cipher"]) == (seen["shake"].version, seen["shake"].cipher)
+    assert record["ssl_protocol"] == "TLSv1.3" and record["redirect_url"] is None
+    assert (redirect["ssl_protocol"], redirect["ssl_cipher"]) == ("TLSv1.2", seen["old"].cipher)
+    assert redirect["ssl_cipher"].startswith("ECDHE-")
+    assert redirect["redirect_url"] == f"https://www.example.com:{seen['port']}/new"
 
 
 # --- the writer ------------------------------------------------------------------------------
