@@ -162,7 +162,7 @@ class Daemon:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_on_signal()))
         loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(self.reopen_logs()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping)
@@ -268,6 +268,13 @@ class Daemon:
         return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups),
                 "warnings": warnings}
 
+
+    async def _reload_on_signal(self) -> None:
+        """SIGHUP: a rejection is logged (and counted) by reload; nobody awaits the answer."""
+        try:
+            await self.reload()
+        except admin.AdminError:
+            pass
 
     async def reopen_logs(self) -> None:
         """SIGUSR1: the workers write what they buffered and reopen the access

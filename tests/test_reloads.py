@@ -73,6 +73,8 @@ def test_a_rejected_reload_shows_in_the_metrics() -> None:
             while (rejected := reload_metrics(metrics_port))["lb_reloads_total"] < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert rejected["lb_reloads_total"] == 2 and rejected["lb_reload_failures_total"] == 2
+            # A user's mistake: lb's message, no traceback (asyncio's "Task exception was never retrieved").
+            assert "reload rejected" in running.logs() and "Traceback" not in running.logs()
             assert rejected["lb_reload_last_successful"] == 0
             assert rejected["lb_reload_last_success_timestamp_seconds"] == first[
                 "lb_reload_last_success_timestamp_seconds"]
