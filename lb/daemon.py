@@ -43,6 +43,7 @@ from lb.health import HealthChecker
 from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
 from lb.model import LoadBalancer, Protocol
+from lb.registrations import Registrations
 from lb.runstate import RuntimeState
 from lb.systemd import sd_notify
 
@@ -74,6 +75,9 @@ class Daemon:
         self.config_path = config_path
         self.state = RuntimeState(config.name, os.getpid(), config_path, time.time(), config.netns,
                                   pin_dir(config.name), admin_socket=config.admin_socket)
+        # What `lb targets register|deregister` changed, over the config (lb.registrations).
+        self.registrations = Registrations.load(config.name)
+        self.registrations.reconcile(config)
         self._stop = asyncio.Event()
         self._reconcile_pending = False
         self._ramp_timer: asyncio.TimerHandle | None = None
@@ -107,7 +111,8 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
-        self.health = HealthChecker(config.target_groups, on_change=lambda change: self.schedule_reconcile())
+        self.registrations.save()
+        self.health = HealthChecker(self.registrations.effective_groups(config), on_change=lambda change: self.schedule_reconcile())
         self._health_task = asyncio.get_running_loop().create_task(self.health.run())
         # Reconcile only once every target has had its first check: after a
         # restart the adopted ring keeps serving meanwhile, instead of being
@@ -248,7 +253,9 @@ class Daemon:
         self.state.addresses += await loop.run_in_executor(None, place_addresses, new)
         self.config = new
         assert self.health is not None and self.controller is not None
-        self.health.update_groups(new.target_groups)
+        dropped = self.registrations.reconcile(new)
+        self.registrations.save()
+        self.health.update_groups(self.registrations.effective_groups(new))
         self.controller.set_config(new)
         self._after_reconcile(self.controller.reconcile())
         warnings = await self.l7.settle() if self.l7 is not None else []  # a stuck worker is named, not waited for
@@ -259,7 +266,7 @@ class Daemon:
         log.info("reloaded %s", self.config_path or "the embedded config")
         sd_notify("READY=1")
         return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups),
-                "warnings": warnings}
+                "warnings": warnings, "registrations_dropped": dropped}
 
 
     async def reopen_logs(self) -> None:
@@ -331,5 +338,7 @@ def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = T
     detached = detach_all(interfaces, netns)
     removed_addresses = remove_addresses(state.addresses, netns) if state is not None else []
     unpinned = purge_pins(name) if purge else False
+    if purge:
+        Registrations.remove(name)
     RuntimeState.remove(name)
     return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned}

@@ -62,6 +62,23 @@ class RuntimeState:
         data["addresses"] = [tuple(a) for a in data.get("addresses", [])]
         return cls(**data)
 
+    @classmethod
+    def all(cls) -> list[RuntimeState]:
+        """Every state file in /run/lb that can be read (a daemon's, running or not)."""
+        try:
+            files = sorted(f for f in os.listdir(RUN_DIR) if f.endswith(".json") and not f.endswith(".registrations.json"))
+        except FileNotFoundError:
+            return []
+        states = []
+        for file in files:
+            try:
+                state = cls.load(file.removesuffix(".json"))
+            except (OSError, ValueError, TypeError):
+                continue
+            if state is not None:
+                states.append(state)
+        return states
+
     @staticmethod
     def remove(name: str) -> None:
         if os.path.exists(state_path(name)):
