@@ -19,6 +19,7 @@ so they do not go backwards when a worker is replaced.
 Metrics (all prefixed ``lb_``; "vip" is "ADDRESS:PORT", "target" too):
 
 ==========================================  =======  ==========================================
+lb_build_info{version,python}               gauge    1, with lb's version and Python's in the labels
 lb_maps_loaded                              gauge    1 when the XDP maps are pinned
 lb_vip_packets_total{vip,protocol,listener}  counter  client → target packets forwarded
 lb_vip_bytes_total{...}                     counter  their bytes
@@ -70,6 +71,7 @@ import concurrent.futures
 import gzip
 import inspect
 import logging
+import platform
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +80,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
-from lb import tls
+from lb import __version__, tls
 from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry
 from lb.dataplane.pins import open_pinned
 from lb.dataplane.structs import COUNTER_HELP
@@ -155,6 +157,10 @@ class Collector(PromCollector):
         return ()  # no describe-time scrape; names are not checked for collisions
 
     def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily("lb_build_info", "lb's version (and Python's) in the labels",
+                                  labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
         config = self._config()
         for section in (self._kernel, self._health_metrics, self._l7, self._certificates):
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from lb import inspect
 from lb.model import LoadBalancer
 
 SYSTEM_CONFIG = "/etc/lb/lb.toml"
+LAB_CONFIG = str(resources.files("lb").joinpath("data/default.toml"))  # the namespace lab's (make demo)
 
 # Exit statuses, the same for every command (README "Exit status").
 EXIT_OK = 0
@@ -24,16 +26,23 @@ EXIT_NOT_RUNNING = 3  # the command needs the daemon and none answers on the adm
 
 config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="LB_CONFIG",
-    help=f"Config file (default: $LB_CONFIG, else {SYSTEM_CONFIG} if it exists, else the embedded lab config).",
+    help=f"Config file (default: $LB_CONFIG, else {SYSTEM_CONFIG}).",
 )
 
 
-def resolve_config_path(path: str | None) -> str | None:
-    """The file to use: the one given, else the system one if present, else
-    None (the embedded lab config)."""
+def resolve_config_path(path: str | None) -> str:
+    """The file to use: the one given (-c, $LB_CONFIG), else the system one.
+    Without either, exit 2 saying so: never a silent fallback to the lab's
+    embedded config (that one is named explicitly: -c LAB_CONFIG)."""
     if path:
         return path
-    return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
+    if os.path.exists(SYSTEM_CONFIG):
+        return SYSTEM_CONFIG
+    click.echo(f"Error: no config: {SYSTEM_CONFIG} does not exist and neither -c FILE nor $LB_CONFIG is given "
+               f"(the namespace lab's config: -c {LAB_CONFIG})", err=True)
+    raise SystemExit(EXIT_INVALID)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (stable schema).")
 
 
@@ -41,7 +50,7 @@ def load_config(path: str | None) -> LoadBalancer:
     """The config, or exit 2 listing every error (no traceback)."""
     path = resolve_config_path(path)
     try:
-        return configmod.load(path) if path else configmod.load_default()
+        return configmod.load(path)
     except configmod.ConfigError as exc:
         click.echo(str(exc), err=True)
         raise SystemExit(2) from exc

@@ -33,6 +33,8 @@ class ListByDefault(click.Group):
     """`lb targets web` lists group web: anything that is not a subcommand goes to `list`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.resilient_parsing:  # shell completion: offer the subcommands
+            return super().parse_args(ctx, args)
         if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
             args = ["list", *args]
         return super().parse_args(ctx, args)
