@@ -28,6 +28,7 @@ from lb import tls
 from lb.admin import AdminError
 from lb.dataplane.loader import Program
 from lb.health import HealthChecker
+from lb.health.anomaly import PassiveHealth
 from lb.model import LoadBalancer, Target, TargetGroup
 from lb.registrations import Registrations
 from lb.runstate import RuntimeState, listener_rows
@@ -64,6 +65,9 @@ class DaemonView(Protocol):
 
     @property
     def l7(self) -> WorkerTable | None: ...
+
+    @property
+    def passive(self) -> PassiveHealth | None: ...
 
     def schedule_reconcile(self) -> None: ...
 
@@ -129,6 +133,7 @@ class AdminCommands:
         rows = []
         for name in names:
             port = config.target_group(name).port
+            check = config.target_group(name).health_check
             for target, record in health.health(name).items():
                 rows.append({
                     "group": name,
@@ -144,6 +149,11 @@ class AdminCommands:
                     ("passed" if record.last_result.ok else "failed"),
                     "last_checked_ago_s": None if record.last_checked is None else
                     round(time.monotonic() - record.last_checked, 3),
+                    # Progress toward the next state: consecutive results against the thresholds.
+                    "checks": {"passes": record.consecutive_passes, "fails": record.consecutive_fails,
+                               "healthy_threshold": check.healthy_threshold,
+                               "unhealthy_threshold": check.unhealthy_threshold},
+                    "anomaly": self._anomaly(name, f"{target.address}:{target.traffic_port(port)}"),
                 })
             shown = {(row["target"], row["port"]) for row in rows if row["group"] == name}
             for entry in registrations.deregistered(name):  # drained, and held out of the config's targets
@@ -154,8 +164,19 @@ class AdminCommands:
                         "state": "unused", "reason": "Target.NotRegistered",
                         "description": "Deregistered by `lb targets deregister`; the config lists it",
                         "last_latency_ms": None, "last_result": None, "last_checked_ago_s": None,
+                        "checks": None, "anomaly": None,
                     })
         return rows
+
+    def _anomaly(self, group: str, target: str) -> dict[str, Any] | None:
+        """Passive health's last judgement of the target (None: off for the group, or no requests yet)."""
+        passive = self.daemon.passive
+        verdict = passive.verdict(group, target) if passive is not None else None
+        if verdict is None:
+            return None
+        return {"mitigated": verdict.mitigated, "requests": verdict.requests,
+                "failure_rate": round(verdict.failure_rate, 4),
+                "peer_failure_rate": round(verdict.peer_failure_rate, 4)}
 
     def change_registration(self, cmd: str, group: TargetGroup, target: Target) -> dict[str, Any]:
         health = self.daemon.health

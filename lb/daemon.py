@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import uvloop
@@ -40,6 +40,7 @@ from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, pu
 from lb.dataplane.maps import Maps
 from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
+from lb.health.anomaly import PassiveHealth
 from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
 from lb.model import LoadBalancer, Protocol
@@ -91,6 +92,8 @@ class Daemon:
         self.metrics_server: metrics.MetricsServer | None = None
         self.admin: admin.AdminServer | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.passive: PassiveHealth | None = None  # with the L7 workers: anomaly mitigation
+        self._passive_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -112,7 +115,8 @@ class Daemon:
     async def start(self) -> None:
         config = self.config
         self.registrations.save()
-        self.health = HealthChecker(self.registrations.effective_groups(config), on_change=lambda change: self.schedule_reconcile())
+        self.health = HealthChecker(self.registrations.effective_groups(config),
+                                    on_change=lambda change: self.schedule_reconcile())
         self._health_task = asyncio.get_running_loop().create_task(self.health.run())
         # Reconcile only once every target has had its first check: after a
         # restart the adopted ring keeps serving meanwhile, instead of being
@@ -130,11 +134,17 @@ class Daemon:
             problem = access_log_problem(config)
             if problem is not None:
                 raise DaemonError(problem)
-            self.l7 = L7Server(L7Config.for_load_balancer(config))
+            # The cookie key outlives the process: sticky sessions stay put across restarts.
+            self.l7 = L7Server(replace(L7Config.for_load_balancer(config),
+                                       cookie_secret=runstate.cookie_key(config.name)))
             await self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
+            self.passive = PassiveHealth(self.l7.stats, self._anomaly_mitigation, self.schedule_reconcile)
+            self.controller.mitigated = self.passive.mitigated
+            self._passive_task = asyncio.get_running_loop().create_task(self.passive.run())
         self._after_reconcile(self.controller.reconcile())
-        self.metrics_server = metrics.start(self.config.metrics_address, lambda: self.config, self.health, self.l7)
+        self.metrics_server = metrics.start(self.config.metrics_address, lambda: self.config, self.health, self.l7,
+                                            self.passive)
         self.admin = admin.AdminServer(config.admin_socket, AdminCommands(self).handle)
         await self.admin.start()
         self.state.save()
@@ -185,6 +195,9 @@ class Daemon:
             self.metrics_server = None
         if self.admin is not None:
             await self.admin.close()
+        if self._passive_task is not None:
+            self._passive_task.cancel()
+            await asyncio.gather(self._passive_task, return_exceptions=True)
         if self.health is not None:
             self.health.stop()
         if self._health_task is not None:
@@ -217,6 +230,9 @@ class Daemon:
                 self._after_reconcile(self.controller.reconcile())
 
         asyncio.get_running_loop().call_soon(run)
+
+    def _anomaly_mitigation(self, group: str) -> bool:
+        return any(g.name == group and g.anomaly_mitigation for g in self.config.target_groups)
 
     def _after_reconcile(self, again_in: float | None) -> None:
         """While a target is in slow start, reconcile again as its share grows."""
@@ -340,5 +356,6 @@ def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = T
     unpinned = purge_pins(name) if purge else False
     if purge:
         Registrations.remove(name)
+        runstate.remove_cookie_key(name)
     RuntimeState.remove(name)
     return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned}

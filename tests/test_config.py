@@ -365,8 +365,10 @@ BAD = [
     case({"target_groups[2].algorithm": "weighted_random"}, "target_groups[2].algorithm",
          "HTTP target groups only", id="algorithm-on-tcp"),  # fmt: skip
     # health checks
-    case({HC: {"interval": 4}}, f"{HC}.interval", "4 is outside 5..300", id="interval-low"),
-    case({HC: {"timeout": 1}}, f"{HC}.timeout", "1 is outside 2..120", id="timeout-low"),
+    case({HC: {"interval": 0}}, f"{HC}.interval", "0 is outside 1..300", id="interval-low"),
+    case({HC: {"interval": 2, "timeout": 0}}, f"{HC}.timeout", "0 is outside 1..120", id="timeout-low"),
+    case({HC: {"interval": 2, "timeout": 3}}, f"{HC}.timeout", "3 must be at most interval (2)",
+         id="fast-timeout-above-interval"),  # fmt: skip
     case({HC: {"interval": 10, "timeout": 10}}, f"{HC}.timeout", "must be smaller than interval (10)",
          id="timeout-not-below-interval"),  # fmt: skip
     case({"target_groups[2].health_check": {"interval": 10}}, "target_groups[2].health_check.timeout",
@@ -1345,3 +1347,12 @@ def test_validate_rejects_each_with_its_key_path(tmp_path: Path, data: dict[str,
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"{path}: {key_path}: "), result.stderr[:500]
     assert "\r" not in result.stderr and "Traceback" not in result.output
+
+
+def test_health_checks_down_to_1_s_are_lbs_extension() -> None:
+    """ELB's minimum is 5 s (timeout 2 s); lb accepts 1 s, and 1 s / 1 s below 5 s."""
+    for interval, timeout in ((1, 1), (2, 1), (4, 4), (5, 4)):
+        text = MINIMAL.replace("[[target_groups]]", "[[target_groups]]\n"
+                               f"health_check = {{ interval = {interval}, timeout = {timeout} }}", 1)
+        check = config.loads(text, "t.toml").target_groups[0].health_check
+        assert (check.interval, check.timeout) == (interval, timeout)

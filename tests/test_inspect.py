@@ -255,7 +255,8 @@ def test_targets_with_state_reason_and_latency(daemon: RunningDaemon, lab: Lab) 
     for row in rows.values():
         assert row["state"] == "healthy" and row["reason"] is None
         assert row["last_latency_ms"] is not None and 0 <= row["last_latency_ms"] < 2000
-    assert rows[("web", "10.0.1.12")]["target"]["port"] == 80 and rows[("echo-udp", "10.0.1.13")]["target"]["port"] == 9000
+    assert rows[("web", "10.0.1.12")]["target"]["port"] == 80
+    assert rows[("echo-udp", "10.0.1.13")]["target"]["port"] == 9000
     only = lb_json(daemon, "targets", "web-b")["targets"]
     assert [(t["group"], ep(t["target"])) for t in only] == [("web-b", "10.0.1.12:80")]
     text = lb(daemon, "targets", "echo-tcp").output
@@ -412,8 +413,8 @@ def test_explain_flow_agrees_with_the_kernel_conntrack(daemon: RunningDaemon, la
             assert info["decision"] == "conntrack" and info["listener"] == "echo-tcp"
             assert info["conntrack"]["state"] == "live" and info["conntrack"]["tcp_state"] == "established"
             assert info["syn"]["decision"] == "conntrack"  # open, its target in service: a SYN would follow it
-            assert info["reply"] == {"target": {"address": backend, "port": PORT}, "vips": [f"{VIP}:{PORT}"], "by": "entry",
-                                     "half_flow": False}
+            assert info["reply"] == {"target": {"address": backend, "port": PORT}, "vips": [f"{VIP}:{PORT}"],
+                                     "by": "entry", "half_flow": False}
             assert info["target"] == info["conntrack"]["target"] == info["ring"]["target"] == {"address": backend,
                                                                                               "port": PORT}
         text = lb(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}").output

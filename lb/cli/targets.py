@@ -52,6 +52,20 @@ def last_check(row: dict[str, Any]) -> str | None:
     return f"{result} {ago:.1f}s ago" if isinstance(ago, (int, float)) else str(result)
 
 
+def state(row: dict[str, Any]) -> str:
+    """The state, with the progress toward the next one: "unhealthy, 1/2 passes"."""
+    text, checks, anomaly = str(row["state"]), row.get("checks"), row.get("anomaly")
+    if anomaly is not None and anomaly["mitigated"]:
+        text += f", mitigated ({anomaly['failure_rate']:.0%} failing, peers {anomaly['peer_failure_rate']:.0%})"
+    if checks is None:
+        return text
+    if text == "unhealthy" and checks["passes"]:
+        return f"{text}, {checks['passes']}/{checks['healthy_threshold']} passes"
+    if text in ("healthy", "initial") and checks["fails"]:
+        return f"{text}, {checks['fails']}/{checks['unhealthy_threshold']} fails"
+    return text
+
+
 def registration(row: dict[str, Any]) -> str:
     entry = row.get("registration")
     if entry is None:
@@ -82,7 +96,7 @@ def list_targets(group: str | None, config_path: str | None, as_json: bool) -> N
     if not info["daemon"]["running"]:
         click.echo(f"daemon not running ({info['daemon']['reason']}): targets from the config, health unknown",
                    err=True)
-    rows = [[t["group"], t["target"], t["port"], t["weight"], t["state"], t["reason"], last_check(t),
+    rows = [[t["group"], t["target"], t["port"], t["weight"], state(t), t["reason"], last_check(t),
              None if t["last_latency_ms"] is None else f"{t['last_latency_ms']:.1f} ms", registration(t),
              t["description"] or None]
             for t in info["targets"]]

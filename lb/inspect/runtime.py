@@ -106,7 +106,12 @@ def targets(config: LoadBalancer, group: str | None = None) -> dict[str, Any]:
     "target" (address), "port", "weight", "state", "reason", "description",
     "last_latency_ms", "last_result" ("passed"|"failed"|None),
     "last_checked_ago_s", "registration" (None: as the config says, else
-    {"action": "register"|"deregister", "weight", "at" (epoch s)})}]}.
+    {"action": "register"|"deregister", "weight", "at" (epoch s)}),
+    "checks" (None, or {"passes", "fails" (consecutive), "healthy_threshold",
+    "unhealthy_threshold"}: the progress toward the next state), "anomaly"
+    (None: passive health off for the group or no requests yet, else
+    {"mitigated", "requests", "failure_rate", "peer_failure_rate"} over its
+    window)}]}.
     last_result and last_checked_ago_s are None unless the daemon reports
     them. With the daemon down: the config's targets with the saved
     registrations applied (lb.registrations), state "unknown".
@@ -120,7 +125,7 @@ def targets(config: LoadBalancer, group: str | None = None) -> dict[str, Any]:
         raise InspectError(f"the running daemon: {reason} (reload it after changing the config)")
     if rows is not None:
         fields = ("group", "target", "port", "weight", "state", "reason", "description", "last_latency_ms",
-                  "last_result", "last_checked_ago_s", "registration")
+                  "last_result", "last_checked_ago_s", "registration", "checks", "anomaly")
         return {"daemon": {"running": True, "reason": None},
                 "targets": [{key: row.get(key) for key in fields} for row in rows]}
     out = []
@@ -133,11 +138,13 @@ def targets(config: LoadBalancer, group: str | None = None) -> dict[str, Any]:
                 out.append({"group": g.name, "target": address, "port": port, "weight": t.weight,
                             "state": "unknown", "reason": None, "description": "the daemon is not running",
                             "last_latency_ms": None, "last_result": None, "last_checked_ago_s": None,
-                            "registration": registrations.source(g.name, address, port)})
+                            "registration": registrations.source(g.name, address, port), "checks": None,
+                            "anomaly": None})
             for entry in registrations.deregistered(g.name):
                 out.append({"group": g.name, "target": entry.address, "port": entry.port,
                             "weight": entry.config_weight, "state": "unused", "reason": "Target.NotRegistered",
                             "description": "Deregistered by `lb targets deregister`; the config lists it",
                             "last_latency_ms": None, "last_result": None, "last_checked_ago_s": None,
-                            "registration": registrations.source(g.name, entry.address, entry.port)})
+                            "registration": registrations.source(g.name, entry.address, entry.port),
+                            "checks": None, "anomaly": None})
     return {"daemon": {"running": False, "reason": reason}, "targets": out}
