@@ -68,6 +68,20 @@ class Registration:
         return self.group, self.address, self.port
 
 
+def checked(entry: Registration) -> Registration:
+    """`entry` as read from the file, or ValueError naming what is wrong with it
+    (the file is root's, but may have been edited by hand)."""
+    ipaddress.ip_address(entry.address)
+    ints = (entry.port, entry.weight or 1, entry.config_weight or 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or not 0 < entry.port <= 65535:
+        raise ValueError(f"{entry.address}: port and weights must be integers, the port 1..65535")
+    if entry.action not in (REGISTER, DEREGISTER) or not isinstance(entry.group, str):
+        raise ValueError(f"{entry.address}: action {entry.action!r} is not register or deregister")
+    if (entry.action == REGISTER) != (entry.weight is not None) or not 0 < (entry.weight or 1) <= 100:
+        raise ValueError(f"{entry.address}: a registration has a weight 1..100, a deregistration none")
+    return entry
+
+
 def config_weight(group: TargetGroup, address: str, port: int) -> int | None:
     """The weight the config gives this endpoint in `group`, or None if it does not list it."""
     for target in group.targets:
@@ -94,10 +108,10 @@ class Registrations:
         try:
             with open(path) as f:
                 data = json.load(f)
-            entries = [Registration(**e) for e in data["entries"]]
+            entries = [checked(Registration(**e)) for e in data["entries"]]
         except FileNotFoundError:
             return cls(name)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.warning("%s: unreadable (%s); the config alone applies", path, exc)
             if set_aside:
                 os.replace(path, path + ".bad")

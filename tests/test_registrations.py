@@ -96,6 +96,16 @@ def test_the_file_is_0600_and_an_unreadable_one_is_set_aside() -> None:
             f.write("{not json")
         assert Registrations.load(NAME, set_aside=False).entries == {} and os.path.exists(path)
         assert Registrations.load(NAME).entries == {} and os.path.exists(path + ".bad")
+        good = {"group": "web", "address": "10.0.1.11", "port": 9000, "action": "register", "weight": 1,
+                "config_weight": None, "at": 0.0}
+        for hostile in ({"address": "10.0.1.300"}, {"port": 0}, {"port": "80"}, {"action": "drain"},
+                        {"weight": None}, {"weight": 1000}, {"extra": 1}, {"group": None}):
+            with open(path, "w") as f:
+                json.dump({"version": 1, "entries": [{**good, **hostile}]}, f)
+            assert Registrations.load(NAME).entries == {}, hostile  # set aside: the config alone applies
+        with open(path, "w") as f:
+            json.dump({"version": 1, "entries": [good]}, f)
+        assert list(Registrations.load(NAME).entries) == [("web", "10.0.1.11", 9000)]
     finally:
         for leftover in (path, path + ".bad"):
             if os.path.exists(leftover):
