@@ -93,9 +93,10 @@ def config_weight(group: TargetGroup, address: str, port: int) -> int | None:
 class Registrations:
     """The entries of one load balancer, by endpoint; `save` writes them."""
 
-    def __init__(self, name: str, entries: list[Registration] | None = None) -> None:
+    def __init__(self, name: str, entries: list[Registration] | None = None, *, persist: bool = True) -> None:
         self.name = name
         self.entries: dict[Key, Registration] = {e.key: e for e in entries or []}
+        self.persist = persist  # False: kept in memory only (save and remove do nothing)
 
     # --- the file ---
 
@@ -119,6 +120,8 @@ class Registrations:
         return cls(name, entries)
 
     def save(self) -> None:
+        if not self.persist:
+            return
         os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
         path = registrations_path(self.name)
         if not self.entries:
