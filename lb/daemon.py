@@ -139,7 +139,7 @@ class Daemon:
                                        cookie_secret=runstate.cookie_key(config.name)))
             await self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
-            self.passive = PassiveHealth(self.l7.stats, self._anomaly_mitigation, self.schedule_reconcile)
+            self.passive = PassiveHealth(self.l7.stats, self._anomaly_groups, self.schedule_reconcile)
             self.controller.mitigated = self.passive.mitigated
             self._passive_task = asyncio.get_running_loop().create_task(self.passive.run())
         self._after_reconcile(self.controller.reconcile())
@@ -231,8 +231,8 @@ class Daemon:
 
         asyncio.get_running_loop().call_soon(run)
 
-    def _anomaly_mitigation(self, group: str) -> bool:
-        return any(g.name == group and g.anomaly_mitigation for g in self.config.target_groups)
+    def _anomaly_groups(self) -> frozenset[str]:
+        return frozenset(g.name for g in self.config.target_groups if g.anomaly_mitigation)
 
     def _after_reconcile(self, again_in: float | None) -> None:
         """While a target is in slow start, reconcile again as its share grows."""

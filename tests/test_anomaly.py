@@ -5,6 +5,7 @@ recovers; with 1 s health checks and their progress in `lb targets`."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import time
@@ -21,7 +22,7 @@ from lb import lab as labmod
 from lb import model as m
 from lb.cli import cli
 from lb.controller import GroupView, desired_l7
-from lb.health.anomaly import MITIGATED_SHARE, AnomalyDetector, Settings, totals
+from lb.health.anomaly import MITIGATED_SHARE, AnomalyDetector, PassiveHealth, Settings, totals
 from lb.lab import Lab
 from lb.netlink import run_in_netns
 from tests import labclient
@@ -83,6 +84,44 @@ def test_a_mitigated_target_takes_a_sliver_of_its_share() -> None:
     lb = m.LoadBalancer(name=NAME, target_groups=(group,))
     table = desired_l7(lb, {"web": GroupView(group, targets, (), ())}, 1, lambda g: frozenset({B}))
     assert table.groups[0].ramp == (("10.0.1.12", 80, MITIGATED_SHARE),)
+
+
+def test_passive_health_asks_the_workers_only_while_a_group_has_it_on() -> None:
+    asked: list[int] = []
+    groups: set[str] = set()
+    cumulative = {"n": 0}
+    changes: list[int] = []
+
+    async def stats() -> list[dict[str, Any]]:
+        asked.append(1)
+        cumulative["n"] += 10
+        n = cumulative["n"]
+        return [{"requests": [("web", None, "web", A, 200, False, n), ("web", None, "web", B, 500, False, n),
+                              ("web", None, "web", C, 200, False, n)]}]
+
+    async def main() -> None:
+        passive = PassiveHealth(stats, lambda: frozenset(groups), lambda: changes.append(1),
+                                settings=Settings(window=10, min_requests=5), every=0.01)
+        task = asyncio.create_task(passive.run())
+        try:
+            await asyncio.sleep(0.1)
+            assert asked == [] and passive.mitigated("web") == frozenset()  # off: the workers are not asked
+            groups.add("web")  # a reload turns it on: the first look is the baseline, the next ones judge
+            for _ in range(200):
+                if passive.mitigated("web"):
+                    break
+                await asyncio.sleep(0.01)
+            assert passive.mitigated("web") == {B} and changes == [1]
+            verdict = passive.verdict("web", B)
+            assert verdict is not None and verdict.mitigated
+            groups.clear()  # and off again: the mitigation ends at once
+            await asyncio.sleep(0.1)
+            assert passive.mitigated("web") == frozenset() and changes == [1, 1]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
 
 
 # --- a real daemon ------------------------------------------------------------------------

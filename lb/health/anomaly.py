@@ -93,25 +93,38 @@ class AnomalyDetector:
         """The group's mitigated targets, as "address:port"."""
         return frozenset(target for g, target in self._mitigated if g == group)
 
-    def observe(self, now: float, counts: Mapping[Key, Counts]) -> list[str]:
-        """Take the cumulative counts at `now`; one line per target whose
-        mitigation starts or ends (empty: nothing changed)."""
+    @property
+    def looked(self) -> bool:
+        return bool(self._history)
+
+    @property
+    def any_mitigated(self) -> bool:
+        return bool(self._mitigated)
+
+    def observe(self, now: float, counts: Mapping[Key, Counts], groups: frozenset[str] | None = None) -> list[str]:
+        """Take the cumulative counts at `now` and judge the targets of `groups`
+        (None: of all); one line per target whose mitigation starts or ends
+        (empty: nothing changed). The first look is only the baseline."""
         history = self._history
+        first = not history
         history.append((now, dict(counts)))
         while len(history) > 2 and history[1][0] <= now - self.settings.window:
             history.popleft()
         base = history[0][1]
         window = {key: (requests - base.get(key, (0, 0))[0], fails - base.get(key, (0, 0))[1])
                   for key, (requests, fails) in counts.items()}
+        if first and counts:  # counts since before we looked: no window to judge them by
+            return []
         by_group: dict[str, dict[str, Counts]] = {}
         for (group, target), delta in window.items():
-            by_group.setdefault(group, {})[target] = delta
+            if groups is None or group in groups:
+                by_group.setdefault(group, {})[target] = delta
         wanted: set[Key] = set()
         self.verdicts = {}
         for group, targets in by_group.items():
             wanted |= self._judge(group, targets)
-        # Targets no longer reported (gone from the config or the table) are forgotten.
-        wanted &= set(window)
+        # Targets no longer reported (gone from the config or the table), or of groups no longer judged, are forgotten.
+        wanted &= {key for key in window if groups is None or key[0] in groups}
         changes = [f"{g} {t}: failing {self.verdicts[(g, t)].failure_rate:.0%} of requests, peers "
                    f"{self.verdicts[(g, t)].peer_failure_rate:.0%}: mitigated (share {MITIGATED_SHARE:g})"
                    for g, t in sorted(wanted - self._mitigated)]
@@ -150,39 +163,47 @@ class AnomalyDetector:
 class PassiveHealth:
     """The daemon's side: every `every` seconds, the L7 workers' counts
     (`stats`, lb.l7.server.L7Server.stats) to the detector; `on_change` when
-    the mitigated set changes (the daemon reconciles). Only the groups
-    `enabled(group)` says have anomaly_mitigation on are ever mitigated."""
+    the mitigated set changes (the daemon reconciles). Only the groups that
+    `groups()` names (anomaly_mitigation on) are judged; with none, the
+    workers are not even asked."""
 
-    def __init__(self, stats: Callable[[], Awaitable[list[dict[str, Any]]]], enabled: Callable[[str], bool],
+    def __init__(self, stats: Callable[[], Awaitable[list[dict[str, Any]]]], groups: Callable[[], frozenset[str]],
                  on_change: Callable[[], None], *, settings: Settings | None = None,
                  every: float = OBSERVE_EVERY) -> None:
+        self.settings = settings
         self.detector = AnomalyDetector(settings)
         self._stats = stats
-        self._enabled = enabled
+        self._groups = groups
         self._on_change = on_change
         self._every = every
 
     def mitigated(self, group: str) -> frozenset[str]:
-        return self.detector.mitigated(group) if self._enabled(group) else frozenset()
+        return self.detector.mitigated(group) if group in self._groups() else frozenset()
 
     def verdict(self, group: str, target: str) -> Verdict | None:
         """The last judgement of "address:port" in `group` (None: no requests seen, or off)."""
-        return self.detector.verdicts.get((group, target)) if self._enabled(group) else None
+        return self.detector.verdicts.get((group, target)) if group in self._groups() else None
 
     async def run(self) -> None:
         """Until cancelled."""
-        # The workers' counts start at zero with them: that is the first look, so
-        # requests made before the second one are judged too.
-        self.detector.observe(time.monotonic(), {})
+        if self._groups():  # the workers' counts start at zero with them: requests before the next look count
+            self.detector.observe(time.monotonic(), {}, frozenset())
         while True:
             await asyncio.sleep(self._every)
+            groups = self._groups()
+            if not groups:  # off everywhere (a reload may turn it on: the next look is the baseline then)
+                if self.detector.looked:
+                    was = self.detector.any_mitigated
+                    self.detector = AnomalyDetector(self.settings)
+                    if was:
+                        self._on_change()
+                continue
             try:
                 counts = totals(await self._stats())
             except Exception:  # a bug, not the targets': keep the last judgement
                 log.exception("passive health: reading the workers' counts failed")
                 continue
-            counts = {key: value for key, value in counts.items() if self._enabled(key[0])}
-            changes = self.detector.observe(time.monotonic(), counts)
+            changes = self.detector.observe(time.monotonic(), counts, groups)
             for line in changes:
                 log.warning("anomaly mitigation: %s", line)
             if changes:
