@@ -7,6 +7,7 @@ import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 from click.testing import CliRunner
@@ -71,3 +72,13 @@ def test_man_page_and_completion_cover_every_command() -> None:
             assert f".B {command_name}" in page, command_name
     assert ".SH EXIT STATUS" in page and ".B 3" in page
     assert "_LB_COMPLETE=bash_complete" in completion(cli, "bash")
+
+
+def test_register_without_a_daemon_exits_3(tmp_path: Path) -> None:
+    config = tmp_path / "lb.toml"
+    config.write_text(f'[load_balancer]\nname = "{name("nobody")}"\nadmin_socket = "{tmp_path}/none.sock"\n')
+    for args in (["targets", "register", "web", "10.0.1.11"], ["targets", "deregister", "web", "10.0.1.11:80"]):
+        result = CliRunner().invoke(cli, [*args, "-c", str(config)])
+        assert result.exit_code == 3 and "no daemon" in result.output, result.output
+    result = CliRunner().invoke(cli, ["targets", "register", "web", "10.0.1", "-c", str(config)])
+    assert result.exit_code == 2 and "not an IPv4 ADDRESS" in result.output

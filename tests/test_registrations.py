@@ -203,7 +203,7 @@ def test_register_errors_are_one_line_each(daemon: RunningDaemon) -> None:
     out = lb(daemon, "targets", "register", "nope", "10.0.1.13")
     assert out.returncode == 1 and "register.group: 'nope' is not a defined target group" in out.stderr
     assert "Traceback" not in out.stderr
-    out = lb(daemon, "targets", "register", GROUP, "10.0.1.13:99999")
-    assert out.returncode == 1 and "port must be 1..65535" in out.stderr
+    out = lb(daemon, "targets", "register", GROUP, "10.0.1.13:99999")  # the command line: exit 2
+    assert out.returncode == 2 and "port must be 1..65535" in out.stderr and "Traceback" not in out.stderr
     out = lb(daemon, "targets", "deregister", GROUP, "10.0.9.9")
     assert out.returncode == 1 and "10.0.9.9:9000 is not registered" in out.stderr

@@ -105,8 +105,11 @@ def list_targets(group: str | None, config_path: str | None, as_json: bool) -> N
 
 
 def _endpoint(text: str) -> tuple[str, int | None]:
-    with inspect_errors():
+    """TARGET[:PORT]; a malformed one is a command-line error (exit 2)."""
+    try:
         address, port = inspect.parse_endpoint(text, port_required=False)
+    except inspect.InspectError as exc:
+        raise click.BadParameter(str(exc), param_hint="TARGET[:PORT]") from None
     return str(address), port
 
 
