@@ -117,6 +117,7 @@ class Daemon:
         self.registrations.save()
         self.health = HealthChecker(self.registrations.effective_groups(config),
                                     on_change=lambda change: self.schedule_reconcile())
+        self.registrations.resume(config, self.health)  # a drain a restart interrupted goes on
         self._health_task = asyncio.get_running_loop().create_task(self.health.run())
         # Reconcile only once every target has had its first check: after a
         # restart the adopted ring keeps serving meanwhile, instead of being

@@ -15,8 +15,9 @@ config wins: the entry is dropped and the drop is logged and reported by
 `lb reload`. So:
 
 - deregister a target the config lists: it drains and stays out through
-  reloads and restarts, until the config's line for it changes (or
-  `lb targets register` brings it back, which removes the entry);
+  reloads and restarts (a restart during its deregistration delay resumes
+  the drain for what is left of it), until the config's line for it
+  changes (or `lb targets register` brings it back, which removes the entry);
 - register a target the config does not list: it stays registered until
   deregistered, or until the config lists the endpoint itself;
 - register a listed target with another weight: that weight holds until the
@@ -35,7 +36,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from lb.model import LoadBalancer, Target, TargetGroup
 from lb.runstate import RUN_DIR
@@ -45,6 +46,12 @@ log = logging.getLogger("lb.registrations")
 REGISTER, DEREGISTER = "register", "deregister"
 
 Key = tuple[str, str, int]  # group, address, traffic port
+
+
+class Draining(Protocol):
+    """What `resume` needs of the health checker (lb.health.HealthChecker)."""
+
+    def resume_draining(self, group: str, target: Target, remaining: float) -> None: ...
 
 
 def registrations_path(name: str) -> str:
@@ -62,6 +69,7 @@ class Registration:
     weight: int | None  # REGISTER: the weight given; DEREGISTER: None
     config_weight: int | None  # the config's weight for the endpoint when the command ran; None: not listed
     at: float  # epoch seconds of the command
+    drain_until: float | None = None  # DEREGISTER: epoch seconds its deregistration delay ends
 
     @property
     def key(self) -> Key:
@@ -77,6 +85,8 @@ def checked(entry: Registration) -> Registration:
         raise ValueError(f"{entry.address}: port and weights must be integers, the port 1..65535")
     if entry.action not in (REGISTER, DEREGISTER) or not isinstance(entry.group, str):
         raise ValueError(f"{entry.address}: action {entry.action!r} is not register or deregister")
+    if entry.drain_until is not None and not isinstance(entry.drain_until, (int, float)):
+        raise ValueError(f"{entry.address}: drain_until {entry.drain_until!r} is not a time")
     if (entry.action == REGISTER) != (entry.weight is not None) or not 0 < (entry.weight or 1) <= 100:
         raise ValueError(f"{entry.address}: a registration has a weight 1..100, a deregistration none")
     return entry
@@ -156,7 +166,8 @@ class Registrations:
         self.entries.pop(key, None)
         listed = config_weight(group, key[1], port)
         if listed is not None:  # a runtime-only target just goes; a listed one is held out
-            self.entries[key] = Registration(*key, DEREGISTER, None, listed, time.time())
+            now = time.time()
+            self.entries[key] = Registration(*key, DEREGISTER, None, listed, now, now + group.deregistration_delay)
 
     # --- against a config ---
 
@@ -209,3 +220,13 @@ class Registrations:
 
     def deregistered(self, group: str) -> list[Registration]:
         return [e for e in self.entries.values() if e.group == group and e.action == DEREGISTER]
+
+    def resume(self, config: LoadBalancer, health: Draining) -> None:
+        """At a start: the deregistered targets whose delay has not ended drain
+        again for what is left of it (registered as draining, not checked)."""
+        now = time.time()
+        for group in config.target_groups:
+            for entry in self.deregistered(group.name):
+                if entry.drain_until is not None and entry.drain_until > now:
+                    target = Target(ipaddress.ip_address(entry.address), entry.port, entry.config_weight or 1)
+                    health.resume_draining(group.name, target, entry.drain_until - now)

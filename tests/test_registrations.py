@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from lb import model as m
+from lb.health import HealthChecker
 from lb.lab import Lab
 from lb.registrations import DEREGISTER, REGISTER, Registrations, registrations_path
 from tests.daemon_fixture import RunningDaemon, lab_config
@@ -80,6 +81,26 @@ def test_registering_a_deregistered_target_returns_it_to_the_config_and_groups_g
     assert [e.action for e in regs.entries.values()] == [REGISTER]
     [line] = regs.reconcile(lb_with(replace(g, name="other")))
     assert "no longer has the target group" in line
+
+
+def test_a_restart_resumes_a_drain_for_what_is_left_of_it() -> None:
+    g = replace(group(("10.0.1.11", 1), ("10.0.1.12", 1)), deregistration_delay=60)
+    regs = Registrations(NAME, persist=False)
+    regs.deregister(g, g.targets[0])
+    [entry] = regs.entries.values()
+    assert entry.drain_until is not None and abs(entry.drain_until - entry.at - 60) < 1e-6
+    now = [1000.0]
+    health = HealthChecker(regs.effective_groups(lb_with(g)), clock=lambda: now[0])
+    regs.resume(lb_with(g), health)
+    target = next(t for t in health.registered("web") if str(t.address) == "10.0.1.11")
+    assert health.target_health("web", target).state is m.TargetState.DRAINING
+    assert health.draining("web") == (target,) and len(health.in_service("web")) == 1
+    now[0] += 61
+    assert [str(t.address) for t in health.registered("web")] == ["10.0.1.12"]  # its delay ended: unused
+    ended = Registrations(NAME, [replace(entry, drain_until=entry.at - 1)], persist=False)
+    health = HealthChecker(ended.effective_groups(lb_with(g)))
+    ended.resume(lb_with(g), health)
+    assert [str(t.address) for t in health.registered("web")] == ["10.0.1.12"]  # over already: not resumed
 
 
 @pytest.mark.root
@@ -158,10 +179,10 @@ def test_deregistered_target_stays_draining_through_reload_and_out_after_restart
     row = listed(daemon)["10.0.1.11"]
     assert row["registration"]["action"] == "deregister" and row["state"] == "draining"
 
-    restart(daemon)  # the drain is not resumed; the target stays out of the group
+    restart(daemon)  # within its deregistration delay (300 s): it drains on, for what is left of it
     row = listed(daemon)["10.0.1.11"]
-    assert (row["state"], row["reason"], row["registration"]["action"]) == ("unused", "Target.NotRegistered",
-                                                                           "deregister")
+    assert (row["state"], row["reason"], row["registration"]["action"]) == (
+        "draining", "Target.DeregistrationInProgress", "deregister")
     text = lb(daemon, "targets", GROUP).stdout
     assert "deregistered" in text.splitlines()[1] + text.splitlines()[2]
 
