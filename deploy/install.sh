@@ -180,6 +180,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 install -d "$bindir"
 ln -sfn "$prefix/venv/bin/lb" "$bindir/lb"
+# lb(1) and bash completion, generated from the commands themselves (lb/cli/manpage.py).
+mandir=${LB_MANDIR:-/usr/local/share/man/man1}
+completiondir=${LB_COMPLETIONDIR:-/usr/local/share/bash-completion/completions}
+install -d "$mandir" "$completiondir"
+"$prefix/venv/bin/lb" manpage > "$mandir/lb.1"
+"$prefix/venv/bin/lb" completion bash > "$completiondir/lb"
 install -d -m 0755 "$etcdir" "$etcdir/examples"
 install -m 0644 "$here"/deploy/examples/*.toml "$etcdir/examples/"
 install -d -m 0755 "$etcdir/examples/tls"   # https-redirect.toml's example certificate
