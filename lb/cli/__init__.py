@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import click
 
+from lb.cli.bgp import bgp
 from lb.cli.conntrack import conntrack
 from lb.cli.daemon import down, reload, up
 from lb.cli.explain import explain
@@ -26,7 +27,7 @@ def cli() -> None:
     """lb: a kernel-assisted load balancer (XDP fast path + L7 proxy)."""
 
 
-for command in (validate, up, down, reload, status, vips, targets, maps, conntrack, stats, explain, lab):
+for command in (validate, up, down, reload, status, vips, targets, maps, conntrack, stats, explain, lab, bgp):
     cli.add_command(command)
 
 

@@ -440,6 +440,8 @@ ADMIN_COMMANDS: dict[str, tuple[str, ...]] = {
     "register": ("group", "target", "port", "weight"),
     "deregister": ("group", "target", "port"),
     "reload": (),
+    "bgp_withdraw": (),  # lb bgp withdraw / announce: out of and back into rotation
+    "bgp_announce": (),
 }
 
 
