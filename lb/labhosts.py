@@ -187,6 +187,18 @@ class ScaleLab(Lab):
                 nl.add_route(ipr, f"{b.address}/32", oif=b.lb_ifname)
         nl.set_sysctl(host.netns, "net.ipv4.ip_forward", "1")
 
+    def set_links(self, host: LbHost, up: bool, ifnames: tuple[str, ...] | None = None) -> None:
+        """A host's links (all, or ``ifnames``) down — a host that dies, or that
+        leaves the backends' gateways — or up again with their routes (the
+        kernel drops a route with its interface)."""
+        with nl.iproute(host.netns) as ipr:
+            for ifname in ifnames or self.lb_interfaces:
+                ipr.link("set", index=nl.ifindex(ipr, ifname), state="up" if up else "down")
+            if up:
+                nl.add_route(ipr, "default", gateway=host.router_address)
+                for b in self.backends:
+                    nl.add_route(ipr, f"{b.address}/32", oif=b.lb_ifname)
+
     def _configure_backend(self, ns: str, address: str) -> None:
         for key, value in (("net.ipv4.fib_multipath_hash_policy", "1"),
                            ("net.ipv4.conf.all.ignore_routes_with_linkdown", "1")):
@@ -272,8 +284,8 @@ bird_config = "{host.bird.fragment_dir}/lb.conf"
 
     def vip_next_hops(self, vip: str = VIP) -> list[str]:
         """The router's kernel route to the VIP: its next hops (host addresses)."""
-        with nl.iproute(self.router_ns) as ipr:
-            found = ipr.get_routes(dst=vip, dst_len=32, table=254)
+        with nl.iproute(self.router_ns) as ipr:  # a dump: get_routes(dst=...) is a lookup, one next hop
+            found = [r for r in ipr.get_routes(table=254) if r.get_attr("RTA_DST") == vip and r["dst_len"] == 32]
         hops: list[str] = []
         for route in found:
             gateway = route.get_attr("RTA_GATEWAY")
