@@ -51,6 +51,12 @@ class Host:
         self.daemon.write_config(self.config_text)
         self.daemon.start()
 
+    def reconfigure(self, text: str) -> None:
+        """A new config, by `lb reload` (BGP settings reload; BIRD restarts the session)."""
+        self.config_text = text
+        self.daemon.write_config(text)
+        self.daemon.request("reload")
+
     def stop(self) -> None:
         """SIGTERM (BGP withdrawn first), then `lb down`."""
         self.daemon.stop()
@@ -105,16 +111,17 @@ class Host:
 
 @contextmanager
 def ecmp_lab(prefix_suffix: str = "ecmp", hosts: int = 2, bfd: bool = True, hold_time: int = 3,
-             start: bool = True) -> Iterator[tuple[ScaleLab, list[Host]]]:
+             start: bool = True, extra_config: str = "") -> Iterator[tuple[ScaleLab, list[Host]]]:
     """The lab built, an `lb up` per host (a TCP echo VIP over the three
-    backends), all torn down at the end whatever happens."""
+    backends, and `extra_config`'s listeners), all torn down at the end
+    whatever happens."""
     lab = ScaleLab(name(prefix_suffix), hosts=hosts)
     lab.down()
     lab.up()
     members: list[Host] = []
     try:
         for h in lab.lb_hosts:
-            base = lab_config(lab, lab.host_name(h), echo_targets=3, netns=False)
+            base = lab_config(lab, lab.host_name(h), echo_targets=3, netns=False) + extra_config
             text = lab.host_config(base, h, bfd=bfd, hold_time=hold_time)
             members.append(Host(lab, h, RunningDaemon(lab, lab.host_name(h), text), text))
         if start:

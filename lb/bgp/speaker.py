@@ -147,7 +147,7 @@ class Speaker:
             fragment.remove(self.path)
         self.bgp, self.path = config.bgp, path
         self.drain_seconds = max((g.deregistration_delay for g in config.target_groups), default=0)
-        self.dirty = True
+        self.announced = None  # rewrite at the next sync (BIRD restarts a session whose settings changed)
 
     def withdraw_all(self) -> None:
         """SIGTERM: announce nothing, at once (the sessions stay; `lb down` ends them)."""
