@@ -282,6 +282,19 @@ bird_config = "{host.bird.fragment_dir}/lb.conf"
 """
         return head + sep + section + bgp + "\n" + tail
 
+    def host_config_path(self, host: LbHost) -> str:
+        return os.path.join(self.run_dir, f"lb{host.index}.toml")
+
+    def write_host_configs(self, base: str) -> list[str]:
+        """Each host's config (host_config of ``base``) under run_dir; their paths."""
+        paths = []
+        for host in self.lb_hosts:
+            path = self.host_config_path(host)
+            with open(path, "w") as f:
+                f.write(self.host_config(base, host))
+            paths.append(path)
+        return paths
+
     def vip_next_hops(self, vip: str = VIP) -> list[str]:
         """The router's kernel route to the VIP: its next hops (host addresses)."""
         with nl.iproute(self.router_ns) as ipr:  # a dump: get_routes(dst=...) is a lookup, one next hop

@@ -46,11 +46,8 @@ def up(prefix: str, hosts: int) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"lab {prefix}: {'up' if built else 'already up'} ({', '.join(the_lab.namespaces)})")
     if isinstance(the_lab, ScaleLab):  # each host's config: the embedded one, with its BGP identity
-        for host in the_lab.lb_hosts:
-            path = os.path.join(the_lab.run_dir, f"lb{host.index}.toml")
-            with open(path, "w") as f:
-                f.write(the_lab.host_config(default_config_text(), host))
-            click.echo(f"lb{host.index}: sudo lb up -c {path}")
+        for index, path in enumerate(the_lab.write_host_configs(default_config_text()), 1):
+            click.echo(f"lb{index}: sudo lb up -c {path}")
 
 
 @lab.command()
