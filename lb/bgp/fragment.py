@@ -24,7 +24,7 @@ DEFAULT_DIR = "/run/lb/bird"
 # BGP timers: a host that comes back is peered again within seconds (BIRD's
 # defaults wait 120 s before reconnecting), a session that fails backs off.
 CONNECT_RETRY = 5
-ERROR_WAIT = (2, 30)
+ERROR_WAIT = (1, 10)
 
 
 def fragment_path(bgp: Bgp, name: str) -> str:

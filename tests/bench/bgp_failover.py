@@ -119,7 +119,7 @@ def failover(lab: ScaleLab, act: Callable[[], None], restore: Callable[[], None]
         pumps.wait_all_moving(10)
         broken, pause = len(pumps.broken()), pumps.recovery()
     restore()
-    wait_next_hops(lab, 2)
+    wait_next_hops(lab, 2, timeout=60)  # BIRD backs off after repeated session errors (error wait time 1..10 s)
     return took, broken, pause
 
 
