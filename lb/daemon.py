@@ -364,10 +364,10 @@ def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = T
         raise DaemonError(f"`lb up` is still running for {name!r}: stop it first (SIGTERM, or systemctl stop lb)") \
             from None
     runstate.unlock(name, lock)  # not running: this also removes a lock file a killed daemon left
-    try:
-        withdrawn = bgp.remove(bgp_config, name) if bgp_config is not None else False
-    except bgp.SpeakerError as exc:
-        raise DaemonError(f"load_balancer.bgp: {exc}") from None
+    try:  # first: the routers move the traffic away before anything here goes
+        withdrawn: bool | str = bgp.remove(bgp_config, name) if bgp_config is not None else False
+    except bgp.SpeakerError as exc:  # the fragment is gone: a BIRD that comes back announces nothing
+        withdrawn = f"load_balancer.bgp: {exc}"
     state = RuntimeState.load(name)
     detached = detach_all(interfaces, netns)
     removed_addresses = remove_addresses(state.addresses, netns) if state is not None else []

@@ -12,6 +12,7 @@ by whichever host the target's multipath route picks (docs/bgp.md).
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -112,6 +113,22 @@ def test_lb_up_without_bird_is_refused_and_leaves_nothing(scale: tuple[ScaleLab,
     finally:
         host.host.bird.start(f"router id {host.host.address};\nprotocol device {{ scan time 1; }}\n"
                              f"{host.host.bird.include_line()}\n")
+    host.start()
+    wait_next_hops(lab, 2)
+
+
+def test_kill_9_keeps_the_route_until_lb_down(scale: tuple[ScaleLab, list[Host]]) -> None:
+    """A daemon killed with SIGKILL cannot withdraw: its XDP program goes on
+    serving L4 flows, so the route stays; `lb down` then withdraws first."""
+    lab, hosts = scale
+    host = hosts[0]
+    wait_next_hops(lab, 2)
+    host.daemon.stop(signal.SIGKILL)
+    time.sleep(1)
+    assert len(lab.vip_next_hops()) == 2
+    assert sum(spread(lab, 30).values()) == 30  # both hosts still forward
+    host.daemon.down()
+    wait_next_hops(lab, 1, timeout=5)
     host.start()
     wait_next_hops(lab, 2)
 

@@ -58,7 +58,11 @@ def down(config_path: str | None, keep_maps: bool, as_json: bool) -> None:
     click.echo(f"addresses removed: {', '.join(result['addresses_removed']) or 'none'}")
     click.echo(f"pinned maps: {'removed' if result['maps_removed'] else 'none found' if not keep_maps else 'kept'}")
     if config.bgp is not None:
-        click.echo(f"BGP: {'withdrawn (fragment removed)' if result['bgp_withdrawn'] else 'nothing announced'}")
+        withdrawn = result["bgp_withdrawn"]
+        if isinstance(withdrawn, str):
+            click.echo(f"BGP: {withdrawn}", err=True)
+        else:
+            click.echo(f"BGP: {'withdrawn (fragment removed)' if withdrawn else 'nothing announced'}")
 
 
 @click.command()
