@@ -11,10 +11,14 @@ by whichever host the target's multipath route picks (docs/bgp.md).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -36,11 +40,23 @@ def scale() -> Iterator[tuple[ScaleLab, list[Host]]]:
         yield lab, hosts
 
 
+def lb_json(host: Host, *args: str) -> Any:
+    """`lb ARGS -c CONFIG --json`, as an operator runs it."""
+    result = subprocess.run([sys.executable, "-m", "lb", *args, "-c", host.daemon.config_path, "--json"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def test_one_next_hop_per_host(scale: tuple[ScaleLab, list[Host]]) -> None:
     lab, hosts = scale
     took = wait_next_hops(lab, 2)
     assert lab.vip_next_hops() == sorted(h.host.address for h in hosts)
     print(f"\nboth hosts are next hops {took:.2f} s after the second lb up answered")
+    bgp = lb_json(hosts[0], "status")["bgp"]  # read from BIRD
+    assert bgp["announced"] == [f"{VIP}/32"] and bgp["in_rotation"] is True
+    assert [(s["neighbor"], s["state"], s["info"]) for s in bgp["sessions"]] == [
+        (hosts[0].host.router_address, "up", "Established")]
 
 
 def test_every_host_builds_the_same_ring(scale: tuple[ScaleLab, list[Host]]) -> None:
@@ -75,7 +91,7 @@ def test_graceful_withdraw_breaks_nothing(scale: tuple[ScaleLab, list[Host]]) ->
     wait_next_hops(lab, 2)
     with Pumps(lab, LONG_LIVED) as pumps:
         assert pumps.wait_all_moving(5)
-        status = leaving.daemon.request("bgp_withdraw")
+        status = lb_json(leaving, "bgp", "withdraw")
         assert status["in_rotation"] is False and status["announced"] == []
         took = wait_next_hops(lab, 1, timeout=5)
         assert lab.vip_next_hops() == [hosts[1].host.address]
