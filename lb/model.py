@@ -351,7 +351,7 @@ class Bgp:
     # Withdraw a VIP while no group behind it has a target in service (ours).
     withdraw_when_unhealthy: bool = True
     bird_socket: str = "/run/bird/bird.ctl"  # BIRD's control socket (birdc -s)
-    bird_config: str = ""  # the fragment lb owns; "": /run/lb/bird/<name>.conf
+    bird_config: str = ""  # the fragment lb owns; "": /run/bird/lb-<name>.conf
 
 
 # --- the load balancer -------------------------------------------------------

@@ -114,7 +114,7 @@ def test_announce_withdraw_and_remove(bird_proc: LabBird) -> None:
     sessions = s.status()["sessions"]
     assert [x["neighbor"] for x in sessions] == ["10.255.9.1", "10.255.9.2"]
     assert all(x["state"] in ("start", "up") for x in sessions), sessions
-    assert os.stat(s.path).st_mode & 0o777 == 0o600  # it holds a password
+    assert os.stat(s.path).st_mode & 0o777 == 0o640  # it holds a password: BIRD's group only
 
     s.update({VIP})
     assert bird.routes(bird_proc.socket, table) == ["10.0.0.100/32"]
@@ -158,7 +158,7 @@ def test_no_bird_is_a_clear_error_and_leaves_nothing(tmp_path: os.PathLike[str])
 
 def test_bird_that_does_not_include_the_fragment(bird_proc: LabBird, tmp_path: os.PathLike[str]) -> None:
     lb = config_for(bird_proc, bird_config=os.path.join(tmp_path, "elsewhere", "lb.conf"))
-    with pytest.raises(speaker.SpeakerError, match=r'does not read .*elsewhere/lb.conf: add include ".*/\*.conf";'):
+    with pytest.raises(speaker.SpeakerError, match=r'does not read .*elsewhere/lb.conf: add include ".*/elsewhere/\*.conf";'):
         speaker.Speaker(lb).start()
     assert not os.path.exists(os.path.join(tmp_path, "elsewhere", "lb.conf"))
 

@@ -2,8 +2,10 @@
 
 Everything lb puts into BIRD is in this one file, and every symbol in it
 starts with ``lb_<name>_``, so it can share BIRD with the operator's own
-config: BIRD's main config includes it (``include "/run/lb/bird/*.conf";``)
-and lb never writes anything else. The routes live in a table of their own
+config: BIRD's main config includes it (``include "/run/bird/lb-*.conf";``:
+/run/bird is BIRD's own run directory, there before BIRD starts, so the glob
+never names a missing directory; and a tmpfs, so no stale fragment survives a
+reboot) and lb never writes anything else. The routes live in a table of their own
 (``lb_<name>_v4``), so no kernel protocol of the operator's config ever
 installs them; the BGP sessions import nothing.
 
@@ -20,7 +22,7 @@ from collections.abc import Iterable
 
 from lb.model import Bgp
 
-DEFAULT_DIR = "/run/lb/bird"
+DEFAULT_DIR = "/run/bird"  # Debian's BIRD: bird:bird 0775; lb.service joins the group
 # BGP timers: a host that comes back is peered again within seconds (BIRD's
 # defaults wait 120 s before reconnecting), a session that fails backs off.
 CONNECT_RETRY = 5
@@ -28,7 +30,15 @@ ERROR_WAIT = (1, 10)
 
 
 def fragment_path(bgp: Bgp, name: str) -> str:
-    return bgp.bird_config or os.path.join(DEFAULT_DIR, f"{name}.conf")
+    return bgp.bird_config or os.path.join(DEFAULT_DIR, f"lb-{name}.conf")
+
+
+def include_line(path: str) -> str:
+    """What BIRD's config needs to read the fragment at ``path`` (a glob: no
+    error while the file does not exist)."""
+    directory, base = os.path.split(path)
+    pattern = "lb-*.conf" if base.startswith("lb-") else "*.conf"
+    return f'include "{os.path.join(directory, pattern)}";'
 
 
 def symbol_prefix(name: str) -> str:
@@ -92,11 +102,18 @@ def render(bgp: Bgp, name: str, announced: Iterable[ipaddress.IPv4Address]) -> s
 
 
 def write(path: str, text: str) -> None:
-    """Replace the fragment atomically (mode 0600: it may hold a password)."""
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    """Replace the fragment atomically. Mode 0640, group of the directory (it
+    may hold a password; BIRD, running as user bird, reads it through its group)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     with os.fdopen(fd, "w") as f:
+        try:  # an owner may give a file to a group it is in; lb.service is in group bird
+            os.fchown(f.fileno(), -1, os.stat(directory).st_gid)
+        except PermissionError:
+            pass
+        os.fchmod(f.fileno(), 0o640)
         f.write(text)
     os.replace(tmp, path)
 

@@ -107,10 +107,9 @@ class Speaker:
             raise SpeakerError(f"load_balancer.bgp: {exc}") from None
         if fragment.peer_name(self.name, 0) not in ours:
             self._remove_quietly()
-            directory = self.path.rsplit("/", 1)[0]
             raise SpeakerError(
                 f"load_balancer.bgp: BIRD ({self.bgp.bird_socket}) does not read {self.path}: add "
-                f'include "{directory}/*.conf"; to its config (bird.conf), then birdc configure')
+                f"{fragment.include_line(self.path)} to its config (bird.conf), then birdc configure")
 
     def update(self, serving: Iterable[Address]) -> None:
         """The addresses lb serves now; tells BIRD when what it announces changes."""

@@ -16,16 +16,13 @@ repo=/vagrant
 log() { echo "scale-out lb.sh: $*"; }
 
 # BIRD first: lb up refuses to start without it (docs/bgp.md). Its config is
-# Debian's, plus the include of lb's fragment directory, which must exist at
-# boot (tmpfiles), before BIRD reads it.
+# Debian's, plus the include of lb's fragment (in BIRD's own /run/bird).
 if ! dpkg-query -W -f='${Status}' bird2 2>/dev/null | grep -q "install ok installed"; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends bird2 >/dev/null
 fi
-echo "d /run/lb/bird 0755 root root -" > /etc/tmpfiles.d/lb-bird.conf
-systemd-tmpfiles --create /etc/tmpfiles.d/lb-bird.conf
-include='include "/run/lb/bird/*.conf";'
+include='include "/run/bird/lb-*.conf";'
 grep -qxF "$include" /etc/bird/bird.conf || echo "$include" >> /etc/bird/bird.conf
 sed -i "s/^#\?router id .*/router id ${LAB_ROUTER_ID};/" /etc/bird/bird.conf
 bird -p -c /etc/bird/bird.conf
