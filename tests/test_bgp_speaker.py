@@ -8,10 +8,13 @@ sessions it is given never send a packet anywhere.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pickle
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -22,6 +25,7 @@ from lb import netlink as nl
 from lb.bgp import bird, fragment, speaker
 from lb.labbird import LabBird
 from lb.model import Bfd, BgpNeighbor, LoadBalancer, Target, TargetHealth, TargetState
+from tests.daemon_fixture import unit_capabilities
 from tests.names import PREFIX, name
 
 pytestmark = pytest.mark.root
@@ -195,3 +199,47 @@ def test_what_is_served() -> None:
     lenient = replace(lb, bgp=replace(lb.bgp, withdraw_when_unhealthy=False))
     assert speaker.served(lenient, Health({"echo": [U, U]}), True, True) == {VIP, OTHER}
     assert speaker.served(lenient, Health({"echo": []}), True, True) == {OTHER}
+
+
+def test_under_the_units_restrictions() -> None:
+    """As deploy/lb.service runs lb (its capability bounding set, no
+    CAP_DAC_OVERRIDE, group bird) against BIRD as Debian runs it (user bird, a
+    bird:bird 0775 run directory): lb reaches the socket and BIRD reads the
+    fragment. Without the group: a clear 'permission denied'."""
+    bird_gid = grp.getgrnam("bird").gr_gid
+    run_dir = f"/run/lb-test/{PREFIX}/bgp-unit"  # not under /tmp/pytest-of-root (0700): BIRD runs as user bird
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir, 0o775)
+    os.chmod(run_dir, 0o775)
+    os.chown(run_dir, int(subprocess.check_output(["id", "-u", "bird"])), bird_gid)
+    ns = name("bgp-unit")
+    if nl.netns_exists(ns):
+        nl.remove_netns(ns)
+    nl.create_netns(ns)
+    proc = LabBird(run_dir, "bird", ns)
+    try:
+        main = os.path.join(run_dir, "bird.bird.conf")
+        with open(main, "w") as f:
+            f.write(f'router id 10.255.0.1;\nprotocol device {{ }}\ninclude "{run_dir}/lb-*.conf";\n')
+        os.chmod(main, 0o644)
+        subprocess.run(["ip", "netns", "exec", ns, "bird", "-u", "bird", "-g", "bird", "-c", main,
+                        "-s", proc.socket, "-P", proc.pid_path], check=True)
+        text = config_for(proc, bird_config=os.path.join(run_dir, "lb-spk.conf"))
+        code = ("from lb.bgp import speaker; import pickle, sys; lb = pickle.load(sys.stdin.buffer); "
+                "s = speaker.Speaker(lb); s.start(); s.update(set(lb.bgp.announce)); "
+                "print(','.join(sorted(s.status()['announced']))); speaker.remove(lb.bgp, lb.name)")
+        caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in unit_capabilities())
+        confined = ["setpriv", f"--bounding-set=-all,{caps}"]
+        for groups, expect in (([f"--groups={bird_gid}"], "10.0.0.100/32,10.0.0.101/32"), (["--clear-groups"], None)):
+            result = subprocess.run([*confined, *groups, "--", sys.executable, "-c", code], input=pickle.dumps(text),
+                                    capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+            if expect is not None:
+                assert result.returncode == 0, result.stderr.decode()
+                assert result.stdout.decode().strip() == expect
+            else:
+                assert result.returncode != 0
+                assert "bird.ctl: permission denied" in result.stderr.decode()
+    finally:
+        proc.stop()
+        nl.remove_netns(ns)
+        shutil.rmtree(run_dir, ignore_errors=True)
