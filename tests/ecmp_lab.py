@@ -38,6 +38,15 @@ def wait_next_hops(lab: ScaleLab, count: int, timeout: float = CONVERGE_TIMEOUT)
                          f"after {timeout:g} s")
 
 
+def wait_converged(lab: ScaleLab, hosts: list[Host], timeout: float = 30.0) -> None:
+    """Every host announces and sees every target healthy: the rings agree
+    (docs/bgp.md: hosts that disagree on health build different rings)."""
+    wait_next_hops(lab, len(hosts), timeout)
+    for h in hosts:
+        for b in lab.backends:
+            h.daemon.wait_for("echo-tcp", b.address, "healthy", timeout)
+
+
 @dataclass
 class Host:
     """One lb host of the lab and its daemon."""

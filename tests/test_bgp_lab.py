@@ -25,7 +25,7 @@ import pytest
 from lb import netlink as nl
 from lb.lab import VIP
 from lb.labhosts import ScaleLab
-from tests.ecmp_lab import CONVERGE_TIMEOUT, Host, Pumps, ecmp_lab, spread, wait_next_hops
+from tests.ecmp_lab import CONVERGE_TIMEOUT, Host, Pumps, ecmp_lab, spread, wait_converged, wait_next_hops
 
 pytestmark = pytest.mark.root
 
@@ -63,6 +63,7 @@ def test_every_host_builds_the_same_ring(scale: tuple[ScaleLab, list[Host]]) -> 
     """The per-VIP seed and sorted identities: a flow the router moves finds
     the same target on the other host (no conntrack entry needed)."""
     lab, hosts = scale
+    wait_converged(lab, hosts)
     rings = [h.ring() for h in hosts]
     assert len(set(rings[0])) == 3 and "-" not in rings[0]
     assert rings[0] == rings[1]
@@ -70,7 +71,7 @@ def test_every_host_builds_the_same_ring(scale: tuple[ScaleLab, list[Host]]) -> 
 
 def test_new_connections_spread_over_hosts_and_targets(scale: tuple[ScaleLab, list[Host]]) -> None:
     lab, hosts = scale
-    wait_next_hops(lab, 2)
+    wait_converged(lab, hosts)
     before = [h.new_flows() for h in hosts]
     reached = spread(lab, CONNECTIONS)
     per_host = [h.new_flows() - b for h, b in zip(hosts, before, strict=True)]
@@ -88,7 +89,7 @@ def test_graceful_withdraw_breaks_nothing(scale: tuple[ScaleLab, list[Host]]) ->
     the host's flows go on through the other host, at their targets."""
     lab, hosts = scale
     leaving = hosts[0]
-    wait_next_hops(lab, 2)
+    wait_converged(lab, hosts)
     with Pumps(lab, LONG_LIVED) as pumps:
         assert pumps.wait_all_moving(5)
         status = lb_json(leaving, "bgp", "withdraw")
@@ -133,12 +134,29 @@ def test_lb_up_without_bird_is_refused_and_leaves_nothing(scale: tuple[ScaleLab,
     wait_next_hops(lab, 2)
 
 
+def test_every_target_unhealthy_withdraws(scale: tuple[ScaleLab, list[Host]]) -> None:
+    """withdraw_when_unhealthy (the default): with no healthy target behind
+    the VIP a host stops attracting its traffic; back when one is healthy."""
+    lab, hosts = scale
+    wait_converged(lab, hosts)
+    try:
+        for b in lab.backends:
+            lab.stop_server(b)
+        took = wait_next_hops(lab, 0, timeout=30)
+        print(f"\nevery target down: withdrawn by both hosts after {took:.1f} s (checks every 5 s, 2 failures)")
+    finally:
+        for b in lab.backends:
+            lab.start_server(b)
+    took = wait_next_hops(lab, 2, timeout=30)
+    print(f"targets back: announced again after {took:.1f} s")
+
+
 def test_kill_9_keeps_the_route_until_lb_down(scale: tuple[ScaleLab, list[Host]]) -> None:
     """A daemon killed with SIGKILL cannot withdraw: its XDP program goes on
     serving L4 flows, so the route stays; `lb down` then withdraws first."""
     lab, hosts = scale
     host = hosts[0]
-    wait_next_hops(lab, 2)
+    wait_converged(lab, hosts)
     host.daemon.stop(signal.SIGKILL)
     time.sleep(1)
     assert len(lab.vip_next_hops()) == 2
@@ -157,7 +175,7 @@ def test_hard_failure(scale: tuple[ScaleLab, list[Host]], how: str) -> None:
     carried resume on the other host, at their targets."""
     lab, hosts = scale
     dying = hosts[1]
-    wait_next_hops(lab, 2)
+    wait_converged(lab, hosts)
     with Pumps(lab, LONG_LIVED) as pumps:
         assert pumps.wait_all_moving(5)
         down_at = time.monotonic()

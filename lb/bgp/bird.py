@@ -11,9 +11,11 @@ seldom (a change of what it announces, `lb status`).
 
 from __future__ import annotations
 
+import shutil
 import socket
 from dataclasses import dataclass
 
+BIRD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # where Debian's bird2 puts bird, whatever PATH says
 TIMEOUT = 5.0  # seconds for one command; `configure` of a small config takes milliseconds
 
 
@@ -58,7 +60,9 @@ def command(socket_path: str, line: str, timeout: float = TIMEOUT) -> Reply:
                 f.flush()
                 return _read_reply(f)
     except FileNotFoundError:
-        raise BirdError(f"BIRD's control socket {socket_path} does not exist: is BIRD running?") from None
+        installed = "" if shutil.which("bird", path=BIRD_PATH) else " (BIRD is not installed: apt install bird2)"
+        raise BirdError(f"BIRD's control socket {socket_path} does not exist: is BIRD running?{installed}") \
+            from None
     except ConnectionRefusedError:
         raise BirdError(f"nothing listens on BIRD's control socket {socket_path}: is BIRD running?") from None
     except PermissionError:
