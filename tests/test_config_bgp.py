@@ -13,6 +13,7 @@ import pytest
 
 from lb import config
 from lb.config import ConfigError
+from lb.labhosts import LB_AS, ROUTER_AS, ScaleLab
 from lb.model import Bfd, BgpNeighbor
 from tests.test_config import DELETE, edit, good
 
@@ -139,3 +140,19 @@ def test_nothing_to_announce_without_ipv4_listeners() -> None:
         config.parse(data)
     assert [(i.path, i.message) for i in info.value.errors] == [
         (B, "nothing to announce: no listener has an IPv4 address")]
+
+
+def test_the_scale_out_labs_host_configs() -> None:
+    """`lb lab up --hosts 2` writes the embedded config made each host's: its
+    name, namespace, interfaces, admin socket and BGP identity; the rest equal."""
+    lab = ScaleLab("x", hosts=2)
+    models = [config.loads(lab.host_config(config.default_config_text(), h)) for h in lab.lb_hosts]
+    for model, host in zip(models, lab.lb_hosts, strict=True):
+        assert (model.name, model.netns, model.admin_socket) == (f"x-lb{host.index}", host.netns,
+                                                                  f"/run/lb/x-lb{host.index}.sock")
+        assert model.interfaces == lab.lb_interfaces
+        assert model.bgp is not None
+        assert (str(model.bgp.router_id), model.bgp.local_as) == (host.address, LB_AS)
+        assert [(str(n.address), n.asn) for n in model.bgp.neighbors] == [(host.router_address, ROUTER_AS)]
+        assert model.bgp.bird_socket == host.bird.socket
+    assert models[0].listeners == models[1].listeners and models[0].target_groups == models[1].target_groups
