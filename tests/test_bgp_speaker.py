@@ -243,3 +243,17 @@ def test_under_the_units_restrictions() -> None:
         proc.stop()
         nl.remove_netns(ns)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_reload_to_another_fragment_path_leaves_nothing_behind(bird_proc: LabBird) -> None:
+    lb = config_for(bird_proc)
+    assert lb.bgp is not None
+    s = speaker.Speaker(lb)
+    s.start()
+    s.update({VIP})
+    old = s.path
+    s.set_config(replace(lb, bgp=replace(lb.bgp, bird_config=f"{bird_proc.fragment_dir}/other.conf")))
+    assert not os.path.exists(old)
+    assert s.sync()
+    assert os.path.exists(f"{bird_proc.fragment_dir}/other.conf")
+    assert bird.routes(bird_proc.socket, fragment.table_name(lb.name)) == ["10.0.0.100/32"]

@@ -142,8 +142,8 @@ class Speaker:
         """Reload: new sessions or VIPs take effect at the next sync."""
         assert config.bgp is not None
         path = fragment.fragment_path(config.bgp, config.name)
-        if path != self.path:
-            fragment.remove(self.path)
+        if (path, config.bgp.bird_socket) != (self.path, self.bgp.bird_socket):
+            self._remove_quietly()  # the old BIRD (or file) lets our sessions go
         self.bgp, self.path = config.bgp, path
         self.drain_seconds = max((g.deregistration_delay for g in config.target_groups), default=0)
         self.announced = None  # rewrite at the next sync (BIRD restarts a session whose settings changed)
