@@ -48,14 +48,16 @@ log() { echo "install: $*"; }
 
 # --- Debian packages -------------------------------------------------------
 # Runtime: bcc (Debian's; the PyPI package called bcc is unrelated), libbpf,
-# netlink and ethtool tools for operators. Tests add nftables, tcpdump and
+# netlink and ethtool tools for operators, BIRD 2 for [load_balancer.bgp] (lb
+# writes its own fragment and drives BIRD's control socket; the lab runs one BIRD
+# per host and for its router). Tests add nftables, tcpdump and
 # vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile),
 # prometheus for its promtool (19 MB download), which checks and unit-tests
 # deploy/prometheus/lb-alerts.yml (its service is never started: policy-rc.d),
 # and systemd (systemd-analyze) and strace, which check deploy/lb.service's
 # sandbox against what lb does (tests/test_unit_sandbox.py), and logrotate,
 # which checks deploy/lb.logrotate.
-packages=(python3-bpfcc libbpfcc libbpf1 python3-venv python3-dev iproute2 ethtool)
+packages=(python3-bpfcc libbpfcc libbpf1 python3-venv python3-dev iproute2 ethtool bird2)
 if [ "$system" = 0 ]; then
   packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux logrotate prometheus systemd strace)
 fi

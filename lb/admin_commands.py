@@ -2,10 +2,11 @@
 
     status                  name, pid, config and load time, program, attachments, listeners,
                             L7 workers (pid, state, started, restarts), HTTPS certificates
-                            (listener, file, names, expiry)
+                            (listener, file, names, expiry), BGP sessions and announcements
     targets [group]         every target with its health, as describe-target-health
     register / deregister   a target in a group (deregistered targets drain first)
     reload                  re-read the config: all or nothing (Daemon.reload)
+    bgp_withdraw / _announce  out of BGP rotation (flows here go on) and back (lb.bgp.speaker)
 
 lb.admin carries the requests over the socket; this module answers them.
 Every request is first validated by lb.config (`admin_request`) exactly like
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 from lb import config as configmod
 from lb import tls
 from lb.admin import AdminError
+from lb.bgp.speaker import Speaker
 from lb.dataplane.loader import Program
 from lb.health import HealthChecker
 from lb.health.anomaly import PassiveHealth
@@ -69,6 +71,9 @@ class DaemonView(Protocol):
     @property
     def passive(self) -> PassiveHealth | None: ...
 
+    @property
+    def bgp(self) -> Speaker | None: ...
+
     def schedule_reconcile(self) -> None: ...
 
     async def reload(self) -> dict[str, Any]: ...
@@ -91,6 +96,11 @@ class AdminCommands:
             return self.targets(valid.group)
         if valid.cmd == "reload":
             return await self.daemon.reload()
+        if valid.cmd in ("bgp_withdraw", "bgp_announce"):
+            speaker = self.daemon.bgp
+            if speaker is None:
+                raise AdminError("this load balancer announces nothing: its config has no [load_balancer.bgp]")
+            return speaker.withdraw() if valid.cmd == "bgp_withdraw" else speaker.announce()
         assert valid.group is not None and valid.target is not None  # register, deregister
         target = valid.target
         if valid.cmd == "register" and "weight" not in request:  # no weight given: keep the one it has
@@ -123,6 +133,7 @@ class AdminCommands:
             "listeners": listener_rows(daemon.config),
             "l7_workers": daemon.l7.workers() if daemon.l7 is not None else [],
             "certificates": tls.certificate_rows(daemon.config),
+            "bgp": daemon.bgp.status() if daemon.bgp is not None else None,
         }
 
     def targets(self, group: TargetGroup | None) -> list[dict[str, Any]]:

@@ -316,6 +316,47 @@ class AccessLog:
     format: AccessLogFormat = AccessLogFormat.TEXT
 
 
+# --- BGP: announcing the VIPs to routers (ECMP over several lb hosts) ----------
+
+
+@dataclass(frozen=True)
+class BgpNeighbor:
+    """A router lb's BIRD peers with."""
+
+    address: ipaddress.IPv4Address
+    asn: int  # 1..4294967295
+    password: str | None = field(default=None, repr=False)  # TCP MD5 (RFC 2385)
+
+
+@dataclass(frozen=True)
+class Bfd:
+    """BFD on the BGP sessions: a dead host's routes go in interval × multiplier."""
+
+    enabled: bool = False
+    interval: int = 100  # ms, BIRD's min rx/tx interval
+    multiplier: int = 3
+
+
+@dataclass(frozen=True)
+class Bgp:
+    """[load_balancer.bgp]: lb announces its VIPs through BIRD 2 (docs/bgp.md).
+
+    ``announce`` is concrete: lb.config fills in every IPv4 listener address
+    when the file names none."""
+
+    router_id: ipaddress.IPv4Address
+    local_as: int  # 1..4294967295
+    neighbors: tuple[BgpNeighbor, ...]
+    announce: tuple[ipaddress.IPv4Address, ...] = ()
+    hold_time: int = 90  # seconds, 3..65535; keepalives every third
+    bfd: Bfd = field(default_factory=Bfd)
+    communities: tuple[tuple[int, ...], ...] = ()  # (asn, value) standard, (a, b, c) large
+    # Withdraw a VIP while no group behind it has a target in service (ours).
+    withdraw_when_unhealthy: bool = True
+    bird_socket: str = "/run/bird/bird.ctl"  # BIRD's control socket (birdc -s)
+    bird_config: str = ""  # the fragment lb owns; "": /run/bird/lb-<name>.conf
+
+
 # --- the load balancer -------------------------------------------------------
 
 
@@ -347,6 +388,7 @@ class LoadBalancer:
     access_log: AccessLog = field(default_factory=AccessLog)  # ours: L7 requests; reloadable
     admin_socket: str = "/run/lb/admin.sock"
     metrics_address: str = "127.0.0.1:9464"
+    bgp: Bgp | None = None  # ours: announce the VIPs by BGP (several hosts behind ECMP)
 
     def target_group(self, name: str) -> TargetGroup:
         for group in self.target_groups:

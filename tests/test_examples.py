@@ -138,7 +138,8 @@ def test_unit_sandbox(unit: dict[str, dict[str, list[str]]]) -> None:
     assert one(unit, "Service", "NoNewPrivileges") == "yes"
     assert one(unit, "Service", "ProtectSystem") == "strict"
     writable = {path for value in unit["Service"]["ReadWritePaths"] for path in value.split()}
-    assert writable == {"/sys/fs/bpf", "/run/lb"}
+    assert writable == {"/sys/fs/bpf", "/run/lb", "-/run/bird"}  # "-": BIRD's run directory, if BIRD is there
+    assert one(unit, "Service", "SupplementaryGroups") == "bird"  # BIRD's control socket (docs/bgp.md)
     assert one(unit, "Service", "RuntimeDirectory") == "lb"
     assert one(unit, "Service", "RuntimeDirectoryMode") == "0700"
     # The access log's default directory (lb.model.AccessLog.path), the only one the unit may write in /var/log.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 
 from lb import __version__
+from lb.cli.bgp import bgp
 from lb.cli.conntrack import conntrack
 from lb.cli.daemon import down, reload, up
 from lb.cli.explain import explain
@@ -35,7 +36,7 @@ def cli() -> None:
     """
 
 
-for command in (validate, up, down, reload, status, vips, targets, maps, conntrack, stats, explain, lab):
+for command in (validate, up, down, reload, status, vips, targets, maps, conntrack, stats, explain, lab, bgp):
     cli.add_command(command)
 
 

@@ -61,7 +61,7 @@ def down(config_path: str | None, keep_maps: bool, as_json: bool) -> None:
     require_root("lb down")
     interfaces = attached_interfaces(config)
     try:
-        result = daemon.down(config.name, interfaces, config.netns, purge=not keep_maps)
+        result = daemon.down(config.name, interfaces, config.netns, purge=not keep_maps, bgp_config=config.bgp)
     except daemon.DaemonError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -70,6 +70,12 @@ def down(config_path: str | None, keep_maps: bool, as_json: bool) -> None:
     click.echo(f"detached from: {', '.join(result['detached']) or 'nothing attached'}")
     click.echo(f"addresses removed: {', '.join(result['addresses_removed']) or 'none'}")
     click.echo(f"pinned maps: {'removed' if result['maps_removed'] else 'none found' if not keep_maps else 'kept'}")
+    if config.bgp is not None:
+        withdrawn = result["bgp_withdrawn"]
+        if isinstance(withdrawn, str):
+            click.echo(f"BGP: {withdrawn}", err=True)
+        else:
+            click.echo(f"BGP: {'withdrawn (fragment removed)' if withdrawn else 'nothing announced'}")
 
 
 RELOAD_TIMEOUT = 90.0  # seconds: health of new targets is not waited for, the workers' tables are (30 s at most)

@@ -78,6 +78,9 @@ def show(config: LoadBalancer, info: dict[str, Any]) -> None:
                  f"{(c['not_after'] - now) / 86400:.0f} days", ("default " if c["default"] else "") + c["certificate"]]
                 for c in certificates]
         click.echo(table(rows, ["listener", "certificate names", "key", "expires", "left", "file"]))
+    if info.get("bgp") is not None:
+        click.echo("")
+        show_bgp(info["bgp"])
     workers = daemon.get("l7_workers") or []
     if workers:
         click.echo("")
@@ -90,3 +93,15 @@ def worker_state(row: dict[str, Any]) -> str:
     if row["state"] == "restarting" and row.get("restart_in"):
         return f"restarting in {row['restart_in']:g} s"
     return str(row["state"])
+
+
+def show_bgp(bgp: dict[str, Any]) -> None:
+    rotation = {True: "in rotation", False: "withdrawn (lb bgp withdraw)", None: "daemon not running"}
+    drain = bgp.get("drain_until")
+    left = f", draining until {when(drain)}" if drain else ""
+    click.echo(f"bgp: {rotation[bgp.get('in_rotation')]}{left}; announced: {', '.join(bgp['announced']) or 'nothing'}")
+    if bgp.get("error"):
+        click.echo(f"bgp: {bgp['error']}")
+    rows = [[s["neighbor"], s["as"], s["protocol"], s["state"], s["info"], s["since"]] for s in bgp["sessions"]]
+    if rows:
+        click.echo(table(rows, ["bgp neighbor", "as", "bird protocol", "state", "info", "since"]))

@@ -19,6 +19,7 @@ from typing import Any
 
 from lb import model as m
 from lb import tls
+from lb.config._bgp import read_bgp, resolve_announce
 from lb.config._checks import PCHAR, PCT, URI_CHARS, host_port, is_prime, matcher_codes, matching, next_prime
 from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates, shown, toml_too_deep
 from lb.config._rules import RuleBuilder, with_article
@@ -49,7 +50,7 @@ LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
     "udp_idle_timeout", "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "header_timeout",
     "body_timeout", "min_body_rate", "max_response_head", "ring_size",
-    "workers", "access_log", "admin_socket", "metrics_address",
+    "workers", "access_log", "admin_socket", "metrics_address", "bgp",
 )  # fmt: skip
 ACCESS_LOG_KEYS = ("enabled", "path", "format")
 LISTENER_KEYS = (
@@ -168,7 +169,13 @@ class _Builder:
             return None
         valid_groups = tuple(g for g in groups if g is not None)
         self._check_ring(section, settings.ring_size, valid_groups)
-        return replace(settings, listeners=tuple(x for x in listeners if x is not None), target_groups=valid_groups)
+        valid_listeners = tuple(x for x in listeners if x is not None)
+        bgp = settings.bgp
+        if bgp is not None:  # announced addresses default to (or must be) the listeners'
+            bgp = resolve_announce(section.section("bgp"), bgp, valid_listeners)
+            if bgp is None:
+                return None
+        return replace(settings, listeners=valid_listeners, target_groups=valid_groups, bgp=bgp)
 
     # --- [load_balancer] -------------------------------------------------------
 
@@ -191,6 +198,7 @@ class _Builder:
         except ValueError as exc:
             t.error("metrics_address", str(exc))
         netns_rule = "1-64 letters, digits, '.', '_' or '-'"
+        bgp_table = t.table("bgp", required=False)
         settings = m.LoadBalancer(
             name=name or "",
             interfaces=interfaces or (),
@@ -212,8 +220,10 @@ class _Builder:
             access_log=self.access_log(t.section("access_log")),
             admin_socket=t.string("admin_socket", "/run/lb/admin.sock", max_len=107),  # sun_path
             metrics_address=metrics,
+            bgp=None if bgp_table is None else read_bgp(bgp_table),
         )
-        return settings if name is not None and interfaces is not None else None
+        bgp_bad = t.has("bgp") and settings.bgp is None
+        return settings if name is not None and interfaces is not None and not bgp_bad else None
 
     def access_log(self, t: Table) -> m.AccessLog:
         t.only(*ACCESS_LOG_KEYS)
@@ -444,6 +454,8 @@ ADMIN_COMMANDS: dict[str, tuple[str, ...]] = {
     "register": ("group", "target", "port", "weight"),
     "deregister": ("group", "target", "port"),
     "reload": (),
+    "bgp_withdraw": (),  # lb bgp withdraw / announce: out of and back into rotation
+    "bgp_announce": (),
 }
 
 

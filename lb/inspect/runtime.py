@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from lb import netlink as nl
+from lb.bgp.speaker import read_bird
 from lb.dataplane import libbpf
 from lb.dataplane.pins import PROGRAM_PIN, pin_dir
 from lb.dataplane.structs import MapName
@@ -56,7 +57,9 @@ def status(config: LoadBalancer) -> dict[str, Any]:
     [{"interface", "mode" (native|generic|None|"no such interface"),
     "program_id", "ours" (the pinned program is the one attached)}],
     "program": pinned_program(), "pin_dir", "maps_pinned", "metrics_address",
-    "listeners": [{"name", "protocol", "address", "port"}]}
+    "listeners": [{"name", "protocol", "address", "port"}], "bgp": None or
+    {"sessions": [{"neighbor", "as", "protocol", "state", "info", "since"}],
+    "announced": [prefix], "in_rotation", "error", ...} (read from BIRD)}
     """
     require_root("lb status")
     running, reason = ask_daemon(config, "status")
@@ -96,7 +99,17 @@ def status(config: LoadBalancer) -> dict[str, Any]:
         "maps_pinned": os.path.exists(os.path.join(directory, MapName.VIPS.value)),
         "metrics_address": config.metrics_address,
         "listeners": listener_rows(config),
+        "bgp": _bgp(config, running),
     }
+
+
+def _bgp(config: LoadBalancer, running: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The daemon's BGP view, or (daemon down) what BIRD still has of lb's."""
+    if config.bgp is None:
+        return None
+    if running and running.get("bgp") is not None:
+        return dict(running["bgp"])
+    return {"in_rotation": None, **read_bird(config.bgp, config.name)}
 
 
 def targets(config: LoadBalancer, group: str | None = None) -> dict[str, Any]:
