@@ -66,7 +66,13 @@ class ConditionField(str, enum.Enum):
 
 class HealthCheckProtocol(str, enum.Enum):
     HTTP = "HTTP"
+    HTTPS = "HTTPS"  # HTTP over TLS (the group's CA bundle verifies the target's certificate, if it has one)
     TCP = "TCP"
+
+    @property
+    def is_http(self) -> bool:
+        """A request and its status code (HTTP or HTTPS), not only a connect."""
+        return self is not HealthCheckProtocol.TCP
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,19 @@ class Stickiness:
 
 
 @dataclass(frozen=True)
+class TargetTls:
+    """What makes an HTTP target group an HTTPS one: TLS from lb to its targets.
+
+    As ALB, lb does not verify a target's certificate unless told to: with a
+    ``ca_bundle`` the chain must verify against it (names are not checked:
+    targets are addresses). The PEM travels in the model, as certificates do.
+    """
+
+    ca_bundle: str | None = None  # a PEM file of CA certificates; None: no verification
+    ca_pem: bytes = field(default=b"", repr=False)  # its contents, read by lb.config
+
+
+@dataclass(frozen=True)
 class TargetGroup:
     name: str
     protocol: Protocol
@@ -160,6 +179,13 @@ class TargetGroup:
     # the end of its deregistration delay (deregistration_delay.connection_termination.enabled).
     unhealthy_connection_termination: bool = True
     deregistration_connection_termination: bool = False
+    # HTTPS groups: protocol HTTP (the proxy is the same) plus TLS to the targets.
+    tls: TargetTls | None = None
+
+    @property
+    def scheme(self) -> str:
+        """The group's protocol as the config names it: HTTP, HTTPS, TCP, UDP."""
+        return "HTTPS" if self.tls is not None else self.protocol.value
 
     def endpoints(self) -> tuple[tuple[IPAddress, int], ...]:
         """(address, port) of every target, ports resolved."""

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -479,9 +480,11 @@ class Backend:
 
 @contextlib.asynccontextmanager
 async def backend(
-    kind: str = "http", name: str = "b", body: bytes | None = None, close_after: int = 0, script: Script | None = None
+    kind: str = "http", name: str = "b", body: bytes | None = None, close_after: int = 0, script: Script | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Backend]:
-    """Start one backend on 127.0.0.1:<ephemeral>; closed on exit."""
+    """Start one backend on 127.0.0.1:<ephemeral>; closed on exit. With ``tls``
+    (a server context), it speaks TLS (an HTTPS target)."""
     stats = BackendStats()
     factory: Callable[[], asyncio.Protocol]
     if kind == "record":
@@ -504,7 +507,7 @@ async def backend(
         protocols.append(protocol)  # its transport is aborted on exit
         return protocol
 
-    server = await loop.create_server(tracked, HOST, 0)
+    server = await loop.create_server(tracked, HOST, 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
     try:
         yield Backend(kind, name, port, stats, server, protocols)
@@ -799,9 +802,12 @@ def target_group(
     algorithm: str = "round_robin",
     sticky: int | None = None,
     draining: tuple[tuple[str, int], ...] = (),
+    tls: m.TargetTls | None = None,
 ) -> GroupTargets:
+    """``tls``: an HTTPS group."""
     stickiness = m.Stickiness(enabled=True, duration=sticky) if sticky else m.Stickiness()
-    group = m.TargetGroup(name, m.Protocol.HTTP, 80, algorithm=m.Algorithm(algorithm), stickiness=stickiness)
+    group = m.TargetGroup(name, m.Protocol.HTTP, 80, algorithm=m.Algorithm(algorithm), stickiness=stickiness,
+                          tls=tls)
     endpoints = tuple(b.endpoint if isinstance(b, Backend) else b for b in backends)
     return GroupTargets(group, endpoints, frozenset(draining))
 

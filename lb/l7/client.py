@@ -46,6 +46,7 @@ from httptools import (
     HttpParserUpgrade,
 )
 
+from lb import tls
 from lb.l7 import errors, flow_control
 from lb.l7.access_log import AccessLogFile
 from lb.l7.actions import FixedResponse, Redirect
@@ -670,9 +671,10 @@ class ClientProtocol(asyncio.Protocol):
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:  # refused, unreachable
-            ex.error_reason = errors.TARGET_CONNECTION_ERROR
-            self.upstream_failed(ex, errors.BAD_GATEWAY, f"connect to {ex.target}: {exc}")
+        if exc is not None:  # refused, unreachable; or TLS to an HTTPS target failed
+            why = tls.tls_failure(exc)
+            ex.error_reason = errors.TARGET_CONNECTION_ERROR if why is None else errors.TARGET_TLS_ERROR
+            self.upstream_failed(ex, errors.BAD_GATEWAY, f"connect to {ex.target}: {why or exc}")
         else:
             self._send(ex, task.result()[1])
 
