@@ -132,6 +132,52 @@ class _BodyAfterUpgrade:
         self.client.on_message_complete()
 
 
+class ClientConnection(Protocol):
+    """What the worker uses of a client connection: this module's ClientProtocol,
+    or an HTTP/2 connection (:class:`lb.l7.h2client.H2ClientConnection`)."""
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
+
+    @property
+    def current(self) -> object | None: ...  # something in flight: not idle
+
+    @property
+    def tunnel(self) -> object | None: ...
+
+    @property
+    def upgrading(self) -> object | None: ...
+
+    def check_idle(self, now: float, idle: float, connect_timeout: float) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+# What connection_made works out once per connection: the peer's address (as
+# received, and "ip:port"), ours ("[v6]" or v4, and the port), our authority,
+# the usual X-Forwarded-For line and the X-Forwarded-Proto/-Port lines.
+ConnectionFields = tuple[str, str, str, int, bytes, bytes, bytes]
+
+
+def connection_fields(transport: asyncio.BaseTransport, protocol: str) -> ConnectionFields | None:
+    """The per-connection fields of a client connection; None if it was reset before we saw it."""
+    peer = transport.get_extra_info("peername")
+    if not peer:
+        return None
+    local = transport.get_extra_info("sockname") or ("127.0.0.1", 0)
+    ip = peer[0]
+    local_host = f"[{local[0]}]" if ":" in local[0] else local[0]
+    return (
+        ip,
+        f"[{ip}]:{peer[1]}" if ":" in ip else f"{ip}:{peer[1]}",
+        local_host,
+        local[1],
+        b"%s:%d" % (local_host.encode("ascii"), local[1]),
+        b"x-forwarded-for: " + ip.encode("ascii") + CRLF,
+        b"x-forwarded-proto: %s\r\nx-forwarded-port: %d\r\n" % (protocol.encode(), local[1]),
+    )
+
+
 class WorkerView(Protocol):
     """What a client connection uses of its worker (:class:`lb.l7.worker.Worker`)."""
 
@@ -144,9 +190,9 @@ class WorkerView(Protocol):
     access_log: AccessLogFile | None
     closing: bool
 
-    def opened(self, conn: ClientProtocol) -> None: ...
+    def opened(self, conn: ClientConnection) -> None: ...
 
-    def closed(self, conn: ClientProtocol) -> None: ...
+    def closed(self, conn: ClientConnection) -> None: ...
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -236,8 +282,8 @@ class ClientProtocol(asyncio.Protocol):
         # A stream transport: uvloop's are asyncio.Transports in all but name.
         self.transport = cast(asyncio.Transport, transport)
         self.gate = ReadGate(self.transport)
-        peer = transport.get_extra_info("peername")
-        if not peer:
+        fields = connection_fields(transport, self.protocol)
+        if fields is None:
             # Reset before we saw it: getpeername fails once the peer's RST is in,
             # though what it sent before is still readable. Its address unknown,
             # nothing of it can be matched by source, forwarded with a true
@@ -247,16 +293,9 @@ class ClientProtocol(asyncio.Protocol):
             self.dead = self.broken = True
             self.transport.abort()
             return
-        local = transport.get_extra_info("sockname") or ("127.0.0.1", 0)
-        ip = peer[0]
-        self.peer_ip = ip
-        self.peer = f"[{ip}]:{peer[1]}" if ":" in ip else f"{ip}:{peer[1]}"
-        self.local_host = f"[{local[0]}]" if ":" in local[0] else local[0]
-        self.local_port = local[1]
-        self.authority = b"%s:%d" % (self.local_host.encode("ascii"), local[1])
         # Per connection, so the common request costs no formatting.
-        self.xff_line = b"x-forwarded-for: " + ip.encode("ascii") + CRLF
-        self.fwd_tail = b"x-forwarded-proto: %s\r\nx-forwarded-port: %d\r\n" % (self.protocol.encode(), local[1])
+        (self.peer_ip, self.peer, self.local_host, self.local_port, self.authority, self.xff_line,
+         self.fwd_tail) = fields
         self.last_rx = self.clock.now
         self.worker.opened(self)
         if self.worker.closing:
