@@ -38,34 +38,40 @@ from tests.l7_backends import (
     run,
     target_group,
 )
+from tests.h2_client import H2Client
 from tests.tls_certs import Certs
 
 PAGE = resource.getpagesize()
 
 
-# The tests that take `scheme` run over plain HTTP and over an HTTPS listener
-# (TLS terminated by lb, the same rules and actions).
+# The tests that take `scheme` run over plain HTTP, over an HTTPS listener
+# (TLS terminated by lb, the same rules and actions) with HTTP/1.1, and over
+# the same listener with HTTP/2 (ALPN h2: tests.h2_client).
 @pytest.fixture(scope="module")
-def tls_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[m.ListenerTls, ssl.SSLContext]:
+def tls_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[m.ListenerTls, Certs]:
     certs = Certs(tmp_path_factory.mktemp("certs"))
-    return certs.listener_tls("example.com", others=(("shop.example",),)), certs.client()
+    return certs.listener_tls("example.com", others=(("shop.example",),)), certs
 
 
-@pytest.fixture(params=["http", "https"])
-def scheme(request: pytest.FixtureRequest, tls_setup: tuple[m.ListenerTls, ssl.SSLContext]) -> Scheme:
+@pytest.fixture(params=["http", "https", "h2"])
+def scheme(request: pytest.FixtureRequest, tls_setup: tuple[m.ListenerTls, Certs]) -> Scheme:
     return Scheme(request.param, *tls_setup)
 
 
 class Scheme:
-    def __init__(self, name: str, listener_tls: m.ListenerTls, client: ssl.SSLContext) -> None:
+    def __init__(self, name: str, listener_tls: m.ListenerTls, certs: Certs) -> None:
         self.name = name
-        self.tls = listener_tls if name == "https" else None
-        self.client = client if name == "https" else None
+        self.proto = "http" if name == "http" else "https"  # X-Forwarded-Proto, redirects
+        self.tls = listener_tls if name != "http" else None
+        self.client = certs.client(alpn=("h2",) if name == "h2" else ()) if name != "http" else None
 
     def listener(self, action: m.Action, rules: tuple[m.Rule, ...] = ()) -> m.Listener:
         return http_listener(action, rules, tls=self.tls)
 
-    async def open(self, port: int) -> Client:
+    async def open(self, port: int) -> Client | H2Client:
+        if self.name == "h2":
+            assert self.client is not None
+            return await H2Client.open(port, self.client)
         return await Client.open(port, ssl=self.client, server_hostname="example.com")
 
 
@@ -129,7 +135,7 @@ def test_keep_alive_both_sides_and_forwarded_headers(scheme: Scheme) -> None:
                         assert seen["url"] == f"/p/{i}?q=1"
                         assert headers["host"] == "shop.example:8443"  # preserved
                         assert headers["x-forwarded-for"] == f"203.0.113.5, {HOST}"
-                        assert headers["x-forwarded-proto"] == scheme.name
+                        assert headers["x-forwarded-proto"] == scheme.proto
                         assert headers["x-forwarded-port"] == str(port)
                         assert "connection" not in headers and "x-drop" not in headers
                 assert b.stats.connections == 1 and b.stats.requests == 10
@@ -341,7 +347,7 @@ def test_rules_route_to_forward_fixed_response_and_redirect(scheme: Scheme) -> N
                     assert health.header("content-type") == b"application/json; charset=utf-8"
                     moved = await client.request("GET", "/old/page?x=1", host="h")
                     assert moved.status == 301
-                    assert moved.header("location") == b"%s://h:%d/new/old/page?x=1" % (scheme.name.encode(), port)
+                    assert moved.header("location") == b"%s://h:%d/new/old/page?x=1" % (scheme.proto.encode(), port)
                     assert (await client.request("GET", "/nowhere")).body == b"no route"
 
     run(body())

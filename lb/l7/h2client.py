@@ -61,6 +61,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from lb.l7.client import ClientProtocol, WorkerView, connection_fields
 from lb.l7.exchange import Exchange
@@ -273,7 +274,9 @@ class H2ClientConnection(asyncio.Protocol):
         stream.reset_by_client()
 
     def _window(self, event: WindowUpdated) -> None:
-        self._charge(1.0)
+        self._charge(1.0)  # given back with the DATA frames it lets us send (send_data)
+        if self.dead:
+            return
         if event.stream_id == 0:
             self._flush_blocked()
         else:
@@ -283,16 +286,17 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _settings(self, event: RemoteSettingsChanged) -> None:
         self._charge(1.0)
-        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+        if not self.dead and SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             self._flush_blocked()
 
     def _control(self, event: Event) -> None:
         self._charge(1.0)  # PING (h2 answers it), PRIORITY, unknown frames
 
     def _goaway(self, event: ConnectionTerminated) -> None:
-        self.closing = True
-        if not self.streams:
-            self._close()
+        # The client is done with the connection. h2 sends nothing after a
+        # GOAWAY received, so the streams in flight end here too (as the
+        # client's leaving): their targets' connections are dropped.
+        self._close()
 
     # --- floods ---------------------------------------------------------------------------
 
@@ -310,6 +314,8 @@ class H2ClientConnection(asyncio.Protocol):
     # --- what streams call ------------------------------------------------------------------
 
     def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        if self.dead:
+            return
         try:
             self.h2.send_headers(stream_id, headers, end_stream=end)
         except H2Error as exc:  # reset by the client meanwhile, or a header h2 will not send
@@ -321,14 +327,14 @@ class H2ClientConnection(asyncio.Protocol):
     def send_data(self, stream_id: int, pending: list[bytes]) -> int:
         """Send from ``pending`` (taking what goes) as the windows allow; the bytes sent."""
         transport = self.streams[stream_id].out if stream_id in self.streams else None
-        if self.write_paused or transport is None:
+        if self.write_paused or transport is None or self.dead:
             if transport is not None:
                 self.blocked[stream_id] = transport
             return 0
         h2 = self.h2
         window = h2.local_flow_control_window(stream_id)
         frame = h2.max_outbound_frame_size
-        sent = 0
+        sent = frames = 0
         while pending and window > 0:
             chunk = pending[0]
             size = min(window, frame)
@@ -341,20 +347,25 @@ class H2ClientConnection(asyncio.Protocol):
             h2.send_data(stream_id, piece)
             window -= len(piece)
             sent += len(piece)
+            frames += 1
         if pending:
             self.blocked[stream_id] = transport
         else:
             self.blocked.pop(stream_id, None)
+        if frames:  # a client reading a big response sends WINDOW_UPDATEs: they are not a flood
+            self.credit = min(FLOOD_BURST, self.credit + frames)
         self._write()
         return sent
 
     def end_stream(self, stream_id: int, reset_after: bool) -> None:
+        if self.dead:
+            return
         try:
             self.h2.end_stream(stream_id)
             if reset_after:
                 self.h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
-        except StreamClosedError:
-            pass
+        except H2Error as exc:  # reset by the client meanwhile
+            log.debug("%s: stream %d: not ended: %s", self.peer, stream_id, exc)
         self._forget(stream_id)
         self._write()
 
@@ -364,6 +375,8 @@ class H2ClientConnection(asyncio.Protocol):
         self._write()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
+        if self.dead:
+            return
         self.h2.acknowledge_received_data(size, stream_id)
         self._write()
 
@@ -391,8 +404,11 @@ class H2ClientConnection(asyncio.Protocol):
             return
         if not self.closing:
             self.closing = True
-            self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
+            # Written by us, not h2's close_connection(): h2 would send nothing
+            # more after it, and the streams in flight are to finish.
             self._write()
+            goaway = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=0)
+            self.transport.write(goaway.serialize())
         for stream in self.streams.values():
             stream.shutdown()
         if not self.streams:
@@ -401,10 +417,14 @@ class H2ClientConnection(asyncio.Protocol):
     # --- internals --------------------------------------------------------------------------------
 
     def _reset(self, stream_id: int, code: int) -> None:
+        if self.dead:
+            return
         try:
             self.h2.reset_stream(stream_id, code)
         except StreamClosedError:
             pass
+        except H2Error as exc:  # the connection is closing already
+            log.debug("%s: stream %d: not reset: %s", self.peer, stream_id, exc)
 
     def _forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
