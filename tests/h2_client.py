@@ -30,7 +30,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 
-from tests.l7_backends import HOST, Response
+from tests.l7_backends import HOST, Headers, Response
 
 # HTTP/1.1 headers a client does not send over HTTP/2 (RFC 9113 §8.2.2).
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host"}
@@ -144,18 +144,20 @@ class H2Client:
 
     # --- requests ------------------------------------------------------------------------
 
-    def start(self, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
+    def start(self, method: str = "GET", path: str = "/", headers: Headers | None = None,
               host: str = "example.com", end_stream: bool = True) -> int:
         """Send a request's HEADERS; its stream id."""
         stream_id = self.conn.get_next_available_stream_id()
         self.streams[stream_id] = _Stream(asyncio.get_running_loop())
-        given = {name.lower(): value for name, value in (headers or {}).items()}
+        given = [(name.lower(), value) for name, value in
+                 (headers.items() if isinstance(headers, dict) else headers or ())]
         dropped = set(_HOP)
-        for token in given.get("connection", "").split(","):  # what Connection names goes too, as a gateway does
-            dropped.add(token.strip().lower())
+        for name, value in given:
+            if name == "connection":  # what Connection names goes too, as a gateway does
+                dropped.update(token.strip().lower() for token in value.split(","))
         fields = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", host.encode()),
                   (b":path", path.encode())]
-        fields += [(n.encode(), v.encode("latin-1")) for n, v in given.items() if n not in dropped]
+        fields += [(n.encode(), v.encode("latin-1")) for n, v in given if n not in dropped]
         self.conn.send_headers(stream_id, fields, end_stream=end_stream)
         self._flush()
         return stream_id
@@ -190,11 +192,11 @@ class H2Client:
                 headers.append((name, value))
         return Response(status, b"", headers, b"".join(stream.body), "2")
 
-    async def request(self, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
+    async def request(self, method: str = "GET", path: str = "/", headers: Headers | None = None,
                       body: bytes = b"", host: str = "example.com") -> Response:
-        headers = dict(headers or {})
-        if body and not any(k.lower() == "content-length" for k in headers):
-            headers["content-length"] = str(len(body))
+        headers = list(headers.items() if isinstance(headers, dict) else headers or ())
+        if body and not any(k.lower() == "content-length" for k, _ in headers):
+            headers.append(("content-length", str(len(body))))
         stream_id = self.start(method, path, headers, host, end_stream=not body)
         if body:
             await self.send_body(stream_id, body)

@@ -59,6 +59,7 @@ from lb.l7.table import GroupTargets, RoutingTable
 from lb.l7.worker import Worker
 
 HOST = "127.0.0.1"
+Headers = dict[str, str] | list[tuple[str, str]] | tuple[tuple[str, str], ...]
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
 
 
@@ -642,7 +643,7 @@ class Client:
         self,
         method: str = "GET",
         path: str = "/",
-        headers: dict[str, str] | None = None,
+        headers: Headers | None = None,
         body: bytes = b"",
         host: str = "example.com",
     ) -> Response:
@@ -728,14 +729,16 @@ class _Stop(Exception):
 def build_request(
     method: str = "GET",
     path: str = "/",
-    headers: dict[str, str] | None = None,
+    headers: Headers | None = None,
     body: bytes = b"",
     host: str = "example.com",
 ) -> bytes:
+    """``headers``: a dict, or (name, value) pairs (a name may repeat)."""
+    pairs = list(headers.items() if isinstance(headers, dict) else headers or ())
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
-    for name, value in (headers or {}).items():
+    for name, value in pairs:
         lines.append(f"{name}: {value}")
-    if body and not any(k.lower() in ("content-length", "transfer-encoding") for k in (headers or {})):
+    if body and not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in pairs):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 

@@ -38,7 +38,11 @@ from tests.l7_backends import (
     run,
     target_group,
 )
+from lb.l7.rules import Request
 from tests.h2_client import H2Client
+from tests.test_rules import CONDITION_CASES, ROUTING_CASES
+from tests.test_rules import request as rules_request
+from tests.test_rules import rule as rules_rule
 from tests.tls_certs import Certs
 
 PAGE = resource.getpagesize()
@@ -730,3 +734,53 @@ def test_l7server_start_fails_cleanly_when_the_port_is_taken() -> None:
             assert server.pids() == []
 
     run(body())
+
+
+# --- the ELB rule tables of tests/test_rules.py, over the wire ------------------------------------------
+
+# What a case needs that no client sends over this transport (the peer is
+# always 127.0.0.1, methods are tokens HTTP/1.1 parsers know, and a request
+# has a Host/:authority): those cases stay unit tests only.
+def _wire_skip(req: Request) -> bool:
+    return (
+        str(req.source_ip) != "198.51.100.7"  # a source other than the default: needs another peer
+        or not req.host
+        or req.method not in ("GET", "HEAD", "POST")
+        or any(c in req.path for c in "\n\\[]")  # not in a request-target the parsers take
+    )
+
+
+def _wire_cases() -> list[tuple[str, list[m.Rule], Request, int | None]]:
+    cases = []
+    for case in CONDITION_CASES:
+        condition, fields, expected = case.values
+        req = rules_request(**fields)
+        cases.append((case.id, [rules_rule(1, condition)], req, 1 if expected else None))
+    for case in ROUTING_CASES:
+        rules, req, expected = case.values
+        cases.append((case.id, rules, req, expected))
+    return [c for c in cases if not _wire_skip(c[2]) and "source" not in c[0]]
+
+
+def test_rule_tables_over_the_wire(scheme: Scheme) -> None:
+    """Every wire-expressible case of test_rules.py's tables, through a listener on `scheme`."""
+
+    cases = _wire_cases()
+    assert len(cases) > 100
+
+    async def body() -> None:
+        async with proxy(routing_table(scheme.listener(m.FixedResponseAction(404, body="default")))) as (worker, port):
+            async with await scheme.open(port) as client:
+                for version, (case_id, rules, req, expected) in enumerate(cases, 1):
+                    # Each rule answers 200 + its place in priority order (HEAD has no body to tell them by).
+                    ordered = sorted(rules, key=lambda r: r.priority)
+                    answers = tuple(m.Rule(r.priority, r.conditions, m.FixedResponseAction(200 + i))
+                                    for i, r in enumerate(ordered))
+                    listener = scheme.listener(m.FixedResponseAction(404, body="default"), answers)
+                    await worker.update(routing_table(listener, version=version))
+                    target = req.path + (f"?{req.query}" if req.query else "")
+                    response = await client.request(req.method, target, list(req.headers), host=req.host or "")
+                    want = 404 if expected is None else 200 + [r.priority for r in ordered].index(expected)
+                    assert response.status == want, (case_id, response.status, response.body)
+
+    run(body(), timeout=60)
