@@ -365,6 +365,7 @@ class LoadBalancer:
     body_timeout: int = 20  # seconds a request body may take from its first byte, plus:
     min_body_rate: int = 500  # one more second per this many body bytes
     max_response_head: int = 32 * 1024  # bytes of a target's status line and headers
+    http2: bool = True  # HTTPS listeners offer HTTP/2 by ALPN (ALB's routing.http2.enabled)
     ring_size: int = 65537  # Maglev table size M, a prime
     workers: int = 0  # L7 worker processes; 0: one per core
     access_log: AccessLog = field(default_factory=AccessLog)  # ours: L7 requests; reloadable

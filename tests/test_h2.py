@@ -384,3 +384,20 @@ def test_graceful_stop_sends_goaway_and_finishes_streams(certs: Certs, listener_
                 assert time.monotonic() - started < 2.0  # stopped as soon as the stream was done
 
     run(body())
+
+
+def test_http2_off_offers_http11_only(certs: Certs, listener_tls: m.ListenerTls) -> None:
+    from lb import config as configmod
+
+    lb = configmod.loads('[load_balancer]\nname = "x"\nhttp2 = false\n')
+    assert L7Config.for_load_balancer(lb).http2 is False
+
+    async def body() -> None:
+        listener = http_listener(m.FixedResponseAction(200), tls=listener_tls)
+        async with proxy(routing_table(listener), L7Config.for_load_balancer(lb)) as (_, port):
+            client = await Client.open(port, ssl=h2_ctx(certs), server_hostname="example.com")
+            assert client.writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+            assert (await client.request()).status == 200
+            await client.close()
+
+    run(body())

@@ -45,7 +45,7 @@ LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
     "udp_idle_timeout", "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "header_timeout",
     "body_timeout", "min_body_rate", "max_response_head", "ring_size",
-    "workers", "access_log", "admin_socket", "metrics_address",
+    "workers", "access_log", "admin_socket", "metrics_address", "http2",
 )  # fmt: skip
 ACCESS_LOG_KEYS = ("enabled", "path", "format")
 LISTENER_KEYS = (
@@ -204,6 +204,7 @@ class _Builder:
             body_timeout=t.integer("body_timeout", 1, 4000, 20),
             min_body_rate=t.integer("min_body_rate", 1, 1 << 30, 500),
             max_response_head=t.integer("max_response_head", 1024, 1 << 20, 32 * 1024),
+            http2=t.boolean("http2", True),
             ring_size=ring_size,
             workers=t.integer("workers", 0, 256, 0),
             access_log=self.access_log(t.section("access_log")),

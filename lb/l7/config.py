@@ -77,5 +77,6 @@ class L7Config:
             body_timeout=lb.body_timeout,
             min_body_rate=lb.min_body_rate,
             max_response_head=lb.max_response_head,
+            http2=lb.http2,
             **overrides,
         )
