@@ -82,7 +82,9 @@ def test_curl_http2_and_http11_on_one_listener(certs: Certs, listener_tls: m.Lis
     run(body())
     lines = read_access_log(log)
     assert [line["elb_status_code"] for line in lines] == [200, 200]
-    assert all(line["type"] == "https" for line in lines)
+    assert [line["type"] for line in lines] == ["h2", "https"]  # ALB's types
+    assert [line["request"].rsplit(" ", 1)[1] for line in lines] == ["HTTP/2.0", "HTTP/1.1"]
+    assert lines[0]["request"].startswith("POST https://127.0.0.1:")
 
 
 # --- many streams, several groups, bodies ------------------------------------------------------------

@@ -76,6 +76,9 @@ class LoggedConnection(Protocol):
     @property
     def protocol(self) -> str: ...  # "http" or "https"
 
+    @property
+    def http2(self) -> bool: ...  # an HTTP/2 stream: ALB's type "h2", request "HTTP/2.0"
+
 
 # --- values ------------------------------------------------------------------------
 
@@ -99,7 +102,7 @@ def _escaped_json(value: bytes) -> str:
     return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", s)
 
 
-def _request_line(ex: Exchange, scheme: bytes, authority: bytes) -> bytes:
+def _request_line(ex: Exchange, scheme: bytes, authority: bytes, http2: bool = False) -> bytes:
     """``GET http://host:port/path?query HTTP/1.1`` (ALB's: the URL absolute, port included)."""
     if not ex.method:  # refused before its head was whole (its URL may be cut, or megabytes long)
         return b"- %s://%s- -" % (scheme, authority)
@@ -108,14 +111,15 @@ def _request_line(ex: Exchange, scheme: bytes, authority: bytes) -> bytes:
         host = authority
     elif host.rfind(b":") <= host.rfind(b"]"):  # no port in it
         host += authority[authority.rfind(b":") :]
-    return b"%s %s://%s%s HTTP/1.%d" % (ex.method, scheme, host, ex.url, 1 if ex.version11 else 0)
+    version = b"2.0" if http2 else b"1.1" if ex.version11 else b"1.0"
+    return b"%s %s://%s%s HTTP/%s" % (ex.method, scheme, host, ex.url, version)
 
 
 def _request_text(ex: Exchange, conn: LoggedConnection, escape: Callable[[bytes], str]) -> str:
     """The request line as a log string. httptools admits no control or non-ASCII
     byte in a method or URL, and Host is checked (lb.l7.request_head), so only a
     quote or a backslash in the URL needs escaping: two scans, no regex."""
-    line = _request_line(ex, conn.protocol.encode("ascii"), conn.authority)
+    line = _request_line(ex, conn.protocol.encode("ascii"), conn.authority, conn.http2)
     if b'"' in line or b"\\" in line:
         return escape(line)
     return line.decode("ascii")
@@ -125,13 +129,13 @@ def _request_text(ex: Exchange, conn: LoggedConnection, escape: Callable[[bytes]
 # error: nearly all of them. One `%` formats it whole in C (times, numbers, the
 # two ISO 8601 times from a cached prefix and the microseconds); any other
 # exchange takes the general path (AccessLogFile._general).
-_TEXT_FORWARDED = ('%s %s.%06dZ %s %s %s %.6f %.6f %.6f %d %d %d %d "%s %s://%s%s HTTP/1.%d" %s %s "%s" %d '
+_TEXT_FORWARDED = ('%s %s.%06dZ %s %s %s %.6f %.6f %.6f %d %d %d %d "%s %s://%s%s HTTP/%s" %s %s "%s" %d '
                    '%s.%06dZ "forward" "-"\n')
 _JSON_FORWARDED = (
     '{"type":"%s","time":"%s.%06dZ","listener":"%s","client":"%s","target":"%s",'
     '"request_processing_time":%.6f,"target_processing_time":%.6f,"response_processing_time":%.6f,'
     '"elb_status_code":%d,"target_status_code":%d,"received_bytes":%d,"sent_bytes":%d,'
-    '"request":"%s %s://%s%s HTTP/1.%d","user_agent":%s,"target_group":"%s","request_id":"%s",'
+    '"request":"%s %s://%s%s HTTP/%s","user_agent":%s,"target_group":"%s","request_id":"%s",'
     '"matched_rule_priority":%d,'
     '"request_creation_time":"%s.%06dZ","actions_executed":"forward","error_reason":null}\n'
 )
@@ -346,19 +350,23 @@ class AccessLogFile:
         created_second = int(created)
         created_prefix = prefix if created_second == second else self._iso_prefix(created_second)
         authority = self._authority(host, conn.authority)
+        if conn.http2:  # ALB's type and version for HTTP/2
+            kind, version = "h2", "2.0"
+        else:
+            kind, version = conn.protocol, "1.1" if version11 else "1.0"
         if self._json:
             return _JSON_FORWARDED % (
-                conn.protocol, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
+                kind, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
                 sent - start, upstream, end - sent - upstream, status, status, received, sent_bytes,
-                method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version11,
+                method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version,
                 "null" if agent is None else f'"{_escaped_json(agent)}"', group,
                 request_id.decode("ascii"), 0 if rule is None else rule,
                 created_prefix, (created - created_second) * 1e6,
             )  # fmt: skip
         return _TEXT_FORWARDED % (
-            conn.protocol, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
+            kind, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
             sent - start, upstream, end - sent - upstream, status, status, received, sent_bytes,
-            method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version11,
+            method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version,
             '"-"' if agent is None else f'"{_escaped_text(agent)}"', group,
             request_id.decode("ascii"), 0 if rule is None else rule,
             created_prefix, (created - created_second) * 1e6,
@@ -387,7 +395,8 @@ class AccessLogFile:
         request_id = (ex.request_id or self._ids()).decode("ascii")
         wall, created = self._iso(end + self._offset), self._iso(start + self._offset)
         # ALB's type: http or https; ws or wss for a WebSocket, whose line is written at its 101.
-        kind = ("wss" if conn.protocol == "https" else "ws") if ex.status == 101 else conn.protocol
+        kind = ("wss" if conn.protocol == "https" else "ws") if ex.status == 101 else "h2" if conn.http2 \
+            else conn.protocol
         if self._json:
 
             def string(value: str | None) -> str:

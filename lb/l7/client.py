@@ -196,6 +196,8 @@ class WorkerView(Protocol):
 
 
 class ClientProtocol(asyncio.Protocol):
+    http2 = False  # the access log's type and version (lb.l7.h2stream.H2Stream: True)
+
     __slots__ = (
         # Worker-wide: shared by every connection of the worker.
         "worker",

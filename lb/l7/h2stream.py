@@ -205,6 +205,8 @@ class StreamTransport:
 
 
 class H2Stream(ClientProtocol):
+    http2 = True
+
     __slots__ = ("conn", "stream_id", "out", "unacked", "head_only")
 
     def __init__(self, conn: H2ClientConnection, stream_id: int) -> None:
