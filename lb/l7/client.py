@@ -240,7 +240,8 @@ class ClientProtocol(asyncio.Protocol):
         "queue",  # parsed, waiting for current to finish
     )
 
-    def __init__(self, worker: WorkerView, listener: str, https: bool = False) -> None:
+    def __init__(self, worker: WorkerView, listener: str, https: bool = False,
+                 parser: httptools.HttpRequestParser | None = None) -> None:
         # Worker-wide.
         self.worker = worker
         self.loop = worker.loop
@@ -251,7 +252,8 @@ class ClientProtocol(asyncio.Protocol):
         # Per connection.
         self.transport: asyncio.Transport  # set by connection_made, before anything reads it
         self.gate: ReadGate  # likewise
-        self.parser = httptools.HttpRequestParser(self)
+        # ``parser``: an HTTP/2 stream's (lb.l7.h2stream), which parses nothing: one per connection.
+        self.parser = parser or httptools.HttpRequestParser(self)
         self.peer = "-"
         self.peer_ip: str | IPAddress = ""
         self.local_host = "127.0.0.1"

@@ -43,6 +43,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
+import httptools
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -124,6 +125,9 @@ class H2ClientConnection(asyncio.Protocol):
         "streams",  # stream id → H2Stream, until its response is sent (or it is reset)
         "starting",  # streams whose request arrived in this read: started once it is decoded
         "blocked",  # stream id → its transport, with DATA waiting for window
+        "dirty",  # transports with DATA to send at the end of this loop iteration
+        "out_scheduled",  # _flush_out is scheduled
+        "no_parser",  # the streams' httptools parser, never fed (ClientProtocol wants one)
     )
 
     def __init__(self, worker: WorkerView, listener: str) -> None:
@@ -159,6 +163,9 @@ class H2ClientConnection(asyncio.Protocol):
         self.streams: dict[int, H2Stream] = {}
         self.starting: list[tuple[H2Stream, Exchange]] = []
         self.blocked: dict[int, StreamTransport] = {}
+        self.dirty: dict[StreamTransport, None] = {}
+        self.out_scheduled = False
+        self.no_parser = httptools.HttpRequestParser(self)
 
     # --- what the worker sees (lb.l7.client.ClientConnection) ---------------------------
 
@@ -219,7 +226,7 @@ class H2ClientConnection(asyncio.Protocol):
             events = self.h2.receive_data(data)
         except ProtocolError as exc:  # a connection error: h2 queued the GOAWAY
             log.debug("%s: HTTP/2 connection error: %s", self.peer, exc)
-            self._write()
+            self._flush_out()
             self._close()
             return
         for event in events:
@@ -233,7 +240,7 @@ class H2ClientConnection(asyncio.Protocol):
             self.starting = []
             for stream, ex in starting:
                 stream.start(ex)
-        self._write()
+        self._write()  # what the read produced (ACKs, WINDOW_UPDATEs, local answers), with whatever follows it
 
     def eof_received(self) -> bool:
         return False  # TLS: never called with data to finish; close
@@ -308,7 +315,7 @@ class H2ClientConnection(asyncio.Protocol):
         if credit < 0 and not self.dead:
             log.info("%s: HTTP/2 flood (control frames or resets); closing with ENHANCE_YOUR_CALM", self.peer)
             self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=self.h2.highest_inbound_stream_id)
-            self._write()
+            self._flush_out()
             self._close()
 
     # --- what streams call ------------------------------------------------------------------
@@ -324,11 +331,12 @@ class H2ClientConnection(asyncio.Protocol):
             return
         self._write()
 
-    def send_data(self, stream_id: int, pending: list[bytes]) -> int:
-        """Send from ``pending`` (taking what goes) as the windows allow; the bytes sent."""
-        transport = self.streams[stream_id].out if stream_id in self.streams else None
-        if self.write_paused or transport is None or self.dead:
-            if transport is not None:
+    def send_data(self, transport: StreamTransport, pending: list[bytes], end: bool) -> int:
+        """Send from ``pending`` (taking what goes) as the windows allow; the bytes
+        sent. ``end``: the response is whole, the last DATA ends the stream."""
+        stream_id = transport.stream_id
+        if self.write_paused or self.dead or stream_id not in self.streams:
+            if not self.dead and stream_id in self.streams:
                 self.blocked[stream_id] = transport
             return 0
         h2 = self.h2
@@ -344,10 +352,15 @@ class H2ClientConnection(asyncio.Protocol):
             else:
                 piece = chunk
                 del pending[0]
-            h2.send_data(stream_id, piece)
             window -= len(piece)
             sent += len(piece)
             frames += 1
+            if end and not pending:
+                h2.send_data(stream_id, piece, end_stream=True)
+                transport.closing = True
+                self._forget(stream_id)
+            else:
+                h2.send_data(stream_id, piece)
         if pending:
             self.blocked[stream_id] = transport
         else:
@@ -356,6 +369,11 @@ class H2ClientConnection(asyncio.Protocol):
             self.credit = min(FLOOD_BURST, self.credit + frames)
         self._write()
         return sent
+
+    def flush_soon(self, transport: StreamTransport) -> None:
+        """Send ``transport``'s DATA at the end of this loop iteration."""
+        self.dirty[transport] = None
+        self._write()
 
     def end_stream(self, stream_id: int, reset_after: bool) -> None:
         if self.dead:
@@ -395,7 +413,7 @@ class H2ClientConnection(asyncio.Protocol):
             # Nothing from the client for the idle timeout and nothing it waits
             # for from a target: idle, or responses it does not make room for.
             self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
-            self._write()
+            self._flush_out()
             self._close()
 
     def shutdown(self) -> None:
@@ -406,7 +424,7 @@ class H2ClientConnection(asyncio.Protocol):
             self.closing = True
             # Written by us, not h2's close_connection(): h2 would send nothing
             # more after it, and the streams in flight are to finish.
-            self._write()
+            self._flush_out()
             goaway = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=0)
             self.transport.write(goaway.serialize())
         for stream in self.streams.values():
@@ -439,12 +457,29 @@ class H2ClientConnection(asyncio.Protocol):
             transport.flush()
 
     def _write(self) -> None:
+        """Write what h2 has to send at the end of this loop iteration: the
+        frames of every stream answered meanwhile go out in one TLS write."""
+        if not self.out_scheduled:
+            self.out_scheduled = True
+            self.loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        dirty = self.dirty
+        if dirty:  # (their send_data finds the write scheduled still: no second callback)
+            self.dirty = {}
+            for transport in dirty:
+                transport.flush()
+        self.out_scheduled = False
         data = self.h2.data_to_send()
         if data and not self.transport.is_closing():
             self.transport.write(data)
 
     def _close(self) -> None:
+        """Close after what h2 has to send (the last stream's end, a GOAWAY)."""
         self.dead = True
+        data = self.h2.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
         self.transport.close()
 
 

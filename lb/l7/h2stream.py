@@ -115,7 +115,7 @@ class StreamTransport:
             return
         self.pending.append(data)
         self.pending_size += len(data)
-        self.flush()
+        self.conn.flush_soon(self)  # at the end of this loop iteration: the last DATA may carry END_STREAM
 
     def writelines(self, lines: Iterable[bytes]) -> None:
         for line in lines:
@@ -174,9 +174,14 @@ class StreamTransport:
         self.conn.send_headers(self.stream_id, headers, ends)
 
     def flush(self) -> None:
-        """Send what the windows allow; END_STREAM once all is sent and the response is whole."""
+        """Send what the windows allow; END_STREAM once all is sent and the response is whole
+        (on the last DATA frame, or on an empty one)."""
+        if self.closing:
+            return
         if self.pending:
-            self.pending_size -= self.conn.send_data(self.stream_id, self.pending)
+            self.pending_size -= self.conn.send_data(self, self.pending, self.finishing and not self.reset_after)
+            if self.closing:  # the last DATA carried END_STREAM
+                return
         if self.pending:
             if not self.paused and self.pending_size > self.conn.config.buffer_high_water:
                 self.paused = True
@@ -201,7 +206,10 @@ class StreamTransport:
             return
         self.finishing = True
         self.reset_after = reset_after
-        self.flush()
+        if self.pending:
+            self.conn.flush_soon(self)
+        else:
+            self.flush()
 
 
 class H2Stream(ClientProtocol):
@@ -210,7 +218,7 @@ class H2Stream(ClientProtocol):
     __slots__ = ("conn", "stream_id", "out", "unacked", "head_only")
 
     def __init__(self, conn: H2ClientConnection, stream_id: int) -> None:
-        super().__init__(conn.worker, conn.listener, True)
+        super().__init__(conn.worker, conn.listener, True, conn.no_parser)
         self.conn = conn
         self.stream_id = stream_id
         self.unacked = 0  # request body bytes received and not yet given back to the client's window
