@@ -403,3 +403,18 @@ def test_http2_off_offers_http11_only(certs: Certs, listener_tls: m.ListenerTls)
             await client.close()
 
     run(body())
+
+
+def test_a_long_lived_connection_keeps_bounded_state(certs: Certs, listener_tls: m.ListenerTls) -> None:
+    async def body() -> None:
+        listener = http_listener(m.FixedResponseAction(200, body="ok"), tls=listener_tls)
+        async with proxy(routing_table(listener)) as (worker, port):
+            async with await H2Client.open(port, h2_ctx(certs)) as client:
+                for _ in range(15):
+                    responses = await asyncio.gather(*(client.request() for _ in range(100)))
+                    assert {r.status for r in responses} == {200}
+                (conn,) = worker.connections
+                assert not conn.streams and not conn.blocked  # type: ignore[attr-defined]
+                assert len(conn.h2._closed_streams) <= 1024  # type: ignore[attr-defined]
+
+    run(body())

@@ -76,6 +76,14 @@ RESET_COST = 10.0  # a stream reset by the client before its response was whole
 RESPONSE_REFUND = 5.0  # a response sent whole
 
 
+class _H2(H2Connection):
+    # h2 remembers how each closed stream closed, to answer late frames on it
+    # precisely: 65536 of them by default, a few MB for every long-lived
+    # connection. A frame for a stream older than these gets RST_STREAM
+    # (STREAM_CLOSED), which RFC 9113 §5.1 allows.
+    MAX_CLOSED_STREAMS = 1024
+
+
 class HttpsProtocol(asyncio.Protocol):
     """A TLS connection's protocol until the handshake is done: then HTTP/2 or HTTP/1.1, by ALPN."""
 
@@ -138,7 +146,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.listener = listener
         self.transport: asyncio.Transport  # set by connection_made
         config = self.config
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None,
+        self.h2 = _H2(H2Configuration(client_side=False, header_encoding=None,
                                                validate_outbound_headers=False, normalize_outbound_headers=False))
         self.h2.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_streams,
