@@ -166,7 +166,7 @@ def test_malformed_requests_and_lb_answers(certs: Certs, listener_tls: m.Listene
                                                                                 ("/fixed",)),),
                                                                m.FixedResponseAction(418, body="tea")),),
                                      tls=listener_tls)
-            async with proxy(routing_table(listener, (target_group("g", b),))) as (_, port):
+            async with proxy(routing_table(listener, (target_group("g", b),))) as (worker, port):
                 async with await H2Client.open(port, h2_ctx(certs)) as client:
                     assert (await client.request("TRACE", "/")).status == 405
                     fixed = await client.request("POST", "/fixed", body=b"q" * 200_000)  # answered before the body
@@ -177,6 +177,8 @@ def test_malformed_requests_and_lb_answers(certs: Certs, listener_tls: m.Listene
                     bad_host = await client.request("GET", "/", host="a b")
                     assert bad_host.status == 400
                     assert (await client.request("GET", "/status/204")).status == 204
+                    (conn,) = worker.connections
+                    assert not conn.streams  # type: ignore[attr-defined]  # each forgotten once answered
                 # An uppercase header name is malformed (RFC 9113 §8.2.1): h2 ends the connection.
                 async with await H2Client.open(port, h2_ctx(certs)) as client:
                     fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"example.com"),

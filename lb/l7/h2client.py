@@ -366,7 +366,7 @@ class H2ClientConnection(asyncio.Protocol):
             if end and not pending:
                 h2.send_data(stream_id, piece, end_stream=True)
                 transport.closing = True
-                self._forget(stream_id)
+                self.forget(stream_id)
             else:
                 h2.send_data(stream_id, piece)
         if pending:
@@ -392,12 +392,12 @@ class H2ClientConnection(asyncio.Protocol):
                 self.h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
         except H2Error as exc:  # reset by the client meanwhile
             log.debug("%s: stream %d: not ended: %s", self.peer, stream_id, exc)
-        self._forget(stream_id)
+        self.forget(stream_id)
         self._write()
 
     def reset_stream(self, stream_id: int, code: int) -> None:
         self._reset(stream_id, code)
-        self._forget(stream_id)
+        self.forget(stream_id)
         self._write()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
@@ -452,7 +452,8 @@ class H2ClientConnection(asyncio.Protocol):
         except H2Error as exc:  # the connection is closing already
             log.debug("%s: stream %d: not reset: %s", self.peer, stream_id, exc)
 
-    def _forget(self, stream_id: int) -> None:
+    def forget(self, stream_id: int) -> None:
+        """The stream's response is sent (or it was reset): no more frames for it."""
         self.streams.pop(stream_id, None)
         self.blocked.pop(stream_id, None)
         if self.closing and not self.streams:

@@ -198,6 +198,8 @@ class StreamTransport:
         if self.state == _ENDED:  # ended with its head (HEAD, 204, 304)
             if reset_after:
                 self.conn.reset_stream(self.stream_id, NO_ERROR)
+            else:
+                self.conn.forget(self.stream_id)
             return
         if self.finishing or self.closing:
             return
