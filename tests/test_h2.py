@@ -21,6 +21,7 @@ from h2.errors import ErrorCodes
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 
+from lb import config as configmod
 from lb import model as m
 from lb.l7.config import L7Config
 from tests.h2_client import H2Client
@@ -391,8 +392,6 @@ def test_graceful_stop_sends_goaway_and_finishes_streams(certs: Certs, listener_
 
 
 def test_http2_off_offers_http11_only(certs: Certs, listener_tls: m.ListenerTls) -> None:
-    from lb import config as configmod
-
     lb = configmod.loads('[load_balancer]\nname = "x"\nhttp2 = false\n')
     assert L7Config.for_load_balancer(lb).http2 is False
 

@@ -17,6 +17,7 @@ import ipaddress
 import os
 import ssl
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trustme
@@ -24,8 +25,8 @@ import trustme
 from lb import config as configmod
 from lb import model as m
 from lb import tls
-from lb.health.checks import check_target
 from lb.health.checker import HealthChecker
+from lb.health.checks import check_target
 from tests.l7_backends import (
     Client,
     backend,
@@ -71,10 +72,10 @@ class _PlainHttp(asyncio.Protocol):
     """A plain HTTP server spoken TLS to: answers the ClientHello with a 400, as nginx does."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")  # type: ignore[attr-defined]
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
         self.transport.close()
 
 

@@ -154,7 +154,8 @@ class H2ClientConnection(asyncio.Protocol):
             SettingCodes.MAX_HEADER_LIST_SIZE: config.max_headers,
             SettingCodes.ENABLE_PUSH: 0,
         })
-        self.h2.decoder.max_header_list_size = config.max_headers  # from the first HEADERS, before our SETTINGS are acknowledged
+        # From the first HEADERS on, before our SETTINGS are acknowledged.
+        self.h2.decoder.max_header_list_size = config.max_headers
         self.peer = "-"
         self.peer_ip = ""
         self.local_host = "127.0.0.1"

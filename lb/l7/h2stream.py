@@ -57,7 +57,8 @@ class StreamGate(ReadGate):
 
     __slots__ = ("_stream",)
 
-    def __init__(self, stream: H2Stream) -> None:  # noqa: super().__init__ wants a transport: there is none
+    def __init__(self, stream: H2Stream) -> None:
+        # Not ReadGate.__init__: there is no transport to pause, only a window to withhold.
         self._stream = stream
         self.reasons = 0
 
