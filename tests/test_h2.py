@@ -254,6 +254,7 @@ def test_rapid_reset_is_cut_off_and_others_are_served(certs: Certs, listener_tls
                         attacker.send_raw(b"".join(frames))
                         await asyncio.sleep(0.002 if batch % 10 else 0.02)
                     assert await _goaway(attacker) == ErrorCodes.ENHANCE_YOUR_CALM
+                    assert worker.snapshot()["h2_calmed"] == 1  # lb_http2_connections_calmed_total
                     await task
                     assert served == [200] * 20
                     assert b.stats.requests < 300, b.stats.requests  # the resets barely reached the target
@@ -419,3 +420,42 @@ def test_a_long_lived_connection_keeps_bounded_state(certs: Certs, listener_tls:
                 assert len(conn.h2._closed_streams) <= 1024  # type: ignore[attr-defined]
 
     run(body())
+
+
+def test_streams_reset_after_reaching_their_target_leave_nothing_behind(certs: Certs,
+                                                                       listener_tls: m.ListenerTls) -> None:
+    """Rapid reset's other form: each stream reaches a target before its RST_STREAM
+    (a read apart). Each reset costs a target connection; the credits end it."""
+    async def body() -> None:
+        async with backend("http", "b") as b:
+            listener = http_listener(forward_to("g"), tls=listener_tls)
+            async with proxy(routing_table(listener, (target_group("g", b),))) as (worker, port):
+                attacker = await H2Client.open(port, h2_ctx(certs))
+                try:
+                    encoder = Encoder()
+                    fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"example.com"),
+                              (b":path", b"/slow?ms=1000")]
+                    stream_id = 1
+                    for _ in range(100):  # 20 streams a round: HEADERS, a moment, then their resets
+                        if attacker.closed.done():
+                            break
+                        ids = range(stream_id, stream_id + 40, 2)
+                        stream_id += 40
+                        attacker.send_raw(b"".join(HeadersFrame(i, encoder.encode(fields),
+                                                                flags=["END_HEADERS", "END_STREAM"]).serialize()
+                                                   for i in ids))
+                        await asyncio.sleep(0.05)
+                        attacker.send_raw(b"".join(RstStreamFrame(i, error_code=8).serialize() for i in ids))
+                        await asyncio.sleep(0.01)
+                    assert await _goaway(attacker) == ErrorCodes.ENHANCE_YOUR_CALM
+                    assert stream_id < 400  # cut off after about 100 resets
+                    await asyncio.sleep(0.2)
+                    pools = list(worker.pools.pools.values())
+                    assert sum(pool.outstanding for pool in pools) == 0  # every abandoned exchange released
+                    assert not worker.connections
+                finally:
+                    await attacker.close()
+                async with await H2Client.open(port, h2_ctx(certs)) as client:  # and the next client is served
+                    assert (await client.request()).status == 200
+
+    run(body(), timeout=60)

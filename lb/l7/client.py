@@ -189,6 +189,7 @@ class WorkerView(Protocol):
     stats: WorkerStats
     access_log: AccessLogFile | None
     closing: bool
+    h2_calmed: int  # HTTP/2 connections ended for a flood (lb.l7.h2client counts them)
 
     def opened(self, conn: ClientConnection) -> None: ...
 

@@ -323,6 +323,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.credit = credit
         if credit < 0 and not self.dead:
             log.info("%s: HTTP/2 flood (control frames or resets); closing with ENHANCE_YOUR_CALM", self.peer)
+            self.worker.h2_calmed += 1
             self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=self.h2.highest_inbound_stream_id)
             self._flush_out()
             self._close()

@@ -65,6 +65,7 @@ class Worker:
         self.upstream_fds = 0  # upstream connections (counted by the sweep and near the limit)
         self.shed = 0  # idle connections closed to make room
         self.refused = 0  # new connections closed: nothing idle to close
+        self.h2_calmed = 0  # HTTP/2 connections ended with ENHANCE_YOUR_CALM (lb.l7.h2client)
         self._reported = (0, 0)  # shed, refused at the last log line
         self._report_after = 0.0
         # The access log (lb.l7.access_log), as the table says: opened by start(),
@@ -284,9 +285,11 @@ class Worker:
     def snapshot(self) -> dict[str, Any]:
         """What the parent's stats request gets: :meth:`WorkerStats.snapshot`,
         "fds" {"open" (the estimate), "limit", "high" (where shedding starts)},
-        "shed" and "refused" (connections closed near the limit, see above)."""
+        "shed" and "refused" (connections closed near the limit, see above),
+        "h2_calmed" (HTTP/2 connections ended for a flood, lb.l7.h2client)."""
         return {**self.stats.snapshot(), "fds": {"open": self.open_fds(), "limit": self.fd_limit,
-                                                  "high": self.fd_high}, "shed": self.shed, "refused": self.refused}
+                                                  "high": self.fd_high}, "shed": self.shed, "refused": self.refused,
+                "h2_calmed": self.h2_calmed}
 
     def _sweep(self) -> None:
         now = self.clock.now = self.loop.time()
