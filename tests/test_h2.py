@@ -459,3 +459,24 @@ def test_streams_reset_after_reaching_their_target_leave_nothing_behind(certs: C
                     assert (await client.request()).status == 200
 
     run(body(), timeout=60)
+
+
+def test_idle_connection_gets_goaway_and_a_stalled_body_408(certs: Certs, listener_tls: m.ListenerTls) -> None:
+    async def body() -> None:
+        async with backend("http", "b") as b:
+            listener = http_listener(forward_to("g"), tls=listener_tls)
+            table = routing_table(listener, (target_group("g", b),), idle_timeout=0.5)
+            async with proxy(table, L7Config(connect_timeout=2.0, body_timeout=1)) as (_, port):
+                async with await H2Client.open(port, h2_ctx(certs)) as client:
+                    assert (await client.request()).status == 200
+                    started = time.monotonic()
+                    assert await _goaway(client) == ErrorCodes.NO_ERROR  # idle: closed politely
+                    assert 0.4 < time.monotonic() - started < 3.0
+                async with await H2Client.open(port, h2_ctx(certs)) as client:
+                    stream = client.start("POST", "/", {"content-length": "10"}, end_stream=False)
+                    client.conn.send_data(stream, b"12345")  # half the body, then nothing
+                    client._flush()
+                    response = await client.response_of(stream)
+                    assert response.status == 408
+
+    run(body())

@@ -353,24 +353,31 @@ class H2ClientConnection(asyncio.Protocol):
         window = h2.local_flow_control_window(stream_id)
         frame = h2.max_outbound_frame_size
         sent = frames = 0
-        while pending and window > 0:
-            chunk = pending[0]
-            size = min(window, frame)
-            if len(chunk) > size:
-                piece = chunk[:size]
-                pending[0] = chunk[size:]
-            else:
-                piece = chunk
-                del pending[0]
-            window -= len(piece)
-            sent += len(piece)
-            frames += 1
-            if end and not pending:
-                h2.send_data(stream_id, piece, end_stream=True)
-                transport.closing = True
-                self.forget(stream_id)
-            else:
-                h2.send_data(stream_id, piece)
+        try:
+            while pending and window > 0:
+                chunk = pending[0]
+                size = min(window, frame)
+                if len(chunk) > size:
+                    piece = chunk[:size]
+                    pending[0] = chunk[size:]
+                else:
+                    piece = chunk
+                    del pending[0]
+                window -= len(piece)
+                sent += len(piece)
+                frames += 1
+                if end and not pending:
+                    h2.send_data(stream_id, piece, end_stream=True)
+                    transport.closing = True
+                    self.forget(stream_id)
+                else:
+                    h2.send_data(stream_id, piece)
+        except H2Error as exc:  # the client reset the stream meanwhile (or the connection is ending)
+            log.debug("%s: stream %d: DATA not sent: %s", self.peer, stream_id, exc)
+            transport.closing = True
+            pending.clear()
+            self.forget(stream_id)
+            return sent
         if pending:
             self.blocked[stream_id] = transport
         else:
@@ -422,8 +429,8 @@ class H2ClientConnection(asyncio.Protocol):
         if now - self.last_rx > idle and all(stream.dead for stream in self.streams.values()):
             # Nothing from the client for the idle timeout and nothing it waits
             # for from a target: idle, or responses it does not make room for.
+            self._flush_out()  # what the streams just answered (a 408) first
             self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
-            self._flush_out()
             self._close()
 
     def shutdown(self) -> None:
