@@ -337,7 +337,10 @@ class H2ClientConnection(asyncio.Protocol):
             self.h2.send_headers(stream_id, headers, end_stream=end)
         except H2Error as exc:  # reset by the client meanwhile, or a header h2 will not send
             log.debug("%s: stream %d: response head not sent: %s", self.peer, stream_id, exc)
-            self._reset(stream_id, ErrorCodes.INTERNAL_ERROR)
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.out.closing = True  # nothing more of this response
+            self.reset_stream(stream_id, ErrorCodes.INTERNAL_ERROR)
             return
         self._write()
 
