@@ -63,6 +63,7 @@ class H2Client:
         if settings:
             self.conn.update_settings(settings)  # type: ignore[arg-type]
         self.streams: dict[int, _Stream] = {}
+        self.held: set[int] = set()  # streams whose window is not given back (the connection's is)
         self.window_open = asyncio.Event()
         self.terminated: ConnectionTerminated | None = None
         self.closed = asyncio.get_running_loop().create_future()  # the server closed the connection
@@ -129,7 +130,9 @@ class H2Client:
         elif isinstance(event, DataReceived):
             if stream is not None:
                 stream.body.append(event.data)
-            if self.read_window:
+            if event.stream_id in self.held:
+                self.conn.increment_flow_control_window(event.flow_controlled_length)  # the connection's only
+            elif self.read_window:
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, StreamEnded) and stream is not None:
             if not stream.done.done():

@@ -480,3 +480,26 @@ def test_idle_connection_gets_goaway_and_a_stalled_body_408(certs: Certs, listen
                     assert response.status == 408
 
     run(body())
+
+
+def test_a_stream_out_of_window_does_not_hold_up_the_others(certs: Certs, listener_tls: m.ListenerTls) -> None:
+    async def body() -> None:
+        async with backend("http", "b") as b:
+            listener = http_listener(forward_to("g"), tls=listener_tls)
+            async with proxy(routing_table(listener, (target_group("g", b),))) as (_, port):
+                async with await H2Client.open(port, h2_ctx(certs)) as client:
+                    stuck = client.start("GET", "/download?size=%d" % (4 << 20))
+                    client.held.add(stuck)  # its window stays shut; the connection's is given back
+                    await asyncio.sleep(0.3)
+                    others = await asyncio.gather(*(client.request("GET", "/download?size=300000")
+                                                    for _ in range(10)))
+                    assert all(len(r.body) == 300000 for r in others)  # 3 MB past the stuck stream
+                    assert not client.streams[stuck].done.done()
+                    received = sum(map(len, client.streams[stuck].body))
+                    assert received <= 65535, received  # the stuck one got its window, no more
+                    client.held.discard(stuck)
+                    client.conn.acknowledge_received_data(received, stuck)  # open it: it finishes
+                    client._flush()
+                    assert len((await client.response_of(stuck)).body) == 4 << 20
+
+    run(body())
