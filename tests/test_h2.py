@@ -24,7 +24,7 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStre
 from lb import config as configmod
 from lb import model as m
 from lb.l7.config import L7Config
-from tests.h2_client import H2Client
+from tests.h2_client import H2Client, StreamClosed
 from tests.l7_backends import (
     Client,
     backend,
@@ -317,14 +317,21 @@ def test_stream_and_header_limits(certs: Certs, listener_tls: m.ListenerTls) -> 
         async with proxy(routing_table(listener), config) as (_, port):
             client = await H2Client.open(port, h2_ctx(certs))
             try:
-                await client.request()  # the server's SETTINGS are in
+                # 9 streams at once, sent before the client could read the server's SETTINGS:
+                # the 9th is refused (a stream error, RFC 9113 §5.1.2), the others go on.
+                ids = [client.start("POST", "/", end_stream=False) for _ in range(9)]
+                with pytest.raises(StreamClosed) as refused:
+                    await client.response_of(ids[-1])
+                assert refused.value.code == ErrorCodes.REFUSED_STREAM
                 assert client.conn.remote_settings.max_concurrent_streams == 8
                 assert client.conn.remote_settings.max_header_list_size == config.max_headers
-                # A client that ignores it: 9 streams open at once (their bodies never come).
-                client.send_raw(b"".join(HeadersFrame(stream_id, _headers_block(stream_id),
-                                                      flags=["END_HEADERS"]).serialize()
-                                         for stream_id in range(3, 21, 2)))
-                assert await _goaway(client) == ErrorCodes.PROTOCOL_ERROR
+                await client.send_body(ids[0], b"x" * 100)
+                assert (await client.response_of(ids[0])).status == 200
+                client.conn.end_stream(ids[1])  # an empty DATA with END_STREAM
+                client._flush()
+                assert (await client.response_of(ids[1])).status == 200
+                assert (await client.request()).status == 200  # the connection serves on
+                assert client.terminated is None
             finally:
                 await client.close()
             client = await H2Client.open(port, h2_ctx(certs))

@@ -12,7 +12,8 @@ errors); each stream's request goes the HTTP/1.1 way to the targets
 Limits, in the settings we send and in what we do:
 
 - ``SETTINGS_MAX_CONCURRENT_STREAMS`` (L7Config.h2_max_streams, 128 as
-  ALB): one more is a connection error (h2 refuses it). A stream counts
+  ALB): one more is refused with RST_STREAM REFUSED_STREAM, the connection
+  goes on (:class:`_H2`; h2 alone would end the connection). A stream counts
   until its response is sent, flow control included.
 - ``SETTINGS_MAX_HEADER_LIST_SIZE`` (L7Config.max_headers), enforced by the
   HPACK decoder from the first HEADERS on; a header block of more than 64
@@ -45,7 +46,7 @@ from typing import Any, cast
 
 import httptools
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import H2Connection, _decode_headers
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -60,9 +61,10 @@ from h2.events import (
     UnknownFrameReceived,
     WindowUpdated,
 )
-from h2.exceptions import H2Error, ProtocolError, StreamClosedError
+from h2.exceptions import H2Error, ProtocolError, StreamClosedError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
+from h2.stream import StreamClosedBy
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from lb.l7.client import ClientProtocol, WorkerView, connection_fields
 from lb.l7.exchange import Exchange
@@ -82,6 +84,24 @@ class _H2(H2Connection):
     # connection. A frame for a stream older than these gets RST_STREAM
     # (STREAM_CLOSED), which RFC 9113 §5.1 allows.
     MAX_CLOSED_STREAMS = 1024
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Event]]:
+        try:
+            return super()._receive_headers_frame(frame)
+        except TooManyStreamsError:
+            stream_id = frame.stream_id
+            if stream_id % 2 == 0 or stream_id <= self.highest_inbound_stream_id:
+                raise  # not a new client stream: h2's connection error stands
+        # Over SETTINGS_MAX_CONCURRENT_STREAMS: a stream error (RFC 9113 §5.1.2),
+        # not h2's connection error. The stream is refused (REFUSED_STREAM: the
+        # client may send it again) and the connection goes on. Its header block
+        # is still decoded (HPACK's table is the connection's), and it is
+        # remembered as reset by us, so its DATA is answered as a reset stream's
+        # (h2 gives the connection's window back).
+        _decode_headers(self.decoder, frame.data)
+        self.highest_inbound_stream_id = stream_id
+        self._closed_streams[stream_id] = StreamClosedBy.SEND_RST_STREAM
+        return [RstStreamFrame(stream_id, error_code=ErrorCodes.REFUSED_STREAM)], []
 
 
 class HttpsProtocol(asyncio.Protocol):
