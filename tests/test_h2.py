@@ -24,7 +24,7 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStre
 from lb import config as configmod
 from lb import model as m
 from lb.l7.config import L7Config
-from tests.h2_client import H2Client, StreamClosed
+from tests.h2_client import H2Client, StreamClosed, _Stream
 from tests.l7_backends import (
     Client,
     backend,
@@ -180,14 +180,23 @@ def test_malformed_requests_and_lb_answers(certs: Certs, listener_tls: m.Listene
                     assert (await client.request("GET", "/status/204")).status == 204
                     (conn,) = worker.connections
                     assert not conn.streams  # type: ignore[attr-defined]  # each forgotten once answered
-                # An uppercase header name is malformed (RFC 9113 §8.2.1): h2 ends the connection.
+                # Malformed requests (RFC 9113 §8.1.1, §8.2): each stream is reset, the connection goes on.
                 async with await H2Client.open(port, h2_ctx(certs)) as client:
-                    fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"example.com"),
-                              (b":path", b"/"), (b"X-Upper", b"1")]
-                    client.send_raw(HeadersFrame(1, Encoder().encode(fields),
-                                                 flags=["END_HEADERS", "END_STREAM"]).serialize())
-                    assert await _goaway(client) == ErrorCodes.PROTOCOL_ERROR
-                assert b.stats.requests == 3  # GET, HEAD, 204: nothing of the refused ones
+                    client.conn.config.validate_outbound_headers = False
+                    client.conn.config.normalize_outbound_headers = False
+                    base = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"example.com"),
+                            (b":path", b"/")]
+                    for bad in ([(b"X-Upper", b"1")], [(b"connection", b"close")], [(b"te", b"gzip")],
+                                [(b"x", b"1"), (b":path", b"/late")]):
+                        stream = client.conn.get_next_available_stream_id()
+                        client.streams[stream] = _Stream(asyncio.get_running_loop())
+                        client.conn.send_headers(stream, base + bad, end_stream=True)
+                        client._flush()
+                        with pytest.raises(StreamClosed) as reset:
+                            await client.response_of(stream)
+                        assert reset.value.code == ErrorCodes.PROTOCOL_ERROR, bad
+                    assert (await client.request()).status == 200 and client.terminated is None
+                assert b.stats.requests == 4  # GET, HEAD, 204 and the last GET: nothing of the refused ones
 
     run(body())
 

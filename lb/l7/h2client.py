@@ -6,7 +6,8 @@ handshake is done; it then hands the transport to a
 :class:`~lb.l7.client.ClientProtocol` (HTTP/1.1, or no ALPN) or to an
 :class:`H2ClientConnection`. The framing is the ``h2`` library's (RFC 9113:
 frames, HPACK, stream states, flow-control windows, stream and connection
-errors); each stream's request goes the HTTP/1.1 way to the targets
+errors; :class:`_H2` makes a malformed request and a stream over the limit
+the stream errors RFC 9113 asks for, where h2 ends the connection); each stream's request goes the HTTP/1.1 way to the targets
 (:mod:`lb.l7.h2stream`), so rules, actions, pools and timeouts are the same.
 
 Limits, in the settings we send and in what we do:
@@ -61,7 +62,7 @@ from h2.events import (
     UnknownFrameReceived,
     WindowUpdated,
 )
-from h2.exceptions import H2Error, ProtocolError, StreamClosedError, TooManyStreamsError
+from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError, StreamClosedError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
 from h2.stream import StreamClosedBy
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
@@ -92,6 +93,18 @@ class _H2(H2Connection):
             stream_id = frame.stream_id
             if stream_id % 2 == 0 or stream_id <= self.highest_inbound_stream_id:
                 raise  # not a new client stream: h2's connection error stands
+        except DenialOfServiceError:
+            raise  # a header list over the limit: the connection ends (ENHANCE_YOUR_CALM)
+        except ProtocolError:
+            # A malformed request on a stream h2 opened (an upper-case or
+            # connection-specific header, a pseudo-header out of place): a
+            # stream error (RFC 9113 §8.1.1), not h2's connection error.
+            # Anything before the stream exists (HPACK, stream ids) stays one.
+            stream = self.streams.get(frame.stream_id)
+            if stream is None or stream.closed:
+                raise
+            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return [], []
         # Over SETTINGS_MAX_CONCURRENT_STREAMS: a stream error (RFC 9113 §5.1.2),
         # not h2's connection error. The stream is refused (REFUSED_STREAM: the
         # client may send it again) and the connection goes on. Its header block
