@@ -7,8 +7,9 @@ handshake is done; it then hands the transport to a
 :class:`H2ClientConnection`. The framing is the ``h2`` library's (RFC 9113:
 frames, HPACK, stream states, flow-control windows, stream and connection
 errors; :class:`_H2` makes a malformed request and a stream over the limit
-the stream errors RFC 9113 asks for, where h2 ends the connection); each stream's request goes the HTTP/1.1 way to the targets
-(:mod:`lb.l7.h2stream`), so rules, actions, pools and timeouts are the same.
+the stream errors RFC 9113 asks for, where h2 ends the connection); each
+stream's request goes the HTTP/1.1 way to the targets (:mod:`lb.l7.h2stream`),
+so rules, actions, pools and timeouts are the same.
 
 Limits, in the settings we send and in what we do:
 
