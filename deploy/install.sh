@@ -49,10 +49,15 @@ log() { echo "install: $*"; }
 # --- Debian packages -------------------------------------------------------
 # Runtime: bcc (Debian's; the PyPI package called bcc is unrelated), libbpf,
 # netlink and ethtool tools for operators. Tests add nftables, tcpdump and
-# vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile).
+# vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile),
+# prometheus for its promtool (19 MB download), which checks and unit-tests
+# deploy/prometheus/lb-alerts.yml (its service is never started: policy-rc.d),
+# and systemd (systemd-analyze) and strace, which check deploy/lb.service's
+# sandbox against what lb does (tests/test_unit_sandbox.py), and logrotate,
+# which checks deploy/lb.logrotate.
 packages=(python3-bpfcc libbpfcc libbpf1 python3-venv python3-dev iproute2 ethtool)
 if [ "$system" = 0 ]; then
-  packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux)
+  packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux logrotate prometheus systemd strace)
 fi
 if [ "$bench" = 1 ]; then
   packages+=(wrk nginx-light haproxy iperf3 nghttp2-client)  # nghttp2-client: h2load (tests/bench/https.py)
@@ -175,13 +180,24 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 install -d "$bindir"
 ln -sfn "$prefix/venv/bin/lb" "$bindir/lb"
+# lb(1) and bash completion, generated from the commands themselves (lb/cli/manpage.py).
+mandir=${LB_MANDIR:-/usr/local/share/man/man1}
+completiondir=${LB_COMPLETIONDIR:-/usr/local/share/bash-completion/completions}
+install -d "$mandir" "$completiondir"
+"$prefix/venv/bin/lb" manpage > "$mandir/lb.1"
+"$prefix/venv/bin/lb" completion bash > "$completiondir/lb"
 install -d -m 0755 "$etcdir" "$etcdir/examples"
 install -m 0644 "$here"/deploy/examples/*.toml "$etcdir/examples/"
 install -d -m 0755 "$etcdir/examples/tls"   # https-redirect.toml's example certificate
 install -m 0644 "$here"/deploy/examples/tls/*.pem "$etcdir/examples/tls/"
 install -m 0600 "$here"/deploy/examples/tls/*.key "$etcdir/examples/tls/"
 install -d "$unitdir"
-install -m 0644 "$here/deploy/lb.service" "$unitdir/lb.service"
+# The unit names the paths this install used (LB_BINDIR, LB_ETCDIR).
+sed -e "/^Exec/ s|/usr/local/bin/lb |$bindir/lb |" -e "/^Exec/ s|/etc/lb/lb.toml\$|$etcdir/lb.toml|" \
+  "$here/deploy/lb.service" \
+  > "$unitdir/lb.service.tmp"
+chmod 0644 "$unitdir/lb.service.tmp"
+mv "$unitdir/lb.service.tmp" "$unitdir/lb.service"
 install -d "$logrotatedir"
 install -m 0644 "$here/deploy/lb.logrotate" "$logrotatedir/lb"
 if [ -d /run/systemd/system ] && [ "$unitdir" = /etc/systemd/system ]; then

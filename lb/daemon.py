@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import uvloop
@@ -40,11 +40,14 @@ from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, pu
 from lb.dataplane.maps import Maps
 from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
+from lb.health.anomaly import PassiveHealth
 from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
 from lb.model import LoadBalancer, Protocol
+from lb.registrations import Registrations
 from lb.runstate import RuntimeState
-from lb.systemd import sd_notify
+from lb.reloads import Reloads
+from lb.systemd import Watchdog, sd_notify
 
 if TYPE_CHECKING:
     from lb.l7.server import L7Server
@@ -74,7 +77,11 @@ class Daemon:
         self.config_path = config_path
         self.state = RuntimeState(config.name, os.getpid(), config_path, time.time(), config.netns,
                                   pin_dir(config.name), admin_socket=config.admin_socket)
+        # What `lb targets register|deregister` changed, over the config (lb.registrations).
+        self.registrations = Registrations.load(config.name)
+        self.registrations.reconcile(config)
         self._stop = asyncio.Event()
+        self.reloads = Reloads(started=time.time())  # lb_reload_* in the metrics
         self._reconcile_pending = False
         self._ramp_timer: asyncio.TimerHandle | None = None
         # --- parts, created in prepare() and start()
@@ -87,6 +94,8 @@ class Daemon:
         self.metrics_server: metrics.MetricsServer | None = None
         self.admin: admin.AdminServer | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.passive: PassiveHealth | None = None  # with the L7 workers: anomaly mitigation
+        self._passive_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -107,7 +116,10 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
-        self.health = HealthChecker(config.target_groups, on_change=lambda change: self.schedule_reconcile())
+        self.registrations.save()
+        self.health = HealthChecker(self.registrations.effective_groups(config),
+                                    on_change=lambda change: self.schedule_reconcile())
+        self.registrations.resume(config, self.health)  # a drain a restart interrupted goes on
         self._health_task = asyncio.get_running_loop().create_task(self.health.run())
         # Reconcile only once every target has had its first check: after a
         # restart the adopted ring keeps serving meanwhile, instead of being
@@ -125,11 +137,17 @@ class Daemon:
             problem = access_log_problem(config)
             if problem is not None:
                 raise DaemonError(problem)
-            self.l7 = L7Server(L7Config.for_load_balancer(config))
+            # The cookie key outlives the process: sticky sessions stay put across restarts.
+            self.l7 = L7Server(replace(L7Config.for_load_balancer(config),
+                                       cookie_secret=runstate.cookie_key(config.name)))
             await self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
+            self.passive = PassiveHealth(self.l7.stats, self._anomaly_groups, self.schedule_reconcile)
+            self.controller.mitigated = self.passive.mitigated
+            self._passive_task = asyncio.get_running_loop().create_task(self.passive.run())
         self._after_reconcile(self.controller.reconcile())
-        self.metrics_server = metrics.start(self.config.metrics_address, lambda: self.config, self.health, self.l7)
+        self.metrics_server = metrics.start(self.config.metrics_address, lambda: self.config, self.health, self.l7,
+                                            reloads=self.reloads, passive=self.passive)
         self.admin = admin.AdminServer(config.admin_socket, AdminCommands(self).handle)
         await self.admin.start()
         self.state.save()
@@ -159,7 +177,7 @@ class Daemon:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_on_signal()))
         loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(self.reopen_logs()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping)
@@ -180,6 +198,9 @@ class Daemon:
             self.metrics_server = None
         if self.admin is not None:
             await self.admin.close()
+        if self._passive_task is not None:
+            self._passive_task.cancel()
+            await asyncio.gather(self._passive_task, return_exceptions=True)
         if self.health is not None:
             self.health.stop()
         if self._health_task is not None:
@@ -213,6 +234,9 @@ class Daemon:
 
         asyncio.get_running_loop().call_soon(run)
 
+    def _anomaly_groups(self) -> frozenset[str]:
+        return frozenset(g.name for g in self.config.target_groups if g.anomaly_mitigation)
+
     def _after_reconcile(self, again_in: float | None) -> None:
         """While a target is in slow start, reconcile again as its share grows."""
         if self._ramp_timer is not None:
@@ -222,7 +246,11 @@ class Daemon:
             self._ramp_timer = asyncio.get_running_loop().call_later(again_in, self.schedule_reconcile)
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the config: apply it whole, or change nothing."""
+        """Re-read the config: apply it whole, or change nothing (counted in self.reloads)."""
+        with self.reloads.attempt():
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
         sd_notify("RELOADING=1")
         try:
             new = configmod.load(self.config_path) if self.config_path else configmod.load_default()
@@ -248,7 +276,9 @@ class Daemon:
         self.state.addresses += await loop.run_in_executor(None, place_addresses, new)
         self.config = new
         assert self.health is not None and self.controller is not None
-        self.health.update_groups(new.target_groups)
+        dropped = self.registrations.reconcile(new)
+        self.registrations.save()
+        self.health.update_groups(self.registrations.effective_groups(new))
         self.controller.set_config(new)
         self._after_reconcile(self.controller.reconcile())
         warnings = await self.l7.settle() if self.l7 is not None else []  # a stuck worker is named, not waited for
@@ -259,8 +289,15 @@ class Daemon:
         log.info("reloaded %s", self.config_path or "the embedded config")
         sd_notify("READY=1")
         return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups),
-                "warnings": warnings}
+                "warnings": warnings, "registrations_dropped": dropped}
 
+
+    async def _reload_on_signal(self) -> None:
+        """SIGHUP: a rejection is logged (and counted) by reload; nobody awaits the answer."""
+        try:
+            await self.reload()
+        except admin.AdminError:
+            pass
 
     async def reopen_logs(self) -> None:
         """SIGUSR1: the workers write what they buffered and reopen the access
@@ -288,11 +325,16 @@ def access_log_problem(config: LoadBalancer) -> str | None:
 
 
 async def _main(daemon: Daemon) -> None:
+    watchdog = Watchdog.from_environment()  # WatchdogSec= in the unit: pinged from this loop
+    watchdog.start(asyncio.get_running_loop())
     try:
         await daemon.start()
         await daemon.serve()
     finally:
-        await daemon.stop()
+        try:
+            await daemon.stop()
+        finally:
+            watchdog.stop()
 
 
 def run(config: LoadBalancer, config_path: str | None) -> None:
@@ -331,5 +373,8 @@ def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = T
     detached = detach_all(interfaces, netns)
     removed_addresses = remove_addresses(state.addresses, netns) if state is not None else []
     unpinned = purge_pins(name) if purge else False
+    if purge:
+        Registrations.remove(name)
+        runstate.remove_cookie_key(name)
     RuntimeState.remove(name)
     return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned}

@@ -212,7 +212,8 @@ def run(keep: bool) -> int:
             print("lab:", ", ".join(lab.down()) or "nothing", "removed")
     if keep:
         print(f"\nleft running (--keep): lb up is pid {daemon.proc.pid if daemon.proc else '?'}; "
-              "stop it with `sudo kill <pid>`, then `sudo .venv/bin/lb down` and `sudo .venv/bin/lb lab down`")
+              f"stop it with `sudo kill <pid>`, then `sudo .venv/bin/lb down -c {DEFAULT_CONFIG}` "
+              "and `sudo .venv/bin/lb lab down`")
     return 0
 
 

@@ -5,7 +5,8 @@
 
 - HTTP on --http-port (keep-alive, HTTP/1.1 and 1.0). Every answer names the
   backend: the body is "<name>\\n" and the header `X-Backend: <name>`.
-  Test hooks: `/status/<code>` answers with that status, `/sleep/<seconds>`
+  Test hooks: `/status/<code>` answers with that status (`/status/<code>/<name>`:
+  only backend <name> does, the others answer 200), `/sleep/<seconds>`
   answers after a delay (slow in-flight requests), `/echo` returns the request
   body, `/headers` returns the request headers as received.
 - HTTPS on --https-port (if given): the same server behind TLS, with a
@@ -83,7 +84,9 @@ class HttpHandler(asyncio.Protocol):
             )
             return
         if path.startswith("/status/"):
-            self.respond(int(path.split("/")[2]), self.name.encode() + b"\n", keep_alive)
+            parts = path.split("/")  # /status/<code>[/<backend>]: only that backend answers <code>
+            code = int(parts[2]) if len(parts) < 4 or parts[3] == self.name else 200
+            self.respond(code, self.name.encode() + b"\n", keep_alive)
         elif path == "/echo":
             self.respond(200, b"".join(self.body), keep_alive)
         elif path == "/headers":

@@ -179,6 +179,9 @@ class TargetGroup:
     # the end of its deregistration delay (deregistration_delay.connection_termination.enabled).
     unhealthy_connection_termination: bool = True
     deregistration_connection_termination: bool = False
+    # HTTP groups (ALB's load_balancing.algorithm.anomaly_mitigation): a target
+    # failing far more requests than its peers is weighted down (lb.health.anomaly).
+    anomaly_mitigation: bool = False
     # HTTPS groups: protocol HTTP (the proxy is the same) plus TLS to the targets.
     tls: TargetTls | None = None
 

@@ -86,6 +86,7 @@ def test_curl_http2_and_http11_on_one_listener(certs: Certs, listener_tls: m.Lis
     assert [line["type"] for line in lines] == ["h2", "https"]  # ALB's types
     assert [line["request"].rsplit(" ", 1)[1] for line in lines] == ["HTTP/2.0", "HTTP/1.1"]
     assert lines[0]["request"].startswith("POST https://127.0.0.1:")
+    assert [line["ssl_protocol"] for line in lines] == ["TLSv1.3", "TLSv1.3"]  # the connection's, for each stream
 
 
 # --- many streams, several groups, bodies ------------------------------------------------------------

@@ -8,7 +8,17 @@ from typing import Any
 import click
 
 from lb import inspect, tls
-from lb.cli.common import config_option, echo_json, inspect_errors, json_option, load_config, table
+from lb.cli.common import (
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    config_option,
+    echo_json,
+    inspect_errors,
+    json_option,
+    load_config,
+    table,
+)
+from lb.model import LoadBalancer
 
 
 def when(epoch: float | None) -> str:
@@ -19,13 +29,23 @@ def when(epoch: float | None) -> str:
 @config_option
 @json_option
 def status(config_path: str | None, as_json: bool) -> None:
-    """Daemon, XDP attachments, program, pinned maps and listeners."""
+    """Daemon, XDP attachments, program, pinned maps and listeners.
+
+    Exit status 0 when the daemon runs, 3 when it does not (what is left in
+    the kernel is still shown), 1 when the question cannot be answered.
+    """
     config = load_config(config_path)
     with inspect_errors():
         info = inspect.status(config)
+    code = EXIT_OK if info["daemon"]["running"] else EXIT_NOT_RUNNING
     if as_json:
         echo_json(info)
-        return
+        raise SystemExit(code)
+    show(config, info)
+    raise SystemExit(code)
+
+
+def show(config: LoadBalancer, info: dict[str, Any]) -> None:
     daemon = info["daemon"]
     if daemon["running"]:
         click.echo(f"lb {config.name}: running (pid {daemon['pid']})")

@@ -27,6 +27,10 @@ DEFAULT_SOURCE = "<embedded default.toml>"
 
 # --- limits (ELB's, docs/elb-reference.md, unless marked as ours) -----------
 
+ELB_MIN_HEALTH_INTERVAL = 5  # seconds; ELB's minimum
+MIN_HEALTH_INTERVAL = 1  # ours: down to 1 s (keepalived's delay_loop), README "health_check"
+MIN_HEALTH_TIMEOUT = 1  # ours (ELB: 2)
+
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?")
 NAME_RULE = "1-32 letters, digits and hyphens, not starting or ending with a hyphen"
 IFNAME = re.compile(r"(?!\.{1,2}$)[^/:\s\x00-\x1f\x7f]{1,15}")  # Linux dev_valid_name, no control characters
@@ -59,7 +63,7 @@ MAX_CERTIFICATES = 25  # ALB: certificates per load balancer, not counting defau
 GROUP_KEYS = (
     "name", "protocol", "port", "targets", "health_check", "deregistration_delay", "slow_start",
     "algorithm", "stickiness", "unhealthy_connection_termination", "deregistration_connection_termination",
-    "ca_bundle",
+    "anomaly_mitigation", "ca_bundle",
 )  # fmt: skip
 HEALTH_KEYS = (
     "enabled", "protocol", "port", "path", "method", "interval", "timeout", "healthy_threshold",
@@ -259,13 +263,17 @@ class _Builder:
             if stickiness.enabled:
                 why = "L4 flows already stay on one target"
                 t.error("stickiness", f"lb_cookie stickiness needs an HTTP target group, not {protocol.value}; {why}")
+        anomaly = t.boolean("anomaly_mitigation", False)
+        if anomaly and protocol is not None and protocol.is_l4:
+            t.error("anomaly_mitigation", f"needs an HTTP target group, not {protocol.value}; "
+                    "it judges targets by their requests' outcomes")
         dereg = t.integer("deregistration_delay", 0, 3600, 300)
         unhealthy_termination = t.boolean("unhealthy_connection_termination", True)
         dereg_termination = t.boolean("deregistration_connection_termination", False)
         if name is None or protocol is None or port is None or targets is None or "ca_bundle" in t.bad:
             return None
         return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness,
-                             unhealthy_termination, dereg_termination, group_tls)
+                             unhealthy_termination, dereg_termination, anomaly, group_tls)
 
     def target_tls(self, t: Table) -> m.TargetTls:
         """An HTTPS group's TLS: a CA bundle to verify its targets with, if any (read now)."""
@@ -307,11 +315,16 @@ class _Builder:
             for key in HTTP_ONLY_HEALTH_KEYS:
                 if t.has(key):
                     t.error(key, "only used by HTTP health checks; this one is TCP")
-        interval = t.integer("interval", 5, 300, 30)
-        timeout = t.integer("timeout", 2, 120, 10 if l4 else 5)
-        if timeout >= interval and not {"timeout", "interval"} & t.bad:
+        # lb's extension: intervals and timeouts down to 1 s (ELB: 5 and 2), as
+        # keepalived (1 s) and HAProxy (2 s) check; below ELB's minimum interval a
+        # timeout may equal it (1 s / 1 s): checks still never overlap.
+        interval = t.integer("interval", MIN_HEALTH_INTERVAL, 300, 30)
+        timeout = t.integer("timeout", MIN_HEALTH_TIMEOUT, 120, 10 if l4 else 5)
+        fast = interval < ELB_MIN_HEALTH_INTERVAL
+        if (timeout > interval or (timeout == interval and not fast)) and not {"timeout", "interval"} & t.bad:
             origin = "" if t.has("timeout") else f" (the {protocol.value} default)"
-            t.error("timeout", f"{timeout}{origin} must be smaller than interval ({interval})")
+            limit = "at most" if fast else "smaller than"
+            t.error("timeout", f"{timeout}{origin} must be {limit} interval ({interval})")
         path = t.string("path", "/", max_len=1024, pattern=HEALTH_PATH, rule=HEALTH_PATH_RULE)
         if not path.startswith("/"):
             t.error("path", f"{path!r} must start with '/'")

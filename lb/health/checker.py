@@ -162,6 +162,18 @@ class HealthChecker:
             self._drain(g, record)
             self.expire()
 
+    def resume_draining(self, group: str, target: Target, remaining: float) -> None:
+        """Register `target` as draining for `remaining` seconds: a target that
+        was deregistered before a restart finishes its delay. No-op when the
+        group does not exist or already has the target."""
+        g = self._groups.get(group)
+        if g is None or self._key(g, target) in g.records or remaining <= 0:
+            return
+        now = self._clock()
+        record = g.records[self._key(g, target)] = TargetRecord(target, self._key(g, target)[1], DRAINING, now)
+        record.drain_deadline = now + remaining
+        self._arm_reaper()
+
     def observe(self, group: str, target: Target, result: CheckResult) -> None:
         """Count one check result, as the check tasks do (and tests, and passive checks later)."""
         g = self._groups[group]

@@ -178,6 +178,16 @@ def connection_fields(transport: asyncio.BaseTransport, protocol: str) -> Connec
     )
 
 
+def tls_fields(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """The cipher (OpenSSL's name) and protocol ("TLSv1.3") a TLS connection's
+    handshake chose, for the access log; ("-", "-") without TLS."""
+    tls_object = transport.get_extra_info("ssl_object")
+    cipher = tls_object.cipher() if tls_object is not None else None
+    if not cipher:
+        return "-", "-"
+    return cipher[0], tls_object.version() or cipher[1]
+
+
 class WorkerView(Protocol):
     """What a client connection uses of its worker (:class:`lb.l7.worker.Worker`)."""
 
@@ -208,6 +218,8 @@ class ClientProtocol(asyncio.Protocol):
         "listener",  # the listener's name: its route is looked up per request
         "protocol",  # "http" or "https" (TLS terminated before us), for X-Forwarded-Proto and redirects
         # Per connection.
+        "tls_cipher",  # the cipher (OpenSSL's name) and protocol ("TLSv1.3") the handshake chose,
+        "tls_protocol",  # for the access log; "-" over plain HTTP
         "transport",
         "gate",
         "parser",
@@ -251,6 +263,7 @@ class ClientProtocol(asyncio.Protocol):
         self.listener = listener
         self.protocol = "https" if https else "http"
         # Per connection.
+        self.tls_cipher = self.tls_protocol = "-"
         self.transport: asyncio.Transport  # set by connection_made, before anything reads it
         self.gate: ReadGate  # likewise
         # ``parser``: an HTTP/2 stream's (lb.l7.h2stream), which parses nothing: one per connection.
@@ -301,6 +314,8 @@ class ClientProtocol(asyncio.Protocol):
         # Per connection, so the common request costs no formatting.
         (self.peer_ip, self.peer, self.local_host, self.local_port, self.authority, self.xff_line,
          self.fwd_tail) = fields
+        if self.protocol == "https":  # the handshake is over before connection_made
+            self.tls_cipher, self.tls_protocol = tls_fields(transport)
         self.last_rx = self.clock.now
         self.worker.opened(self)
         if self.worker.closing:
@@ -584,9 +599,7 @@ class ClientProtocol(asyncio.Protocol):
             assert isinstance(plan, Redirect)
             ex.action = "redirect"
             path, _, query = ex.url.partition(b"?")
-            data = plan.render(
-                self._connection(ex),
-                ex.head_only,
+            location = ex.redirect_url = plan.location(
                 ex.host.decode("latin-1") if ex.host is not None else None,
                 path.decode("latin-1"),
                 query.decode("latin-1"),
@@ -594,7 +607,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.local_host,
                 self.protocol,
             )
-            self._respond(ex, data, plan.status)
+            self._respond(ex, plan.answer(self._connection(ex), ex.head_only, location), plan.status)
 
     def _connection(self, ex: Exchange) -> bytes:
         """The Connection line of a local answer; decides whether we close after it."""

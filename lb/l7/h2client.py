@@ -68,7 +68,7 @@ from h2.settings import SettingCodes, Settings
 from h2.stream import StreamClosedBy
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
-from lb.l7.client import ClientProtocol, WorkerView, connection_fields
+from lb.l7.client import ClientProtocol, WorkerView, connection_fields, tls_fields
 from lb.l7.exchange import Exchange
 from lb.l7.h2stream import H2Stream, StreamTransport
 
@@ -157,6 +157,8 @@ class H2ClientConnection(asyncio.Protocol):
         "authority",
         "xff_line",
         "fwd_tail",
+        "tls_cipher",  # the handshake's, for the access log (lb.l7.client.tls_fields)
+        "tls_protocol",
         "last_rx",
         "write_paused",
         "closing",  # GOAWAY sent or received: no new streams; close when the last one ends
@@ -197,6 +199,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.authority = b""
         self.xff_line = b""
         self.fwd_tail = b""
+        self.tls_cipher = self.tls_protocol = "-"
         self.last_rx = self.clock.now
         self.write_paused = False
         self.closing = False
@@ -232,6 +235,7 @@ class H2ClientConnection(asyncio.Protocol):
             return
         (self.peer_ip, self.peer, self.local_host, self.local_port, self.authority, self.xff_line,
          self.fwd_tail) = fields
+        self.tls_cipher, self.tls_protocol = tls_fields(transport)
         h2 = self.h2
         h2.initiate_connection()
         window = self.config.h2_stream_window * self.config.h2_max_streams

@@ -237,6 +237,8 @@ class H2Stream(ClientProtocol):
         self.authority = conn.authority
         self.xff_line = conn.xff_line
         self.fwd_tail = conn.fwd_tail
+        self.tls_cipher = conn.tls_cipher
+        self.tls_protocol = conn.tls_protocol
 
     # --- the request ---------------------------------------------------------------------
 

@@ -104,7 +104,7 @@ def target_states(config: str = CONFIG) -> dict[tuple[str, str], dict[str, Any]]
     """(group, address) -> the `lb targets` row (`config`: where lb's CLI finds the daemon)."""
     info = lb_json(f"targets -c {config}")
     assert info["daemon"]["running"], info["daemon"]
-    return {(t["group"], t["target"]): t for t in info["targets"]}
+    return {(t["group"], t["target"]["address"]): t for t in info["targets"]}
 
 
 def all_healthy() -> dict[tuple[str, str], dict[str, Any]] | None:
@@ -121,7 +121,7 @@ def new_flows_by_address() -> Counter[str]:
     """New flows per target address, from the XDP counters (`lb stats`)."""
     counts: Counter[str] = Counter()
     for row in lb_json("stats")["targets"]:
-        counts[row["target"].rsplit(":", 1)[0]] += row["new_flows"]
+        counts[row["target"]["address"]] += row["new_flows"]
     return counts
 
 
@@ -405,7 +405,7 @@ def test_reload_applies_a_good_config_and_refuses_a_broken_one() -> None:
         assert set(bodies) == {"web1", "web2", "web3"}, bodies
         assert out("lb", "systemctl show -p MainPID --value lb") == pid, "reload restarted lb"
 
-        # A broken one: refused by `lb validate` (ExecReload), nothing changes.
+        # A broken one: refused by `lb reload` (ExecReload), nothing changes.
         # (lb's CLI reads the config too, to find the daemon: with the file
         # broken, `lb targets` needs -c and a good copy.)
         good = "/tmp/lb-walkthrough-good.toml"
