@@ -9,7 +9,7 @@
 #                                example configs in /etc/lb and the access log's
 #                                logrotate snippet in /etc/logrotate.d
 #   deploy/install.sh --bench    also the comparison tools the benchmarks use
-#                                (wrk, nginx, HAProxy, iperf3; py-spy in the .venv)
+#                                (wrk, nginx, HAProxy, iperf3, h2load; py-spy in the .venv)
 #   deploy/install.sh --kernels  also QEMU and debootstrap, for `make test-kernels`
 #                                (the program on other kernels, in VMs)
 #   deploy/install.sh --vagrant  also libvirt, QEMU, qemu-img and debootstrap, for
@@ -62,7 +62,7 @@ if [ "$system" = 0 ]; then
   packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux logrotate prometheus systemd strace)
 fi
 if [ "$bench" = 1 ]; then
-  packages+=(wrk nginx-light haproxy iperf3)
+  packages+=(wrk nginx-light haproxy iperf3 nghttp2-client)  # nghttp2-client: h2load (tests/bench/https.py)
 fi
 if [ "$kernels" = 1 ]; then
   # tests/kernels/run.sh: debootstrap builds the guest's root, QEMU boots it.

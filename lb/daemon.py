@@ -63,7 +63,7 @@ BGP_RETRY_SECONDS = 2.0
 RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size",
                 "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address",
                 "header_timeout", "body_timeout", "min_body_rate", "max_response_head",
-                "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit")
+                "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "http2")
 
 
 class DaemonError(RuntimeError):

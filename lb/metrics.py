@@ -59,6 +59,8 @@ lb_l7_open_fds{worker}                      gauge    descriptors open (the worke
 lb_l7_fd_limit{worker}                      gauge    its limit on open files
 lb_l7_connections_shed_total                counter  idle connections closed near the open files limit
 lb_l7_connections_refused_total             counter  new ones closed there (nothing idle to close)
+lb_http2_connections_calmed_total           counter  HTTP/2 connections ended with GOAWAY
+                                                      ENHANCE_YOUR_CALM (floods, rapid reset)
 lb_http_access_log_lines_lost_total         counter  access log lines dropped: their write failed (disk
                                                      full, file system read-only)
 lb_certificate_expiry_seconds{listener,     gauge    when an HTTPS listener's certificate expires
@@ -343,6 +345,9 @@ class Collector(PromCollector):
         yield CounterMetricFamily("lb_l7_connections_refused", "New L7 client connections closed at once near "
                                   "the open files limit (no idle one to close instead)",
                                   value=sum(snap.get("refused", 0) for snap in snapshots))
+        yield CounterMetricFamily("lb_http2_connections_calmed", "HTTP/2 client connections ended with GOAWAY "
+                                  "ENHANCE_YOUR_CALM: control frame floods, rapid reset (lb.l7.h2client)",
+                                  value=sum(snap.get("h2_calmed", 0) for snap in snapshots))
         yield CounterMetricFamily("lb_http_access_log_lines_lost", "Access log lines dropped because their write "
                                   "failed (disk full, file system read-only); requests were served",
                                   value=sum(snap.get("access_log_lost", 0) for snap in snapshots))

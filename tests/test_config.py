@@ -383,7 +383,7 @@ BAD = [
     case({HC: {"port": "80"}}, f"{HC}.port", "'80' is not allowed", "traffic-port", id="health-port-string"),
     case({"target_groups[2].health_check": {"path": "/"}}, "target_groups[2].health_check.path",
          "only used by HTTP health checks", id="path-on-tcp-check"),  # fmt: skip
-    case({HC: {"protocol": "UDP"}}, f"{HC}.protocol", "'UDP' is not one of HTTP, TCP", id="health-protocol"),
+    case({HC: {"protocol": "UDP"}}, f"{HC}.protocol", "'UDP' is not one of HTTP, HTTPS, TCP", id="health-protocol"),
     # host settings
     case({"load_balancer.metrics_address": "localhost:9464"}, "load_balancer.metrics_address",
          "ADDRESS:PORT", id="metrics-hostname"),  # fmt: skip
@@ -979,7 +979,7 @@ def test_validate_broken_file_lists_every_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.stdout == ""
     assert f"{path}: listeners[0].port: 0 is outside 1..65535" in result.stderr.splitlines()
-    assert f"{path}: target_groups[2].protocol: 'SCTP' is not one of HTTP, TCP, UDP" in result.stderr.splitlines()
+    assert f"{path}: target_groups[2].protocol: 'SCTP' is not one of HTTP, HTTPS, TCP, UDP" in result.stderr.splitlines()
     assert "Traceback" not in result.output
 
 

@@ -49,7 +49,8 @@ def test_example_runs_on_the_lab(path: Path) -> None:
         for target in group.targets:
             assert str(target.address) in labmod.BACKEND_ADDRS, (group.name, str(target.address))
             port = target.port or group.port
-            wanted = labmod.HTTP_PORT if group.protocol is m.Protocol.HTTP else labmod.ECHO_PORT
+            wanted = labmod.ECHO_PORT if group.protocol is not m.Protocol.HTTP else \
+                labmod.HTTPS_PORT if group.tls is not None else labmod.HTTP_PORT
             assert port == wanted, (group.name, port)
 
 

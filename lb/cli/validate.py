@@ -126,7 +126,7 @@ def _group_row(group: m.TargetGroup) -> list[str]:
     count = len(group.targets)
     return [
         group.name,
-        group.protocol.value,
+        group.scheme,
         f"port {group.port}",
         f"{count} target{'s' if count != 1 else ''}",
         "health " + describe_health(group.health_check),
@@ -137,8 +137,8 @@ def describe_health(check: m.HealthCheck) -> str:
     """e.g. 'HTTP GET / every 30s, timeout 5s, healthy 5, unhealthy 2, matcher 200'."""
     if not check.enabled:
         return "disabled"
-    http = check.protocol is m.HealthCheckProtocol.HTTP
-    text = f"HTTP {check.method} {check.path}" if http else "TCP"
+    http = check.protocol.is_http
+    text = f"{check.protocol.value} {check.method} {check.path}" if http else "TCP"
     if check.port is not None:
         text += f" port {check.port}"
     text += f" every {check.interval}s, timeout {check.timeout}s, "

@@ -50,7 +50,7 @@ LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
     "udp_idle_timeout", "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "header_timeout",
     "body_timeout", "min_body_rate", "max_response_head", "ring_size",
-    "workers", "access_log", "admin_socket", "metrics_address", "bgp",
+    "workers", "access_log", "admin_socket", "metrics_address", "bgp", "http2",
 )  # fmt: skip
 ACCESS_LOG_KEYS = ("enabled", "path", "format")
 LISTENER_KEYS = (
@@ -58,12 +58,13 @@ LISTENER_KEYS = (
     "ssl_policy",
 )  # fmt: skip
 LISTENER_PROTOCOLS = ("HTTP", "HTTPS", "TCP", "UDP")
+GROUP_PROTOCOLS = LISTENER_PROTOCOLS
 TLS_KEYS = ("default_certificate", "certificates", "ssl_policy")
 MAX_CERTIFICATES = 25  # ALB: certificates per load balancer, not counting default certificates
 GROUP_KEYS = (
     "name", "protocol", "port", "targets", "health_check", "deregistration_delay", "slow_start",
     "algorithm", "stickiness", "unhealthy_connection_termination", "deregistration_connection_termination",
-    "anomaly_mitigation",
+    "anomaly_mitigation", "ca_bundle",
 )  # fmt: skip
 HEALTH_KEYS = (
     "enabled", "protocol", "port", "path", "method", "interval", "timeout", "healthy_threshold",
@@ -215,6 +216,7 @@ class _Builder:
             body_timeout=t.integer("body_timeout", 1, 4000, 20),
             min_body_rate=t.integer("min_body_rate", 1, 1 << 30, 500),
             max_response_head=t.integer("max_response_head", 1024, 1 << 20, 32 * 1024),
+            http2=t.boolean("http2", True),
             ring_size=ring_size,
             workers=t.integer("workers", 0, 256, 0),
             access_log=self.access_log(t.section("access_log")),
@@ -250,10 +252,15 @@ class _Builder:
     def target_group(self, t: Table) -> m.TargetGroup | None:
         t.only(*GROUP_KEYS)
         name = t.string("name", pattern=NAME, rule=NAME_RULE)
-        protocol = t.choice("protocol", m.Protocol)
+        scheme = t.one_of("protocol", GROUP_PROTOCOLS)
+        # An HTTPS group is an HTTP one with TLS to its targets (m.TargetGroup.tls).
+        protocol = None if scheme is None else m.Protocol.HTTP if scheme == "HTTPS" else m.Protocol(scheme)
         port = t.integer("port", 1, 65535)
         targets = self.targets(t, protocol, port)
-        health = self.health_check(t.section("health_check"), protocol or m.Protocol.HTTP)
+        group_tls = self.target_tls(t) if scheme == "HTTPS" else None
+        if scheme is not None and scheme != "HTTPS" and t.has("ca_bundle"):
+            t.error("ca_bundle", f"only for HTTPS target groups; this one is {scheme}")
+        health = self.health_check(t.section("health_check"), protocol or m.Protocol.HTTP, scheme == "HTTPS")
         slow_start = t.integer("slow_start", 0, 900, 0, rule="0 (off) or 30..900")
         if 0 < slow_start < 30:
             t.error("slow_start", f"{slow_start} is not allowed; use 0 (off) or 30..900")
@@ -273,10 +280,22 @@ class _Builder:
         dereg = t.integer("deregistration_delay", 0, 3600, 300)
         unhealthy_termination = t.boolean("unhealthy_connection_termination", True)
         dereg_termination = t.boolean("deregistration_connection_termination", False)
-        if name is None or protocol is None or port is None or targets is None:
+        if name is None or protocol is None or port is None or targets is None or "ca_bundle" in t.bad:
             return None
         return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness,
-                             unhealthy_termination, dereg_termination, anomaly)
+                             unhealthy_termination, dereg_termination, anomaly, group_tls)
+
+    def target_tls(self, t: Table) -> m.TargetTls:
+        """An HTTPS group's TLS: a CA bundle to verify its targets with, if any (read now)."""
+        path = t.string("ca_bundle") if t.has("ca_bundle") else None
+        if path is None:
+            return m.TargetTls()
+        file = self._path(path)
+        try:
+            return m.TargetTls(file, tls.read_ca_bundle(file))
+        except tls.CertificateError as exc:
+            t.error("ca_bundle", str(exc))
+            return m.TargetTls()
 
     def targets(self, group: Table, protocol: m.Protocol | None, port: int | None) -> tuple[m.Target, ...] | None:
         tables = group.tables("targets")
@@ -297,11 +316,11 @@ class _Builder:
         report_duplicates(seen, "id", "target")
         return None if None in result else tuple(t for t in result if t is not None)
 
-    def health_check(self, t: Table, protocol: m.Protocol) -> m.HealthCheck:
+    def health_check(self, t: Table, protocol: m.Protocol, https: bool = False) -> m.HealthCheck:
         t.only(*HEALTH_KEYS)
         l4 = protocol.is_l4
         HC = m.HealthCheckProtocol  # noqa: N806
-        check = t.choice("protocol", HC, HC.TCP if l4 else HC.HTTP)
+        check = t.choice("protocol", HC, HC.TCP if l4 else HC.HTTPS if https else HC.HTTP)
         if check is HC.TCP:
             for key in HTTP_ONLY_HEALTH_KEYS:
                 if t.has(key):
