@@ -9,7 +9,7 @@
 #                                example configs in /etc/lb and the access log's
 #                                logrotate snippet in /etc/logrotate.d
 #   deploy/install.sh --bench    also the comparison tools the benchmarks use
-#                                (wrk, nginx, HAProxy, iperf3; py-spy in the .venv)
+#                                (wrk, nginx, HAProxy, iperf3, h2load; py-spy in the .venv)
 #   deploy/install.sh --kernels  also QEMU and debootstrap, for `make test-kernels`
 #                                (the program on other kernels, in VMs)
 #   deploy/install.sh --vagrant  also libvirt, QEMU, qemu-img and debootstrap, for
@@ -48,19 +48,21 @@ log() { echo "install: $*"; }
 
 # --- Debian packages -------------------------------------------------------
 # Runtime: bcc (Debian's; the PyPI package called bcc is unrelated), libbpf,
-# netlink and ethtool tools for operators. Tests add nftables, tcpdump and
+# netlink and ethtool tools for operators, BIRD 2 for [load_balancer.bgp] (lb
+# writes its own fragment and drives BIRD's control socket; the lab runs one BIRD
+# per host and for its router). Tests add nftables, tcpdump and
 # vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile),
 # prometheus for its promtool (19 MB download), which checks and unit-tests
 # deploy/prometheus/lb-alerts.yml (its service is never started: policy-rc.d),
 # and systemd (systemd-analyze) and strace, which check deploy/lb.service's
 # sandbox against what lb does (tests/test_unit_sandbox.py), and logrotate,
 # which checks deploy/lb.logrotate.
-packages=(python3-bpfcc libbpfcc libbpf1 python3-venv python3-dev iproute2 ethtool)
+packages=(python3-bpfcc libbpfcc libbpf1 python3-venv python3-dev iproute2 ethtool bird2)
 if [ "$system" = 0 ]; then
   packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux logrotate prometheus systemd strace)
 fi
 if [ "$bench" = 1 ]; then
-  packages+=(wrk nginx-light haproxy iperf3)
+  packages+=(wrk nginx-light haproxy iperf3 nghttp2-client)  # nghttp2-client: h2load (tests/bench/https.py)
 fi
 if [ "$kernels" = 1 ]; then
   # tests/kernels/run.sh: debootstrap builds the guest's root, QEMU boots it.
@@ -180,6 +182,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 install -d "$bindir"
 ln -sfn "$prefix/venv/bin/lb" "$bindir/lb"
+# lb(1) and bash completion, generated from the commands themselves (lb/cli/manpage.py).
+mandir=${LB_MANDIR:-/usr/local/share/man/man1}
+completiondir=${LB_COMPLETIONDIR:-/usr/local/share/bash-completion/completions}
+install -d "$mandir" "$completiondir"
+"$prefix/venv/bin/lb" manpage > "$mandir/lb.1"
+"$prefix/venv/bin/lb" completion bash > "$completiondir/lb"
 install -d -m 0755 "$etcdir" "$etcdir/examples"
 install -m 0644 "$here"/deploy/examples/*.toml "$etcdir/examples/"
 install -d -m 0755 "$etcdir/examples/tls"   # https-redirect.toml's example certificate

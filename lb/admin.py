@@ -43,6 +43,10 @@ class AdminError(RuntimeError):
     """The admin socket refused or failed a request; the message says why."""
 
 
+class NotRunning(AdminError):
+    """No daemon answers on the socket (none there, or nobody listening)."""
+
+
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
@@ -219,9 +223,9 @@ def request(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
                     break
                 data += chunk
     except FileNotFoundError as exc:
-        raise AdminError(f"no daemon: {path} does not exist (is `lb up` running?)") from exc
+        raise NotRunning(f"no daemon: {path} does not exist (is `lb up` running?)") from exc
     except ConnectionRefusedError as exc:
-        raise AdminError(f"no daemon listening on {path} (stale socket?)") from exc
+        raise NotRunning(f"no daemon listening on {path} (stale socket?)") from exc
     except PermissionError as exc:
         raise AdminError(f"permission denied on {path}: run as root") from exc
     except OSError as exc:

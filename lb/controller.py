@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
 from lb.dataplane.dataplane import Dataplane, L4Service
 from lb.dataplane.maps import Endpoint, VipAddr
+from lb.health.anomaly import MITIGATED_SHARE
 from lb.l7.table import GroupTargets, RoutingTable
 from lb.model import ForwardAction, LoadBalancer, Protocol, Target, TargetGroup, TargetHealth, TargetState
 
@@ -151,17 +153,28 @@ def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Serv
     return services
 
 
-def desired_l7(config: LoadBalancer, views: dict[str, GroupView], version: int) -> RoutingTable:
+def desired_l7(config: LoadBalancer, views: dict[str, GroupView], version: int,
+               mitigated: Callable[[str], frozenset[str]] | None = None) -> RoutingTable:
+    """The L7 table; a target `mitigated(group)` names ("address:port",
+    lb.health.anomaly) takes MITIGATED_SHARE of its share, as a ramping one does."""
     groups = []
     for view in views.values():
         if view.group.protocol is not Protocol.HTTP:
             continue
         port = view.group.port
+        down = mitigated(view.group.name) if mitigated is not None else frozenset()
+        ramp = []
+        for t in view.in_service:
+            share = view.share(t)
+            if f"{t.address}:{t.traffic_port(port)}" in down:
+                share = min(share, MITIGATED_SHARE)
+            if share < 1.0:
+                ramp.append((str(t.address), t.traffic_port(port), share))
         groups.append(GroupTargets(
             view.group,
             in_service=tuple((str(t.address), t.traffic_port(port), t.weight) for t in view.in_service),
             draining=frozenset((str(t.address), t.traffic_port(port)) for t in view.draining),
-            ramp=tuple((str(t.address), t.traffic_port(port), share) for t, share in view.ramp),
+            ramp=tuple(ramp),
         ))
     return RoutingTable(config.listeners_of(Protocol.HTTP), tuple(groups), float(config.idle_timeout), version,
                         config.access_log)
@@ -177,12 +190,13 @@ class Controller:
         self.dataplane = dataplane
         self.l7 = l7
         self.version = 0
+        self.mitigated: Callable[[str], frozenset[str]] | None = None  # passive health (lb.health.anomaly)
 
     def set_config(self, config: LoadBalancer) -> None:
         self.config = config
 
     def routing_table(self) -> RoutingTable:
-        return desired_l7(self.config, group_views(self.config, self.health), self.version)
+        return desired_l7(self.config, group_views(self.config, self.health), self.version, self.mitigated)
 
     def reconcile(self) -> float | None:
         """Write the desired state; returns in how many seconds to reconcile
@@ -193,7 +207,7 @@ class Controller:
         if self.dataplane is not None:
             self.dataplane.apply(desired_l4(self.config, views))
         if self.l7 is not None:
-            self.l7.update(desired_l7(self.config, views, self.version))
+            self.l7.update(desired_l7(self.config, views, self.version, self.mitigated))
         log.debug("reconciled (version %d)", self.version)
         ends = [v.ramp_ends for v in views.values() if v.ramp_ends is not None]
         return min(RAMP_STEP_SECONDS, max(0.0, min(ends) - now)) if ends else None

@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import uvloop
@@ -34,16 +34,19 @@ from lb import admin, metrics, rlimits, runstate
 from lb import config as configmod
 from lb import netlink as nl
 from lb.admin_commands import AdminCommands
+from lb.bgp import speaker as bgp
 from lb.controller import Controller
 from lb.dataplane.dataplane import Dataplane
 from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, purge_pins
 from lb.dataplane.maps import Maps
 from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
+from lb.health.anomaly import PassiveHealth
 from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.hostcheck import host_problems
 from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
-from lb.model import LoadBalancer, Protocol
+from lb.model import Bgp, LoadBalancer, Protocol
+from lb.registrations import Registrations
 from lb.runstate import RuntimeState
 from lb.reloads import Reloads
 from lb.systemd import Watchdog, sd_notify
@@ -54,12 +57,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("lb.daemon")
 
 GRACE_SECONDS = 30.0
+WITHDRAW_SETTLE = 0.5  # seconds between the BGP withdrawal on SIGTERM and anything stopping
+BGP_RETRY_SECONDS = 2.0
 
 # Settings a running daemon cannot change: a reload that changes one is refused.
 RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size",
                 "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address",
                 "header_timeout", "body_timeout", "min_body_rate", "max_response_head",
-                "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "tcp_syn_timeout",
+                "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "http2", "tcp_syn_timeout",
                 "max_vips", "max_targets", "conntrack_size", "half_open_size")
 
 
@@ -77,6 +82,9 @@ class Daemon:
         self.config_path = config_path
         self.state = RuntimeState(config.name, os.getpid(), config_path, time.time(), config.netns,
                                   pin_dir(config.name), admin_socket=config.admin_socket)
+        # What `lb targets register|deregister` changed, over the config (lb.registrations).
+        self.registrations = Registrations.load(config.name)
+        self.registrations.reconcile(config)
         self._stop = asyncio.Event()
         self.reloads = Reloads(started=time.time())  # lb_reload_* in the metrics
         self._reconcile_pending = False
@@ -91,6 +99,10 @@ class Daemon:
         self.metrics_server: metrics.MetricsServer | None = None
         self.admin: admin.AdminServer | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.passive: PassiveHealth | None = None  # with the L7 workers: anomaly mitigation
+        self._passive_task: asyncio.Task[None] | None = None
+        self.bgp: bgp.Speaker | None = None  # [load_balancer.bgp]: what BIRD announces (lb.bgp)
+        self._bgp_retry: asyncio.TimerHandle | None = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -98,6 +110,12 @@ class Daemon:
         """The kernel-facing setup, before the event loop runs: pyroute2's
         synchronous API drives an event loop of its own, so inside ours its
         calls go to a worker thread instead (see reload)."""
+        if self.config.bgp is not None:  # first: a BIRD that cannot carry our routes stops lb up before anything
+            self.bgp = bgp.Speaker(self.config)
+            try:
+                self.bgp.start()
+            except bgp.SpeakerError as exc:
+                raise DaemonError(str(exc)) from None
         # We hold the lock: a state file left now is from an `lb up` that died
         # without `lb down`. The addresses it placed are still ours to remove.
         previous = RuntimeState.load(self.config.name)
@@ -111,7 +129,10 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
-        self.health = HealthChecker(config.target_groups, on_change=lambda change: self.schedule_reconcile())
+        self.registrations.save()
+        self.health = HealthChecker(self.registrations.effective_groups(config),
+                                    on_change=lambda change: self.schedule_reconcile())
+        self.registrations.resume(config, self.health)  # a drain a restart interrupted goes on
         self._health_task = asyncio.get_running_loop().create_task(self.health.run())
         # Reconcile only once every target has had its first check: after a
         # restart the adopted ring keeps serving meanwhile, instead of being
@@ -129,12 +150,17 @@ class Daemon:
             problem = access_log_problem(config)
             if problem is not None:
                 raise DaemonError(problem)
-            self.l7 = L7Server(L7Config.for_load_balancer(config))
+            # The cookie key outlives the process: sticky sessions stay put across restarts.
+            self.l7 = L7Server(replace(L7Config.for_load_balancer(config),
+                                       cookie_secret=runstate.cookie_key(config.name)))
             await self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
+            self.passive = PassiveHealth(self.l7.stats, self._anomaly_groups, self.schedule_reconcile)
+            self.controller.mitigated = self.passive.mitigated
+            self._passive_task = asyncio.get_running_loop().create_task(self.passive.run())
         self._after_reconcile(self.controller.reconcile())
         self.metrics_server = metrics.start(self.config.metrics_address, lambda: self.config, self.health, self.l7,
-                                            self.reloads)
+                                            reloads=self.reloads, passive=self.passive)
         self.admin = admin.AdminServer(config.admin_socket, AdminCommands(self).handle)
         await self.admin.start()
         self.state.save()
@@ -181,13 +207,23 @@ class Daemon:
     async def stop(self) -> None:
         """Graceful: the L7 workers finish in-flight requests; XDP stays attached."""
         sd_notify("STOPPING=1")
+        if self.bgp is not None:  # first: the router moves the traffic before anything here stops
+            announced = bool(self.bgp.announced)
+            self.bgp.withdraw_all()
+            if announced:
+                await asyncio.sleep(WITHDRAW_SETTLE)
         if self._ramp_timer is not None:
             self._ramp_timer.cancel()
+        if self._bgp_retry is not None:
+            self._bgp_retry.cancel()
         if self.metrics_server is not None:  # first: a scrape may be waiting on this loop
             await asyncio.get_running_loop().run_in_executor(None, self.metrics_server.close)
             self.metrics_server = None
         if self.admin is not None:
             await self.admin.close()
+        if self._passive_task is not None:
+            self._passive_task.cancel()
+            await asyncio.gather(self._passive_task, return_exceptions=True)
         if self.health is not None:
             self.health.stop()
         if self._health_task is not None:
@@ -221,13 +257,28 @@ class Daemon:
 
         asyncio.get_running_loop().call_soon(run)
 
+    def _anomaly_groups(self) -> frozenset[str]:
+        return frozenset(g.name for g in self.config.target_groups if g.anomaly_mitigation)
+
     def _after_reconcile(self, again_in: float | None) -> None:
-        """While a target is in slow start, reconcile again as its share grows."""
+        """While a target is in slow start, reconcile again as its share grows;
+        announce by BGP what is served now."""
+        self._announce()
         if self._ramp_timer is not None:
             self._ramp_timer.cancel()
             self._ramp_timer = None
         if again_in is not None:
             self._ramp_timer = asyncio.get_running_loop().call_later(again_in, self.schedule_reconcile)
+
+    def _announce(self) -> None:
+        if self.bgp is None or self.health is None:
+            return
+        if self._bgp_retry is not None:
+            self._bgp_retry.cancel()
+            self._bgp_retry = None
+        self.bgp.update(bgp.served(self.config, self.health, self.dataplane is not None, self.l7 is not None))
+        if self.bgp.dirty:  # BIRD did not answer: try again until it does
+            self._bgp_retry = asyncio.get_running_loop().call_later(BGP_RETRY_SECONDS, self._announce)
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config: apply it whole, or change nothing (counted in self.reloads)."""
@@ -249,6 +300,8 @@ class Daemon:
             sd_notify("READY=1")
             raise admin.AdminError(f"reload rejected: {problem}; running config unchanged")
         changed = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
+        if (new.bgp is None) != (self.config.bgp is None):
+            changed.append("bgp")  # BGP on or off; its settings themselves reload
         needs_dataplane = bool(new.listeners_of(Protocol.TCP, Protocol.UDP)) and self.dataplane is None
         needs_l7 = bool(new.listeners_of(Protocol.HTTP)) and self.l7 is None
         if changed or needs_dataplane or needs_l7:
@@ -260,8 +313,12 @@ class Daemon:
         self.state.addresses += await loop.run_in_executor(None, place_addresses, new)
         self.config = new
         assert self.health is not None and self.controller is not None
-        self.health.update_groups(new.target_groups)
+        dropped = self.registrations.reconcile(new)
+        self.registrations.save()
+        self.health.update_groups(self.registrations.effective_groups(new))
         self.controller.set_config(new)
+        if self.bgp is not None:
+            self.bgp.set_config(new)
         self._after_reconcile(self.controller.reconcile())
         warnings = await self.l7.settle() if self.l7 is not None else []  # a stuck worker is named, not waited for
         for warning in warnings:
@@ -271,7 +328,7 @@ class Daemon:
         log.info("reloaded %s", self.config_path or "the embedded config")
         sd_notify("READY=1")
         return {"reloaded": True, "listeners": len(new.listeners), "target_groups": len(new.target_groups),
-                "warnings": warnings}
+                "warnings": warnings, "registrations_dropped": dropped}
 
 
     async def _reload_on_signal(self) -> None:
@@ -336,24 +393,35 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
             daemon.prepare()
         except BaseException:
             daemon.close_dataplane()
+            if daemon.bgp is not None:
+                daemon.bgp.remove()
             raise
         uvloop.run(_main(daemon))
     finally:
         runstate.unlock(config.name, lock)
 
 
-def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = True) -> dict[str, Any]:
+def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = True,
+         bgp_config: Bgp | None = None) -> dict[str, Any]:
     """Remove what `lb up` left in the kernel: XDP programs, pinned maps, the
-    addresses it added. Safe to run twice."""
+    addresses it added; first, lb's BGP announcements (`bgp_config`). Safe to run twice."""
     try:
         lock = runstate.lock(name)
     except runstate.AlreadyRunning:
         raise DaemonError(f"`lb up` is still running for {name!r}: stop it first (SIGTERM, or systemctl stop lb)") \
             from None
     runstate.unlock(name, lock)  # not running: this also removes a lock file a killed daemon left
+    try:  # first: the routers move the traffic away before anything here goes
+        withdrawn: bool | str = bgp.remove(bgp_config, name) if bgp_config is not None else False
+    except bgp.SpeakerError as exc:  # the fragment is gone: a BIRD that comes back announces nothing
+        withdrawn = f"load_balancer.bgp: {exc}"
     state = RuntimeState.load(name)
     detached = detach_all(interfaces, netns)
     removed_addresses = remove_addresses(state.addresses, netns) if state is not None else []
     unpinned = purge_pins(name) if purge else False
+    if purge:
+        Registrations.remove(name)
+        runstate.remove_cookie_key(name)
     RuntimeState.remove(name)
-    return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned}
+    return {"detached": detached, "addresses_removed": removed_addresses, "maps_removed": unpinned,
+            "bgp_withdrawn": withdrawn}

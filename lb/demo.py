@@ -10,6 +10,9 @@
 6. deregisters backend1 and shows a long-lived connection draining;
 7. prints `lb targets`, `lb vips` and `lb stats`, then takes everything down
    (`--keep` leaves the lab and lb running for you to poke at).
+
+`--hosts 2` runs the scale-out demo instead (lb.demohosts): a router, two
+lb hosts announcing the VIP by BGP, one withdrawn while its connections go on.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from lb import admin
 from lb import lab as labmod
 from lb.config import load_default
 from lb.dataplane.pins import open_pinned
+from lb.demohosts import run_hosts
 from lb.lab import Lab
 from lb.netlink import run_in_netns
 
@@ -212,18 +216,23 @@ def run(keep: bool) -> int:
             print("lab:", ", ".join(lab.down()) or "nothing", "removed")
     if keep:
         print(f"\nleft running (--keep): lb up is pid {daemon.proc.pid if daemon.proc else '?'}; "
-              "stop it with `sudo kill <pid>`, then `sudo .venv/bin/lb down` and `sudo .venv/bin/lb lab down`")
+              f"stop it with `sudo kill <pid>`, then `sudo .venv/bin/lb down -c {DEFAULT_CONFIG}` "
+              "and `sudo .venv/bin/lb lab down`")
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="lb.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="leave the lab and lb running")
+    parser.add_argument("--hosts", type=int, default=1, choices=range(1, 9), metavar="N",
+                        help="lb hosts; 2 or more: the scale-out demo (a router, BGP, ECMP; lb.demohosts)")
+    parser.add_argument("--prefix", default="lab",
+                        help="with --hosts: the lab's name prefix (namespaces, lb names, BIRD files; default lab)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the demo builds namespaces and loads BPF: run it as root (sudo make demo)", file=sys.stderr)
         return 1
-    return run(args.keep)
+    return run_hosts(args.hosts, args.keep, args.prefix) if args.hosts > 1 else run(args.keep)
 
 
 if __name__ == "__main__":

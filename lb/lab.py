@@ -6,7 +6,7 @@ One namespace per host, one veth pair per link, addresses from 10.0.0.0/16,
 which exists only inside these namespaces (nothing in the root namespace is
 touched, and no traffic leaves them). Every backend routes its replies back
 through the lb namespace (default route via 10.0.1.1), as NAT forwarding
-needs, and runs `lb.labserver` (HTTP on 80, TCP and UDP echo on 9000).
+needs, and runs `lb.labserver` (HTTP on 80, HTTPS on 443, TCP and UDP echo on 9000).
 
 The veth settings come from docs/kernel-notes.md: the senders (client, backends) turn
 TX checksum offload off, so XDP rewrites complete checksums, and turn GRO
@@ -40,6 +40,7 @@ BACKEND_GATEWAY = "10.0.1.1"
 BACKEND_NET_PREFIXLEN = 24
 BACKEND_ADDRS = ("10.0.1.11", "10.0.1.12", "10.0.1.13")
 HTTP_PORT = 80
+HTTPS_PORT = 443  # the same server behind TLS (a self-signed certificate), for HTTPS target groups
 ECHO_PORT = 9000
 LB_CLIENT_IF = "to-client"
 HOST_IF = "eth0"  # the interface name inside client and backend namespaces
@@ -179,7 +180,7 @@ class Lab:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "lb.labserver", "--name", backend.name, "--netns", backend.netns,
-                 "--http-port", str(HTTP_PORT), "--echo-port", str(ECHO_PORT)],
+                 "--http-port", str(HTTP_PORT), "--echo-port", str(ECHO_PORT), "--https-port", str(HTTPS_PORT)],
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # outlives `lb lab up`; `down` kills it by namespace
             )

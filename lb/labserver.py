@@ -1,12 +1,17 @@
 """The small server every lab backend runs.
 
     python -m lb.labserver --name backend1 [--netns lab-backend1] [--http-port 80] [--echo-port 9000]
+                           [--https-port 443]
 
 - HTTP on --http-port (keep-alive, HTTP/1.1 and 1.0). Every answer names the
   backend: the body is "<name>\\n" and the header `X-Backend: <name>`.
-  Test hooks: `/status/<code>` answers with that status, `/sleep/<seconds>`
+  Test hooks: `/status/<code>` answers with that status (`/status/<code>/<name>`:
+  only backend <name> does, the others answer 200), `/sleep/<seconds>`
   answers after a delay (slow in-flight requests), `/echo` returns the request
   body, `/headers` returns the request headers as received.
+- HTTPS on --https-port (if given): the same server behind TLS, with a
+  self-signed certificate made at start (an HTTPS target group's target;
+  lb does not verify it unless the group has a ca_bundle, as ALB).
 - TCP echo on --echo-port: sends the banner "<name>\\n" on connect, then
   echoes every byte back.
 - UDP echo on --echo-port: answers each datagram with "<name> " + payload.
@@ -19,8 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import os
 import signal
+import ssl
 import sys
+import tempfile
 from typing import cast
 
 import httptools
@@ -75,7 +84,9 @@ class HttpHandler(asyncio.Protocol):
             )
             return
         if path.startswith("/status/"):
-            self.respond(int(path.split("/")[2]), self.name.encode() + b"\n", keep_alive)
+            parts = path.split("/")  # /status/<code>[/<backend>]: only that backend answers <code>
+            code = int(parts[2]) if len(parts) < 4 or parts[3] == self.name else 200
+            self.respond(code, self.name.encode() + b"\n", keep_alive)
         elif path == "/echo":
             self.respond(200, b"".join(self.body), keep_alive)
         elif path == "/headers":
@@ -122,12 +133,41 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(self.prefix + data, addr)
 
 
-async def serve(name: str, http_port: int, echo_port: int) -> None:
+def self_signed(name: str) -> ssl.SSLContext:
+    """A server context with a new self-signed ECDSA certificate for ``name``."""
+    from cryptography import x509  # why here: only the HTTPS port needs it
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=365)).sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    fd, path = tempfile.mkstemp(suffix=".pem")
+    try:
+        os.write(fd, pem)
+        os.close(fd)
+        ctx.load_cert_chain(path)
+    finally:
+        os.unlink(path)
+    return ctx
+
+
+async def serve(name: str, http_port: int, echo_port: int, https_port: int = 0) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set_result, None)
     http = await loop.create_server(lambda: HttpHandler(name), "0.0.0.0", http_port, reuse_address=True)
+    https = None
+    if https_port:
+        https = await loop.create_server(lambda: HttpHandler(name), "0.0.0.0", https_port, reuse_address=True,
+                                         ssl=self_signed(name))
     echo = await loop.create_server(lambda: TcpEcho(name), "0.0.0.0", echo_port, reuse_address=True)
     udp, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(name), local_addr=("0.0.0.0", echo_port))
     print("ready", flush=True)
@@ -137,6 +177,8 @@ async def serve(name: str, http_port: int, echo_port: int) -> None:
         udp.close()
         echo.close()
         http.close()
+        if https is not None:
+            https.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,10 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--netns")
     parser.add_argument("--http-port", type=int, default=80)
     parser.add_argument("--echo-port", type=int, default=9000)
+    parser.add_argument("--https-port", type=int, default=0)
     args = parser.parse_args(argv)
     if args.netns:
         netns.setns(args.netns, flags=0)  # the main thread, before any socket exists
-    asyncio.run(serve(args.name, args.http_port, args.echo_port))
+    asyncio.run(serve(args.name, args.http_port, args.echo_port, args.https_port))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ so they do not go backwards when a worker is replaced.
 Metrics (all prefixed ``lb_``; "vip" is "ADDRESS:PORT", "target" too):
 
 ==========================================  =======  ==========================================
+lb_build_info{version,python}               gauge    1, with lb's version and Python's in the labels
 lb_maps_loaded                              gauge    1 when the XDP maps are pinned
 lb_vip_packets_total{vip,protocol,listener}  counter  client → target packets forwarded
 lb_vip_bytes_total{...}                     counter  their bytes
@@ -43,6 +44,9 @@ lb_flow_table_evictions_total{table}        counter  entries the LRU evicted (in
 lb_target_health{group,target,port,state}   gauge    1 for the target's state, 0 for the others
 lb_target_health_check_latency_seconds      gauge    the last check's latency
 lb_target_health_check_success{...}         gauge    1 if the last check passed, 0 if not
+lb_target_anomaly_mitigated{...}            gauge    1 while the target is weighted down for failing
+                                                     far more requests than its peers (0: judged fine;
+                                                     absent: anomaly_mitigation off, or no requests)
 lb_http_requests_total{listener,rule,       counter  L7 requests answered; rule "default" for
   group,target,code}                                  the default rule, group and target "-" for none
 lb_http_elb_5xx_total{listener,group,       counter  5xx answers lb made itself (502 connect refused,
@@ -62,6 +66,8 @@ lb_l7_open_fds{worker}                      gauge    descriptors open (the worke
 lb_l7_fd_limit{worker}                      gauge    its limit on open files
 lb_l7_connections_shed_total                counter  idle connections closed near the open files limit
 lb_l7_connections_refused_total             counter  new ones closed there (nothing idle to close)
+lb_http2_connections_calmed_total           counter  HTTP/2 connections ended with GOAWAY
+                                                      ENHANCE_YOUR_CALM (floods, rapid reset)
 lb_http_access_log_lines_lost_total         counter  access log lines dropped: their write failed (disk
                                                      full, file system read-only)
 lb_certificate_expiry_seconds{listener,     gauge    when an HTTPS listener's certificate expires
@@ -85,6 +91,7 @@ import concurrent.futures
 import gzip
 import inspect
 import logging
+import platform
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +100,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
-from lb import tls
+from lb import __version__, tls
 from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry
 from lb.dataplane.pins import open_pinned
 from lb.dataplane.structs import COUNTER_HELP
@@ -104,6 +111,7 @@ from lb.model import LoadBalancer, TargetState
 
 if TYPE_CHECKING:
     from lb.health import HealthChecker
+    from lb.health.anomaly import PassiveHealth
     from lb.l7.server import L7Server
     from lb.reloads import Reloads
 
@@ -145,16 +153,19 @@ def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], timeout: flo
     return call
 
 
-def health_rows(config: LoadBalancer, checker: Any) -> list[dict[str, Any]]:
+def health_rows(config: LoadBalancer, checker: Any, passive: PassiveHealth | None = None) -> list[dict[str, Any]]:
     """Rows for the collector from a lb.health.HealthChecker (call on its loop):
-    {"group", "target", "port", "state", "last_latency_ms", "last_ok"}."""
+    {"group", "target", "port", "state", "last_latency_ms", "last_ok",
+    "mitigated" (None: anomaly mitigation off or no requests yet)}."""
     rows = []
     for group in config.target_groups:
         for target, record in checker.health(group.name).items():
             result = record.last_result
+            verdict = passive.verdict(group.name, f"{target.address}:{record.port}") if passive else None
             rows.append({"group": group.name, "target": str(target.address), "port": record.port,
                          "state": record.state.value, "last_latency_ms": record.last_latency_ms,
-                         "last_ok": None if result is None else result.ok})
+                         "last_ok": None if result is None else result.ok,
+                         "mitigated": None if verdict is None else verdict.mitigated})
     return rows
 
 
@@ -172,6 +183,10 @@ class Collector(PromCollector):
         return ()  # no describe-time scrape; names are not checked for collisions
 
     def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily("lb_build_info", "lb's version (and Python's) in the labels",
+                                  labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
         config = self._config()
         for section in (self._kernel, self._health_metrics, self._l7, self._certificates, self._reload_metrics):
             try:
@@ -287,6 +302,9 @@ class Collector(PromCollector):
                                     "Latency of the target's last health check", labels=labels)
         success = GaugeMetricFamily("lb_target_health_check_success",
                                     "1 if the target's last health check passed", labels=labels)
+        mitigated = GaugeMetricFamily("lb_target_anomaly_mitigated", "1 while passive health weighs the target "
+                                      "down (anomaly_mitigation: it fails far more requests than its peers)",
+                                      labels=labels)
         for row in self._health():
             ident = [row["group"], row["target"], str(row["port"])]
             for value in HEALTH_STATES:
@@ -295,7 +313,9 @@ class Collector(PromCollector):
                 latency.add_metric(ident, row["last_latency_ms"] / 1000.0)
             if row.get("last_ok") is not None:
                 success.add_metric(ident, 1 if row["last_ok"] else 0)
-        yield from (state, latency, success)
+            if row.get("mitigated") is not None:
+                mitigated.add_metric(ident, 1 if row["mitigated"] else 0)
+        yield from (state, latency, success, mitigated)
 
     # --- L7 ----------------------------------------------------------------------
 
@@ -354,6 +374,9 @@ class Collector(PromCollector):
         yield CounterMetricFamily("lb_l7_connections_refused", "New L7 client connections closed at once near "
                                   "the open files limit (no idle one to close instead)",
                                   value=sum(snap.get("refused", 0) for snap in snapshots))
+        yield CounterMetricFamily("lb_http2_connections_calmed", "HTTP/2 client connections ended with GOAWAY "
+                                  "ENHANCE_YOUR_CALM: control frame floods, rapid reset (lb.l7.h2client)",
+                                  value=sum(snap.get("h2_calmed", 0) for snap in snapshots))
         yield CounterMetricFamily("lb_http_access_log_lines_lost", "Access log lines dropped because their write "
                                   "failed (disk full, file system read-only); requests were served",
                                   value=sum(snap.get("access_log_lost", 0) for snap in snapshots))
@@ -423,7 +446,8 @@ class MetricsServer:
 
 
 def start(address: str, config: Callable[[], LoadBalancer], health: HealthChecker | None,
-          l7: L7Server | None, reloads: Reloads | None = None) -> MetricsServer | None:
+          l7: L7Server | None, reloads: Reloads | None = None,
+          passive: PassiveHealth | None = None) -> MetricsServer | None:
     """The daemon's endpoint on `address`, in its netns, called on its event
     loop. The scrape thread opens the pinned maps itself; the health checker
     (lb.health.HealthChecker) and the L7 workers (lb.l7.server.L7Server,
@@ -431,7 +455,7 @@ def start(address: str, config: Callable[[], LoadBalancer], health: HealthChecke
     (on_loop; the workers' stats are awaited there, never blocking it). A port
     already taken is logged, not fatal: L4 and L7 serve on without it."""
     loop = asyncio.get_running_loop()
-    rows = on_loop(loop, lambda: health_rows(config(), health))
+    rows = on_loop(loop, lambda: health_rows(config(), health, passive))
     l7_stats = on_loop(loop, l7.stats) if l7 is not None else None
     try:
         server = serve(address, Collector(config, health=rows, l7_stats=l7_stats, reloads=reloads))

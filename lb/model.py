@@ -66,7 +66,13 @@ class ConditionField(str, enum.Enum):
 
 class HealthCheckProtocol(str, enum.Enum):
     HTTP = "HTTP"
+    HTTPS = "HTTPS"  # HTTP over TLS (the group's CA bundle verifies the target's certificate, if it has one)
     TCP = "TCP"
+
+    @property
+    def is_http(self) -> bool:
+        """A request and its status code (HTTP or HTTPS), not only a connect."""
+        return self is not HealthCheckProtocol.TCP
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,19 @@ class Stickiness:
 
 
 @dataclass(frozen=True)
+class TargetTls:
+    """What makes an HTTP target group an HTTPS one: TLS from lb to its targets.
+
+    As ALB, lb does not verify a target's certificate unless told to: with a
+    ``ca_bundle`` the chain must verify against it (names are not checked:
+    targets are addresses). The PEM travels in the model, as certificates do.
+    """
+
+    ca_bundle: str | None = None  # a PEM file of CA certificates; None: no verification
+    ca_pem: bytes = field(default=b"", repr=False)  # its contents, read by lb.config
+
+
+@dataclass(frozen=True)
 class TargetGroup:
     name: str
     protocol: Protocol
@@ -160,6 +179,16 @@ class TargetGroup:
     # the end of its deregistration delay (deregistration_delay.connection_termination.enabled).
     unhealthy_connection_termination: bool = True
     deregistration_connection_termination: bool = False
+    # HTTP groups (ALB's load_balancing.algorithm.anomaly_mitigation): a target
+    # failing far more requests than its peers is weighted down (lb.health.anomaly).
+    anomaly_mitigation: bool = False
+    # HTTPS groups: protocol HTTP (the proxy is the same) plus TLS to the targets.
+    tls: TargetTls | None = None
+
+    @property
+    def scheme(self) -> str:
+        """The group's protocol as the config names it: HTTP, HTTPS, TCP, UDP."""
+        return "HTTPS" if self.tls is not None else self.protocol.value
 
     def endpoints(self) -> tuple[tuple[IPAddress, int], ...]:
         """(address, port) of every target, ports resolved."""
@@ -313,6 +342,47 @@ class AccessLog:
     format: AccessLogFormat = AccessLogFormat.TEXT
 
 
+# --- BGP: announcing the VIPs to routers (ECMP over several lb hosts) ----------
+
+
+@dataclass(frozen=True)
+class BgpNeighbor:
+    """A router lb's BIRD peers with."""
+
+    address: ipaddress.IPv4Address
+    asn: int  # 1..4294967295
+    password: str | None = field(default=None, repr=False)  # TCP MD5 (RFC 2385)
+
+
+@dataclass(frozen=True)
+class Bfd:
+    """BFD on the BGP sessions: a dead host's routes go in interval × multiplier."""
+
+    enabled: bool = False
+    interval: int = 100  # ms, BIRD's min rx/tx interval
+    multiplier: int = 3
+
+
+@dataclass(frozen=True)
+class Bgp:
+    """[load_balancer.bgp]: lb announces its VIPs through BIRD 2 (docs/bgp.md).
+
+    ``announce`` is concrete: lb.config fills in every IPv4 listener address
+    when the file names none."""
+
+    router_id: ipaddress.IPv4Address
+    local_as: int  # 1..4294967295
+    neighbors: tuple[BgpNeighbor, ...]
+    announce: tuple[ipaddress.IPv4Address, ...] = ()
+    hold_time: int = 90  # seconds, 3..65535; keepalives every third
+    bfd: Bfd = field(default_factory=Bfd)
+    communities: tuple[tuple[int, ...], ...] = ()  # (asn, value) standard, (a, b, c) large
+    # Withdraw a VIP while no group behind it has a target in service (ours).
+    withdraw_when_unhealthy: bool = True
+    bird_socket: str = "/run/bird/bird.ctl"  # BIRD's control socket (birdc -s)
+    bird_config: str = ""  # the fragment lb owns; "": /run/bird/lb-<name>.conf
+
+
 # --- the load balancer -------------------------------------------------------
 
 
@@ -345,11 +415,13 @@ class LoadBalancer:
     body_timeout: int = 20  # seconds a request body may take from its first byte, plus:
     min_body_rate: int = 500  # one more second per this many body bytes
     max_response_head: int = 32 * 1024  # bytes of a target's status line and headers
+    http2: bool = True  # HTTPS listeners offer HTTP/2 by ALPN (ALB's routing.http2.enabled)
     ring_size: int = 65537  # Maglev table size M, a prime
     workers: int = 0  # L7 worker processes; 0: one per core
     access_log: AccessLog = field(default_factory=AccessLog)  # ours: L7 requests; reloadable
     admin_socket: str = "/run/lb/admin.sock"
     metrics_address: str = "127.0.0.1:9464"
+    bgp: Bgp | None = None  # ours: announce the VIPs by BGP (several hosts behind ECMP)
 
     def target_group(self, name: str) -> TargetGroup:
         for group in self.target_groups:

@@ -4,6 +4,9 @@
                           lb added; written at start and on every reload, read
                           by `lb status` and `lb down`, removed by `lb down`
     /run/lb/<name>.lock   held (flock) by the one `lb up` of <name>
+    /run/lb/<name>.cookie-key   (0600) the stickiness cookies' HMAC key, kept
+                          across restarts so that sticky sessions stay where
+                          they are (made on first use, removed by `lb down`)
 
 and `listener_rows`, the listeners as `lb status` shows them, from the
 daemon or, when it is down, from the config.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +24,9 @@ from typing import Any
 from lb.model import LoadBalancer
 
 RUN_DIR = "/run/lb"
+COOKIE_KEY_BYTES = 32
+
+log = logging.getLogger("lb.runstate")
 
 
 class AlreadyRunning(RuntimeError):
@@ -62,6 +69,24 @@ class RuntimeState:
         data["addresses"] = [tuple(a) for a in data.get("addresses", [])]
         return cls(**data)
 
+    @classmethod
+    def all(cls) -> list[RuntimeState]:
+        """Every state file in /run/lb that can be read (a daemon's, running or not)."""
+        try:
+            files = sorted(f for f in os.listdir(RUN_DIR)
+                           if f.endswith(".json") and not f.endswith(".registrations.json"))
+        except FileNotFoundError:
+            return []
+        states = []
+        for file in files:
+            try:
+                state = cls.load(file.removesuffix(".json"))
+            except (OSError, ValueError, TypeError):
+                continue
+            if state is not None:
+                states.append(state)
+        return states
+
     @staticmethod
     def remove(name: str) -> None:
         if os.path.exists(state_path(name)):
@@ -100,6 +125,45 @@ def unlock(name: str, fd: int) -> None:
     except FileNotFoundError:
         pass
     os.close(fd)
+
+
+def cookie_key_path(name: str) -> str:
+    return os.path.join(RUN_DIR, f"{name}.cookie-key")
+
+
+def cookie_key(name: str) -> bytes:
+    """The stickiness cookies' key of <name>: the saved one, else a new random
+    one saved (0600, never readable by anyone but root). A file of the wrong
+    size is replaced; one others could read is replaced too (its key may
+    have leaked: the cookies it signed are refused from now on)."""
+    os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+    path = cookie_key_path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        pass
+    else:
+        with os.fdopen(fd, "rb") as f:
+            mode, key = os.fstat(f.fileno()).st_mode, f.read(COOKIE_KEY_BYTES + 1)
+        if len(key) == COOKIE_KEY_BYTES and not mode & 0o077:
+            return key
+        log.warning("%s: %s; a new key replaces it (sticky sessions start over)", path,
+                    f"mode {mode & 0o777:o}, readable by others" if mode & 0o077 else "not a key")
+    key = os.urandom(COOKIE_KEY_BYTES)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # whatever the umask, and if tmp was there
+        f.write(key)
+    os.replace(tmp, path)
+    return key
+
+
+def remove_cookie_key(name: str) -> None:
+    try:
+        os.unlink(cookie_key_path(name))
+    except FileNotFoundError:
+        pass
 
 
 def listener_rows(config: LoadBalancer) -> list[dict[str, Any]]:

@@ -26,6 +26,13 @@ never rotates them. :func:`set_ticket_keys` sets them instead, so that
 every worker of a listener shares them and lb.l7.server rotates them
 (docs/architecture.md, "TLS").
 
+TLS to targets (HTTPS target groups): :func:`read_ca_bundle` reads and
+checks a group's CA bundle; :func:`target_context` is the client context
+the proxy and the health checks connect with (no verification without a
+bundle, as ALB; the chain verified against it with one; names never
+checked, since targets are addresses); :func:`tls_failure` says why a
+handshake with a target failed, in a line for `lb targets` and the logs.
+
 Nothing here imports the rest of lb but the model.
 """
 
@@ -42,7 +49,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lb.model import DEFAULT_SSL_POLICY, Certificate, ListenerTls, LoadBalancer
+from lb.model import DEFAULT_SSL_POLICY, Certificate, ListenerTls, LoadBalancer, TargetTls
 
 # --- ELB's security policies -------------------------------------------------------
 
@@ -371,3 +378,43 @@ def set_ticket_keys(ctx: ssl.SSLContext, key: bytes) -> bool:
         return False
     buffer = ctypes.create_string_buffer(key, len(key))
     return bool(_libssl.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(key), buffer))
+
+
+# --- TLS to targets ------------------------------------------------------------------
+
+
+def read_ca_bundle(path: str) -> bytes:
+    """A CA bundle (PEM certificates) as bytes, checked by OpenSSL; raises
+    CertificateError naming the file and the problem."""
+    data = _read(path)
+    blocks = _PEM_CERT.findall(data)
+    if not blocks:
+        raise CertificateError(path, "no PEM certificate in it")
+    pem = b"\n".join(blocks) + b"\n"
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, ValueError, UnicodeDecodeError) as exc:
+        raise CertificateError(path, f"not a valid CA bundle: {exc}") from None
+    return pem
+
+
+def target_context(target: TargetTls) -> ssl.SSLContext:
+    """The client context for an HTTPS target group's targets."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # targets are addresses, registered by the operator
+    if target.ca_pem:
+        ctx.load_verify_locations(cadata=target.ca_pem.decode("ascii"))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def tls_failure(exc: BaseException) -> str | None:
+    """Why a TLS handshake with a target failed, or None if ``exc`` is no TLS error."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
+    return None

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -58,6 +59,7 @@ from lb.l7.table import GroupTargets, RoutingTable
 from lb.l7.worker import Worker
 
 HOST = "127.0.0.1"
+Headers = dict[str, str] | list[tuple[str, str]] | tuple[tuple[str, str], ...]
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
 
 
@@ -479,9 +481,11 @@ class Backend:
 
 @contextlib.asynccontextmanager
 async def backend(
-    kind: str = "http", name: str = "b", body: bytes | None = None, close_after: int = 0, script: Script | None = None
+    kind: str = "http", name: str = "b", body: bytes | None = None, close_after: int = 0, script: Script | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Backend]:
-    """Start one backend on 127.0.0.1:<ephemeral>; closed on exit."""
+    """Start one backend on 127.0.0.1:<ephemeral>; closed on exit. With ``tls``
+    (a server context), it speaks TLS (an HTTPS target)."""
     stats = BackendStats()
     factory: Callable[[], asyncio.Protocol]
     if kind == "record":
@@ -504,7 +508,7 @@ async def backend(
         protocols.append(protocol)  # its transport is aborted on exit
         return protocol
 
-    server = await loop.create_server(tracked, HOST, 0)
+    server = await loop.create_server(tracked, HOST, 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
     try:
         yield Backend(kind, name, port, stats, server, protocols)
@@ -639,7 +643,7 @@ class Client:
         self,
         method: str = "GET",
         path: str = "/",
-        headers: dict[str, str] | None = None,
+        headers: Headers | None = None,
         body: bytes = b"",
         host: str = "example.com",
     ) -> Response:
@@ -725,14 +729,16 @@ class _Stop(Exception):
 def build_request(
     method: str = "GET",
     path: str = "/",
-    headers: dict[str, str] | None = None,
+    headers: Headers | None = None,
     body: bytes = b"",
     host: str = "example.com",
 ) -> bytes:
+    """``headers``: a dict, or (name, value) pairs (a name may repeat)."""
+    pairs = list(headers.items() if isinstance(headers, dict) else headers or ())
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
-    for name, value in (headers or {}).items():
+    for name, value in pairs:
         lines.append(f"{name}: {value}")
-    if body and not any(k.lower() in ("content-length", "transfer-encoding") for k in (headers or {})):
+    if body and not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in pairs):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
@@ -799,9 +805,12 @@ def target_group(
     algorithm: str = "round_robin",
     sticky: int | None = None,
     draining: tuple[tuple[str, int], ...] = (),
+    tls: m.TargetTls | None = None,
 ) -> GroupTargets:
+    """``tls``: an HTTPS group."""
     stickiness = m.Stickiness(enabled=True, duration=sticky) if sticky else m.Stickiness()
-    group = m.TargetGroup(name, m.Protocol.HTTP, 80, algorithm=m.Algorithm(algorithm), stickiness=stickiness)
+    group = m.TargetGroup(name, m.Protocol.HTTP, 80, algorithm=m.Algorithm(algorithm), stickiness=stickiness,
+                          tls=tls)
     endpoints = tuple(b.endpoint if isinstance(b, Backend) else b for b in backends)
     return GroupTargets(group, endpoints, frozenset(draining))
 

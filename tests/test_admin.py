@@ -22,6 +22,7 @@ from lb import admin, config
 from lb.admin_commands import AdminCommands
 from lb.health import HealthChecker
 from lb.model import LoadBalancer, Target
+from lb.registrations import Registrations
 
 
 class Daemon:
@@ -33,6 +34,8 @@ class Daemon:
         self.state: Any = None
         self.program: Any = None
         self.health: HealthChecker | None = HealthChecker(lb.target_groups)
+        self.registrations = Registrations(lb.name, persist=False)  # nothing written to /run/lb
+        self.passive: Any = None
         self.reconciles = 0
 
     def schedule_reconcile(self) -> None:
@@ -253,7 +256,8 @@ def test_an_over_long_line_is_answered_and_the_connection_closed(server: Server)
 def test_a_good_registration_still_works(server: Server) -> None:
     with Client(server.path) as client:
         answer = client.send(request(cmd="register", group="web", target="10.0.1.20", port=8080, weight=7))
-        assert answer == {"ok": True, "result": {"register": "10.0.1.20:8080", "group": "web"}}
+        assert answer == {"ok": True, "result": {"register": "10.0.1.20:8080", "group": "web", "target": "10.0.1.20",
+                                                 "port": 8080, "weight": 7}}
         assert client.send(request(cmd="deregister", group="web", target="10.0.1.20", port=8080))["ok"] is True
     address = ipaddress.IPv4Address("10.0.1.20")
     assert Target(address, 8080, 7) in server.registered("web")

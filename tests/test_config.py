@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
+import os
 import re
 import resource
 import subprocess
@@ -23,6 +24,7 @@ from click.testing import CliRunner
 
 from lb import config
 from lb.cli import cli
+from lb.cli.common import LAB_CONFIG, SYSTEM_CONFIG
 from lb.cli.validate import describe_action
 from lb.config import ConfigError, ConfigIssue
 from lb.model import (
@@ -378,8 +380,10 @@ BAD = [
     case({"target_groups[2].algorithm": "weighted_random"}, "target_groups[2].algorithm",
          "HTTP target groups only", id="algorithm-on-tcp"),  # fmt: skip
     # health checks
-    case({HC: {"interval": 4}}, f"{HC}.interval", "4 is outside 5..300", id="interval-low"),
-    case({HC: {"timeout": 1}}, f"{HC}.timeout", "1 is outside 2..120", id="timeout-low"),
+    case({HC: {"interval": 0}}, f"{HC}.interval", "0 is outside 1..300", id="interval-low"),
+    case({HC: {"interval": 2, "timeout": 0}}, f"{HC}.timeout", "0 is outside 1..120", id="timeout-low"),
+    case({HC: {"interval": 2, "timeout": 3}}, f"{HC}.timeout", "3 must be at most interval (2)",
+         id="fast-timeout-above-interval"),  # fmt: skip
     case({HC: {"interval": 10, "timeout": 10}}, f"{HC}.timeout", "must be smaller than interval (10)",
          id="timeout-not-below-interval"),  # fmt: skip
     case({"target_groups[2].health_check": {"interval": 10}}, "target_groups[2].health_check.timeout",
@@ -394,7 +398,7 @@ BAD = [
     case({HC: {"port": "80"}}, f"{HC}.port", "'80' is not allowed", "traffic-port", id="health-port-string"),
     case({"target_groups[2].health_check": {"path": "/"}}, "target_groups[2].health_check.path",
          "only used by HTTP health checks", id="path-on-tcp-check"),  # fmt: skip
-    case({HC: {"protocol": "UDP"}}, f"{HC}.protocol", "'UDP' is not one of HTTP, TCP", id="health-protocol"),
+    case({HC: {"protocol": "UDP"}}, f"{HC}.protocol", "'UDP' is not one of HTTP, HTTPS, TCP", id="health-protocol"),
     # host settings
     case({"load_balancer.metrics_address": "localhost:9464"}, "load_balancer.metrics_address",
          "ADDRESS:PORT", id="metrics-hostname"),  # fmt: skip
@@ -958,11 +962,11 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(cli, ["validate", *args])
 
 
-def test_validate_default() -> None:
-    result = invoke()
+def test_validate_lab_config() -> None:
+    result = invoke(LAB_CONFIG)
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "<embedded default.toml>: valid" in out
+    assert f"{LAB_CONFIG}: valid" in out
     assert "load balancer lab" in out
     assert re.search(r"web\s+HTTP\s+10\.0\.0\.100:80\s+3 rules\s+default: forward web", out)
     assert re.search(r"echo-udp\s+UDP\s+10\.0\.0\.100:9000\s+0 rules\s+default: forward echo-udp", out)
@@ -974,10 +978,23 @@ def test_validate_default() -> None:
 def test_validate_file(tmp_path: Path) -> None:
     path = tmp_path / "lb.toml"
     path.write_text(MINIMAL)
-    result = invoke(str(path))
-    assert result.exit_code == 0, result.output
-    assert f"{path}: valid" in result.stdout
-    assert "target groups" in result.stdout
+    for args in ([str(path)], ["-c", str(path)], [str(path), "-c", str(path)]):  # -c as every command takes it
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert f"{path}: valid" in result.stdout
+        assert "target groups" in result.stdout
+    other = tmp_path / "other.toml"
+    result = invoke(str(path), "-c", str(other))
+    assert result.exit_code == 2 and "two files" in result.output
+
+
+@pytest.mark.skipif(os.path.exists(SYSTEM_CONFIG), reason=f"{SYSTEM_CONFIG} exists on this host")
+def test_no_config_is_refused_not_replaced_by_the_lab_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LB_CONFIG", raising=False)
+    for args in (["validate"], ["status"], ["targets"], ["reload"], ["vips"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"no config: {SYSTEM_CONFIG} does not exist" in result.output and LAB_CONFIG in result.output
 
 
 def test_validate_broken_file_lists_every_error(tmp_path: Path) -> None:
@@ -987,7 +1004,7 @@ def test_validate_broken_file_lists_every_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.stdout == ""
     assert f"{path}: listeners[0].port: 0 is outside 1..65535" in result.stderr.splitlines()
-    assert f"{path}: target_groups[2].protocol: 'SCTP' is not one of HTTP, TCP, UDP" in result.stderr.splitlines()
+    assert f"{path}: target_groups[2].protocol: 'SCTP' is not one of HTTP, HTTPS, TCP, UDP" in result.stderr.splitlines()
     assert "Traceback" not in result.output
 
 
@@ -1014,10 +1031,10 @@ def test_validate_user_mistakes_never_trace(tmp_path: Path, name: str, content: 
 
 
 def test_validate_json() -> None:
-    result = invoke("--json")
+    result = invoke(LAB_CONFIG, "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["valid"] is True
+    assert doc["valid"] is True and doc["schema"] == 2
     lb = doc["load_balancer"]
     assert [listener["name"] for listener in lb["listeners"]] == ["web", "echo-tcp", "echo-udp"]
     assert lb["listeners"][0]["address"] == "10.0.0.100"
@@ -1040,6 +1057,7 @@ def test_validate_json_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2
     doc = json.loads(result.stdout)
     assert doc == {
+        "schema": 2,
         "valid": False,
         "source": str(path),
         "errors": [{"path": "load_balancer.name", "message": "expected a string, got integer 1"}],
@@ -1354,3 +1372,12 @@ def test_validate_rejects_each_with_its_key_path(tmp_path: Path, data: dict[str,
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"{path}: {key_path}: "), result.stderr[:500]
     assert "\r" not in result.stderr and "Traceback" not in result.output
+
+
+def test_health_checks_down_to_1_s_are_lbs_extension() -> None:
+    """ELB's minimum is 5 s (timeout 2 s); lb accepts 1 s, and 1 s / 1 s below 5 s."""
+    for interval, timeout in ((1, 1), (2, 1), (4, 4), (5, 4)):
+        text = MINIMAL.replace("[[target_groups]]", "[[target_groups]]\n"
+                               f"health_check = {{ interval = {interval}, timeout = {timeout} }}", 1)
+        check = config.loads(text, "t.toml").target_groups[0].health_check
+        assert (check.interval, check.timeout) == (interval, timeout)

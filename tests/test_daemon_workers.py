@@ -134,7 +134,7 @@ class HttpLoad(threading.Thread):
             try:
                 status, backend = http_get(self.lab, self.timeout)
                 self.results.append((at, backend, None if status == 200 else f"status {status}"))
-            except OSError as exc:
+            except (OSError, IndexError, ValueError) as exc:  # IndexError: an empty answer (closed by a dying worker)
                 self.results.append((at, None, repr(exc)))
             time.sleep(0.005)
 

@@ -49,7 +49,8 @@ def test_example_runs_on_the_lab(path: Path) -> None:
         for target in group.targets:
             assert str(target.address) in labmod.BACKEND_ADDRS, (group.name, str(target.address))
             port = target.port or group.port
-            wanted = labmod.HTTP_PORT if group.protocol is m.Protocol.HTTP else labmod.ECHO_PORT
+            wanted = labmod.ECHO_PORT if group.protocol is not m.Protocol.HTTP else \
+                labmod.HTTPS_PORT if group.tls is not None else labmod.HTTP_PORT
             assert port == wanted, (group.name, port)
 
 
@@ -138,7 +139,8 @@ def test_unit_sandbox(unit: dict[str, dict[str, list[str]]]) -> None:
     assert one(unit, "Service", "NoNewPrivileges") == "yes"
     assert one(unit, "Service", "ProtectSystem") == "strict"
     writable = {path for value in unit["Service"]["ReadWritePaths"] for path in value.split()}
-    assert writable == {"/sys/fs/bpf", "/run/lb"}
+    assert writable == {"/sys/fs/bpf", "/run/lb", "-/run/bird"}  # "-": BIRD's run directory, if BIRD is there
+    assert one(unit, "Service", "SupplementaryGroups") == "bird"  # BIRD's control socket (docs/bgp.md)
     assert one(unit, "Service", "RuntimeDirectory") == "lb"
     assert one(unit, "Service", "RuntimeDirectoryMode") == "0700"
     # The access log's default directory (lb.model.AccessLog.path), the only one the unit may write in /var/log.

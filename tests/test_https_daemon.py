@@ -1,4 +1,5 @@
-"""`lb up` with an HTTPS listener on the lab: `lb reload` renews its certificate
+"""`lb up` with an HTTPS listener on the lab: HTTP/2 to clients and TLS to the targets;
+`lb reload` renews its certificate
 while a TLS connection stays open, refuses a bad file by name and keeps
 serving the old one; `lb status` shows what is served."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from lb import admin
 from lb import lab as labmod
 from lb.lab import Lab
 from tests import labclient
-from tests.daemon_fixture import RunningDaemon, lab_config
+from tests.daemon_fixture import CHECKS, RunningDaemon, lab_config, target_list
 from tests.names import name
 from tests.tls_certs import Certs
 
@@ -97,4 +99,69 @@ def test_reload_renews_the_certificate_keeps_connections_and_refuses_a_bad_file(
             kept.close()
     finally:
         install(certs.files("www.example.com"))  # else `lb down -c` refuses the config and leaves the pins
+        daemon.cleanup()
+
+
+def test_http2_to_clients_and_tls_to_targets_through_the_daemon(lab: Lab, tmp_path: Path) -> None:
+    """An HTTPS listener (HTTP/2 by ALPN) forwarding to an HTTPS target group:
+    the lab's targets serve TLS on 443, checked by HTTPS health checks. A
+    second group verifies the targets' certificates against a CA bundle that
+    did not sign them: `lb targets` says why they fail, and its requests are
+    502 (TargetSSLHandshakeError)."""
+    certs = Certs(tmp_path)
+    cert, key = certs.files("www.example.com")
+    bundle = tmp_path / "ca.pem"
+    certs.ca.cert_pem.write_to_path(str(bundle))
+    config = lab_config(lab, NAME, echo_targets=1) + f"""
+[[listeners]]
+name = "secure"
+protocol = "HTTPS"
+address = "{labmod.VIP}"
+default_action = {{ type = "forward", target_group = "tls-web" }}
+default_certificate = {{ certificate = "{cert}", key = "{key}" }}
+
+  [[listeners.rules]]
+  priority = 1
+  conditions = [{{ field = "path-pattern", values = ["/verified"] }}]
+  actions = [{{ type = "forward", target_group = "tls-verified" }}]
+
+[[target_groups]]
+name = "tls-verified"
+protocol = "HTTPS"
+port = {labmod.HTTPS_PORT}
+ca_bundle = "{bundle}"
+targets = {target_list(lab.backends[:1])}
+health_check = {{ {CHECKS} }}
+
+[[target_groups]]
+name = "tls-web"
+protocol = "HTTPS"
+port = {labmod.HTTPS_PORT}
+targets = {target_list(lab.backends)}
+health_check = {{ {CHECKS} }}
+"""
+    daemon = RunningDaemon(lab, NAME, config)
+    try:
+        daemon.start()
+        for backend in lab.backends:
+            daemon.wait_for("tls-web", backend.address, "healthy", timeout=12)
+        seen = set()
+        for flag, version in (("--http2", "2"), ("--http1.1", "1.1")):
+            for _ in range(3):
+                out = subprocess.run(
+                    ["ip", "netns", "exec", lab.client_ns, "curl", "-sSk", flag, "-w", " %{http_version} %{http_code}",
+                     f"https://{labmod.VIP}/"], capture_output=True, timeout=10, check=True).stdout.decode()
+                body, got_version, status = out.rsplit(" ", 2)
+                assert (got_version, status) == (version, "200"), out
+                seen.add(body.strip())
+        assert seen <= {b.name for b in lab.backends} and len(seen) >= 2, seen
+        address = lab.backends[0].address
+        daemon.wait_for("tls-verified", address, "unhealthy", timeout=20)
+        row = daemon.targets("tls-verified")[address]
+        assert row["description"] == "TLS: certificate verify failed: self-signed certificate", row
+        out = subprocess.run(["ip", "netns", "exec", lab.client_ns, "curl", "-sSk", "--http2", "-o", "/dev/null",
+                              "-w", "%{http_code}", f"https://{labmod.VIP}/verified"],
+                             capture_output=True, timeout=10, check=True).stdout
+        assert out == b"502"  # fail-open sends it to its one target anyway, whose TLS is refused
+    finally:
         daemon.cleanup()

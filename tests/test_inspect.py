@@ -136,7 +136,14 @@ def lb(daemon: RunningDaemon, *args: str, ok: bool = True) -> Result:
 
 
 def lb_json(daemon: RunningDaemon, *args: str) -> Any:
-    return json.loads(lb(daemon, *args, "--json").stdout)
+    out = json.loads(lb(daemon, *args, "--json").stdout)
+    assert out["schema"] == 2
+    return out
+
+
+def ep(target: dict[str, Any]) -> str:
+    """A target as --json gives it, {"address", "port"}, as ADDRESS:PORT."""
+    return f"{target['address']}:{target['port']}"
 
 
 # --- traffic -------------------------------------------------------------------
@@ -202,7 +209,7 @@ def vip_row(stats: dict[str, Any], protocol: str) -> dict[str, Any]:
 
 
 def target_new_flows(stats: dict[str, Any]) -> dict[str, int]:
-    return {t["target"]: t["new_flows"] for t in stats["targets"]}
+    return {ep(t["target"]): t["new_flows"] for t in stats["targets"]}
 
 
 def counter(stats: dict[str, Any], reason: str) -> int:
@@ -231,12 +238,12 @@ def test_status_shows_daemon_program_config_and_listeners(daemon: RunningDaemon,
 
 
 def test_vips_show_each_ring_and_its_shares(daemon: RunningDaemon, lab: Lab) -> None:
-    rows = lb_json(daemon, "vips")
+    rows = lb_json(daemon, "vips")["vips"]
     assert [(r["protocol"], r["vip"], r["listener"], r["target_group"]) for r in rows] == [
         ("TCP", f"{VIP}:{PORT}", "echo-tcp", "echo-tcp"), ("UDP", f"{VIP}:{PORT}", "echo-udp", "echo-udp")]
     for row in rows:
         assert row["ring_size"] == 65537 and row["empty_slots"] == 0
-        assert {t["target"] for t in row["targets"]} == {f"{b.address}:{PORT}" for b in lab.backends}
+        assert {ep(t["target"]) for t in row["targets"]} == {f"{b.address}:{PORT}" for b in lab.backends}
         assert sum(t["slots"] for t in row["targets"]) == 65537
         assert all(abs(t["share"] - 1 / 3) < 0.001 and t["active"] and t["in_service"] for t in row["targets"])
     text = lb(daemon, "vips").output
@@ -248,16 +255,17 @@ def test_vips_show_each_ring_and_its_shares(daemon: RunningDaemon, lab: Lab) -> 
 def test_targets_with_state_reason_and_latency(daemon: RunningDaemon, lab: Lab) -> None:
     info = lb_json(daemon, "targets")
     assert info["daemon"] == {"running": True, "reason": None}
-    rows = {(t["group"], t["target"]): t for t in info["targets"]}
+    rows = {(t["group"], t["target"]["address"]): t for t in info["targets"]}
     assert len(rows) == 3 + 3 + 3 + 1 + 1
     for row in rows.values():
         assert row["state"] == "healthy" and row["reason"] is None
         assert row["last_latency_ms"] is not None and 0 <= row["last_latency_ms"] < 2000
-    assert rows[("web", "10.0.1.12")]["port"] == 80 and rows[("echo-udp", "10.0.1.13")]["port"] == 9000
+    assert rows[("web", "10.0.1.12")]["target"]["port"] == 80
+    assert rows[("echo-udp", "10.0.1.13")]["target"]["port"] == 9000
     only = lb_json(daemon, "targets", "web-b")["targets"]
-    assert [(t["group"], t["target"]) for t in only] == [("web-b", "10.0.1.12")]
+    assert [(t["group"], ep(t["target"])) for t in only] == [("web-b", "10.0.1.12:80")]
     text = lb(daemon, "targets", "echo-tcp").output
-    assert len(re.findall(r"echo-tcp\s+10\.0\.1\.1[123]\s+9000\s+healthy\s+-\s+\S.*ms", text)) == 3, text
+    assert len(re.findall(r"echo-tcp\s+10\.0\.1\.1[123]\s+9000\s+1\s+healthy\s+-\s+\S.*ms\s+config", text)) == 3, text
     missing = lb(daemon, "targets", "nope", ok=False)
     assert missing.exit_code == 1 and "no target group 'nope'" in missing.output and "Traceback" not in missing.output
 
@@ -281,14 +289,14 @@ def test_100_tcp_connections_show_in_conntrack_and_stats(daemon: RunningDaemon, 
         assert len(ours) == 100
         for port, flow in ours.items():
             assert flow["client"] == f"{labmod.CLIENT_ADDR}:{port}" and flow["vip"] == f"{VIP}:{PORT}"
-            assert flow["target"] == f"{owner[port]}:{PORT}" and flow["listener"] == "echo-tcp"
+            assert ep(flow["target"]) == f"{owner[port]}:{PORT}" and flow["listener"] == "echo-tcp"
             assert flow["state"] == "live" and 0 <= flow["age_s"] < 60
         # --target keeps exactly the flows that backend got.
         b2 = lab.backends[1].address
         to_b2 = lb_json(daemon, "conntrack", "--target", f"{b2}:{PORT}")["flows"]
         assert {f["client_port"] for f in to_b2 if f["client_port"] in owner} == {
             p for p, a in owner.items() if a == b2}
-        assert all(f["target"] == f"{b2}:{PORT}" for f in to_b2)
+        assert all(ep(f["target"]) == f"{b2}:{PORT}" for f in to_b2)
         # The table: one line per flow, and the count.
         text = lb(daemon, "conntrack", "--vip", VIP).output
         for port in list(owner)[:10]:
@@ -338,7 +346,7 @@ def test_udp_datagrams_show_in_conntrack_and_stats(daemon: RunningDaemon, lab: L
         after = lb_json(daemon, "stats")
         flows = [f for f in lb_json(daemon, "conntrack")["flows"]
                  if f["protocol"] == "UDP" and f["client_port"] in owner]
-        assert {f["client_port"]: f["target"] for f in flows} == {p: f"{a}:{PORT}" for p, a in owner.items()}
+        assert {f["client_port"]: ep(f["target"]) for f in flows} == {p: f"{a}:{PORT}" for p, a in owner.items()}
         udp, udp0 = vip_row(after, "UDP"), vip_row(before, "UDP")
         assert udp["packets"] - udp0["packets"] == 20 and udp["reply_packets"] - udp0["reply_packets"] == 20
         assert udp["new_flows"] - udp0["new_flows"] == 5
@@ -363,7 +371,7 @@ def test_stats_watch_prints_rates(daemon: RunningDaemon, lab: Lab) -> None:
 
 
 def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
-    rows = {m["name"]: m for m in lb_json(daemon, "maps", "list")}
+    rows = {m["name"]: m for m in lb_json(daemon, "maps", "list")["maps"]}
     assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
                          "replies", "reply_ports", "flood_guard", "next_hops", "half_open", "table_stats", "table_fill"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
@@ -422,9 +430,10 @@ def test_explain_flow_agrees_with_the_kernel_conntrack(daemon: RunningDaemon, la
             assert info["decision"] == "conntrack" and info["listener"] == "echo-tcp"
             assert info["conntrack"]["state"] == "live" and info["conntrack"]["tcp_state"] == "established"
             assert info["syn"]["decision"] == "conntrack"  # open, its target in service: a SYN would follow it
-            assert info["reply"] == {"target": f"{backend}:{PORT}", "vips": [f"{VIP}:{PORT}"], "by": "entry",
-                                     "half_flow": False}
-            assert info["target"] == info["conntrack"]["target"] == info["ring"]["target"] == f"{backend}:{PORT}"
+            assert info["reply"] == {"target": {"address": backend, "port": PORT}, "vips": [f"{VIP}:{PORT}"],
+                                     "by": "entry", "half_flow": False}
+            assert info["target"] == info["conntrack"]["target"] == info["ring"]["target"] == {"address": backend,
+                                                                                              "port": PORT}
         text = lb(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}").output
         assert f"conntrack: target {backend}:{PORT}" in text and "the conntrack entry decides" in text
         assert "live, established: it decides, for a SYN too" in text
@@ -439,12 +448,12 @@ def test_explain_flow_predicts_where_a_new_flow_goes(daemon: RunningDaemon, lab:
         info = lb_json(daemon, "explain", "flow", "tcp", f"{labmod.CLIENT_ADDR}:{port}", f"{VIP}:{PORT}")
         assert info["conntrack"] is None and info["decision"] == "ring"
         with tcp_from(lab, port) as sock:
-            assert f"{backend_address(lab, read_line(sock))}:{PORT}" == info["target"], port
+            assert f"{backend_address(lab, read_line(sock))}:{PORT}" == ep(info["target"]), port
     for port in range(24000, 24006):
         info = lb_json(daemon, "explain", "flow", "udp", f"{labmod.CLIENT_ADDR}:{port}", f"{VIP}:{PORT}")
         assert info["decision"] == "ring"
         with udp_from(lab, port) as sock:
-            assert f"{backend_address(lab, udp_echo(sock, b'x'))}:{PORT}" == info["target"], port
+            assert f"{backend_address(lab, udp_echo(sock, b'x'))}:{PORT}" == ep(info["target"]), port
     text = lb(daemon, "explain", "flow", "tcp", "10.0.0.2:25000", f"{VIP}:{PORT}").output
     assert "conntrack: no entry" in text and re.search(r"ring: hash 0x[0-9a-f]{8} -> slot \d+ of 65537", text)
     assert "a new flow, hashed onto the ring" in text
@@ -492,10 +501,10 @@ def test_explain_http_agrees_with_real_requests(daemon: RunningDaemon, lab: Lab,
         assert status == 200 and "x-backend" in fields
         backend = backend_address(lab, fields["x-backend"])
         (group,) = info["target_groups"]
-        assert backend in {t["target"] for t in group["targets"]}
+        assert backend in {t["target"]["address"] for t in group["targets"]}
         assert all(t["state"] == "healthy" for t in group["targets"])
         if group["name"] in ("web-a", "web-b"):
-            assert [t["target"] for t in group["targets"]] == [backend]
+            assert [t["target"]["address"] for t in group["targets"]] == [backend]
     elif action["type"] == "redirect":
         assert "x-backend" not in fields
         assert status == info["response"]["status"] == 302
@@ -541,7 +550,7 @@ def test_status_names_a_missing_namespace(lab: Lab) -> None:
         f.write(text)
         f.flush()
         result = CliRunner().invoke(cli, ["status", "-c", f.name, "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # not running
     info = json.loads(result.output)
     assert info["xdp"] and all(x["mode"] == "no namespace lbt-no-such-ns" for x in info["xdp"])
 
@@ -571,20 +580,23 @@ def test_daemon_down_maps_still_read_and_targets_say_so(daemon: RunningDaemon, l
         backend = backend_address(lab, read_line(sock))
         client = f"{labmod.CLIENT_ADDR}:{sock.getsockname()[1]}"
         assert daemon.stop(signal.SIGTERM) == 0
-        info = lb_json(daemon, "status")
+        result = lb(daemon, "status", "--json", ok=False)
+        assert result.exit_code == 3  # the daemon is not running
+        info = json.loads(result.stdout)
         assert not info["daemon"]["running"] and info["program"] is not None and info["maps_pinned"]
         assert info["config"]["path"] == daemon.config_path
-        assert "not running" in lb(daemon, "status").output
+        stopped = lb(daemon, "status", ok=False)
+        assert stopped.exit_code == 3 and "not running" in stopped.output
         down = lb(daemon, "targets")
         assert "daemon not running" in down.stderr
         targets = lb_json(daemon, "targets")
         assert not targets["daemon"]["running"] and targets["daemon"]["reason"]
         assert {t["state"] for t in targets["targets"]} == {"unknown"} and len(targets["targets"]) == 11
-        assert len(lb_json(daemon, "vips")) == 2
+        assert len(lb_json(daemon, "vips")["vips"]) == 2
         flows = lb_json(daemon, "conntrack", "--vip", f"{VIP}:{PORT}")["flows"]
-        assert any(f["client"] == client and f["target"] == f"{backend}:{PORT}" for f in flows)
-        assert lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")["target"] == f"{backend}:{PORT}"
+        assert any(f["client"] == client and ep(f["target"]) == f"{backend}:{PORT}" for f in flows)
+        assert ep(lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")["target"]) == f"{backend}:{PORT}"
         assert vip_row(lb_json(daemon, "stats"), "TCP")["new_flows"] > 0
-        assert len(lb_json(daemon, "maps", "list")) == 15
+        assert len(lb_json(daemon, "maps", "list")["maps"]) == 15
         sock.sendall(b"still here\n")  # the kernel forwards with no daemon
         assert read_line(sock) == "still here"

@@ -21,6 +21,8 @@ def test_system_install_gives_a_working_lb_command(tmp_path: Path) -> None:
         "LB_ETCDIR": str(tmp_path / "etc"),
         "LB_UNITDIR": str(tmp_path / "units"),
         "LB_LOGROTATEDIR": str(tmp_path / "logrotate.d"),
+        "LB_MANDIR": str(tmp_path / "man1"),
+        "LB_COMPLETIONDIR": str(tmp_path / "completions"),
     }
     result = subprocess.run([str(REPO / "deploy/install.sh"), "--system"], env=env, capture_output=True,
                             text=True, timeout=600)
@@ -44,6 +46,16 @@ def test_system_install_gives_a_working_lb_command(tmp_path: Path) -> None:
                             "import lb, lb.dataplane.loader as l; print(lb.__file__); print(l.bpf_source_dir())"],
                            capture_output=True, text=True, cwd=tmp_path, check=True).stdout.split()
     assert where[0].startswith(str(tmp_path / "opt")) and where[1] == str(tmp_path / "opt/venv/share/lb/bpf")
+    # The man page renders and names every command; bash completion completes them.
+    page = subprocess.run(["man", "-l", "-P", "cat", str(tmp_path / "man1/lb.1")], capture_output=True, text=True,
+                          check=True, env={**os.environ, "MANWIDTH": "200"}).stdout
+    for command in ("lb targets register", "lb targets deregister", "lb reload", "lb validate", "EXIT STATUS"):
+        assert command in page
+    completed = subprocess.run(["bash", "-c", f"source {tmp_path / 'completions/lb'}; COMP_WORDS=(lb targets de); "
+                                "COMP_CWORD=2; _lb_completion lb; echo ${COMPREPLY[@]}"],
+                               capture_output=True, text=True, env={**os.environ, "PATH": f"{tmp_path / 'bin'}:"
+                                                                    + os.environ["PATH"]})
+    assert completed.stdout.split() == ["deregister"], completed.stderr
     for example in (tmp_path / "etc/examples").glob("*.toml"):
         check = subprocess.run([str(lb), "validate", str(example)], capture_output=True, text=True, cwd=tmp_path)
         assert check.returncode == 0, check.stderr

@@ -38,34 +38,44 @@ from tests.l7_backends import (
     run,
     target_group,
 )
+from lb.l7.rules import Request
+from tests.h2_client import H2Client
+from tests.test_rules import CONDITION_CASES, ROUTING_CASES
+from tests.test_rules import request as rules_request
+from tests.test_rules import rule as rules_rule
 from tests.tls_certs import Certs
 
 PAGE = resource.getpagesize()
 
 
-# The tests that take `scheme` run over plain HTTP and over an HTTPS listener
-# (TLS terminated by lb, the same rules and actions).
+# The tests that take `scheme` run over plain HTTP, over an HTTPS listener
+# (TLS terminated by lb, the same rules and actions) with HTTP/1.1, and over
+# the same listener with HTTP/2 (ALPN h2: tests.h2_client).
 @pytest.fixture(scope="module")
-def tls_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[m.ListenerTls, ssl.SSLContext]:
+def tls_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[m.ListenerTls, Certs]:
     certs = Certs(tmp_path_factory.mktemp("certs"))
-    return certs.listener_tls("example.com", others=(("shop.example",),)), certs.client()
+    return certs.listener_tls("example.com", others=(("shop.example",),)), certs
 
 
-@pytest.fixture(params=["http", "https"])
-def scheme(request: pytest.FixtureRequest, tls_setup: tuple[m.ListenerTls, ssl.SSLContext]) -> Scheme:
+@pytest.fixture(params=["http", "https", "h2"])
+def scheme(request: pytest.FixtureRequest, tls_setup: tuple[m.ListenerTls, Certs]) -> Scheme:
     return Scheme(request.param, *tls_setup)
 
 
 class Scheme:
-    def __init__(self, name: str, listener_tls: m.ListenerTls, client: ssl.SSLContext) -> None:
+    def __init__(self, name: str, listener_tls: m.ListenerTls, certs: Certs) -> None:
         self.name = name
-        self.tls = listener_tls if name == "https" else None
-        self.client = client if name == "https" else None
+        self.proto = "http" if name == "http" else "https"  # X-Forwarded-Proto, redirects
+        self.tls = listener_tls if name != "http" else None
+        self.client = certs.client(alpn=("h2",) if name == "h2" else ()) if name != "http" else None
 
     def listener(self, action: m.Action, rules: tuple[m.Rule, ...] = ()) -> m.Listener:
         return http_listener(action, rules, tls=self.tls)
 
-    async def open(self, port: int) -> Client:
+    async def open(self, port: int) -> Client | H2Client:
+        if self.name == "h2":
+            assert self.client is not None
+            return await H2Client.open(port, self.client)
         return await Client.open(port, ssl=self.client, server_hostname="example.com")
 
 
@@ -129,7 +139,7 @@ def test_keep_alive_both_sides_and_forwarded_headers(scheme: Scheme) -> None:
                         assert seen["url"] == f"/p/{i}?q=1"
                         assert headers["host"] == "shop.example:8443"  # preserved
                         assert headers["x-forwarded-for"] == f"203.0.113.5, {HOST}"
-                        assert headers["x-forwarded-proto"] == scheme.name
+                        assert headers["x-forwarded-proto"] == scheme.proto
                         assert headers["x-forwarded-port"] == str(port)
                         assert "connection" not in headers and "x-drop" not in headers
                 assert b.stats.connections == 1 and b.stats.requests == 10
@@ -341,7 +351,7 @@ def test_rules_route_to_forward_fixed_response_and_redirect(scheme: Scheme) -> N
                     assert health.header("content-type") == b"application/json; charset=utf-8"
                     moved = await client.request("GET", "/old/page?x=1", host="h")
                     assert moved.status == 301
-                    assert moved.header("location") == b"%s://h:%d/new/old/page?x=1" % (scheme.name.encode(), port)
+                    assert moved.header("location") == b"%s://h:%d/new/old/page?x=1" % (scheme.proto.encode(), port)
                     assert (await client.request("GET", "/nowhere")).body == b"no route"
 
     run(body())
@@ -724,3 +734,53 @@ def test_l7server_start_fails_cleanly_when_the_port_is_taken() -> None:
             assert server.pids() == []
 
     run(body())
+
+
+# --- the ELB rule tables of tests/test_rules.py, over the wire ------------------------------------------
+
+# What a case needs that no client sends over this transport (the peer is
+# always 127.0.0.1, methods are tokens HTTP/1.1 parsers know, and a request
+# has a Host/:authority): those cases stay unit tests only.
+def _wire_skip(req: Request) -> bool:
+    return (
+        str(req.source_ip) != "198.51.100.7"  # a source other than the default: needs another peer
+        or not req.host
+        or req.method not in ("GET", "HEAD", "POST")
+        or any(c in req.path for c in "\n\\[]")  # not in a request-target the parsers take
+    )
+
+
+def _wire_cases() -> list[tuple[str, list[m.Rule], Request, int | None]]:
+    cases = []
+    for case in CONDITION_CASES:
+        condition, fields, expected = case.values
+        req = rules_request(**fields)
+        cases.append((case.id, [rules_rule(1, condition)], req, 1 if expected else None))
+    for case in ROUTING_CASES:
+        rules, req, expected = case.values
+        cases.append((case.id, rules, req, expected))
+    return [c for c in cases if not _wire_skip(c[2]) and "source" not in c[0]]
+
+
+def test_rule_tables_over_the_wire(scheme: Scheme) -> None:
+    """Every wire-expressible case of test_rules.py's tables, through a listener on `scheme`."""
+
+    cases = _wire_cases()
+    assert len(cases) > 100
+
+    async def body() -> None:
+        async with proxy(routing_table(scheme.listener(m.FixedResponseAction(404, body="default")))) as (worker, port):
+            async with await scheme.open(port) as client:
+                for version, (case_id, rules, req, expected) in enumerate(cases, 1):
+                    # Each rule answers 200 + its place in priority order (HEAD has no body to tell them by).
+                    ordered = sorted(rules, key=lambda r: r.priority)
+                    answers = tuple(m.Rule(r.priority, r.conditions, m.FixedResponseAction(200 + i))
+                                    for i, r in enumerate(ordered))
+                    listener = scheme.listener(m.FixedResponseAction(404, body="default"), answers)
+                    await worker.update(routing_table(listener, version=version))
+                    target = req.path + (f"?{req.query}" if req.query else "")
+                    response = await client.request(req.method, target, list(req.headers), host=req.host or "")
+                    want = 404 if expected is None else 200 + [r.priority for r in ordered].index(expected)
+                    assert response.status == want, (case_id, response.status, response.body)
+
+    run(body(), timeout=60)

@@ -25,7 +25,7 @@ def list_maps(config_path: str | None, as_json: bool) -> None:
     with inspect_errors():
         rows = inspect.maps_list(config)
     if as_json:
-        echo_json(rows)
+        echo_json({"maps": rows})
         return
     lines = [[m["name"], m["type"], m["id"], m["key_size"], m["value_size"], m["max_entries"], m["entries"]]
              for m in rows]

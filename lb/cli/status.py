@@ -8,7 +8,17 @@ from typing import Any
 import click
 
 from lb import inspect, tls
-from lb.cli.common import config_option, echo_json, inspect_errors, json_option, load_config, table
+from lb.cli.common import (
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    config_option,
+    echo_json,
+    inspect_errors,
+    json_option,
+    load_config,
+    table,
+)
+from lb.model import LoadBalancer
 
 
 def when(epoch: float | None) -> str:
@@ -19,13 +29,23 @@ def when(epoch: float | None) -> str:
 @config_option
 @json_option
 def status(config_path: str | None, as_json: bool) -> None:
-    """Daemon, XDP attachments, program, pinned maps and listeners."""
+    """Daemon, XDP attachments, program, pinned maps and listeners.
+
+    Exit status 0 when the daemon runs, 3 when it does not (what is left in
+    the kernel is still shown), 1 when the question cannot be answered.
+    """
     config = load_config(config_path)
     with inspect_errors():
         info = inspect.status(config)
+    code = EXIT_OK if info["daemon"]["running"] else EXIT_NOT_RUNNING
     if as_json:
         echo_json(info)
-        return
+        raise SystemExit(code)
+    show(config, info)
+    raise SystemExit(code)
+
+
+def show(config: LoadBalancer, info: dict[str, Any]) -> None:
     daemon = info["daemon"]
     if daemon["running"]:
         click.echo(f"lb {config.name}: running (pid {daemon['pid']})")
@@ -58,6 +78,9 @@ def status(config_path: str | None, as_json: bool) -> None:
                  f"{(c['not_after'] - now) / 86400:.0f} days", ("default " if c["default"] else "") + c["certificate"]]
                 for c in certificates]
         click.echo(table(rows, ["listener", "certificate names", "key", "expires", "left", "file"]))
+    if info.get("bgp") is not None:
+        click.echo("")
+        show_bgp(info["bgp"])
     workers = daemon.get("l7_workers") or []
     if workers:
         click.echo("")
@@ -70,3 +93,15 @@ def worker_state(row: dict[str, Any]) -> str:
     if row["state"] == "restarting" and row.get("restart_in"):
         return f"restarting in {row['restart_in']:g} s"
     return str(row["state"])
+
+
+def show_bgp(bgp: dict[str, Any]) -> None:
+    rotation = {True: "in rotation", False: "withdrawn (lb bgp withdraw)", None: "daemon not running"}
+    drain = bgp.get("drain_until")
+    left = f", draining until {when(drain)}" if drain else ""
+    click.echo(f"bgp: {rotation[bgp.get('in_rotation')]}{left}; announced: {', '.join(bgp['announced']) or 'nothing'}")
+    if bgp.get("error"):
+        click.echo(f"bgp: {bgp['error']}")
+    rows = [[s["neighbor"], s["as"], s["protocol"], s["state"], s["info"], s["since"]] for s in bgp["sessions"]]
+    if rows:
+        click.echo(table(rows, ["bgp neighbor", "as", "bird protocol", "state", "info", "since"]))

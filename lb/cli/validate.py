@@ -2,8 +2,8 @@
 
 Examples::
 
-    lb validate                 # the embedded default (the namespace lab)
-    lb validate /etc/lb/lb.toml
+    lb validate                 # $LB_CONFIG, else /etc/lb/lb.toml (none: exit 2, saying so)
+    lb validate /etc/lb/lb.toml # or: lb validate -c /etc/lb/lb.toml, as every other command
     lb validate lb.toml --json  # the whole model (or the errors) as JSON
 
 Exit status 0 when the file is valid, 2 when it is not; every problem is
@@ -23,29 +23,33 @@ import click
 
 from lb import config
 from lb import model as m
+from lb.cli.common import EXIT_INVALID, JSON_SCHEMA, config_option, resolve_config_path
 from lb.config import ConfigError
-
-EXIT_INVALID = 2
 
 
 @click.command()
 @click.argument("file", required=False)
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the model (or the errors) as JSON.")
 @click.pass_context
-def validate(ctx: click.Context, file: str | None, as_json: bool) -> None:
-    """Check FILE (default: the embedded lab configuration) and summarise it.
+def validate(ctx: click.Context, file: str | None, config_path: str | None, as_json: bool) -> None:
+    """Check FILE (or -c FILE; default: $LB_CONFIG, else /etc/lb/lb.toml) and summarise it.
 
     Exit status 0 when valid; 2 when not, with every problem listed on
     stderr as FILE: KEY.PATH: MESSAGE.
     """
-    source = file if file is not None else config.DEFAULT_SOURCE
+    given = ctx.get_parameter_source("config_path") is click.core.ParameterSource.COMMANDLINE
+    if file is not None and given and file != config_path:
+        raise click.UsageError(f"two files: {file} and -c {config_path}; give one")
+    source = resolve_config_path(file or config_path)
     try:
-        lb = config.load(file) if file is not None else config.load_default()
+        lb = config.load(source)
     except ConfigError as exc:
         _report(exc, source, as_json)
         ctx.exit(EXIT_INVALID)
     if as_json:
-        click.echo(json.dumps({"valid": True, "source": source, "load_balancer": to_json(lb)}, indent=2))
+        click.echo(json.dumps({"schema": JSON_SCHEMA, "valid": True, "source": source, "load_balancer": to_json(lb)},
+                              indent=2))
     else:
         click.echo(f"{source}: valid")
         click.echo(summary(lb))
@@ -54,7 +58,7 @@ def validate(ctx: click.Context, file: str | None, as_json: bool) -> None:
 def _report(exc: ConfigError, source: str, as_json: bool) -> None:
     if as_json:
         errors = [{"path": issue.path, "message": issue.message} for issue in exc.errors]
-        click.echo(json.dumps({"valid": False, "source": source, "errors": errors}, indent=2))
+        click.echo(json.dumps({"schema": JSON_SCHEMA, "valid": False, "source": source, "errors": errors}, indent=2))
         return
     for line in exc.lines():
         click.echo(line, err=True)
@@ -122,7 +126,7 @@ def _group_row(group: m.TargetGroup) -> list[str]:
     count = len(group.targets)
     return [
         group.name,
-        group.protocol.value,
+        group.scheme,
         f"port {group.port}",
         f"{count} target{'s' if count != 1 else ''}",
         "health " + describe_health(group.health_check),
@@ -133,8 +137,8 @@ def describe_health(check: m.HealthCheck) -> str:
     """e.g. 'HTTP GET / every 30s, timeout 5s, healthy 5, unhealthy 2, matcher 200'."""
     if not check.enabled:
         return "disabled"
-    http = check.protocol is m.HealthCheckProtocol.HTTP
-    text = f"HTTP {check.method} {check.path}" if http else "TCP"
+    http = check.protocol.is_http
+    text = f"{check.protocol.value} {check.method} {check.path}" if http else "TCP"
     if check.port is not None:
         text += f" port {check.port}"
     text += f" every {check.interval}s, timeout {check.timeout}s, "

@@ -17,7 +17,7 @@ def vips(config_path: str | None, as_json: bool) -> None:
     with inspect_errors():
         rows = inspect.vips(config)
     if as_json:
-        echo_json(rows)
+        echo_json({"vips": rows})
         return
     if not rows:
         click.echo("no L4 VIPs loaded")

@@ -19,6 +19,7 @@ from typing import Any
 
 from lb import model as m
 from lb import tls
+from lb.config._bgp import read_bgp, resolve_announce
 from lb.config._checks import PCHAR, PCT, URI_CHARS, host_port, is_prime, matcher_codes, matching, next_prime
 from lb.config._reader import ConfigError, ConfigIssue, Table, report_duplicates, shown, toml_too_deep
 from lb.config._rules import RuleBuilder, with_article
@@ -26,6 +27,10 @@ from lb.config._rules import RuleBuilder, with_article
 DEFAULT_SOURCE = "<embedded default.toml>"
 
 # --- limits (ELB's, docs/elb-reference.md, unless marked as ours) -----------
+
+ELB_MIN_HEALTH_INTERVAL = 5  # seconds; ELB's minimum
+MIN_HEALTH_INTERVAL = 1  # ours: down to 1 s (keepalived's delay_loop), README "health_check"
+MIN_HEALTH_TIMEOUT = 1  # ours (ELB: 2)
 
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?")
 NAME_RULE = "1-32 letters, digits and hyphens, not starting or ending with a hyphen"
@@ -52,7 +57,7 @@ LB_KEYS = (
     "udp_idle_timeout", "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "header_timeout",
     "body_timeout", "min_body_rate", "max_response_head", "ring_size",
     "tcp_syn_timeout", "max_vips", "max_targets", "conntrack_size", "half_open_size",
-    "workers", "access_log", "admin_socket", "metrics_address",
+    "workers", "access_log", "admin_socket", "metrics_address", "bgp", "http2",
 )  # fmt: skip
 ACCESS_LOG_KEYS = ("enabled", "path", "format")
 LISTENER_KEYS = (
@@ -60,11 +65,13 @@ LISTENER_KEYS = (
     "ssl_policy",
 )  # fmt: skip
 LISTENER_PROTOCOLS = ("HTTP", "HTTPS", "TCP", "UDP")
+GROUP_PROTOCOLS = LISTENER_PROTOCOLS
 TLS_KEYS = ("default_certificate", "certificates", "ssl_policy")
 MAX_CERTIFICATES = 25  # ALB: certificates per load balancer, not counting default certificates
 GROUP_KEYS = (
     "name", "protocol", "port", "targets", "health_check", "deregistration_delay", "slow_start",
     "algorithm", "stickiness", "unhealthy_connection_termination", "deregistration_connection_termination",
+    "anomaly_mitigation", "ca_bundle",
 )  # fmt: skip
 HEALTH_KEYS = (
     "enabled", "protocol", "port", "path", "method", "interval", "timeout", "healthy_threshold",
@@ -170,8 +177,14 @@ class _Builder:
             return None
         valid_groups = tuple(g for g in groups if g is not None)
         self._check_ring(section, settings.ring_size, valid_groups)
-        self._check_capacity(section, settings, tuple(x for x in listeners if x is not None), valid_groups)
-        return replace(settings, listeners=tuple(x for x in listeners if x is not None), target_groups=valid_groups)
+        valid_listeners = tuple(x for x in listeners if x is not None)
+        self._check_capacity(section, settings, valid_listeners, valid_groups)
+        bgp = settings.bgp
+        if bgp is not None:  # announced addresses default to (or must be) the listeners'
+            bgp = resolve_announce(section.section("bgp"), bgp, valid_listeners)
+            if bgp is None:
+                return None
+        return replace(settings, listeners=valid_listeners, target_groups=valid_groups, bgp=bgp)
 
     # --- [load_balancer] -------------------------------------------------------
 
@@ -194,6 +207,7 @@ class _Builder:
         except ValueError as exc:
             t.error("metrics_address", str(exc))
         netns_rule = "1-64 letters, digits, '.', '_' or '-'"
+        bgp_table = t.table("bgp", required=False)
         settings = m.LoadBalancer(
             name=name or "",
             interfaces=interfaces or (),
@@ -215,13 +229,16 @@ class _Builder:
             body_timeout=t.integer("body_timeout", 1, 4000, 20),
             min_body_rate=t.integer("min_body_rate", 1, 1 << 30, 500),
             max_response_head=t.integer("max_response_head", 1024, 1 << 20, 32 * 1024),
+            http2=t.boolean("http2", True),
             ring_size=ring_size,
             workers=t.integer("workers", 0, 256, 0),
             access_log=self.access_log(t.section("access_log")),
             admin_socket=t.string("admin_socket", "/run/lb/admin.sock", max_len=107),  # sun_path
             metrics_address=metrics,
+            bgp=None if bgp_table is None else read_bgp(bgp_table),
         )
-        return settings if name is not None and interfaces is not None else None
+        bgp_bad = t.has("bgp") and settings.bgp is None
+        return settings if name is not None and interfaces is not None and not bgp_bad else None
 
     def access_log(self, t: Table) -> m.AccessLog:
         t.only(*ACCESS_LOG_KEYS)
@@ -263,10 +280,15 @@ class _Builder:
     def target_group(self, t: Table) -> m.TargetGroup | None:
         t.only(*GROUP_KEYS)
         name = t.string("name", pattern=NAME, rule=NAME_RULE)
-        protocol = t.choice("protocol", m.Protocol)
+        scheme = t.one_of("protocol", GROUP_PROTOCOLS)
+        # An HTTPS group is an HTTP one with TLS to its targets (m.TargetGroup.tls).
+        protocol = None if scheme is None else m.Protocol.HTTP if scheme == "HTTPS" else m.Protocol(scheme)
         port = t.integer("port", 1, 65535)
         targets = self.targets(t, protocol, port)
-        health = self.health_check(t.section("health_check"), protocol or m.Protocol.HTTP)
+        group_tls = self.target_tls(t) if scheme == "HTTPS" else None
+        if scheme is not None and scheme != "HTTPS" and t.has("ca_bundle"):
+            t.error("ca_bundle", f"only for HTTPS target groups; this one is {scheme}")
+        health = self.health_check(t.section("health_check"), protocol or m.Protocol.HTTP, scheme == "HTTPS")
         slow_start = t.integer("slow_start", 0, 900, 0, rule="0 (off) or 30..900")
         if 0 < slow_start < 30:
             t.error("slow_start", f"{slow_start} is not allowed; use 0 (off) or 30..900")
@@ -279,13 +301,29 @@ class _Builder:
             if stickiness.enabled:
                 why = "L4 flows already stay on one target"
                 t.error("stickiness", f"lb_cookie stickiness needs an HTTP target group, not {protocol.value}; {why}")
+        anomaly = t.boolean("anomaly_mitigation", False)
+        if anomaly and protocol is not None and protocol.is_l4:
+            t.error("anomaly_mitigation", f"needs an HTTP target group, not {protocol.value}; "
+                    "it judges targets by their requests' outcomes")
         dereg = t.integer("deregistration_delay", 0, 3600, 300)
         unhealthy_termination = t.boolean("unhealthy_connection_termination", True)
         dereg_termination = t.boolean("deregistration_connection_termination", False)
-        if name is None or protocol is None or port is None or targets is None:
+        if name is None or protocol is None or port is None or targets is None or "ca_bundle" in t.bad:
             return None
         return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness,
-                             unhealthy_termination, dereg_termination)
+                             unhealthy_termination, dereg_termination, anomaly, group_tls)
+
+    def target_tls(self, t: Table) -> m.TargetTls:
+        """An HTTPS group's TLS: a CA bundle to verify its targets with, if any (read now)."""
+        path = t.string("ca_bundle") if t.has("ca_bundle") else None
+        if path is None:
+            return m.TargetTls()
+        file = self._path(path)
+        try:
+            return m.TargetTls(file, tls.read_ca_bundle(file))
+        except tls.CertificateError as exc:
+            t.error("ca_bundle", str(exc))
+            return m.TargetTls()
 
     def targets(self, group: Table, protocol: m.Protocol | None, port: int | None) -> tuple[m.Target, ...] | None:
         tables = group.tables("targets")
@@ -306,20 +344,25 @@ class _Builder:
         report_duplicates(seen, "id", "target")
         return None if None in result else tuple(t for t in result if t is not None)
 
-    def health_check(self, t: Table, protocol: m.Protocol) -> m.HealthCheck:
+    def health_check(self, t: Table, protocol: m.Protocol, https: bool = False) -> m.HealthCheck:
         t.only(*HEALTH_KEYS)
         l4 = protocol.is_l4
         HC = m.HealthCheckProtocol  # noqa: N806
-        check = t.choice("protocol", HC, HC.TCP if l4 else HC.HTTP)
+        check = t.choice("protocol", HC, HC.TCP if l4 else HC.HTTPS if https else HC.HTTP)
         if check is HC.TCP:
             for key in HTTP_ONLY_HEALTH_KEYS:
                 if t.has(key):
                     t.error(key, "only used by HTTP health checks; this one is TCP")
-        interval = t.integer("interval", 5, 300, 30)
-        timeout = t.integer("timeout", 2, 120, 10 if l4 else 5)
-        if timeout >= interval and not {"timeout", "interval"} & t.bad:
+        # lb's extension: intervals and timeouts down to 1 s (ELB: 5 and 2), as
+        # keepalived (1 s) and HAProxy (2 s) check; below ELB's minimum interval a
+        # timeout may equal it (1 s / 1 s): checks still never overlap.
+        interval = t.integer("interval", MIN_HEALTH_INTERVAL, 300, 30)
+        timeout = t.integer("timeout", MIN_HEALTH_TIMEOUT, 120, 10 if l4 else 5)
+        fast = interval < ELB_MIN_HEALTH_INTERVAL
+        if (timeout > interval or (timeout == interval and not fast)) and not {"timeout", "interval"} & t.bad:
             origin = "" if t.has("timeout") else f" (the {protocol.value} default)"
-            t.error("timeout", f"{timeout}{origin} must be smaller than interval ({interval})")
+            limit = "at most" if fast else "smaller than"
+            t.error("timeout", f"{timeout}{origin} must be {limit} interval ({interval})")
         path = t.string("path", "/", max_len=1024, pattern=HEALTH_PATH, rule=HEALTH_PATH_RULE)
         if not path.startswith("/"):
             t.error("path", f"{path!r} must start with '/'")
@@ -458,6 +501,8 @@ ADMIN_COMMANDS: dict[str, tuple[str, ...]] = {
     "register": ("group", "target", "port", "weight"),
     "deregister": ("group", "target", "port"),
     "reload": (),
+    "bgp_withdraw": (),  # lb bgp withdraw / announce: out of and back into rotation
+    "bgp_announce": (),
 }
 
 

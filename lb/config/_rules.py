@@ -92,6 +92,7 @@ class RuleBuilder:
     def declare_groups(self, tables: list[Table]) -> None:
         """Index the file's target groups, before any action refers to one."""
         protocols = {p.value: p for p in m.Protocol}
+        protocols["HTTPS"] = m.Protocol.HTTP  # the HTTP proxy with TLS to the targets
         for t in tables:
             name, protocol = t.data.get("name"), t.data.get("protocol")
             if isinstance(name, str):
@@ -265,7 +266,8 @@ class RuleBuilder:
             return
         group_protocol = self.groups[name]
         if protocol is not None and group_protocol is not None and group_protocol is not protocol:
-            only = f"{with_article(protocol)} listener forwards only to {protocol.value} target groups"
+            kinds = "HTTP and HTTPS" if protocol is m.Protocol.HTTP else protocol.value
+            only = f"{with_article(protocol)} listener forwards only to {kinds} target groups"
             t.error(key, f"target group {name!r} is {group_protocol.value}; {only}")
 
     def redirect(self, t: Table) -> m.RedirectAction | None:

@@ -22,7 +22,7 @@ from lb.health.states import (
     StateChange,
     TargetRecord,
 )
-from lb.model import HealthCheckProtocol, Target, TargetGroup, TargetHealth, TargetReason, TargetState
+from lb.model import Target, TargetGroup, TargetHealth, TargetReason, TargetState
 
 log = logging.getLogger("lb.health")
 
@@ -51,7 +51,7 @@ def _validate(groups: Sequence[TargetGroup]) -> None:
         raise ValueError(f"duplicate target group names in {names}")
     for group in groups:
         check = group.health_check
-        if check.protocol is HealthCheckProtocol.HTTP:
+        if check.protocol.is_http:
             Matcher.parse(check.matcher)
             if not check.path.startswith("/") or any(c in check.path for c in " \r\n"):
                 raise ValueError(f"target group {group.name!r}: health check path {check.path!r} is invalid")
@@ -161,6 +161,18 @@ class HealthChecker:
         if record is not None:
             self._drain(g, record)
             self.expire()
+
+    def resume_draining(self, group: str, target: Target, remaining: float) -> None:
+        """Register `target` as draining for `remaining` seconds: a target that
+        was deregistered before a restart finishes its delay. No-op when the
+        group does not exist or already has the target."""
+        g = self._groups.get(group)
+        if g is None or self._key(g, target) in g.records or remaining <= 0:
+            return
+        now = self._clock()
+        record = g.records[self._key(g, target)] = TargetRecord(target, self._key(g, target)[1], DRAINING, now)
+        record.drain_deadline = now + remaining
+        self._arm_reaper()
 
     def observe(self, group: str, target: Target, result: CheckResult) -> None:
         """Count one check result, as the check tasks do (and tests, and passive checks later)."""
@@ -295,7 +307,7 @@ class HealthChecker:
             if record.health.reason is TargetReason.REGISTRATION_IN_PROGRESS:
                 record.health = INITIAL_CHECKING
             try:
-                result = await check_target(check, record.target.address, record.port)
+                result = await check_target(check, record.target.address, record.port, group.spec.tls)
             except Exception as exc:  # a bug, not a target failure: keep checking
                 log.exception("%s %s: health check failed", group.spec.name, hostport(*record.endpoint))
                 result = CheckResult.failed(TargetReason.FAILED_HEALTH_CHECKS, str(exc) or type(exc).__name__)

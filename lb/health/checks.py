@@ -1,8 +1,10 @@
 """One health check against one target: no state, no schedule.
 
 HTTP checks send a minimal ``Connection: close`` request and read only the
-status line (:class:`StatusLineProtocol`, testable without sockets); TCP
-checks only connect. A target's failure never raises: it is a failed
+status line (:class:`StatusLineProtocol`, testable without sockets); HTTPS
+checks are HTTP checks over TLS, made with the group's client context
+(:func:`lb.tls.target_context`: the certificate verified only against the
+group's CA bundle, if it has one); TCP checks only connect. A target's failure never raises: it is a failed
 :class:`CheckResult` carrying ELB's reason code. :class:`Matcher` reads
 ELB's success codes ("200", "200,202", "200-299").
 """
@@ -13,11 +15,13 @@ import asyncio
 import functools
 import re
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import cast
 
-from lb.model import HealthCheck, HealthCheckProtocol, IPAddress, TargetReason
+from lb import tls
+from lb.model import HealthCheck, HealthCheckProtocol, IPAddress, TargetReason, TargetTls
 
 USER_AGENT = "lb-health/1"
 MAX_STATUS_LINE = 8192  # bytes read looking for the status line
@@ -112,6 +116,9 @@ class StatusLineProtocol(asyncio.Protocol):
 
 
 def _failure(exc: Exception) -> tuple[TargetReason, str]:
+    why = tls.tls_failure(exc)
+    if why is not None:  # before OSError: ssl.SSLError is one
+        return TargetReason.FAILED_HEALTH_CHECKS, why
     if isinstance(exc, TimeoutError):
         return TargetReason.TIMEOUT, "Request timed out"
     if isinstance(exc, ConnectionRefusedError):
@@ -132,8 +139,8 @@ def hostport(address: IPAddress, port: int) -> str:
 
 
 async def check_http(address: IPAddress, port: int, *, timeout: float, matcher: Matcher,
-                     method: str = "GET", path: str = "/") -> CheckResult:
-    """One HTTP check: pass when the status code is in `matcher`."""
+                     method: str = "GET", path: str = "/", context: ssl.SSLContext | None = None) -> CheckResult:
+    """One HTTP check (HTTPS with a `context`): pass when the status code is in `matcher`."""
     loop = asyncio.get_running_loop()
     request = (f"{method} {path} HTTP/1.1\r\nHost: {hostport(address, port)}\r\n"
                f"User-Agent: {USER_AGENT}\r\nAccept: */*\r\nConnection: close\r\n\r\n").encode("ascii")
@@ -143,7 +150,8 @@ async def check_http(address: IPAddress, port: int, *, timeout: float, matcher: 
         async with asyncio.timeout(timeout):
             status: asyncio.Future[int] = loop.create_future()
             transport, _ = await loop.create_connection(
-                lambda: StatusLineProtocol(request, status), str(address), port, family=_family(address))
+                lambda: StatusLineProtocol(request, status), str(address), port, family=_family(address),
+                ssl=context, server_hostname="" if context is not None else None)
             code = await status
     except Exception as exc:  # noqa: BLE001 - every failure is a failed check
         return CheckResult.failed(*_failure(exc), (time.perf_counter() - start) * 1000)
@@ -171,10 +179,22 @@ async def check_tcp(address: IPAddress, port: int, *, timeout: float) -> CheckRe
     return CheckResult(True, "Connected", (time.perf_counter() - start) * 1000)
 
 
-async def check_target(check: HealthCheck, address: IPAddress, traffic_port: int) -> CheckResult:
-    """Run `check` once against a target listening on `traffic_port`."""
+@functools.lru_cache(maxsize=64)
+def _context(target: TargetTls) -> ssl.SSLContext:
+    # One per group's settings (a reload with another bundle makes another),
+    # not one per check: building one reads the bundle again.
+    return tls.target_context(target)
+
+
+async def check_target(check: HealthCheck, address: IPAddress, traffic_port: int,
+                       target_tls: TargetTls | None = None) -> CheckResult:
+    """Run `check` once against a target listening on `traffic_port`
+    (``target_tls``: its group's, for the CA bundle of HTTPS checks)."""
     port = check.port if check.port is not None else traffic_port
     if check.protocol is HealthCheckProtocol.TCP:
         return await check_tcp(address, port, timeout=check.timeout)
+    context = None
+    if check.protocol is HealthCheckProtocol.HTTPS:
+        context = _context(target_tls or TargetTls())
     return await check_http(address, port, timeout=check.timeout, matcher=Matcher.parse(check.matcher),
-                            method=check.method, path=check.path)
+                            method=check.method, path=check.path, context=context)

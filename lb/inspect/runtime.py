@@ -8,12 +8,14 @@ import time
 from typing import Any
 
 from lb import netlink as nl
+from lb.bgp.speaker import read_bird
 from lb.dataplane import libbpf
 from lb.dataplane.pins import PROGRAM_PIN, pin_dir
 from lb.dataplane.structs import MapName
 from lb.hostnet import xdp_interfaces
 from lb.inspect.access import InspectError, ask_daemon, require_root
 from lb.model import LoadBalancer
+from lb.registrations import Registrations
 from lb.runstate import RuntimeState, listener_rows
 
 
@@ -55,7 +57,9 @@ def status(config: LoadBalancer) -> dict[str, Any]:
     [{"interface", "mode" (native|generic|None|"no such interface"),
     "program_id", "ours" (the pinned program is the one attached)}],
     "program": pinned_program(), "pin_dir", "maps_pinned", "metrics_address",
-    "listeners": [{"name", "protocol", "address", "port"}]}
+    "listeners": [{"name", "protocol", "address", "port"}], "bgp": None or
+    {"sessions": [{"neighbor", "as", "protocol", "state", "info", "since"}],
+    "announced": [prefix], "in_rotation", "error", ...} (read from BIRD)}
     """
     require_root("lb status")
     running, reason = ask_daemon(config, "status")
@@ -95,17 +99,35 @@ def status(config: LoadBalancer) -> dict[str, Any]:
         "maps_pinned": os.path.exists(os.path.join(directory, MapName.VIPS.value)),
         "metrics_address": config.metrics_address,
         "listeners": listener_rows(config),
+        "bgp": _bgp(config, running),
     }
+
+
+def _bgp(config: LoadBalancer, running: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The daemon's BGP view, or (daemon down) what BIRD still has of lb's."""
+    if config.bgp is None:
+        return None
+    if running and running.get("bgp") is not None:
+        return dict(running["bgp"])
+    return {"in_rotation": None, **read_bird(config.bgp, config.name)}
 
 
 def targets(config: LoadBalancer, group: str | None = None) -> dict[str, Any]:
     """Every registered target with its health, as describe-target-health.
 
     {"daemon": {"running": bool, "reason": str|None}, "targets": [{"group",
-    "target" (address), "port", "state", "reason", "description",
+    "target" (address), "port", "weight", "state", "reason", "description",
     "last_latency_ms", "last_result" ("passed"|"failed"|None),
-    "last_checked_ago_s"}]}. The last two are None unless the daemon reports
-    them. With the daemon down: the config's targets, state "unknown".
+    "last_checked_ago_s", "registration" (None: as the config says, else
+    {"action": "register"|"deregister", "weight", "at" (epoch s)}),
+    "checks" (None, or {"passes", "fails" (consecutive), "healthy_threshold",
+    "unhealthy_threshold"}: the progress toward the next state), "anomaly"
+    (None: passive health off for the group or no requests yet, else
+    {"mitigated", "requests", "failure_rate", "peer_failure_rate"} over its
+    window)}]}.
+    last_result and last_checked_ago_s are None unless the daemon reports
+    them. With the daemon down: the config's targets with the saved
+    registrations applied (lb.registrations), state "unknown".
     """
     require_root("lb targets")
     names = [g.name for g in config.target_groups]
@@ -115,15 +137,27 @@ def targets(config: LoadBalancer, group: str | None = None) -> dict[str, Any]:
     if rows is None and reason is not None and reason.startswith("no target group"):
         raise InspectError(f"the running daemon: {reason} (reload it after changing the config)")
     if rows is not None:
-        fields = ("group", "target", "port", "state", "reason", "description", "last_latency_ms",
-                  "last_result", "last_checked_ago_s")
+        fields = ("group", "target", "port", "weight", "state", "reason", "description", "last_latency_ms",
+                  "last_result", "last_checked_ago_s", "registration", "checks", "anomaly")
         return {"daemon": {"running": True, "reason": None},
                 "targets": [{key: row.get(key) for key in fields} for row in rows]}
     out = []
-    for g in config.target_groups:
+    registrations = Registrations.load(config.name, set_aside=False)
+    registrations.reconcile(config)  # what the next start would keep (the file is left as it is)
+    for g in registrations.effective_groups(config):
         if group is None or g.name == group:
             for t in g.targets:
-                out.append({"group": g.name, "target": str(t.address), "port": t.traffic_port(g.port),
+                address, port = str(t.address), t.traffic_port(g.port)
+                out.append({"group": g.name, "target": address, "port": port, "weight": t.weight,
                             "state": "unknown", "reason": None, "description": "the daemon is not running",
-                            "last_latency_ms": None, "last_result": None, "last_checked_ago_s": None})
+                            "last_latency_ms": None, "last_result": None, "last_checked_ago_s": None,
+                            "registration": registrations.source(g.name, address, port), "checks": None,
+                            "anomaly": None})
+            for entry in registrations.deregistered(g.name):
+                out.append({"group": g.name, "target": entry.address, "port": entry.port,
+                            "weight": entry.config_weight, "state": "unused", "reason": "Target.NotRegistered",
+                            "description": "Deregistered by `lb targets deregister`; the config lists it",
+                            "last_latency_ms": None, "last_result": None, "last_checked_ago_s": None,
+                            "registration": registrations.source(g.name, entry.address, entry.port),
+                            "checks": None, "anomaly": None})
     return {"daemon": {"running": False, "reason": reason}, "targets": out}

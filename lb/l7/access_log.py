@@ -77,6 +77,9 @@ class LoggedConnection(Protocol):
     def protocol(self) -> str: ...  # "http" or "https"
 
     @property
+    def http2(self) -> bool: ...  # an HTTP/2 stream: ALB's type "h2", request "HTTP/2.0"
+
+    @property
     def tls_cipher(self) -> str: ...  # the handshake's cipher (OpenSSL's name), "-" over HTTP
 
     @property
@@ -110,7 +113,7 @@ def _json_string(value: str) -> str:
     return "null" if value == "-" else f'"{value}"'
 
 
-def _request_line(ex: Exchange, scheme: bytes, authority: bytes) -> bytes:
+def _request_line(ex: Exchange, scheme: bytes, authority: bytes, http2: bool = False) -> bytes:
     """``GET http://host:port/path?query HTTP/1.1`` (ALB's: the URL absolute, port included)."""
     if not ex.method:  # refused before its head was whole (its URL may be cut, or megabytes long)
         return b"- %s://%s- -" % (scheme, authority)
@@ -119,14 +122,15 @@ def _request_line(ex: Exchange, scheme: bytes, authority: bytes) -> bytes:
         host = authority
     elif host.rfind(b":") <= host.rfind(b"]"):  # no port in it
         host += authority[authority.rfind(b":") :]
-    return b"%s %s://%s%s HTTP/1.%d" % (ex.method, scheme, host, ex.url, 1 if ex.version11 else 0)
+    version = b"2.0" if http2 else b"1.1" if ex.version11 else b"1.0"
+    return b"%s %s://%s%s HTTP/%s" % (ex.method, scheme, host, ex.url, version)
 
 
 def _request_text(ex: Exchange, conn: LoggedConnection, escape: Callable[[bytes], str]) -> str:
     """The request line as a log string. httptools admits no control or non-ASCII
     byte in a method or URL, and Host is checked (lb.l7.request_head), so only a
     quote or a backslash in the URL needs escaping: two scans, no regex."""
-    line = _request_line(ex, conn.protocol.encode("ascii"), conn.authority)
+    line = _request_line(ex, conn.protocol.encode("ascii"), conn.authority, conn.http2)
     if b'"' in line or b"\\" in line:
         return escape(line)
     return line.decode("ascii")
@@ -136,13 +140,13 @@ def _request_text(ex: Exchange, conn: LoggedConnection, escape: Callable[[bytes]
 # error: nearly all of them. One `%` formats it whole in C (times, numbers, the
 # two ISO 8601 times from a cached prefix and the microseconds); any other
 # exchange takes the general path (AccessLogFile._general).
-_TEXT_FORWARDED = ('%s %s.%06dZ %s %s %s %.6f %.6f %.6f %d %d %d %d "%s %s://%s%s HTTP/1.%d" %s %s "%s" %d '
+_TEXT_FORWARDED = ('%s %s.%06dZ %s %s %s %.6f %.6f %.6f %d %d %d %d "%s %s://%s%s HTTP/%s" %s %s "%s" %d '
                    '%s.%06dZ "forward" "-" "-" %s %s\n')
 _JSON_FORWARDED = (
     '{"type":"%s","time":"%s.%06dZ","listener":"%s","client":"%s","target":"%s",'
     '"request_processing_time":%.6f,"target_processing_time":%.6f,"response_processing_time":%.6f,'
     '"elb_status_code":%d,"target_status_code":%d,"received_bytes":%d,"sent_bytes":%d,'
-    '"request":"%s %s://%s%s HTTP/1.%d","user_agent":%s,"target_group":"%s","request_id":"%s",'
+    '"request":"%s %s://%s%s HTTP/%s","user_agent":%s,"target_group":"%s","request_id":"%s",'
     '"matched_rule_priority":%d,'
     '"request_creation_time":"%s.%06dZ","actions_executed":"forward","error_reason":null,'
     '"redirect_url":null,"ssl_cipher":%s,"ssl_protocol":%s}\n'
@@ -358,20 +362,24 @@ class AccessLogFile:
         created_second = int(created)
         created_prefix = prefix if created_second == second else self._iso_prefix(created_second)
         authority = self._authority(host, conn.authority)
+        if conn.http2:  # ALB's type and version for HTTP/2
+            kind, version = "h2", "2.0"
+        else:
+            kind, version = conn.protocol, "1.1" if version11 else "1.0"
         if self._json:
             return _JSON_FORWARDED % (
-                conn.protocol, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
+                kind, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
                 sent - start, upstream, end - sent - upstream, status, status, received, sent_bytes,
-                method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version11,
+                method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version,
                 "null" if agent is None else f'"{_escaped_json(agent)}"', group,
                 request_id.decode("ascii"), 0 if rule is None else rule,
                 created_prefix, (created - created_second) * 1e6,
                 _json_string(conn.tls_cipher), _json_string(conn.tls_protocol),
             )  # fmt: skip
         return _TEXT_FORWARDED % (
-            conn.protocol, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
+            kind, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
             sent - start, upstream, end - sent - upstream, status, status, received, sent_bytes,
-            method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version11,
+            method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version,
             '"-"' if agent is None else f'"{_escaped_text(agent)}"', group,
             request_id.decode("ascii"), 0 if rule is None else rule,
             created_prefix, (created - created_second) * 1e6, conn.tls_cipher, conn.tls_protocol,
@@ -400,7 +408,8 @@ class AccessLogFile:
         request_id = (ex.request_id or self._ids()).decode("ascii")
         wall, created = self._iso(end + self._offset), self._iso(start + self._offset)
         # ALB's type: http or https; ws or wss for a WebSocket, whose line is written at its 101.
-        kind = ("wss" if conn.protocol == "https" else "ws") if ex.status == 101 else conn.protocol
+        kind = ("wss" if conn.protocol == "https" else "ws") if ex.status == 101 else "h2" if conn.http2 \
+            else conn.protocol
         # The Location lb sent: built from the request's Host, path and query, so escaped as they are.
         location = ex.redirect_url
         if self._json:

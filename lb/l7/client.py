@@ -46,6 +46,7 @@ from httptools import (
     HttpParserUpgrade,
 )
 
+from lb import tls
 from lb.l7 import errors, flow_control
 from lb.l7.access_log import AccessLogFile
 from lb.l7.actions import FixedResponse, Redirect
@@ -131,6 +132,62 @@ class _BodyAfterUpgrade:
         self.client.on_message_complete()
 
 
+class ClientConnection(Protocol):
+    """What the worker uses of a client connection: this module's ClientProtocol,
+    or an HTTP/2 connection (:class:`lb.l7.h2client.H2ClientConnection`)."""
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
+
+    @property
+    def current(self) -> object | None: ...  # something in flight: not idle
+
+    @property
+    def tunnel(self) -> object | None: ...
+
+    @property
+    def upgrading(self) -> object | None: ...
+
+    def check_idle(self, now: float, idle: float, connect_timeout: float) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+# What connection_made works out once per connection: the peer's address (as
+# received, and "ip:port"), ours ("[v6]" or v4, and the port), our authority,
+# the usual X-Forwarded-For line and the X-Forwarded-Proto/-Port lines.
+ConnectionFields = tuple[str, str, str, int, bytes, bytes, bytes]
+
+
+def connection_fields(transport: asyncio.BaseTransport, protocol: str) -> ConnectionFields | None:
+    """The per-connection fields of a client connection; None if it was reset before we saw it."""
+    peer = transport.get_extra_info("peername")
+    if not peer:
+        return None
+    local = transport.get_extra_info("sockname") or ("127.0.0.1", 0)
+    ip = peer[0]
+    local_host = f"[{local[0]}]" if ":" in local[0] else local[0]
+    return (
+        ip,
+        f"[{ip}]:{peer[1]}" if ":" in ip else f"{ip}:{peer[1]}",
+        local_host,
+        local[1],
+        b"%s:%d" % (local_host.encode("ascii"), local[1]),
+        b"x-forwarded-for: " + ip.encode("ascii") + CRLF,
+        b"x-forwarded-proto: %s\r\nx-forwarded-port: %d\r\n" % (protocol.encode(), local[1]),
+    )
+
+
+def tls_fields(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """The cipher (OpenSSL's name) and protocol ("TLSv1.3") a TLS connection's
+    handshake chose, for the access log; ("-", "-") without TLS."""
+    tls_object = transport.get_extra_info("ssl_object")
+    cipher = tls_object.cipher() if tls_object is not None else None
+    if not cipher:
+        return "-", "-"
+    return cipher[0], tls_object.version() or cipher[1]
+
+
 class WorkerView(Protocol):
     """What a client connection uses of its worker (:class:`lb.l7.worker.Worker`)."""
 
@@ -142,13 +199,16 @@ class WorkerView(Protocol):
     stats: WorkerStats
     access_log: AccessLogFile | None
     closing: bool
+    h2_calmed: int  # HTTP/2 connections ended for a flood (lb.l7.h2client counts them)
 
-    def opened(self, conn: ClientProtocol) -> None: ...
+    def opened(self, conn: ClientConnection) -> None: ...
 
-    def closed(self, conn: ClientProtocol) -> None: ...
+    def closed(self, conn: ClientConnection) -> None: ...
 
 
 class ClientProtocol(asyncio.Protocol):
+    http2 = False  # the access log's type and version (lb.l7.h2stream.H2Stream: True)
+
     __slots__ = (
         # Worker-wide: shared by every connection of the worker.
         "worker",
@@ -193,7 +253,8 @@ class ClientProtocol(asyncio.Protocol):
         "queue",  # parsed, waiting for current to finish
     )
 
-    def __init__(self, worker: WorkerView, listener: str, https: bool = False) -> None:
+    def __init__(self, worker: WorkerView, listener: str, https: bool = False,
+                 parser: httptools.HttpRequestParser | None = None) -> None:
         # Worker-wide.
         self.worker = worker
         self.loop = worker.loop
@@ -205,7 +266,8 @@ class ClientProtocol(asyncio.Protocol):
         self.tls_cipher = self.tls_protocol = "-"
         self.transport: asyncio.Transport  # set by connection_made, before anything reads it
         self.gate: ReadGate  # likewise
-        self.parser = httptools.HttpRequestParser(self)
+        # ``parser``: an HTTP/2 stream's (lb.l7.h2stream), which parses nothing: one per connection.
+        self.parser = parser or httptools.HttpRequestParser(self)
         self.peer = "-"
         self.peer_ip: str | IPAddress = ""
         self.local_host = "127.0.0.1"
@@ -238,8 +300,8 @@ class ClientProtocol(asyncio.Protocol):
         # A stream transport: uvloop's are asyncio.Transports in all but name.
         self.transport = cast(asyncio.Transport, transport)
         self.gate = ReadGate(self.transport)
-        peer = transport.get_extra_info("peername")
-        if not peer:
+        fields = connection_fields(transport, self.protocol)
+        if fields is None:
             # Reset before we saw it: getpeername fails once the peer's RST is in,
             # though what it sent before is still readable. Its address unknown,
             # nothing of it can be matched by source, forwarded with a true
@@ -249,21 +311,11 @@ class ClientProtocol(asyncio.Protocol):
             self.dead = self.broken = True
             self.transport.abort()
             return
-        local = transport.get_extra_info("sockname") or ("127.0.0.1", 0)
-        ip = peer[0]
-        self.peer_ip = ip
-        self.peer = f"[{ip}]:{peer[1]}" if ":" in ip else f"{ip}:{peer[1]}"
-        self.local_host = f"[{local[0]}]" if ":" in local[0] else local[0]
-        self.local_port = local[1]
-        self.authority = b"%s:%d" % (self.local_host.encode("ascii"), local[1])
         # Per connection, so the common request costs no formatting.
-        self.xff_line = b"x-forwarded-for: " + ip.encode("ascii") + CRLF
-        self.fwd_tail = b"x-forwarded-proto: %s\r\nx-forwarded-port: %d\r\n" % (self.protocol.encode(), local[1])
+        (self.peer_ip, self.peer, self.local_host, self.local_port, self.authority, self.xff_line,
+         self.fwd_tail) = fields
         if self.protocol == "https":  # the handshake is over before connection_made
-            tls_object = transport.get_extra_info("ssl_object")
-            cipher = tls_object.cipher() if tls_object is not None else None
-            if cipher:
-                self.tls_cipher, self.tls_protocol = cipher[0], tls_object.version() or cipher[1]
+            self.tls_cipher, self.tls_protocol = tls_fields(transport)
         self.last_rx = self.clock.now
         self.worker.opened(self)
         if self.worker.closing:
@@ -676,9 +728,10 @@ class ClientProtocol(asyncio.Protocol):
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:  # refused, unreachable
-            ex.error_reason = errors.TARGET_CONNECTION_ERROR
-            self.upstream_failed(ex, errors.BAD_GATEWAY, f"connect to {ex.target}: {exc}")
+        if exc is not None:  # refused, unreachable; or TLS to an HTTPS target failed
+            why = tls.tls_failure(exc)
+            ex.error_reason = errors.TARGET_CONNECTION_ERROR if why is None else errors.TARGET_TLS_ERROR
+            self.upstream_failed(ex, errors.BAD_GATEWAY, f"connect to {ex.target}: {why or exc}")
         else:
             self._send(ex, task.result()[1])
 

@@ -58,6 +58,11 @@ class L7Config:
     # Off: no session tickets (no resumption), for measuring full handshakes
     # (tests/bench/https.py); ELB always resumes.
     session_tickets: bool = True
+    # HTTPS listeners: HTTP/2 by ALPN (ALB's routing.http2.enabled, on by
+    # default), and its limits (lb.l7.h2client says what each bounds).
+    http2: bool = True
+    h2_max_streams: int = 128  # SETTINGS_MAX_CONCURRENT_STREAMS, ALB's
+    h2_stream_window: int = 64 * 1024  # SETTINGS_INITIAL_WINDOW_SIZE: request body in flight per stream
 
     def worker_count(self) -> int:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
@@ -72,5 +77,6 @@ class L7Config:
             body_timeout=lb.body_timeout,
             min_body_rate=lb.min_body_rate,
             max_response_head=lb.max_response_head,
+            http2=lb.http2,
             **overrides,
         )

@@ -61,6 +61,7 @@ CLIENT_CLOSED = "ClientClosed"  # 460: the client left before its response was w
 LISTENER_REMOVED = "ListenerRemoved"  # 503: the listener left the routing table meanwhile
 NO_TARGET = "NoTargetInService"  # 503: the target group has no target in service
 TARGET_CONNECTION_ERROR = "TargetConnectionError"  # 502: connect refused, reset or unreachable
+TARGET_TLS_ERROR = "TargetSSLHandshakeError"  # 502: the TLS handshake with an HTTPS target failed (its certificate)
 TARGET_CONNECT_TIMEOUT = "TargetConnectTimeout"  # 504: no connection within the connect timeout
 TARGET_CONNECTION_CLOSED = "TargetConnectionClosed"  # 502: closed or reset before the response was whole
 TARGET_RESPONSE_MALFORMED = "TargetResponseMalformed"  # 502: not HTTP/1.x, bad framing, unexpected 101

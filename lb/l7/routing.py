@@ -41,7 +41,7 @@ class GroupRoute:
         live = [e for e in entry.in_service if (e[0], e[1]) not in entry.draining]
         if not live:
             return
-        group_pools = tuple(pools.get(address, port) for address, port, _ in live)
+        group_pools = tuple(pools.get(address, port, entry.group.tls) for address, port, _ in live)
         weights = tuple(weight for _, _, weight in live)
         ramp = {(address, port): share for address, port, share in entry.ramp}
         shares = tuple(ramp.get((address, port), 1.0) for address, port, _ in live)
@@ -157,7 +157,7 @@ class Routes:
         self.version = table.version
         # Endpoints new requests may go to: every other pool is retired.
         self.endpoints = {
-            (address, port)
+            (address, port, entry.group.tls)
             for entry in table.groups
             for address, port, _ in entry.in_service
             if (address, port) not in entry.draining

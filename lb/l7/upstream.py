@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from httptools import (
     HttpResponseParser,
 )
 
+from lb import tls
 from lb.l7 import errors, flow_control
 from lb.l7.clock import Clock
 from lb.l7.config import L7Config
@@ -61,6 +63,7 @@ from lb.l7.httputil import (
     status_line,
     without_headers,
 )
+from lb.model import TargetTls
 
 if TYPE_CHECKING:
     from lb.l7.exchange import Exchange
@@ -333,6 +336,9 @@ class UpstreamConnection(asyncio.Protocol):
         """
         if self.eof_in:
             return False
+        if not self.transport.can_write_eof():  # TLS to the target: no half-close
+            self.transport.close()
+            return False
         if not self.transport.is_closing():
             self.transport.write_eof()
         return True
@@ -554,14 +560,17 @@ class Pool:
         "retired",
         "waiters",
         "max_head",
+        "ssl",
         "_max_idle",
         "_max_conns",
         "_factory",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock, config: L7Config, host: str, port: int):
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock, config: L7Config, host: str, port: int,
+                 context: ssl.SSLContext | None = None):
         self.host = host
         self.port = port
+        self.ssl = context  # HTTPS targets: the group's client context (lb.tls.target_context)
         self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.loop = loop
         self.clock = clock
@@ -597,7 +606,12 @@ class Pool:
     def open(self) -> Opening:
         """Start connecting; the caller adds its own done callback."""
         self.connections += 1
-        task = self.loop.create_task(self.loop.create_connection(self._factory, self.host, self.port))
+        if self.ssl is None:
+            connect = self.loop.create_connection(self._factory, self.host, self.port)
+        else:  # no SNI: a target is an address
+            connect = self.loop.create_connection(self._factory, self.host, self.port, ssl=self.ssl,
+                                                  server_hostname="")
+        task = self.loop.create_task(connect)
         task.add_done_callback(self._opened)
         return task
 
@@ -644,24 +658,36 @@ class Pool:
             idle.pop(0).close()
 
 
-class PoolSet:
-    """This worker's pools by (address, port)."""
+PoolKey = tuple[str, int, TargetTls | None]  # address, port, and TLS to it (HTTPS groups)
 
-    __slots__ = ("_loop", "_clock", "_config", "pools")
+
+class PoolSet:
+    """This worker's pools by (address, port, TLS): an endpoint that is the target
+    of an HTTP and an HTTPS group, or of two groups with other CA bundles, has
+    one pool for each, since their connections are not interchangeable."""
+
+    __slots__ = ("_loop", "_clock", "_config", "pools", "_contexts")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock, config: L7Config) -> None:
         self._loop = loop
         self._clock = clock
         self._config = config
-        self.pools: dict[tuple[str, int], Pool] = {}
+        self.pools: dict[PoolKey, Pool] = {}
+        self._contexts: dict[TargetTls, ssl.SSLContext] = {}
 
-    def get(self, host: str, port: int) -> Pool:
-        pool = self.pools.get((host, port))
+    def get(self, host: str, port: int, target_tls: TargetTls | None = None) -> Pool:
+        key = (host, port, target_tls)
+        pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[(host, port)] = Pool(self._loop, self._clock, self._config, host, port)
+            context = None
+            if target_tls is not None:
+                context = self._contexts.get(target_tls)
+                if context is None:
+                    context = self._contexts[target_tls] = tls.target_context(target_tls)
+            pool = self.pools[key] = Pool(self._loop, self._clock, self._config, host, port, context)
         return pool
 
-    def retain(self, keys: set[tuple[str, int]]) -> None:
+    def retain(self, keys: set[PoolKey]) -> None:
         """Retire every pool whose endpoint is not in ``keys``."""
         for key in [k for k in self.pools if k not in keys]:
             self.pools.pop(key).retire()
@@ -669,6 +695,10 @@ class PoolSet:
     def expire(self, deadline: float) -> None:
         for pool in self.pools.values():
             pool.expire(deadline)
+        if len(self._contexts) > 1:  # a reload changed a bundle: forget the contexts no pool uses
+            used = {key[2] for key in self.pools}
+            for stale in [t for t in self._contexts if t not in used]:
+                del self._contexts[stale]
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -24,14 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from lb import rlimits, tls
 from lb.l7.access_log import AccessLogFile
-from lb.l7.client import ClientProtocol
+from lb.l7.client import ClientConnection, ClientProtocol
 from lb.l7.clock import Clock
 from lb.l7.config import L7Config
+from lb.l7.h2client import HttpsProtocol
 from lb.l7.httputil import request_ids
 from lb.l7.routing import Routes
 from lb.l7.stats import WorkerStats
@@ -54,7 +56,7 @@ class Worker:
         self.signer = CookieSigner(secret)
         self.table = table
         self.routes = Routes(table, self.pools)
-        self.connections: dict[ClientProtocol, None] = {}  # oldest first
+        self.connections: dict[ClientConnection, None] = {}  # oldest first
         self.closing = False
         # Open files (see the module's docstring).
         self.fd_limit = rlimits.nofile_limit()
@@ -63,6 +65,7 @@ class Worker:
         self.upstream_fds = 0  # upstream connections (counted by the sweep and near the limit)
         self.shed = 0  # idle connections closed to make room
         self.refused = 0  # new connections closed: nothing idle to close
+        self.h2_calmed = 0  # HTTP/2 connections ended with ENHANCE_YOUR_CALM (lb.l7.h2client)
         self._reported = (0, 0)  # shed, refused at the last log line
         self._report_after = 0.0
         # The access log (lb.l7.access_log), as the table says: opened by start(),
@@ -96,8 +99,11 @@ class Worker:
 
     async def _bind(self, listener: Listener) -> None:
         context = None
+        factory: Callable[[], asyncio.Protocol] = partial(ClientProtocol, self, listener.name)
         if listener.tls is not None:
-            contexts = self.tls[listener.name] = tls.SniContexts(listener.tls)
+            alpn = ("h2", "http/1.1") if self.config.http2 else ("http/1.1",)
+            contexts = self.tls[listener.name] = tls.SniContexts(listener.tls, alpn)
+            factory = partial(HttpsProtocol, self, listener.name)  # HTTP/2 or HTTP/1.1 after the handshake
             context = self._listening[listener.name] = tls.listening_context(contexts)
             if not self.config.session_tickets:
                 context.options |= ssl.OP_NO_TICKET
@@ -105,7 +111,7 @@ class Worker:
             if self.ticket_key is not None:
                 tls.set_ticket_keys(context, self.ticket_key)
         server = await self.loop.create_server(
-            partial(ClientProtocol, self, listener.name, listener.tls is not None),
+            factory,
             host=str(listener.address),
             port=listener.port,
             reuse_port=True,
@@ -217,13 +223,13 @@ class Worker:
 
     # --- connections --------------------------------------------------------------
 
-    def opened(self, conn: ClientProtocol) -> None:
+    def opened(self, conn: ClientConnection) -> None:
         self.connections[conn] = None
         self.stats.connections += 1
         if len(self.connections) + self.base_fds + self.upstream_fds >= self.fd_high:
             self._make_room(conn)
 
-    def closed(self, conn: ClientProtocol) -> None:
+    def closed(self, conn: ClientConnection) -> None:
         self.connections.pop(conn, None)
         self.stats.connections -= 1
 
@@ -242,7 +248,7 @@ class Worker:
         self.upstream_fds = sum(pool.connections for pool in self.pools.pools.values())
         return self.upstream_fds
 
-    def _make_room(self, new: ClientProtocol | None) -> None:
+    def _make_room(self, new: ClientConnection | None) -> None:
         """At the mark: close the oldest idle connections (never `new`); none: close `new`."""
         self._count_upstream()
         excess = self.open_fds() - self.fd_high + (1 if new is not None else 0)
@@ -282,11 +288,12 @@ class Worker:
         """What the parent's stats request gets: :meth:`WorkerStats.snapshot`,
         "fds" {"open" (the estimate), "limit", "high" (where shedding starts)},
         "shed" and "refused" (connections closed near the limit, see above),
-        "access_log_lost" (lines dropped by failed writes, every file this worker had)."""
+        "access_log_lost" (lines dropped by failed writes, every file this worker had),
+        "h2_calmed" (HTTP/2 connections ended for a flood, lb.l7.h2client)."""
         lost = self.access_log_lost + (self.access_log.lost if self.access_log is not None else 0)
         return {**self.stats.snapshot(), "fds": {"open": self.open_fds(), "limit": self.fd_limit,
                                                   "high": self.fd_high}, "shed": self.shed, "refused": self.refused,
-                "access_log_lost": lost}
+                "access_log_lost": lost, "h2_calmed": self.h2_calmed}
 
     def _sweep(self) -> None:
         now = self.clock.now = self.loop.time()

@@ -16,10 +16,15 @@ then measures, after a short warm-up:
     request is a new connection and a full handshake (wrk keeps its session
     across reconnections and would resume it: nginx's session cache and
     tickets are off, and lb's tickets too, ``L7Config.session_tickets``);
-  - keep-alive requests/s over TLS: ``wrk -t2 -c64``.
+  - keep-alive requests/s over TLS: ``wrk -t2 -c64``;
+  - HTTP/2 requests/s: ``h2load -t2 -c4 -m100`` (4 connections of 100
+    concurrent streams each, ALPN h2; Debian's nghttp2-client);
+and from lb's own figures, what HTTP/2's framing costs a request: the
+worker-seconds of an h2 request less those of a keep-alive HTTP/1.1 one
+(both over TLS, so the difference is h2's framing, HPACK and flow control).
 Prints the figures and the ratios lb / nginx (goals: handshakes ≥ 0.9×,
-keep-alive ≥ 0.8×). HTTP/2 (h2load) is not measured: lb's HTTPS listeners
-speak HTTP/1.1 only so far. Everything started is stopped in ``finally``.
+keep-alive ≥ 0.8×; h2 printed with its ratio). Everything started is stopped
+in ``finally``.
 """
 
 from __future__ import annotations
@@ -76,6 +81,20 @@ def wrk(url: str, duration: float, close: bool) -> float:
     return float(found.group(1))
 
 
+def h2load(url: str, duration: float, warmup: float) -> float:
+    args = ["h2load", "-t2", "-c4", "-m100", f"-D{duration:g}", f"--warm-up-time={warmup:g}", url]
+    out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=duration + warmup + 30).stdout
+    found = re.search(r"finished in [^,]+, ([\d.]+) req/s", out)
+    failed = re.search(r"requests: .* (\d+) failed", out)
+    if found is None:
+        raise RuntimeError(f"h2load printed no rate:\n{out}")
+    if failed is not None and int(failed.group(1)):
+        print(f"  h2load on {url} reported failed requests:\n{out}", file=sys.stderr)
+    if "h2" not in re.findall(r"Application protocol: (\S+)", out):
+        raise RuntimeError(f"h2load did not speak h2 to {url}:\n{out}")
+    return float(found.group(1))
+
+
 def make_certificate(tmp: Path) -> tuple[Path, Path]:
     """A self-signed ECDSA P-256 certificate for localhost, for both contenders."""
     from cryptography import x509
@@ -128,7 +147,7 @@ BACKEND_SERVER = """
 TLS_PROXY_SERVER = """
     upstream backend {{ server {host}:{backend}; keepalive 128; keepalive_requests 1000000; }}
     server {{
-        listen {host}:{port} ssl reuseport;
+        listen {host}:{port} ssl http2 reuseport;
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -206,11 +225,15 @@ def start_lb(workers: int, port: int, backend: int, cert: Path, key: Path) -> It
         loop.close()
 
 
+FIGURES = ("handshakes/s", "keep-alive req/s", "h2 req/s")
+
+
 def measure(url: str, duration: float, warmup: float) -> dict[str, float]:
     figures = {}
     for kind, close in (("handshakes/s", True), ("keep-alive req/s", False)):
         wrk(url, warmup, close)
         figures[kind] = wrk(url, duration, close)
+    figures["h2 req/s"] = h2load(url, duration, warmup)
     return figures
 
 
@@ -224,13 +247,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.duration, args.warmup, args.workers, args.rounds = 3.0, 1.0, [1], 1
-    for tool in ("wrk", "nginx"):
+    for tool in ("wrk", "nginx", "h2load"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             sys.exit(f"{tool} not found: run deploy/install.sh --bench")
     from lb import tls
 
     ciphers = ":".join(tls.POLICIES["ELBSecurityPolicy-TLS13-1-2-2021-06"].ciphers)
     rows = []
+    costs: list[tuple[int, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="lb-bench-https-") as tmpdir, Stack() as stack:
         tmp = Path(tmpdir)
         cert, key = make_certificate(tmp)
@@ -249,15 +273,24 @@ def main() -> None:
                 port = free_port()
                 with start_lb(workers, port, backend, cert, key):
                     results["lb"].append(measure(f"https://{HOST}:{port}/", args.duration, args.warmup))
-            for kind in ("handshakes/s", "keep-alive req/s"):
+            medians = {}
+            for kind in FIGURES:
                 nginx = statistics.median(r[kind] for r in results["nginx"])
                 lb = statistics.median(r[kind] for r in results["lb"])
+                medians[kind] = (lb, nginx)
                 runs = ", ".join(f"{r[kind]:,.0f}" for r in results["lb"])
                 rows.append((kind, workers, lb, nginx, lb / nginx, runs))
+            # Worker-microseconds per request: h2's less HTTP/1.1's (both over TLS, same workers).
+            costs.append((workers, *(workers * 1e6 * (1 / medians["h2 req/s"][i] - 1 / medians["keep-alive req/s"][i])
+                                     for i in (0, 1))))
     print(f"\n{'figure':<18} {'workers':>7} {'lb':>10} {'nginx':>10} {'lb/nginx':>9}   lb runs")
     for kind, workers, lb, nginx, ratio, runs in rows:
         print(f"{kind:<18} {workers:>7} {lb:>10,.0f} {nginx:>10,.0f} {ratio:>8.2f}×   {runs}")
-    print("\ngoals: handshakes/s >= 0.9x nginx, keep-alive req/s >= 0.8x nginx (same certificate, same workers)")
+    print("\nHTTP/2 framing, worker-µs per request (an h2 request less a keep-alive HTTP/1.1 one, both over TLS):")
+    for workers, lb_cost, nginx_cost in costs:
+        print(f"  {workers} worker(s): lb {lb_cost:+.1f} µs, nginx {nginx_cost:+.1f} µs")
+    print("\ngoals: handshakes/s >= 0.9x nginx, keep-alive req/s >= 0.8x nginx (same certificate, same workers);"
+          " h2 req/s: ratio printed")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,14 @@ EOF
 # `vagrant ssh` still works.
 ifname=$(ip -o -4 addr show | awk -v a="$LAB_ADDRESS" '{ split($4, p, "/") } p[1] == a { print $2; exit }')
 [ -n "$ifname" ] || { echo "web.sh: no interface has $LAB_ADDRESS (ip -br addr)" >&2; exit 1; }
+# LAB_GATEWAY may name several lb hosts (vagrant/scale-out): one next hop
+# each, a flow's replies hashed on its 5-tuple onto one of them.
+route="via ${LAB_GATEWAY}"
+if [ "${LAB_GATEWAY}" != "${LAB_GATEWAY%% *}" ]; then
+  route=$(for g in $LAB_GATEWAY; do printf 'nexthop via %s dev %s ' "$g" "$ifname"; done)
+  echo "net.ipv4.fib_multipath_hash_policy = 1" > /etc/sysctl.d/60-lb-lab.conf
+  sysctl -q -w net.ipv4.fib_multipath_hash_policy=1
+fi
 cat > /etc/systemd/system/lb-lab-net.service <<EOF
 [Unit]
 Description=lb lab: default route via lb (${LAB_GATEWAY}), full checksums on ${ifname}
@@ -93,7 +101,7 @@ Wants=network-online.target
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/usr/sbin/ip route replace default via ${LAB_GATEWAY}
+ExecStart=/usr/sbin/ip route replace default ${route}
 ExecStart=/usr/sbin/ethtool -K ${ifname} tx off
 
 [Install]

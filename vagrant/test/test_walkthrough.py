@@ -104,7 +104,7 @@ def target_states(config: str = CONFIG) -> dict[tuple[str, str], dict[str, Any]]
     """(group, address) -> the `lb targets` row (`config`: where lb's CLI finds the daemon)."""
     info = lb_json(f"targets -c {config}")
     assert info["daemon"]["running"], info["daemon"]
-    return {(t["group"], t["target"]): t for t in info["targets"]}
+    return {(t["group"], t["target"]["address"]): t for t in info["targets"]}
 
 
 def all_healthy() -> dict[tuple[str, str], dict[str, Any]] | None:
@@ -121,7 +121,7 @@ def new_flows_by_address() -> Counter[str]:
     """New flows per target address, from the XDP counters (`lb stats`)."""
     counts: Counter[str] = Counter()
     for row in lb_json("stats")["targets"]:
-        counts[row["target"].rsplit(":", 1)[0]] += row["new_flows"]
+        counts[row["target"]["address"]] += row["new_flows"]
     return counts
 
 
