@@ -111,6 +111,16 @@
  * reply path tries each of them (reply_route.vips). */
 #define MAX_REPLY_VIPS 4
 
+/* table_stats index: the flow tables whose fullness lb reports. table_fill
+ * has two slots a table: FILL_HELD(t), entries the program put in less
+ * those it took out (atomic adds), and FILL_REMOVED_BY_LB(t), entries lb
+ * deleted (written by userspace only); the table holds the difference. */
+#define TABLE_CONNTRACK 0
+#define TABLE_HALF_OPEN 1
+#define TABLE_COUNT     2
+#define FILL_HELD(t)          ((t) * 2)
+#define FILL_REMOVED_BY_LB(t) ((t) * 2 + 1)
+
 /* target.flags */
 #define TARGET_F_ACTIVE     0x1 /* its flows may go on; a flow to an inactive target is re-hashed */
 #define TARGET_F_IN_SERVICE 0x2 /* in the ring: a SYN may follow an entry to it (else the SYN takes the ring) */
@@ -123,7 +133,7 @@ enum lb_counter {
 	CNT_PASS_PARSE_ERROR,    /* truncated header, bad IHL or total length: pass, the kernel drops it */
 	CNT_PASS_IP_OPTIONS,     /* IPv4 options (IHL > 5): pass */
 	CNT_PASS_FRAGMENT,       /* IPv4 fragment (no ports to hash): pass */
-	CNT_PASS_FIB,            /* rewritten, but no route/neighbour yet: pass, the kernel forwards it */
+	CNT_PASS_FIB,            /* rewritten, but bpf_fib_lookup would not forward it: pass (CNT_FIB_* says why) */
 	CNT_DROP_TTL,            /* TTL <= 1 on a flow we would forward: drop */
 	CNT_DROP_NO_TARGET,      /* VIP whose ring is empty: drop */
 	CNT_REDIRECTED,          /* forwarded with bpf_redirect to another interface */
@@ -144,6 +154,11 @@ enum lb_counter {
 	                          * conntrack */
 	CNT_HANDSHAKE_MISMATCH,  /* an ACK of a half-open flow that does not acknowledge the target's SYN-ACK
 	                          * (spoofed, or before it): forwarded, the flow stays half-open */
+	CNT_FIB_NO_NEIGH,        /* CNT_PASS_FIB because the next hop's MAC is not known yet: the kernel resolves it */
+	CNT_FIB_FWD_DISABLED,    /* ... because IPv4 forwarding is off on the receiving interface: the kernel drops it */
+	CNT_FIB_BLACKHOLE,       /* ... because the route is a blackhole, unreachable or prohibit: the kernel drops it */
+	CNT_FIB_FRAG_NEEDED,     /* ... because it is bigger than the egress MTU: the kernel fragments or answers ICMP */
+	CNT_FIB_NO_ROUTE,        /* ... because there is no route (or the destination is local, or another answer) */
 	CNT_MAX,
 };
 

@@ -58,6 +58,37 @@ static __always_inline void count(enum lb_counter reason)
 		*value += 1;
 }
 
+/* A flow table's bookkeeping (table_stats, table_fill) for a new key or a
+ * deleted entry: rc is what the map update or delete returned. A new key in
+ * a table already full took an evicted entry's place: the count stays. Two
+ * CPUs inserting at the last free entry may both count it (table_fill then
+ * reads one over the size; userspace clamps). */
+static __always_inline void table_inserted(__u32 table, __u64 size, long rc)
+{
+	struct table_stats *stats = table_stats.lookup(&table);
+	__u32 held_slot = FILL_HELD(table), lb_slot = FILL_REMOVED_BY_LB(table);
+	__u64 *held = table_fill.lookup(&held_slot);
+	__u64 *by_lb = table_fill.lookup(&lb_slot);
+	if (!stats || !held || !by_lb || rc != 0)
+		return;
+	stats->inserts += 1;
+	if ((__s64)(*held - *by_lb) >= (__s64)size) /* signed: lb may have deleted entries made before table_fill */
+		stats->evictions += 1;
+	else
+		__sync_fetch_and_add(held, 1);
+}
+
+static __always_inline void table_removed(__u32 table, long rc)
+{
+	struct table_stats *stats = table_stats.lookup(&table);
+	__u32 held_slot = FILL_HELD(table);
+	__u64 *held = table_fill.lookup(&held_slot);
+	if (!stats || !held || rc != 0)
+		return;
+	stats->removed += 1;
+	__sync_fetch_and_add(held, -1);
+}
+
 /* murmur3's finalizer over the 5-tuple: cheap, and it spreads the bits of
  * every field into the slot index. */
 static __always_inline __u32 mix32(__u32 h)
@@ -128,13 +159,38 @@ static __always_inline int send_via(struct xdp_md *ctx, struct packet *pkt, __u3
 	return bpf_redirect(ifindex, 0);
 }
 
+/* Why bpf_fib_lookup would not forward a packet, one counter a cause. */
+static __always_inline void count_fib_failure(int rc)
+{
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		count(CNT_FIB_NO_NEIGH);
+		break;
+	case BPF_FIB_LKUP_RET_FWD_DISABLED:
+		count(CNT_FIB_FWD_DISABLED);
+		break;
+	case BPF_FIB_LKUP_RET_BLACKHOLE:
+	case BPF_FIB_LKUP_RET_UNREACHABLE:
+	case BPF_FIB_LKUP_RET_PROHIBIT:
+		count(CNT_FIB_BLACKHOLE);
+		break;
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		count(CNT_FIB_FRAG_NEEDED);
+		break;
+	default:
+		count(CNT_FIB_NO_ROUTE);
+	}
+}
+
 /* The rewritten packet leaves now, by what fib_lookup answered. */
 static __always_inline int send_by(struct xdp_md *ctx, struct packet *pkt, struct bpf_fib_lookup *fib, int rc)
 {
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-		/* No neighbour entry yet (or no route): the kernel forwards the
-		 * already rewritten packet and resolves the neighbour for the next. */
+		/* No neighbour entry yet (the kernel forwards the already
+		 * rewritten packet and resolves the neighbour for the next), or
+		 * the kernel will not forward it either: counted by cause. */
 		count(CNT_PASS_FIB);
+		count_fib_failure(rc);
 		return XDP_PASS;
 	}
 	return send_via(ctx, pkt, fib->ifindex, fib->dmac, fib->smac);
@@ -413,7 +469,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 			touch(state, now);
 	} else if (half) {
 		if (pkt->tcp_flags & TCP_FLAG_RST) {
-			half_open.delete(&fwd); /* refused: the client's next SYN takes the ring */
+			table_removed(TABLE_HALF_OPEN, half_open.delete(&fwd)); /* refused: the next SYN takes the ring */
 			count(CNT_FLOW_CLOSED);
 		} else if ((pkt->tcp_flags & TCP_FLAG_ACK) && tcp_header(ctx, pkt)) {
 			__u32 isn = bpf_ntohl(tcp_header(ctx, pkt)->seq);
@@ -501,9 +557,13 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 			state.fin_client = 1;
 		if (is_syn(pkt) && !had_entry) {
 			struct half_open_flow half = {.flow = state};
-			half_open.update(&pkt->flow, &half);
+			long rc = half_open.update(&pkt->flow, &half);
+			if (!had_half_open)
+				table_inserted(TABLE_HALF_OPEN, HALF_OPEN_SIZE, rc);
 		} else {
-			conntrack.update(&pkt->flow, &state);
+			long rc = conntrack.update(&pkt->flow, &state);
+			if (!had_entry)
+				table_inserted(TABLE_CONNTRACK, CONNTRACK_SIZE, rc);
 		}
 	}
 	return to_target(ctx, pkt, t, vip->vip_id, target_id, starts, now);
@@ -533,7 +593,7 @@ static __always_inline int follow_half_open(struct xdp_md *ctx, struct packet *p
 	if (is_syn(pkt)) {
 		half->flow.last_seen_ns = now;
 	} else if (flags & TCP_FLAG_RST) {
-		half_open.delete(&pkt->flow);
+		table_removed(TABLE_HALF_OPEN, half_open.delete(&pkt->flow));
 		count(CNT_FLOW_CLOSED);
 	} else if ((flags & (TCP_FLAG_ACK | TCP_FLAG_SYN)) == TCP_FLAG_ACK) {
 		struct tcphdr *tcp = tcp_header(ctx, pkt);
@@ -543,8 +603,8 @@ static __always_inline int follow_half_open(struct xdp_md *ctx, struct packet *p
 			established.last_seen_ns = now;
 			if (flags & TCP_FLAG_FIN)
 				established.fin_client = 1;
-			conntrack.update(&pkt->flow, &established);
-			half_open.delete(&pkt->flow);
+			table_inserted(TABLE_CONNTRACK, CONNTRACK_SIZE, conntrack.update(&pkt->flow, &established));
+			table_removed(TABLE_HALF_OPEN, half_open.delete(&pkt->flow));
 			count(CNT_FLOW_ESTABLISHED);
 		} else {
 			count(CNT_HANDSHAKE_MISMATCH);

@@ -90,6 +90,13 @@ BPF_TABLE("percpu_array", u32, struct traffic_stats, target_stats, LB_MAP_ENTRIE
 /* enum lb_counter -> packets: why each packet got its verdict. */
 BPF_TABLE("percpu_array", u32, u64, counters, LB_MAP_ENTRIES(CNT_MAX));
 
+/* TABLE_* -> what went into and out of that flow table, and its LRU evictions. */
+BPF_TABLE("percpu_array", u32, struct table_stats, table_stats, LB_MAP_ENTRIES(TABLE_COUNT));
+
+/* FILL_HELD(TABLE_*), FILL_REMOVED_BY_LB(TABLE_*) -> entries: how full each
+ * flow table is, without walking it (consts.h). One cell for all CPUs. */
+BPF_TABLE("array", u32, u64, table_fill, LB_MAP_ENTRIES(TABLE_COUNT * 2));
+
 /* 0 -> this CPU's flood window: new entries made in the current second. */
 BPF_TABLE("percpu_array", u32, struct flood_window, flood_guard, LB_MAP_ENTRIES(1));
 

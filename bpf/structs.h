@@ -108,6 +108,15 @@ struct flood_window {
 	__u64 entries;  /* host order; entries made since */
 };
 
+/* table_stats value (per CPU; userspace sums): what went into and out of a
+ * flow table. An insert into a table that table_fill says is full is
+ * counted as an eviction: the LRU evicts silently. */
+struct table_stats {
+	__u64 inserts;    /* host order; new keys the program put in */
+	__u64 removed;    /* host order; entries the program deleted */
+	__u64 evictions;  /* host order; inserts that found the table full (the LRU made room) */
+};
+
 /* next_hops value (per CPU, by target id): what bpf_fib_lookup answered
  * for packets to that target arriving on `in_ifindex`. */
 struct next_hop {

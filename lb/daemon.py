@@ -43,6 +43,7 @@ from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.anomaly import PassiveHealth
 from lb.health.checker import FIRST_ROUND_SPREAD
+from lb.hostcheck import host_problems
 from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
 from lb.model import Bgp, LoadBalancer, Protocol
 from lb.registrations import Registrations
@@ -63,7 +64,8 @@ BGP_RETRY_SECONDS = 2.0
 RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size",
                 "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address",
                 "header_timeout", "body_timeout", "min_body_rate", "max_response_head",
-                "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "http2")
+                "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "http2", "tcp_syn_timeout",
+                "max_vips", "max_targets", "conntrack_size", "half_open_size")
 
 
 class DaemonError(RuntimeError):
@@ -168,14 +170,17 @@ class Daemon:
 
     def _start_dataplane(self) -> None:
         config = self.config
+        interfaces = xdp_interfaces(config)
+        if not interfaces:
+            raise DaemonError("no interface to attach XDP to: set load_balancer.interfaces")
+        problems = host_problems(config, interfaces)
+        if problems:
+            raise DaemonError("the host is not ready for lb:\n  " + "\n  ".join(problems))
         limits = limits_for(config)
         try:
             self.program = Program.load(config.name, limits)
         except LoaderError as exc:
             raise DaemonError(str(exc)) from exc
-        interfaces = xdp_interfaces(config)
-        if not interfaces:
-            raise DaemonError("no interface to attach XDP to: set load_balancer.interfaces")
         attachments: list[Attachment] = []
         for ifname in interfaces:
             try:

@@ -34,6 +34,13 @@ lb_conntrack_entries{vip,protocol,state}    gauge    conntrack entries (one a fl
 lb_conntrack_tcp_entries{vip,tcp_state}     gauge    TCP entries by state: syn_sent, established,
                                                      closing, time_wait, closed
 lb_conntrack_walk_truncated                 gauge    1 if the walk stopped at CONNTRACK_WALK_CAP
+lb_flow_table_capacity{table}               gauge    entries the table holds (conntrack_size,
+                                                     half_open_size)
+lb_flow_table_entries{table}                gauge    entries in it now: the program's inserts
+                                                     less removals, at most the capacity (no walk)
+lb_flow_table_inserts_total{table}          counter  new entries the program made
+lb_flow_table_evictions_total{table}        counter  entries the LRU evicted (inserts beyond the
+                                                     capacity; within 128 a CPU of the kernel's)
 lb_target_health{group,target,port,state}   gauge    1 for the target's state, 0 for the others
 lb_target_health_check_latency_seconds      gauge    the last check's latency
 lb_target_health_check_success{...}         gauge    1 if the last check passed, 0 if not
@@ -260,6 +267,28 @@ class Collector(PromCollector):
         yield states
         yield GaugeMetricFamily("lb_conntrack_walk_truncated",
                                 f"1 if counting stopped at {CONNTRACK_WALK_CAP} entries", value=truncated)
+        yield from self._flow_tables(maps)
+
+    @staticmethod
+    def _flow_tables(maps: Maps) -> Iterator[Metric]:
+        """Fullness and LRU evictions of conntrack and half_open, from the
+        program's bookkeeping: O(CPUs), whatever the table's size."""
+        usage = maps.table_usage()
+        families: list[tuple[GaugeMetricFamily | CounterMetricFamily, str]] = [
+            (GaugeMetricFamily("lb_flow_table_capacity", "Entries the flow table holds", labels=["table"]),
+             "capacity"),
+            (GaugeMetricFamily("lb_flow_table_entries", "Entries in the flow table now (inserts less removals, at "
+                               "most the capacity; no walk)", labels=["table"]), "entries"),
+            (CounterMetricFamily("lb_flow_table_inserts", "New entries the XDP program made", labels=["table"]),
+             "inserts"),
+            (CounterMetricFamily("lb_flow_table_evictions", "Entries the LRU evicted to make room (inserts beyond "
+                                 "the capacity; within 128 a CPU of the kernel's count)", labels=["table"]),
+             "evictions"),
+        ]
+        for family, field in families:
+            for table in usage:
+                family.add_metric([table.table], getattr(table, field))
+            yield family
 
     # --- health ----------------------------------------------------------------
 

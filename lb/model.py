@@ -404,6 +404,12 @@ class LoadBalancer:
     tcp_closed_timeout: int = 10  # ours: an L4 TCP flow after a RST (conntrack's CLOSE), seconds
     tcp_time_wait_timeout: int = 120  # ours: an L4 TCP flow after FIN both ways (conntrack's TIME_WAIT), seconds
     new_flow_rate_limit: int = 20000  # ours: new L4 conntrack entries per CPU per second; 0: no limit
+    tcp_syn_timeout: int = 60  # ours: an L4 TCP flow whose handshake is not complete (conntrack's SYN_RECV), seconds
+    # ours: the XDP program's capacity (map sizes: a change needs a restart, `lb down` first)
+    max_vips: int = 64  # L4 VIPs (address, port, protocol)
+    max_targets: int = 1024  # L4 target endpoints, every group's counted once
+    conntrack_size: int = 524288  # L4 flows whose handshake completed, and UDP flows
+    half_open_size: int = 131072  # L4 TCP flows whose handshake is not complete
     # L7 request deadlines and the response-head bound (lb.l7.config.L7Config says why).
     header_timeout: int = 20  # seconds from a request head's first byte to its end
     body_timeout: int = 20  # seconds a request body may take from its first byte, plus:

@@ -307,6 +307,17 @@ def route_interface(ipr: IPRoute, address: str) -> str | None:
     return None
 
 
+def default_route_interfaces(ipr: IPRoute) -> set[str]:
+    """The interfaces the IPv4 default route leaves by (every path of a multipath one); empty without one."""
+    names: set[str] = set()
+    for route in ipr.get_default_routes(family=2):
+        oifs = [route.get_attr("RTA_OIF"), *(hop["oif"] for hop in route.get_attr("RTA_MULTIPATH") or [])]
+        for oif in oifs:
+            if oif:
+                names.add(str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")))
+    return names
+
+
 def find_address(ipr: IPRoute, address: str) -> tuple[str, int, int] | None:
     """Where `address` is: (ifname, prefixlen, IFA_PROTO, 0 when unset), or None."""
     for entry in ipr.get_addr():

@@ -327,3 +327,18 @@ def test_register_into_an_l4_group_stays_within_the_ring(tmp_path: Path) -> None
         answer = client.send(request(cmd="register", group="echo-tcp", target="10.0.1.20"))
         assert answer == {"ok": False, "error": "register.target: target group 'echo-tcp' would have 4 targets, "
                                                 "more than ring_size (3)"}  # fmt: skip
+
+
+def test_register_into_an_l4_group_stays_within_max_targets(tmp_path: Path) -> None:
+    """The XDP program gives each TCP/UDP target endpoint an id out of max_targets:
+    a registration past it is refused, by name; one more HTTP target is not concerned."""
+    text = config.default_config_text().replace("ring_size = 65537 ", "ring_size = 65537\nmax_targets = 3 ", 1)
+    lb = config.loads(text)
+    assert lb.max_targets == 3  # echo-tcp and echo-udp: the same 3 endpoints (an id is per address and port)
+    with Server(str(tmp_path / "admin.sock"), Daemon(lb)) as running, Client(running.path) as client:
+        answer = client.send(request(cmd="register", group="echo-tcp", target="10.0.1.20"))
+        assert answer == {"ok": False, "error": "register.target: the load balancer would have 4 TCP/UDP targets; "
+                                                "at most max_targets (3)"}  # fmt: skip
+        existing = str(lb.target_group("echo-tcp").targets[0].address)
+        assert client.send(request(cmd="register", group="echo-tcp", target=existing, weight=5))["ok"] is True
+        assert client.send(request(cmd="register", group="web", target="10.0.1.20"))["ok"] is True

@@ -349,6 +349,21 @@ BAD = [
     case({"load_balancer.ring_size": 65536}, "load_balancer.ring_size", "65536 is not a prime", "try 65537",
          id="ring-not-prime"),  # fmt: skip
     case({"load_balancer.ring_size": 2}, "load_balancer.ring_size", "2 is outside 3..1048576", id="ring-small"),
+    # the XDP program's capacity
+    case({"load_balancer.tcp_syn_timeout": 0}, "load_balancer.tcp_syn_timeout", "0 is outside 1..3600",
+         id="tcp-syn-timeout"),  # fmt: skip
+    case({"load_balancer.conntrack_size": 1000}, "load_balancer.conntrack_size", "1000 is outside 1024..33554432",
+         id="conntrack-size-small"),  # fmt: skip
+    case({"load_balancer.half_open_size": 16777217}, "load_balancer.half_open_size",
+         "16777217 is outside 1024..16777216", id="half-open-size-big"),  # fmt: skip
+    case({"load_balancer.max_targets": 0}, "load_balancer.max_targets", "0 is outside 1..65536",
+         id="max-targets-zero"),  # fmt: skip
+    case({"load_balancer.max_vips": 1}, "load_balancer.max_vips", "1 is fewer than the 2 TCP/UDP listeners",
+         id="max-vips-under-listeners"),  # fmt: skip
+    case({"load_balancer.max_targets": 1}, "load_balancer.max_targets",
+         "1 is fewer than the 2 targets of TCP/UDP target groups", id="max-targets-under-targets"),  # fmt: skip
+    case({"load_balancer.max_vips": 4096}, "load_balancer.max_vips", "536879104 ring slots", "at most 268435456",
+         "lower max_vips or ring_size", id="max-vips-ring-memory"),  # fmt: skip
     case({"load_balancer.ring_size": 3, "target_groups[2].targets": [{"id": f"10.0.1.{i}"} for i in range(1, 5)]},
          "load_balancer.ring_size", "smaller than the 4 targets of target group 'echo'",
          id="ring-under-targets"),  # fmt: skip
@@ -719,6 +734,11 @@ udp_idle_timeout = 86400
 tcp_closed_timeout = 3600
 tcp_time_wait_timeout = 1
 new_flow_rate_limit = 0
+tcp_syn_timeout = 3600
+max_vips = 128
+max_targets = 65536
+conntrack_size = 33554432
+half_open_size = 1024
 ring_size = 1048573
 workers = 256
 admin_socket = "/tmp/lb.sock"
@@ -749,6 +769,11 @@ deregistration_connection_termination = true
         tcp_closed_timeout=3600,
         tcp_time_wait_timeout=1,
         new_flow_rate_limit=0,
+        tcp_syn_timeout=3600,
+        max_vips=128,
+        max_targets=65536,
+        conntrack_size=33554432,
+        half_open_size=1024,
         ring_size=1048573,
         workers=256,
         admin_socket="/tmp/lb.sock",

@@ -98,6 +98,7 @@ def test_reload_renews_the_certificate_keeps_connections_and_refuses_a_bad_file(
         finally:
             kept.close()
     finally:
+        install(certs.files("www.example.com"))  # else `lb down -c` refuses the config and leaves the pins
         daemon.cleanup()
 
 

@@ -104,9 +104,14 @@ health_check = {HEALTH}
 """
 
 
+CONNTRACK_SIZE, HALF_OPEN_SIZE = 262144, 65536
+
+
 def config_text(lab: Lab, name: str = NAME) -> str:
     text = lab_config(lab, name, udp=True, http=True)
-    return text.replace("workers = 1\n", f'workers = 1\nmetrics_address = "{METRICS}"\n', 1) + RULES
+    # Flow tables of other sizes than the defaults: the config's keys size the maps.
+    sizes = f"conntrack_size = {CONNTRACK_SIZE}\nhalf_open_size = {HALF_OPEN_SIZE}\n"
+    return text.replace("workers = 1\n", f'workers = 1\nmetrics_address = "{METRICS}"\n{sizes}', 1) + RULES
 
 
 @pytest.fixture(scope="module")
@@ -309,11 +314,21 @@ def test_100_tcp_connections_show_in_conntrack_and_stats(daemon: RunningDaemon, 
             endpoint = f"{backend.address}:{PORT}"
             assert new[endpoint] - old.get(endpoint, 0) == got[backend.address]
         assert counter(after, "conntrack_miss") - counter(before, "conntrack_miss") >= 100
+        # The flow tables' bookkeeping: 100 SYNs went into half_open, 100 handshakes moved them to conntrack.
+        tables = {t["table"]: t for t in after["tables"]}
+        tables0 = {t["table"]: t for t in before["tables"]}
+        assert (tables["conntrack"]["capacity"], tables["half_open"]["capacity"]) == (CONNTRACK_SIZE, HALF_OPEN_SIZE)
+        assert {(name, f): tables[name][f] - tables0[name][f] for name in tables for f in ("inserts", "removed")} == {
+            ("conntrack", "inserts"): 100, ("conntrack", "removed"): 0,
+            ("half_open", "inserts"): 100, ("half_open", "removed"): 100}
+        assert counter(after, "flow_established") - counter(before, "flow_established") == 100
+        assert tables["conntrack"]["entries"] >= 100 and tables["conntrack"]["evictions"] == 0
         # And the table shows the same numbers.
         text = lb(daemon, "stats").output
         tcp = vip_row(lb_json(daemon, "stats"), "TCP")
         assert re.search(rf"TCP 10\.0\.0\.100:9000\s+echo-tcp\s+\d+\s+\d+\s+{tcp['new_flows']}\s", text)
         assert re.search(r"conntrack_miss\s+\d+\s+new flow hashed onto the ring", text)
+        assert re.search(rf"conntrack\s+\d+\s+{CONNTRACK_SIZE}\s+[\d.]+%\s+\d+\s+\d+\s+0\n", text)
     finally:
         for sock in socks:
             sock.close()
@@ -358,14 +373,15 @@ def test_stats_watch_prints_rates(daemon: RunningDaemon, lab: Lab) -> None:
 def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     rows = {m["name"]: m for m in lb_json(daemon, "maps", "list")["maps"]}
     assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
-                         "replies", "reply_ports", "flood_guard", "next_hops", "half_open"}
+                         "replies", "reply_ports", "flood_guard", "next_hops", "half_open", "table_stats", "table_fill"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
         "hash", 8, 16, 2)
-    assert rows["conntrack"]["type"] == "lru_hash" and rows["conntrack"]["max_entries"] == 524288
+    assert rows["conntrack"]["type"] == "lru_hash" and rows["conntrack"]["max_entries"] == CONNTRACK_SIZE
+    assert rows["half_open"]["type"] == "lru_hash" and rows["half_open"]["max_entries"] == HALF_OPEN_SIZE
     assert rows["conntrack"]["entries"] >= 105  # the flows of the tests above, one entry each
     assert rows["rings"]["max_entries"] == 64 * 2 * 65537 and rows["counters"]["per_cpu"]
     text = lb(daemon, "maps", "list").output
-    assert re.search(r"conntrack\s+lru_hash\s+\d+\s+16\s+32\s+524288\s+\d+", text)
+    assert re.search(rf"conntrack\s+lru_hash\s+\d+\s+16\s+32\s+{CONNTRACK_SIZE}\s+\d+", text)
 
     vips = lb_json(daemon, "maps", "dump", "vips")
     assert {(e["key"]["addr"], e["key"]["port"], e["key"]["proto"]) for e in vips["entries"]} == {
@@ -581,6 +597,6 @@ def test_daemon_down_maps_still_read_and_targets_say_so(daemon: RunningDaemon, l
         assert any(f["client"] == client and ep(f["target"]) == f"{backend}:{PORT}" for f in flows)
         assert ep(lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")["target"]) == f"{backend}:{PORT}"
         assert vip_row(lb_json(daemon, "stats"), "TCP")["new_flows"] > 0
-        assert len(lb_json(daemon, "maps", "list")["maps"]) == 13
+        assert len(lb_json(daemon, "maps", "list")["maps"]) == 15
         sock.sendall(b"still here\n")  # the kernel forwards with no daemon
         assert read_line(sock) == "still here"

@@ -223,9 +223,9 @@ def test_a_dead_target_refuses_no_connection_once_unhealthy_and_gets_flows_when_
 
 # --- a spoofed flood ----------------------------------------------------------------
 
-# No config key sizes the flow table: the flood fills the default one. Half
-# its packets are SYNs: at least one new flow per conntrack entry even if
-# lb keeps state for SYNs only.
+# The flood is sized by the default tables (lab_config sets no conntrack_size):
+# half its packets are SYNs, one per conntrack entry and four per half-open
+# entry, so a design that keeps state for SYNs in either table is filled.
 FLOOD_PACKETS = 2 * Limits().conntrack_size
 FLOOD_PPS = 150_000  # per sending CPU
 REPO = Path(__file__).resolve().parents[1]

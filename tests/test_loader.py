@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -86,6 +87,13 @@ def test_first_load_creates_the_maps_and_later_loads_adopt_them() -> None:
             assert pinned_program_id() == second.prog_id != first_id
         with pytest.raises(LoaderError, match="other limits"):
             Program.load(NAME, Limits(ring_size=17, max_vips=4, max_targets=8, conntrack_size=128))
+        with pytest.raises(LoaderError, match="other limits") as refused:  # a config key changed
+            Program.load(NAME, replace(LIMITS, conntrack_size=256, half_open_size=LIMITS.half_open_size * 2))
+        message = str(refused.value)
+        assert "conntrack: pinned as lru_hash key 16 B value 32 B max 128" in message
+        assert "max 256 flags 0x0 (its size follows the config's conntrack_size, changed since it was pinned)" in message
+        assert "(its size follows the config's half_open_size, changed since it was pinned)" in message
+        assert "rings" not in message and "`lb down`" in message
         assert {n: i.map_id for n, i in pinned_maps().items()} == {n: i.map_id for n, i in made.items()}
     finally:
         purge_pins(NAME)

@@ -199,6 +199,14 @@ def test_scrape_counts_the_traffic_sent(daemon: RunningDaemon, lab: Lab) -> None
         target = f"{backend.address}:{PORT}"
         assert delta("lb_target_new_flows_total", target=target) == tcp[backend.address] + udp[backend.address]
     assert delta("lb_xdp_packets_total", reason="conntrack_miss") == 40
+    # The flow tables, without a walk: 30 SYNs half-open, 30 handshakes and 10 UDP flows into conntrack.
+    assert delta("lb_flow_table_inserts_total", table="half_open") == 30
+    assert delta("lb_flow_table_inserts_total", table="conntrack") == 40
+    assert delta("lb_xdp_packets_total", reason="flow_established") == 30
+    assert value(after, "lb_flow_table_capacity", table="conntrack") == 524288
+    assert value(after, "lb_flow_table_capacity", table="half_open") == 131072
+    assert value(after, "lb_flow_table_entries", table="conntrack") >= 40
+    assert delta("lb_flow_table_evictions_total", table="conntrack") == 0
     assert delta("lb_xdp_packets_total", reason="reverse_nat") >= 30 * 3 + 40
     # Conntrack still holds every flow (closed TCP ones stay until they idle out).
     assert value(after, "lb_conntrack_entries", vip=vip, protocol="TCP", state="live") >= 30

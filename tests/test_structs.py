@@ -77,6 +77,9 @@ def test_counter_enum_matches_consts_h() -> None:
         ("TARGET_F_ACTIVE", structs.TARGET_F_ACTIVE),
         ("TARGET_F_IN_SERVICE", structs.TARGET_F_IN_SERVICE),
         ("MAX_REPLY_VIPS", structs.MAX_REPLY_VIPS),
+        ("TABLE_CONNTRACK", structs.TABLE_CONNTRACK),
+        ("TABLE_HALF_OPEN", structs.TABLE_HALF_OPEN),
+        ("TABLE_COUNT", len(structs.TABLE_NAMES)),
         ("FLOW_HASH_SEED", structs.FLOW_HASH_SEED),
         ("NEW_FLOW_RATE_LIMIT", Limits().new_flow_rate_limit),
         ("CONNTRACK_LRU_FLAGS", 0),  # Limits().conntrack_per_cpu_lru is False

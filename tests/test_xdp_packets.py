@@ -30,7 +30,7 @@ from lb import netlink as nl
 from lb.dataplane import libbpf
 from lb.dataplane.dataplane import Dataplane, L4Service, ring_seed
 from lb.dataplane.loader import Program, purge_pins
-from lb.dataplane.maps import Endpoint, Maps, Traffic, VipAddr
+from lb.dataplane.maps import Endpoint, Maps, TableUsage, Traffic, VipAddr
 from lb.dataplane.structs import IPPROTO_TCP, Counter, FlowKey, Limits, MapName, ip_to_net, port_to_net
 from lb.inspect.explain import explain_flow_in, flow_hash
 from tests.names import name
@@ -284,7 +284,7 @@ def cases() -> Iterator[Case]:
     unresolved = from_client(tcp(40019), dst="10.0.0.103")
     yield Case("target with no neighbour entry: rewritten, passed to the kernel to forward", raw(unresolved),
                XDP_PASS, rewritten(unresolved, out_src_mac=None, out_dst_mac=None, dst="10.0.1.14", ttl_dec=False),
-               {Counter.CONNTRACK_MISS: 1, Counter.PASS_FIB: 1}, new_flow=True)
+               {Counter.CONNTRACK_MISS: 1, Counter.PASS_FIB: 1, Counter.FIB_NO_NEIGH: 1}, new_flow=True)
 
     yield from tcp_life_cases()
 
@@ -925,7 +925,7 @@ def test_a_bigger_packet_than_any_let_through_is_asked_for_again(
                                                                     dst="10.0.1.11", ttl_dec=False))
         after = maps.counters()
         assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == {
-            Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1,  # FRAG_NEEDED: the kernel fragments or says so
+            Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1, Counter.FIB_FRAG_NEEDED: 1,  # the kernel fragments or says so
             Counter.HANDSHAKE_MISMATCH: 1}  # the flow is half-open: this program saw no SYN-ACK
     finally:
         with nl.iproute(NETNS) as ipr:
@@ -1009,3 +1009,102 @@ def test_a_syn_flood_fills_half_open_and_never_evicts_an_established_flow(
     assert 0 < sum(1 for _ in maps.half_open_flows()) <= size
     flow = maps.flow("TCP", ep(CLIENT, 40080), ep(VIP, 9000))
     assert flow is not None and flow.tcp_state == "established" and not flow.half_open
+
+
+def test_table_stats_count_what_goes_in_and_out_and_give_evictions_without_a_walk(
+        pkt_lab: PacketLab, small_program: Callable[..., tuple[Program, Maps]]) -> None:
+    """table_stats: exact inserts and removals, from the program (a SYN, the
+    handshake moving a flow to conntrack, a RST) and from lb (termination);
+    past the capacity, the estimated entries and evictions agree with a walk
+    of the table within the LRU's free-list slack."""
+    size = 256
+    program, maps = small_program(replace(LIMITS, conntrack_size=size, half_open_size=size, new_flow_rate_limit=0))
+
+    def send(frames: list[tuple[bytes, str]]) -> None:
+        for frame, ingress in frames:
+            libbpf.prog_test_run(program.fd, frame, ingress_ifindex=pkt_lab.ifindex[ingress])
+
+    def usage() -> dict[str, tuple[int, int, int, int, int]]:
+        return {u.table: (u.capacity, u.inserts, u.removed, u.entries, u.evictions) for u in maps.table_usage()}
+
+    assert usage() == {"conntrack": (size, 0, 0, 0, 0), "half_open": (size, 0, 0, 0, 0)}
+    run_on_one_cpu(lambda: send([*handshake(41400), (raw(from_client(tcp(41401))), CLIENT_IF),
+                                 (raw(from_client(tcp(41401, flags="R"))), CLIENT_IF)]))
+    assert usage() == {"conntrack": (size, 1, 0, 1, 0), "half_open": (size, 2, 2, 0, 0)}
+
+    slack = 128 * (libbpf.possible_cpus() + 1)  # free entries the LRU keeps per CPU, and globally
+
+    def conntrack() -> TableUsage:
+        usage = next(u for u in maps.table_usage() if u.table == "conntrack")
+        held = sum(1 for _ in maps.flows())
+        assert 0 <= usage.entries - held <= slack  # the model evicts at full, the kernel a little before
+        assert 0 <= (usage.inserts - usage.removed - held) - usage.evictions <= slack
+        return usage
+
+    datagrams = [(raw(from_client(udp(10000 + i))), CLIENT_IF) for i in range(4 * size)]
+    run_on_one_cpu(lambda: send(datagrams))
+    after = conntrack()
+    assert (after.inserts, after.removed, after.entries, after.evictions) == (1 + 4 * size, 0, size, 1 + 3 * size)
+
+    udp_target = Dataplane(maps).target_id(ep("10.0.1.12", 9000))
+    assert udp_target is not None
+    udp_flows = sum(1 for f in maps.flows() if f.vip.protocol == "UDP")  # the TCP flow may have been evicted
+    ended = maps.delete_flows({udp_target})
+    assert ended == udp_flows > 0
+    after = conntrack()  # still within the slack of a walk, though lb deleted entries of a full table
+    assert (after.inserts, after.removed, after.entries) == (1 + 4 * size, ended, size - ended)
+    run_on_one_cpu(lambda: send(datagrams[:size]))  # the table fills again: evictions resume only when full
+    after = conntrack()
+    assert after.entries == size and after.evictions == 1 + 3 * size + (size - ended)  # the room lb made, then full
+
+
+def test_each_fib_lookup_failure_is_counted_by_its_cause(pkt_lab: PacketLab) -> None:
+    """pass_fib says a rewritten packet went to the kernel; fib_* say why:
+    forwarding off on the receiving interface, a blackhole route, no route.
+    (No neighbour and the MTU have their cases above.) Each target is new,
+    so no next hop was remembered for it."""
+    svc, port = "10.0.0.121", 9560
+    cases = [("10.0.1.13", Counter.FIB_FWD_DISABLED), ("10.0.3.5", Counter.FIB_BLACKHOLE),
+             ("10.0.9.5", Counter.FIB_NO_ROUTE)]
+    with nl.iproute(NETNS) as ipr:
+        ipr.route("add", dst="10.0.3.0/24", type="blackhole")
+    try:
+        for n, (target, cause) in enumerate(cases):
+            pkt_lab.dataplane.apply([*SERVICES, extra(svc, port + n, (target,))])
+            syn = from_client(tcp(41500 + n, dport=port + n), dst=svc)
+            if cause is Counter.FIB_FWD_DISABLED:
+                nl.set_sysctl(NETNS, "net.ipv4.conf.fxa.forwarding", "0")
+            try:
+                before = pkt_lab.maps.counters()
+                result = pkt_lab.run(raw(syn))
+            finally:
+                nl.set_sysctl(NETNS, "net.ipv4.conf.fxa.forwarding", "1")
+            assert (result.retval, result.data) == (
+                XDP_PASS, rewritten(syn, out_src_mac=None, out_dst_mac=None, dst=target, ttl_dec=False)), cause
+            assert counter_deltas(pkt_lab, before) == {Counter.CONNTRACK_MISS: 1, Counter.PASS_FIB: 1, cause: 1}
+            pkt_lab.dataplane.apply([*SERVICES, L4Service(vip(svc, port + n), end_flows_on_removal=True)])
+    finally:
+        pkt_lab.dataplane.apply(SERVICES)
+        with nl.iproute(NETNS) as ipr:
+            ipr.route("del", dst="10.0.3.0/24", type="blackhole")
+
+
+def test_lb_conntrack_lists_half_open_flows_with_their_state(pkt_lab: PacketLab) -> None:
+    """`lb conntrack` (inspect.conntrack, on the packet lab's pins): a flow
+    with only its SYN is syn_sent, with the SYN-ACK syn_recv, both half-open;
+    the handshake's ACK moves it to established."""
+    from lb.inspect.kernel import conntrack  # here: the module reads pins, the fixture's by the config's name
+    from lb.model import LoadBalancer
+
+    config = LoadBalancer(name=pkt_lab.program.name, ring_size=LIMITS.ring_size, max_vips=LIMITS.max_vips,
+                          max_targets=LIMITS.max_targets, conntrack_size=LIMITS.conntrack_size)
+    frames = handshake(41600)
+
+    def row() -> tuple[str, bool, str] | None:
+        rows = [f for f in conntrack(config, vip=f"{VIP}:9000")["flows"] if f["client_port"] == 41600]
+        return (rows[0]["tcp_state"], rows[0]["half_open"], rows[0]["target"]) if rows else None
+
+    assert row() is None
+    for (frame, ingress), state in zip(frames, ("syn_sent", "syn_recv", "established")):
+        pkt_lab.run(frame, ingress)
+        assert row() == (state, state != "established", "10.0.1.11:9000")

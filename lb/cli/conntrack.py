@@ -15,13 +15,14 @@ from lb.cli.common import config_option, echo_json, inspect_errors, json_option,
 @config_option
 @json_option
 def conntrack(vip: str | None, target: str | None, limit: int, config_path: str | None, as_json: bool) -> None:
-    """Flows in the conntrack map: 5-tuple, target, age, idle time, TCP state.
+    """Flows in the conntrack map, then the half-open ones: 5-tuple, target, age, idle time, TCP state.
 
     State "expired" (idle past the timeout) and "retired" (its target left)
     are still in the LRU, but their next packet is hashed onto the ring again.
-    TCP: syn_sent, established, closing (one FIN), time_wait (FIN both ways,
-    tcp_time_wait_timeout) or closed (RST, tcp_closed_timeout); a SYN does
-    not follow a time_wait or closed entry.
+    TCP: syn_sent and syn_recv (half-open: the handshake is not complete,
+    tcp_syn_timeout), established, closing (one FIN), time_wait (FIN both
+    ways, tcp_time_wait_timeout) or closed (RST, tcp_closed_timeout); a SYN
+    does not follow a time_wait or closed entry.
     """
     config = load_config(config_path)
     with inspect_errors():

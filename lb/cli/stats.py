@@ -38,6 +38,9 @@ def render(info: dict[str, Any]) -> str:
     counters = [[c["reason"], c["packets"], *([_rate(c, "packets")] if watching else []), c["help"]]
                 for c in info["counters"]]
     out.append(table(counters, ["counter", "packets", *(["pkt/s"] if watching else []), "meaning"]))
+    tables = [[t["table"], t["entries"], t["capacity"], f"{100 * t['entries'] / max(1, t['capacity']):.1f}%",
+               t["inserts"], t["removed"], t["evictions"]] for t in info.get("tables", [])]
+    out.append(table(tables, ["flow table", "entries", "capacity", "full", "inserts", "removed", "evictions"]))
     return "\n\n".join(out)
 
 

@@ -41,6 +41,12 @@ MAX_LISTENERS = 50  # per load balancer
 MAX_TARGET_GROUPS = 100  # per load balancer
 MAX_TARGETS_PER_GROUP = 1000
 MAX_TARGETS = 1000  # per load balancer, each target of each group counted
+# The XDP program's capacity (docs/architecture.md, "Capacity"): each value
+# sizes a map. The rings map holds max_vips x 2 x ring_size u32 slots: at most
+# MAX_RING_SLOTS (1 GiB) of them.
+CAPACITY_RANGES = {"max_vips": (1, 4096, 64), "max_targets": (1, 65536, 1024),
+                   "conntrack_size": (1024, 33_554_432, 524288), "half_open_size": (1024, 16_777_216, 131072)}
+MAX_RING_SLOTS = 1 << 28
 MAX_NESTING = 32  # ours: TOML levels (an lb config needs about 6); see toml_too_deep
 # The health check's path (and query) goes into the request line of every check:
 # RFC 3986's characters, as ELB names none (it says 1-1024 characters).
@@ -50,6 +56,7 @@ LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
     "udp_idle_timeout", "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "header_timeout",
     "body_timeout", "min_body_rate", "max_response_head", "ring_size",
+    "tcp_syn_timeout", "max_vips", "max_targets", "conntrack_size", "half_open_size",
     "workers", "access_log", "admin_socket", "metrics_address", "bgp", "http2",
 )  # fmt: skip
 ACCESS_LOG_KEYS = ("enabled", "path", "format")
@@ -171,6 +178,7 @@ class _Builder:
         valid_groups = tuple(g for g in groups if g is not None)
         self._check_ring(section, settings.ring_size, valid_groups)
         valid_listeners = tuple(x for x in listeners if x is not None)
+        self._check_capacity(section, settings, valid_listeners, valid_groups)
         bgp = settings.bgp
         if bgp is not None:  # announced addresses default to (or must be) the listeners'
             bgp = resolve_announce(section.section("bgp"), bgp, valid_listeners)
@@ -212,6 +220,11 @@ class _Builder:
             tcp_closed_timeout=t.integer("tcp_closed_timeout", 1, 3600, 10),
             tcp_time_wait_timeout=t.integer("tcp_time_wait_timeout", 1, 3600, 120),
             new_flow_rate_limit=t.integer("new_flow_rate_limit", 0, 100_000_000, 20000),
+            tcp_syn_timeout=t.integer("tcp_syn_timeout", 1, 3600, 60),
+            max_vips=t.integer("max_vips", *CAPACITY_RANGES["max_vips"]),
+            max_targets=t.integer("max_targets", *CAPACITY_RANGES["max_targets"]),
+            conntrack_size=t.integer("conntrack_size", *CAPACITY_RANGES["conntrack_size"]),
+            half_open_size=t.integer("half_open_size", *CAPACITY_RANGES["half_open_size"]),
             header_timeout=t.integer("header_timeout", 1, 4000, 20),
             body_timeout=t.integer("body_timeout", 1, 4000, 20),
             min_body_rate=t.integer("min_body_rate", 1, 1 << 30, 500),
@@ -246,6 +259,21 @@ class _Builder:
             if group.protocol.is_l4 and len(group.targets) > ring_size:
                 targets = f"the {len(group.targets)} targets of target group {group.name!r}"
                 t.error("ring_size", f"{ring_size} is smaller than {targets}")
+
+    def _check_capacity(self, t: Table, lb: m.LoadBalancer, listeners: tuple[m.Listener, ...],
+                        groups: tuple[m.TargetGroup, ...]) -> None:
+        """What the config asks of the XDP program fits the capacity it sets."""
+        slots = lb.max_vips * 2 * lb.ring_size
+        if slots > MAX_RING_SLOTS:
+            t.error("max_vips", f"{lb.max_vips} VIPs x 2 x ring_size {lb.ring_size} = {slots} ring slots; at most "
+                                f"{MAX_RING_SLOTS} (1 GiB): lower max_vips or ring_size")
+        vips = sum(1 for listener in listeners if listener.protocol.is_l4)
+        if vips > lb.max_vips:
+            t.error("max_vips", f"{lb.max_vips} is fewer than the {vips} TCP/UDP listeners (one VIP each)")
+        endpoints = len(l4_endpoints(groups, lambda g: g.targets))
+        if endpoints > lb.max_targets:
+            t.error("max_targets", f"{lb.max_targets} is fewer than the {endpoints} targets of TCP/UDP target groups "
+                                   "(each address and port counted once)")
 
     # --- [[target_groups]] -------------------------------------------------------
 
@@ -487,6 +515,12 @@ class AdminRequest:
     target: m.Target | None = None  # register, deregister
 
 
+def l4_endpoints(groups: Sequence[m.TargetGroup],
+                 targets_of: Callable[[m.TargetGroup], Sequence[m.Target]]) -> set[tuple[Hashable, int]]:
+    """The (address, port) of every target of the TCP/UDP groups: one target id each in the XDP program."""
+    return {(t.address, t.traffic_port(g.port)) for g in groups if g.protocol.is_l4 for t in targets_of(g)}
+
+
 def admin_request(
     request: Mapping[str, Any],
     lb: m.LoadBalancer,
@@ -538,11 +572,15 @@ def _registration_quota(
         return  # registered already (perhaps draining): a new weight, not one more target
     count = len(current) + 1
     total = sum(len(registered(g.name)) for g in lb.target_groups) + 1
+    known = l4_endpoints(lb.target_groups, lambda g: registered(g.name))
     name = shown(group.name)
     if count > MAX_TARGETS_PER_GROUP:
         t.error("target", f"target group {name} would have {count} targets; at most {MAX_TARGETS_PER_GROUP}")
     elif group.protocol.is_l4 and count > lb.ring_size:
         t.error("target", f"target group {name} would have {count} targets, more than ring_size ({lb.ring_size})")
+    elif group.protocol.is_l4 and endpoint not in known and len(known) >= lb.max_targets:
+        t.error("target", f"the load balancer would have {len(known) + 1} TCP/UDP targets; at most max_targets "
+                          f"({lb.max_targets})")
     elif total > MAX_TARGETS:
         each = "each target of each group counts"
         t.error("target", f"the load balancer would have {total} targets; at most {MAX_TARGETS} ({each})")

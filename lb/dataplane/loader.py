@@ -65,11 +65,21 @@ def bpf_source_dir() -> Path:
     raise LoaderError(f"bpf/lb.c found neither beside {here.parent} nor in {sys.prefix}/share/lb/bpf")
 
 
+BPFFS = "/sys/fs/bpf"
+
+
 def ensure_bpffs() -> None:
-    if not os.path.ismount("/sys/fs/bpf"):
-        raise LoaderError(
-            "bpffs is not mounted on /sys/fs/bpf (deploy/install.sh mounts it: mount -t bpf bpf /sys/fs/bpf)"
-        )
+    """Mount bpffs on /sys/fs/bpf if it is not (as cilium-agent does): the
+    maps are pinned there. Only lb's pins use it, so mounting it changes
+    nothing else on the host; said in the log."""
+    if os.path.ismount(BPFFS):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", BPFFS.encode(), b"bpf", ctypes.c_ulong(0), None) != 0:
+        err = ctypes.get_errno()
+        raise LoaderError(f"bpffs is not mounted on {BPFFS} and mounting it failed: {os.strerror(err)} "
+                          f"(mount it: mount -t bpf bpf {BPFFS}; deploy/install.sh --system does at boot)")
+    log.warning("bpffs was not mounted on %s: mounted it (mount -t bpf bpf %s)", BPFFS, BPFFS)
 
 
 def check_pinned_maps(directory: str, limits: Limits) -> list[str]:
@@ -96,10 +106,13 @@ def map_mismatch(path: str, spec: MapSpec, info: libbpf.MapInfo) -> str | None:
     have = (info.map_type, info.key_size, info.value_size, info.max_entries, info.flags)
     if want == have:
         return None
+    sized = ""
+    if want[3] != have[3] and want[:3] + want[4:] == have[:3] + have[4:] and spec.sized_by:
+        sized = f" (its size follows the config's {' and '.join(spec.sized_by)}, changed since it was pinned)"
     return (
         f"{path}: pinned as {MAP_TYPE_NAMES.get(have[0], have[0])} key {have[1]} B value {have[2]} B "
         f"max {have[3]} flags {have[4]:#x}, this build needs {MAP_TYPE_NAMES.get(want[0], want[0])} key "
-        f"{want[1]} B value {want[2]} B max {want[3]} flags {want[4]:#x}"
+        f"{want[1]} B value {want[2]} B max {want[3]} flags {want[4]:#x}{sized}"
     )
 
 

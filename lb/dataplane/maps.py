@@ -21,6 +21,9 @@ from lb.dataplane.structs import (
     PROTO_NAMES,
     PROTO_NUMBERS,
     REPLY_PORT_WORDS,
+    TABLE_CONNTRACK,
+    TABLE_HALF_OPEN,
+    TABLE_NAMES,
     TARGET_F_ACTIVE,
     TARGET_F_IN_SERVICE,
     Counter,
@@ -36,12 +39,14 @@ from lb.dataplane.structs import (
     TrafficStats,
     VipKey,
     VipMeta,
+    fill_held,
+    fill_removed_by_lb,
+    half_open_state,
     ip_to_net,
     map_specs,
     net_to_ip,
     net_to_port,
     port_to_net,
-    half_open_state,
     tcp_state,
 )
 
@@ -119,6 +124,23 @@ class RouteEntry:
     protocol: str
     target_id: int
     vips: tuple[ReplyVipEntry, ...]
+
+
+@dataclass(frozen=True)
+class TableUsage:
+    """A flow table's fullness, from the program's bookkeeping (table_stats,
+    table_fill), without walking it. The LRU evicts silently, so the program
+    keeps a model of the table that evicts only when full: `entries` is what
+    it holds, `evictions` the new keys it took while full. The kernel's LRU
+    begins evicting a little before it is full (it keeps up to 128 free
+    entries per CPU), so both are within 128 a CPU (and 128) of the truth."""
+
+    table: str  # conntrack | half_open
+    capacity: int
+    inserts: int
+    removed: int  # by the program (half_open: the handshake completed, a RST) and by lb (termination)
+    entries: int
+    evictions: int
 
 
 @dataclass(frozen=True)
@@ -391,7 +413,33 @@ class Maps:
         count = len(doomed) // key_size
         if not count:
             return 0
-        return table.delete_batch((FlowKey * count).from_buffer(doomed), count)
+        deleted = table.delete_batch((FlowKey * count).from_buffer(doomed), count)
+        self._removed_by_lb(TABLE_CONNTRACK if name is MapName.CONNTRACK else TABLE_HALF_OPEN, deleted)
+        return deleted
+
+    def _fill(self, slot: int) -> int:
+        value = self._maps[MapName.TABLE_FILL].lookup(ctypes.c_uint32(slot))
+        return 0 if value is None else int(value.value)
+
+    def _removed_by_lb(self, table: int, count: int) -> None:
+        """Add to table_fill's count of the entries lb deleted (userspace is its only writer)."""
+        slot = fill_removed_by_lb(table)
+        self._maps[MapName.TABLE_FILL].update(ctypes.c_uint32(slot), ctypes.c_uint64(self._fill(slot) + count))
+
+    def table_usage(self) -> list[TableUsage]:
+        """Each flow table's fullness and LRU evictions (TableUsage): a few
+        array reads, whatever the table's size."""
+        capacity = {TABLE_CONNTRACK: self.limits.conntrack_size, TABLE_HALF_OPEN: self.limits.half_open_size}
+        out = []
+        for table, name in TABLE_NAMES.items():
+            cells = self._maps[MapName.TABLE_STATS].lookup(ctypes.c_uint32(table))
+            by_lb = self._fill(fill_removed_by_lb(table))
+            held = (self._fill(fill_held(table)) - by_lb) % 2**64
+            entries = 0 if held >= 2**63 else min(held, capacity[table])  # lb deleted entries older than table_fill
+            out.append(TableUsage(name, capacity[table], sum(c.inserts for c in cells) if cells else 0,
+                                  (sum(c.removed for c in cells) if cells else 0) + by_lb, entries,
+                                  sum(c.evictions for c in cells) if cells else 0))
+        return out
 
     def reset_target_stats(self, target_id: int) -> None:
         """Zero a target id's traffic counters (on every CPU): for an id given to a new endpoint."""

@@ -23,6 +23,18 @@ NO_TARGET = 0xFFFFFFFF
 FLOW_HASH_SEED = 0x6C620001  # every host sharing VIPs must use the same one
 TARGET_F_ACTIVE = 0x1  # its flows may go on
 TARGET_F_IN_SERVICE = 0x2  # in the ring: a SYN may follow an entry to it
+TABLE_CONNTRACK, TABLE_HALF_OPEN = 0, 1  # table_stats index
+TABLE_NAMES = {TABLE_CONNTRACK: "conntrack", TABLE_HALF_OPEN: "half_open"}
+
+
+def fill_held(table: int) -> int:
+    """table_fill's slot of the entries the program holds in `table` (FILL_HELD)."""
+    return table * 2
+
+
+def fill_removed_by_lb(table: int) -> int:
+    """table_fill's slot of the entries lb deleted from `table` (FILL_REMOVED_BY_LB; userspace writes it)."""
+    return table * 2 + 1
 MAX_REPLY_VIPS = 4  # VIPs one target endpoint can serve (reply_route.vips)
 BPF_F_NO_COMMON_LRU = 0x2  # an LRU list per CPU (uapi/linux/bpf.h)
 # vip_meta.reserved is written as this: 0, what it held when it was `mode`
@@ -60,6 +72,11 @@ class Counter(enum.IntEnum):
     FLOOD_NO_ENTRY = 18
     FLOW_ESTABLISHED = 19
     HANDSHAKE_MISMATCH = 20
+    FIB_NO_NEIGH = 21
+    FIB_FWD_DISABLED = 22
+    FIB_BLACKHOLE = 23
+    FIB_FRAG_NEEDED = 24
+    FIB_NO_ROUTE = 25
 
     @property
     def label(self) -> str:
@@ -74,7 +91,7 @@ COUNTER_HELP = {
     Counter.PASS_PARSE_ERROR: "truncated header, bad IHL or length: passed",
     Counter.PASS_IP_OPTIONS: "IPv4 options: passed",
     Counter.PASS_FRAGMENT: "IPv4 fragment: passed",
-    Counter.PASS_FIB: "rewritten, no neighbour yet: passed to the kernel",
+    Counter.PASS_FIB: "rewritten, bpf_fib_lookup would not forward it: passed to the kernel (fib_* say why)",
     Counter.DROP_TTL: "TTL <= 1: dropped",
     Counter.DROP_NO_TARGET: "VIP without targets: dropped",
     Counter.REDIRECTED: "forwarded (redirect)",
@@ -94,6 +111,12 @@ COUNTER_HELP = {
                               "the half-open entry moved to conntrack",
     Counter.HANDSHAKE_MISMATCH: "ACK of a half-open flow not acknowledging the target's SYN-ACK (spoofed, "
                                 "or early): forwarded, the flow stays half-open",
+    Counter.FIB_NO_NEIGH: "pass_fib: the next hop's MAC is not known yet (the kernel resolves it)",
+    Counter.FIB_FWD_DISABLED: "pass_fib: IPv4 forwarding is off on the receiving interface (the kernel drops it: "
+                              "set net.ipv4.ip_forward=1)",
+    Counter.FIB_BLACKHOLE: "pass_fib: the route is a blackhole, unreachable or prohibit (the kernel drops it)",
+    Counter.FIB_FRAG_NEEDED: "pass_fib: bigger than the egress MTU (the kernel fragments it or answers ICMP)",
+    Counter.FIB_NO_ROUTE: "pass_fib: no route to the destination (or it is local)",
 }
 
 
@@ -113,6 +136,8 @@ class MapName(str, enum.Enum):
     REPLY_PORTS = "reply_ports"
     FLOOD_GUARD = "flood_guard"
     NEXT_HOPS = "next_hops"
+    TABLE_STATS = "table_stats"
+    TABLE_FILL = "table_fill"
 
 
 # --- structs (bpf/structs.h) ---------------------------------------------------
@@ -245,6 +270,14 @@ class NextHop(ctypes.Structure):
     ]
 
 
+class TableStats(ctypes.Structure):
+    _fields_ = [
+        ("inserts", ctypes.c_uint64),  # new keys the program put in
+        ("removed", ctypes.c_uint64),  # entries the program deleted
+        ("evictions", ctypes.c_uint64),  # inserts that found the table full (the LRU made room)
+    ]
+
+
 class TrafficStats(ctypes.Structure):
     _fields_ = [
         ("packets", ctypes.c_uint64),
@@ -325,6 +358,7 @@ class MapSpec:
     max_entries: int
     per_cpu: bool = False
     flags: int = 0  # BPF_F_*, as declared in maps.h: the loader creates the map with them
+    sized_by: tuple[str, ...] = ()  # the config keys (lb.model.LoadBalancer) its max_entries follows
 
 
 BPF_MAP_TYPE_HASH = 1
@@ -344,21 +378,28 @@ REPLY_PORT_WORDS = 1024  # reply_ports: 65536 bits, 64 a word
 
 def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
     u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+    VIPS, TARGETS = ("max_vips",), ("max_targets",)  # noqa: N806 (constants of this table)
     specs = [
-        MapSpec(MapName.VIPS, BPF_MAP_TYPE_HASH, VipKey, VipMeta, limits.max_vips),
-        MapSpec(MapName.TARGETS, BPF_MAP_TYPE_ARRAY, u32, Target, limits.max_targets),
-        MapSpec(MapName.RINGS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips * 2 * limits.ring_size),
+        MapSpec(MapName.VIPS, BPF_MAP_TYPE_HASH, VipKey, VipMeta, limits.max_vips, sized_by=VIPS),
+        MapSpec(MapName.TARGETS, BPF_MAP_TYPE_ARRAY, u32, Target, limits.max_targets, sized_by=TARGETS),
+        MapSpec(MapName.RINGS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips * 2 * limits.ring_size,
+                sized_by=("max_vips", "ring_size")),
         MapSpec(MapName.CONNTRACK, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowState, limits.conntrack_entries(),
-                flags=BPF_F_NO_COMMON_LRU if limits.conntrack_per_cpu_lru else 0),
-        MapSpec(MapName.HALF_OPEN, BPF_MAP_TYPE_LRU_HASH, FlowKey, HalfOpenFlow, limits.half_open_size),
-        MapSpec(MapName.VIP_GENS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips),
-        MapSpec(MapName.VIP_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_vips, True),
-        MapSpec(MapName.TARGET_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_targets, True),
+                flags=BPF_F_NO_COMMON_LRU if limits.conntrack_per_cpu_lru else 0, sized_by=("conntrack_size",)),
+        MapSpec(MapName.HALF_OPEN, BPF_MAP_TYPE_LRU_HASH, FlowKey, HalfOpenFlow, limits.half_open_size,
+                sized_by=("half_open_size",)),
+        MapSpec(MapName.VIP_GENS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips, sized_by=VIPS),
+        MapSpec(MapName.VIP_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_vips, True, sized_by=VIPS),
+        MapSpec(MapName.TARGET_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_targets, True,
+                sized_by=TARGETS),
         MapSpec(MapName.COUNTERS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, u64, COUNTER_MAX, True),
-        MapSpec(MapName.REPLIES, BPF_MAP_TYPE_HASH, EndpointKey, ReplyRoute, limits.max_targets * 2),
+        MapSpec(MapName.REPLIES, BPF_MAP_TYPE_HASH, EndpointKey, ReplyRoute, limits.max_targets * 2, sized_by=TARGETS),
         MapSpec(MapName.REPLY_PORTS, BPF_MAP_TYPE_ARRAY, u32, u64, REPLY_PORT_WORDS),
         MapSpec(MapName.FLOOD_GUARD, BPF_MAP_TYPE_PERCPU_ARRAY, u32, FloodWindow, 1, True),
-        MapSpec(MapName.NEXT_HOPS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, NextHop, limits.max_targets, True),
+        MapSpec(MapName.NEXT_HOPS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, NextHop, limits.max_targets, True,
+                sized_by=TARGETS),
+        MapSpec(MapName.TABLE_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TableStats, len(TABLE_NAMES), True),
+        MapSpec(MapName.TABLE_FILL, BPF_MAP_TYPE_ARRAY, u32, u64, len(TABLE_NAMES) * 2),
     ]
     return {spec.name: spec for spec in specs}
 

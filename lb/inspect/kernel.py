@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
+import itertools
 import time
 from typing import Any
 
@@ -68,15 +70,17 @@ def flow_state(flow: Flow, limits: Limits, active: bool) -> str:
 
 def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None = None,
               limit: int | None = None) -> dict[str, Any]:
-    """Flows in the conntrack LRU, optionally only to VIP or to TARGET ("ADDR[:PORT]").
+    """Flows in the conntrack LRU, then the half-open TCP flows (handshake not
+    complete), optionally only to VIP or to TARGET ("ADDR[:PORT]").
 
     {"flows": [{"protocol", "client": "ADDR:PORT", "client_address",
     "client_port", "vip": "ADDR:PORT", "listener", "vip_id", "target":
     "ADDR:PORT"|None, "target_id", "age_s", "idle_s", "state"
-    (live|expired|stale|retired), "tcp_state" (syn_sent|established|closing|
-    time_wait|closed; None for UDP), "timeout_s" (how long the entry lives
-    without a packet in its TCP state)}], "count", "truncated"}, sorted by
-    VIP then client.
+    (live|expired|stale|retired), "tcp_state" (syn_sent|syn_recv|established|
+    closing|time_wait|closed; None for UDP), "half_open" (true: in the
+    half_open table, syn_sent or syn_recv), "timeout_s" (how long the entry
+    lives without a packet in its TCP state)}], "count", "truncated"},
+    sorted by VIP then client.
     """
     vip_filter = parse_endpoint(vip, port_required=False) if vip else None
     target_filter = parse_endpoint(target, port_required=False) if target else None
@@ -85,7 +89,7 @@ def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None =
         known = {t.target_id: t for t in maps.targets()}
         flows: list[dict[str, Any]] = []
         truncated = False
-        for flow in maps.flows():
+        for flow in itertools.chain(maps.flows(), maps.half_open_flows()):
             t = known.get(flow.target_id)
             if vip_filter and not _matches(vip_filter, flow.vip.address, flow.vip.port):
                 continue
@@ -101,7 +105,7 @@ def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None =
                 "target": str(t.endpoint) if t else None, "target_id": flow.target_id,
                 "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3),
                 "state": flow_state(flow, maps.limits, bool(t and t.active)), "tcp_state": flow.tcp_state,
-                "timeout_s": entry_timeout(flow, maps.limits),
+                "half_open": flow.half_open, "timeout_s": entry_timeout(flow, maps.limits),
             })
         flows.sort(key=lambda f: (f["vip"], f["protocol"], ipaddress.IPv4Address(f["client_address"]),
                                   f["client_port"]))
@@ -126,7 +130,10 @@ def stats(config: LoadBalancer) -> dict[str, Any]:
     "listener", "vip_id", "packets", "bytes", "new_flows", "reply_packets",
     "reply_bytes"}], "targets": [{"target", "target_id", "active", "in_service",
     "groups", ...the same five counters}], "counters": [{"reason", "packets",
-    "help"}]} (counters: every enum lb_counter reason, bpf/consts.h).
+    "help"}], "tables": [{"table" (conntrack|half_open), "capacity", "entries",
+    "inserts", "removed", "evictions"}]} (counters: every enum lb_counter
+    reason, bpf/consts.h; tables: Maps.table_usage, entries and evictions
+    estimated from the program's bookkeeping, no walk).
     Forward packets count client → target, reply packets target → client.
     """
     listeners, groups = l4_listeners(config), endpoint_groups(config)
@@ -139,7 +146,8 @@ def stats(config: LoadBalancer) -> dict[str, Any]:
                         **_traffic(maps.target_traffic(t.target_id))}
                        for t in maps.targets()]
         counters = [{"reason": c.label, "packets": n, "help": COUNTER_HELP[c]} for c, n in maps.counters().items()]
-    return {"time": now, "vips": vip_rows, "targets": target_rows, "counters": counters}
+        tables = [dataclasses.asdict(usage) for usage in maps.table_usage()]
+    return {"time": now, "vips": vip_rows, "targets": target_rows, "counters": counters, "tables": tables}
 
 
 def stats_rates(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

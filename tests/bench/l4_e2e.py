@@ -93,15 +93,16 @@ from lb.dataplane.structs import Counter, Limits, ip_to_net, port_to_net  # noqa
 from lb.lab import Lab  # noqa: E402
 from lb.model import XdpMode  # noqa: E402
 
-PREFIX = "lbb"
-NAME = "lbb-e2e"  # pin directory /sys/fs/bpf/lb/lbb-e2e
+# "lbb", or LB_TEST_PREFIX + "b" (lbsb-...) so benchmarks of two worktrees can run at once.
+PREFIX = os.environ["LB_TEST_PREFIX"] + "b" if os.environ.get("LB_TEST_PREFIX") else "lbb"
+NAME = f"{PREFIX}-e2e"  # pin directory /sys/fs/bpf/lb/lbb-e2e
 LIMITS = Limits(ring_size=65537, max_vips=8, max_targets=64, conntrack_size=262144)
 VIP = labmod.VIP
 HTTP_VIP_PORT = 8080
 HTTP_PORT = labmod.HTTP_PORT  # what the backends' nginx listen on
 NGINX_WORKERS = 2
 IPERF_PORT = 5201
-NFT_TABLE = "lbb_bench"
+NFT_TABLE = f"{PREFIX}_bench"
 BASELINE_C = Path(__file__).resolve().parent / "baseline_dnat.c"
 IPERF_AFFINITY = "0,1"  # client on CPU 0, server on CPU 1: the same placement for every setup
 CLIENT_SYSCTLS = {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65535"}
@@ -385,7 +386,7 @@ def start_nginx(lab: Lab, stack: ExitStack) -> None:
     """Replace each backend's lab server by nginx on its HTTP port; stopped by `stack`."""
     for backend in lab.backends:
         lab.stop_server(backend)  # it holds 0.0.0.0:80
-        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lbb-nginx-{backend.name}-"))
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{PREFIX}-nginx-{backend.name}-"))
         config = os.path.join(directory, "nginx.conf")
         with open(config, "w") as f:
             f.write(nginx_config(backend, directory))
@@ -573,7 +574,7 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
                            capture_output=True, timeout=30)
             nft_on.clear()
 
-    haproxy_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lbb-haproxy-"))
+    haproxy_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{PREFIX}-haproxy-"))
     haproxy_cfg = os.path.join(haproxy_dir, "haproxy.cfg")
     with open(haproxy_cfg, "w") as f:
         f.write(haproxy_config(lab))
