@@ -41,6 +41,7 @@
 #include "parse.h"
 #include "csum.h"
 #include "nat.h"
+#include "fullnat.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -93,10 +94,10 @@ static __always_inline void account_reply(struct traffic_stats *stats, __u32 len
 	stats->reply_bytes += len;
 }
 
-/* The next hop of the packet as it will leave: its own addresses and ports,
- * except the source, which is (saddr, sport). */
+/* The next hop of the packet as it will leave: its own protocol and ports,
+ * from (saddr, sport) to daddr. */
 static __always_inline int fib_lookup(struct xdp_md *ctx, struct packet *pkt, struct bpf_fib_lookup *fib,
-                                      __be32 saddr, __be16 sport)
+                                      __be32 saddr, __be16 sport, __be32 daddr)
 {
 	fib->family = AF_INET;
 	fib->tos = pkt->ip->tos;
@@ -105,7 +106,7 @@ static __always_inline int fib_lookup(struct xdp_md *ctx, struct packet *pkt, st
 	fib->dport = pkt->ports[1];
 	fib->tot_len = bpf_ntohs(pkt->ip->tot_len);
 	fib->ipv4_src = saddr;
-	fib->ipv4_dst = pkt->ip->daddr;
+	fib->ipv4_dst = daddr;
 	fib->ifindex = ctx->ingress_ifindex;
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
@@ -135,14 +136,6 @@ static __always_inline int send_by(struct xdp_md *ctx, struct packet *pkt, struc
 		return XDP_PASS;
 	}
 	return send_via(ctx, pkt, fib->ifindex, fib->dmac, fib->smac);
-}
-
-/* Next hop for the rewritten packet; on success the frame leaves now. */
-static __always_inline int send_out(struct xdp_md *ctx, struct packet *pkt)
-{
-	struct bpf_fib_lookup fib = {};
-	int rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0]);
-	return send_by(ctx, pkt, &fib, rc);
 }
 
 static __always_inline int is_tcp(struct packet *pkt)
@@ -235,21 +228,26 @@ static __always_inline int same_mac(const unsigned char *a, const unsigned char 
 	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
 }
 
-/* Out toward target `target_id`, by this CPU's remembered next hop while it
- * is fresh, was asked for this ingress and let a packet this big through;
- * else by bpf_fib_lookup, whose answer is remembered. */
-static __always_inline int send_to_target(struct xdp_md *ctx, struct packet *pkt, __u32 target_id, __u64 now)
+/* Out toward target `target_id` at `daddr` (the packet's destination, but
+ * for DSR, whose packets keep the VIP), by this CPU's remembered next hop
+ * while it is fresh, was asked for this ingress and let a packet this big
+ * through; else by bpf_fib_lookup, whose answer is remembered. */
+static __always_inline int send_to_target(struct xdp_md *ctx, struct packet *pkt, __u32 target_id, __be32 daddr,
+                                          __u8 mode, __u64 now)
 {
 	struct next_hop *hop = NEXT_HOP_CACHE_NS ? next_hops.lookup(&target_id) : NULL;
-	if (!hop)
-		return send_out(ctx, pkt);
+	struct bpf_fib_lookup fib = {};
+	int rc;
+	if (!hop) {
+		rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0], daddr);
+		goto out;
+	}
 	__u16 len = bpf_ntohs(pkt->ip->tot_len);
 	int fresh = now < hop->expires_ns && hop->in_ifindex == ctx->ingress_ifindex;
 	if (fresh && len <= hop->max_len)
 		return send_via(ctx, pkt, hop->ifindex, hop->dmac, hop->smac);
 
-	struct bpf_fib_lookup fib = {};
-	int rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0]);
+	rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0], daddr);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (fresh && hop->ifindex == fib.ifindex && same_mac(hop->dmac, fib.dmac)) {
 			hop->max_len = len; /* the same next hop takes bigger packets */
@@ -262,17 +260,43 @@ static __always_inline int send_to_target(struct xdp_md *ctx, struct packet *pkt
 			__builtin_memcpy(hop->smac, fib.smac, ETH_ALEN);
 		}
 	}
+out:
+	/* The kernel can forward a NAT packet whose next hop has no neighbour
+	 * entry yet (and resolves it), but not these: a full-NAT packet's source
+	 * is lb's own address (a martian to the kernel), a DSR packet's
+	 * destination the VIP (delivered locally). Userspace resolves every such
+	 * target's neighbour when it writes the target. */
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && mode != FWD_NAT) {
+		count(CNT_DROP_NO_NEIGH);
+		return XDP_DROP;
+	}
 	return send_by(ctx, pkt, &fib, rc);
 }
 
-/* DNAT toward `t` and out; the stats say whether this packet began the flow. */
+/* How a flow's packets are rewritten toward its target: the VIP's mode
+ * when it began, and for full NAT the source lb gave it. */
+struct fwd_how {
+	__u8 mode;         /* FWD_* */
+	__be32 snat_addr;  /* network order; FWD_FULLNAT only */
+	__be16 snat_port;  /* network order; FWD_FULLNAT only */
+};
+
+/* Rewritten toward `t` as `how` says (DNAT; and SNAT for full NAT; only
+ * the MACs for DSR) and out; the stats say whether this packet began the flow. */
 static __always_inline int to_target(struct xdp_md *ctx, struct packet *pkt, struct target *t,
-                                     __u32 vip_id, __u32 target_id, int new_flow, __u64 now)
+                                     __u32 vip_id, __u32 target_id, int new_flow, __u64 now,
+                                     const struct fwd_how *how)
 {
 	account(vip_stats.lookup(&vip_id), pkt->len, new_flow);
 	account(target_stats.lookup(&target_id), pkt->len, new_flow);
-	nat_forward(pkt, t);
-	return send_to_target(ctx, pkt, target_id, now);
+	if (how->mode == FWD_DSR) {
+		count(CNT_DSR);
+	} else {
+		nat_forward(pkt, t);
+		if (how->mode == FWD_FULLNAT)
+			fullnat_source(pkt, how->snat_addr, how->snat_port);
+	}
+	return send_to_target(ctx, pkt, target_id, t->addr, how->mode, now);
 }
 
 /* The target the VIP's ring gives this client -> VIP flow (NO_TARGET: none). */
@@ -354,7 +378,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 	/* Where it would go with the VIP as its source: a local address is lb's
 	 * own traffic with the target (health checks, the L7 proxy), not a reply. */
 	struct bpf_fib_lookup fib = {};
-	int rc = fib_lookup(ctx, pkt, &fib, vip_addr, vip_port);
+	int rc = fib_lookup(ctx, pkt, &fib, vip_addr, vip_port, pkt->ip->daddr);
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return -1;
 	if (!ttl_ok(pkt))
@@ -371,6 +395,93 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 	account_reply(target_stats.lookup(&target_id), pkt->len);
 	count(CNT_REVERSE_NAT);
 	nat_reverse(pkt, vip_addr, vip_port);
+	return send_by(ctx, pkt, &fib, rc);
+}
+
+/* Full NAT: is the flow `owner`, which holds port rev->dport toward a
+ * target, still using it? Only its live entry, still naming that address
+ * and port, keeps the port; a flow gone, expired, moved or of a deleted VIP
+ * gives it up. */
+static __always_inline int fullnat_owner_live(struct flow_key *owner, const struct flow_key *rev, __u64 now)
+{
+	struct flow_state *state = conntrack.lookup(owner);
+	return state && state->mode == FWD_FULLNAT && state->snat_port == rev->dport &&
+	       state->snat_addr == rev->dst && flow_is_live(owner->proto, state, now);
+}
+
+/* Full NAT: a source port for flow `fwd` (client -> VIP) from lb's address
+ * `src` toward target `t`, claimed in fullnat_flows: hashed ports are tried
+ * in turn, a port is taken when no entry holds it (BPF_NOEXIST) or when its
+ * holder is this very flow or no longer live. Returns the port (network
+ * order), or 0 when FULLNAT_PORT_TRIES ports were all held. */
+static __always_inline __be16 fullnat_claim(struct flow_key *fwd, const struct target *t, __be32 src, __u64 now)
+{
+	struct flow_key rev = {
+		.src = t->addr,
+		.dst = src,
+		.sport = t->port,
+		.proto = fwd->proto,
+	};
+	__u32 h = flow_hash(fwd);
+
+	for (__u32 attempt = 0; attempt < FULLNAT_PORT_TRIES; attempt++) {
+		rev.dport = fullnat_port(h, attempt);
+		if (fullnat_flows.insert(&rev, fwd) == 0)
+			return rev.dport;
+		struct flow_key *owner = fullnat_flows.lookup(&rev);
+		if (!owner)
+			continue; /* evicted between the two calls: the next port */
+		int mine = owner->src == fwd->src && owner->dst == fwd->dst && owner->sport == fwd->sport &&
+		           owner->dport == fwd->dport && owner->proto == fwd->proto;
+		if (mine || !fullnat_owner_live(owner, &rev, now)) {
+			fullnat_flows.update(&rev, fwd);
+			return rev.dport;
+		}
+		count(CNT_FULLNAT_PORT_BUSY);
+	}
+	count(CNT_DROP_NO_PORT);
+	return 0;
+}
+
+/* Full NAT: a reply, if the packet is one: addressed to lb's address and a
+ * port a flow holds (fullnat_flows). It goes back as VIP -> client. The
+ * flow's entry, when it still holds this port, follows the target's FIN or
+ * RST; an entry that moved on (a new port, a deleted VIP) makes the packet
+ * none of lb's business (-1: the kernel answers it). With no entry at all
+ * (ended, evicted) the packet is still the flow's: a target's RST reaches
+ * the client. */
+static __always_inline int fullnat_reply(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct flow_key *held = fullnat_flows.lookup(&pkt->flow);
+	if (!held)
+		return -1;
+	struct flow_key fwd = *held;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow_state *state = conntrack.lookup(&fwd);
+	if (state && (state->mode != FWD_FULLNAT || state->snat_port != pkt->flow.dport ||
+	              state->snat_addr != pkt->flow.dst || !flow_is_live(fwd.proto, state, now)))
+		return -1;
+
+	struct bpf_fib_lookup fib = {};
+	int rc = fib_lookup(ctx, pkt, &fib, fwd.dst, fwd.dport, fwd.src);
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return -1;
+	if (!ttl_ok(pkt))
+		return XDP_DROP;
+	if (state) {
+		if (is_tcp(pkt))
+			follow_tcp(pkt, state, now, 0);
+		else
+			touch(state, now);
+		__u32 vip_id = state->vip_id;
+		__u32 target_id = state->target_id;
+		account_reply(vip_stats.lookup(&vip_id), pkt->len);
+		account_reply(target_stats.lookup(&target_id), pkt->len);
+	} else {
+		count(CNT_REPLY_NO_ENTRY);
+	}
+	count(CNT_FULLNAT_REVERSE);
+	fullnat_reverse(pkt, &fwd);
 	return send_by(ctx, pkt, &fib, rc);
 }
 
@@ -421,12 +532,32 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 	int starts = !is_tcp(pkt) || is_syn(pkt);
 	if (had_entry && is_syn(pkt))
 		count(CNT_SYN_RESCHEDULED);
-	int write = starts || (had_entry && existing == ENTRY_REPLACE);
+	/* A full-NAT packet needs its flow's entry (its source port lives
+	 * there): any packet without a usable one makes it, so a segment of a
+	 * flow whose entry went reaches the target, which answers with a RST. */
+	int fullnat = vip->mode == FWD_FULLNAT;
+	int write = starts || fullnat || (had_entry && existing == ENTRY_REPLACE);
 	if (!write) {
 		count(CNT_MISS_NO_ENTRY);
 	} else if (!had_entry && !flood_guard_allows(now)) {
 		count(CNT_FLOOD_NO_ENTRY);
 		write = 0;
+		if (fullnat) {
+			count(CNT_DROP_NO_ENTRY);
+			return XDP_DROP;
+		}
+	}
+	struct fwd_how how = { .mode = vip->mode };
+	if (fullnat) {
+		__be32 *src = fullnat_sources.lookup(&target_id);
+		if (!src || !*src) {
+			count(CNT_DROP_NO_SOURCE);
+			return XDP_DROP;
+		}
+		how.snat_addr = *src;
+		how.snat_port = fullnat_claim(&pkt->flow, t, how.snat_addr, now);
+		if (!how.snat_port)
+			return XDP_DROP;
 	}
 	if (write) {
 		struct flow_state state = {
@@ -436,6 +567,9 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 			.last_seen_ns = now,
 			.vip_gen = vip->gen,
 			.syn_only = is_syn(pkt),
+			.snat_addr = how.snat_addr,
+			.snat_port = how.snat_port,
+			.mode = how.mode,
 		};
 		if (is_tcp(pkt) && (pkt->tcp_flags & TCP_FLAG_RST))
 			state.rst = 1;
@@ -443,7 +577,7 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 			state.fin_client = 1;
 		conntrack.update(&pkt->flow, &state);
 	}
-	return to_target(ctx, pkt, t, vip->vip_id, target_id, starts, now);
+	return to_target(ctx, pkt, t, vip->vip_id, target_id, starts, now, &how);
 }
 
 int xdp_lb(struct xdp_md *ctx)
@@ -510,10 +644,25 @@ int xdp_lb(struct xdp_md *ctx)
 			else
 				touch(state, now);
 			count(CNT_CONNTRACK_HIT);
-			return to_target(ctx, &pkt, t, state->vip_id, target_id, 0, now);
+			struct fwd_how how = {
+				.mode = state->mode,
+				.snat_addr = state->snat_addr,
+				.snat_port = state->snat_port,
+			};
+			return to_target(ctx, &pkt, t, state->vip_id, target_id, 0, now, &how);
 		}
 		if (is_tcp(&pkt) && !is_syn(&pkt) && flow_closed(state))
 			use = ENTRY_BYPASS; /* a late segment does not bring a closed flow back */
+	} else {
+		/* No flow of a client: perhaps a full-NAT reply, which is
+		 * addressed to one of lb's ports (checked after conntrack, so
+		 * established client packets pay nothing for it). */
+		__u16 dport = bpf_ntohs(pkt.flow.dport);
+		if (dport >= FULLNAT_PORT_MIN && dport <= FULLNAT_PORT_MAX) {
+			int action = fullnat_reply(ctx, &pkt);
+			if (action >= 0)
+				return action;
+		}
 	}
 
 	struct vip_key vk = {

@@ -54,7 +54,7 @@ log = logging.getLogger("lb.daemon")
 GRACE_SECONDS = 30.0
 
 # Settings a running daemon cannot change: a reload that changes one is refused.
-RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size",
+RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size", "full_nat_port_range",
                 "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address",
                 "header_timeout", "body_timeout", "min_body_rate", "max_response_head",
                 "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit")
@@ -155,7 +155,7 @@ class Daemon:
                 raise DaemonError(f"load_balancer.interfaces: {exc}") from exc
         self.state.attachments = [asdict(a) for a in attachments]
         self.maps = open_pinned(config)
-        self.dataplane = Dataplane(self.maps)
+        self.dataplane = Dataplane(self.maps, source_of=nl.source_toward)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

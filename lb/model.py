@@ -160,6 +160,20 @@ class TargetGroup:
     # the end of its deregistration delay (deregistration_delay.connection_termination.enabled).
     unhealthy_connection_termination: bool = True
     deregistration_connection_termination: bool = False
+    # TCP/UDP groups: how packets reach the targets (docs/architecture.md,
+    # forwarding modes). preserve_client_ip (NLB's preserve_client_ip.enabled)
+    # false is full NAT: targets see lb's address and answer it.
+    # direct_server_return: only the MAC is rewritten, the target answers
+    # the client directly (it holds the VIP); needs the client's IP kept.
+    preserve_client_ip: bool = True
+    direct_server_return: bool = False
+
+    @property
+    def forwarding_mode(self) -> str:
+        """The L4 forwarding mode: "nat", "full-nat" or "dsr"."""
+        if self.direct_server_return:
+            return "dsr"
+        return "nat" if self.preserve_client_ip else "full-nat"
 
     def endpoints(self) -> tuple[tuple[IPAddress, int], ...]:
         """(address, port) of every target, ports resolved."""
@@ -334,6 +348,7 @@ class LoadBalancer:
     tcp_closed_timeout: int = 10  # ours: an L4 TCP flow after a RST (conntrack's CLOSE), seconds
     tcp_time_wait_timeout: int = 120  # ours: an L4 TCP flow after FIN both ways (conntrack's TIME_WAIT), seconds
     new_flow_rate_limit: int = 20000  # ours: new L4 conntrack entries per CPU per second; 0: no limit
+    full_nat_port_range: tuple[int, int] = (1024, 32767)  # ours: full NAT's source ports, inclusive
     # L7 request deadlines and the response-head bound (lb.l7.config.L7Config says why).
     header_timeout: int = 20  # seconds from a request head's first byte to its end
     body_timeout: int = 20  # seconds a request body may take from its first byte, plus:

@@ -180,6 +180,15 @@ def add_route(ipr: IPRoute, dst: str, *, gateway: str | None = None, oif: str | 
 # --- sysctl and ethtool (inside a namespace) --------------------------------
 
 
+def remove_route(ipr: IPRoute, dst: str) -> None:
+    """Remove the route to `dst` ("default" or a CIDR); none there is not an error."""
+    try:
+        ipr.route("del", dst="0.0.0.0/0" if dst == "default" else dst)
+    except NetlinkError as exc:
+        if exc.code != errno.ESRCH:
+            raise
+
+
 def set_sysctl(ns: str | None, key: str, value: str) -> None:
     """Write net sysctl `key` (dotted, e.g. net.ipv4.ip_forward) in namespace ns."""
     path = "/proc/sys/" + key.replace(".", "/")
@@ -305,6 +314,51 @@ def route_interface(ipr: IPRoute, address: str) -> str | None:
         if oif:
             return str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"))
     return None
+
+
+def route_source(ipr: IPRoute, address: str) -> str | None:
+    """The source address the kernel would give a packet for `address` (the
+    route's preferred source), if it has a route."""
+    try:
+        routes = ipr.route("get", dst=address)
+    except NetlinkError:
+        return None
+    for route in routes:
+        source = route.get_attr("RTA_PREFSRC")
+        if source:
+            return str(source)
+    return None
+
+
+NTF_USE = 0x01  # <linux/neighbour.h>: "use" the entry, which starts resolving it
+
+
+def resolve_neighbor(ipr: IPRoute, address: str) -> None:
+    """Start resolving the neighbour entry of the next hop toward `address`
+    (`ip neigh add ... use`); without a route, nothing."""
+    try:
+        routes = ipr.route("get", dst=address)
+    except NetlinkError:
+        return
+    for route in routes:
+        oif = route.get_attr("RTA_OIF")
+        if oif:
+            hop = route.get_attr("RTA_GATEWAY") or address
+            try:
+                ipr.neigh("add", dst=hop, ifindex=oif, flags=NTF_USE, state=0)
+            except NetlinkError:
+                pass  # EEXIST: it has one already ("replace" would reset a permanent one)
+            return
+
+
+def source_toward(address: ipaddress.IPv4Address, ns: str | None = None) -> ipaddress.IPv4Address | None:
+    """lb's own address toward `address` (route_source), in namespace `ns`; the
+    next hop's neighbour entry is resolved on the way, as XDP needs one to
+    send full-NAT and DSR packets (it cannot pass them to the kernel)."""
+    with iproute(ns) as ipr:
+        source = route_source(ipr, str(address))
+        resolve_neighbor(ipr, str(address))
+    return None if source is None else ipaddress.IPv4Address(source)
 
 
 def find_address(ipr: IPRoute, address: str) -> tuple[str, int, int] | None:

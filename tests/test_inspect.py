@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 
 from lb import lab as labmod
 from lb.cli import cli
-from lb.dataplane.structs import FLOW_HASH_SEED
+from lb.dataplane.structs import FLOW_HASH_SEED, MapName
 from lb.lab import Lab
 from lb.netlink import run_in_netns
 from tests.daemon_fixture import RunningDaemon, lab_config
@@ -350,14 +350,15 @@ def test_stats_watch_prints_rates(daemon: RunningDaemon, lab: Lab) -> None:
 def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     rows = {m["name"]: m for m in lb_json(daemon, "maps", "list")}
     assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
-                         "replies", "reply_ports", "flood_guard", "next_hops"}
+                         "replies", "reply_ports", "flood_guard", "next_hops",
+                         "fullnat_sources", "fullnat_flows"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
         "hash", 8, 16, 2)
     assert rows["conntrack"]["type"] == "lru_hash" and rows["conntrack"]["max_entries"] == 524288
     assert rows["conntrack"]["entries"] >= 105  # the flows of the tests above, one entry each
     assert rows["rings"]["max_entries"] == 64 * 2 * 65537 and rows["counters"]["per_cpu"]
     text = lb(daemon, "maps", "list").output
-    assert re.search(r"conntrack\s+lru_hash\s+\d+\s+16\s+32\s+524288\s+\d+", text)
+    assert re.search(r"conntrack\s+lru_hash\s+\d+\s+16\s+40\s+524288\s+\d+", text)
 
     vips = lb_json(daemon, "maps", "dump", "vips")
     assert {(e["key"]["addr"], e["key"]["port"], e["key"]["proto"]) for e in vips["entries"]} == {
@@ -568,6 +569,6 @@ def test_daemon_down_maps_still_read_and_targets_say_so(daemon: RunningDaemon, l
         assert any(f["client"] == client and f["target"] == f"{backend}:{PORT}" for f in flows)
         assert lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")["target"] == f"{backend}:{PORT}"
         assert vip_row(lb_json(daemon, "stats"), "TCP")["new_flows"] > 0
-        assert len(lb_json(daemon, "maps", "list")) == 12
+        assert len(lb_json(daemon, "maps", "list")) == len(MapName)
         sock.sendall(b"still here\n")  # the kernel forwards with no daemon
         assert read_line(sock) == "still here"

@@ -27,7 +27,8 @@ def limits_for(config: LoadBalancer) -> Limits:
     """The program's compile-time limits for `config` (the rest are Limits' defaults)."""
     return Limits(ring_size=config.ring_size, tcp_idle_timeout=config.tcp_idle_timeout,
                   udp_idle_timeout=config.udp_idle_timeout, tcp_closed_timeout=config.tcp_closed_timeout,
-                  tcp_time_wait_timeout=config.tcp_time_wait_timeout, new_flow_rate_limit=config.new_flow_rate_limit)
+                  tcp_time_wait_timeout=config.tcp_time_wait_timeout, new_flow_rate_limit=config.new_flow_rate_limit,
+                  fullnat_port_min=config.full_nat_port_range[0], fullnat_port_max=config.full_nat_port_range[1])
 
 
 def open_pinned(config: LoadBalancer) -> Maps:

@@ -25,10 +25,14 @@ TARGET_F_ACTIVE = 0x1  # its flows may go on
 TARGET_F_IN_SERVICE = 0x2  # in the ring: a SYN may follow an entry to it
 MAX_REPLY_VIPS = 4  # VIPs one target endpoint can serve (reply_route.vips)
 BPF_F_NO_COMMON_LRU = 0x2  # an LRU list per CPU (uapi/linux/bpf.h)
-# vip_meta.reserved is written as this: 0, what it held when it was `mode`
-# and FWD_NAT its only value (lb/dataplane/maps.py writes it by that name).
-# No longer in consts.h: the program never reads the field.
-FWD_NAT = 0
+# vip_meta.mode and flow_state.mode (consts.h FWD_*). The field was
+# `reserved`, always 0 (FWD_NAT), in earlier builds.
+FWD_NAT = 0  # destination rewritten; the client's address kept
+FWD_FULLNAT = 1  # and the source rewritten to lb's address and a port of its own
+FWD_DSR = 2  # only the destination MAC rewritten
+MODE_NAMES = {FWD_NAT: "nat", FWD_FULLNAT: "full-nat", FWD_DSR: "dsr"}
+MODE_NUMBERS = {name: number for number, name in MODE_NAMES.items()}
+# Full NAT's source ports (FULLNAT_PORT_MIN/MAX, FULLNAT_PORT_TRIES): Limits.
 
 IPPROTO_TCP = socket.IPPROTO_TCP
 IPPROTO_UDP = socket.IPPROTO_UDP
@@ -58,6 +62,13 @@ class Counter(enum.IntEnum):
     REPLY_NO_ENTRY = 16
     FLOW_CLOSED = 17
     FLOOD_NO_ENTRY = 18
+    DROP_NO_PORT = 19
+    DROP_NO_SOURCE = 20
+    DROP_NO_ENTRY = 21
+    FULLNAT_PORT_BUSY = 22
+    FULLNAT_REVERSE = 23
+    DSR = 24
+    DROP_NO_NEIGH = 25
 
     @property
     def label(self) -> str:
@@ -88,6 +99,13 @@ COUNTER_HELP = {
     Counter.REPLY_NO_ENTRY: "reply of a flow with no entry (half flow): rewritten, as the ring sends it there",
     Counter.FLOW_CLOSED: "TCP flow closed (RST, or FIN both ways): short timeout, a SYN replaces it",
     Counter.FLOOD_NO_ENTRY: "new flow above new_flow_rate_limit: forwarded by the ring, no entry made",
+    Counter.DROP_NO_PORT: "full NAT: no free source port toward the target after the tries: dropped",
+    Counter.DROP_NO_SOURCE: "full NAT: lb has no address toward the target: dropped",
+    Counter.DROP_NO_ENTRY: "full NAT: new flow above new_flow_rate_limit (it needs an entry): dropped",
+    Counter.FULLNAT_PORT_BUSY: "full NAT: a source port tried was held by a live flow (another was tried)",
+    Counter.FULLNAT_REVERSE: "full NAT: reply to lb's address:port rewritten back to VIP -> client",
+    Counter.DSR: "DSR: only the destination MAC rewritten toward the target",
+    Counter.DROP_NO_NEIGH: "full NAT or DSR: no neighbour entry toward the target yet: dropped",
 }
 
 
@@ -106,6 +124,8 @@ class MapName(str, enum.Enum):
     REPLY_PORTS = "reply_ports"
     FLOOD_GUARD = "flood_guard"
     NEXT_HOPS = "next_hops"
+    FULLNAT_SOURCES = "fullnat_sources"
+    FULLNAT_FLOWS = "fullnat_flows"
 
 
 # --- structs (bpf/structs.h) ---------------------------------------------------
@@ -124,7 +144,7 @@ class VipMeta(ctypes.Structure):
         ("vip_id", ctypes.c_uint32),
         ("ring", ctypes.c_uint32),  # live half: 0 or 1
         ("gen", ctypes.c_uint32),  # vip_gens[vip_id] when written
-        ("reserved", ctypes.c_uint32),  # written as FWD_NAT (0); unread; keeps the pinned layout
+        ("mode", ctypes.c_uint32),  # FWD_*; was `reserved` (0, FWD_NAT): the pinned layout is kept
     ]
 
 
@@ -158,6 +178,10 @@ class FlowState(ctypes.Structure):
         ("fin_client", ctypes.c_uint8),  # 1: the client sent a FIN
         ("fin_target", ctypes.c_uint8),  # 1: the target sent a FIN
         ("rst", ctypes.c_uint8),  # 1: either side sent a RST
+        ("snat_addr", ctypes.c_uint32),  # network order; full NAT: lb's address the flow leaves from
+        ("snat_port", ctypes.c_uint16),  # network order; full NAT: the source port lb allocated
+        ("mode", ctypes.c_uint8),  # FWD_* of the VIP when the flow began
+        ("pad", ctypes.c_uint8),
     ]
 
 
@@ -258,6 +282,11 @@ class Limits:
     # How long the forward path keeps a target's next hop (bpf_fib_lookup's
     # answer) per CPU, in milliseconds; 0: a lookup for every packet.
     next_hop_cache_ms: int = 1000
+    # Full NAT's source ports, per (lb address, target endpoint, protocol),
+    # and how many hashed ones a new flow tries before it is dropped.
+    fullnat_port_min: int = 1024
+    fullnat_port_max: int = 32767
+    fullnat_port_tries: int = 16
 
     def cflags(self) -> list[str]:
         return [
@@ -272,6 +301,9 @@ class Limits:
             f"-DNEW_FLOW_RATE_LIMIT={self.new_flow_rate_limit}ULL",
             f"-DCONNTRACK_LRU_FLAGS={BPF_F_NO_COMMON_LRU if self.conntrack_per_cpu_lru else 0}",
             f"-DNEXT_HOP_CACHE_NS={self.next_hop_cache_ms * 1_000_000}ULL",
+            f"-DFULLNAT_PORT_MIN={self.fullnat_port_min}",
+            f"-DFULLNAT_PORT_MAX={self.fullnat_port_max}",
+            f"-DFULLNAT_PORT_TRIES={self.fullnat_port_tries}",
         ]
 
     def conntrack_entries(self) -> int:
@@ -331,6 +363,8 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
         MapSpec(MapName.REPLY_PORTS, BPF_MAP_TYPE_ARRAY, u32, u64, REPLY_PORT_WORDS),
         MapSpec(MapName.FLOOD_GUARD, BPF_MAP_TYPE_PERCPU_ARRAY, u32, FloodWindow, 1, True),
         MapSpec(MapName.NEXT_HOPS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, NextHop, limits.max_targets, True),
+        MapSpec(MapName.FULLNAT_SOURCES, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_targets),
+        MapSpec(MapName.FULLNAT_FLOWS, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowKey, limits.conntrack_size),
     ]
     return {spec.name: spec for spec in specs}
 

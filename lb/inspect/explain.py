@@ -139,6 +139,18 @@ def flow_hash(protocol: str, src: ipaddress.IPv4Address, sport: int, dst: ipaddr
     return _mix32(h ^ PROTO_NUMBERS[protocol])
 
 
+def fullnat_port(flow_hash_value: int, attempt: int, low: int, high: int) -> int:
+    """bpf/fullnat.h fullnat_port(): the source port full NAT tries `attempt`-th
+    (from 0) for a flow of this flow_hash, in LOW..HIGH (host order)."""
+    x = flow_hash_value ^ ((attempt * 0x9E3779B9) & _U32)
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _U32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _U32
+    x ^= x >> 16
+    return low + x % (high - low + 1)
+
+
 def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: str) -> dict[str, Any]:
     """Where a packet of this 5-tuple goes, as bpf/lb.c decides it: its
     conntrack entry, else the ring; what a SYN would do; and its replies.
