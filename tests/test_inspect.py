@@ -235,7 +235,7 @@ def test_vips_show_each_ring_and_its_shares(daemon: RunningDaemon, lab: Lab) -> 
         assert sum(t["slots"] for t in row["targets"]) == 65537
         assert all(abs(t["share"] - 1 / 3) < 0.001 and t["active"] and t["in_service"] for t in row["targets"])
     text = lb(daemon, "vips").output
-    assert re.search(r"TCP 10\.0\.0\.100:9000\s+echo-tcp\s+echo-tcp\s+65537\s+10\.0\.1\.11:9000\s+\d+\s+2184[56]"
+    assert re.search(r"TCP 10\.0\.0\.100:9000\s+echo-tcp\s+echo-tcp\s+nat\s+65537\s+10\.0\.1\.11:9000\s+\d+\s+2184[56]"
                      r"\s+33\.3%", text)
     assert len(re.findall(r"10\.0\.1\.1[123]:9000\s+\d+\s+\d+\s+33\.3%", text)) == 6
 
@@ -287,7 +287,7 @@ def test_100_tcp_connections_show_in_conntrack_and_stats(daemon: RunningDaemon, 
         # The table: one line per flow, and the count.
         text = lb(daemon, "conntrack", "--vip", VIP).output
         for port in list(owner)[:10]:
-            assert re.search(rf"TCP\s+10\.0\.0\.2:{port}\s+10\.0\.0\.100:9000\s+{re.escape(owner[port])}:9000\s+"
+            assert re.search(rf"TCP\s+10\.0\.0\.2:{port}\s+10\.0\.0\.100:9000\s+nat\s+-\s+{re.escape(owner[port])}:9000\s+"
                              r"[\d.]+s\s+[\d.]+s\s+live", text)
         assert f"{flows['count']} flows" in text
         # Stats count them: 100 new flows on the VIP, split as the banners say.

@@ -20,13 +20,15 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
+from lb import metrics
 from lb import netlink as nl
 from lb.dataplane import libbpf
 from lb.dataplane.dataplane import Dataplane, L4Service
 from lb.dataplane.loader import Program, purge_pins
 from lb.dataplane.maps import Maps
 from lb.dataplane.structs import IPPROTO_TCP, Counter, FlowKey, Limits, MapName, ip_to_net, port_to_net
-from lb.inspect.explain import flow_hash, fullnat_port
+from lb.inspect.explain import explain_flow_in, flow_hash, fullnat_port
+from lb.model import LoadBalancer
 from tests.names import name
 from tests.test_xdp_packets import (
     ACTION_NAMES,
@@ -335,3 +337,30 @@ def test_a_full_range_drops_and_counts(pkt_lab: PacketLab) -> None:
     finally:
         purge_pins(PRESSURE)
 
+
+
+def test_explain_flow_names_the_mode_and_the_source(pkt_lab: PacketLab) -> None:
+    client, vip_ep = ep(CLIENT, 46300), ep(FN_VIP, 9100)
+    before = explain_flow_in(pkt_lab.maps, "TCP", client, vip_ep)
+    assert before["mode"] == "full-nat"
+    assert before["full_nat"] == {"source": f"{LB_ADDR}:{port_for(46300)}", "from_entry": False}
+    pkt_lab.run(raw(from_fn(tcp(46300, 9100))))
+    after = explain_flow_in(pkt_lab.maps, "TCP", client, vip_ep)
+    assert after["full_nat"] == {"source": f"{LB_ADDR}:{port_for(46300)}", "from_entry": True}
+    assert after["conntrack"]["mode"] == "full-nat" and after["conntrack"]["source"] == f"{LB_ADDR}:{port_for(46300)}"
+    nat = explain_flow_in(pkt_lab.maps, "TCP", client, ep("10.0.0.100", 9000))
+    assert nat["mode"] == "nat" and nat["full_nat"] is None
+
+
+def test_metrics_show_the_mode_and_the_ports_each_source_holds(pkt_lab: PacketLab) -> None:
+    # The collector's map sections on the fixture's maps (its limits are not a config's).
+    collector = metrics.Collector(lambda: LoadBalancer(name="unused"))
+    pkt_lab.run(raw(from_fn(tcp(46400, 9100))))
+    vips = pkt_lab.maps.vips()
+    found = {m.name: m for m in [*collector._traffic(LoadBalancer(name="unused"), pkt_lab.maps, vips),
+                                 *collector._conntrack(pkt_lab.maps, vips)]}
+    info = {(s.labels["vip"], s.labels["protocol"]): s.labels["mode"] for s in found["lb_vip_info"].samples}
+    assert info[(f"{FN_VIP}:9100", "TCP")] == "full-nat" and info[("10.0.0.100:9000", "TCP")] == "nat"
+    held = {(s.labels["source"], s.labels["target"], s.labels["protocol"]): s.value
+            for s in found["lb_full_nat_ports"].samples}
+    assert held[(LB_ADDR, "10.0.1.11:9100", "TCP")] >= 1

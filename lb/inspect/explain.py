@@ -173,8 +173,11 @@ def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: 
     serves), "by" ("entry": the flow's entry names the VIP | "ring": no entry,
     the ring sends this flow to that target | None: its replies pass
     untouched), "half_flow" (true: no entry, the replies go back by the ring
-    alone)}|None}. "ring" is where a new flow would land, given even when a
-    live entry decides.
+    alone)}|None, "mode" (the VIP's: nat|full-nat|dsr), "full_nat": {"source"
+    ("ADDR:PORT": lb's address and the flow's port, from its entry; or the
+    first port a new flow would try), "from_entry"}|None}. "ring" is where a
+    new flow would land, given even when a live entry decides. A full-NAT
+    flow's replies come to lb's source address, not through `replies`.
     """
     proto = protocol.upper()
     if proto not in PROTO_NUMBERS:
@@ -192,12 +195,13 @@ def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpo
     """explain_flow on open maps (no "listener" names: those come from the config)."""
     vip = VipAddr(destination.address, destination.port, proto)
     out: dict[str, Any] = {"protocol": proto, "client": str(client), "vip": str(destination), "listener": None,
-                           "vip_id": None, "decision": "pass", "target": None, "target_id": None,
+                           "vip_id": None, "mode": None, "full_nat": None, "decision": "pass", "target": None, "target_id": None,
                            "makes_entry": False, "conntrack": None, "syn": None, "ring": None, "reply": None}
     entry = next((e for e in maps.vips() if e.vip == vip), None)
     if entry is None:
         return out
     out["vip_id"] = entry.vip_id
+    out["mode"] = entry.mode
     known = {t.target_id: t for t in maps.targets()}
 
     def name(target_id: int | None) -> str | None:
@@ -225,6 +229,7 @@ def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpo
         out["conntrack"] = {"target": name(flow.target_id), "target_id": flow.target_id,
                             "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3), "state": state,
                             "tcp_state": flow.tcp_state, "timeout_s": entry_timeout(flow, maps.limits),
+                            "mode": flow.mode, "source": str(flow.source) if flow.source else None,
                             "decides": decides, "syn_decides": syn_decides, "why": why}
     if decides:
         assert flow is not None
@@ -245,6 +250,13 @@ def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpo
 
     # Replies: from whichever target the flow's next segment reaches.
     target_id = out["target_id"]
+    if entry.mode == "full-nat" and target_id is not None:
+        if decides and flow is not None and flow.source is not None:
+            out["full_nat"] = {"source": str(flow.source), "from_entry": True}
+        else:
+            source = maps.fullnat_source(target_id)
+            port = fullnat_port(hashed, 0, maps.limits.fullnat_port_min, maps.limits.fullnat_port_max)
+            out["full_nat"] = {"source": f"{source}:{port}" if source else None, "from_entry": False}
     if target_id is not None and target_id in known:
         endpoint = known[target_id].endpoint
         route = maps.route(endpoint, proto)
