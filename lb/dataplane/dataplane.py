@@ -32,8 +32,9 @@ apply() diffs against what the maps hold and writes only what changed:
 - each VIP has a forwarding mode (`nat`, `full-nat`, `dsr`); a VIP whose
   mode changes is removed and added again (its flows go stale: a flow
   cannot change how it is rewritten half-way). Only `nat` VIPs need
-  `replies`; every target of a `full-nat` VIP gets lb's own address toward
-  it (`source_of`, the route's preferred source) in `fullnat_sources`.
+  `replies`; every target of a `full-nat` or `dsr` VIP gets lb's own
+  address toward it (`source_of`, the route's preferred source; it also
+  resolves the target's neighbour) in `fullnat_sources`.
 
 Everything is checked (limits, protocols, a DSR target's port) before the
 first write, so an apply that cannot fit changes nothing.
@@ -281,8 +282,11 @@ class Dataplane:
         report.vips_removed.append(vip)
 
     def _write_sources(self, services: Iterable[L4Service]) -> None:
-        """fullnat_sources for every target of a full-NAT VIP, before a ring can name it."""
-        for endpoint in sorted(endpoints_of(s for s in services if s.mode == "full-nat")):
+        """fullnat_sources for every target of a full-NAT or DSR VIP, before a
+        ring can name it. `source_of` also resolves the target's neighbour:
+        XDP must send these modes' packets itself (the kernel could not
+        forward them), so it needs one (DSR reads no source; it is written all the same)."""
+        for endpoint in sorted(endpoints_of(s for s in services if s.mode in ("full-nat", "dsr"))):
             target_id = self._target_ids[endpoint]
             known = self._sources.get(target_id)
             if known is not None and known[0] == endpoint.address and known[1] is not None:
@@ -292,7 +296,7 @@ class Dataplane:
                 self.maps.put_fullnat_source(target_id, source)
                 self._sources[target_id] = (endpoint.address, source)
             if source is None:
-                log.warning("dataplane: no route to %s: its full-NAT flows are dropped", endpoint.address)
+                log.warning("dataplane: no route to %s: its full-NAT and DSR flows are dropped", endpoint.address)
 
     def _write_target(self, endpoint: Endpoint, flags: tuple[bool, bool]) -> None:
         active, in_service = flags
