@@ -135,6 +135,15 @@ def add_veth(ipr: IPRoute, ifname: str, peer: str, peer_netns: str) -> None:
     ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": peer, "net_ns_fd": peer_netns})
 
 
+def add_bridge(ipr: IPRoute, ifname: str) -> None:
+    ipr.link("add", ifname=ifname, kind="bridge")
+
+
+def set_master(ipr: IPRoute, ifname: str, bridge: str) -> None:
+    """Make `ifname` a port of `bridge`."""
+    ipr.link("set", index=ifindex(ipr, ifname), master=ifindex(ipr, bridge))
+
+
 def set_up(ipr: IPRoute, ifname: str) -> None:
     ipr.link("set", index=ifindex(ipr, ifname), state="up")
 
