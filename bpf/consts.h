@@ -155,6 +155,11 @@ enum lb_counter {
 	CNT_DSR,                 /* DSR: only the destination MAC rewritten toward the target */
 	CNT_DROP_NO_NEIGH,       /* full NAT or DSR: no route or neighbour entry toward the target yet: drop
 	                          * (the kernel could not forward such a packet; lb resolves targets' neighbours) */
+	CNT_ICMP_TOO_BIG,        /* a packet with DF too big for the path to its target: "fragmentation needed"
+	                          * sent back to its sender instead (XDP_TX) */
+	CNT_ICMP_TO_CLIENT,      /* ICMP error about a packet lb sent toward a target: quote and addresses
+	                          * rewritten back, sent to the client */
+	CNT_ICMP_TO_TARGET,      /* ICMP error about a reply lb sent from a VIP: rewritten, sent to the target */
 	CNT_MAX,
 };
 

@@ -42,6 +42,7 @@
 #include "csum.h"
 #include "nat.h"
 #include "fullnat.h"
+#include "icmp.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -94,16 +95,16 @@ static __always_inline void account_reply(struct traffic_stats *stats, __u32 len
 	stats->reply_bytes += len;
 }
 
-/* The next hop of the packet as it will leave: its own protocol and ports,
- * from (saddr, sport) to daddr. */
+/* The next hop of the packet as it will leave: its own protocol, from
+ * saddr:sport to daddr:dport. */
 static __always_inline int fib_lookup(struct xdp_md *ctx, struct packet *pkt, struct bpf_fib_lookup *fib,
-                                      __be32 saddr, __be16 sport, __be32 daddr)
+                                      __be32 saddr, __be16 sport, __be32 daddr, __be16 dport)
 {
 	fib->family = AF_INET;
 	fib->tos = pkt->ip->tos;
 	fib->l4_protocol = pkt->ip->protocol;
 	fib->sport = sport;
-	fib->dport = pkt->ports[1];
+	fib->dport = dport;
 	fib->tot_len = bpf_ntohs(pkt->ip->tot_len);
 	fib->ipv4_src = saddr;
 	fib->ipv4_dst = daddr;
@@ -228,49 +229,54 @@ static __always_inline int same_mac(const unsigned char *a, const unsigned char 
 	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
 }
 
-/* Out toward target `target_id` at `daddr` (the packet's destination, but
- * for DSR, whose packets keep the VIP), by this CPU's remembered next hop
- * while it is fresh, was asked for this ingress and let a packet this big
- * through; else by bpf_fib_lookup, whose answer is remembered. */
-static __always_inline int send_to_target(struct xdp_md *ctx, struct packet *pkt, __u32 target_id, __be32 daddr,
-                                          __u8 mode, __u64 now)
+/* The next hop toward target `target_id` of this packet once rewritten
+ * (from saddr:sport to daddr:dport): this CPU's remembered one while it is
+ * fresh, was asked for this ingress and let a packet this big through
+ * (*use, and BPF_FIB_LKUP_RET_SUCCESS); else bpf_fib_lookup's answer in
+ * `fib` (remembered when it is one). Asked before the packet is rewritten,
+ * so a packet too big for the path can still be quoted as its sender sent it. */
+static __always_inline int target_next_hop(struct xdp_md *ctx, struct packet *pkt, __u32 target_id,
+                                           __be32 saddr, __be16 sport, __be32 daddr, __be16 dport, __u64 now,
+                                           struct bpf_fib_lookup *fib, struct next_hop **use)
 {
 	struct next_hop *hop = NEXT_HOP_CACHE_NS ? next_hops.lookup(&target_id) : NULL;
-	struct bpf_fib_lookup fib = {};
-	int rc;
-	if (!hop) {
-		rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0], daddr);
-		goto out;
-	}
+	if (!hop)
+		return fib_lookup(ctx, pkt, fib, saddr, sport, daddr, dport);
 	__u16 len = bpf_ntohs(pkt->ip->tot_len);
 	int fresh = now < hop->expires_ns && hop->in_ifindex == ctx->ingress_ifindex;
-	if (fresh && len <= hop->max_len)
-		return send_via(ctx, pkt, hop->ifindex, hop->dmac, hop->smac);
-
-	rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0], daddr);
+	if (fresh && len <= hop->max_len) {
+		*use = hop;
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	}
+	int rc = fib_lookup(ctx, pkt, fib, saddr, sport, daddr, dport);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (fresh && hop->ifindex == fib.ifindex && same_mac(hop->dmac, fib.dmac)) {
+		if (fresh && hop->ifindex == fib->ifindex && same_mac(hop->dmac, fib->dmac)) {
 			hop->max_len = len; /* the same next hop takes bigger packets */
 		} else {
 			hop->expires_ns = now + NEXT_HOP_CACHE_NS;
-			hop->ifindex = fib.ifindex;
+			hop->ifindex = fib->ifindex;
 			hop->in_ifindex = ctx->ingress_ifindex;
 			hop->max_len = len;
-			__builtin_memcpy(hop->dmac, fib.dmac, ETH_ALEN);
-			__builtin_memcpy(hop->smac, fib.smac, ETH_ALEN);
+			__builtin_memcpy(hop->dmac, fib->dmac, ETH_ALEN);
+			__builtin_memcpy(hop->smac, fib->smac, ETH_ALEN);
 		}
 	}
-out:
-	/* The kernel can forward a NAT packet whose next hop has no neighbour
-	 * entry yet (and resolves it), but not these: a full-NAT packet's source
-	 * is lb's own address (a martian to the kernel), a DSR packet's
-	 * destination the VIP (delivered locally). Userspace resolves every such
-	 * target's neighbour when it writes the target. */
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS && mode != FWD_NAT) {
-		count(CNT_DROP_NO_NEIGH);
-		return XDP_DROP;
+	return rc;
+}
+
+/* The packet (untouched) is too big for the path to its target and may not
+ * be fragmented: "fragmentation needed" goes back to its sender, quoting it
+ * as it was sent (so the sender's stack finds the connection and lowers its
+ * path MTU), out of the receiving interface. */
+static __always_inline int too_big(struct xdp_md *ctx, struct packet *pkt, __u16 mtu)
+{
+	if (icmp_too_big(ctx, pkt, mtu)) {
+		count(CNT_PASS_PARSE_ERROR); /* the frame could not be resized: the kernel has it */
+		return XDP_PASS;
 	}
-	return send_by(ctx, pkt, &fib, rc);
+	count(CNT_ICMP_TOO_BIG);
+	count(CNT_TX);
+	return XDP_TX;
 }
 
 /* How a flow's packets are rewritten toward its target: the VIP's mode
@@ -287,16 +293,36 @@ static __always_inline int to_target(struct xdp_md *ctx, struct packet *pkt, str
                                      __u32 vip_id, __u32 target_id, int new_flow, __u64 now,
                                      const struct fwd_how *how)
 {
+	int fullnat = how->mode == FWD_FULLNAT, dsr = how->mode == FWD_DSR;
+	struct bpf_fib_lookup fib = {};
+	struct next_hop *hop = NULL;
+	int rc = target_next_hop(ctx, pkt, target_id, fullnat ? how->snat_addr : pkt->ip->saddr,
+	                         fullnat ? how->snat_port : pkt->ports[0], t->addr, dsr ? pkt->ports[1] : t->port,
+	                         now, &fib, &hop);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && (pkt->ip->frag_off & bpf_htons(IP_DF)))
+		return too_big(ctx, pkt, fib.mtu_result);
+
 	account(vip_stats.lookup(&vip_id), pkt->len, new_flow);
 	account(target_stats.lookup(&target_id), pkt->len, new_flow);
-	if (how->mode == FWD_DSR) {
+	if (dsr) {
 		count(CNT_DSR);
 	} else {
 		nat_forward(pkt, t);
-		if (how->mode == FWD_FULLNAT)
+		if (fullnat)
 			fullnat_source(pkt, how->snat_addr, how->snat_port);
 	}
-	return send_to_target(ctx, pkt, target_id, t->addr, how->mode, now);
+	if (hop)
+		return send_via(ctx, pkt, hop->ifindex, hop->dmac, hop->smac);
+	/* The kernel can forward a NAT packet whose next hop has no neighbour
+	 * entry yet (and resolves it), but not these: a full-NAT packet's source
+	 * is lb's own address (a martian to the kernel), a DSR packet's
+	 * destination the VIP (delivered locally). Userspace resolves every such
+	 * target's neighbour when it writes the target. */
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && how->mode != FWD_NAT) {
+		count(CNT_DROP_NO_NEIGH);
+		return XDP_DROP;
+	}
+	return send_by(ctx, pkt, &fib, rc);
 }
 
 /* The target the VIP's ring gives this client -> VIP flow (NO_TARGET: none). */
@@ -378,7 +404,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 	/* Where it would go with the VIP as its source: a local address is lb's
 	 * own traffic with the target (health checks, the L7 proxy), not a reply. */
 	struct bpf_fib_lookup fib = {};
-	int rc = fib_lookup(ctx, pkt, &fib, vip_addr, vip_port, pkt->ip->daddr);
+	int rc = fib_lookup(ctx, pkt, &fib, vip_addr, vip_port, pkt->ip->daddr, pkt->ports[1]);
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return -1;
 	if (!ttl_ok(pkt))
@@ -463,7 +489,7 @@ static __always_inline int fullnat_reply(struct xdp_md *ctx, struct packet *pkt)
 		return -1;
 
 	struct bpf_fib_lookup fib = {};
-	int rc = fib_lookup(ctx, pkt, &fib, fwd.dst, fwd.dport, fwd.src);
+	int rc = fib_lookup(ctx, pkt, &fib, fwd.dst, fwd.dport, fwd.src, fwd.sport);
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return -1;
 	if (!ttl_ok(pkt))
@@ -483,6 +509,123 @@ static __always_inline int fullnat_reply(struct xdp_md *ctx, struct packet *pkt)
 	count(CNT_FULLNAT_REVERSE);
 	fullnat_reverse(pkt, &fwd);
 	return send_by(ctx, pkt, &fib, rc);
+}
+
+/* An ICMP error, rewritten, leaves toward its new destination. */
+static __always_inline int send_icmp(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET;
+	fib.tos = pkt->ip->tos;
+	fib.l4_protocol = IPPROTO_ICMP;
+	fib.tot_len = bpf_ntohs(pkt->ip->tot_len);
+	fib.ipv4_src = pkt->ip->saddr;
+	fib.ipv4_dst = pkt->ip->daddr;
+	fib.ifindex = ctx->ingress_ifindex;
+	return send_by(ctx, pkt, &fib, bpf_fib_lookup(ctx, &fib, sizeof(fib), 0));
+}
+
+/* An error about a reply lb sent from a VIP (a router toward the client
+ * could not deliver it, or it was too big for that path) is the target's
+ * business: the quote becomes what the target sent (its address and port;
+ * for full NAT, to lb's address and port), and the error goes to the target
+ * (for full NAT, from lb's address: the target knows no client). */
+static __always_inline int icmp_to_target(struct xdp_md *ctx, struct packet *pkt, struct icmp_error *err,
+                                          struct flow_state *state)
+{
+	__u32 target_id = state->target_id;
+	struct target *t = targets.lookup(&target_id);
+	if (!t)
+		return -1;
+	if (!ttl_ok(pkt))
+		return XDP_DROP;
+	if (state->mode == FWD_FULLNAT) {
+		icmp_quote_rewrite(err, 1, state->snat_addr, state->snat_port);
+		icmp_quote_rewrite(err, 0, t->addr, t->port);
+		icmp_outer_rewrite(pkt, state->snat_addr, t->addr);
+	} else {
+		icmp_quote_rewrite(err, 0, t->addr, t->port);
+		icmp_outer_rewrite(pkt, pkt->ip->saddr, t->addr);
+	}
+	count(CNT_ICMP_TO_TARGET);
+	return send_icmp(ctx, pkt);
+}
+
+/* An error about a packet lb sent toward a target (from the target, or a
+ * router on the way) is the client's: the quote becomes what the client
+ * sent (client -> VIP), the error goes to the client, from the VIP when the
+ * target itself sent it. `fwd` is the client's flow; `fullnat`: the quote's
+ * source was lb's address and port. */
+static __always_inline int icmp_to_client(struct xdp_md *ctx, struct packet *pkt, struct icmp_error *err,
+                                          struct flow_key *fwd, int fullnat)
+{
+	if (!ttl_ok(pkt))
+		return XDP_DROP;
+	__be32 outer_src = pkt->ip->saddr == err->quoted.dst ? fwd->dst : pkt->ip->saddr;
+	if (fullnat)
+		icmp_quote_rewrite(err, 0, fwd->src, fwd->sport);
+	icmp_quote_rewrite(err, 1, fwd->dst, fwd->dport);
+	icmp_outer_rewrite(pkt, outer_src, fwd->src);
+	count(CNT_ICMP_TO_CLIENT);
+	return send_icmp(ctx, pkt);
+}
+
+/* An ICMP error about a tracked flow, if the packet is one: its quote,
+ * reversed, is a client's flow (an error about a reply from a VIP) or a
+ * full-NAT reply's 5-tuple; else the quote is a NAT flow's packet to a
+ * target endpoint, whose VIP `replies` and the flow's entry give. -1: none
+ * of these (the caller passes it). DSR flows' errors never reach lb. */
+static __always_inline int icmp_in(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct icmp_error err = {};
+	if (icmp_error_parse(ctx, pkt, &err))
+		return -1;
+	struct flow_key back = {
+		.src = err.quoted.dst,
+		.dst = err.quoted.src,
+		.sport = err.quoted.dport,
+		.dport = err.quoted.sport,
+		.proto = err.quoted.proto,
+	};
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow_state *state = conntrack.lookup(&back);
+	if (state && state->mode != FWD_DSR && flow_is_live(back.proto, state, now))
+		return icmp_to_target(ctx, pkt, &err, state);
+
+	struct flow_key *held = fullnat_flows.lookup(&back);
+	if (held) {
+		struct flow_key fwd = *held;
+		return icmp_to_client(ctx, pkt, &err, &fwd, 1);
+	}
+
+	struct endpoint_key ek = {
+		.addr = err.quoted.dst,
+		.port = err.quoted.dport,
+		.proto = err.quoted.proto,
+	};
+	struct reply_route *route = replies.lookup(&ek);
+	if (!route)
+		return -1;
+	struct flow_key fwd = {
+		.src = err.quoted.src,
+		.sport = err.quoted.sport,
+		.proto = err.quoted.proto,
+	};
+	int found = -1;
+	__u32 count_vips = route->count;
+#pragma unroll
+	for (int i = 0; i < MAX_REPLY_VIPS; i++) {
+		if (i >= count_vips || found >= 0)
+			break;
+		fwd.dst = route->vips[i].addr;
+		fwd.dport = route->vips[i].port;
+		struct flow_state *s = conntrack.lookup(&fwd);
+		if (s && s->target_id == route->target_id && s->vip_gen == route->vips[i].gen)
+			found = i;
+	}
+	if (found < 0)
+		return -1;
+	return icmp_to_client(ctx, pkt, &err, &fwd, 0);
 }
 
 /* May this flow get a new entry now? Per CPU, at most NEW_FLOW_RATE_LIMIT a
@@ -599,6 +742,17 @@ int xdp_lb(struct xdp_md *ctx)
 	case PARSE_NOT_L4:
 		count(CNT_PASS_NOT_VIP);
 		return XDP_PASS;
+	case PARSE_ICMP: {
+		if (!ipv4_header_csum_ok(pkt.ip)) {
+			count(CNT_DROP_BAD_IP_CSUM);
+			return XDP_DROP;
+		}
+		int action = icmp_in(ctx, &pkt);
+		if (action >= 0)
+			return action;
+		count(CNT_PASS_NOT_VIP);
+		return XDP_PASS;
+	}
 	default:
 		count(CNT_PASS_PARSE_ERROR);
 		return XDP_PASS;

@@ -69,6 +69,9 @@ class Counter(enum.IntEnum):
     FULLNAT_REVERSE = 23
     DSR = 24
     DROP_NO_NEIGH = 25
+    ICMP_TOO_BIG = 26
+    ICMP_TO_CLIENT = 27
+    ICMP_TO_TARGET = 28
 
     @property
     def label(self) -> str:
@@ -106,6 +109,9 @@ COUNTER_HELP = {
     Counter.FULLNAT_REVERSE: "full NAT: reply to lb's address:port rewritten back to VIP -> client",
     Counter.DSR: "DSR: only the destination MAC rewritten toward the target",
     Counter.DROP_NO_NEIGH: "full NAT or DSR: no neighbour entry toward the target yet: dropped",
+    Counter.ICMP_TOO_BIG: "packet with DF too big for the path to its target: fragmentation needed sent back",
+    Counter.ICMP_TO_CLIENT: "ICMP error about a packet sent toward a target: rewritten back, sent to the client",
+    Counter.ICMP_TO_TARGET: "ICMP error about a reply sent from a VIP: rewritten, sent to the target",
 }
 
 
