@@ -12,11 +12,9 @@ of lb's own veth reaches the bridge's port like any other). Each target
 holds the VIP on `lo` with ARP suppressed (arp_ignore = 1, arp_announce =
 2: the README's target set-up) and answers the client directly through the
 router: no reply crosses lb. The client turns TX checksum offload off.
-
-XDP_MODE is generic: in native mode this kernel's veth drops the frames
-XDP_TX sends back toward a bridge port (counted as TX by the program, never
-seen on the peer), GRO on that port or not; a real NIC has no such
-limit (docs/kernel-notes.md).
+The switch's port toward lb has an XDP program that passes everything:
+veth delivers the frames lb's program sends back with XDP_TX only to a
+peer that has one (docs/kernel-notes.md).
 
 `DsrLab(prefix).up()` builds it (rolled back when it fails half-way) and
 starts lb.labserver on each target; `down()` removes every namespace.
@@ -27,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lb import netlink as nl
-from lb.lab import HOST_IF, SENDER_FEATURES, Backend, Lab, LabError
+from lb.lab import HOST_IF, SENDER_FEATURES, Backend, Lab, LabError, attach_pass_program
 from lb.model import XdpMode
 
 CLIENT_ADDR = "10.30.0.2"
@@ -38,7 +36,7 @@ VIP = "10.30.9.100"
 TARGET_ADDRS = ("10.30.1.11", "10.30.1.12", "10.30.1.13")
 PREFIXLEN = 24
 BRIDGE = "br0"
-XDP_MODE = XdpMode.GENERIC  # see the module's docstring
+XDP_MODE = XdpMode.NATIVE
 LB_IF = HOST_IF  # lb's one link, where XDP is attached
 # The target side of DSR (README: direct server return targets).
 TARGET_SYSCTLS = {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2",
@@ -113,6 +111,7 @@ class DsrLab:
                 nl.add_veth(ipr, port, "eth1" if peer_ns == self.router_ns else HOST_IF, peer_ns)
                 nl.set_master(ipr, port, BRIDGE)
                 nl.set_up(ipr, port)
+        attach_pass_program(self.switch_ns, "to-lb")
         with nl.iproute(self.router_ns) as ipr:
             nl.set_up(ipr, "lo")
             nl.add_veth(ipr, HOST_IF, HOST_IF, self.client_ns)
