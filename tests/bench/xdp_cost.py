@@ -87,10 +87,13 @@ from lb.dataplane.dataplane import Dataplane, L4Service  # noqa: E402
 from lb.dataplane.loader import Program, bpf_source_dir, purge_pins  # noqa: E402
 from lb.dataplane.maps import Endpoint, Maps, VipAddr  # noqa: E402
 from lb.dataplane.structs import Counter, Limits, ip_to_net, port_to_net  # noqa: E402
+from tests.names import name  # noqa: E402
 from tests.xdp_fixture import CLIENT_IF, MAC, NEIGHBORS, TARGET_IF  # noqa: E402
 
-NETNS = "lbb-pkt"
-NAME = "lbb-xdp-cost"  # pin directory /sys/fs/bpf/lb/lbb-xdp-cost
+# From LB_TEST_PREFIX (tests/names.py) when it is set, so two sessions'
+# benchmarks never share a namespace or pins; "lbb-..." unless set.
+NETNS = name("b-pkt") if "LB_TEST_PREFIX" in os.environ else "lbb-pkt"
+NAME = name("b-xdp-cost") if "LB_TEST_PREFIX" in os.environ else "lbb-xdp-cost"  # pin directory
 # Production limits (M = 65537, conntrack 524288 flows), but no flood guard:
 # the new-flow rows run a million SYNs a second, each of which must make its
 # entry. --per-cpu-lru swaps the conntrack map's shared LRU list for one per CPU.
