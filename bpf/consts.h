@@ -30,6 +30,14 @@
 #define CONNTRACK_SIZE 524288
 #endif
 
+/* TCP flows whose handshake is not complete yet (a SYN seen, not the
+ * client's ACK of the target's SYN-ACK): their own LRU (maps.h: half_open),
+ * so SYNs, spoofed ones too, never push an established flow out of
+ * conntrack. A flow moves to conntrack when its handshake completes. */
+#ifndef HALF_OPEN_SIZE
+#define HALF_OPEN_SIZE 131072
+#endif
+
 /* CONNTRACK_LRU_FLAGS: 0, one LRU list shared by all CPUs (the default), or
  * BPF_F_NO_COMMON_LRU, a list per CPU, each of CONNTRACK_SIZE / possible CPUs
  * (the loader then makes the map CONNTRACK_SIZE x possible CPUs entries, so
@@ -47,6 +55,13 @@
 #endif
 #ifndef UDP_IDLE_NS
 #define UDP_IDLE_NS (120ULL * 1000000000ULL)
+#endif
+
+/* A half-open entry is forgotten after this long without a SYN from its
+ * client (conntrack's SYN_RECV, 60 s); a client SYN retransmitted meanwhile
+ * stays with its target. */
+#ifndef TCP_SYN_NS
+#define TCP_SYN_NS (60ULL * 1000000000ULL)
 #endif
 
 /* A TCP flow that saw a RST (conntrack's CLOSE, 10 s) or a FIN from both
@@ -147,6 +162,10 @@ enum lb_counter {
 	                          * flow to this target */
 	CNT_FLOW_CLOSED,         /* TCP flow closed (RST, or FIN from both sides): short timeout, a SYN replaces it */
 	CNT_FLOOD_NO_ENTRY,      /* new flow above NEW_FLOW_RATE_LIMIT: forwarded by the ring, no entry made */
+	CNT_FLOW_ESTABLISHED,    /* the client acknowledged the target's SYN-ACK: the half-open entry moved to
+	                          * conntrack */
+	CNT_HANDSHAKE_MISMATCH,  /* an ACK of a half-open flow that does not acknowledge the target's SYN-ACK
+	                          * (spoofed, or before it): forwarded, the flow stays half-open */
 	CNT_DROP_NO_PORT,        /* full NAT: no free source port after FULLNAT_PORT_TRIES: drop (the client retries) */
 	CNT_DROP_NO_SOURCE,      /* full NAT: lb has no address toward the target: drop */
 	CNT_DROP_NO_ENTRY,       /* full NAT: a flow that may not get an entry (flood guard) cannot be forwarded: drop */

@@ -16,6 +16,9 @@
  * whose segment misses takes the ring (stateless, like Katran). Replies
  * need no entry of their own: `replies` maps the target endpoint to the
  * VIPs it serves, and the flow's entry (or, with none, the ring) says which.
+ * A SYN's entry is half-open, in a table of its own (half_open): the flow
+ * moves to conntrack only when the client acknowledges the target's SYN-ACK,
+ * so a SYN flood never pushes an established flow out of conntrack.
  * The entry follows TCP: FIN both ways or RST closes it (short timeout),
  * and a SYN does not follow an entry that is closed or whose target left
  * the ring: it takes the ring and replaces the entry (docs/architecture.md).
@@ -150,6 +153,17 @@ static __always_inline int is_syn(struct packet *pkt)
 	return is_tcp(pkt) && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN;
 }
 
+/* The TCP header of a TCP packet. The parser checked it is all in the
+ * frame, but the verifier keeps only the shorter UDP bound past the parser,
+ * so this checks again. */
+static __always_inline struct tcphdr *tcp_header(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct tcphdr *tcp = (void *)pkt->ports;
+	if ((void *)(tcp + 1) > (void *)(long)ctx->data_end)
+		return NULL;
+	return tcp;
+}
+
 /* Closed: RST seen, or FIN from both sides. A SYN does not follow it. */
 static __always_inline int flow_closed(struct flow_state *state)
 {
@@ -168,15 +182,29 @@ static __always_inline __u64 timeout_ns(__u8 proto, struct flow_state *state)
 	return TCP_IDLE_NS;
 }
 
+/* Was this flow begun under the VIP's current generation (the VIP was not deleted since)? */
+static __always_inline int flow_is_current(struct flow_state *state)
+{
+	__u32 vip_id = state->vip_id;
+	__u32 *gen = vip_gens.lookup(&vip_id);
+	return gen && *gen == state->vip_gen;
+}
+
 /* Is this conntrack entry still good: not idle past its timeout, and begun
- * under the VIP's current generation (the VIP was not deleted since)? */
+ * under the VIP's current generation? */
 static __always_inline int flow_is_live(__u8 proto, struct flow_state *state, __u64 now)
 {
 	if (now - state->last_seen_ns >= timeout_ns(proto, state))
 		return 0;
-	__u32 vip_id = state->vip_id;
-	__u32 *gen = vip_gens.lookup(&vip_id);
-	return gen && *gen == state->vip_gen;
+	return flow_is_current(state);
+}
+
+/* Is this half-open entry still good: a SYN within TCP_SYN_NS, the VIP's generation? */
+static __always_inline int half_open_is_live(struct half_open_flow *half, __u64 now)
+{
+	if (now - half->flow.last_seen_ns >= TCP_SYN_NS)
+		return 0;
+	return flow_is_current(&half->flow);
 }
 
 static __always_inline void touch(struct flow_state *state, __u64 now)
@@ -336,8 +364,11 @@ static __always_inline __u32 ring_target(struct vip_meta *vip, struct flow_key *
 /* A reply, if the packet is one: from a target endpoint, to a client of a
  * flow of one of the VIPs it serves. That flow is the one whose entry names
  * this target, else (a flow with no entry: evicted, forwarded by the ring
- * without one, or begun elsewhere) the one the ring gives this target. The
- * source goes back to that VIP. Returns -1 when the packet is no such reply
+ * without one, or begun elsewhere) the one the ring gives this target. A
+ * SYN-ACK or RST of a flow whose handshake is not complete finds it in
+ * half_open: the SYN-ACK's sequence number is what the client's ACK must
+ * acknowledge, a RST ends it. The source goes back to that VIP. Returns -1
+ * when the packet is no such reply
  * (the caller goes on with it): a target answering lb's own address (a
  * health check) is not one, whatever the ring says. */
 static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
@@ -372,6 +403,22 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 		    s->vip_gen == route->vips[i].gen && now - s->last_seen_ns < timeout_ns(pkt->flow.proto, s)) {
 			found = i;
 			state = s;
+		}
+	}
+	struct half_open_flow *half = NULL;
+	if (found < 0 && is_tcp(pkt) && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST))) {
+#pragma unroll
+		for (int i = 0; i < MAX_REPLY_VIPS; i++) {
+			if (i >= count_vips || found >= 0)
+				break;
+			fwd.dst = route->vips[i].addr;
+			fwd.dport = route->vips[i].port;
+			struct half_open_flow *h = half_open.lookup(&fwd);
+			if (h && h->flow.target_id == route->target_id && h->flow.vip_id == route->vips[i].vip_id &&
+			    h->flow.vip_gen == route->vips[i].gen && now - h->flow.last_seen_ns < TCP_SYN_NS) {
+				found = i;
+				half = h;
+			}
 		}
 	}
 	if (found < 0) {
@@ -414,6 +461,17 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 			follow_tcp(pkt, state, now, 0);
 		else
 			touch(state, now);
+	} else if (half) {
+		if (pkt->tcp_flags & TCP_FLAG_RST) {
+			half_open.delete(&fwd); /* refused: the client's next SYN takes the ring */
+			count(CNT_FLOW_CLOSED);
+		} else if ((pkt->tcp_flags & TCP_FLAG_ACK) && tcp_header(ctx, pkt)) {
+			__u32 isn = bpf_ntohl(tcp_header(ctx, pkt)->seq);
+			if (!half->synack_seen || half->target_isn != isn) {
+				half->target_isn = isn;
+				half->synack_seen = 1;
+			}
+		}
 	} else {
 		count(CNT_REPLY_NO_ENTRY);
 	}
@@ -431,8 +489,13 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 static __always_inline int fullnat_owner_live(struct flow_key *owner, const struct flow_key *rev, __u64 now)
 {
 	struct flow_state *state = conntrack.lookup(owner);
-	return state && state->mode == FWD_FULLNAT && state->snat_port == rev->dport &&
-	       state->snat_addr == rev->dst && flow_is_live(owner->proto, state, now);
+	if (state)
+		return state->mode == FWD_FULLNAT && state->snat_port == rev->dport && state->snat_addr == rev->dst &&
+		       flow_is_live(owner->proto, state, now);
+	/* A flow whose handshake is not complete holds its port in half_open. */
+	struct half_open_flow *half = owner->proto == IPPROTO_TCP ? half_open.lookup(owner) : NULL;
+	return half && half->flow.mode == FWD_FULLNAT && half->flow.snat_port == rev->dport &&
+	       half->flow.snat_addr == rev->dst && half_open_is_live(half, now);
 }
 
 /* Full NAT: a source port for flow `fwd` (client -> VIP) from lb's address
@@ -487,6 +550,14 @@ static __always_inline int fullnat_reply(struct xdp_md *ctx, struct packet *pkt)
 	if (state && (state->mode != FWD_FULLNAT || state->snat_port != pkt->flow.dport ||
 	              state->snat_addr != pkt->flow.dst || !flow_is_live(fwd.proto, state, now)))
 		return -1;
+	/* No entry in conntrack: the handshake may not be complete (half_open). */
+	struct half_open_flow *half = NULL;
+	if (!state && is_tcp(pkt)) {
+		half = half_open.lookup(&fwd);
+		if (half && (half->flow.mode != FWD_FULLNAT || half->flow.snat_port != pkt->flow.dport ||
+		             half->flow.snat_addr != pkt->flow.dst || !half_open_is_live(half, now)))
+			half = NULL;
+	}
 
 	struct bpf_fib_lookup fib = {};
 	int rc = fib_lookup(ctx, pkt, &fib, fwd.dst, fwd.dport, fwd.src, fwd.sport);
@@ -501,6 +572,23 @@ static __always_inline int fullnat_reply(struct xdp_md *ctx, struct packet *pkt)
 			touch(state, now);
 		__u32 vip_id = state->vip_id;
 		__u32 target_id = state->target_id;
+		account_reply(vip_stats.lookup(&vip_id), pkt->len);
+		account_reply(target_stats.lookup(&target_id), pkt->len);
+	} else if (half) {
+		/* As reply() does: the SYN-ACK's sequence number is what the
+		 * client's ACK must acknowledge; a RST ends the half-open flow. */
+		if (pkt->tcp_flags & TCP_FLAG_RST) {
+			half_open.delete(&fwd);
+			count(CNT_FLOW_CLOSED);
+		} else if ((pkt->tcp_flags & TCP_FLAG_ACK) && tcp_header(ctx, pkt)) {
+			__u32 isn = bpf_ntohl(tcp_header(ctx, pkt)->seq);
+			if (!half->synack_seen || half->target_isn != isn) {
+				half->target_isn = isn;
+				half->synack_seen = 1;
+			}
+		}
+		__u32 vip_id = half->flow.vip_id;
+		__u32 target_id = half->flow.target_id;
 		account_reply(vip_stats.lookup(&vip_id), pkt->len);
 		account_reply(target_stats.lookup(&target_id), pkt->len);
 	} else {
@@ -620,6 +708,10 @@ static __always_inline int icmp_in(struct xdp_md *ctx, struct packet *pkt)
 		fwd.dst = route->vips[i].addr;
 		fwd.dport = route->vips[i].port;
 		struct flow_state *s = conntrack.lookup(&fwd);
+		if (!s && fwd.proto == IPPROTO_TCP) { /* an error about a SYN: the flow is half-open */
+			struct half_open_flow *half = half_open.lookup(&fwd);
+			s = half ? &half->flow : NULL;
+		}
 		if (s && s->target_id == route->target_id && s->vip_gen == route->vips[i].gen)
 			found = i;
 	}
@@ -656,11 +748,11 @@ enum entry_use {
 };
 
 /* A packet to a VIP, decided by the ring: a SYN or a UDP datagram starts a
- * flow and gets an entry (under the flood guard); a packet whose entry
- * could not decide replaces it (it was there: no table growth); any other
- * TCP segment is forwarded without one. */
+ * flow and gets an entry (under the flood guard; a SYN's is half-open); a
+ * packet whose entry could not decide replaces it (it was there: no table
+ * growth); any other TCP segment is forwarded without one. */
 static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struct vip_meta *vip, __u64 now,
-                                   enum entry_use existing, int had_entry)
+                                   enum entry_use existing, int had_entry, int had_half_open)
 {
 	if (!ttl_ok(pkt))
 		return XDP_DROP;
@@ -673,7 +765,7 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 	}
 
 	int starts = !is_tcp(pkt) || is_syn(pkt);
-	if (had_entry && is_syn(pkt))
+	if ((had_entry || had_half_open) && is_syn(pkt))
 		count(CNT_SYN_RESCHEDULED);
 	/* A full-NAT packet needs its flow's entry (its source port lives
 	 * there): any packet without a usable one makes it, so a segment of a
@@ -682,7 +774,7 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 	int write = starts || fullnat || (had_entry && existing == ENTRY_REPLACE);
 	if (!write) {
 		count(CNT_MISS_NO_ENTRY);
-	} else if (!had_entry && !flood_guard_allows(now)) {
+	} else if (!had_entry && !had_half_open && !flood_guard_allows(now)) {
 		count(CNT_FLOOD_NO_ENTRY);
 		write = 0;
 		if (fullnat) {
@@ -718,9 +810,68 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 			state.rst = 1;
 		else if (is_tcp(pkt) && (pkt->tcp_flags & TCP_FLAG_FIN))
 			state.fin_client = 1;
-		conntrack.update(&pkt->flow, &state);
+		if (is_syn(pkt) && !had_entry) {
+			struct half_open_flow half = {.flow = state};
+			half_open.update(&pkt->flow, &half);
+		} else {
+			conntrack.update(&pkt->flow, &state);
+		}
 	}
 	return to_target(ctx, pkt, t, vip->vip_id, target_id, starts, now, &how);
+}
+
+/* A segment of a flow with a half-open entry and none in conntrack. The
+ * entry decides while it is live and its target active (for a SYN, a
+ * retransmission: in service); returns -1 when it does not (the ring
+ * decides). The client's ACK of the target's SYN-ACK moves the flow to
+ * conntrack; a RST from the client ends it. */
+static __always_inline int follow_half_open(struct xdp_md *ctx, struct packet *pkt, struct half_open_flow *half,
+                                            __u64 now)
+{
+	if (!half_open_is_live(half, now))
+		return -1;
+	__u32 target_id = half->flow.target_id;
+	__u32 vip_id = half->flow.vip_id;
+	struct target *t = targets.lookup(&target_id);
+	if (!t || !(t->flags & TARGET_F_ACTIVE))
+		return -1;
+	if (is_syn(pkt) && !(t->flags & TARGET_F_IN_SERVICE))
+		return -1;
+	if (!ttl_ok(pkt))
+		return XDP_DROP;
+	/* Read before the entry may be deleted below. */
+	struct fwd_how how = {
+		.mode = half->flow.mode,
+		.snat_addr = half->flow.snat_addr,
+		.snat_port = half->flow.snat_port,
+	};
+
+	__u8 flags = pkt->tcp_flags;
+	if (is_syn(pkt)) {
+		half->flow.last_seen_ns = now;
+	} else if (flags & TCP_FLAG_RST) {
+		half_open.delete(&pkt->flow);
+		count(CNT_FLOW_CLOSED);
+	} else if ((flags & (TCP_FLAG_ACK | TCP_FLAG_SYN)) == TCP_FLAG_ACK) {
+		struct tcphdr *tcp = tcp_header(ctx, pkt);
+		/* A DSR target's SYN-ACK never crosses lb: the client's first ACK
+		 * completes the handshake as far as lb can know. */
+		int dsr = half->flow.mode == FWD_DSR;
+		if (dsr || (half->synack_seen && tcp && bpf_ntohl(tcp->ack_seq) == half->target_isn + 1)) {
+			struct flow_state established = half->flow;
+			established.syn_only = 0;
+			established.last_seen_ns = now;
+			if (flags & TCP_FLAG_FIN)
+				established.fin_client = 1;
+			conntrack.update(&pkt->flow, &established);
+			half_open.delete(&pkt->flow);
+			count(CNT_FLOW_ESTABLISHED);
+		} else {
+			count(CNT_HANDSHAKE_MISMATCH);
+		}
+	}
+	count(CNT_CONNTRACK_HIT);
+	return to_target(ctx, pkt, t, vip_id, target_id, 0, now, &how);
 }
 
 int xdp_lb(struct xdp_md *ctx)
@@ -825,9 +976,25 @@ int xdp_lb(struct xdp_md *ctx)
 		.proto = pkt.flow.proto,
 	};
 	struct vip_meta *vip = vips.lookup(&vk);
-	if (vip)
-		return by_ring(ctx, &pkt, vip, now ? now : bpf_ktime_get_coarse_ns(), use, state != NULL);
+	if (!vip) {
+		count(CNT_PASS_NOT_VIP);
+		return XDP_PASS;
+	}
+	if (!now)
+		now = bpf_ktime_get_coarse_ns();
 
-	count(CNT_PASS_NOT_VIP);
-	return XDP_PASS;
+	/* None in conntrack: a TCP flow to a VIP may be half-open (its handshake not complete). */
+	int had_half_open = 0;
+	if (!state && is_tcp(&pkt)) {
+		struct half_open_flow *half = half_open.lookup(&pkt.flow);
+		if (half) {
+			int action = follow_half_open(ctx, &pkt, half, now);
+			if (action >= 0)
+				return action;
+			had_half_open = 1;
+		}
+	}
+	/* A flag set in its branch, not `half != NULL`: with no flood guard clang
+	 * ORs the two pointers for by_ring's test, which the verifier refuses. */
+	return by_ring(ctx, &pkt, vip, now, use, state != NULL, had_half_open);
 }

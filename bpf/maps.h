@@ -4,7 +4,7 @@
  * the next load, so a restarted daemon adopts the live state: flows keep
  * their targets while the control plane is away. Userspace writes vips,
  * targets, rings, vip_gens, replies and reply_ports; the program writes
- * conntrack, flood_guard, next_hops and the stats.
+ * conntrack, half_open, flood_guard, next_hops and the stats.
  *
  * Only declarations live here: bcc rewrites map calls (vips.lookup(...))
  * in the main file alone, so every function that touches a map is in lb.c.
@@ -53,6 +53,11 @@ BPF_TABLE("array", u32, u32, rings, LB_MAP_ENTRIES(MAX_VIPS * 2 * RING_SIZE));
  * CPUs unless CONNTRACK_LRU_FLAGS says otherwise (consts.h). */
 BPF_F_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, LB_MAP_ENTRIES(CONNTRACK_SIZE),
             CONNTRACK_LRU_FLAGS);
+
+/* client -> VIP 5-tuple -> a TCP flow whose handshake is not complete: made
+ * by a SYN, moved to conntrack by the client's ACK of the target's SYN-ACK.
+ * Its own LRU, so a SYN flood turns this table over, never conntrack. */
+BPF_TABLE("lru_hash", struct flow_key, struct half_open_flow, half_open, LB_MAP_ENTRIES(HALF_OPEN_SIZE));
 
 /* target endpoint (source of its replies) -> its target id and the VIPs it
  * serves: a reply's source goes back to the VIP whose flow it belongs to,

@@ -71,6 +71,16 @@ struct flow_state {
 	__u8  pad;           /* zero */
 };
 
+/* half_open value: a TCP flow whose SYN was seen and whose handshake is not
+ * complete. When the client acknowledges the target's SYN-ACK (ack number
+ * target_isn + 1) it moves to conntrack as `flow`, established: a spoofed
+ * SYN, answered to an address that cannot see the SYN-ACK, never gets there. */
+struct half_open_flow {
+	struct flow_state flow;  /* as it will be in conntrack; flow.syn_only is 1 */
+	__u32 target_isn;        /* host order; the sequence number of the target's SYN-ACK */
+	__u32 synack_seen;       /* host order; 1: target_isn is set */
+};
+
 /* replies key: a target endpoint as its replies carry it (source). */
 struct endpoint_key {
 	__be32 addr;   /* network order */

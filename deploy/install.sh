@@ -49,10 +49,15 @@ log() { echo "install: $*"; }
 # --- Debian packages -------------------------------------------------------
 # Runtime: bcc (Debian's; the PyPI package called bcc is unrelated), libbpf,
 # netlink and ethtool tools for operators. Tests add nftables, tcpdump and
-# vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile).
+# vagrant (+ a provider, so `vagrant validate` can check the lab's Vagrantfile),
+# prometheus for its promtool (19 MB download), which checks and unit-tests
+# deploy/prometheus/lb-alerts.yml (its service is never started: policy-rc.d),
+# and systemd (systemd-analyze) and strace, which check deploy/lb.service's
+# sandbox against what lb does (tests/test_unit_sandbox.py), and logrotate,
+# which checks deploy/lb.logrotate.
 packages=(python3-bpfcc libbpfcc libbpf1 python3-venv python3-dev iproute2 ethtool)
 if [ "$system" = 0 ]; then
-  packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux)
+  packages+=(nftables tcpdump vagrant vagrant-libvirt libcap2-bin util-linux logrotate prometheus systemd strace)
 fi
 if [ "$bench" = 1 ]; then
   packages+=(wrk nginx-light haproxy iperf3)
@@ -181,7 +186,12 @@ install -d -m 0755 "$etcdir/examples/tls"   # https-redirect.toml's example cert
 install -m 0644 "$here"/deploy/examples/tls/*.pem "$etcdir/examples/tls/"
 install -m 0600 "$here"/deploy/examples/tls/*.key "$etcdir/examples/tls/"
 install -d "$unitdir"
-install -m 0644 "$here/deploy/lb.service" "$unitdir/lb.service"
+# The unit names the paths this install used (LB_BINDIR, LB_ETCDIR).
+sed -e "/^Exec/ s|/usr/local/bin/lb |$bindir/lb |" -e "/^Exec/ s|/etc/lb/lb.toml\$|$etcdir/lb.toml|" \
+  "$here/deploy/lb.service" \
+  > "$unitdir/lb.service.tmp"
+chmod 0644 "$unitdir/lb.service.tmp"
+mv "$unitdir/lb.service.tmp" "$unitdir/lb.service"
 install -d "$logrotatedir"
 install -m 0644 "$here/deploy/lb.logrotate" "$logrotatedir/lb"
 if [ -d /run/systemd/system ] && [ "$unitdir" = /etc/systemd/system ]; then

@@ -44,7 +44,8 @@ from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
 from lb.model import LoadBalancer, Protocol
 from lb.runstate import RuntimeState
-from lb.systemd import sd_notify
+from lb.reloads import Reloads
+from lb.systemd import Watchdog, sd_notify
 
 if TYPE_CHECKING:
     from lb.l7.server import L7Server
@@ -75,6 +76,7 @@ class Daemon:
         self.state = RuntimeState(config.name, os.getpid(), config_path, time.time(), config.netns,
                                   pin_dir(config.name), admin_socket=config.admin_socket)
         self._stop = asyncio.Event()
+        self.reloads = Reloads(started=time.time())  # lb_reload_* in the metrics
         self._reconcile_pending = False
         self._ramp_timer: asyncio.TimerHandle | None = None
         # --- parts, created in prepare() and start()
@@ -129,7 +131,8 @@ class Daemon:
             await self.l7.start(self.controller.routing_table())
             self.controller.l7 = self.l7
         self._after_reconcile(self.controller.reconcile())
-        self.metrics_server = metrics.start(self.config.metrics_address, lambda: self.config, self.health, self.l7)
+        self.metrics_server = metrics.start(self.config.metrics_address, lambda: self.config, self.health, self.l7,
+                                            self.reloads)
         self.admin = admin.AdminServer(config.admin_socket, AdminCommands(self).handle)
         await self.admin.start()
         self.state.save()
@@ -159,7 +162,7 @@ class Daemon:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_on_signal()))
         loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(self.reopen_logs()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping)
@@ -222,7 +225,11 @@ class Daemon:
             self._ramp_timer = asyncio.get_running_loop().call_later(again_in, self.schedule_reconcile)
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the config: apply it whole, or change nothing."""
+        """Re-read the config: apply it whole, or change nothing (counted in self.reloads)."""
+        with self.reloads.attempt():
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
         sd_notify("RELOADING=1")
         try:
             new = configmod.load(self.config_path) if self.config_path else configmod.load_default()
@@ -262,6 +269,13 @@ class Daemon:
                 "warnings": warnings}
 
 
+    async def _reload_on_signal(self) -> None:
+        """SIGHUP: a rejection is logged (and counted) by reload; nobody awaits the answer."""
+        try:
+            await self.reload()
+        except admin.AdminError:
+            pass
+
     async def reopen_logs(self) -> None:
         """SIGUSR1: the workers write what they buffered and reopen the access
         log's path (logrotate renamed the file: deploy/logrotate)."""
@@ -288,11 +302,16 @@ def access_log_problem(config: LoadBalancer) -> str | None:
 
 
 async def _main(daemon: Daemon) -> None:
+    watchdog = Watchdog.from_environment()  # WatchdogSec= in the unit: pinged from this loop
+    watchdog.start(asyncio.get_running_loop())
     try:
         await daemon.start()
         await daemon.serve()
     finally:
-        await daemon.stop()
+        try:
+            await daemon.stop()
+        finally:
+            watchdog.stop()
 
 
 def run(config: LoadBalancer, config_path: str | None) -> None:

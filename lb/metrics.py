@@ -58,8 +58,16 @@ lb_l7_open_fds{worker}                      gauge    descriptors open (the worke
 lb_l7_fd_limit{worker}                      gauge    its limit on open files
 lb_l7_connections_shed_total                counter  idle connections closed near the open files limit
 lb_l7_connections_refused_total             counter  new ones closed there (nothing idle to close)
+lb_http_access_log_lines_lost_total         counter  access log lines dropped: their write failed (disk
+                                                     full, file system read-only)
 lb_certificate_expiry_seconds{listener,     gauge    when an HTTPS listener's certificate expires
   certificate,names,default}                         (Unix time: alert on it minus time())
+lb_reloads_total                            counter  reloads asked for (SIGHUP, `lb reload`)
+lb_reload_failures_total                    counter  those rejected (invalid config, a restart-only
+                                                     change): the running config stayed
+lb_reload_last_successful                   gauge    1 if the last reload was applied (or none was
+                                                     asked for since the start), 0 if rejected
+lb_reload_last_success_timestamp_seconds    gauge    when the running config was applied (Unix time)
 ==========================================  =======  ==========================================
 
 Per-CPU maps are summed per scrape.
@@ -93,6 +101,7 @@ from lb.model import LoadBalancer, TargetState
 if TYPE_CHECKING:
     from lb.health import HealthChecker
     from lb.l7.server import L7Server
+    from lb.reloads import Reloads
 
 log = logging.getLogger("lb.metrics")
 
@@ -149,17 +158,18 @@ class Collector(PromCollector):
     """A prometheus_client custom collector for one load balancer."""
 
     def __init__(self, config: Callable[[], LoadBalancer], *, health: HealthRows | None = None,
-                 l7_stats: L7Stats | None = None) -> None:
+                 l7_stats: L7Stats | None = None, reloads: Reloads | None = None) -> None:
         self._config = config  # a callable: the daemon's config changes on reload
         self._health = health
         self._l7_stats = l7_stats
+        self._reloads = reloads  # read from the scrape thread: see lb.reloads
 
     def describe(self) -> Iterable[Metric]:
         return ()  # no describe-time scrape; names are not checked for collisions
 
     def collect(self) -> Iterator[Metric]:
         config = self._config()
-        for section in (self._kernel, self._health_metrics, self._l7, self._certificates):
+        for section in (self._kernel, self._health_metrics, self._l7, self._certificates, self._reload_metrics):
             try:
                 yield from section(config)
             except TimeoutError as exc:  # the daemon's loop is busy: no traceback for that
@@ -232,6 +242,9 @@ class Collector(PromCollector):
             counts[(vip, flow.vip.protocol, state)] += 1
             if flow.tcp_state is not None:
                 tcp[(vip, flow.tcp_state)] += 1
+            if flow.source is not None:
+                ports[(str(flow.source.address), targets.get(flow.target_id, "?"), flow.vip.protocol)] += 1
+        for flow in maps.half_open_flows(limit=CONNTRACK_WALK_CAP):  # a SYN's flow holds its port too
             if flow.source is not None:
                 ports[(str(flow.source.address), targets.get(flow.target_id, "?"), flow.vip.protocol)] += 1
         for entry in vips:  # every VIP shows, with 0 when it has no flows
@@ -333,6 +346,9 @@ class Collector(PromCollector):
         yield CounterMetricFamily("lb_l7_connections_refused", "New L7 client connections closed at once near "
                                   "the open files limit (no idle one to close instead)",
                                   value=sum(snap.get("refused", 0) for snap in snapshots))
+        yield CounterMetricFamily("lb_http_access_log_lines_lost", "Access log lines dropped because their write "
+                                  "failed (disk full, file system read-only); requests were served",
+                                  value=sum(snap.get("access_log_lost", 0) for snap in snapshots))
         yield from self._l7_workers([snap for snap in snapshots if snap.get("worker") is not None])
 
     def _certificates(self, config: LoadBalancer) -> Iterator[Metric]:
@@ -347,6 +363,19 @@ class Collector(PromCollector):
             expiry.add_metric([row["listener"], row["certificate"], ",".join(row["names"]),
                                "true" if row["default"] else "false"], row["not_after"])
         yield expiry
+
+    def _reload_metrics(self, config: LoadBalancer) -> Iterator[Metric]:
+        reloads = self._reloads
+        if reloads is None:
+            return
+        yield CounterMetricFamily("lb_reloads", "Config reloads asked for (SIGHUP, lb reload)", value=reloads.total)
+        yield CounterMetricFamily("lb_reload_failures", "Config reloads rejected; the running config stayed",
+                                  value=reloads.failures)
+        yield GaugeMetricFamily("lb_reload_last_successful", "1 if the last reload was applied (or none was asked "
+                                "for since the start), 0 if it was rejected", value=1 if reloads.last_ok else 0)
+        yield GaugeMetricFamily("lb_reload_last_success_timestamp_seconds", "When the running config was "
+                                "applied, at the start or by the last successful reload (Unix time)",
+                                value=reloads.last_success)
 
     def _l7_workers(self, rows: list[dict[str, Any]]) -> Iterator[Metric]:
         """Per worker slot (label "worker": 0..N-1; a replacement takes its slot)."""
@@ -386,7 +415,7 @@ class MetricsServer:
 
 
 def start(address: str, config: Callable[[], LoadBalancer], health: HealthChecker | None,
-          l7: L7Server | None) -> MetricsServer | None:
+          l7: L7Server | None, reloads: Reloads | None = None) -> MetricsServer | None:
     """The daemon's endpoint on `address`, in its netns, called on its event
     loop. The scrape thread opens the pinned maps itself; the health checker
     (lb.health.HealthChecker) and the L7 workers (lb.l7.server.L7Server,
@@ -397,7 +426,7 @@ def start(address: str, config: Callable[[], LoadBalancer], health: HealthChecke
     rows = on_loop(loop, lambda: health_rows(config(), health))
     l7_stats = on_loop(loop, l7.stats) if l7 is not None else None
     try:
-        server = serve(address, Collector(config, health=rows, l7_stats=l7_stats))
+        server = serve(address, Collector(config, health=rows, l7_stats=l7_stats, reloads=reloads))
     except OSError as exc:
         log.error("metrics_address %s: %s; no metrics endpoint", address, exc)
         return None

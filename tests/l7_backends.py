@@ -827,7 +827,7 @@ ACCESS_LOG_FIELDS = (
     "type", "time", "listener", "client", "target", "request_processing_time", "target_processing_time",
     "response_processing_time", "elb_status_code", "target_status_code", "received_bytes", "sent_bytes", "request",
     "user_agent", "target_group", "request_id", "matched_rule_priority", "request_creation_time",
-    "actions_executed", "error_reason",
+    "actions_executed", "error_reason", "redirect_url", "ssl_cipher", "ssl_protocol",
 )  # fmt: skip
 _TEXT_FIELD = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
 
@@ -849,7 +849,8 @@ def parse_access_line(line: str) -> dict[str, Any]:
         record[key] = None if record[key] == "-" else int(record[key])
     for key in ("request_processing_time", "target_processing_time", "response_processing_time"):
         record[key] = float(record[key])
-    for key in ("target", "target_group", "user_agent", "actions_executed", "error_reason"):
+    for key in ("target", "target_group", "user_agent", "actions_executed", "error_reason", "redirect_url",
+                "ssl_cipher", "ssl_protocol"):
         if record[key] == "-":
             record[key] = None
     return record

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -120,6 +121,8 @@ def test_each_line_says_what_happened_to_its_request(tmp_path: Path, log_format:
     assert forwarded["received_bytes"] > 50 and forwarded["sent_bytes"] > 100
     assert forwarded["request_processing_time"] >= 0 and forwarded["target_processing_time"] >= 0
     assert forwarded["response_processing_time"] >= 0
+    assert forwarded["redirect_url"] is None
+    assert all(r["ssl_cipher"] is None and r["ssl_protocol"] is None for r in records)  # plain HTTP
 
     assert [v for n, v in seen["echo2"]["headers"] if n.lower() == "x-request-id"] == [generated["request_id"]]
     assert generated["user_agent"] is None
@@ -134,6 +137,8 @@ def test_each_line_says_what_happened_to_its_request(tmp_path: Path, log_format:
     assert (redirect["elb_status_code"], redirect["actions_executed"], redirect["matched_rule_priority"]) == (
         301, "redirect", 20)
     assert redirect["request"] == f"GET http://example.com:{port}/old?q=1 HTTP/1.1"
+    assert redirect["redirect_url"] == f"http://example.com:{port}/new?q=1"  # the Location sent
+    assert all(r["redirect_url"] is None for r in records if r is not redirect)
 
     assert (refused["elb_status_code"], refused["target_status_code"]) == (502, None)
     assert (refused["target"], refused["target_group"]) == (f"{HOST}:{dead}", "dead")
@@ -246,24 +251,38 @@ def test_a_table_update_moves_or_closes_the_log(tmp_path: Path) -> None:
     assert second.read_text().startswith("{")
 
 
-def test_an_https_listener_logs_https(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_an_https_listener_logs_https_and_the_handshake(tmp_path: Path, log_format: str) -> None:
     certs = Certs(tmp_path)
     log_file = tmp_path / "access.log"
 
     async def body() -> None:
         async with backend("http") as b:
-            listener = http_listener(forward_to("g"), tls=certs.listener_tls("www.example.com"))
-            table = routing_table(listener, (target_group("g", b),), access_log=str(log_file), log_format="json")
+            listener = http_listener(forward_to("g"), tls=certs.listener_tls("www.example.com"),
+                                     rules=(path_rule(5, "/old", m.RedirectAction(302, path="/new")),))
+            table = routing_table(listener, (target_group("g", b),), access_log=str(log_file), log_format=log_format)
             async with proxy(table) as (_, port):
                 shake = await asyncio.to_thread(tls_request, port, certs.client())
                 assert shake.response.startswith(b"HTTP/1.1 200 ")
-                seen["port"] = port
+                seen["port"], seen["shake"] = port, shake
+                # TLS 1.2 with a named cipher: what the handshake chose is what the line says.
+                ctx = certs.client()
+                ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+                ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256")
+                request = b"GET /old HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n"
+                seen["old"] = await asyncio.to_thread(tls_request, port, ctx, request=request)
+                assert seen["old"].response.startswith(b"HTTP/1.1 302 ")
 
-    seen: dict[str, int] = {}
+    seen: dict[str, Any] = {}
     run(body())
-    (record,) = read_access_log(log_file)
+    record, redirect = read_access_log(log_file)
     assert record["type"] == "https" and record["elb_status_code"] == 200
     assert record["request"] == f"GET https://www.example.com:{seen['port']}/ HTTP/1.1"
+    assert (record["ssl_protocol"], record["ssl_cipher"]) == (seen["shake"].version, seen["shake"].cipher)
+    assert record["ssl_protocol"] == "TLSv1.3" and record["redirect_url"] is None
+    assert (redirect["ssl_protocol"], redirect["ssl_cipher"]) == ("TLSv1.2", seen["old"].cipher)
+    assert redirect["ssl_cipher"].startswith("ECDHE-")
+    assert redirect["redirect_url"] == f"https://www.example.com:{seen['port']}/new"
 
 
 # --- the writer ------------------------------------------------------------------------------
@@ -458,3 +477,46 @@ def test_lb_up_counts_its_own_5xx_apart(daemon: tuple[RunningDaemon, int, int, P
                 r["error_reason"]) for r in read_access_log(log_file)}
     assert ("dead", 502, None, "TargetConnectionError") in reasons
     assert ("500", 500, 500, None) in reasons
+
+
+def lost_lines(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "lb_http_access_log_lines_lost_total")
+
+
+@pytest.mark.root
+def test_lines_a_full_disk_drops_are_counted_and_stay_counted_after_a_reload(tmp_path: Path) -> None:
+    """A write that fails (ENOSPC: /dev/full) drops its lines, as the README
+    says; lb_http_access_log_lines_lost_total counts them, and a reload that
+    moves the log to a good file keeps the count (a counter never goes back)."""
+    with ThreadedBackends(("http", "b1")) as (b1,):
+        port, metrics_port = free_port(), free_port()
+        lb_name = name("alost")
+        text = LB_CONFIG.format(name=lb_name, host=HOST, port=port, backend=b1.port, dead=free_port(),
+                                metrics=metrics_port, log="/dev/full", format="text")
+        running = RunningDaemon(None, lb_name, text)
+        try:
+            running.start()
+            for _ in range(5):
+                with urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=10) as response:
+                    assert response.status == 200
+            deadline = time.monotonic() + 5
+            while lost_lines(metrics_port) < 5 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the workers write every half second at most
+            assert lost_lines(metrics_port) == 5, running.logs()
+            assert "lines lost" in running.logs()
+            good = tmp_path / "access.log"
+            running.write_config(text.replace('path = "/dev/full"', f'path = "{good}"'))
+            running.request("reload")
+            for _ in range(3):
+                with urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=10) as response:
+                    assert response.status == 200
+            deadline = time.monotonic() + 5
+            while len(read_access_log(good) if good.exists() else []) < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(read_access_log(good)) == 3
+            assert lost_lines(metrics_port) == 5
+        finally:
+            running.cleanup()

@@ -210,11 +210,16 @@ def test_reconcile_ends_an_unhealthy_targets_flows_in_the_kernel(config: LoadBal
     from scapy.layers.l2 import Ether
 
     from lb.dataplane.structs import Counter
-    from tests.xdp_fixture import MAC, packet_lab
+    from tests.xdp_fixture import MAC, TARGET_IF, packet_lab
 
     def frame(sport: int, flags: str) -> bytes:
         return raw(Ether(src=MAC["client"], dst=MAC["fxa"]) / IP(src="10.0.0.2", dst="10.0.0.100", ttl=64)
                    / TCP(sport=sport, dport=9000, flags=flags, seq=1, ack=1 if "A" in flags else 0))
+
+    def synack(target: str, sport: int) -> bytes:  # ISN 0: the client's ACK (ack 1) acknowledges it
+        mac = MAC["t" + target[-1]]
+        return raw(Ether(src=mac, dst=MAC["fxb"]) / IP(src=target, dst="10.0.0.2", ttl=64)
+                   / TCP(sport=9000, dport=sport, flags="SA", seq=0, ack=2))
 
     with packet_lab() as lab:
         health = FakeHealth(config, live={"tcp": [0, 1, 2]})
@@ -223,7 +228,8 @@ def test_reconcile_ends_an_unhealthy_targets_flows_in_the_kernel(config: LoadBal
         owner: dict[int, str] = {}
         for sport in range(41200, 41230):
             owner[sport] = str(Ether(lab.run(frame(sport, "S")).data)[IP].dst)
-            lab.run(frame(sport, "A"))
+            lab.run(synack(owner[sport], sport), TARGET_IF)
+            lab.run(frame(sport, "A"))  # the handshake completes: the flow is in conntrack
         on_b = [p for p, a in owner.items() if a == "10.0.1.12"]
         assert on_b and len(on_b) < 30
 

@@ -350,7 +350,7 @@ def test_stats_watch_prints_rates(daemon: RunningDaemon, lab: Lab) -> None:
 def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     rows = {m["name"]: m for m in lb_json(daemon, "maps", "list")}
     assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
-                         "replies", "reply_ports", "flood_guard", "next_hops",
+                         "replies", "reply_ports", "flood_guard", "next_hops", "half_open",
                          "fullnat_sources", "fullnat_flows"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
         "hash", 8, 16, 2)
@@ -372,6 +372,7 @@ def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     for entry in some["entries"]:  # one entry a flow, keyed client -> VIP
         assert entry["key"]["dst"] == VIP, entry
         assert entry["value"]["tcp_state"] in (None, "syn_sent", "established", "closing", "time_wait", "closed")
+    assert lb_json(daemon, "maps", "dump", "half_open")["count"] >= 0
     routes = lb_json(daemon, "maps", "dump", "replies")["entries"]
     assert {(e["key"]["addr"], e["key"]["port"], e["key"]["proto"]) for e in routes} >= {
         (b.address, PORT, "TCP") for b in lab.backends}

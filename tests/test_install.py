@@ -27,7 +27,15 @@ def test_system_install_gives_a_working_lb_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lb = tmp_path / "bin" / "lb"
     assert os.readlink(lb) == str(tmp_path / "opt/venv/bin/lb")
-    assert (tmp_path / "units/lb.service").read_text() == (REPO / "deploy/lb.service").read_text()
+    # The unit runs what this install put in place, with its config path; the rest is deploy/lb.service.
+    unit = (tmp_path / "units/lb.service").read_text()
+    bindir, etcdir = tmp_path / "bin", tmp_path / "etc"
+    exec_lines = [line for line in unit.splitlines() if line.startswith("Exec")]
+    assert exec_lines == [f"ExecStart={bindir}/lb up -c {etcdir}/lb.toml",
+                          f"ExecReload={bindir}/lb reload -c {etcdir}/lb.toml"]
+    assert unit.replace(f"{bindir}/lb ", "/usr/local/bin/lb ").replace(f"{etcdir}/lb.toml", "/etc/lb/lb.toml") == (
+        REPO / "deploy/lb.service").read_text()
+    assert oct((tmp_path / "units/lb.service").stat().st_mode & 0o777) == "0o644"
     assert (tmp_path / "logrotate.d/lb").read_text() == (REPO / "deploy/lb.logrotate").read_text()
     examples = sorted(p.name for p in (tmp_path / "etc/examples").glob("*.toml"))
     assert examples == sorted(p.name for p in (REPO / "deploy/examples").glob("*.toml"))

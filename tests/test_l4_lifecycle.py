@@ -352,12 +352,6 @@ def test_idle_and_busy_connections_survive_a_spoofed_flood(lab: Lab) -> None:
     assert not lost, f"{len(lost)} of {len(idle)} idle connections broken by the flood: {lost}"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect (issue 12, open): spoofed SYNs each take an entry up to new_flow_rate_limit per CPU "
-    "a second, so a long SYN flood turns the connection table over and an idle flow loses its entry; "
-    "with the ring changed meanwhile it is hashed to another target, which resets it. The fix is a "
-    "half-open table that a flow leaves only when its handshake completes (conntrack's ASSURED). "
-    "Not strict: whether the flood outruns the guard depends on the machine's load, so it sometimes passes."))
 def test_connections_survive_a_flood_while_targets_leave_and_join_the_ring(lab: Lab) -> None:
     """backend3 joins the ring mid-flood (registered, then healthy) and the
     backend of the first idle connection leaves it (deregistered: draining,

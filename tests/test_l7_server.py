@@ -616,11 +616,11 @@ def test_access_log_line_and_stats(tmp_path: Path) -> None:
     time = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
     start = rf"http {time} web 127\.0\.0\.1:\d+ "
     assert re.fullmatch(start + rf'127\.0\.0\.1:\d+ \d\.\d{{6}} \d\.\d{{6}} \d\.\d{{6}} 200 200 \d+ \d+ '
-                        rf'"GET http://example\.com:\d+/x HTTP/1\.1" "-" g "[0-9a-f]{{32}}" 5 {time} "forward" "-"',
+                        rf'"GET http://example\.com:\d+/x HTTP/1\.1" "-" g "[0-9a-f]{{32}}" 5 {time} "forward" "-" "-" - -',
                         lines[0]), lines[0]
     assert re.fullmatch(start + rf'- \d\.\d{{6}} -1 -1 404 - \d+ \d+ '
                         rf'"GET http://example\.com:\d+/y HTTP/1\.1" "-" - "[0-9a-f]{{32}}" 0 {time} '
-                        rf'"fixed-response" "-"', lines[1]), lines[1]
+                        rf'"fixed-response" "-" "-" - -', lines[1]), lines[1]
 
 
 def test_graceful_stop_finishes_requests_in_flight() -> None:

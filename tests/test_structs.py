@@ -72,6 +72,7 @@ def test_counter_enum_matches_consts_h() -> None:
         ("MAX_VIPS", Limits().max_vips),
         ("MAX_TARGETS", Limits().max_targets),
         ("CONNTRACK_SIZE", Limits().conntrack_size),
+        ("HALF_OPEN_SIZE", Limits().half_open_size),
         ("NO_TARGET", structs.NO_TARGET),
         ("TARGET_F_ACTIVE", structs.TARGET_F_ACTIVE),
         ("TARGET_F_IN_SERVICE", structs.TARGET_F_IN_SERVICE),
@@ -90,7 +91,8 @@ def test_constants_match_consts_h(macro: str, value: int) -> None:
 @pytest.mark.parametrize("macro, seconds", [("TCP_IDLE_NS", Limits().tcp_idle_timeout),
                                             ("UDP_IDLE_NS", Limits().udp_idle_timeout),
                                             ("TCP_CLOSED_NS", Limits().tcp_closed_timeout),
-                                            ("TCP_TIME_WAIT_NS", Limits().tcp_time_wait_timeout)])
+                                            ("TCP_TIME_WAIT_NS", Limits().tcp_time_wait_timeout),
+                                            ("TCP_SYN_NS", Limits().tcp_syn_timeout)])
 def test_idle_defaults_match_consts_h(macro: str, seconds: int) -> None:
     found = re.search(rf"#define {macro} \((\d+)ULL \*", header("consts.h"))
     assert found is not None and int(found.group(1)) == seconds

@@ -59,11 +59,18 @@ def cases() -> Iterator[Case]:
                rewritten(syn, out_src_mac=MAC["fxb"], out_dst_mac=MAC["t1"]),
                {Counter.CONNTRACK_MISS: 1, Counter.DSR: 1, Counter.REDIRECTED: 1})
 
+    first_ack = from_client(tcp(49007, flags="A"), dst="10.0.0.130")
+    yield Case("the client's ACK after its SYN establishes the flow (the target's SYN-ACK never crosses lb)",
+               raw(first_ack), XDP_REDIRECT, rewritten(first_ack, out_src_mac=MAC["fxb"], out_dst_mac=MAC["t1"]),
+               {Counter.CONNTRACK_HIT: 1, Counter.FLOW_ESTABLISHED: 1, Counter.DSR: 1, Counter.REDIRECTED: 1},
+               before=[raw(from_client(tcp(49007), dst="10.0.0.130"))])
+
     ack = from_client(tcp(49002, flags="A", payload=b"y" * 200), dst="10.0.0.130")
     yield Case("tcp established: the entry decides, MACs only", raw(ack), XDP_REDIRECT,
                rewritten(ack, out_src_mac=MAC["fxb"], out_dst_mac=MAC["t1"]),
                {Counter.CONNTRACK_HIT: 1, Counter.DSR: 1, Counter.REDIRECTED: 1},
-               before=[raw(from_client(tcp(49002), dst="10.0.0.130"))])
+               before=[raw(from_client(tcp(49002), dst="10.0.0.130")),
+                       raw(from_client(tcp(49002, flags="A"), dst="10.0.0.130"))])
 
     stray = from_client(tcp(49003, flags="A"), dst="10.0.0.130")
     yield Case("tcp segment of no entry: by the ring, no entry made, MACs only", raw(stray), XDP_REDIRECT,

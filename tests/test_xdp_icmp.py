@@ -36,6 +36,8 @@ from tests.test_xdp_packets import (
     XDP_TX,
     ep,
     from_client,
+    from_target,
+    handshake,
     tcp,
     udp,
     vip,
@@ -46,6 +48,7 @@ pytestmark = pytest.mark.root
 
 SMALL_MTU_TARGET = "10.0.1.15"  # a host route with MTU 1280 leads there
 SMALL_MTU_VIP = "10.0.0.140"
+SMALL_MTU_MAC = "02:00:00:00:01:15"
 SMALL = [L4Service(vip(SMALL_MTU_VIP, 9000), members=((ep(SMALL_MTU_TARGET, 9000), 1),))]
 ROUTER = "10.0.0.50"  # on the client's side ("near" in the fixture)
 TARGET_SIDE_ROUTER = "10.0.1.99"
@@ -54,6 +57,13 @@ TARGET_SIDE_ROUTER = "10.0.1.99"
 def quote(pkt: Packet, length: int = 28) -> bytes:
     """What an ICMP error quotes of `pkt` (from its IP header)."""
     return raw(pkt[IP])[:length]
+
+
+def small_handshake(sport: int) -> list[tuple[bytes, str]]:
+    """SYN, SYN-ACK, ACK of a flow to SMALL_MTU_VIP: established in conntrack."""
+    synack = from_target(SMALL_MTU_TARGET, SMALL_MTU_MAC, tcp(9000, sport, flags="SA"))
+    return [(raw(from_client(tcp(sport), dst=SMALL_MTU_VIP)), CLIENT_IF), (raw(synack), TARGET_IF),
+            (raw(from_client(tcp(sport, flags="A"), dst=SMALL_MTU_VIP)), CLIENT_IF)]
 
 
 def icmp(src: str, dst: str, src_mac: str, dst_mac: str, type_: int, code: int, quoted: bytes,
@@ -85,15 +95,15 @@ def cases() -> Iterator[Case]:
              ICMP(type=3, code=4, nexthopmtu=1280) / Raw(quote(big)))
     yield Case("a segment with DF too big for the target's path: fragmentation needed back to the client",
                raw(big), XDP_TX, raw(reply), {Counter.CONNTRACK_HIT: 1, Counter.ICMP_TOO_BIG: 1, Counter.TX: 1},
-               before=[(raw(from_client(tcp(51001), dst=SMALL_MTU_VIP)), CLIENT_IF)])
+               before=small_handshake(51001))
     may_split = from_client(tcp(51002, flags="PA", payload=b"z" * 1400), dst=SMALL_MTU_VIP)
     yield Case("too big without DF: rewritten and passed (the kernel fragments it)", raw(may_split), XDP_PASS,
                None, {Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1},
-               before=[(raw(from_client(tcp(51002), dst=SMALL_MTU_VIP)), CLIENT_IF)])
+               before=small_handshake(51002))
     fits = from_client(tcp(51003, flags="PA", payload=b"z" * 1200), dst=SMALL_MTU_VIP, flags="DF")
     yield Case("a segment that fits the path: forwarded", raw(fits), XDP_REDIRECT, None,
                {Counter.CONNTRACK_HIT: 1, Counter.REDIRECTED: 1},
-               before=[(raw(from_client(tcp(51003), dst=SMALL_MTU_VIP)), CLIENT_IF)])
+               before=small_handshake(51003))
 
     # --- NAT: from the target toward the client ----------------------------------------------
     dgram = from_client(udp(51010))  # to VIP:9000/UDP, whose target is 10.0.1.12:9000
@@ -111,7 +121,15 @@ def cases() -> Iterator[Case]:
     yield Case("time exceeded from a router beyond lb: quote back to the VIP, the router stays the source",
                raw(expired), XDP_REDIRECT,
                raw(icmp(TARGET_SIDE_ROUTER, CLIENT, MAC["fxa"], MAC["client"], 11, 0, quote(original), ttl=63)),
-               TO_CLIENT, ingress=TARGET_IF, before=[(raw(from_client(tcp(51011))), CLIENT_IF)])
+               TO_CLIENT, ingress=TARGET_IF, before=handshake(51011))
+
+    syn_seen = IP(src=CLIENT, dst="10.0.1.11", ttl=63, id=7) / TCP(sport=51013, dport=9000, flags="S", seq=1000)
+    filtered = icmp(TARGET_SIDE_ROUTER, CLIENT, MAC["t1"], MAC["fxb"], 3, 13, quote(syn_seen))
+    syn_sent = IP(src=CLIENT, dst=VIP, ttl=63, id=7) / TCP(sport=51013, dport=9000, flags="S", seq=1000)
+    yield Case("an error about a SYN (the flow half-open): quote back to the VIP",
+               raw(filtered), XDP_REDIRECT,
+               raw(icmp(TARGET_SIDE_ROUTER, CLIENT, MAC["fxa"], MAC["client"], 3, 13, quote(syn_sent), ttl=63)),
+               TO_CLIENT, ingress=TARGET_IF, before=[(raw(from_client(tcp(51013))), CLIENT_IF)])
 
     # --- NAT: from the path toward the target -------------------------------------------------
     answer = IP(src=VIP, dst=CLIENT, ttl=63, id=9) / TCP(sport=9000, dport=51012, flags="PA") / Raw(b"x" * 1300)
@@ -121,7 +139,7 @@ def cases() -> Iterator[Case]:
     yield Case("fragmentation needed about a reply from the VIP: to the target, quoting what it sent",
                raw(too_big), XDP_REDIRECT,
                raw(icmp(ROUTER, "10.0.1.11", MAC["fxb"], MAC["t1"], 3, 4, quote(as_sent), mtu=1200, ttl=63)),
-               TO_TARGET, before=[(raw(from_client(tcp(51012))), CLIENT_IF)])
+               TO_TARGET, before=handshake(51012))
 
     # --- full NAT, both ways -----------------------------------------------------------------
     lb_port = port_for(51020)
@@ -164,7 +182,7 @@ def pkt_lab() -> Iterator[PacketLab]:
         with nl.iproute(NETNS) as ipr:
             oif = nl.ifindex(ipr, TARGET_IF)
             ipr.route("add", dst=f"{SMALL_MTU_TARGET}/32", oif=oif, metrics={"mtu": 1280, "lock": 1 << 2})  # locked (RTAX_MTU): forwarding uses it
-            nl.add_neighbor(ipr, TARGET_IF, SMALL_MTU_TARGET, "02:00:00:00:01:15")
+            nl.add_neighbor(ipr, TARGET_IF, SMALL_MTU_TARGET, SMALL_MTU_MAC)
         the_lab.dataplane.apply([*SERVICES, *FULLNAT, *SMALL])
         yield the_lab
 

@@ -76,9 +76,24 @@ def from_target(src: str, src_mac: str, l4: Packet, dst: str = CLIENT, **ip: Any
     return Ether(src=src_mac, dst=MAC["fxb"]) / IP(src=src, dst=dst, ttl=64, id=9, **ip) / l4
 
 
+TARGET_ISN = 4999  # every SYN-ACK's sequence number: the client's ACKs (ack 5000) acknowledge it
+
+
 def tcp(sport: int, dport: int = 9000, flags: str = "S", payload: bytes = b"") -> Packet:
-    segment = TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if "A" not in flags else 5000, window=64240)
+    seq = TARGET_ISN if flags == "SA" else 1000
+    segment = TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=0 if "A" not in flags else TARGET_ISN + 1,
+                  window=64240)
     return segment / Raw(payload) if payload else segment
+
+
+def handshake(sport: int, address: str = VIP, port: int = 9000, target: str = "10.0.1.11",
+              target_port: int | None = None) -> list[tuple[bytes, str]]:
+    """SYN, the target's SYN-ACK, the client's ACK of it: frames that leave the
+    flow established in conntrack (a SYN alone leaves it half-open)."""
+    syn = from_client(tcp(sport, dport=port), dst=address)
+    synack = from_target(target, MAC[TARGETS[target]], tcp(target_port or port, sport, flags="SA"))
+    ack = from_client(tcp(sport, dport=port, flags="A"), dst=address)
+    return [(raw(syn), CLIENT_IF), (raw(synack), TARGET_IF), (raw(ack), CLIENT_IF)]
 
 
 def udp(sport: int, dport: int = 9000, payload: bytes = b"ping", chksum: int | None = None) -> Packet:
@@ -181,11 +196,11 @@ def cases() -> Iterator[Case]:
 
     first, ack = from_client(tcp(40002)), from_client(tcp(40002, flags="A"))
     yield Case("tcp established flow: conntrack hit, same target", raw(ack), XDP_REDIRECT, to_t1(ack), HIT,
-               before=[(raw(first), CLIENT_IF)], new_flow=False)
+               before=handshake(40002), new_flow=False)
 
     data = from_client(tcp(40003, flags="PA", payload=b"GET / HTTP/1.1\r\n\r\n" * 20))
     yield Case("tcp segment with payload: payload intact, checksum updated", raw(data), XDP_REDIRECT,
-               to_t1(data), HIT, before=[(raw(from_client(tcp(40003))), CLIENT_IF)], new_flow=False)
+               to_t1(data), HIT, before=handshake(40003), new_flow=False)
 
     synack = from_target("10.0.1.11", MAC["t1"], tcp(9000, 40004, flags="SA"))
     yield Case("reply from target: source back to VIP:port, redirect to the client side", raw(synack),
@@ -278,6 +293,8 @@ MISS_NO_ENTRY = {Counter.CONNTRACK_MISS: 1, Counter.MISS_NO_ENTRY: 1, Counter.RE
 RESCHEDULED = {Counter.CONNTRACK_MISS: 1, Counter.SYN_RESCHEDULED: 1, Counter.REDIRECTED: 1}
 CLOSED_HIT = {**HIT, Counter.FLOW_CLOSED: 1}
 CLOSED_REV = {**REV, Counter.FLOW_CLOSED: 1}
+ESTABLISHED = {**HIT, Counter.FLOW_ESTABLISHED: 1}
+MISMATCH = {**HIT, Counter.HANDSHAKE_MISMATCH: 1}
 
 
 def tcp_life_cases() -> Iterator[Case]:
@@ -317,12 +334,27 @@ def tcp_life_cases() -> Iterator[Case]:
                XDP_PASS, None, PASS_NOT_VIP, ingress=TARGET_IF, services=[extra("10.0.0.115", 9800, pair)])
 
     syn = c(40024, "S")
-    yield Case("tcp SYN: entry syn_sent", raw(syn), XDP_REDIRECT, to_t1(syn), FWD, new_flow=True,
+    yield Case("tcp SYN: entry half-open, syn_sent", raw(syn), XDP_REDIRECT, to_t1(syn), FWD, new_flow=True,
                entry=(VIP, 9000, 40024), entry_state="syn_sent")
+    synack = t("10.0.1.11", 40029, "SA")
+    yield Case("the target's SYN-ACK: source back to the VIP, half-open entry syn_recv", raw(synack),
+               XDP_REDIRECT, back_to_client(synack), REV, ingress=TARGET_IF,
+               before=[(raw(c(40029, "S")), CLIENT_IF)], entry=(VIP, 9000, 40029), entry_state="syn_recv")
     ack = c(40025)
-    yield Case("the client's ACK after its SYN: entry established", raw(ack), XDP_REDIRECT, to_t1(ack), HIT,
-               before=[(raw(c(40025, "S")), CLIENT_IF)], new_flow=False, entry=(VIP, 9000, 40025),
+    yield Case("the client's ACK of the SYN-ACK: the flow moves to conntrack, established", raw(ack), XDP_REDIRECT,
+               to_t1(ack), ESTABLISHED, before=handshake(40025)[:2], new_flow=False, entry=(VIP, 9000, 40025),
                entry_state="established")
+    ack = c(40026)
+    yield Case("an ACK before the target's SYN-ACK: its target, the flow stays half-open", raw(ack), XDP_REDIRECT,
+               to_t1(ack), MISMATCH, before=handshake(40026)[:1], new_flow=False, entry=(VIP, 9000, 40026),
+               entry_state="syn_sent")
+    spoofed = from_client(TCP(sport=40027, dport=9000, flags="A", seq=1000, ack=TARGET_ISN + 2, window=64240))
+    yield Case("an ACK not acknowledging the SYN-ACK (spoofed): its target, the flow stays half-open", raw(spoofed),
+               XDP_REDIRECT, to_t1(spoofed), MISMATCH, before=handshake(40027)[:2], new_flow=False,
+               entry=(VIP, 9000, 40027), entry_state="syn_recv")
+    rst = c(40028, "R")
+    yield Case("client RST of a half-open flow: forwarded, entry gone", raw(rst), XDP_REDIRECT, to_t1(rst),
+               CLOSED_HIT, before=handshake(40028)[:2], new_flow=False, entry=(VIP, 9000, 40028))
 
     # Out of service: .110 had t1 alone, then t2 in the ring and t1 draining.
     before = [extra("10.0.0.110", 9500, ("10.0.1.11",))]
@@ -330,12 +362,12 @@ def tcp_life_cases() -> Iterator[Case]:
     syn = c(45000, "S", "10.0.0.110", 9500)
     yield Case("SYN on an entry whose target is draining (not in service): rescheduled onto the ring", raw(syn),
                XDP_REDIRECT, to_target(syn, "10.0.1.12"), RESCHEDULED, services=before, change=after,
-               before=[(raw(syn), CLIENT_IF), (raw(c(45000, "A", "10.0.0.110", 9500)), CLIENT_IF)], new_flow=True,
+               before=handshake(45000, "10.0.0.110", 9500), new_flow=True,
                entry=("10.0.0.110", 9500, 45000), entry_state="syn_sent")
     ack = c(45001, "A", "10.0.0.110", 9500)
     yield Case("ACK on an entry whose target is draining: still its target (draining flows go on)", raw(ack),
                XDP_REDIRECT, to_target(ack, "10.0.1.11"), HIT, services=before, change=after,
-               before=[(raw(c(45001, "S", "10.0.0.110", 9500)), CLIENT_IF)], new_flow=False,
+               before=handshake(45001, "10.0.0.110", 9500), new_flow=False,
                entry=("10.0.0.110", 9500, 45001), entry_state="established")
     dgram = from_client(udp(45002, dport=9500), dst="10.0.0.110")
     yield Case("UDP datagram on an entry whose target is draining: still its target", raw(dgram), XDP_REDIRECT,
@@ -351,59 +383,59 @@ def tcp_life_cases() -> Iterator[Case]:
                to_target(syn, "10.0.1.11"), HIT, services=alone, change=both, before=[(raw(syn), CLIENT_IF)],
                new_flow=False, entry=("10.0.0.111", 9700, p), entry_state="syn_sent")
     p = port_to("10.0.0.111", 9700, pair, "10.0.1.12", p + 1)
+    synack = t("10.0.1.11", p, "SA", 9700)
+    yield Case("SYN-ACK of a half-open flow the ring now gives another target: back to the VIP by its entry",
+               raw(synack), XDP_REDIRECT, back_to_client(synack, vip_address="10.0.0.111", sport=9700), REV,
+               ingress=TARGET_IF, services=alone, change=both, before=[(raw(c(p, "S", "10.0.0.111", 9700)), CLIENT_IF)],
+               entry=("10.0.0.111", 9700, p), entry_state="syn_recv")
+    p = port_to("10.0.0.111", 9700, pair, "10.0.1.12", p + 1)
     syn = c(p, "S", "10.0.0.111", 9700)
     yield Case("SYN after a RST (closed entry): rescheduled onto the ring", raw(syn), XDP_REDIRECT,
                to_target(syn, "10.0.1.12"), RESCHEDULED, services=alone, change=both, new_flow=True,
-               before=[(raw(syn), CLIENT_IF), (raw(c(p, "A", "10.0.0.111", 9700)), CLIENT_IF),
-                       (raw(t("10.0.1.11", p, "R", 9700)), TARGET_IF)],
+               before=[*handshake(p, "10.0.0.111", 9700), (raw(t("10.0.1.11", p, "R", 9700)), TARGET_IF)],
                entry=("10.0.0.111", 9700, p), entry_state="syn_sent")
     p = port_to("10.0.0.111", 9700, pair, "10.0.1.12", p + 1)
     syn = c(p, "S", "10.0.0.111", 9700)
     yield Case("SYN after FIN both ways (time-wait entry): rescheduled onto the ring", raw(syn), XDP_REDIRECT,
                to_target(syn, "10.0.1.12"), RESCHEDULED, services=alone, change=both, new_flow=True,
-               before=[(raw(syn), CLIENT_IF), (raw(c(p, "A", "10.0.0.111", 9700)), CLIENT_IF),
-                       (raw(c(p, "FA", "10.0.0.111", 9700)), CLIENT_IF),
+               before=[*handshake(p, "10.0.0.111", 9700), (raw(c(p, "FA", "10.0.0.111", 9700)), CLIENT_IF),
                        (raw(t("10.0.1.11", p, "FA", 9700)), TARGET_IF)],
                entry=("10.0.0.111", 9700, p), entry_state="syn_sent")
     p = port_to("10.0.0.111", 9700, pair, "10.0.1.12", p + 1)
     syn = c(p, "S", "10.0.0.111", 9700)
     yield Case("SYN after one FIN (half-closed, target in service): still its target", raw(syn), XDP_REDIRECT,
                to_target(syn, "10.0.1.11"), HIT, services=alone, change=both, new_flow=False,
-               before=[(raw(syn), CLIENT_IF), (raw(c(p, "A", "10.0.0.111", 9700)), CLIENT_IF),
-                       (raw(c(p, "FA", "10.0.0.111", 9700)), CLIENT_IF)],
+               before=[*handshake(p, "10.0.0.111", 9700), (raw(c(p, "FA", "10.0.0.111", 9700)), CLIENT_IF)],
                entry=("10.0.0.111", 9700, p), entry_state="closing")
 
     # FIN and RST, either side (VIP .100:9000 -> t1).
-    opened = [(raw(c(40030, "S")), CLIENT_IF), (raw(c(40030)), CLIENT_IF)]
     fin = c(40030, "FA")
     yield Case("client FIN: forwarded, entry half-closed", raw(fin), XDP_REDIRECT, to_t1(fin), HIT,
-               before=opened, entry=(VIP, 9000, 40030), entry_state="closing")
+               before=handshake(40030), entry=(VIP, 9000, 40030), entry_state="closing")
     fin = t("10.0.1.11", 40031, "FA")
     yield Case("target FIN after the client's: source back to the VIP, entry closed (time-wait)", raw(fin),
                XDP_REDIRECT, back_to_client(fin), CLOSED_REV, ingress=TARGET_IF,
-               before=[(raw(c(40031, "S")), CLIENT_IF), (raw(c(40031)), CLIENT_IF),
-                       (raw(c(40031, "FA")), CLIENT_IF)], entry=(VIP, 9000, 40031), entry_state="time_wait")
+               before=[*handshake(40031), (raw(c(40031, "FA")), CLIENT_IF)], entry=(VIP, 9000, 40031), entry_state="time_wait")
     fin = t("10.0.1.11", 40032, "FA")
     yield Case("target FIN first: source back to the VIP, entry half-closed", raw(fin), XDP_REDIRECT,
                back_to_client(fin), REV, ingress=TARGET_IF,
-               before=[(raw(c(40032, "S")), CLIENT_IF), (raw(c(40032)), CLIENT_IF)],
+               before=handshake(40032),
                entry=(VIP, 9000, 40032), entry_state="closing")
     fin = c(40033, "FA")
     yield Case("client FIN after the target's: forwarded, entry closed (time-wait)", raw(fin), XDP_REDIRECT,
-               to_t1(fin), CLOSED_HIT, before=[(raw(c(40033, "S")), CLIENT_IF), (raw(c(40033)), CLIENT_IF),
-                                              (raw(t("10.0.1.11", 40033, "FA")), TARGET_IF)],
+               to_t1(fin), CLOSED_HIT, before=[*handshake(40033), (raw(t("10.0.1.11", 40033, "FA")), TARGET_IF)],
                entry=(VIP, 9000, 40033), entry_state="time_wait")
     rst = c(40034, "R")
     yield Case("client RST: forwarded, entry closed", raw(rst), XDP_REDIRECT, to_t1(rst), CLOSED_HIT,
-               before=[(raw(c(40034, "S")), CLIENT_IF), (raw(c(40034)), CLIENT_IF)],
+               before=handshake(40034),
                entry=(VIP, 9000, 40034), entry_state="closed")
     rst = t("10.0.1.11", 40035, "RA")
-    yield Case("target RST (refusing a SYN): source back to the VIP, entry closed", raw(rst), XDP_REDIRECT,
-               back_to_client(rst), CLOSED_REV, ingress=TARGET_IF, before=[(raw(c(40035, "S")), CLIENT_IF)],
-               entry=(VIP, 9000, 40035), entry_state="closed")
+    yield Case("target RST (refusing a SYN): source back to the VIP, half-open entry gone", raw(rst),
+               XDP_REDIRECT, back_to_client(rst), CLOSED_REV, ingress=TARGET_IF,
+               before=[(raw(c(40035, "S")), CLIENT_IF)], entry=(VIP, 9000, 40035))
     ack = c(40036)
     yield Case("ACK after a RST: the closed entry still decides until it times out", raw(ack), XDP_REDIRECT,
-               to_t1(ack), HIT, before=[(raw(c(40036, "S")), CLIENT_IF), (raw(c(40036, "R")), CLIENT_IF)],
+               to_t1(ack), HIT, before=[*handshake(40036), (raw(c(40036, "R")), CLIENT_IF)],
                entry=(VIP, 9000, 40036), entry_state="closed")
 
     # One target endpoint behind two VIPs: the reply's VIP is the one its flow's entry names.
@@ -496,7 +528,8 @@ def test_flow_to_a_removed_target_goes_on_by_default(pkt_lab: PacketLab) -> None
     service = vip("10.0.0.104", 9001)
     t1, t2 = ep("10.0.1.11", 9101), ep("10.0.1.12", 9101)
     pkt_lab.dataplane.apply([*SERVICES, L4Service(service, members=((t1, 1),))])
-    assert Ether(pkt_lab.run(raw(from_client(tcp(41001, dport=9001), dst="10.0.0.104"))).data)[IP].dst == "10.0.1.11"
+    for frame, ingress in handshake(41001, "10.0.0.104", 9001, target_port=9101):
+        assert pkt_lab.run(frame, ingress).retval == XDP_REDIRECT
     pkt_lab.dataplane.apply([*SERVICES, L4Service(service, members=((t2, 1),))])
     ack = raw(from_client(tcp(41001, dport=9001, flags="A"), dst="10.0.0.104"))
     assert Ether(pkt_lab.run(ack).data)[IP].dst == "10.0.1.11"
@@ -576,8 +609,8 @@ def age_entry(pkt_lab: PacketLab, client_port: int, address: str, port: int, sec
 def test_an_idle_entry_is_rearmed_by_the_next_segment(pkt_lab: PacketLab) -> None:
     """An entry idle past the TCP idle timeout no longer decides; the next
     segment takes the ring and the entry starts again from it (no new entry)."""
-    pkt_lab.run(raw(from_client(tcp(40050))))
-    pkt_lab.run(raw(from_client(tcp(40050, flags="A"))))
+    for frame, ingress in handshake(40050):
+        pkt_lab.run(frame, ingress)
     # The program's clock arithmetic is modulo 2^64, so this ages the entry
     # even on a host up for less than the timeout (the guest of make test-kernels).
     age_entry(pkt_lab, 40050, VIP, 9000, LIMITS.tcp_idle_timeout + 1)
@@ -593,7 +626,8 @@ def test_an_idle_entry_is_rearmed_by_the_next_segment(pkt_lab: PacketLab) -> Non
 def test_a_closed_entry_times_out_and_is_not_rearmed(pkt_lab: PacketLab) -> None:
     """After tcp_closed_timeout a RST's entry no longer decides, and a late
     segment does not bring it back (only a SYN makes an entry)."""
-    pkt_lab.run(raw(from_client(tcp(40051))))
+    for frame, ingress in handshake(40051):
+        pkt_lab.run(frame, ingress)
     pkt_lab.run(raw(from_client(tcp(40051, flags="R"))))
     age_entry(pkt_lab, 40051, VIP, 9000, LIMITS.tcp_closed_timeout - 1)
     before = pkt_lab.maps.counters()
@@ -609,7 +643,8 @@ def test_a_closed_entry_times_out_and_is_not_rearmed(pkt_lab: PacketLab) -> None
 
 
 def test_a_time_wait_entry_lasts_tcp_time_wait_timeout(pkt_lab: PacketLab) -> None:
-    pkt_lab.run(raw(from_client(tcp(40052))))
+    for frame, ingress in handshake(40052):
+        pkt_lab.run(frame, ingress)
     pkt_lab.run(raw(from_client(tcp(40052, flags="FA"))))
     pkt_lab.run(raw(from_target("10.0.1.11", MAC["t1"], tcp(9000, 40052, flags="FA"))), TARGET_IF)
     late = from_client(tcp(40052, flags="A"))
@@ -689,7 +724,8 @@ def test_in_service_and_active_flags(pkt_lab: PacketLab) -> None:
 
 
 def flows_of(maps: Maps) -> int:
-    return sum(1 for _ in maps.flows())
+    """Entries in conntrack and in half_open."""
+    return sum(1 for _ in maps.flows()) + sum(1 for _ in maps.half_open_flows())
 
 
 def run_on_one_cpu(fn: Callable[[], T]) -> T:
@@ -751,10 +787,11 @@ def test_the_table_holds_its_size_in_flows_from_one_cpu(
         small_program: Callable[..., tuple[Program, Maps]]) -> None:
     """conntrack_size is flows, whichever CPUs they arrive on: one entry per
     flow, and no per-CPU share of the table (each CPU's LRU list would hold
-    conntrack_size / possible CPUs)."""
+    conntrack_size / possible CPUs). UDP datagrams: each makes its conntrack
+    entry at once (a TCP SYN's is half-open)."""
     size = 512
     program, maps = small_program(replace(LIMITS, conntrack_size=size))
-    frames = [raw(from_client(tcp(20000 + i))) for i in range(size)]
+    frames = [raw(from_client(udp(20000 + i))) for i in range(size)]
 
     def send() -> None:
         for frame in frames:
@@ -788,19 +825,23 @@ def test_explain_flow_agrees_with_the_program(pkt_lab: PacketLab) -> None:
         assert goes_to(40060, "A") == info["target"] == "10.0.1.11:9540"
         assert pkt_lab.maps.flow("TCP", ep(CLIENT, 40060), ep(svc, port)) is None
 
-        goes_to(40061, "S")
-        goes_to(40062, "S")
+        goes_to(40061, "S")  # half-open
+        for frame, ingress in handshake(40062, svc, port):
+            pkt_lab.run(frame, ingress)
         goes_to(40062, "R")
         pkt_lab.dataplane.apply([*SERVICES, *moved])
         live = explain(40061)
         assert live["decision"] == "conntrack" and live["target"] == "10.0.1.11:9540"
         assert live["conntrack"]["tcp_state"] == "syn_sent" and not live["conntrack"]["syn_decides"]
+        assert live["conntrack"]["half_open"] and live["conntrack"]["timeout_s"] == LIMITS.tcp_syn_timeout
+        assert not live["makes_entry"]
         assert "out of service" in live["conntrack"]["why"]
         assert live["syn"]["decision"] == "ring" and live["syn"]["target"] == "10.0.1.12:9540"
         assert live["reply"] == {"target": "10.0.1.11:9540", "vips": [f"{svc}:{port}"], "by": "entry",
                                  "half_flow": False}
         closed = explain(40062)
         assert closed["conntrack"]["tcp_state"] == "closed" and closed["decision"] == "conntrack"
+        assert not closed["conntrack"]["half_open"]
         assert closed["conntrack"]["timeout_s"] == LIMITS.tcp_closed_timeout
         assert goes_to(40061, "A") == live["target"]
         assert goes_to(40062, "A") == closed["target"]
@@ -884,7 +925,8 @@ def test_a_bigger_packet_than_any_let_through_is_asked_for_again(
                                                                     dst="10.0.1.11", ttl_dec=False))
         after = maps.counters()
         assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == {
-            Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1}  # FRAG_NEEDED: the kernel fragments or says so
+            Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1,  # FRAG_NEEDED: the kernel fragments or says so
+            Counter.HANDSHAKE_MISMATCH: 1}  # the flow is half-open: this program saw no SYN-ACK
     finally:
         with nl.iproute(NETNS) as ipr:
             ipr.link("set", index=nl.ifindex(ipr, TARGET_IF), mtu=1500)
@@ -919,8 +961,8 @@ def test_a_reused_target_id_forgets_its_former_next_hop(
 def test_a_spoofed_flood_of_acks_rsts_and_fins_leaves_the_table_as_it_was(pkt_lab: PacketLab) -> None:
     """3000 segments of no flow, from 3000 ports: all forwarded by the ring,
     none makes an entry, and a live flow keeps its own."""
-    pkt_lab.run(raw(from_client(tcp(40070))))
-    pkt_lab.run(raw(from_client(tcp(40070, flags="A"))))
+    for frame, ingress in handshake(40070):
+        pkt_lab.run(frame, ingress)
     flows = {(f.client, f.vip) for f in pkt_lab.maps.flows()}
     frames = [raw(from_client(tcp(10000 + i, flags=("A", "R", "FA")[i % 3]))) for i in range(3000)]
     before = pkt_lab.maps.counters()
@@ -935,3 +977,35 @@ def test_a_spoofed_flood_of_acks_rsts_and_fins_leaves_the_table_as_it_was(pkt_la
     assert {(f.client, f.vip) for f in pkt_lab.maps.flows()} == flows
     flow = pkt_lab.maps.flow("TCP", ep(CLIENT, 40070), ep(VIP, 9000))
     assert flow is not None and flow.tcp_state == "established"
+
+
+def test_a_syn_flood_fills_half_open_and_never_evicts_an_established_flow(
+        pkt_lab: PacketLab, small_program: Callable[..., tuple[Program, Maps]]) -> None:
+    """Spoofed SYNs, 8 times the size of both tables, each followed by an ACK
+    of the same 5-tuple (a spoofer cannot see the SYN-ACK, so none
+    acknowledges it): the SYNs turn half_open over, no ACK moves a flow to
+    conntrack, and the established flow keeps its entry."""
+    size = 64
+    program, maps = small_program(replace(LIMITS, conntrack_size=size, half_open_size=size,
+                                            new_flow_rate_limit=0))  # 0: no flood guard
+
+    def send(frames: list[tuple[bytes, str]]) -> None:
+        for frame, ingress in frames:
+            libbpf.prog_test_run(program.fd, frame, ingress_ifindex=pkt_lab.ifindex[ingress])
+
+    run_on_one_cpu(lambda: send(handshake(40080)))
+    established = {(f.client, f.vip) for f in maps.flows()}
+    assert established == {(ep(CLIENT, 40080), vip(VIP, 9000))}
+    flood = []
+    for i in range(8 * size):
+        flood += [(raw(from_client(tcp(10000 + i))), CLIENT_IF), (raw(from_client(tcp(10000 + i, flags="A"))), CLIENT_IF)]
+    before = maps.counters()
+    run_on_one_cpu(lambda: send(flood))
+    after = maps.counters()
+    assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == {
+        Counter.CONNTRACK_MISS: 8 * size, Counter.CONNTRACK_HIT: 8 * size, Counter.HANDSHAKE_MISMATCH: 8 * size,
+        Counter.REDIRECTED: 16 * size}
+    assert {(f.client, f.vip) for f in maps.flows()} == established
+    assert 0 < sum(1 for _ in maps.half_open_flows()) <= size
+    flow = maps.flow("TCP", ep(CLIENT, 40080), ep(VIP, 9000))
+    assert flow is not None and flow.tcp_state == "established" and not flow.half_open

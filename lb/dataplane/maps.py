@@ -10,7 +10,7 @@ import ctypes
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
 from lb.dataplane.libbpf import BpfMap
@@ -29,6 +29,7 @@ from lb.dataplane.structs import (
     EndpointKey,
     FlowKey,
     FlowState,
+    HalfOpenFlow,
     Limits,
     MapName,
     ReplyRoute,
@@ -42,6 +43,7 @@ from lb.dataplane.structs import (
     net_to_ip,
     net_to_port,
     port_to_net,
+    half_open_state,
     tcp_state,
 )
 
@@ -100,6 +102,7 @@ class Flow:
     idle_s: float
     current: bool = True  # begun under the VIP's current generation (else stale: hashed again)
     tcp_state: str | None = None  # structs.tcp_state() of a TCP flow; None for UDP
+    half_open: bool = False  # in half_open (handshake not complete), not in conntrack
     mode: str = "nat"  # the VIP's forwarding mode when the flow began
     source: Endpoint | None = None  # full NAT: lb's address:port the flow leaves from toward its target
 
@@ -345,12 +348,30 @@ class Maps:
             yield self._flow(key, state, now, gens[state.vip_id])
 
     def flow(self, protocol: str, client: Endpoint, vip: Endpoint) -> Flow | None:
+        """The flow's conntrack entry, else its half-open one (a TCP flow whose
+        handshake is not complete), else None."""
         key = FlowKey(ip_to_net(client.address), ip_to_net(vip.address), port_to_net(client.port),
                       port_to_net(vip.port), PROTO_NUMBERS[protocol])
         state = self._maps[MapName.CONNTRACK].lookup(key)
-        if state is None:
+        if state is not None:
+            return self._flow(key, state, _monotonic_ns(), self.vip_gen(state.vip_id))
+        half = self._maps[MapName.HALF_OPEN].lookup(key) if key.proto == PROTO_NUMBERS["TCP"] else None
+        if half is None:
             return None
-        return self._flow(key, state, _monotonic_ns(), self.vip_gen(state.vip_id))
+        flow = self._flow(key, half.flow, _monotonic_ns(), self.vip_gen(half.flow.vip_id))
+        return replace(flow, tcp_state=half_open_state(half), half_open=True)
+
+    def half_open_flows(self, limit: int | None = None) -> Iterator[Flow]:
+        """Every half-open TCP flow, read in batches."""
+        now = _monotonic_ns()
+        gens: dict[int, int] = {}
+        for n, (key, half) in enumerate(self._maps[MapName.HALF_OPEN].items_batch()):
+            if limit is not None and n >= limit:
+                return
+            if half.flow.vip_id not in gens:
+                gens[half.flow.vip_id] = self.vip_gen(half.flow.vip_id)
+            flow = self._flow(key, half.flow, now, gens[half.flow.vip_id])
+            yield replace(flow, tcp_state=half_open_state(half), half_open=True)
 
     @staticmethod
     def _flow(key: FlowKey, state: FlowState, now: int, gen: int) -> Flow:
@@ -370,8 +391,8 @@ class Maps:
         )
 
     def delete_flows(self, target_ids: set[int]) -> int:
-        """Remove every conntrack entry whose target is one of `target_ids`
-        (connection termination); returns how many went.
+        """Remove every conntrack and half-open entry whose target is one of
+        `target_ids` (connection termination); returns how many went.
 
         A target that has not forwarded a packet since its id was given to
         it (reset_target_stats) can have no entry: every entry is made by a
@@ -382,9 +403,14 @@ class Maps:
         wanted = {i for i in target_ids if self.target_traffic(i).packets}
         if not wanted:
             return 0
-        table = self._maps[MapName.CONNTRACK]
-        key_size, value_size = ctypes.sizeof(FlowKey), ctypes.sizeof(FlowState)
-        assert FlowState.target_id.offset == 0 and value_size % 4 == 0
+        return self._delete_by_target(MapName.CONNTRACK, FlowState, wanted) + \
+            self._delete_by_target(MapName.HALF_OPEN, HalfOpenFlow, wanted)
+
+    def _delete_by_target(self, name: MapName, value_type: type[FlowState] | type[HalfOpenFlow],
+                          wanted: set[int]) -> int:
+        table = self._maps[name]
+        key_size, value_size = ctypes.sizeof(FlowKey), ctypes.sizeof(value_type)
+        assert FlowState.target_id.offset == 0 and HalfOpenFlow.flow.offset == 0 and value_size % 4 == 0
         doomed = bytearray()
         for keys, values, n in table.scan_batch():
             ids = memoryview(values).cast("B").cast("I")[: n * value_size // 4 : value_size // 4]

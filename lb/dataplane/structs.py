@@ -62,16 +62,18 @@ class Counter(enum.IntEnum):
     REPLY_NO_ENTRY = 16
     FLOW_CLOSED = 17
     FLOOD_NO_ENTRY = 18
-    DROP_NO_PORT = 19
-    DROP_NO_SOURCE = 20
-    DROP_NO_ENTRY = 21
-    FULLNAT_PORT_BUSY = 22
-    FULLNAT_REVERSE = 23
-    DSR = 24
-    DROP_NO_NEIGH = 25
-    ICMP_TOO_BIG = 26
-    ICMP_TO_CLIENT = 27
-    ICMP_TO_TARGET = 28
+    FLOW_ESTABLISHED = 19
+    HANDSHAKE_MISMATCH = 20
+    DROP_NO_PORT = 21
+    DROP_NO_SOURCE = 22
+    DROP_NO_ENTRY = 23
+    FULLNAT_PORT_BUSY = 24
+    FULLNAT_REVERSE = 25
+    DSR = 26
+    DROP_NO_NEIGH = 27
+    ICMP_TOO_BIG = 28
+    ICMP_TO_CLIENT = 29
+    ICMP_TO_TARGET = 30
 
     @property
     def label(self) -> str:
@@ -102,6 +104,10 @@ COUNTER_HELP = {
     Counter.REPLY_NO_ENTRY: "reply of a flow with no entry (half flow): rewritten, as the ring sends it there",
     Counter.FLOW_CLOSED: "TCP flow closed (RST, or FIN both ways): short timeout, a SYN replaces it",
     Counter.FLOOD_NO_ENTRY: "new flow above new_flow_rate_limit: forwarded by the ring, no entry made",
+    Counter.FLOW_ESTABLISHED: "handshake completed (the client acknowledged the target's SYN-ACK): "
+                              "the half-open entry moved to conntrack",
+    Counter.HANDSHAKE_MISMATCH: "ACK of a half-open flow not acknowledging the target's SYN-ACK (spoofed, "
+                                "or early): forwarded, the flow stays half-open",
     Counter.DROP_NO_PORT: "full NAT: no free source port toward the target after the tries: dropped",
     Counter.DROP_NO_SOURCE: "full NAT: lb has no address toward the target: dropped",
     Counter.DROP_NO_ENTRY: "full NAT: new flow above new_flow_rate_limit (it needs an entry): dropped",
@@ -122,6 +128,7 @@ class MapName(str, enum.Enum):
     TARGETS = "targets"
     RINGS = "rings"
     CONNTRACK = "conntrack"
+    HALF_OPEN = "half_open"
     VIP_GENS = "vip_gens"
     VIP_STATS = "vip_stats"
     TARGET_STATS = "target_stats"
@@ -206,6 +213,22 @@ def tcp_state(state: FlowState) -> str:
 CLOSED_TCP_STATES = ("time_wait", "closed")
 
 
+class HalfOpenFlow(ctypes.Structure):
+    """A TCP flow whose handshake is not complete (half_open map)."""
+
+    _fields_ = [
+        ("flow", FlowState),  # as it will be in conntrack; syn_only is 1
+        ("target_isn", ctypes.c_uint32),  # the sequence number of the target's SYN-ACK
+        ("synack_seen", ctypes.c_uint32),  # 1: target_isn is set
+    ]
+
+
+def half_open_state(half: HalfOpenFlow) -> str:
+    """A half-open entry's TCP state by name, as conntrack's: syn_sent, or
+    syn_recv once the target's SYN-ACK was seen."""
+    return "syn_recv" if half.synack_seen else "syn_sent"
+
+
 class EndpointKey(ctypes.Structure):
     _fields_ = [
         ("addr", ctypes.c_uint32),  # network order
@@ -276,10 +299,12 @@ class Limits:
     max_vips: int = 64
     max_targets: int = 1024
     conntrack_size: int = 524288  # flows (one entry each)
+    half_open_size: int = 131072  # TCP flows whose handshake is not complete
     tcp_idle_timeout: int = 350  # seconds
     udp_idle_timeout: int = 120  # seconds
     tcp_closed_timeout: int = 10  # seconds, after a RST
     tcp_time_wait_timeout: int = 120  # seconds, after FIN both ways
+    tcp_syn_timeout: int = 60  # seconds a half-open entry lives after its client's last SYN
     new_flow_rate_limit: int = 20000  # new entries per CPU per second; 0: no limit
     # An LRU list per CPU (BPF_F_NO_COMMON_LRU), the map made conntrack_size x
     # possible CPUs so each CPU still holds conntrack_size flows; only the
@@ -300,6 +325,8 @@ class Limits:
             f"-DMAX_VIPS={self.max_vips}",
             f"-DMAX_TARGETS={self.max_targets}",
             f"-DCONNTRACK_SIZE={self.conntrack_size}",
+            f"-DHALF_OPEN_SIZE={self.half_open_size}",
+            f"-DTCP_SYN_NS={self.tcp_syn_timeout * 1_000_000_000}ULL",
             f"-DTCP_IDLE_NS={self.tcp_idle_timeout * 1_000_000_000}ULL",
             f"-DUDP_IDLE_NS={self.udp_idle_timeout * 1_000_000_000}ULL",
             f"-DTCP_CLOSED_NS={self.tcp_closed_timeout * 1_000_000_000}ULL",
@@ -361,6 +388,7 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
         MapSpec(MapName.RINGS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips * 2 * limits.ring_size),
         MapSpec(MapName.CONNTRACK, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowState, limits.conntrack_entries(),
                 flags=BPF_F_NO_COMMON_LRU if limits.conntrack_per_cpu_lru else 0),
+        MapSpec(MapName.HALF_OPEN, BPF_MAP_TYPE_LRU_HASH, FlowKey, HalfOpenFlow, limits.half_open_size),
         MapSpec(MapName.VIP_GENS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips),
         MapSpec(MapName.VIP_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_vips, True),
         MapSpec(MapName.TARGET_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_targets, True),

@@ -163,8 +163,10 @@ def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: 
     the packet makes or replaces the entry: a UDP datagram, or a TCP segment
     whose open entry could not decide; a TCP segment of no entry makes none),
     "conntrack": {"target", "target_id", "age_s", "idle_s", "state"
-    (live|expired|stale|retired), "tcp_state" (syn_sent|established|closing|
-    time_wait|closed; None for UDP), "timeout_s", "decides" (for a segment),
+    (live|expired|stale|retired), "half_open" (true: the TCP handshake is not
+    complete, the entry is in half_open), "tcp_state" (syn_sent|syn_recv|
+    established|closing|time_wait|closed; None for UDP), "timeout_s",
+    "decides" (for a segment),
     "syn_decides", "why" (why it does or does not decide)}|None, "syn":
     {"decision", "target", "target_id", "why"}|None (TCP only: a SYN does not
     follow an entry that is closed or whose target is out of service), "ring":
@@ -226,7 +228,12 @@ def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpo
         decides = state == "live"
         syn_decides = decides and bool(t and t.in_service) and not closed
         why = _entry_why(state, flow.tcp_state, bool(t and t.in_service), entry_timeout(flow, maps.limits))
+        if flow.half_open and decides:
+            why = (f"half-open ({flow.tcp_state}): its segments go to its target; the client's ACK of the "
+                   "target's SYN-ACK moves it to conntrack"
+                   + ("" if syn_decides else "; its target is out of service: a SYN takes the ring"))
         out["conntrack"] = {"target": name(flow.target_id), "target_id": flow.target_id,
+                            "half_open": flow.half_open,
                             "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3), "state": state,
                             "tcp_state": flow.tcp_state, "timeout_s": entry_timeout(flow, maps.limits),
                             "mode": flow.mode, "source": str(flow.source) if flow.source else None,
@@ -236,7 +243,7 @@ def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpo
         out.update(decision="conntrack", target=name(flow.target_id), target_id=flow.target_id)
     else:
         out.update(by_ring)
-        reopens = flow is not None and flow.tcp_state not in CLOSED_TCP_STATES
+        reopens = flow is not None and not flow.half_open and flow.tcp_state not in CLOSED_TCP_STATES
         out["makes_entry"] = ring_ok and (proto == "UDP" or reopens)
     if proto == "TCP":
         if syn_decides:

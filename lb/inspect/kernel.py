@@ -48,6 +48,8 @@ def entry_timeout(flow: Flow, limits: Limits) -> int:
     """Seconds the entry lives without a packet, as bpf/lb.c timeout_ns() has it."""
     if flow.vip.protocol != "TCP":
         return limits.udp_idle_timeout
+    if flow.half_open:
+        return limits.tcp_syn_timeout
     if flow.tcp_state == "closed":
         return limits.tcp_closed_timeout
     if flow.tcp_state == "time_wait":

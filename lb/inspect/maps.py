@@ -23,6 +23,7 @@ from lb.dataplane.structs import (
     map_specs,
     net_to_ip,
     net_to_port,
+    half_open_state,
     tcp_state,
 )
 from lb.inspect.access import InspectError, open_maps
@@ -110,6 +111,10 @@ def _decode_value(name: MapName, key: Any, value: Any, per_cpu: bool, now_ns: in
         plain["tcp_state"] = tcp_state(value) if key.proto == IPPROTO_TCP else None
         plain["age_s"] = round(max(0, now_ns - plain["created_ns"]) / 1e9, 3)
         plain["idle_s"] = round(max(0, now_ns - plain["last_seen_ns"]) / 1e9, 3)
+    if name is MapName.HALF_OPEN:
+        plain["tcp_state"] = half_open_state(value)
+        plain["age_s"] = round(max(0, now_ns - value.flow.created_ns) / 1e9, 3)
+        plain["idle_s"] = round(max(0, now_ns - value.flow.last_seen_ns) / 1e9, 3)
     return plain
 
 
@@ -126,7 +131,7 @@ def maps_dump(config: LoadBalancer, name: str, limit: int = 100) -> dict[str, An
     {"total", "per_cpu": [...]}; `counters` keys {"index", "reason"},
     `rings` keys {"slot", "vip_id", "half", "index"} and values a target id
     (None: empty slot); `conntrack` values also "tcp_state" (structs.tcp_state,
-    None for UDP), "age_s" and "idle_s". Array entries whose value is all zero bytes are left
+    None for UDP), "age_s" and "idle_s"; `half_open` values too (syn_sent|syn_recv). Array entries whose value is all zero bytes are left
     out, except in `rings` (0 is a target id). limit 0: no limit.
     """
     try:

@@ -29,7 +29,7 @@ client, target, request_processing_time, target_processing_time,
 response_processing_time, elb_status_code, target_status_code,
 received_bytes, sent_bytes, request, user_agent, target_group, request_id,
 matched_rule_priority, request_creation_time, actions_executed,
-error_reason. The README ("The access log") says what each holds. Fields may
+error_reason, redirect_url, ssl_cipher, ssl_protocol. The README ("The access log") says what each holds. Fields may
 be added at the end, never in between (ALB's rule too).
 """
 
@@ -76,6 +76,12 @@ class LoggedConnection(Protocol):
     @property
     def protocol(self) -> str: ...  # "http" or "https"
 
+    @property
+    def tls_cipher(self) -> str: ...  # the handshake's cipher (OpenSSL's name), "-" over HTTP
+
+    @property
+    def tls_protocol(self) -> str: ...  # "TLSv1.3", "-" over HTTP
+
 
 # --- values ------------------------------------------------------------------------
 
@@ -97,6 +103,11 @@ def _escaped_json(value: bytes) -> str:
     if _UNSAFE_BYTES.search(value) is None:
         return s
     return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", s)
+
+
+def _json_string(value: str) -> str:
+    """A per-connection string (the TLS cipher or protocol: OpenSSL's names, plain ASCII) as JSON, null for "-"."""
+    return "null" if value == "-" else f'"{value}"'
 
 
 def _request_line(ex: Exchange, scheme: bytes, authority: bytes) -> bytes:
@@ -126,14 +137,15 @@ def _request_text(ex: Exchange, conn: LoggedConnection, escape: Callable[[bytes]
 # two ISO 8601 times from a cached prefix and the microseconds); any other
 # exchange takes the general path (AccessLogFile._general).
 _TEXT_FORWARDED = ('%s %s.%06dZ %s %s %s %.6f %.6f %.6f %d %d %d %d "%s %s://%s%s HTTP/1.%d" %s %s "%s" %d '
-                   '%s.%06dZ "forward" "-"\n')
+                   '%s.%06dZ "forward" "-" "-" %s %s\n')
 _JSON_FORWARDED = (
     '{"type":"%s","time":"%s.%06dZ","listener":"%s","client":"%s","target":"%s",'
     '"request_processing_time":%.6f,"target_processing_time":%.6f,"response_processing_time":%.6f,'
     '"elb_status_code":%d,"target_status_code":%d,"received_bytes":%d,"sent_bytes":%d,'
     '"request":"%s %s://%s%s HTTP/1.%d","user_agent":%s,"target_group":"%s","request_id":"%s",'
     '"matched_rule_priority":%d,'
-    '"request_creation_time":"%s.%06dZ","actions_executed":"forward","error_reason":null}\n'
+    '"request_creation_time":"%s.%06dZ","actions_executed":"forward","error_reason":null,'
+    '"redirect_url":null,"ssl_cipher":%s,"ssl_protocol":%s}\n'
 )
 
 
@@ -354,6 +366,7 @@ class AccessLogFile:
                 "null" if agent is None else f'"{_escaped_json(agent)}"', group,
                 request_id.decode("ascii"), 0 if rule is None else rule,
                 created_prefix, (created - created_second) * 1e6,
+                _json_string(conn.tls_cipher), _json_string(conn.tls_protocol),
             )  # fmt: skip
         return _TEXT_FORWARDED % (
             conn.protocol, prefix, (wall - second) * 1e6, conn.listener, conn.peer, target,
@@ -361,7 +374,7 @@ class AccessLogFile:
             method.decode("ascii"), conn.protocol, authority, url.decode("ascii"), version11,
             '"-"' if agent is None else f'"{_escaped_text(agent)}"', group,
             request_id.decode("ascii"), 0 if rule is None else rule,
-            created_prefix, (created - created_second) * 1e6,
+            created_prefix, (created - created_second) * 1e6, conn.tls_cipher, conn.tls_protocol,
         )  # fmt: skip
 
     def _iso(self, wall: float) -> str:
@@ -388,7 +401,10 @@ class AccessLogFile:
         wall, created = self._iso(end + self._offset), self._iso(start + self._offset)
         # ALB's type: http or https; ws or wss for a WebSocket, whose line is written at its 101.
         kind = ("wss" if conn.protocol == "https" else "ws") if ex.status == 101 else conn.protocol
+        # The Location lb sent: built from the request's Host, path and query, so escaped as they are.
+        location = ex.redirect_url
         if self._json:
+            redirect_json = "null" if location is None else f'"{_escaped_json(location.encode("latin-1"))}"'
 
             def string(value: str | None) -> str:
                 return "null" if value is None or value == "-" else f'"{value}"'
@@ -404,12 +420,16 @@ class AccessLogFile:
                 f'"user_agent":{"null" if agent is None else string(_escaped_json(agent))},'
                 f'"target_group":{string(ex.group)},"request_id":"{request_id}",'
                 f'"matched_rule_priority":{"null" if rule is None else rule},"request_creation_time":"{created}",'
-                f'"actions_executed":{string(ex.action or None)},"error_reason":{string(ex.error_reason)}}}\n'
+                f'"actions_executed":{string(ex.action or None)},"error_reason":{string(ex.error_reason)},'
+                f'"redirect_url":{redirect_json},"ssl_cipher":{string(conn.tls_cipher)},'
+                f'"ssl_protocol":{string(conn.tls_protocol)}}}\n'
             )
+        redirect_text = "-" if location is None else _escaped_text(location.encode("latin-1"))
         return (
             f"{kind} {wall} {conn.listener} {conn.peer} {ex.target} {times[0]} {times[1]} {times[2]} "
             f"{ex.status} {'-' if target_status is None else target_status} {ex.req_bytes} {ex.resp_bytes} "
             f'"{_request_text(ex, conn, _escaped_text)}" '
             f'"{"-" if agent is None else _escaped_text(agent)}" {ex.group} "{request_id}" '
-            f"{'-' if rule is None else rule} {created} \"{ex.action or '-'}\" \"{ex.error_reason}\"\n"
+            f"{'-' if rule is None else rule} {created} \"{ex.action or '-'}\" \"{ex.error_reason}\" "
+            f'"{redirect_text}" {conn.tls_cipher} {conn.tls_protocol}\n'
         )

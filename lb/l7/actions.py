@@ -108,13 +108,16 @@ class Redirect:
         fallback_host: str,
         protocol: str = "http",
     ) -> bytes:
-        location = self.location(host, path, query, port, fallback_host, protocol).encode("latin-1")
+        return self.answer(connection, head_only, self.location(host, path, query, port, fallback_host, protocol))
+
+    def answer(self, connection: bytes, head_only: bool, location: str) -> bytes:
+        """The response that sends the client to ``location`` (from :meth:`location`)."""
         return b"".join(
             (
                 self._head,
                 http_date.line(),
                 b"location: ",
-                location,
+                location.encode("latin-1"),
                 CRLF,
                 connection,
                 CRLF,

@@ -158,6 +158,8 @@ class ClientProtocol(asyncio.Protocol):
         "listener",  # the listener's name: its route is looked up per request
         "protocol",  # "http" or "https" (TLS terminated before us), for X-Forwarded-Proto and redirects
         # Per connection.
+        "tls_cipher",  # the cipher (OpenSSL's name) and protocol ("TLSv1.3") the handshake chose,
+        "tls_protocol",  # for the access log; "-" over plain HTTP
         "transport",
         "gate",
         "parser",
@@ -200,6 +202,7 @@ class ClientProtocol(asyncio.Protocol):
         self.listener = listener
         self.protocol = "https" if https else "http"
         # Per connection.
+        self.tls_cipher = self.tls_protocol = "-"
         self.transport: asyncio.Transport  # set by connection_made, before anything reads it
         self.gate: ReadGate  # likewise
         self.parser = httptools.HttpRequestParser(self)
@@ -256,6 +259,11 @@ class ClientProtocol(asyncio.Protocol):
         # Per connection, so the common request costs no formatting.
         self.xff_line = b"x-forwarded-for: " + ip.encode("ascii") + CRLF
         self.fwd_tail = b"x-forwarded-proto: %s\r\nx-forwarded-port: %d\r\n" % (self.protocol.encode(), local[1])
+        if self.protocol == "https":  # the handshake is over before connection_made
+            tls_object = transport.get_extra_info("ssl_object")
+            cipher = tls_object.cipher() if tls_object is not None else None
+            if cipher:
+                self.tls_cipher, self.tls_protocol = cipher[0], tls_object.version() or cipher[1]
         self.last_rx = self.clock.now
         self.worker.opened(self)
         if self.worker.closing:
@@ -539,9 +547,7 @@ class ClientProtocol(asyncio.Protocol):
             assert isinstance(plan, Redirect)
             ex.action = "redirect"
             path, _, query = ex.url.partition(b"?")
-            data = plan.render(
-                self._connection(ex),
-                ex.head_only,
+            location = ex.redirect_url = plan.location(
                 ex.host.decode("latin-1") if ex.host is not None else None,
                 path.decode("latin-1"),
                 query.decode("latin-1"),
@@ -549,7 +555,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.local_host,
                 self.protocol,
             )
-            self._respond(ex, data, plan.status)
+            self._respond(ex, plan.answer(self._connection(ex), ex.head_only, location), plan.status)
 
     def _connection(self, ex: Exchange) -> bytes:
         """The Connection line of a local answer; decides whether we close after it."""

@@ -83,6 +83,7 @@ class Exchange:
         # Routing (when the exchange starts).
         "rule",  # priority, None for the default rule
         "action",  # "forward", "fixed-response", "redirect"; "" before (or without) routing
+        "redirect_url",  # the Location of a redirect action, for the access log; None for the rest
         "group",  # the target group's name, or "-"
         "target",  # "address:port" or "-"
         "pool",  # set while the request counts as outstanding on it
@@ -140,6 +141,7 @@ class Exchange:
         self.body_base = 0
         self.rule: int | None = None
         self.action = ""
+        self.redirect_url: str | None = None
         self.group = "-"
         self.target = "-"
         self.pool: Pool | None = None

@@ -662,7 +662,7 @@ def merge_snapshots(total: dict[str, Any] | None, snapshot: dict[str, Any]) -> d
                              "series": [(group, target, counts, s) for (group, target), (counts, s) in series.items()]},
         "connections": 0,
     }
-    for counter in ("shed", "refused"):
+    for counter in ("shed", "refused", "access_log_lost"):
         merged[counter] = total.get(counter, 0) + snapshot.get(counter, 0)
     return merged
 

@@ -68,6 +68,7 @@ class Worker:
         # The access log (lb.l7.access_log), as the table says: opened by start(),
         # changed by update(), written by the sweep and by stop().
         self.access_log: AccessLogFile | None = None
+        self.access_log_lost = 0  # lines the files closed since (a reload moved the log) failed to write
         # Listening sockets, by listener name: (address, port, TLS policy or None) and the server.
         self._servers: dict[str, tuple[tuple[str, int, str | None], asyncio.AbstractServer]] = {}
         # HTTPS listeners' certificates, by listener name: replaced in place by
@@ -174,6 +175,7 @@ class Worker:
         self.access_log = new
         if current is not None:
             current.close()
+            self.access_log_lost += current.lost
 
     def reopen_access_log(self) -> None:
         """SIGUSR1 to the daemon (logrotate): what is buffered goes to the file
@@ -279,9 +281,12 @@ class Worker:
     def snapshot(self) -> dict[str, Any]:
         """What the parent's stats request gets: :meth:`WorkerStats.snapshot`,
         "fds" {"open" (the estimate), "limit", "high" (where shedding starts)},
-        "shed" and "refused" (connections closed near the limit, see above)."""
+        "shed" and "refused" (connections closed near the limit, see above),
+        "access_log_lost" (lines dropped by failed writes, every file this worker had)."""
+        lost = self.access_log_lost + (self.access_log.lost if self.access_log is not None else 0)
         return {**self.stats.snapshot(), "fds": {"open": self.open_fds(), "limit": self.fd_limit,
-                                                  "high": self.fd_high}, "shed": self.shed, "refused": self.refused}
+                                                  "high": self.fd_high}, "shed": self.shed, "refused": self.refused,
+                "access_log_lost": lost}
 
     def _sweep(self) -> None:
         now = self.clock.now = self.loop.time()

@@ -19,9 +19,11 @@ The cases: an established flow's segment (the headline), its reply, a reply
 of a flow with no entry (the ring finds its VIP), FIN and RST of established
 flows, a packet for no VIP; then, a new 5-tuple each run: an ACK of no flow
 (the ring decides, no entry is made: what a spoofed ACK flood costs), a SYN
-that finds its entry's target draining (rescheduled onto the ring, entry
-replaced), and a SYN of a new flow, first while the table fills, then once
-it is full (each insert evicts).
+that finds its half-open entry's target draining (rescheduled onto the ring,
+entry replaced), and a SYN of a new flow, first while the half_open table
+fills, then once it is full (each insert evicts). A SYN's entry is
+half-open; the established flows are opened by a whole handshake (SYN, the
+target's SYN-ACK, the ACK), which moves them to conntrack.
 
 How the cost is measured, and why not simply with repeat=1_000_000:
 
@@ -191,9 +193,12 @@ def tcp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport:
     from scapy.layers.l2 import Ether
     from scapy.packet import raw
 
+    # A SYN-ACK's sequence number is 4999, so every ACK (5000) acknowledges it:
+    # SYN, SYN-ACK, ACK completes a handshake (the flow moves to conntrack).
     ack = 0 if flags == "S" else 5000
+    seq = 4999 if flags == "SA" else 1000
     pkt = Ether(src=src_mac, dst=dst_mac) / IP(src=src, dst=dst, ttl=64, id=7) / TCP(
-        sport=sport, dport=dport, flags=flags, seq=1000, ack=ack, window=64240)
+        sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=64240)
     return raw(pkt)
 
 
@@ -394,17 +399,23 @@ def main() -> int:
         miss_base = client_frame(1, "S")
         ack_base = client_frame(1, "A")  # a new flow each run, but no SYN: the ring decides, no entry is made
 
-        # Open the established flows (a SYN, then an ACK), and learn their targets.
+        def from_target(address: str, sport: int, flags: str = "A") -> bytes:
+            return tcp_frame(MAC["t" + address.rsplit(".", 1)[1][-1]], MAC["fxb"], address, CLIENT, TARGET_PORT, sport,
+                             flags)
+
+        # Open the established flows (SYN, the target's SYN-ACK, ACK), and learn their targets.
         def open_flow(sport: int) -> str:
             first = run_repeat(program.fd, client_frame(sport, "S"), fx_client, 1)
             if first.retval != XDP_REDIRECT:
                 raise SystemExit(f"the SYN was not redirected ({ACTIONS.get(first.retval)}): fib lookup failing?")
+            target = str(ipaddress.IPv4Address(first.data[30:34]))
+            run_repeat(program.fd, from_target(target, sport, "SA"), fx_target, 1)
             run_repeat(program.fd, client_frame(sport, "A"), fx_client, 1)
-            return str(ipaddress.IPv4Address(first.data[30:34]))
-
-        def from_target(address: str, sport: int, flags: str = "A") -> bytes:
-            return tcp_frame(MAC["t" + address.rsplit(".", 1)[1][-1]], MAC["fxb"], address, CLIENT, TARGET_PORT, sport,
-                             flags)
+            flow = maps.flow("TCP", Endpoint(ipaddress.IPv4Address(CLIENT), sport),
+                             Endpoint(ipaddress.IPv4Address(VIP), VIP_PORT))
+            if flow is None or flow.half_open:
+                raise SystemExit(f"the handshake of port {sport} did not complete: {flow}")
+            return target
 
         target_addr = open_flow(CLIENT_PORT)
         reply = from_target(target_addr, CLIENT_PORT)
@@ -476,7 +487,8 @@ def main() -> int:
         # of service, and is rescheduled.
         stale_vip = VipAddr(ipaddress.IPv4Address(VIP), STALE_PORT, "TCP")
         stale_targets = [Endpoint(ipaddress.IPv4Address(a), STALE_PORT) for a in TARGETS[:2]]
-        per_cpu = LIMITS.conntrack_size  # what the measuring CPU holds, shared list or its own
+        # A SYN's entry is half-open: the stale and new-flow rows fill half_open, not conntrack.
+        per_cpu = LIMITS.half_open_size
         stale_repeat = max(1000, min(args.repeat, per_cpu // 4) // 1000 * 1000)
 
         def stale_round(h: Harness, prog_fd: int, frame: bytes, ifidx: int, turn: int) -> float:
@@ -503,7 +515,7 @@ def main() -> int:
                 row.single = float("nan")
                 rows.append(row)
                 h.target(program.fd)
-                run_repeat(h.fd, frame, ifidx, LIMITS.conntrack_entries())  # fill the table
+                run_repeat(h.fd, frame, ifidx, LIMITS.half_open_size)  # fill the table
             if kind == "stale":
                 row = Row(f"{name} ({stale_repeat // 1000}k runs)")
                 row.overhead = statistics.median(stale_round(h, pass_fd, frame, ifidx, 0) for _ in range(args.rounds))

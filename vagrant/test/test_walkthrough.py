@@ -405,7 +405,7 @@ def test_reload_applies_a_good_config_and_refuses_a_broken_one() -> None:
         assert set(bodies) == {"web1", "web2", "web3"}, bodies
         assert out("lb", "systemctl show -p MainPID --value lb") == pid, "reload restarted lb"
 
-        # A broken one: refused by `lb validate` (ExecReload), nothing changes.
+        # A broken one: refused by `lb reload` (ExecReload), nothing changes.
         # (lb's CLI reads the config too, to find the daemon: with the file
         # broken, `lb targets` needs -c and a good copy.)
         good = "/tmp/lb-walkthrough-good.toml"
