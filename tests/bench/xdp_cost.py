@@ -568,8 +568,19 @@ def main() -> int:
             mode_vip = VipAddr(ipaddress.IPv4Address(VIP), port, "TCP")
             dataplane.apply([service, L4Service(mode_vip, members=((endpoint, 1),), mode=mode)])
             sport = CLIENT_PORT + 10
-            run_repeat(program.fd, client_frame(sport, "S", dport=port), fx_client, 1)
+            first = run_repeat(program.fd, client_frame(sport, "S", dport=port), fx_client, 1)
+            if mode == "full-nat":  # the target's SYN-ACK, to lb's address and the port it gave the flow
+                snat_ip = str(ipaddress.IPv4Address(first.data[26:30]))
+                snat_port = int.from_bytes(first.data[34:36], "big")
+                synack = tcp_frame(MAC["t" + target_addr.rsplit(".", 1)[1][-1]], MAC["fxb"], target_addr, snat_ip,
+                                   target_port, snat_port, "SA")
+                run_repeat(program.fd, synack, fx_target, 1)
             mode_ack = client_frame(sport, "A", dport=port)
+            run_repeat(program.fd, mode_ack, fx_client, 1)  # completes the handshake (DSR: unchecked)
+            mode_flow = maps.flow("TCP", Endpoint(ipaddress.IPv4Address(CLIENT), sport),
+                                  Endpoint(ipaddress.IPv4Address(VIP), port))
+            if mode_flow is None or mode_flow.half_open:
+                raise SystemExit(f"{mode}: the handshake of port {sport} did not complete: {mode_flow}")
             lb_out = run_repeat(program.fd, mode_ack, fx_client, 1)
             cflags = [f"-I{bpf_source_dir()}", f"-DVIP_ADDR={ip_to_net(VIP):#x}U",
                       f"-DSVC0_VIP_PORT={port_to_net(port):#x}", f"-DSVC0_TARGET_PORT={port_to_net(target_port):#x}",
