@@ -41,7 +41,14 @@ from lb.dataplane.maps import Maps
 from lb.dataplane.pins import limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.checker import FIRST_ROUND_SPREAD
-from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
+from lb.hostnet import (
+    NoSuchNetns,
+    enter_netns,
+    full_nat_port_clash,
+    place_addresses,
+    remove_addresses,
+    xdp_interfaces,
+)
 from lb.model import LoadBalancer, Protocol
 from lb.runstate import RuntimeState
 from lb.reloads import Reloads
@@ -103,6 +110,9 @@ class Daemon:
         self.state.addresses = place_addresses(self.config, earlier)
         if self.config.listeners_of(Protocol.TCP, Protocol.UDP):
             self._start_dataplane()
+            clash = full_nat_port_clash(self.config)
+            if clash:
+                log.warning("%s", clash)
         # Saved again once serving; saved now so that a daemon killed during its
         # first health round still leaves `lb down` the addresses and attachments.
         self.state.save()
