@@ -363,10 +363,33 @@ def resolve_neighbor(ipr: IPRoute, address: str) -> None:
 def source_toward(address: ipaddress.IPv4Address, ns: str | None = None) -> ipaddress.IPv4Address | None:
     """lb's own address toward `address` (route_source), in namespace `ns`; the
     next hop's neighbour entry is resolved on the way, as XDP needs one to
-    send full-NAT and DSR packets (it cannot pass them to the kernel)."""
-    with iproute(ns) as ipr:
-        source = route_source(ipr, str(address))
-        resolve_neighbor(ipr, str(address))
+    send full-NAT and DSR packets (it cannot pass them to the kernel).
+
+    Runs in a thread of its own: the daemon calls it from its event loop
+    (Dataplane.apply in a reconcile), and pyroute2's IPRoute runs a loop of
+    its own, which it cannot do inside a running one."""
+
+    def lookup() -> str | None:
+        with iproute(ns) as ipr:
+            found = route_source(ipr, str(address))
+            resolve_neighbor(ipr, str(address))
+        return found
+
+    result: list[str | None] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            result.append(lookup())
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name="source-toward")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    source = result[0]
     return None if source is None else ipaddress.IPv4Address(source)
 
 
