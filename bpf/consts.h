@@ -121,6 +121,28 @@
 #define FILL_HELD(t)          ((t) * 2)
 #define FILL_REMOVED_BY_LB(t) ((t) * 2 + 1)
 
+/* vip_meta.mode and flow_state.mode: how a VIP's packets reach a target
+ * (docs/architecture.md, forwarding modes). */
+#define FWD_NAT     0 /* destination rewritten to the target; the client's address kept */
+#define FWD_FULLNAT 1 /* and the source rewritten to lb's address toward the target and a port of its own */
+#define FWD_DSR     2 /* only the destination MAC rewritten: the target holds the VIP and answers directly */
+
+/* Full NAT: the source ports lb allocates, per (lb address, target
+ * endpoint, protocol), from FULLNAT_PORT_MIN to FULLNAT_PORT_MAX. The
+ * default range lies below Linux's ephemeral ports (32768-60999), so no
+ * connection lb's own kernel opens toward a target (health checks, the L7
+ * proxy) can hold the same 5-tuple. A new flow tries FULLNAT_PORT_TRIES
+ * hashed ports; with none free it is dropped (CNT_DROP_NO_PORT). */
+#ifndef FULLNAT_PORT_MIN
+#define FULLNAT_PORT_MIN 1024
+#endif
+#ifndef FULLNAT_PORT_MAX
+#define FULLNAT_PORT_MAX 32767
+#endif
+#ifndef FULLNAT_PORT_TRIES
+#define FULLNAT_PORT_TRIES 16
+#endif
+
 /* target.flags */
 #define TARGET_F_ACTIVE     0x1 /* its flows may go on; a flow to an inactive target is re-hashed */
 #define TARGET_F_IN_SERVICE 0x2 /* in the ring: a SYN may follow an entry to it (else the SYN takes the ring) */
@@ -159,6 +181,19 @@ enum lb_counter {
 	CNT_FIB_BLACKHOLE,       /* ... because the route is a blackhole, unreachable or prohibit: the kernel drops it */
 	CNT_FIB_FRAG_NEEDED,     /* ... because it is bigger than the egress MTU: the kernel fragments or answers ICMP */
 	CNT_FIB_NO_ROUTE,        /* ... because there is no route (or the destination is local, or another answer) */
+	CNT_DROP_NO_PORT,        /* full NAT: no free source port after FULLNAT_PORT_TRIES: drop (the client retries) */
+	CNT_DROP_NO_SOURCE,      /* full NAT: lb has no address toward the target: drop */
+	CNT_DROP_NO_ENTRY,       /* full NAT: a flow that may not get an entry (flood guard) cannot be forwarded: drop */
+	CNT_FULLNAT_PORT_BUSY,   /* full NAT: a hashed port tried was held by a live flow (another is tried) */
+	CNT_FULLNAT_REVERSE,     /* full NAT: a reply to lb's address:port rewritten back to VIP -> client */
+	CNT_DSR,                 /* DSR: only the destination MAC rewritten toward the target */
+	CNT_DROP_NO_NEIGH,       /* full NAT or DSR: no route or neighbour entry toward the target yet: drop
+	                          * (the kernel could not forward such a packet; lb resolves targets' neighbours) */
+	CNT_ICMP_TOO_BIG,        /* a packet with DF too big for the path to its target: "fragmentation needed"
+	                          * sent back to its sender instead (XDP_TX) */
+	CNT_ICMP_TO_CLIENT,      /* ICMP error about a packet lb sent toward a target: quote and addresses
+	                          * rewritten back, sent to the client */
+	CNT_ICMP_TO_TARGET,      /* ICMP error about a reply lb sent from a VIP: rewritten, sent to the target */
 	CNT_MAX,
 };
 

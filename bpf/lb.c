@@ -44,6 +44,8 @@
 #include "parse.h"
 #include "csum.h"
 #include "nat.h"
+#include "fullnat.h"
+#include "icmp.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -127,19 +129,19 @@ static __always_inline void account_reply(struct traffic_stats *stats, __u32 len
 	stats->reply_bytes += len;
 }
 
-/* The next hop of the packet as it will leave: its own addresses and ports,
- * except the source, which is (saddr, sport). */
+/* The next hop of the packet as it will leave: its own protocol, from
+ * saddr:sport to daddr:dport. */
 static __always_inline int fib_lookup(struct xdp_md *ctx, struct packet *pkt, struct bpf_fib_lookup *fib,
-                                      __be32 saddr, __be16 sport)
+                                      __be32 saddr, __be16 sport, __be32 daddr, __be16 dport)
 {
 	fib->family = AF_INET;
 	fib->tos = pkt->ip->tos;
 	fib->l4_protocol = pkt->ip->protocol;
 	fib->sport = sport;
-	fib->dport = pkt->ports[1];
+	fib->dport = dport;
 	fib->tot_len = bpf_ntohs(pkt->ip->tot_len);
 	fib->ipv4_src = saddr;
-	fib->ipv4_dst = pkt->ip->daddr;
+	fib->ipv4_dst = daddr;
 	fib->ifindex = ctx->ingress_ifindex;
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
@@ -194,14 +196,6 @@ static __always_inline int send_by(struct xdp_md *ctx, struct packet *pkt, struc
 		return XDP_PASS;
 	}
 	return send_via(ctx, pkt, fib->ifindex, fib->dmac, fib->smac);
-}
-
-/* Next hop for the rewritten packet; on success the frame leaves now. */
-static __always_inline int send_out(struct xdp_md *ctx, struct packet *pkt)
-{
-	struct bpf_fib_lookup fib = {};
-	int rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0]);
-	return send_by(ctx, pkt, &fib, rc);
 }
 
 static __always_inline int is_tcp(struct packet *pkt)
@@ -319,44 +313,100 @@ static __always_inline int same_mac(const unsigned char *a, const unsigned char 
 	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
 }
 
-/* Out toward target `target_id`, by this CPU's remembered next hop while it
- * is fresh, was asked for this ingress and let a packet this big through;
- * else by bpf_fib_lookup, whose answer is remembered. */
-static __always_inline int send_to_target(struct xdp_md *ctx, struct packet *pkt, __u32 target_id, __u64 now)
+/* The next hop toward target `target_id` of this packet once rewritten
+ * (from saddr:sport to daddr:dport): this CPU's remembered one while it is
+ * fresh, was asked for this ingress and let a packet this big through
+ * (*use, and BPF_FIB_LKUP_RET_SUCCESS); else bpf_fib_lookup's answer in
+ * `fib` (remembered when it is one). Asked before the packet is rewritten,
+ * so a packet too big for the path can still be quoted as its sender sent it. */
+static __always_inline int target_next_hop(struct xdp_md *ctx, struct packet *pkt, __u32 target_id,
+                                           __be32 saddr, __be16 sport, __be32 daddr, __be16 dport, __u64 now,
+                                           struct bpf_fib_lookup *fib, struct next_hop **use)
 {
 	struct next_hop *hop = NEXT_HOP_CACHE_NS ? next_hops.lookup(&target_id) : NULL;
 	if (!hop)
-		return send_out(ctx, pkt);
+		return fib_lookup(ctx, pkt, fib, saddr, sport, daddr, dport);
 	__u16 len = bpf_ntohs(pkt->ip->tot_len);
 	int fresh = now < hop->expires_ns && hop->in_ifindex == ctx->ingress_ifindex;
-	if (fresh && len <= hop->max_len)
-		return send_via(ctx, pkt, hop->ifindex, hop->dmac, hop->smac);
-
-	struct bpf_fib_lookup fib = {};
-	int rc = fib_lookup(ctx, pkt, &fib, pkt->ip->saddr, pkt->ports[0]);
+	if (fresh && len <= hop->max_len) {
+		*use = hop;
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	}
+	int rc = fib_lookup(ctx, pkt, fib, saddr, sport, daddr, dport);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (fresh && hop->ifindex == fib.ifindex && same_mac(hop->dmac, fib.dmac)) {
+		if (fresh && hop->ifindex == fib->ifindex && same_mac(hop->dmac, fib->dmac)) {
 			hop->max_len = len; /* the same next hop takes bigger packets */
 		} else {
 			hop->expires_ns = now + NEXT_HOP_CACHE_NS;
-			hop->ifindex = fib.ifindex;
+			hop->ifindex = fib->ifindex;
 			hop->in_ifindex = ctx->ingress_ifindex;
 			hop->max_len = len;
-			__builtin_memcpy(hop->dmac, fib.dmac, ETH_ALEN);
-			__builtin_memcpy(hop->smac, fib.smac, ETH_ALEN);
+			__builtin_memcpy(hop->dmac, fib->dmac, ETH_ALEN);
+			__builtin_memcpy(hop->smac, fib->smac, ETH_ALEN);
 		}
 	}
-	return send_by(ctx, pkt, &fib, rc);
+	return rc;
 }
 
-/* DNAT toward `t` and out; the stats say whether this packet began the flow. */
-static __always_inline int to_target(struct xdp_md *ctx, struct packet *pkt, struct target *t,
-                                     __u32 vip_id, __u32 target_id, int new_flow, __u64 now)
+/* The packet (untouched) is too big for the path to its target and may not
+ * be fragmented: "fragmentation needed" goes back to its sender, quoting it
+ * as it was sent (so the sender's stack finds the connection and lowers its
+ * path MTU), out of the receiving interface. */
+static __always_inline int too_big(struct xdp_md *ctx, struct packet *pkt, __u16 mtu)
 {
+	if (icmp_too_big(ctx, pkt, mtu)) {
+		count(CNT_PASS_PARSE_ERROR); /* the frame could not be resized: the kernel has it */
+		return XDP_PASS;
+	}
+	count(CNT_ICMP_TOO_BIG);
+	count(CNT_TX);
+	return XDP_TX;
+}
+
+/* How a flow's packets are rewritten toward its target: the VIP's mode
+ * when it began, and for full NAT the source lb gave it. */
+struct fwd_how {
+	__u8 mode;         /* FWD_* */
+	__be32 snat_addr;  /* network order; FWD_FULLNAT only */
+	__be16 snat_port;  /* network order; FWD_FULLNAT only */
+};
+
+/* Rewritten toward `t` as `how` says (DNAT; and SNAT for full NAT; only
+ * the MACs for DSR) and out; the stats say whether this packet began the flow. */
+static __always_inline int to_target(struct xdp_md *ctx, struct packet *pkt, struct target *t,
+                                     __u32 vip_id, __u32 target_id, int new_flow, __u64 now,
+                                     const struct fwd_how *how)
+{
+	int fullnat = how->mode == FWD_FULLNAT, dsr = how->mode == FWD_DSR;
+	struct bpf_fib_lookup fib = {};
+	struct next_hop *hop = NULL;
+	int rc = target_next_hop(ctx, pkt, target_id, fullnat ? how->snat_addr : pkt->ip->saddr,
+	                         fullnat ? how->snat_port : pkt->ports[0], t->addr, dsr ? pkt->ports[1] : t->port,
+	                         now, &fib, &hop);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && (pkt->ip->frag_off & bpf_htons(IP_DF)))
+		return too_big(ctx, pkt, fib.mtu_result);
+
 	account(vip_stats.lookup(&vip_id), pkt->len, new_flow);
 	account(target_stats.lookup(&target_id), pkt->len, new_flow);
-	nat_forward(pkt, t);
-	return send_to_target(ctx, pkt, target_id, now);
+	if (dsr) {
+		count(CNT_DSR);
+	} else {
+		nat_forward(pkt, t);
+		if (fullnat)
+			fullnat_source(pkt, how->snat_addr, how->snat_port);
+	}
+	if (hop)
+		return send_via(ctx, pkt, hop->ifindex, hop->dmac, hop->smac);
+	/* The kernel can forward a NAT packet whose next hop has no neighbour
+	 * entry yet (and resolves it), but not these: a full-NAT packet's source
+	 * is lb's own address (a martian to the kernel), a DSR packet's
+	 * destination the VIP (delivered locally). Userspace resolves every such
+	 * target's neighbour when it writes the target. */
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && how->mode != FWD_NAT) {
+		count(CNT_DROP_NO_NEIGH);
+		return XDP_DROP;
+	}
+	return send_by(ctx, pkt, &fib, rc);
 }
 
 /* The target the VIP's ring gives this client -> VIP flow (NO_TARGET: none). */
@@ -457,7 +507,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 	/* Where it would go with the VIP as its source: a local address is lb's
 	 * own traffic with the target (health checks, the L7 proxy), not a reply. */
 	struct bpf_fib_lookup fib = {};
-	int rc = fib_lookup(ctx, pkt, &fib, vip_addr, vip_port);
+	int rc = fib_lookup(ctx, pkt, &fib, vip_addr, vip_port, pkt->ip->daddr, pkt->ports[1]);
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return -1;
 	if (!ttl_ok(pkt))
@@ -486,6 +536,244 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 	count(CNT_REVERSE_NAT);
 	nat_reverse(pkt, vip_addr, vip_port);
 	return send_by(ctx, pkt, &fib, rc);
+}
+
+/* Full NAT: is the flow `owner`, which holds port rev->dport toward a
+ * target, still using it? Only its live entry, still naming that address
+ * and port, keeps the port; a flow gone, expired, moved or of a deleted VIP
+ * gives it up. */
+static __always_inline int fullnat_owner_live(struct flow_key *owner, const struct flow_key *rev, __u64 now)
+{
+	struct flow_state *state = conntrack.lookup(owner);
+	if (state)
+		return state->mode == FWD_FULLNAT && state->snat_port == rev->dport && state->snat_addr == rev->dst &&
+		       flow_is_live(owner->proto, state, now);
+	/* A flow whose handshake is not complete holds its port in half_open. */
+	struct half_open_flow *half = owner->proto == IPPROTO_TCP ? half_open.lookup(owner) : NULL;
+	return half && half->flow.mode == FWD_FULLNAT && half->flow.snat_port == rev->dport &&
+	       half->flow.snat_addr == rev->dst && half_open_is_live(half, now);
+}
+
+/* Full NAT: a source port for flow `fwd` (client -> VIP) from lb's address
+ * `src` toward target `t`, claimed in fullnat_flows: hashed ports are tried
+ * in turn, a port is taken when no entry holds it (BPF_NOEXIST) or when its
+ * holder is this very flow or no longer live. Returns the port (network
+ * order), or 0 when FULLNAT_PORT_TRIES ports were all held. */
+static __always_inline __be16 fullnat_claim(struct flow_key *fwd, const struct target *t, __be32 src, __u64 now)
+{
+	struct flow_key rev = {
+		.src = t->addr,
+		.dst = src,
+		.sport = t->port,
+		.proto = fwd->proto,
+	};
+	__u32 h = flow_hash(fwd);
+
+	for (__u32 attempt = 0; attempt < FULLNAT_PORT_TRIES; attempt++) {
+		rev.dport = fullnat_port(h, attempt);
+		if (fullnat_flows.insert(&rev, fwd) == 0)
+			return rev.dport;
+		struct flow_key *owner = fullnat_flows.lookup(&rev);
+		if (!owner)
+			continue; /* evicted between the two calls: the next port */
+		int mine = owner->src == fwd->src && owner->dst == fwd->dst && owner->sport == fwd->sport &&
+		           owner->dport == fwd->dport && owner->proto == fwd->proto;
+		if (mine || !fullnat_owner_live(owner, &rev, now)) {
+			fullnat_flows.update(&rev, fwd);
+			return rev.dport;
+		}
+		count(CNT_FULLNAT_PORT_BUSY);
+	}
+	count(CNT_DROP_NO_PORT);
+	return 0;
+}
+
+/* Full NAT: a reply, if the packet is one: addressed to lb's address and a
+ * port a flow holds (fullnat_flows). It goes back as VIP -> client. The
+ * flow's entry, when it still holds this port, follows the target's FIN or
+ * RST; an entry that moved on (a new port, a deleted VIP) makes the packet
+ * none of lb's business (-1: the kernel answers it). With no entry at all
+ * (ended, evicted) the packet is still the flow's: a target's RST reaches
+ * the client. */
+static __always_inline int fullnat_reply(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct flow_key *held = fullnat_flows.lookup(&pkt->flow);
+	if (!held)
+		return -1;
+	struct flow_key fwd = *held;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow_state *state = conntrack.lookup(&fwd);
+	if (state && (state->mode != FWD_FULLNAT || state->snat_port != pkt->flow.dport ||
+	              state->snat_addr != pkt->flow.dst || !flow_is_live(fwd.proto, state, now)))
+		return -1;
+	/* No entry in conntrack: the handshake may not be complete (half_open). */
+	struct half_open_flow *half = NULL;
+	if (!state && is_tcp(pkt)) {
+		half = half_open.lookup(&fwd);
+		if (half && (half->flow.mode != FWD_FULLNAT || half->flow.snat_port != pkt->flow.dport ||
+		             half->flow.snat_addr != pkt->flow.dst || !half_open_is_live(half, now)))
+			half = NULL;
+	}
+
+	struct bpf_fib_lookup fib = {};
+	int rc = fib_lookup(ctx, pkt, &fib, fwd.dst, fwd.dport, fwd.src, fwd.sport);
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return -1;
+	if (!ttl_ok(pkt))
+		return XDP_DROP;
+	if (state) {
+		if (is_tcp(pkt))
+			follow_tcp(pkt, state, now, 0);
+		else
+			touch(state, now);
+		__u32 vip_id = state->vip_id;
+		__u32 target_id = state->target_id;
+		account_reply(vip_stats.lookup(&vip_id), pkt->len);
+		account_reply(target_stats.lookup(&target_id), pkt->len);
+	} else if (half) {
+		/* As reply() does: the SYN-ACK's sequence number is what the
+		 * client's ACK must acknowledge; a RST ends the half-open flow. */
+		if (pkt->tcp_flags & TCP_FLAG_RST) {
+			table_removed(TABLE_HALF_OPEN, half_open.delete(&fwd));
+			count(CNT_FLOW_CLOSED);
+		} else if ((pkt->tcp_flags & TCP_FLAG_ACK) && tcp_header(ctx, pkt)) {
+			__u32 isn = bpf_ntohl(tcp_header(ctx, pkt)->seq);
+			if (!half->synack_seen || half->target_isn != isn) {
+				half->target_isn = isn;
+				half->synack_seen = 1;
+			}
+		}
+		__u32 vip_id = half->flow.vip_id;
+		__u32 target_id = half->flow.target_id;
+		account_reply(vip_stats.lookup(&vip_id), pkt->len);
+		account_reply(target_stats.lookup(&target_id), pkt->len);
+	} else {
+		count(CNT_REPLY_NO_ENTRY);
+	}
+	count(CNT_FULLNAT_REVERSE);
+	fullnat_reverse(pkt, &fwd);
+	return send_by(ctx, pkt, &fib, rc);
+}
+
+/* An ICMP error, rewritten, leaves toward its new destination. */
+static __always_inline int send_icmp(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET;
+	fib.tos = pkt->ip->tos;
+	fib.l4_protocol = IPPROTO_ICMP;
+	fib.tot_len = bpf_ntohs(pkt->ip->tot_len);
+	fib.ipv4_src = pkt->ip->saddr;
+	fib.ipv4_dst = pkt->ip->daddr;
+	fib.ifindex = ctx->ingress_ifindex;
+	return send_by(ctx, pkt, &fib, bpf_fib_lookup(ctx, &fib, sizeof(fib), 0));
+}
+
+/* An error about a reply lb sent from a VIP (a router toward the client
+ * could not deliver it, or it was too big for that path) is the target's
+ * business: the quote becomes what the target sent (its address and port;
+ * for full NAT, to lb's address and port), and the error goes to the target
+ * (for full NAT, from lb's address: the target knows no client). */
+static __always_inline int icmp_to_target(struct xdp_md *ctx, struct packet *pkt, struct icmp_error *err,
+                                          struct flow_state *state)
+{
+	__u32 target_id = state->target_id;
+	struct target *t = targets.lookup(&target_id);
+	if (!t)
+		return -1;
+	if (!ttl_ok(pkt))
+		return XDP_DROP;
+	if (state->mode == FWD_FULLNAT) {
+		icmp_quote_rewrite(err, 1, state->snat_addr, state->snat_port);
+		icmp_quote_rewrite(err, 0, t->addr, t->port);
+		icmp_outer_rewrite(pkt, state->snat_addr, t->addr);
+	} else {
+		icmp_quote_rewrite(err, 0, t->addr, t->port);
+		icmp_outer_rewrite(pkt, pkt->ip->saddr, t->addr);
+	}
+	count(CNT_ICMP_TO_TARGET);
+	return send_icmp(ctx, pkt);
+}
+
+/* An error about a packet lb sent toward a target (from the target, or a
+ * router on the way) is the client's: the quote becomes what the client
+ * sent (client -> VIP), the error goes to the client, from the VIP when the
+ * target itself sent it. `fwd` is the client's flow; `fullnat`: the quote's
+ * source was lb's address and port. */
+static __always_inline int icmp_to_client(struct xdp_md *ctx, struct packet *pkt, struct icmp_error *err,
+                                          struct flow_key *fwd, int fullnat)
+{
+	if (!ttl_ok(pkt))
+		return XDP_DROP;
+	__be32 outer_src = pkt->ip->saddr == err->quoted.dst ? fwd->dst : pkt->ip->saddr;
+	if (fullnat)
+		icmp_quote_rewrite(err, 0, fwd->src, fwd->sport);
+	icmp_quote_rewrite(err, 1, fwd->dst, fwd->dport);
+	icmp_outer_rewrite(pkt, outer_src, fwd->src);
+	count(CNT_ICMP_TO_CLIENT);
+	return send_icmp(ctx, pkt);
+}
+
+/* An ICMP error about a tracked flow, if the packet is one: its quote,
+ * reversed, is a client's flow (an error about a reply from a VIP) or a
+ * full-NAT reply's 5-tuple; else the quote is a NAT flow's packet to a
+ * target endpoint, whose VIP `replies` and the flow's entry give. -1: none
+ * of these (the caller passes it). DSR flows' errors never reach lb. */
+static __always_inline int icmp_in(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct icmp_error err = {};
+	if (icmp_error_parse(ctx, pkt, &err))
+		return -1;
+	struct flow_key back = {
+		.src = err.quoted.dst,
+		.dst = err.quoted.src,
+		.sport = err.quoted.dport,
+		.dport = err.quoted.sport,
+		.proto = err.quoted.proto,
+	};
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow_state *state = conntrack.lookup(&back);
+	if (state && state->mode != FWD_DSR && flow_is_live(back.proto, state, now))
+		return icmp_to_target(ctx, pkt, &err, state);
+
+	struct flow_key *held = fullnat_flows.lookup(&back);
+	if (held) {
+		struct flow_key fwd = *held;
+		return icmp_to_client(ctx, pkt, &err, &fwd, 1);
+	}
+
+	struct endpoint_key ek = {
+		.addr = err.quoted.dst,
+		.port = err.quoted.dport,
+		.proto = err.quoted.proto,
+	};
+	struct reply_route *route = replies.lookup(&ek);
+	if (!route)
+		return -1;
+	struct flow_key fwd = {
+		.src = err.quoted.src,
+		.sport = err.quoted.sport,
+		.proto = err.quoted.proto,
+	};
+	int found = -1;
+	__u32 count_vips = route->count;
+#pragma unroll
+	for (int i = 0; i < MAX_REPLY_VIPS; i++) {
+		if (i >= count_vips || found >= 0)
+			break;
+		fwd.dst = route->vips[i].addr;
+		fwd.dport = route->vips[i].port;
+		struct flow_state *s = conntrack.lookup(&fwd);
+		if (!s && fwd.proto == IPPROTO_TCP) { /* an error about a SYN: the flow is half-open */
+			struct half_open_flow *half = half_open.lookup(&fwd);
+			s = half ? &half->flow : NULL;
+		}
+		if (s && s->target_id == route->target_id && s->vip_gen == route->vips[i].gen)
+			found = i;
+	}
+	if (found < 0)
+		return -1;
+	return icmp_to_client(ctx, pkt, &err, &fwd, 0);
 }
 
 /* May this flow get a new entry now? Per CPU, at most NEW_FLOW_RATE_LIMIT a
@@ -535,12 +823,32 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 	int starts = !is_tcp(pkt) || is_syn(pkt);
 	if ((had_entry || had_half_open) && is_syn(pkt))
 		count(CNT_SYN_RESCHEDULED);
-	int write = starts || (had_entry && existing == ENTRY_REPLACE);
+	/* A full-NAT packet needs its flow's entry (its source port lives
+	 * there): any packet without a usable one makes it, so a segment of a
+	 * flow whose entry went reaches the target, which answers with a RST. */
+	int fullnat = vip->mode == FWD_FULLNAT;
+	int write = starts || fullnat || (had_entry && existing == ENTRY_REPLACE);
 	if (!write) {
 		count(CNT_MISS_NO_ENTRY);
 	} else if (!had_entry && !had_half_open && !flood_guard_allows(now)) {
 		count(CNT_FLOOD_NO_ENTRY);
 		write = 0;
+		if (fullnat) {
+			count(CNT_DROP_NO_ENTRY);
+			return XDP_DROP;
+		}
+	}
+	struct fwd_how how = { .mode = vip->mode };
+	if (fullnat) {
+		__be32 *src = fullnat_sources.lookup(&target_id);
+		if (!src || !*src) {
+			count(CNT_DROP_NO_SOURCE);
+			return XDP_DROP;
+		}
+		how.snat_addr = *src;
+		how.snat_port = fullnat_claim(&pkt->flow, t, how.snat_addr, now);
+		if (!how.snat_port)
+			return XDP_DROP;
 	}
 	if (write) {
 		struct flow_state state = {
@@ -550,6 +858,9 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 			.last_seen_ns = now,
 			.vip_gen = vip->gen,
 			.syn_only = is_syn(pkt),
+			.snat_addr = how.snat_addr,
+			.snat_port = how.snat_port,
+			.mode = how.mode,
 		};
 		if (is_tcp(pkt) && (pkt->tcp_flags & TCP_FLAG_RST))
 			state.rst = 1;
@@ -566,7 +877,7 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 				table_inserted(TABLE_CONNTRACK, CONNTRACK_SIZE, rc);
 		}
 	}
-	return to_target(ctx, pkt, t, vip->vip_id, target_id, starts, now);
+	return to_target(ctx, pkt, t, vip->vip_id, target_id, starts, now, &how);
 }
 
 /* A segment of a flow with a half-open entry and none in conntrack. The
@@ -588,6 +899,12 @@ static __always_inline int follow_half_open(struct xdp_md *ctx, struct packet *p
 		return -1;
 	if (!ttl_ok(pkt))
 		return XDP_DROP;
+	/* Read before the entry may be deleted below. */
+	struct fwd_how how = {
+		.mode = half->flow.mode,
+		.snat_addr = half->flow.snat_addr,
+		.snat_port = half->flow.snat_port,
+	};
 
 	__u8 flags = pkt->tcp_flags;
 	if (is_syn(pkt)) {
@@ -597,7 +914,10 @@ static __always_inline int follow_half_open(struct xdp_md *ctx, struct packet *p
 		count(CNT_FLOW_CLOSED);
 	} else if ((flags & (TCP_FLAG_ACK | TCP_FLAG_SYN)) == TCP_FLAG_ACK) {
 		struct tcphdr *tcp = tcp_header(ctx, pkt);
-		if (half->synack_seen && tcp && bpf_ntohl(tcp->ack_seq) == half->target_isn + 1) {
+		/* A DSR target's SYN-ACK never crosses lb: the client's first ACK
+		 * completes the handshake as far as lb can know. */
+		int dsr = half->flow.mode == FWD_DSR;
+		if (dsr || (half->synack_seen && tcp && bpf_ntohl(tcp->ack_seq) == half->target_isn + 1)) {
 			struct flow_state established = half->flow;
 			established.syn_only = 0;
 			established.last_seen_ns = now;
@@ -611,7 +931,7 @@ static __always_inline int follow_half_open(struct xdp_md *ctx, struct packet *p
 		}
 	}
 	count(CNT_CONNTRACK_HIT);
-	return to_target(ctx, pkt, t, vip_id, target_id, 0, now);
+	return to_target(ctx, pkt, t, vip_id, target_id, 0, now, &how);
 }
 
 int xdp_lb(struct xdp_md *ctx)
@@ -633,6 +953,17 @@ int xdp_lb(struct xdp_md *ctx)
 	case PARSE_NOT_L4:
 		count(CNT_PASS_NOT_VIP);
 		return XDP_PASS;
+	case PARSE_ICMP: {
+		if (!ipv4_header_csum_ok(pkt.ip)) {
+			count(CNT_DROP_BAD_IP_CSUM);
+			return XDP_DROP;
+		}
+		int action = icmp_in(ctx, &pkt);
+		if (action >= 0)
+			return action;
+		count(CNT_PASS_NOT_VIP);
+		return XDP_PASS;
+	}
 	default:
 		count(CNT_PASS_PARSE_ERROR);
 		return XDP_PASS;
@@ -678,10 +1009,25 @@ int xdp_lb(struct xdp_md *ctx)
 			else
 				touch(state, now);
 			count(CNT_CONNTRACK_HIT);
-			return to_target(ctx, &pkt, t, state->vip_id, target_id, 0, now);
+			struct fwd_how how = {
+				.mode = state->mode,
+				.snat_addr = state->snat_addr,
+				.snat_port = state->snat_port,
+			};
+			return to_target(ctx, &pkt, t, state->vip_id, target_id, 0, now, &how);
 		}
 		if (is_tcp(&pkt) && !is_syn(&pkt) && flow_closed(state))
 			use = ENTRY_BYPASS; /* a late segment does not bring a closed flow back */
+	} else {
+		/* No flow of a client: perhaps a full-NAT reply, which is
+		 * addressed to one of lb's ports (checked after conntrack, so
+		 * established client packets pay nothing for it). */
+		__u16 dport = bpf_ntohs(pkt.flow.dport);
+		if (dport >= FULLNAT_PORT_MIN && dport <= FULLNAT_PORT_MAX) {
+			int action = fullnat_reply(ctx, &pkt);
+			if (action >= 0)
+				return action;
+		}
 	}
 
 	struct vip_key vk = {

@@ -81,6 +81,18 @@ BPF_TABLE("array", u32, u32, vip_gens, LB_MAP_ENTRIES(MAX_VIPS));
  * (NEXT_HOP_CACHE_NS). Userspace empties a target's when it writes it. */
 BPF_TABLE("percpu_array", u32, struct next_hop, next_hops, LB_MAP_ENTRIES(MAX_TARGETS));
 
+/* target id -> lb's own address toward it (network order; 0: none): the
+ * source of its full-NAT flows. Userspace writes it from the route to the
+ * target (its preferred source), with the target. Read for new flows only. */
+BPF_TABLE("array", u32, __be32, fullnat_sources, LB_MAP_ENTRIES(MAX_TARGETS));
+
+/* Full NAT: a flow as its replies carry it (target -> lb address:allocated
+ * port) -> the flow as its client sent it (client -> VIP), which is also
+ * its conntrack key. An entry is a claimed port: made (BPF_NOEXIST) when
+ * the flow's port is allocated, taken over when its owner is no longer
+ * live, gone with the LRU. */
+BPF_TABLE("lru_hash", struct flow_key, struct flow_key, fullnat_flows, LB_MAP_ENTRIES(CONNTRACK_SIZE));
+
 /* vip id -> traffic. */
 BPF_TABLE("percpu_array", u32, struct traffic_stats, vip_stats, LB_MAP_ENTRIES(MAX_VIPS));
 

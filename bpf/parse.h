@@ -18,6 +18,7 @@
 
 #include "structs.h"
 
+#define IP_DF     0x4000
 #define IP_MF     0x2000
 #define IP_OFFSET 0x1fff
 
@@ -44,6 +45,7 @@ enum parse_result {
 	PARSE_IP_OPTIONS,    /* IHL > 5 */
 	PARSE_FRAGMENT,      /* MF set or a fragment offset */
 	PARSE_NOT_L4,        /* IPv4, but neither TCP nor UDP */
+	PARSE_ICMP,          /* ICMP: pkt->eth, ip and len are set (the caller reads the message) */
 };
 
 static __always_inline enum parse_result parse_packet(struct xdp_md *ctx, struct packet *pkt)
@@ -67,6 +69,11 @@ static __always_inline enum parse_result parse_packet(struct xdp_md *ctx, struct
 		return PARSE_IP_OPTIONS;
 	if (pkt->ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return PARSE_FRAGMENT;
+	if (pkt->ip->protocol == IPPROTO_ICMP) {
+		if (sizeof(struct ethhdr) + bpf_ntohs(pkt->ip->tot_len) > pkt->len)
+			return PARSE_TRUNCATED;
+		return PARSE_ICMP;
+	}
 	if (pkt->ip->protocol != IPPROTO_TCP && pkt->ip->protocol != IPPROTO_UDP)
 		return PARSE_NOT_L4;
 

@@ -25,10 +25,9 @@ struct vip_meta {
 	__u32 vip_id;   /* host order; index into vip_stats and rings */
 	__u32 ring;     /* host order; live half of the VIP's double-buffered ring: 0 or 1 */
 	__u32 gen;      /* host order; vip_gens[vip_id] when this VIP was written */
-	__u32 reserved; /* zero; the program never reads it. Once `mode`, whose
-	                 * only value was FWD_NAT (0). Kept so the size and layout
-	                 * stay those of the vips maps already pinned (a map of
-	                 * another size is refused on restart) */
+	__u32 mode;     /* host order; FWD_NAT, FWD_FULLNAT or FWD_DSR (consts.h). Was
+	                 * `reserved` (always 0, FWD_NAT) in earlier builds, so vips
+	                 * maps pinned by them are adopted as they are */
 };
 
 /* targets value (array indexed by target id). */
@@ -66,6 +65,10 @@ struct flow_state {
 	__u8  fin_client;    /* 1: the client sent a FIN */
 	__u8  fin_target;    /* 1: the target sent a FIN */
 	__u8  rst;           /* 1: either side sent a RST */
+	__be32 snat_addr;    /* network order; full NAT: lb's address the flow leaves from; else 0 */
+	__be16 snat_port;    /* network order; full NAT: the source port lb allocated; else 0 */
+	__u8  mode;          /* FWD_* of the VIP when the flow began */
+	__u8  pad;           /* zero */
 };
 
 /* half_open value: a TCP flow whose SYN was seen and whose handshake is not

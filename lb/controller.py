@@ -149,7 +149,8 @@ def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Serv
         in_ring = {e for e, _ in members}
         services.append(L4Service(vip, members=members, draining=tuple(e for e in keep if e not in in_ring),
                                   terminated=tuple(e for e in ended if e not in in_ring),
-                                  end_flows_on_removal=view.group.deregistration_connection_termination))
+                                  end_flows_on_removal=view.group.deregistration_connection_termination,
+                                  mode=view.group.forwarding_mode))
     return services
 
 

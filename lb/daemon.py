@@ -44,7 +44,14 @@ from lb.health import HealthChecker
 from lb.health.anomaly import PassiveHealth
 from lb.health.checker import FIRST_ROUND_SPREAD
 from lb.hostcheck import host_problems
-from lb.hostnet import NoSuchNetns, enter_netns, place_addresses, remove_addresses, xdp_interfaces
+from lb.hostnet import (
+    NoSuchNetns,
+    enter_netns,
+    full_nat_port_clash,
+    place_addresses,
+    remove_addresses,
+    xdp_interfaces,
+)
 from lb.model import Bgp, LoadBalancer, Protocol
 from lb.registrations import Registrations
 from lb.runstate import RuntimeState
@@ -61,7 +68,7 @@ WITHDRAW_SETTLE = 0.5  # seconds between the BGP withdrawal on SIGTERM and anyth
 BGP_RETRY_SECONDS = 2.0
 
 # Settings a running daemon cannot change: a reload that changes one is refused.
-RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size",
+RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size", "full_nat_port_range",
                 "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address",
                 "header_timeout", "body_timeout", "min_body_rate", "max_response_head",
                 "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "http2", "tcp_syn_timeout",
@@ -123,6 +130,9 @@ class Daemon:
         self.state.addresses = place_addresses(self.config, earlier)
         if self.config.listeners_of(Protocol.TCP, Protocol.UDP):
             self._start_dataplane()
+            clash = full_nat_port_clash(self.config)
+            if clash:
+                log.warning("%s", clash)
         # Saved again once serving; saved now so that a daemon killed during its
         # first health round still leaves `lb down` the addresses and attachments.
         self.state.save()
@@ -189,7 +199,7 @@ class Daemon:
                 raise DaemonError(f"load_balancer.interfaces: {exc}") from exc
         self.state.attachments = [asdict(a) for a in attachments]
         self.maps = open_pinned(config)
-        self.dataplane = Dataplane(self.maps)
+        self.dataplane = Dataplane(self.maps, source_of=nl.source_toward)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

@@ -110,3 +110,27 @@ def xdp_interfaces(config: LoadBalancer) -> list[str]:
             if ifname and ifname != "lo" and ifname not in found:
                 found.append(ifname)
     return found
+
+
+EPHEMERAL_PORTS = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def full_nat_port_clash(config: LoadBalancer, path: str = EPHEMERAL_PORTS) -> str | None:
+    """A warning when a group uses full NAT and full_nat_port_range overlaps
+    this namespace's ephemeral ports: a connection lb's own kernel opens to
+    a target (a health check, the L7 proxy) could then hold the 5-tuple a
+    full-NAT flow is given, and its replies would be taken for the flow's.
+    None when there is no such overlap (or the range cannot be read)."""
+    if not any(g.forwarding_mode == "full-nat" for g in config.target_groups):
+        return None
+    try:
+        with open(path) as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return None
+    first, last = config.full_nat_port_range
+    if first > high or low > last:
+        return None
+    return (f"full_nat_port_range [{first}, {last}] overlaps the kernel's ephemeral ports {low}-{high} "
+            f"(net.ipv4.ip_local_port_range): lb's own connections to a target can collide with full-NAT flows; "
+            f"move one of the two apart")

@@ -10,7 +10,10 @@ needs, and runs `lb.labserver` (HTTP on 80, HTTPS on 443, TCP and UDP echo on 90
 
 The veth settings come from docs/kernel-notes.md: the senders (client, backends) turn
 TX checksum offload off, so XDP rewrites complete checksums, and turn GRO
-on, so XDP_REDIRECTed frames into their peer are accepted in native mode.
+on, so XDP_REDIRECTed frames into their peer are accepted in native mode;
+each also gets an XDP program that passes everything, without which veth
+never delivers the frames lb's program sends back with XDP_TX (an ICMP
+"fragmentation needed" toward the client) until some other frame comes.
 
 `Lab(prefix).up()` is idempotent and leaves nothing behind when it fails
 half-way; `down()` removes every namespace (their veths go with them) and
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lb import netlink as nl
+from lb.dataplane import libbpf
 
 # --- topology (vagrant/Vagrantfile describes the same addresses) -------------
 
@@ -172,6 +176,7 @@ class Lab:
             nl.set_up(ipr, HOST_IF)
             nl.add_route(ipr, "default", gateway=gateway)
         nl.set_features(ns, HOST_IF, SENDER_FEATURES)
+        attach_pass_program(ns, HOST_IF)
 
     def start_server(self, backend: Backend) -> None:
         """Start a backend's lb.labserver and wait until it is ready."""
@@ -242,6 +247,17 @@ class Lab:
                 time.sleep(0.02)
             if not pids:
                 return
+
+
+def attach_pass_program(ns: str, ifname: str) -> None:
+    """An XDP program that passes every frame, natively on `ifname` in `ns`:
+    veth flushes XDP_TX frames to a peer that has one (docs/kernel-notes.md)."""
+    fd = libbpf.load_xdp_pass()
+    try:
+        with nl.iproute(ns) as ipr:
+            nl.attach_xdp(ipr, ifname, fd, "native")
+    finally:
+        os.close(fd)
 
 
 # Servers this process started: reaped in down() so none is left a zombie (or

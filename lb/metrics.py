@@ -21,6 +21,7 @@ Metrics (all prefixed ``lb_``; "vip" is "ADDRESS:PORT", "target" too):
 ==========================================  =======  ==========================================
 lb_build_info{version,python}               gauge    1, with lb's version and Python's in the labels
 lb_maps_loaded                              gauge    1 when the XDP maps are pinned
+lb_vip_info{vip,protocol,listener,mode}     gauge    1 per L4 VIP; mode nat, full-nat or dsr
 lb_vip_packets_total{vip,protocol,listener}  counter  client → target packets forwarded
 lb_vip_bytes_total{...}                     counter  their bytes
 lb_vip_new_flows_total{...}                 counter  flows hashed onto the ring
@@ -41,6 +42,8 @@ lb_flow_table_entries{table}                gauge    entries in it now: the prog
 lb_flow_table_inserts_total{table}          counter  new entries the program made
 lb_flow_table_evictions_total{table}        counter  entries the LRU evicted (inserts beyond the
                                                      capacity; within 128 a CPU of the kernel's)
+lb_full_nat_ports{source,target,protocol}   gauge    full-NAT flows (each holding a port) by lb's source
+                                                     address and target endpoint
 lb_target_health{group,target,port,state}   gauge    1 for the target's state, 0 for the others
 lb_target_health_check_latency_seconds      gauge    the last check's latency
 lb_target_health_check_success{...}         gauge    1 if the last check passed, 0 if not
@@ -221,6 +224,12 @@ class Collector(PromCollector):
                   ("reply_bytes", "target to client bytes rewritten"))
         vip_families = {f: CounterMetricFamily(f"lb_vip_{f}", f"Per VIP: {h}", labels=["vip", "protocol", "listener"])
                         for f, h in fields}
+        info = GaugeMetricFamily("lb_vip_info", "1 per L4 VIP, with its forwarding mode (nat, full-nat, dsr)",
+                                 labels=["vip", "protocol", "listener", "mode"])
+        for entry in vips:
+            info.add_metric([f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol,
+                             listeners.get(entry.vip, ""), entry.mode], 1)
+        yield info
         for entry in vips:
             traffic = maps.vip_traffic(entry.vip_id)
             labels = [f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol, listeners.get(entry.vip, "")]
@@ -243,6 +252,8 @@ class Collector(PromCollector):
     def _conntrack(self, maps: Maps, vips: list[VipEntry]) -> Iterator[Metric]:
         counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         tcp: collections.Counter[tuple[str, str]] = collections.Counter()
+        ports: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        targets = {t.target_id: str(t.endpoint) for t in maps.targets()}
         truncated = 0
         for n, flow in enumerate(maps.flows(limit=CONNTRACK_WALK_CAP + 1)):
             if n == CONNTRACK_WALK_CAP:
@@ -253,6 +264,11 @@ class Collector(PromCollector):
             counts[(vip, flow.vip.protocol, state)] += 1
             if flow.tcp_state is not None:
                 tcp[(vip, flow.tcp_state)] += 1
+            if flow.source is not None:
+                ports[(str(flow.source.address), targets.get(flow.target_id, "?"), flow.vip.protocol)] += 1
+        for flow in maps.half_open_flows(limit=CONNTRACK_WALK_CAP):  # a SYN's flow holds its port too
+            if flow.source is not None:
+                ports[(str(flow.source.address), targets.get(flow.target_id, "?"), flow.vip.protocol)] += 1
         for entry in vips:  # every VIP shows, with 0 when it has no flows
             counts.update({(f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol, "live"): 0})
         entries = GaugeMetricFamily("lb_conntrack_entries", "Conntrack entries (one a flow) per VIP (live, or "
@@ -265,6 +281,11 @@ class Collector(PromCollector):
         for (vip, tcp_state), value in sorted(tcp.items()):
             states.add_metric([vip, tcp_state], value)
         yield states
+        full_nat = GaugeMetricFamily("lb_full_nat_ports", "Full-NAT flows, each holding a source port, by lb's "
+                                     "source address and target", labels=["source", "target", "protocol"])
+        for (source, target, protocol), value in sorted(ports.items()):
+            full_nat.add_metric([source, target, protocol], value)
+        yield full_nat
         yield GaugeMetricFamily("lb_conntrack_walk_truncated",
                                 f"1 if counting stopped at {CONNTRACK_WALK_CAP} entries", value=truncated)
         yield from self._flow_tables(maps)

@@ -185,10 +185,25 @@ class TargetGroup:
     # HTTPS groups: protocol HTTP (the proxy is the same) plus TLS to the targets.
     tls: TargetTls | None = None
 
+    # TCP/UDP groups: how packets reach the targets (docs/architecture.md,
+    # forwarding modes). preserve_client_ip (NLB's preserve_client_ip.enabled)
+    # false is full NAT: targets see lb's address and answer it.
+    # direct_server_return: only the MAC is rewritten, the target answers
+    # the client directly (it holds the VIP); needs the client's IP kept.
+    preserve_client_ip: bool = True
+    direct_server_return: bool = False
+
     @property
     def scheme(self) -> str:
         """The group's protocol as the config names it: HTTP, HTTPS, TCP, UDP."""
         return "HTTPS" if self.tls is not None else self.protocol.value
+
+    @property
+    def forwarding_mode(self) -> str:
+        """The L4 forwarding mode: "nat", "full-nat" or "dsr"."""
+        if self.direct_server_return:
+            return "dsr"
+        return "nat" if self.preserve_client_ip else "full-nat"
 
     def endpoints(self) -> tuple[tuple[IPAddress, int], ...]:
         """(address, port) of every target, ports resolved."""
@@ -410,6 +425,7 @@ class LoadBalancer:
     max_targets: int = 1024  # L4 target endpoints, every group's counted once
     conntrack_size: int = 524288  # L4 flows whose handshake completed, and UDP flows
     half_open_size: int = 131072  # L4 TCP flows whose handshake is not complete
+    full_nat_port_range: tuple[int, int] = (1024, 32767)  # ours: full NAT's source ports, inclusive
     # L7 request deadlines and the response-head bound (lb.l7.config.L7Config says why).
     header_timeout: int = 20  # seconds from a request head's first byte to its end
     body_timeout: int = 20  # seconds a request body may take from its first byte, plus:

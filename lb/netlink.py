@@ -135,6 +135,15 @@ def add_veth(ipr: IPRoute, ifname: str, peer: str, peer_netns: str) -> None:
     ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": peer, "net_ns_fd": peer_netns})
 
 
+def add_bridge(ipr: IPRoute, ifname: str) -> None:
+    ipr.link("add", ifname=ifname, kind="bridge")
+
+
+def set_master(ipr: IPRoute, ifname: str, bridge: str) -> None:
+    """Make `ifname` a port of `bridge`."""
+    ipr.link("set", index=ifindex(ipr, ifname), master=ifindex(ipr, bridge))
+
+
 def set_up(ipr: IPRoute, ifname: str) -> None:
     ipr.link("set", index=ifindex(ipr, ifname), state="up")
 
@@ -178,6 +187,15 @@ def add_route(ipr: IPRoute, dst: str, *, gateway: str | None = None, oif: str | 
 
 
 # --- sysctl and ethtool (inside a namespace) --------------------------------
+
+
+def remove_route(ipr: IPRoute, dst: str) -> None:
+    """Remove the route to `dst` ("default" or a CIDR); none there is not an error."""
+    try:
+        ipr.route("del", dst="0.0.0.0/0" if dst == "default" else dst)
+    except NetlinkError as exc:
+        if exc.code != errno.ESRCH:
+            raise
 
 
 def set_sysctl(ns: str | None, key: str, value: str) -> None:
@@ -316,6 +334,74 @@ def default_route_interfaces(ipr: IPRoute) -> set[str]:
             if oif:
                 names.add(str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")))
     return names
+
+
+def route_source(ipr: IPRoute, address: str) -> str | None:
+    """The source address the kernel would give a packet for `address` (the
+    route's preferred source), if it has a route."""
+    try:
+        routes = ipr.route("get", dst=address)
+    except NetlinkError:
+        return None
+    for route in routes:
+        source = route.get_attr("RTA_PREFSRC")
+        if source:
+            return str(source)
+    return None
+
+
+NTF_USE = 0x01  # <linux/neighbour.h>: "use" the entry, which starts resolving it
+
+
+def resolve_neighbor(ipr: IPRoute, address: str) -> None:
+    """Start resolving the neighbour entry of the next hop toward `address`
+    (`ip neigh add ... use`); without a route, nothing."""
+    try:
+        routes = ipr.route("get", dst=address)
+    except NetlinkError:
+        return
+    for route in routes:
+        oif = route.get_attr("RTA_OIF")
+        if oif:
+            hop = route.get_attr("RTA_GATEWAY") or address
+            try:
+                ipr.neigh("add", dst=hop, ifindex=oif, flags=NTF_USE, state=0)
+            except NetlinkError:
+                pass  # EEXIST: it has one already ("replace" would reset a permanent one)
+            return
+
+
+def source_toward(address: ipaddress.IPv4Address, ns: str | None = None) -> ipaddress.IPv4Address | None:
+    """lb's own address toward `address` (route_source), in namespace `ns`; the
+    next hop's neighbour entry is resolved on the way, as XDP needs one to
+    send full-NAT and DSR packets (it cannot pass them to the kernel).
+
+    Runs in a thread of its own: the daemon calls it from its event loop
+    (Dataplane.apply in a reconcile), and pyroute2's IPRoute runs a loop of
+    its own, which it cannot do inside a running one."""
+
+    def lookup() -> str | None:
+        with iproute(ns) as ipr:
+            found = route_source(ipr, str(address))
+            resolve_neighbor(ipr, str(address))
+        return found
+
+    result: list[str | None] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            result.append(lookup())
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name="source-toward")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    source = result[0]
+    return None if source is None else ipaddress.IPv4Address(source)
 
 
 def find_address(ipr: IPRoute, address: str) -> tuple[str, int, int] | None:

@@ -56,7 +56,8 @@ def l4_lab(lab: Lab, mode: XdpMode = XdpMode.NATIVE) -> Iterator[L4Lab]:
     try:
         with Program.load(name, LIMITS) as program, Maps(program.pin_dir, LIMITS) as maps, \
                 program.attached(lab.lb_interfaces, mode, lab.lb_ns) as attachments:
-            yield L4Lab(lab, program, maps, Dataplane(maps), attachments)
+            dataplane = Dataplane(maps, source_of=lambda address: nl.source_toward(address, lab.lb_ns))
+            yield L4Lab(lab, program, maps, dataplane, attachments)
     finally:
         with nl.iproute(lab.lb_ns) as ipr:
             nl.remove_address(ipr, labmod.LB_CLIENT_IF, labmod.VIP, 32)

@@ -346,6 +346,25 @@ BAD = [
          "-1 is outside 0..100000000", id="new-flow-rate-limit"),  # fmt: skip
     case({"target_groups[2].unhealthy_connection_termination": "yes"},
          "target_groups[2].unhealthy_connection_termination", "boolean", id="unhealthy-termination"),  # fmt: skip
+    case({"target_groups[2].preserve_client_ip": "no"}, "target_groups[2].preserve_client_ip", "boolean",
+         id="preserve-client-ip"),  # fmt: skip
+    case({"target_groups[0].preserve_client_ip": False}, "target_groups[0].preserve_client_ip",
+         "TCP and UDP target groups only", "HTTP", id="preserve-client-ip-http"),  # fmt: skip
+    case({"target_groups[0].direct_server_return": True}, "target_groups[0].direct_server_return",
+         "TCP and UDP target groups only", id="dsr-http"),  # fmt: skip
+    case({"target_groups[2].direct_server_return": True, "target_groups[2].preserve_client_ip": False},
+         "target_groups[2].direct_server_return", "needs preserve_client_ip = true", id="dsr-full-nat"),  # fmt: skip
+    case({"target_groups[2].direct_server_return": True, "target_groups[2].port": 9001},
+         "target_groups[2].port", "9001 differs", "cannot translate ports", "'echo' is on 9000",
+         id="dsr-group-port"),  # fmt: skip
+    case({"target_groups[2].direct_server_return": True, "target_groups[2].targets[0].port": 9002},
+         "target_groups[2].targets[0].port", "9002 differs", "cannot translate ports", id="dsr-target-port"),
+    case({"load_balancer.full_nat_port_range": [2000, 2010]}, "load_balancer.full_nat_port_range",
+         "at least 64 ports", id="full-nat-range-small"),  # fmt: skip
+    case({"load_balancer.full_nat_port_range": [80, 32767]}, "load_balancer.full_nat_port_range",
+         "1024 <= LOW", id="full-nat-range-low"),  # fmt: skip
+    case({"load_balancer.full_nat_port_range": "1024-32767"}, "load_balancer.full_nat_port_range",
+         "[LOW, HIGH]", id="full-nat-range-string"),  # fmt: skip
     case({"load_balancer.ring_size": 65536}, "load_balancer.ring_size", "65536 is not a prime", "try 65537",
          id="ring-not-prime"),  # fmt: skip
     case({"load_balancer.ring_size": 2}, "load_balancer.ring_size", "2 is outside 3..1048576", id="ring-small"),
@@ -458,6 +477,17 @@ def test_bad_input_is_reported_at_its_key_path(edits: dict[str, object], path: s
     assert [issue.path for issue in issues] == [path], issues  # exactly one issue, no cascade
     for word in words:
         assert word in issues[0].message
+
+
+def test_forwarding_modes_per_target_group() -> None:
+    data = good()
+    edit(data, "target_groups[2].preserve_client_ip", False)
+    edit(data, "target_groups[3].direct_server_return", True)
+    edit(data, "load_balancer.full_nat_port_range", [10000, 20000])
+    lb = config.parse(data)
+    assert [g.forwarding_mode for g in lb.target_groups] == ["nat", "nat", "full-nat", "dsr"]
+    assert lb.full_nat_port_range == (10000, 20000)
+    assert config.parse(good()).full_nat_port_range == (1024, 32767)
 
 
 def test_there_are_enough_bad_cases() -> None:

@@ -259,3 +259,13 @@ def test_the_programs_limits_come_from_the_config(config: LoadBalancer) -> None:
     limits = limits_for(config)
     assert (limits.tcp_closed_timeout, limits.tcp_time_wait_timeout, limits.new_flow_rate_limit) == (5, 60, 0)
     assert "-DTCP_CLOSED_NS=5000000000ULL" in limits.cflags() and "-DNEW_FLOW_RATE_LIMIT=0ULL" in limits.cflags()
+
+
+@pytest.mark.parametrize("attributes, mode", [("", "nat"), ("preserve_client_ip = false", "full-nat"),
+                                              ("direct_server_return = true", "dsr")])
+def test_the_group_gives_the_vip_its_forwarding_mode(attributes: str, mode: str) -> None:
+    text = CONFIG.replace('port = 9000\ntargets = [{ id = "10.0.1.11" }',
+                          f'port = 9000\n{attributes}\ntargets = [{{ id = "10.0.1.11" }}')
+    config = configmod.loads(text)
+    health = FakeHealth(config, live={"tcp": [0, 1, 2]})
+    assert l4_service(config, health).mode == mode

@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 
 from lb import lab as labmod
 from lb.cli import cli
-from lb.dataplane.structs import FLOW_HASH_SEED
+from lb.dataplane.structs import FLOW_HASH_SEED, MapName
 from lb.lab import Lab
 from lb.netlink import run_in_netns
 from tests.daemon_fixture import RunningDaemon, lab_config
@@ -247,7 +247,7 @@ def test_vips_show_each_ring_and_its_shares(daemon: RunningDaemon, lab: Lab) -> 
         assert sum(t["slots"] for t in row["targets"]) == 65537
         assert all(abs(t["share"] - 1 / 3) < 0.001 and t["active"] and t["in_service"] for t in row["targets"])
     text = lb(daemon, "vips").output
-    assert re.search(r"TCP 10\.0\.0\.100:9000\s+echo-tcp\s+echo-tcp\s+65537\s+10\.0\.1\.11:9000\s+\d+\s+2184[56]"
+    assert re.search(r"TCP 10\.0\.0\.100:9000\s+echo-tcp\s+echo-tcp\s+nat\s+65537\s+10\.0\.1\.11:9000\s+\d+\s+2184[56]"
                      r"\s+33\.3%", text)
     assert len(re.findall(r"10\.0\.1\.1[123]:9000\s+\d+\s+\d+\s+33\.3%", text)) == 6
 
@@ -300,7 +300,7 @@ def test_100_tcp_connections_show_in_conntrack_and_stats(daemon: RunningDaemon, 
         # The table: one line per flow, and the count.
         text = lb(daemon, "conntrack", "--vip", VIP).output
         for port in list(owner)[:10]:
-            assert re.search(rf"TCP\s+10\.0\.0\.2:{port}\s+10\.0\.0\.100:9000\s+{re.escape(owner[port])}:9000\s+"
+            assert re.search(rf"TCP\s+10\.0\.0\.2:{port}\s+10\.0\.0\.100:9000\s+nat\s+-\s+{re.escape(owner[port])}:9000\s+"
                              r"[\d.]+s\s+[\d.]+s\s+live", text)
         assert f"{flows['count']} flows" in text
         # Stats count them: 100 new flows on the VIP, split as the banners say.
@@ -373,7 +373,8 @@ def test_stats_watch_prints_rates(daemon: RunningDaemon, lab: Lab) -> None:
 def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     rows = {m["name"]: m for m in lb_json(daemon, "maps", "list")["maps"]}
     assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
-                         "replies", "reply_ports", "flood_guard", "next_hops", "half_open", "table_stats", "table_fill"}
+                         "replies", "reply_ports", "flood_guard", "next_hops", "half_open", "table_stats", "table_fill",
+                         "fullnat_sources", "fullnat_flows"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
         "hash", 8, 16, 2)
     assert rows["conntrack"]["type"] == "lru_hash" and rows["conntrack"]["max_entries"] == CONNTRACK_SIZE
@@ -381,7 +382,7 @@ def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     assert rows["conntrack"]["entries"] >= 105  # the flows of the tests above, one entry each
     assert rows["rings"]["max_entries"] == 64 * 2 * 65537 and rows["counters"]["per_cpu"]
     text = lb(daemon, "maps", "list").output
-    assert re.search(rf"conntrack\s+lru_hash\s+\d+\s+16\s+32\s+{CONNTRACK_SIZE}\s+\d+", text)
+    assert re.search(rf"conntrack\s+lru_hash\s+\d+\s+16\s+40\s+{CONNTRACK_SIZE}\s+\d+", text)
 
     vips = lb_json(daemon, "maps", "dump", "vips")
     assert {(e["key"]["addr"], e["key"]["port"], e["key"]["proto"]) for e in vips["entries"]} == {
@@ -597,6 +598,6 @@ def test_daemon_down_maps_still_read_and_targets_say_so(daemon: RunningDaemon, l
         assert any(f["client"] == client and ep(f["target"]) == f"{backend}:{PORT}" for f in flows)
         assert ep(lb_json(daemon, "explain", "flow", "tcp", client, f"{VIP}:{PORT}")["target"]) == f"{backend}:{PORT}"
         assert vip_row(lb_json(daemon, "stats"), "TCP")["new_flows"] > 0
-        assert len(lb_json(daemon, "maps", "list")["maps"]) == 15
+        assert len(lb_json(daemon, "maps", "list")["maps"]) == len(MapName)
         sock.sendall(b"still here\n")  # the kernel forwards with no daemon
         assert read_line(sock) == "still here"

@@ -107,13 +107,23 @@ def test_next_hop_cache_default_matches_consts_h() -> None:
 
 
 def test_vip_meta_keeps_the_layout_of_pinned_vips_maps() -> None:
-    # `mode` became `reserved`, in name only: a vips map pinned by an earlier
-    # build (value 16 B, four u32) must still be adopted on restart, and what
-    # is written there is still the 0 that FWD_NAT was.
+    # `reserved` became `mode` again, in name only: a vips map pinned by an
+    # earlier build (value 16 B, four u32, the last always 0) is adopted, and
+    # its 0 reads as FWD_NAT, the only mode those builds had.
     u32 = ctypes.sizeof(ctypes.c_uint32)
-    fields = [("vip_id", 0, u32), ("ring", 4, u32), ("gen", 8, u32), ("reserved", 12, u32)]
+    fields = [("vip_id", 0, u32), ("ring", 4, u32), ("gen", 8, u32), ("mode", 12, u32)]
     assert layout(structs.VipMeta) == (16, fields)
     assert structs.FWD_NAT == 0
+
+
+@pytest.mark.parametrize("macro, value", [("FWD_NAT", structs.FWD_NAT), ("FWD_FULLNAT", structs.FWD_FULLNAT),
+                                          ("FWD_DSR", structs.FWD_DSR),
+                                          ("FULLNAT_PORT_MIN", Limits().fullnat_port_min),
+                                          ("FULLNAT_PORT_MAX", Limits().fullnat_port_max),
+                                          ("FULLNAT_PORT_TRIES", Limits().fullnat_port_tries)])
+def test_forwarding_constants_match_consts_h(macro: str, value: int) -> None:
+    found = re.search(rf"#define {macro}\s+(\d+)", header("consts.h"))
+    assert found is not None and int(found.group(1)) == value
 
 
 def test_every_counter_has_help() -> None:

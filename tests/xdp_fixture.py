@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
 from lb import netlink as nl
 from lb.dataplane import libbpf
@@ -28,7 +29,7 @@ from tests.names import name
 
 NETNS = name("pkt")
 NAME = NETNS  # pin directory /sys/fs/bpf/lb/<prefix>-pkt
-LIMITS = Limits(ring_size=251, max_vips=8, max_targets=32, conntrack_size=4096)
+LIMITS = Limits(ring_size=251, max_vips=16, max_targets=32, conntrack_size=4096)
 
 CLIENT_IF, TARGET_IF = "fxa", "fxb"
 MAC = {
@@ -79,13 +80,18 @@ def _build_namespace() -> dict[str, int]:
     return ifindex
 
 
+def source_of(address: IPv4Address) -> IPv4Address | None:
+    """lb's address toward a target, as the daemon finds it: here 10.0.1.1 on fxb, 10.0.0.1 on fxa."""
+    return nl.source_toward(address, NETNS)
+
+
 @contextmanager
 def packet_lab() -> Iterator[PacketLab]:
     purge_pins(NAME)
     try:
         ifindex = _build_namespace()
         with Program.load(NAME, LIMITS) as program, Maps(program.pin_dir, LIMITS) as maps:
-            yield PacketLab(program, maps, Dataplane(maps), ifindex)
+            yield PacketLab(program, maps, Dataplane(maps, source_of=source_of), ifindex)
     finally:
         nl.remove_netns(NETNS)
         purge_pins(NAME)

@@ -22,7 +22,8 @@ def conntrack(vip: str | None, target: str | None, limit: int, config_path: str 
     TCP: syn_sent and syn_recv (half-open: the handshake is not complete,
     tcp_syn_timeout), established, closing (one FIN), time_wait (FIN both
     ways, tcp_time_wait_timeout) or closed (RST, tcp_closed_timeout); a SYN
-    does not follow a time_wait or closed entry.
+    does not follow a time_wait or closed entry. Mode: nat, full-nat (lb
+    source: lb's address and the port it gave the flow) or dsr.
     """
     config = load_config(config_path)
     with inspect_errors():
@@ -30,7 +31,7 @@ def conntrack(vip: str | None, target: str | None, limit: int, config_path: str 
     if as_json:
         echo_json(info)
         return
-    rows = [[f["protocol"], f["client"], f["vip"], f["target"], f"{f['age_s']:.1f}s", f"{f['idle_s']:.1f}s",
-             f["state"], f["tcp_state"]] for f in info["flows"]]
-    click.echo(table(rows, ["proto", "client", "vip", "target", "age", "idle", "state", "tcp"]))
+    rows = [[f["protocol"], f["client"], f["vip"], f["mode"], f["source"] or "-", f["target"], f"{f['age_s']:.1f}s",
+             f"{f['idle_s']:.1f}s", f["state"], f["tcp_state"]] for f in info["flows"]]
+    click.echo(table(rows, ["proto", "client", "vip", "mode", "lb source", "target", "age", "idle", "state", "tcp"]))
     click.echo(f"{info['count']} flows{' (truncated: --limit)' if info['truncated'] else ''}")

@@ -92,7 +92,7 @@ def flow(protocol: str, source: str, destination: str, config_path: str | None, 
     if info["vip_id"] is None:
         click.echo(f"{head}: not a VIP; XDP passes it to the kernel untouched")
         return
-    click.echo(f"{head} (listener {info['listener'] or '?'}, vip id {info['vip_id']})")
+    click.echo(f"{head} (listener {info['listener'] or '?'}, vip id {info['vip_id']}, mode {info['mode']})")
     ct, ring = info["conntrack"], info["ring"]
     if ct is None:
         click.echo("conntrack: no entry")
@@ -114,8 +114,13 @@ def flow(protocol: str, source: str, destination: str, config_path: str | None, 
     syn = info["syn"]
     if syn is not None:
         click.echo(f"=> a SYN: {syn['target'] or 'no target'}: {syn['why']}")
+    full_nat = info["full_nat"]
+    if full_nat is not None:
+        whence = "the flow's entry" if full_nat["from_entry"] else "the first port a new flow tries"
+        click.echo(f"full NAT: leaves lb from {full_nat['source'] or 'nowhere (no route to the target)'} ({whence}); "
+                   "replies come back to it")
     reply = info["reply"]
-    if reply is not None:
+    if reply is not None and info["mode"] == "nat":
         how = {"entry": "back to the VIP by the flow's entry",
                "ring": "back to the VIP by the ring alone (a half flow: no entry)",
                None: "passed untouched (no route to this VIP)"}[reply["by"]]

@@ -24,13 +24,14 @@ def vips(config_path: str | None, as_json: bool) -> None:
         return
     lines = []
     for vip in rows:
-        first = [f"{vip['protocol']} {vip['vip']}", vip["listener"], vip["target_group"], vip["ring_size"]]
+        first = [f"{vip['protocol']} {vip['vip']}", vip["listener"], vip["target_group"], vip["mode"],
+                 vip["ring_size"]]
         targets = vip["targets"] or [None]
         for n, t in enumerate(targets):
-            lead = first if n == 0 else ["", "", "", ""]
+            lead = first if n == 0 else ["", "", "", "", ""]
             if t is None:
                 lines.append([*lead, "(none: packets dropped)", "", "", ""])
             else:
                 share = f"{t['share'] * 100:.1f}%"
                 lines.append([*lead, t["target"], t["target_id"], t["slots"], share])
-    click.echo(table(lines, ["vip", "listener", "target group", "ring", "target", "id", "slots", "share"]))
+    click.echo(table(lines, ["vip", "listener", "target group", "mode", "ring", "target", "id", "slots", "share"]))

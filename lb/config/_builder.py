@@ -55,7 +55,7 @@ HEALTH_PATH_RULE = f"a URI path and optional ?query: {URI_CHARS}, '/' (and '?' i
 LB_KEYS = (
     "name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "idle_timeout", "tcp_idle_timeout",
     "udp_idle_timeout", "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "header_timeout",
-    "body_timeout", "min_body_rate", "max_response_head", "ring_size",
+    "body_timeout", "min_body_rate", "max_response_head", "ring_size", "full_nat_port_range",
     "tcp_syn_timeout", "max_vips", "max_targets", "conntrack_size", "half_open_size",
     "workers", "access_log", "admin_socket", "metrics_address", "bgp", "http2",
 )  # fmt: skip
@@ -71,8 +71,12 @@ MAX_CERTIFICATES = 25  # ALB: certificates per load balancer, not counting defau
 GROUP_KEYS = (
     "name", "protocol", "port", "targets", "health_check", "deregistration_delay", "slow_start",
     "algorithm", "stickiness", "unhealthy_connection_termination", "deregistration_connection_termination",
-    "anomaly_mitigation", "ca_bundle",
+    "anomaly_mitigation", "ca_bundle", "preserve_client_ip", "direct_server_return",
 )  # fmt: skip
+L4_ONLY_GROUP_KEYS = ("preserve_client_ip", "direct_server_return")
+# Full NAT's source ports: at least this many, none below 1024 (services'
+# well-known ports).
+MIN_FULL_NAT_PORTS = 64
 HEALTH_KEYS = (
     "enabled", "protocol", "port", "path", "method", "interval", "timeout", "healthy_threshold",
     "unhealthy_threshold", "matcher",
@@ -179,6 +183,7 @@ class _Builder:
         self._check_ring(section, settings.ring_size, valid_groups)
         valid_listeners = tuple(x for x in listeners if x is not None)
         self._check_capacity(section, settings, valid_listeners, valid_groups)
+        self._check_dsr_ports(dict(zip(valid_groups, group_tables)), listeners)
         bgp = settings.bgp
         if bgp is not None:  # announced addresses default to (or must be) the listeners'
             bgp = resolve_announce(section.section("bgp"), bgp, valid_listeners)
@@ -231,6 +236,7 @@ class _Builder:
             max_response_head=t.integer("max_response_head", 1024, 1 << 20, 32 * 1024),
             http2=t.boolean("http2", True),
             ring_size=ring_size,
+            full_nat_port_range=self.port_range(t, "full_nat_port_range", m.LoadBalancer.full_nat_port_range),
             workers=t.integer("workers", 0, 256, 0),
             access_log=self.access_log(t.section("access_log")),
             admin_socket=t.string("admin_socket", "/run/lb/admin.sock", max_len=107),  # sun_path
@@ -253,6 +259,38 @@ class _Builder:
             path=path,
             format=t.choice("format", m.AccessLogFormat, default.format),
         )
+
+    def port_range(self, t: Table, key: str, default: tuple[int, int]) -> tuple[int, int]:
+        """[LOW, HIGH], both included (ip_local_port_range's two numbers)."""
+        if not t.has(key):
+            return default
+        value = t.raw(key)
+        ok = (isinstance(value, list) and len(value) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+        low, high = (int(value[0]), int(value[1])) if ok and isinstance(value, list) else (0, 0)
+        if not ok or not 1024 <= low <= high <= 65535 or high - low + 1 < MIN_FULL_NAT_PORTS:
+            rule = f"[LOW, HIGH] with 1024 <= LOW <= HIGH <= 65535, at least {MIN_FULL_NAT_PORTS} ports"
+            t.error(key, f"{value!r} is not a port range: {rule}")
+            return default
+        return low, high
+
+    def _check_dsr_ports(self, groups: dict[m.TargetGroup, Table], listeners: list[m.Listener | None]) -> None:
+        """DSR leaves the packet's destination alone: its targets must listen on the listener's port."""
+        for listener in listeners:
+            if listener is None or not listener.protocol.is_l4:
+                continue
+            action = listener.default_action
+            if not isinstance(action, m.ForwardAction):
+                continue
+            for group, table in groups.items():
+                if group.name != action.target_groups[0].name or not group.direct_server_return:
+                    continue
+                why = f"direct_server_return cannot translate ports: listener {listener.name!r} is on {listener.port}"
+                if group.port != listener.port and any(t.port is None for t in group.targets):
+                    table.error("port", f"{group.port} differs; {why}")
+                for target, target_table in zip(group.targets, table.tables("targets")):
+                    if target.port is not None and target.port != listener.port:
+                        target_table.error("port", f"{target.port} differs; {why}")
 
     def _check_ring(self, t: Table, ring_size: int, groups: tuple[m.TargetGroup, ...]) -> None:
         for group in groups:
@@ -308,10 +346,20 @@ class _Builder:
         dereg = t.integer("deregistration_delay", 0, 3600, 300)
         unhealthy_termination = t.boolean("unhealthy_connection_termination", True)
         dereg_termination = t.boolean("deregistration_connection_termination", False)
+        preserve = t.boolean("preserve_client_ip", True)
+        dsr = t.boolean("direct_server_return", False)
+        if protocol is not None and not protocol.is_l4:
+            for key in L4_ONLY_GROUP_KEYS:
+                if t.has(key):
+                    t.error(key, f"applies to TCP and UDP target groups only; this one is {protocol.value}")
+        if dsr and not preserve:
+            why = "the target answers the client directly, so it must see the client's address"
+            t.error("direct_server_return", f"true needs preserve_client_ip = true; {why}")
         if name is None or protocol is None or port is None or targets is None or "ca_bundle" in t.bad:
             return None
         return m.TargetGroup(name, protocol, port, targets, health, dereg, slow_start, algorithm, stickiness,
-                             unhealthy_termination, dereg_termination, anomaly, group_tls)
+                             unhealthy_termination, dereg_termination, anomaly, group_tls,
+                             preserve_client_ip=preserve, direct_server_return=dsr)
 
     def target_tls(self, t: Table) -> m.TargetTls:
         """An HTTPS group's TLS: a CA bundle to verify its targets with, if any (read now)."""

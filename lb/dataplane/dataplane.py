@@ -1,8 +1,9 @@
 """The data plane's Python API: desired L4 services in, map writes out.
 
     dp = Dataplane(maps)
+    dp = Dataplane(maps, source_of=lambda address: ...)  # lb's address toward a target (full NAT)
     dp.apply([L4Service(vip, members=((endpoint, weight), ...), draining=(endpoint, ...),
-                        terminated=(endpoint, ...), end_flows_on_removal=False)])
+                        terminated=(endpoint, ...), end_flows_on_removal=False, mode="nat")])
 
 apply() diffs against what the maps hold and writes only what changed:
 
@@ -28,16 +29,24 @@ apply() diffs against what the maps hold and writes only what changed:
   linger: still ACTIVE, so their flows go on (NLB's default), their ids
   taken back (their flows ended then) only when no free id is left.
 
-Everything is checked (limits, protocols) before the first write, so an
-apply that cannot fit changes nothing.
+- each VIP has a forwarding mode (`nat`, `full-nat`, `dsr`); a VIP whose
+  mode changes is removed and added again (its flows go stale: a flow
+  cannot change how it is rewritten half-way). Only `nat` VIPs need
+  `replies`; every target of a `full-nat` or `dsr` VIP gets lb's own
+  address toward it (`source_of`, the route's preferred source; it also
+  resolves the target's neighbour) in `fullnat_sources`.
+
+Everything is checked (limits, protocols, a DSR target's port) before the
+first write, so an apply that cannot fit changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from lb import maglev
 from lb.dataplane.maps import (
@@ -51,7 +60,7 @@ from lb.dataplane.maps import (
     VipAddr,
     VipEntry,
 )
-from lb.dataplane.structs import MAX_REPLY_VIPS, NO_TARGET, PROTO_NUMBERS, Counter
+from lb.dataplane.structs import MAX_REPLY_VIPS, MODE_NUMBERS, NO_TARGET, PROTO_NUMBERS, Counter
 
 log = logging.getLogger("lb.dataplane")
 
@@ -71,6 +80,7 @@ class L4Service:
     # An endpoint that leaves every service: its flows end (NLB's connection
     # termination at the end of the deregistration delay), or go on (default).
     end_flows_on_removal: bool = False
+    mode: str = "nat"  # "nat", "full-nat" or "dsr" (structs.MODE_NAMES)
 
 
 @dataclass
@@ -144,9 +154,14 @@ def wanted_flags(services: Iterable[L4Service]) -> dict[Endpoint, tuple[bool, bo
 class Dataplane:
     """The one writer of the maps (the controller calls it)."""
 
-    def __init__(self, maps: Maps) -> None:
+    def __init__(self, maps: Maps,
+                 source_of: Callable[[IPv4Address], IPv4Address | None] | None = None) -> None:
         self.maps = maps
         self.limits = maps.limits
+        # lb's own address toward a target (full NAT's source); None: unknown.
+        self._source_of = source_of or (lambda address: None)
+        # fullnat_sources as written: target id -> (its endpoint's address, the source).
+        self._sources: dict[int, tuple[IPv4Address, IPv4Address | None]] = {}
         # Adopt what the maps hold: a restarted daemon keeps ids, so flows
         # in conntrack keep pointing at the right targets.
         self._vips: dict[VipAddr, VipEntry] = {e.vip: e for e in maps.vips()}
@@ -191,6 +206,10 @@ class Dataplane:
         self._end_on_removal.update(ends)
         ended: set[int] = set()  # target ids whose flows end (deleted last, once nothing can name them)
 
+        # A VIP whose mode changes goes, and comes back below as a new one.
+        for vip in sorted(v for v in wanted if v in self._vips and self._vips[v].mode != wanted[v].mode):
+            self._remove_vip(vip, report)
+
         # Endpoints that left every service: retired (their ids free), or lingering.
         for endpoint in sorted(self._target_ids.keys() - flags.keys() - self._lingering.keys()):
             if self._end_on_removal.pop(endpoint, False):
@@ -212,6 +231,7 @@ class Dataplane:
                     ended.add(self._target_ids[endpoint])
                     report.targets_terminated.append(endpoint)
                 self._write_target(endpoint, flags[endpoint])
+        self._write_sources(wanted.values())
 
         # VIP ids of new VIPs first, so their routes are written before they go live.
         entries: dict[VipAddr, VipEntry] = {}
@@ -220,7 +240,7 @@ class Dataplane:
             if entry is None:
                 vip_id = self._free_vip_ids.popleft()
                 gen = self.maps.bump_vip_gen(vip_id)  # flows of an earlier VIP with this id are stale
-                entry = VipEntry(vip, vip_id, 0, gen)
+                entry = VipEntry(vip, vip_id, 0, gen, wanted[vip].mode)
             entries[vip] = entry
         self._write_routes(wanted, entries)
 
@@ -233,30 +253,50 @@ class Dataplane:
             if entry is None:
                 entry = entries[vip]
                 self.maps.write_ring(entry.vip_id, 0, ring)
-                self.maps.put_vip(vip, entry.vip_id, 0, entry.gen)
+                self.maps.put_vip(vip, entry.vip_id, 0, entry.gen, entry.mode)
                 self._vips[vip] = entry
                 report.vips_added.append(vip)
             else:
                 idle = entry.ring ^ 1
                 self.maps.write_ring(entry.vip_id, idle, ring)
-                self.maps.put_vip(vip, entry.vip_id, idle, entry.gen)  # the flip: one map update
-                self._vips[vip] = VipEntry(vip, entry.vip_id, idle, entry.gen)
+                self.maps.put_vip(vip, entry.vip_id, idle, entry.gen, entry.mode)  # the flip: one map update
+                self._vips[vip] = VipEntry(vip, entry.vip_id, idle, entry.gen, entry.mode)
                 report.rings_rebuilt.append(vip)
             self._members[vip] = members
 
         for vip in sorted(self._vips.keys() - wanted.keys()):
-            entry = self._vips.pop(vip)
-            self.maps.delete_vip(vip)
-            self.maps.bump_vip_gen(entry.vip_id)  # its flows go stale: their packets pass again
-            self._members.pop(vip, None)
-            self._free_vip_ids.append(entry.vip_id)
-            report.vips_removed.append(vip)
+            self._remove_vip(vip, report)
 
         # Last: every target whose flows end is inactive by now, so no new entry names it.
         report.flows_ended += self.maps.delete_flows(ended)
         if report.changed:
             log.info("dataplane: %s", report)
         return report
+
+    def _remove_vip(self, vip: VipAddr, report: ApplyReport) -> None:
+        entry = self._vips.pop(vip)
+        self.maps.delete_vip(vip)
+        self.maps.bump_vip_gen(entry.vip_id)  # its flows go stale: their packets pass again
+        self._members.pop(vip, None)
+        self._free_vip_ids.append(entry.vip_id)
+        report.vips_removed.append(vip)
+
+    def _write_sources(self, services: Iterable[L4Service]) -> None:
+        """fullnat_sources for every target of a full-NAT or DSR VIP, before a
+        ring can name it. `source_of` also resolves the target's neighbour:
+        XDP must send these modes' packets itself (the kernel could not
+        forward them), so it needs one (DSR reads no source; it is written all the same)."""
+        for endpoint in sorted(endpoints_of(s for s in services if s.mode in ("full-nat", "dsr"))):
+            target_id = self._target_ids[endpoint]
+            known = self._sources.get(target_id)
+            if known is not None and known[0] == endpoint.address and known[1] is not None:
+                continue
+            source = self._source_of(endpoint.address)
+            if known != (endpoint.address, source):
+                self.maps.put_fullnat_source(target_id, source)
+                self._sources[target_id] = (endpoint.address, source)
+            if source is None:
+                log.warning("dataplane: no route to %s: its full-NAT and DSR flows are dropped", endpoint.address)
 
     def _write_target(self, endpoint: Endpoint, flags: tuple[bool, bool]) -> None:
         active, in_service = flags
@@ -306,6 +346,8 @@ class Dataplane:
         it had that still exist, under the same generation."""
         routes: dict[tuple[Endpoint, str], list[ReplyVipEntry]] = {}
         for vip, service in sorted(wanted.items()):
+            if service.mode != "nat":  # full NAT's replies are addressed to lb; DSR's never cross it
+                continue
             entry = entries[vip]
             for endpoint in sorted({e for e, _ in service.members} | set(service.draining)):
                 routes.setdefault((endpoint, vip.protocol), []).append(ReplyVipEntry(vip, entry.vip_id, entry.gen))
@@ -341,6 +383,13 @@ class Dataplane:
                 problems.append(f"{vip}: an endpoint is listed twice in the ring")
             if any(w < 0 for _, w in service.members):
                 problems.append(f"{vip}: negative weight")
+            if service.mode not in MODE_NUMBERS:
+                problems.append(f"{vip}: mode must be one of {', '.join(MODE_NUMBERS)}, got {service.mode!r}")
+            if service.mode == "dsr":
+                moved = sorted({e for e in endpoints_of([service]) if e.port != vip.port})
+                if moved:
+                    problems.append(f"{vip}: DSR cannot translate ports; targets on another port: "
+                                    f"{', '.join(map(str, moved))}")
         if len(wanted) > self.limits.max_vips:
             problems.append(f"{len(wanted)} VIPs, the program holds at most {self.limits.max_vips} (max_vips)")
         all_endpoints = endpoints_of(wanted.values())
@@ -349,6 +398,8 @@ class Dataplane:
             problems.append(f"{len(all_endpoints)} targets, {most}")
         serving: dict[tuple[Endpoint, str], int] = {}
         for vip, service in wanted.items():
+            if service.mode != "nat":
+                continue
             for endpoint in {e for e, _ in service.members} | set(service.draining):
                 serving[(endpoint, vip.protocol)] = serving.get((endpoint, vip.protocol), 0) + 1
         for (endpoint, protocol), n in sorted(serving.items()):

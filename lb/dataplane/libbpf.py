@@ -42,6 +42,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_delete_batch": (c_int, [c_int, c_void_p, c_uint32_p, c_void_p]),
         "bpf_prog_test_run_opts": (c_int, [c_int, c_void_p]),
         "libbpf_num_possible_cpus": (c_int, []),
+        "bpf_prog_load": (c_int, [c_int, c_char_p, c_char_p, c_void_p, ctypes.c_size_t, c_void_p]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -153,6 +154,21 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
     opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
     return _check(_lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries,
                                         ctypes.byref(opts)), f"create map {name}")
+
+
+BPF_PROG_TYPE_XDP = 6
+# mov64 r0, XDP_PASS (2); exit: struct bpf_insn {u8 code; u8 regs; s16 off; s32 imm} each.
+_XDP_PASS_INSNS = bytes([0xB7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
+
+
+def load_xdp_pass() -> int:
+    """A two-instruction XDP program that passes every frame; returns its fd.
+
+    The namespace lab loads it on the far end of each veth lb's program
+    sends frames into: veth flushes frames sent with XDP_TX to its peer only
+    when the peer has an XDP program (docs/kernel-notes.md)."""
+    insns = ctypes.create_string_buffer(_XDP_PASS_INSNS, len(_XDP_PASS_INSNS))
+    return _check(_lib().bpf_prog_load(BPF_PROG_TYPE_XDP, b"xdp_pass", b"GPL", insns, 2, None), "load xdp_pass")
 
 
 def prog_info(fd: int) -> ProgInfo:

@@ -15,7 +15,9 @@ from ipaddress import IPv4Address
 
 from lb.dataplane.libbpf import BpfMap
 from lb.dataplane.structs import (
-    FWD_NAT,
+    FWD_FULLNAT,
+    MODE_NAMES,
+    MODE_NUMBERS,
     MAX_REPLY_VIPS,
     NO_TARGET,
     PROTO_NAMES,
@@ -73,6 +75,7 @@ class VipEntry:
     vip_id: int
     ring: int  # live half
     gen: int = 0  # the VIP id's generation when this VIP was written
+    mode: str = "nat"  # forwarding mode: "nat", "full-nat" or "dsr" (structs.MODE_NAMES)
 
 
 @dataclass(frozen=True, order=True)
@@ -105,6 +108,8 @@ class Flow:
     current: bool = True  # begun under the VIP's current generation (else stale: hashed again)
     tcp_state: str | None = None  # structs.tcp_state() of a TCP flow; None for UDP
     half_open: bool = False  # in half_open (handshake not complete), not in conntrack
+    mode: str = "nat"  # the VIP's forwarding mode when the flow began
+    source: Endpoint | None = None  # full NAT: lb's address:port the flow leaves from toward its target
 
 
 @dataclass(frozen=True)
@@ -204,12 +209,13 @@ class Maps:
 
     def vips(self) -> list[VipEntry]:
         return sorted(
-            (VipEntry(self._vip_addr(k), v.vip_id, v.ring, v.gen) for k, v in self._maps[MapName.VIPS].items()),
+            (VipEntry(self._vip_addr(k), v.vip_id, v.ring, v.gen, MODE_NAMES.get(v.mode, str(v.mode)))
+             for k, v in self._maps[MapName.VIPS].items()),
             key=lambda e: e.vip,
         )
 
-    def put_vip(self, vip: VipAddr, vip_id: int, ring: int, gen: int) -> None:
-        self._maps[MapName.VIPS].update(self._vip_key(vip), VipMeta(vip_id, ring, gen, FWD_NAT))
+    def put_vip(self, vip: VipAddr, vip_id: int, ring: int, gen: int, mode: str = "nat") -> None:
+        self._maps[MapName.VIPS].update(self._vip_key(vip), VipMeta(vip_id, ring, gen, MODE_NUMBERS[mode]))
 
     def vip_gen(self, vip_id: int) -> int:
         value = self._maps[MapName.VIP_GENS].lookup(ctypes.c_uint32(vip_id))
@@ -250,6 +256,27 @@ class Maps:
         # next hop of the id's former endpoint.
         next_hops = self._maps[MapName.NEXT_HOPS]
         next_hops.update(ctypes.c_uint32(target_id), next_hops.cell_type())
+
+    # --- full NAT ------------------------------------------------------------
+
+    def put_fullnat_source(self, target_id: int, address: IPv4Address | None) -> None:
+        """lb's own address toward a target: its full-NAT flows' source (None: none)."""
+        value = 0 if address is None else ip_to_net(address)
+        self._maps[MapName.FULLNAT_SOURCES].update(ctypes.c_uint32(target_id), ctypes.c_uint32(value))
+
+    def fullnat_source(self, target_id: int) -> IPv4Address | None:
+        value = self._maps[MapName.FULLNAT_SOURCES].lookup(ctypes.c_uint32(target_id))
+        return None if value is None or value.value == 0 else net_to_ip(value.value)
+
+    def fullnat_owner(self, protocol: str, target: Endpoint, source: Endpoint) -> tuple[Endpoint, VipAddr] | None:
+        """Which client flow (client, VIP) holds lb's `source` address:port toward `target`."""
+        key = FlowKey(ip_to_net(target.address), ip_to_net(source.address), port_to_net(target.port),
+                      port_to_net(source.port), PROTO_NUMBERS[protocol])
+        owner = self._maps[MapName.FULLNAT_FLOWS].lookup(key)
+        if owner is None:
+            return None
+        return (Endpoint(net_to_ip(owner.src), net_to_port(owner.sport)),
+                VipAddr(net_to_ip(owner.dst), net_to_port(owner.dport), protocol))
 
     # --- replies (target endpoint -> VIPs) and reply_ports --------------------
 
@@ -380,6 +407,9 @@ class Maps:
             idle_s=max(0, now - state.last_seen_ns) / 1e9,
             current=state.vip_gen == gen,
             tcp_state=tcp_state(state) if protocol == "TCP" else None,
+            mode=MODE_NAMES.get(state.mode, str(state.mode)),
+            source=(Endpoint(net_to_ip(state.snat_addr), net_to_port(state.snat_port))
+                    if state.mode == FWD_FULLNAT else None),
         )
 
     def delete_flows(self, target_ids: set[int]) -> int:

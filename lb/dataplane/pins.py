@@ -29,7 +29,8 @@ def limits_for(config: LoadBalancer) -> Limits:
                   udp_idle_timeout=config.udp_idle_timeout, tcp_closed_timeout=config.tcp_closed_timeout,
                   tcp_time_wait_timeout=config.tcp_time_wait_timeout, new_flow_rate_limit=config.new_flow_rate_limit,
                   tcp_syn_timeout=config.tcp_syn_timeout, max_vips=config.max_vips, max_targets=config.max_targets,
-                  conntrack_size=config.conntrack_size, half_open_size=config.half_open_size)
+                  conntrack_size=config.conntrack_size, half_open_size=config.half_open_size,
+                  fullnat_port_min=config.full_nat_port_range[0], fullnat_port_max=config.full_nat_port_range[1])
 
 
 def open_pinned(config: LoadBalancer) -> Maps:

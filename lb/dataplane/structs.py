@@ -37,10 +37,14 @@ def fill_removed_by_lb(table: int) -> int:
     return table * 2 + 1
 MAX_REPLY_VIPS = 4  # VIPs one target endpoint can serve (reply_route.vips)
 BPF_F_NO_COMMON_LRU = 0x2  # an LRU list per CPU (uapi/linux/bpf.h)
-# vip_meta.reserved is written as this: 0, what it held when it was `mode`
-# and FWD_NAT its only value (lb/dataplane/maps.py writes it by that name).
-# No longer in consts.h: the program never reads the field.
-FWD_NAT = 0
+# vip_meta.mode and flow_state.mode (consts.h FWD_*). The field was
+# `reserved`, always 0 (FWD_NAT), in earlier builds.
+FWD_NAT = 0  # destination rewritten; the client's address kept
+FWD_FULLNAT = 1  # and the source rewritten to lb's address and a port of its own
+FWD_DSR = 2  # only the destination MAC rewritten
+MODE_NAMES = {FWD_NAT: "nat", FWD_FULLNAT: "full-nat", FWD_DSR: "dsr"}
+MODE_NUMBERS = {name: number for number, name in MODE_NAMES.items()}
+# Full NAT's source ports (FULLNAT_PORT_MIN/MAX, FULLNAT_PORT_TRIES): Limits.
 
 IPPROTO_TCP = socket.IPPROTO_TCP
 IPPROTO_UDP = socket.IPPROTO_UDP
@@ -77,6 +81,16 @@ class Counter(enum.IntEnum):
     FIB_BLACKHOLE = 23
     FIB_FRAG_NEEDED = 24
     FIB_NO_ROUTE = 25
+    DROP_NO_PORT = 26
+    DROP_NO_SOURCE = 27
+    DROP_NO_ENTRY = 28
+    FULLNAT_PORT_BUSY = 29
+    FULLNAT_REVERSE = 30
+    DSR = 31
+    DROP_NO_NEIGH = 32
+    ICMP_TOO_BIG = 33
+    ICMP_TO_CLIENT = 34
+    ICMP_TO_TARGET = 35
 
     @property
     def label(self) -> str:
@@ -117,6 +131,16 @@ COUNTER_HELP = {
     Counter.FIB_BLACKHOLE: "pass_fib: the route is a blackhole, unreachable or prohibit (the kernel drops it)",
     Counter.FIB_FRAG_NEEDED: "pass_fib: bigger than the egress MTU (the kernel fragments it or answers ICMP)",
     Counter.FIB_NO_ROUTE: "pass_fib: no route to the destination (or it is local)",
+    Counter.DROP_NO_PORT: "full NAT: no free source port toward the target after the tries: dropped",
+    Counter.DROP_NO_SOURCE: "full NAT: lb has no address toward the target: dropped",
+    Counter.DROP_NO_ENTRY: "full NAT: new flow above new_flow_rate_limit (it needs an entry): dropped",
+    Counter.FULLNAT_PORT_BUSY: "full NAT: a source port tried was held by a live flow (another was tried)",
+    Counter.FULLNAT_REVERSE: "full NAT: reply to lb's address:port rewritten back to VIP -> client",
+    Counter.DSR: "DSR: only the destination MAC rewritten toward the target",
+    Counter.DROP_NO_NEIGH: "full NAT or DSR: no neighbour entry toward the target yet: dropped",
+    Counter.ICMP_TOO_BIG: "packet with DF too big for the path to its target: fragmentation needed sent back",
+    Counter.ICMP_TO_CLIENT: "ICMP error about a packet sent toward a target: rewritten back, sent to the client",
+    Counter.ICMP_TO_TARGET: "ICMP error about a reply sent from a VIP: rewritten, sent to the target",
 }
 
 
@@ -138,6 +162,8 @@ class MapName(str, enum.Enum):
     NEXT_HOPS = "next_hops"
     TABLE_STATS = "table_stats"
     TABLE_FILL = "table_fill"
+    FULLNAT_SOURCES = "fullnat_sources"
+    FULLNAT_FLOWS = "fullnat_flows"
 
 
 # --- structs (bpf/structs.h) ---------------------------------------------------
@@ -156,7 +182,7 @@ class VipMeta(ctypes.Structure):
         ("vip_id", ctypes.c_uint32),
         ("ring", ctypes.c_uint32),  # live half: 0 or 1
         ("gen", ctypes.c_uint32),  # vip_gens[vip_id] when written
-        ("reserved", ctypes.c_uint32),  # written as FWD_NAT (0); unread; keeps the pinned layout
+        ("mode", ctypes.c_uint32),  # FWD_*; was `reserved` (0, FWD_NAT): the pinned layout is kept
     ]
 
 
@@ -190,6 +216,10 @@ class FlowState(ctypes.Structure):
         ("fin_client", ctypes.c_uint8),  # 1: the client sent a FIN
         ("fin_target", ctypes.c_uint8),  # 1: the target sent a FIN
         ("rst", ctypes.c_uint8),  # 1: either side sent a RST
+        ("snat_addr", ctypes.c_uint32),  # network order; full NAT: lb's address the flow leaves from
+        ("snat_port", ctypes.c_uint16),  # network order; full NAT: the source port lb allocated
+        ("mode", ctypes.c_uint8),  # FWD_* of the VIP when the flow began
+        ("pad", ctypes.c_uint8),
     ]
 
 
@@ -316,6 +346,11 @@ class Limits:
     # How long the forward path keeps a target's next hop (bpf_fib_lookup's
     # answer) per CPU, in milliseconds; 0: a lookup for every packet.
     next_hop_cache_ms: int = 1000
+    # Full NAT's source ports, per (lb address, target endpoint, protocol),
+    # and how many hashed ones a new flow tries before it is dropped.
+    fullnat_port_min: int = 1024
+    fullnat_port_max: int = 32767
+    fullnat_port_tries: int = 16
 
     def cflags(self) -> list[str]:
         return [
@@ -332,6 +367,9 @@ class Limits:
             f"-DNEW_FLOW_RATE_LIMIT={self.new_flow_rate_limit}ULL",
             f"-DCONNTRACK_LRU_FLAGS={BPF_F_NO_COMMON_LRU if self.conntrack_per_cpu_lru else 0}",
             f"-DNEXT_HOP_CACHE_NS={self.next_hop_cache_ms * 1_000_000}ULL",
+            f"-DFULLNAT_PORT_MIN={self.fullnat_port_min}",
+            f"-DFULLNAT_PORT_MAX={self.fullnat_port_max}",
+            f"-DFULLNAT_PORT_TRIES={self.fullnat_port_tries}",
         ]
 
     def conntrack_entries(self) -> int:
@@ -400,6 +438,9 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
                 sized_by=TARGETS),
         MapSpec(MapName.TABLE_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TableStats, len(TABLE_NAMES), True),
         MapSpec(MapName.TABLE_FILL, BPF_MAP_TYPE_ARRAY, u32, u64, len(TABLE_NAMES) * 2),
+        MapSpec(MapName.FULLNAT_SOURCES, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_targets, sized_by=TARGETS),
+        MapSpec(MapName.FULLNAT_FLOWS, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowKey, limits.conntrack_size,
+                sized_by=("conntrack_size",)),
     ]
     return {spec.name: spec for spec in specs}
 

@@ -139,6 +139,18 @@ def flow_hash(protocol: str, src: ipaddress.IPv4Address, sport: int, dst: ipaddr
     return _mix32(h ^ PROTO_NUMBERS[protocol])
 
 
+def fullnat_port(flow_hash_value: int, attempt: int, low: int, high: int) -> int:
+    """bpf/fullnat.h fullnat_port(): the source port full NAT tries `attempt`-th
+    (from 0) for a flow of this flow_hash, in LOW..HIGH (host order)."""
+    x = flow_hash_value ^ ((attempt * 0x9E3779B9) & _U32)
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _U32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _U32
+    x ^= x >> 16
+    return low + x % (high - low + 1)
+
+
 def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: str) -> dict[str, Any]:
     """Where a packet of this 5-tuple goes, as bpf/lb.c decides it: its
     conntrack entry, else the ring; what a SYN would do; and its replies.
@@ -163,8 +175,11 @@ def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: 
     serves), "by" ("entry": the flow's entry names the VIP | "ring": no entry,
     the ring sends this flow to that target | None: its replies pass
     untouched), "half_flow" (true: no entry, the replies go back by the ring
-    alone)}|None}. "ring" is where a new flow would land, given even when a
-    live entry decides.
+    alone)}|None, "mode" (the VIP's: nat|full-nat|dsr), "full_nat": {"source"
+    ("ADDR:PORT": lb's address and the flow's port, from its entry; or the
+    first port a new flow would try), "from_entry"}|None}. "ring" is where a
+    new flow would land, given even when a live entry decides. A full-NAT
+    flow's replies come to lb's source address, not through `replies`.
     """
     proto = protocol.upper()
     if proto not in PROTO_NUMBERS:
@@ -182,12 +197,13 @@ def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpo
     """explain_flow on open maps (no "listener" names: those come from the config)."""
     vip = VipAddr(destination.address, destination.port, proto)
     out: dict[str, Any] = {"protocol": proto, "client": str(client), "vip": str(destination), "listener": None,
-                           "vip_id": None, "decision": "pass", "target": None, "target_id": None,
+                           "vip_id": None, "mode": None, "full_nat": None, "decision": "pass", "target": None, "target_id": None,
                            "makes_entry": False, "conntrack": None, "syn": None, "ring": None, "reply": None}
     entry = next((e for e in maps.vips() if e.vip == vip), None)
     if entry is None:
         return out
     out["vip_id"] = entry.vip_id
+    out["mode"] = entry.mode
     known = {t.target_id: t for t in maps.targets()}
 
     def name(target_id: int | None) -> str | None:
@@ -220,6 +236,7 @@ def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpo
                             "half_open": flow.half_open,
                             "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3), "state": state,
                             "tcp_state": flow.tcp_state, "timeout_s": entry_timeout(flow, maps.limits),
+                            "mode": flow.mode, "source": str(flow.source) if flow.source else None,
                             "decides": decides, "syn_decides": syn_decides, "why": why}
     if decides:
         assert flow is not None
@@ -240,6 +257,13 @@ def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpo
 
     # Replies: from whichever target the flow's next segment reaches.
     target_id = out["target_id"]
+    if entry.mode == "full-nat" and target_id is not None:
+        if decides and flow is not None and flow.source is not None:
+            out["full_nat"] = {"source": str(flow.source), "from_entry": True}
+        else:
+            source = maps.fullnat_source(target_id)
+            port = fullnat_port(hashed, 0, maps.limits.fullnat_port_min, maps.limits.fullnat_port_max)
+            out["full_nat"] = {"source": f"{source}:{port}" if source else None, "from_entry": False}
     if target_id is not None and target_id in known:
         endpoint = known[target_id].endpoint
         route = maps.route(endpoint, proto)

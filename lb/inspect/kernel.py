@@ -22,7 +22,7 @@ def vips(config: LoadBalancer) -> list[dict[str, Any]]:
 
     [{"vip": "ADDR:PORT", "protocol", "address", "port", "listener",
     "target_group" (None for a VIP the config does not know), "vip_id",
-    "ring_half" (live half), "ring_size", "empty_slots", "targets":
+    "mode" (nat|full-nat|dsr), "ring_half" (live half), "ring_size", "empty_slots", "targets":
     [{"target_id", "target": "ADDR:PORT"|None, "active", "in_service", "slots",
     "share" (slots / ring_size)}]}], sorted by VIP; targets by target id.
     """
@@ -42,7 +42,7 @@ def vips(config: LoadBalancer) -> list[dict[str, Any]]:
                                 "active": bool(t and t.active), "in_service": bool(t and t.in_service),
                                 "slots": slots, "share": round(slots / size, 6)})
             out.append({**vip_dict(entry.vip), "listener": listener, "target_group": group, "vip_id": entry.vip_id,
-                        "ring_half": entry.ring, "ring_size": size, "empty_slots": empty, "targets": targets})
+                        "mode": entry.mode, "ring_half": entry.ring, "ring_size": size, "empty_slots": empty, "targets": targets})
         return out
 
 
@@ -79,8 +79,10 @@ def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None =
     (live|expired|stale|retired), "tcp_state" (syn_sent|syn_recv|established|
     closing|time_wait|closed; None for UDP), "half_open" (true: in the
     half_open table, syn_sent or syn_recv), "timeout_s" (how long the entry
-    lives without a packet in its TCP state)}], "count", "truncated"},
-    sorted by VIP then client.
+    lives without a packet in its TCP state), "mode" (nat|full-nat|dsr, the
+    VIP's when the flow began), "source": "ADDR:PORT" (full NAT: lb's address
+    and the port it gave the flow toward its target)|None}], "count",
+    "truncated"}, sorted by VIP then client.
     """
     vip_filter = parse_endpoint(vip, port_required=False) if vip else None
     target_filter = parse_endpoint(target, port_required=False) if target else None
@@ -106,6 +108,7 @@ def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None =
                 "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3),
                 "state": flow_state(flow, maps.limits, bool(t and t.active)), "tcp_state": flow.tcp_state,
                 "half_open": flow.half_open, "timeout_s": entry_timeout(flow, maps.limits),
+                "mode": flow.mode, "source": str(flow.source) if flow.source else None,
             })
         flows.sort(key=lambda f: (f["vip"], f["protocol"], ipaddress.IPv4Address(f["client_address"]),
                                   f["client_port"]))

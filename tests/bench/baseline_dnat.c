@@ -23,6 +23,10 @@
  *   SVC1_...                         optional second service, same fields
  *   REVERSE_NAT                      also rewrite replies from target:port
  *                                    back to VIP:vip_port (stateless)
+ *   SNAT_ADDR, SNAT_PORT             full NAT's floor: the forward packet's source
+ *                                    becomes SNAT_ADDR:SNAT_PORT too (one fixed port)
+ *   MAC_ONLY                         DSR's floor: nothing rewritten but the MACs
+ *                                    (and the TTL); the next hop is the target's
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -140,6 +144,10 @@ int xdp_baseline(struct xdp_md *ctx)
 	if (ip->ttl <= 1)
 		return XDP_DROP;
 
+	__be32 next = new_addr;
+#ifdef MAC_ONLY
+	if (!forward) {
+#endif
 	if (forward) {
 		old_addr = ip->daddr;
 		old_port = tcp->dest;
@@ -155,6 +163,21 @@ int xdp_baseline(struct xdp_md *ctx)
 	csum_replace4(&tcp->check, old_addr, new_addr);
 	if (old_port != new_port)
 		csum_replace2(&tcp->check, old_port, new_port);
+#ifdef SNAT_ADDR
+	if (forward) {
+		old_addr = ip->saddr;
+		old_port = tcp->source;
+		ip->saddr = SNAT_ADDR;
+		tcp->source = SNAT_PORT;
+		csum_replace4(&ip->check, old_addr, SNAT_ADDR);
+		csum_replace4(&tcp->check, old_addr, SNAT_ADDR);
+		csum_replace2(&tcp->check, old_port, SNAT_PORT);
+	}
+#endif
+#ifdef MAC_ONLY
+	}
+#endif
+	next = forward ? next : ip->daddr;
 
 	struct bpf_fib_lookup fib = {};
 	fib.family = AF_INET;
@@ -164,7 +187,7 @@ int xdp_baseline(struct xdp_md *ctx)
 	fib.dport = tcp->dest;
 	fib.tot_len = bpf_ntohs(ip->tot_len);
 	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
+	fib.ipv4_dst = next;
 	fib.ifindex = ctx->ingress_ifindex;
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return XDP_PASS; /* the kernel forwards the rewritten frame */

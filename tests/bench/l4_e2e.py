@@ -23,6 +23,8 @@ them rather than the balancers.
 
 Setups, each measured with the same iperf3 and wrk parameters:
     lb          lb's XDP program, native mode, on every lb-side interface (as tests/l4_lab.py)
+    lb-full-nat the same, both services in full NAT (targets see lb's 10.0.1.1 and a port it
+                allocated; counters shared with "lb")
     nftables    no XDP; an nftables DNAT rule in the lb namespace (jhash of saddr . sport
                 mod 3 over the backends; kernel conntrack does the reply path)
     stateless   tests/bench/baseline_dnat.c in native mode: 5-tuple hash mod 3, stateless
@@ -92,17 +94,19 @@ from lb.dataplane.maps import Endpoint, Maps, VipAddr  # noqa: E402
 from lb.dataplane.structs import Counter, Limits, ip_to_net, port_to_net  # noqa: E402
 from lb.lab import Lab  # noqa: E402
 from lb.model import XdpMode  # noqa: E402
+from tests.names import name  # noqa: E402
 
-# "lbb", or LB_TEST_PREFIX + "b" (lbsb-...) so benchmarks of two worktrees can run at once.
-PREFIX = os.environ["LB_TEST_PREFIX"] + "b" if os.environ.get("LB_TEST_PREFIX") else "lbb"
-NAME = f"{PREFIX}-e2e"  # pin directory /sys/fs/bpf/lb/lbb-e2e
+# From LB_TEST_PREFIX (tests/names.py), so benchmarks of two sessions on one
+# machine never share (or tear down) each other's namespaces: "lbb" unless set.
+PREFIX = name("b") if "LB_TEST_PREFIX" in os.environ else "lbb"
+NAME = f"{PREFIX}-e2e"  # pin directory /sys/fs/bpf/lb/<PREFIX>-e2e
 LIMITS = Limits(ring_size=65537, max_vips=8, max_targets=64, conntrack_size=262144)
 VIP = labmod.VIP
 HTTP_VIP_PORT = 8080
 HTTP_PORT = labmod.HTTP_PORT  # what the backends' nginx listen on
 NGINX_WORKERS = 2
 IPERF_PORT = 5201
-NFT_TABLE = f"{PREFIX}_bench"
+NFT_TABLE = f"{PREFIX.replace('-', '_')}_bench"
 BASELINE_C = Path(__file__).resolve().parent / "baseline_dnat.c"
 IPERF_AFFINITY = "0,1"  # client on CPU 0, server on CPU 1: the same placement for every setup
 CLIENT_SYSCTLS = {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65535"}
@@ -505,14 +509,19 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
     # lb: compiled once, attached and detached per round.
     program = stack.enter_context(Program.load(NAME, LIMITS))
     maps = stack.enter_context(Maps(program.pin_dir, LIMITS))
-    dataplane = Dataplane(maps)
+    dataplane = Dataplane(maps, source_of=lambda address: nl.source_toward(address, lab.lb_ns))
     vip_http = VipAddr(ipaddress.IPv4Address(VIP), HTTP_VIP_PORT, "TCP")
     vip_iperf = VipAddr(ipaddress.IPv4Address(VIP), IPERF_PORT, "TCP")
-    dataplane.apply([
-        L4Service(vip_http, members=tuple((Endpoint(ipaddress.IPv4Address(x.address), HTTP_PORT), 1)
-                                          for x in lab.backends)),
-        L4Service(vip_iperf, members=((Endpoint(ipaddress.IPv4Address(backend1.address), IPERF_PORT), 1),)),
-    ])
+
+    def services(mode: str) -> list[L4Service]:
+        return [
+            L4Service(vip_http, members=tuple((Endpoint(ipaddress.IPv4Address(x.address), HTTP_PORT), 1)
+                                              for x in lab.backends), mode=mode),
+            L4Service(vip_iperf, members=((Endpoint(ipaddress.IPv4Address(backend1.address), IPERF_PORT), 1),),
+                      mode=mode),
+        ]
+
+    dataplane.apply(services("nat"))
 
     # stateless XDP DNAT: the same C as xdp_cost.py's baseline, with two services and reverse NAT.
     b = [x.address for x in lab.backends]
@@ -545,6 +554,14 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
             counters_total[c] += after[c] - counters_before.get(c, after[c])
         while lb_attachments:
             detach(lb_attachments.pop())
+
+    def full_nat_start() -> None:
+        dataplane.apply(services("full-nat"))  # a mode change: the VIPs are made anew
+        lb_start()
+
+    def full_nat_stop() -> None:
+        lb_stop()
+        dataplane.apply(services("nat"))
 
     stateless_on: list[str] = []
 
@@ -599,6 +616,7 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
 
     setups = [
         Setup("lb", "lb XDP (native)", VIP, HTTP_VIP_PORT, lb_start, lb_stop),
+        Setup("lb-full-nat", "lb XDP full NAT (native)", VIP, HTTP_VIP_PORT, full_nat_start, full_nat_stop),
         Setup("nftables", "nftables DNAT (jhash mod 3)", VIP, HTTP_VIP_PORT, nft_start, nft_stop),
         Setup("stateless", "stateless XDP DNAT (native)", VIP, HTTP_VIP_PORT, stateless_start, stateless_stop),
         Setup("routing", "plain routing (client -> backend1)", backend1.address, HTTP_PORT),
@@ -697,6 +715,10 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
                 ratio = mine / theirs if theirs else float("nan")
                 verdict = "MET" if ratio >= goal else "NOT MET"
                 print(f"lb / {o.title:<32} {what}: {ratio:5.2f}  (goal >= {goal}) [{verdict}]")
+    if lb and "lb-full-nat" in by_key:
+        o = by_key["lb-full-nat"]
+        print(f"lb full NAT / lb NAT{'':<17} Gbit/s: {o.gbits / lb.gbits:5.2f}   conn/s: {o.conns / lb.conns:5.2f}"
+              f"   (goal: full NAT's established cost <= 1.5 x its floor: see xdp_cost.py)")
     if lb:
         for other in ("routing", "haproxy"):
             if other in by_key:

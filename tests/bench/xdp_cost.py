@@ -52,7 +52,11 @@ How the cost is measured, and why not simply with repeat=1_000_000:
 
 The baseline (tests/bench/baseline_dnat.c, one target, no maps) is measured
 on the established frame with the same ingress interface, harness and
-subtraction. Also timed: lb.maglev.build_table for N=1000 at M=65537 (best of
+subtraction. The forwarding modes get rows of their own: an established
+flow of a full-NAT VIP and of a DSR VIP, each against the same baseline
+built as that mode's stateless floor (full NAT: the source rewritten too, to
+the address and port lb gave the flow; DSR: only the MACs), both checked to
+emit the same frame as lb byte for byte. Also timed: lb.maglev.build_table for N=1000 at M=65537 (best of
 5) and a full Dataplane.apply of one VIP with 1000 targets at M=65537.
 """
 
@@ -113,6 +117,7 @@ CLIENT = "10.0.0.2"
 VIP = "10.0.0.100"
 VIP_PORT = 80
 STALE_PORT = 81  # the VIP whose SYNs find stale entries
+MODE_PORTS = {"full-nat": 82, "dsr": 83}  # a VIP port per forwarding mode (DSR: the targets' port too)
 TARGET_PORT = 8080
 TARGETS = ("10.0.1.11", "10.0.1.12", "10.0.1.13")
 CLIENT_PORT = 40000
@@ -387,7 +392,7 @@ def main() -> int:
         program = stack.enter_context(Program.load(NAME, LIMITS))
         maps = stack.enter_context(Maps(program.pin_dir, LIMITS))
         print(f"compiled and loaded bpf/lb.c in {time.perf_counter() - t0:.1f} s")
-        dataplane = Dataplane(maps)
+        dataplane = Dataplane(maps, source_of=lambda address: nl.source_toward(address, NETNS))
         vip = VipAddr(ipaddress.IPv4Address(VIP), VIP_PORT, "TCP")
         service = L4Service(vip, members=tuple((Endpoint(ipaddress.IPv4Address(a), TARGET_PORT), 1) for a in TARGETS))
         dataplane.apply([service])
@@ -607,6 +612,54 @@ def main() -> int:
         base.single = statistics.median(single_shot(baseline_fd, [ack] * args.single, fx_client)) - floor_single
         base.overhead = overhead
 
+        # Forwarding modes: an established flow each, against its own stateless floor.
+        mode_rows: list[tuple[Row, Row]] = []
+        for mode, port in MODE_PORTS.items():
+            target_port = port if mode == "dsr" else TARGET_PORT
+            endpoint = Endpoint(ipaddress.IPv4Address(target_addr), target_port)
+            mode_vip = VipAddr(ipaddress.IPv4Address(VIP), port, "TCP")
+            dataplane.apply([service, L4Service(mode_vip, members=((endpoint, 1),), mode=mode)])
+            sport = CLIENT_PORT + 10
+            first = run_repeat(program.fd, client_frame(sport, "S", dport=port), fx_client, 1)
+            if mode == "full-nat":  # the target's SYN-ACK, to lb's address and the port it gave the flow
+                snat_ip = str(ipaddress.IPv4Address(first.data[26:30]))
+                snat_port = int.from_bytes(first.data[34:36], "big")
+                synack = tcp_frame(MAC["t" + target_addr.rsplit(".", 1)[1][-1]], MAC["fxb"], target_addr, snat_ip,
+                                   target_port, snat_port, "SA")
+                run_repeat(program.fd, synack, fx_target, 1)
+            mode_ack = client_frame(sport, "A", dport=port)
+            run_repeat(program.fd, mode_ack, fx_client, 1)  # completes the handshake (DSR: unchecked)
+            mode_flow = maps.flow("TCP", Endpoint(ipaddress.IPv4Address(CLIENT), sport),
+                                  Endpoint(ipaddress.IPv4Address(VIP), port))
+            if mode_flow is None or mode_flow.half_open:
+                raise SystemExit(f"{mode}: the handshake of port {sport} did not complete: {mode_flow}")
+            lb_out = run_repeat(program.fd, mode_ack, fx_client, 1)
+            cflags = [f"-I{bpf_source_dir()}", f"-DVIP_ADDR={ip_to_net(VIP):#x}U",
+                      f"-DSVC0_VIP_PORT={port_to_net(port):#x}", f"-DSVC0_TARGET_PORT={port_to_net(target_port):#x}",
+                      "-DSVC0_N=1", f"-DSVC0_T0={ip_to_net(target_addr):#x}U"]
+            if mode == "full-nat":
+                cflags += [f"-DSNAT_ADDR={int.from_bytes(lb_out.data[26:30], 'little'):#x}U",
+                           f"-DSNAT_PORT={int.from_bytes(lb_out.data[34:36], 'little'):#x}"]
+            else:
+                cflags.append("-DMAC_ONLY")
+            floor = BPF(src_file=str(BASELINE_C).encode(), cflags=cflags)
+            stack.callback(floor.cleanup)
+            floor_fd = floor.load_func(b"xdp_baseline", BPF.XDP).fd
+            floor_out = run_repeat(floor_fd, mode_ack, fx_client, 1)
+            if lb_out.retval != XDP_REDIRECT or floor_out.data != lb_out.data:
+                raise SystemExit(f"{mode}: its floor and lb do not emit the same frame for the established packet")
+            h = compile_harness(mode_ack, False)
+            stack.callback(h.bpf.cleanup)
+            overhead = restored(h, pass_fd, mode_ack, fx_client, args.repeat)
+            lb_row = Row(f"established TCP, {mode} (conntrack hit)", overhead=overhead)
+            gross, delta = counter_delta(maps, lambda: restored(h, program.fd, mode_ack, fx_client, args.repeat))
+            lb_row.gross, lb_row.net, lb_row.verdicts = gross, gross - overhead, fmt_verdicts(delta)
+            floor_row = Row(f"stateless {mode} floor (no maps)", overhead=overhead)
+            floor_row.gross = restored(h, floor_fd, mode_ack, fx_client, args.repeat)
+            floor_row.net = floor_row.gross - overhead
+            mode_rows.append((lb_row, floor_row))
+        dataplane.apply([service])
+
         attribution: list[tuple[str, float | None]] = []
         if args.attribute:
             open_flow(CLIENT_PORT)  # the established flow again (the miss case flooded it out)
@@ -665,7 +718,7 @@ def main() -> int:
     header = f"{'case':<48} {'naive':>7} {'gross':>7} {'harness':>8} {'net':>7} {'x base':>7} {'single':>7}"
     print(header)
     print("-" * len(header))
-    for row in [*rows, base]:
+    for row in [*rows, base, *(r for pair in mode_rows for r in pair)]:
         ratio = row.net / base.net if base.net > 0 else float("nan")
         naive = f"{row.naive:7.1f}" if row.naive is not None else f"{'-':>7}"
         single = f"{row.single:7.0f}" if row.single == row.single else f"{'-':>7}"
@@ -691,6 +744,12 @@ def main() -> int:
         verdict = "MET" if ratio <= GOAL_NEW_FLOW_RATIO else "NOT MET"
         print(f"goal: new flow <= {GOAL_NEW_FLOW_RATIO} x established: {row.case}: net {row.net:.1f} / {est.net:.1f} "
               f"ns = {ratio:.2f}x [{verdict}]")
+    for lb_row, floor_row in mode_rows:
+        ratio = lb_row.net / floor_row.net if floor_row.net > 0 else float("nan")
+        verdict = "MET" if ratio <= GOAL_RATIO else "NOT MET"
+        print(f"goal: {lb_row.case} <= {GOAL_RATIO} x its floor: net {lb_row.net:.1f} / {floor_row.net:.1f} ns "
+              f"= {ratio:.2f}x [{verdict}] (gross {lb_row.gross:.1f} / {floor_row.gross:.1f}; "
+              f"restored verdicts: {lb_row.verdicts})")
     promote = next((r for r in rows if r.case.startswith("ACK completing")), None)
     filling = next((r for r in rows if r.case.startswith("new TCP flow (miss, table filling")), None)
     if promote is not None and filling is not None:  # what a connection costs the program beyond its SYN
