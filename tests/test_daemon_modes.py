@@ -61,6 +61,6 @@ def test_a_full_nat_listener_through_the_daemon(daemon: RunningDaemon, lab: Lab)
     ours = [f for f in flows if f["client_port"] == client_port]
     assert len(ours) == 1 and ours[0]["mode"] == "full-nat"
     assert ours[0]["source"].startswith(f"{labmod.BACKEND_GATEWAY}:")  # lb's address on the target's link
-    modes = {(v["vip"], v["protocol"]): v["mode"] for v in lb_json(daemon, "vips")}
+    modes = {(v["vip"], v["protocol"]): v["mode"] for v in lb_json(daemon, "vips")["vips"]}
     assert modes[(f"{labmod.VIP}:{FULL_NAT_PORT}", "TCP")] == "full-nat"
     assert modes[(f"{labmod.VIP}:{labmod.ECHO_PORT}", "TCP")] == "nat"

@@ -98,7 +98,7 @@ def cases() -> Iterator[Case]:
                before=small_handshake(51001))
     may_split = from_client(tcp(51002, flags="PA", payload=b"z" * 1400), dst=SMALL_MTU_VIP)
     yield Case("too big without DF: rewritten and passed (the kernel fragments it)", raw(may_split), XDP_PASS,
-               None, {Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1},
+               None, {Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1, Counter.FIB_FRAG_NEEDED: 1},
                before=small_handshake(51002))
     fits = from_client(tcp(51003, flags="PA", payload=b"z" * 1200), dst=SMALL_MTU_VIP, flags="DF")
     yield Case("a segment that fits the path: forwarded", raw(fits), XDP_REDIRECT, None,
