@@ -90,7 +90,7 @@ def test_first_load_creates_the_maps_and_later_loads_adopt_them() -> None:
         with pytest.raises(LoaderError, match="other limits") as refused:  # a config key changed
             Program.load(NAME, replace(LIMITS, conntrack_size=256, half_open_size=LIMITS.half_open_size * 2))
         message = str(refused.value)
-        assert "conntrack: pinned as lru_hash key 16 B value 32 B max 128" in message
+        assert "conntrack: pinned as lru_hash key 16 B value 40 B max 128" in message
         assert "max 256 flags 0x0 (its size follows the config's conntrack_size, changed since it was pinned)" in message
         assert "(its size follows the config's half_open_size, changed since it was pinned)" in message
         assert "rings" not in message and "`lb down`" in message
