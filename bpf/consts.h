@@ -150,7 +150,7 @@
 /* Global counter slots (maps.h: counters). Each packet increments exactly one
  * "verdict" reason; the others (CNT_CONNTRACK_*) count events on the way. */
 enum lb_counter {
-	CNT_PASS_NOT_IPV4 = 0,   /* ARP, IPv6, VLAN, anything not IPv4: pass */
+	CNT_PASS_NOT_IPV4 = 0,   /* ARP, VLAN, anything neither IPv4 nor IPv6: pass */
 	CNT_PASS_NOT_VIP,        /* IPv4 that is not TCP/UDP to a VIP, nor a reply: pass */
 	CNT_PASS_PARSE_ERROR,    /* truncated header, bad IHL or total length: pass, the kernel drops it */
 	CNT_PASS_IP_OPTIONS,     /* IPv4 options (IHL > 5): pass */
@@ -194,6 +194,11 @@ enum lb_counter {
 	CNT_ICMP_TO_CLIENT,      /* ICMP error about a packet lb sent toward a target: quote and addresses
 	                          * rewritten back, sent to the client */
 	CNT_ICMP_TO_TARGET,      /* ICMP error about a reply lb sent from a VIP: rewritten, sent to the target */
+	CNT_PASS_IPV6,           /* IPv6 with no extension header, not ICMPv6 (no IPv6 VIPs on the XDP path yet): pass */
+	CNT_PASS_IPV6_EXT_HDR,   /* IPv6 with an extension header (hop-by-hop, routing, destination options, AH,
+	                          * ESP, ...) after the fixed header: pass */
+	CNT_PASS_IPV6_FRAGMENT,  /* IPv6 fragment (a fragment header first): pass */
+	CNT_PASS_ICMPV6,         /* ICMPv6 (neighbour discovery, echo, errors): pass, the kernel answers it */
 	CNT_MAX,
 };
 

@@ -8,6 +8,8 @@
  *   a tracked flow           -> conntrack hit: DNAT to its target -> out
  *   TCP/UDP to a VIP         -> Maglev ring picks the target (a SYN or a UDP
  *                               datagram also makes the flow's entry) -> DNAT -> out
+ *   IPv6 (no IPv6 VIPs yet)  -> XDP_PASS, untouched, counted by kind (ICMPv6 and
+ *                               ND, extension header, fragment, the rest)
  *   anything else            -> XDP_PASS, untouched
  *
  * A flow has one conntrack entry, keyed by its client -> VIP 5-tuple and
@@ -943,6 +945,18 @@ int xdp_lb(struct xdp_md *ctx)
 		break;
 	case PARSE_NOT_IPV4:
 		count(CNT_PASS_NOT_IPV4);
+		return XDP_PASS;
+	case PARSE_IPV6:
+		count(CNT_PASS_IPV6);
+		return XDP_PASS;
+	case PARSE_IPV6_EXT_HDR:
+		count(CNT_PASS_IPV6_EXT_HDR);
+		return XDP_PASS;
+	case PARSE_IPV6_FRAGMENT:
+		count(CNT_PASS_IPV6_FRAGMENT);
+		return XDP_PASS;
+	case PARSE_ICMPV6:
+		count(CNT_PASS_ICMPV6);
 		return XDP_PASS;
 	case PARSE_IP_OPTIONS:
 		count(CNT_PASS_IP_OPTIONS);

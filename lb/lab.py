@@ -1,12 +1,18 @@
 """The namespace lab: the Vagrant topology built from network namespaces.
 
     client (10.0.0.2) ──eth0═══to-client── lb (10.0.0.1, VIP 10.0.0.100) ──to-backendN═══eth0── backendN (10.0.1.1N)
+           (fd00::2)                            (fd00::1)                                            (fd00:1::1N)
 
 One namespace per host, one veth pair per link, addresses from 10.0.0.0/16,
 which exists only inside these namespaces (nothing in the root namespace is
 touched, and no traffic leaves them). Every backend routes its replies back
 through the lb namespace (default route via 10.0.1.1), as NAT forwarding
 needs, and runs `lb.labserver` (HTTP on 80, HTTPS on 443, TCP and UDP echo on 9000).
+IPv6 addresses (ULA, fd00::/16) sit alongside, the same shape: fd00::/64 on
+the client link, fd00:1::1 on every lb-side backend veth with a host route
+to the backend's fd00:1::1N, IPv6 forwarding on in lb. They are added
+without duplicate address detection, so they are usable at once; the IPv4
+side is as it was.
 
 The veth settings come from docs/kernel-notes.md: the senders (client, backends) turn
 TX checksum offload off, so XDP rewrites complete checksums, and turn GRO
@@ -43,6 +49,12 @@ VIP = "10.0.0.100"
 BACKEND_GATEWAY = "10.0.1.1"
 BACKEND_NET_PREFIXLEN = 24
 BACKEND_ADDRS = ("10.0.1.11", "10.0.1.12", "10.0.1.13")
+CLIENT_NET6_PREFIXLEN = 64
+CLIENT_ADDR6 = "fd00::2"
+LB_CLIENT_ADDR6 = "fd00::1"
+BACKEND_GATEWAY6 = "fd00:1::1"
+BACKEND_NET6_PREFIXLEN = 64
+BACKEND_ADDRS6 = ("fd00:1::11", "fd00:1::12", "fd00:1::13")
 HTTP_PORT = 80
 HTTPS_PORT = 443  # the same server behind TLS (a self-signed certificate), for HTTPS target groups
 ECHO_PORT = 9000
@@ -65,6 +77,7 @@ class Backend:
     address: str  # "10.0.1.11"
     netns: str  # "<prefix>-backend1"
     lb_ifname: str  # "to-backend1", the lb side of its link
+    address6: str = ""  # "fd00:1::11"; "" in labs without IPv6
 
 
 @dataclass(frozen=True)
@@ -79,7 +92,8 @@ class Lab:
         if not 1 <= self.backend_count <= len(BACKEND_ADDRS):
             raise ValueError(f"backend_count must be 1..{len(BACKEND_ADDRS)}")
         backends = tuple(
-            Backend(f"backend{i}", BACKEND_ADDRS[i - 1], f"{self.prefix}-backend{i}", f"to-backend{i}")
+            Backend(f"backend{i}", BACKEND_ADDRS[i - 1], f"{self.prefix}-backend{i}", f"to-backend{i}",
+                    BACKEND_ADDRS6[i - 1])
             for i in range(1, self.backend_count + 1)
         )
         object.__setattr__(self, "backends", backends)
@@ -154,6 +168,7 @@ class Lab:
             nl.set_up(ipr, "lo")
             nl.add_veth(ipr, LB_CLIENT_IF, HOST_IF, self.client_ns)
             nl.add_address(ipr, LB_CLIENT_IF, LB_CLIENT_ADDR, CLIENT_NET_PREFIXLEN)
+            nl.add_address(ipr, LB_CLIENT_IF, LB_CLIENT_ADDR6, CLIENT_NET6_PREFIXLEN, nodad=True)
             nl.set_up(ipr, LB_CLIENT_IF)
             for b in self.backends:
                 # A point-to-point link per backend: the gateway address on
@@ -162,10 +177,15 @@ class Lab:
                 nl.add_address(ipr, b.lb_ifname, BACKEND_GATEWAY, 32)
                 nl.set_up(ipr, b.lb_ifname)
                 nl.add_route(ipr, f"{b.address}/32", oif=b.lb_ifname)
+                nl.add_address(ipr, b.lb_ifname, BACKEND_GATEWAY6, 128, nodad=True)
+                nl.add_route(ipr, f"{b.address6}/128", oif=b.lb_ifname)
         nl.set_sysctl(self.lb_ns, "net.ipv4.ip_forward", "1")
+        nl.set_sysctl(self.lb_ns, "net.ipv6.conf.all.forwarding", "1")
         self._configure_host(self.client_ns, CLIENT_ADDR, CLIENT_NET_PREFIXLEN, LB_CLIENT_ADDR)
+        self._configure_host6(self.client_ns, CLIENT_ADDR6, CLIENT_NET6_PREFIXLEN, LB_CLIENT_ADDR6)
         for b in self.backends:
             self._configure_host(b.netns, b.address, BACKEND_NET_PREFIXLEN, BACKEND_GATEWAY)
+            self._configure_host6(b.netns, b.address6, BACKEND_NET6_PREFIXLEN, BACKEND_GATEWAY6)
         for b in self.backends:
             self.start_server(b)
 
@@ -177,6 +197,12 @@ class Lab:
             nl.add_route(ipr, "default", gateway=gateway)
         nl.set_features(ns, HOST_IF, SENDER_FEATURES)
         attach_pass_program(ns, HOST_IF)
+
+    @staticmethod
+    def _configure_host6(ns: str, address: str, prefixlen: int, gateway: str) -> None:
+        with nl.iproute(ns) as ipr:
+            nl.add_address(ipr, HOST_IF, address, prefixlen, nodad=True)
+            nl.add_route(ipr, "::/0", gateway=gateway)
 
     def start_server(self, backend: Backend) -> None:
         """Start a backend's lb.labserver and wait until it is ready."""

@@ -148,10 +148,17 @@ def set_up(ipr: IPRoute, ifname: str) -> None:
     ipr.link("set", index=ifindex(ipr, ifname), state="up")
 
 
-def add_address(ipr: IPRoute, ifname: str, address: str, prefixlen: int, proto: int | None = None) -> None:
+IFA_F_NODAD = 0x02  # uapi/linux/if_addr.h: no duplicate address detection (IPv6)
+
+
+def add_address(ipr: IPRoute, ifname: str, address: str, prefixlen: int, proto: int | None = None,
+                *, nodad: bool = False) -> None:
     """Add an address; already present is fine. `proto` (IFA_PROTO, Linux
-    5.18+) marks who placed it; `ip address` shows it as `proto N`."""
+    5.18+) marks who placed it; `ip address` shows it as `proto N`. `nodad`:
+    an IPv6 address usable at once, not tentative while DAD runs."""
     spec: dict[str, Any] = {"proto": proto} if proto is not None else {}
+    if nodad:
+        spec["flags"] = IFA_F_NODAD
     try:
         ipr.addr("add", index=ifindex(ipr, ifname), address=address, prefixlen=prefixlen, **spec)
     except NetlinkError as exc:

@@ -21,7 +21,15 @@ from typing import Any, TypeVar
 import pytest
 from scapy.compat import raw
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    ICMPv6ND_NS,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
@@ -247,8 +255,7 @@ def cases() -> Iterator[Case]:
     arp = Ether(src=MAC["client"], dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=CLIENT, pdst=VIP, hwsrc=MAC["client"])
     yield Case("ARP: pass", raw(arp), XDP_PASS, None, {Counter.PASS_NOT_IPV4: 1})
     yield Case("ICMP echo to the VIP: pass", raw(from_client(ICMP())), XDP_PASS, None, PASS_NOT_VIP)
-    v6 = Ether(src=MAC["client"], dst=MAC["fxa"]) / IPv6(src="fd00::2", dst="fd00::100") / TCP(sport=1, dport=9000)
-    yield Case("IPv6: pass", raw(v6), XDP_PASS, None, {Counter.PASS_NOT_IPV4: 1})
+    yield from ipv6_cases()
     vlan = Ether(src=MAC["client"], dst=MAC["fxa"]) / Dot1Q(vlan=5) / IP(src=CLIENT, dst=VIP) / tcp(40010)
     yield Case("802.1Q tagged: pass", raw(vlan), XDP_PASS, None, {Counter.PASS_NOT_IPV4: 1})
 
@@ -444,6 +451,50 @@ def tcp_life_cases() -> Iterator[Case]:
     yield Case("reply from a target endpoint behind two VIPs: the VIP of its flow", raw(reply), XDP_REDIRECT,
                back_to_client(reply, vip_address="10.0.0.114"), REV, ingress=TARGET_IF, services=shared,
                before=[(raw(c(40040, "S", "10.0.0.114", 9900)), CLIENT_IF)])
+
+
+def ipv6_cases() -> Iterator[Case]:
+    """IPv6 is parsed and passed to the kernel untouched (no IPv6 VIPs on the
+    XDP path yet), each kind counted: ND and the rest of ICMPv6, extension
+    headers, fragments, truncated or lying headers."""
+
+    def v6(*layers: Packet, **ip: Any) -> Packet:
+        pkt: Packet = Ether(src=MAC["client"], dst=MAC["fxa"]) / IPv6(src="fd00::2", dst="fd00::100", **ip)
+        for layer in layers:
+            pkt = pkt / layer
+        return pkt
+
+    ipv6 = {Counter.PASS_IPV6: 1}
+    yield Case("IPv6 TCP: pass", raw(v6(tcp(40020))), XDP_PASS, None, ipv6)
+    yield Case("IPv6 UDP: pass", raw(v6(udp(50020))), XDP_PASS, None, ipv6)
+    yield Case("IPv6, neither TCP, UDP nor ICMPv6 (no next header): pass", raw(v6(Raw(b""), nh=59)), XDP_PASS,
+               None, ipv6)
+    nd = v6(ICMPv6ND_NS(tgt="fd00::100"), hlim=255)
+    yield Case("IPv6 neighbour solicitation: pass", raw(nd), XDP_PASS, None, {Counter.PASS_ICMPV6: 1})
+    yield Case("ICMPv6 echo request: pass", raw(v6(ICMPv6EchoRequest())), XDP_PASS, None, {Counter.PASS_ICMPV6: 1})
+    ext = {Counter.PASS_IPV6_EXT_HDR: 1}
+    yield Case("IPv6 hop-by-hop options before TCP: pass", raw(v6(IPv6ExtHdrHopByHop(), tcp(40021))), XDP_PASS,
+               None, ext)
+    yield Case("IPv6 destination options before UDP: pass", raw(v6(IPv6ExtHdrDestOpt(), udp(50021))), XDP_PASS,
+               None, ext)
+    yield Case("IPv6 routing header before TCP: pass", raw(v6(IPv6ExtHdrRouting(), tcp(40022))), XDP_PASS, None,
+               ext)
+    frag = v6(IPv6ExtHdrFragment(id=5, m=1), tcp(40023, payload=b"x" * 64))
+    yield Case("IPv6 first fragment: pass", raw(frag), XDP_PASS, None, {Counter.PASS_IPV6_FRAGMENT: 1})
+    later = v6(IPv6ExtHdrFragment(id=5, offset=10, nh=6), Raw(b"y" * 16))
+    yield Case("IPv6 later fragment: pass", raw(later), XDP_PASS, None, {Counter.PASS_IPV6_FRAGMENT: 1})
+    whole = raw(v6(tcp(40024)))
+    yield Case("IPv6 header cut short: pass", whole[:14 + 30], XDP_PASS, None, PARSE_ERROR)
+    yield Case("IPv6 TCP header cut short: pass", whole[:14 + 40 + 10], XDP_PASS, None, PARSE_ERROR)
+    short_udp = raw(v6(udp(50022)))
+    yield Case("IPv6 UDP header cut short: pass", short_udp[:14 + 40 + 6], XDP_PASS, None, PARSE_ERROR)
+    long_payload = raw(v6(tcp(40025), plen=200))
+    yield Case("IPv6 payload length past the frame: pass", long_payload, XDP_PASS, None, PARSE_ERROR)
+    short_payload = raw(v6(tcp(40026), plen=8))
+    yield Case("IPv6 payload length shorter than the TCP header: pass", short_payload, XDP_PASS, None, PARSE_ERROR)
+    version4 = bytearray(whole)
+    version4[14] = (4 << 4) | (version4[14] & 0x0F)
+    yield Case("IPv6 ethertype, IP version 4: pass", bytes(version4), XDP_PASS, None, PARSE_ERROR)
 
 
 CASES = list(cases())

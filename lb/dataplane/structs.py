@@ -91,6 +91,10 @@ class Counter(enum.IntEnum):
     ICMP_TOO_BIG = 33
     ICMP_TO_CLIENT = 34
     ICMP_TO_TARGET = 35
+    PASS_IPV6 = 36
+    PASS_IPV6_EXT_HDR = 37
+    PASS_IPV6_FRAGMENT = 38
+    PASS_ICMPV6 = 39
 
     @property
     def label(self) -> str:
@@ -100,7 +104,7 @@ class Counter(enum.IntEnum):
 COUNTER_MAX = len(Counter)
 
 COUNTER_HELP = {
-    Counter.PASS_NOT_IPV4: "not IPv4 (ARP, IPv6, VLAN): passed",
+    Counter.PASS_NOT_IPV4: "neither IPv4 nor IPv6 (ARP, VLAN): passed",
     Counter.PASS_NOT_VIP: "IPv4 not for a TCP/UDP VIP, nor a reply: passed",
     Counter.PASS_PARSE_ERROR: "truncated header, bad IHL or length: passed",
     Counter.PASS_IP_OPTIONS: "IPv4 options: passed",
@@ -141,6 +145,11 @@ COUNTER_HELP = {
     Counter.ICMP_TOO_BIG: "packet with DF too big for the path to its target: fragmentation needed sent back",
     Counter.ICMP_TO_CLIENT: "ICMP error about a packet sent toward a target: rewritten back, sent to the client",
     Counter.ICMP_TO_TARGET: "ICMP error about a reply sent from a VIP: rewritten, sent to the target",
+    Counter.PASS_IPV6: "IPv6, no extension header, not ICMPv6 (no IPv6 VIPs on the XDP path yet): passed",
+    Counter.PASS_IPV6_EXT_HDR: "IPv6 with an extension header (hop-by-hop, routing, destination options, "
+                               "AH, ESP, ...): passed",
+    Counter.PASS_IPV6_FRAGMENT: "IPv6 fragment: passed",
+    Counter.PASS_ICMPV6: "ICMPv6 (neighbour discovery, echo, errors): passed",
 }
 
 
