@@ -118,7 +118,7 @@ class Daemon:
         synchronous API drives an event loop of its own, so inside ours its
         calls go to a worker thread instead (see reload)."""
         if self.config.bgp is not None:  # first: a BIRD that cannot carry our routes stops lb up before anything
-            self.bgp = bgp.Speaker(self.config)
+            self.bgp = bgp.Speaker(self.config, runstate.bgp_withdrawn_path(self.config.name))
             try:
                 self.bgp.start()
             except bgp.SpeakerError as exc:
@@ -425,6 +425,7 @@ def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = T
         withdrawn: bool | str = bgp.remove(bgp_config, name) if bgp_config is not None else False
     except bgp.SpeakerError as exc:  # the fragment is gone: a BIRD that comes back announces nothing
         withdrawn = f"load_balancer.bgp: {exc}"
+    bgp.write_withdrawn(runstate.bgp_withdrawn_path(name), None)  # the next `lb up` is in rotation again
     state = RuntimeState.load(name)
     detached = detach_all(interfaces, netns)
     removed_addresses = remove_addresses(state.addresses, netns) if state is not None else []

@@ -127,6 +127,11 @@ def unlock(name: str, fd: int) -> None:
     os.close(fd)
 
 
+def bgp_withdrawn_path(name: str) -> str:
+    """Where `lb bgp withdraw` is kept while lb is out of rotation (lb.bgp.speaker)."""
+    return os.path.join(RUN_DIR, f"{name}.bgp-withdrawn")
+
+
 def cookie_key_path(name: str) -> str:
     return os.path.join(RUN_DIR, f"{name}.cookie-key")
 

@@ -257,3 +257,26 @@ def test_reload_to_another_fragment_path_leaves_nothing_behind(bird_proc: LabBir
     assert s.sync()
     assert os.path.exists(f"{bird_proc.fragment_dir}/other.conf")
     assert bird.routes(bird_proc.socket, fragment.table_name(lb.name)) == ["10.0.0.100/32"]
+
+
+def test_an_operators_withdrawal_outlives_a_restart(bird_proc: LabBird, tmp_path: os.PathLike[str]) -> None:
+    """`lb bgp withdraw`, then the daemon restarts (systemctl restart, a crash):
+    the new speaker stays out of rotation until `lb bgp announce`."""
+    lb = config_for(bird_proc)
+    table = fragment.table_name(lb.name)
+    held = os.path.join(tmp_path, "withdrawn")
+    first = speaker.Speaker(lb, held)
+    first.start()
+    first.update({VIP})
+    assert bird.routes(bird_proc.socket, table) == ["10.0.0.100/32"]
+    withdrawn_at = first.withdraw()["withdrawn_at"]
+
+    second = speaker.Speaker(lb, held)  # the restarted daemon's
+    second.start()
+    second.update({VIP})
+    assert bird.routes(bird_proc.socket, table) == []
+    assert second.status()["in_rotation"] is False and second.withdrawn_at == withdrawn_at
+    second.announce()
+    assert bird.routes(bird_proc.socket, table) == ["10.0.0.100/32"] and not os.path.exists(held)
+    assert speaker.Speaker(lb, held).withdrawn_at is None
+    assert lb.bgp is not None and speaker.remove(lb.bgp, lb.name) is True

@@ -10,8 +10,10 @@ forward to no group (a fixed response, a redirect) is served by lb itself.
 `lb bgp withdraw` takes the host out of rotation: nothing is announced,
 the flows already here go on for the drain period (the longest
 ``deregistration_delay`` of its groups), and the daemon keeps serving;
-`lb bgp announce` puts it back. SIGTERM withdraws before anything stops;
-`lb down` removes the fragment.
+`lb bgp announce` puts it back. The withdrawal is kept in ``withdrawn_file``
+(the daemon's: /run/lb/<name>.bgp-withdrawn), so a restarted daemon stays
+out of rotation until `lb bgp announce` or `lb down`. SIGTERM withdraws
+before anything stops; `lb down` removes the fragment.
 
 Every change rewrites the fragment and asks BIRD to re-read its config; a
 BIRD that does not answer is retried by the daemon (``dirty``), never waited
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -79,7 +82,7 @@ class SpeakerError(RuntimeError):
 class Speaker:
     """One load balancer's announcements through one BIRD."""
 
-    def __init__(self, config: LoadBalancer) -> None:
+    def __init__(self, config: LoadBalancer, withdrawn_file: str | None = None) -> None:
         assert config.bgp is not None
         # --- settings, replaced on reload
         self.name = config.name
@@ -88,7 +91,11 @@ class Speaker:
         self.drain_seconds = max((g.deregistration_delay for g in config.target_groups), default=0)
         # --- what is wanted and what BIRD was last told
         self.serving: frozenset[Address] = frozenset()
-        self.withdrawn_at: float | None = None  # `lb bgp withdraw` (wall clock), None: in rotation
+        self.withdrawn_file = withdrawn_file  # where `lb bgp withdraw` outlives a restart
+        self.withdrawn_at: float | None = read_withdrawn(withdrawn_file)  # wall clock; None: in rotation
+        if self.withdrawn_at is not None:
+            log.info("BGP: out of rotation since %s (`lb bgp withdraw`; `lb bgp announce` puts it back)",
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.withdrawn_at)))
         self.announced: tuple[Address, ...] | None = None  # None: BIRD not told yet, or told and failed
         self.dirty = False  # the last write or configure failed: retry
 
@@ -159,6 +166,7 @@ class Speaker:
         if self.withdrawn_at is None:
             self.withdrawn_at = time.time()
             log.info("BGP: withdrawn by the operator; flows here go on for %d s", self.drain_seconds)
+        write_withdrawn(self.withdrawn_file, self.withdrawn_at)
         self.sync()
         return self.status()
 
@@ -166,6 +174,7 @@ class Speaker:
         if self.withdrawn_at is not None:
             log.info("BGP: back in rotation")
         self.withdrawn_at = None
+        write_withdrawn(self.withdrawn_file, None)
         self.sync()
         return self.status()
 
@@ -233,6 +242,37 @@ def remove(bgp: Bgp, name: str) -> bool:
     except bird.BirdError as exc:
         raise SpeakerError(f"removed {path}, but BIRD did not re-read its config: {exc}") from None
     return True
+
+
+def read_withdrawn(path: str | None) -> float | None:
+    """When the operator withdrew (the file's time), or None: in rotation."""
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return float(f.read().strip())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # unreadable: out of rotation is the safe reading
+        log.warning("%s: %s; staying out of rotation (`lb bgp announce` puts it back)", path, exc)
+        return time.time()
+
+
+def write_withdrawn(path: str | None, when: float | None) -> None:
+    """Keep (or, with None, forget) the operator's withdrawal across restarts."""
+    if path is None:
+        return
+    if when is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{when}\n")
+    os.replace(tmp, path)
 
 
 def _show(addresses: tuple[Address, ...]) -> str:
