@@ -30,6 +30,7 @@ from pathlib import Path
 # request) and h2stream, whose H2Stream subclasses ClientProtocol.
 MODULES = (
     "access_log",
+    "balancer",
     "client",
     "clock",
     "exchange",
@@ -37,6 +38,7 @@ MODULES = (
     "h2stream",
     "httputil",
     "request_head",
+    "routing",
     "stats",
     "upstream",
 )

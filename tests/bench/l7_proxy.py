@@ -85,6 +85,7 @@ class Result:
     p99_ms: float
     round: int = 0
     cpu_us: float = 0.0  # CPU time of the contender's processes per request (0: not measured)
+    sys_us: float = 0.0  # the part of it in the kernel
 
 
 def free_port() -> int:
@@ -157,10 +158,10 @@ def wrk(port: int, duration: float, connections: int = 64, threads: int = 2) -> 
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(session: int) -> float:
-    """User + system CPU time of the live processes of a session (a contender's
+def cpu_seconds(session: int) -> tuple[float, float]:
+    """User + system and system CPU time of the live processes of a session (a contender's
     master, workers and helpers: each contender is started in a session of its own)."""
-    ticks = 0
+    ticks = system = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -171,7 +172,8 @@ def cpu_seconds(session: int) -> float:
             continue
         if int(fields[3]) == session:  # after the name: state, ppid, pgrp, session, ..., utime, stime
             ticks += int(fields[11]) + int(fields[12])
-    return ticks / _TICK
+            system += int(fields[12])
+    return ticks / _TICK, system / _TICK
 
 
 def load() -> str:
@@ -477,13 +479,14 @@ def main() -> None:
             if args.warmup:
                 wrk(port, args.warmup)
             session = sessions.get((name, workers or 0), backend_session)
-            cpu = cpu_seconds(session)
+            cpu, system = cpu_seconds(session)
             rps, p50, p99, requests = wrk(port, args.duration)
-            cpu_us = (cpu_seconds(session) - cpu) / requests * 1e6
-            results.append(Result(name, workers, rps, p50, p99, round_, cpu_us))
+            cpu_after, system_after = cpu_seconds(session)
+            cpu_us, sys_us = (cpu_after - cpu) / requests * 1e6, (system_after - system) / requests * 1e6
+            results.append(Result(name, workers, rps, p50, p99, round_, cpu_us, sys_us))
             print(
-                f"  {name:<10} workers={workers or '-'}  {rps:>10,.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms"
-                f"  {cpu_us:5.1f} µs CPU/req",
+                f"  {name:<11} workers={workers or '-'}  {rps:>10,.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms"
+                f"  CPU {cpu_us:5.1f} µs/req ({sys_us:4.1f} in the kernel)",
                 flush=True,
             )
 
@@ -521,6 +524,7 @@ def median_of(results: list[Result]) -> list[Result]:
             statistics.median(r.p50_ms for r in rows),
             statistics.median(r.p99_ms for r in rows),
             cpu_us=statistics.median(r.cpu_us for r in rows),
+            sys_us=statistics.median(r.sys_us for r in rows),
         )
         for (name, workers), rows in sorted(groups.items(), key=lambda item: (item[0][1] or 0, item[0][0]))
     ]
@@ -532,11 +536,11 @@ def print_table(results: list[Result]) -> None:
     }
     rows = median_of(results)
     ref = {(r.name, r.workers): r for r in rows}
-    print("\n| target | workers | req/s | p50 ms | p99 ms | CPU µs/req | req/s per round |")
+    print("\n| target | workers | req/s | p50 ms | p99 ms | CPU µs/req (kernel) | req/s per round |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         spread = " / ".join(f"{x / 1000:.1f}k" for x in rounds[(r.name, r.workers)])
-        print(f"| {r.name} | {r.workers or '-'} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.cpu_us:.1f} "
+        print(f"| {r.name} | {r.workers or '-'} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.cpu_us:.1f} ({r.sys_us:.1f}) "
               f"| {spread} |")
     by_round = {(r.name, r.workers, r.round): r for r in results}
 
