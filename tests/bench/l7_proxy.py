@@ -48,6 +48,9 @@ average is printed before and after. Everything started is stopped in ``finally`
 worker processes) with py-spy while wrk loads it, and prints the functions
 where the workers spend their time (own samples, and with their callees);
 ``--profile-native`` adds the C frames (uvloop, httptools, the kernel calls).
+With the mypyc build in use (lb.l7.native) the L7 modules are C: only
+``--profile-native`` sees them (as ``CPyDef_<module>___<Class>___<method>``);
+run with ``LB_PURE_PYTHON=1`` to profile them as Python.
 """
 
 from __future__ import annotations
