@@ -125,6 +125,23 @@ if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
 fi
 
+# --- the compiled hot path (mypyc) -----------------------------------------
+# lb.l7.native: the L7 per-request modules compiled by mypyc (deploy/build_native.py)
+# into <venv>/lib/lb-native, used only while they match the sources next to
+# them. Rebuilt when they do not; a build that fails leaves lb in plain
+# Python (the same code, about a third more CPU per request), with a warning.
+#   $1: the venv's python, $2: the directory holding its lb package,
+#   $3: a PYTHONPATH that brings mypy, or "" when the venv has it.
+build_native() {
+  if env -u LB_PURE_PYTHON "$1" -I -c 'import sys, lb.l7; sys.exit(lb.l7.NOT_COMPILED is not None)' 2>/dev/null; then
+    return 0
+  fi
+  log "compiling the L7 hot path with mypyc into $("$1" -I -c 'import lb.l7.native as n; print(n.DIRECTORY)')"
+  if ! env -u LB_PURE_PYTHON ${3:+PYTHONPATH="$3"} "$1" "$here/deploy/build_native.py" "$2" >/dev/null; then
+    echo "install: warning: the mypyc build failed; lb runs as plain Python (more CPU per L7 request)" >&2
+  fi
+}
+
 # --- Python environment ----------------------------------------------------
 # Debian's python3 with system site-packages, so `import bcc` (python3-bpfcc)
 # works inside the venv.
@@ -152,6 +169,7 @@ if [ "$system" = 0 ]; then
   fi
   "$venv/bin/python" -c 'import bcc, pyroute2, uvloop, httptools, click' \
     || { echo "install: the venv cannot import its dependencies" >&2; exit 1; }
+  build_native "$venv/bin/python" "$here" ""  # mypy (its mypyc) comes with the test extra
   # tests/bench/l7_proxy.py --profile samples `lb up` and its workers with py-spy.
   if [ "$bench" = 1 ] && [ ! -x "$venv/bin/py-spy" ]; then
     log "installing py-spy into $venv"
@@ -179,6 +197,22 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$prefix/venv/bin/pip" install -q "$build"  # a local path is always rebuilt and reinstalled
   rm -rf "$build"
   echo "$want" > "$stamp"
+fi
+# mypyc from a throwaway directory (the checkout's .venv has it; else from PyPI):
+# production's venv does not carry mypy.
+site=$("$prefix/venv/bin/python" -I -c 'import lb, os; print(os.path.dirname(os.path.dirname(lb.__file__)))')
+if ! env -u LB_PURE_PYTHON "$prefix/venv/bin/python" -I -c 'import sys, lb.l7; sys.exit(lb.l7.NOT_COMPILED is not None)' 2>/dev/null; then
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import mypyc' 2>/dev/null; then
+    build_native "$prefix/venv/bin/python" "$site" "$("$venv/bin/python" -c 'import mypy, os; print(os.path.dirname(os.path.dirname(mypy.__file__)))')"
+  else
+    mypy_dir=$(mktemp -d)
+    if "$prefix/venv/bin/pip" install -q --target "$mypy_dir" "mypy>=1.8"; then
+      build_native "$prefix/venv/bin/python" "$site" "$mypy_dir"
+    else
+      echo "install: warning: could not fetch mypy to compile the L7 hot path; lb runs as plain Python" >&2
+    fi
+    rm -rf "$mypy_dir"
+  fi
 fi
 install -d "$bindir"
 ln -sfn "$prefix/venv/bin/lb" "$bindir/lb"

@@ -46,6 +46,12 @@ def test_system_install_gives_a_working_lb_command(tmp_path: Path) -> None:
                             "import lb, lb.dataplane.loader as l; print(lb.__file__); print(l.bpf_source_dir())"],
                            capture_output=True, text=True, cwd=tmp_path, check=True).stdout.split()
     assert where[0].startswith(str(tmp_path / "opt")) and where[1] == str(tmp_path / "opt/venv/share/lb/bpf")
+    # Its L7 hot path is compiled (mypyc, lb.l7.native), from the installed sources.
+    compiled = subprocess.run([str(tmp_path / "opt/venv/bin/python"), "-I", "-c",
+                               "import lb.l7, lb.l7.client as c; print(lb.l7.NOT_COMPILED, c.__file__)"],
+                              capture_output=True, text=True, cwd=tmp_path, check=True,
+                              env={k: v for k, v in os.environ.items() if k != "LB_PURE_PYTHON"}).stdout.split()
+    assert compiled[0] == "None" and compiled[1].startswith(str(tmp_path / "opt/venv/lib/lb-native/")), compiled
     # The man page renders and names every command; bash completion completes them.
     page = subprocess.run(["man", "-l", "-P", "cat", str(tmp_path / "man1/lb.1")], capture_output=True, text=True,
                           check=True, env={**os.environ, "MANWIDTH": "200"}).stdout

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Any
 
 import httptools
 
@@ -162,13 +163,21 @@ def origin_form(ex: Exchange) -> bool:
     if ex.url == b"*":
         return True
     try:
-        url = httptools.parse_url(ex.url)
+        # Any: httptools' stubs say bytes (int for the port), but a part the URL
+        # lacks is None; typed below as it is, which compiled code (mypyc) checks.
+        url: Any = httptools.parse_url(ex.url)
     except httptools.HttpParserInvalidURLError:
         return False
-    if not url.schema or not url.host or url.userinfo:
+    schema: bytes | None = url.schema
+    host: bytes | None = url.host
+    port: int | None = url.port
+    path: bytes | None = url.path
+    query: bytes | None = url.query
+    userinfo: bytes | None = url.userinfo
+    if not schema or not host or userinfo:
         return False  # userinfo: an error in a received http URI (RFC 9110 §4.2.4)
-    authority = url.host + (b":%d" % url.port if url.port else b"")
-    ex.url = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+    authority = host + (b":%d" % port if port else b"")
+    ex.url = (path or b"/") + (b"?" + query if query else b"")
     parts = ex.parts
     parts[2] = ex.url
     for i in range(4, len(parts), 4):

@@ -2,6 +2,7 @@
 
 Usage (as root: `lb up` needs it):
     .venv/bin/python tests/bench/l7_proxy.py [--duration 10] [--workers 1 2] [--repeat 3] [--profile]
+                                             [--compare-pure]
     .venv/bin/python tests/bench/l7_proxy.py --quick          # 3 s runs, 1 worker, 1 round
 
 Needs wrk, nginx and haproxy from Debian and py-spy in the venv
@@ -22,6 +23,10 @@ in a temporary directory:
       worker processes, X-Forwarded-* set like lb does), ``access_log`` to a
       file (the default "combined" format, unbuffered);
     - ``nginx``: the same with ``access_log off``;
+    - ``lb pure``, ``lb log pure`` (with ``--compare-pure``): the same two
+      with ``LB_PURE_PYTHON=1``, their L7 modules in plain Python rather than
+      the mypyc build deploy/install.sh makes (lb.l7.native); a table then
+      compares the two;
     - ``haproxy`` (only with ``--only``): N threads, no log.
 
 Every contender runs for the whole benchmark; each round measures every one
@@ -30,7 +35,12 @@ order rotated from round to round, so that a burst of load from elsewhere on
 a shared machine hits them alike. The table shows the median of the rounds
 and the ratios of lb to nginx with the same worker count, req/s and p99:
 lb's log on against nginx's log on, lb's log off against nginx's log off
-(the goals: at least 1.0x the requests/s, at most 1.5x the p99). The load
+(the goals: at least 1.0x the requests/s, at most 1.5x the p99). Each run
+also reads the CPU time (user + system, /proc) of the contender's processes
+(its session: lb's daemon and workers, nginx's master and workers) before and
+after, and divides by the requests: "CPU µs/req", and its ratio lb/nginx, a
+figure that the rest of a shared machine's load moves far less than
+requests/s (the backend's and wrk's CPU are not in it). The load
 average is printed before and after. Everything started is stopped in ``finally``
 (``lb down`` then removes lb's state file).
 
@@ -38,6 +48,9 @@ average is printed before and after. Everything started is stopped in ``finally`
 worker processes) with py-spy while wrk loads it, and prints the functions
 where the workers spend their time (own samples, and with their callees);
 ``--profile-native`` adds the C frames (uvloop, httptools, the kernel calls).
+With the mypyc build in use (lb.l7.native) the L7 modules are C: only
+``--profile-native`` sees them (as ``CPyDef_<module>___<Class>___<method>``);
+run with ``LB_PURE_PYTHON=1`` to profile them as Python.
 """
 
 from __future__ import annotations
@@ -74,6 +87,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     round: int = 0
+    cpu_us: float = 0.0  # CPU time of the contender's processes per request (0: not measured)
+    sys_us: float = 0.0  # the part of it in the kernel
 
 
 def free_port() -> int:
@@ -126,7 +141,7 @@ def _field(pattern: str, out: str) -> str:
     return match.group(1)
 
 
-def wrk(port: int, duration: float, connections: int = 64, threads: int = 2) -> tuple[float, float, float]:
+def wrk(port: int, duration: float, connections: int = 64, threads: int = 2) -> tuple[float, float, float, int]:
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", f"http://{HOST}:{port}/"],
         check=True,
@@ -137,9 +152,31 @@ def wrk(port: int, duration: float, connections: int = 64, threads: int = 2) -> 
     rps = float(_field(r"Requests/sec:\s+([\d.]+)", out))
     p50 = _ms(_field(r"\s50%\s+(\S+)", out))
     p99 = _ms(_field(r"\s99%\s+(\S+)", out))
+    requests = int(_field(r"(\d+) requests in", out))
     if "Non-2xx" in out or "Socket errors" in out:
         print(f"  wrk on :{port} reported errors:\n{out}", file=sys.stderr)
-    return rps, p50, p99
+    return rps, p50, p99, requests
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(session: int) -> tuple[float, float]:
+    """User + system and system CPU time of the live processes of a session (a contender's
+    master, workers and helpers: each contender is started in a session of its own)."""
+    ticks = system = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[3]) == session:  # after the name: state, ppid, pgrp, session, ..., utime, stime
+            ticks += int(fields[11]) + int(fields[12])
+            system += int(fields[12])
+    return ticks / _TICK, system / _TICK
 
 
 def load() -> str:
@@ -241,10 +278,11 @@ targets = [{{ id = "{host}" }}]
 
 class Stack(contextlib.ExitStack):
     def process(
-        self, args: list[str], name: str, logdir: Path, stop_timeout: float = 5.0
+        self, args: list[str], name: str, logdir: Path, stop_timeout: float = 5.0, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         log = self.enter_context(open(logdir / f"{name}.out", "wb"))  # noqa: SIM115 (closed by the stack)
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+                                env=env)
 
         def stop() -> None:
             if proc.poll() is None:
@@ -259,27 +297,29 @@ class Stack(contextlib.ExitStack):
         return proc
 
 
-def start_nginx(stack: Stack, tmp: Path, name: str, workers: int, body: str, access_log: str = "off") -> None:
+def start_nginx(stack: Stack, tmp: Path, name: str, workers: int, body: str, access_log: str = "off") -> int:
+    """Returns the master's pid (its session's id)."""
     conf = tmp / f"{name}.conf"
     conf.write_text(NGINX_COMMON.format(dir=tmp, name=name, workers=workers, body=body, access_log=access_log))
-    stack.process(["nginx", "-p", str(tmp), "-c", str(conf)], name, tmp)
+    return stack.process(["nginx", "-p", str(tmp), "-c", str(conf)], name, tmp).pid
 
 
-def start_haproxy(stack: Stack, tmp: Path, workers: int, port: int, backend: int) -> None:
+def start_haproxy(stack: Stack, tmp: Path, workers: int, port: int, backend: int) -> int:
     conf = tmp / f"haproxy{workers}.cfg"
     conf.write_text(HAPROXY.format(workers=workers, host=HOST, port=port, backend=backend))
-    stack.process(["haproxy", "-db", "-f", str(conf)], f"haproxy{workers}", tmp)
+    return stack.process(["haproxy", "-db", "-f", str(conf)], f"haproxy{workers}", tmp)
 
 
-def start_lb(stack: Stack, tmp: Path, workers: int, port: int, backend: int, log: bool) -> int:
+def start_lb(stack: Stack, tmp: Path, workers: int, port: int, backend: int, log: bool, pure: bool = False) -> int:
     """`python -m lb up -c FILE`, its access log (if ``log``) to lb-<N>w-access.log,
-    its stderr to lb[log]-<N>w.out; returns its pid."""
-    tag = f"{'log' if log else 'nolog'}-{workers}w"
+    its stderr to lb[log]-<N>w.out; returns its pid. ``pure``: with LB_PURE_PYTHON=1,
+    so without the modules mypyc compiled (lb.l7.native)."""
+    tag = f"{'log' if log else 'nolog'}-{workers}w{'-pure' if pure else ''}"
     name = f"l7b-{tag}-{os.getpid()}"
     conf = tmp / f"{name}.toml"
     conf.write_text(
         LB_CONFIG.format(name=name, workers=workers, host=HOST, port=port, backend=backend, metrics=free_port(),
-                         log="true" if log else "false", log_path=tmp / f"lb-{workers}w-access.log")
+                         log="true" if log else "false", log_path=tmp / f"lb-{tag}-access.log")
     )
     # lb down after lb up has stopped (callbacks run last in, first out): its state file goes.
     stack.callback(
@@ -290,7 +330,8 @@ def start_lb(stack: Stack, tmp: Path, workers: int, port: int, backend: int, log
         check=False,
     )
     # SIGTERM: the workers finish in-flight requests (wrk has gone: none).
-    proc = stack.process([sys.executable, "-m", "lb", "up", "-c", str(conf)], f"lb-{tag}", tmp, 40.0)
+    env = {**os.environ, "LB_PURE_PYTHON": "1"} if pure else None
+    proc = stack.process([sys.executable, "-m", "lb", "up", "-c", str(conf)], f"lb-{tag}", tmp, 40.0, env)
     return proc.pid
 
 
@@ -309,7 +350,7 @@ def profile(pid: int, port: int, duration: float, tmp: Path, native: bool = Fals
         text=True,
     )  # fmt: skip
     time.sleep(0.5)
-    rps, _, _ = wrk(port, duration)
+    rps, _, _, _ = wrk(port, duration)
     _, err = spy.communicate(timeout=duration + 30)
     how = "native frames too" if native else "non-blocking"
     print(f"\nlb up, 1 worker, access log on, under py-spy (250 Hz, {how}): {rps:,.0f} req/s")
@@ -348,40 +389,47 @@ def profile(pid: int, port: int, duration: float, tmp: Path, native: bool = Fals
 
 # --- main -----------------------------------------------------------------------
 
-CONTENDERS = ("direct", "nginx", "nginx log", "lb", "lb log", "haproxy")
+CONTENDERS = ("direct", "nginx", "nginx log", "lb", "lb log", "lb pure", "lb log pure", "haproxy")
+OPTIONAL = {"haproxy", "lb pure", "lb log pure"}  # only with --only (or --compare-pure)
 
 
 @contextlib.contextmanager
 def contenders(
     tmp: Path, backend: int, workers: list[int], wanted: set[str]
-) -> Iterator[tuple[dict[tuple[str, int], int], dict[int, int]]]:
+) -> Iterator[tuple[dict[tuple[str, int], int], dict[int, int], dict[tuple[str, int], int]]]:
     """Start every contender for every worker count; yields {(name, workers): port},
-    {workers: the pid of `lb up` with its log on}."""
+    {workers: the pid of `lb up` with its log on}, {(name, workers): its session}."""
     with Stack() as stack:
         ports: dict[tuple[str, int], int] = {}
         lb_pids: dict[int, int] = {}
+        sessions: dict[tuple[str, int], int] = {}
         for n in workers:
             if "nginx" in wanted:
                 ports["nginx", n] = free_port()
                 body = PROXY_SERVER.format(host=HOST, port=ports["nginx", n], backend=backend)
-                start_nginx(stack, tmp, f"proxy{n}", n, body)
+                sessions["nginx", n] = start_nginx(stack, tmp, f"proxy{n}", n, body)
             if "nginx log" in wanted:
                 ports["nginx log", n] = free_port()
                 body = PROXY_SERVER.format(host=HOST, port=ports["nginx log", n], backend=backend)
-                start_nginx(stack, tmp, f"proxylog{n}", n, body, access_log=f"{tmp}/proxylog{n}-access.log")
+                sessions["nginx log", n] = start_nginx(stack, tmp, f"proxylog{n}", n, body,
+                                                       access_log=f"{tmp}/proxylog{n}-access.log")
             if "haproxy" in wanted:
                 ports["haproxy", n] = free_port()
-                start_haproxy(stack, tmp, n, ports["haproxy", n], backend)
+                sessions["haproxy", n] = start_haproxy(stack, tmp, n, ports["haproxy", n], backend)
             if "lb" in wanted:
                 ports["lb", n] = free_port()
-                start_lb(stack, tmp, n, ports["lb", n], backend, log=False)
+                sessions["lb", n] = start_lb(stack, tmp, n, ports["lb", n], backend, log=False)
             if "lb log" in wanted:
                 ports["lb log", n] = free_port()
-                lb_pids[n] = start_lb(stack, tmp, n, ports["lb log", n], backend, log=True)
+                lb_pids[n] = sessions["lb log", n] = start_lb(stack, tmp, n, ports["lb log", n], backend, log=True)
+            for name, log in (("lb pure", False), ("lb log pure", True)):
+                if name in wanted:
+                    ports[name, n] = free_port()
+                    sessions[name, n] = start_lb(stack, tmp, n, ports[name, n], backend, log=log, pure=True)
         for port in ports.values():
             wait_port(port, 30.0)
             wait_ok(port)
-        yield ports, lb_pids
+        yield ports, lb_pids, sessions
 
 
 def main() -> None:
@@ -393,6 +441,8 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", choices=CONTENDERS, help="run only these (default: all but haproxy)"
     )
+    parser.add_argument("--compare-pure", action="store_true",
+                        help="also lb with LB_PURE_PYTHON=1 (its L7 modules not compiled), log on and off")
     parser.add_argument("--profile", action="store_true", help="also profile the 1-worker lb (log on) with py-spy")
     parser.add_argument("--profile-native", action="store_true", help="the same, with C frames (py-spy --native)")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 worker, 1 s warm-up, 1 round")
@@ -406,30 +456,40 @@ def main() -> None:
         missing.append("py-spy")
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run deploy/install.sh --bench")
-    wanted = set(args.only or [c for c in CONTENDERS if c != "haproxy"])
+    wanted = set(args.only or [c for c in CONTENDERS if c not in OPTIONAL])
+    if args.compare_pure:
+        wanted |= {"lb pure", "lb log pure"}
     if args.profile:
         wanted.add("lb log")
         if 1 not in args.workers:
             args.workers.append(1)
-    if wanted & {"lb", "lb log"} and os.geteuid() != 0:
+    if wanted & {"lb", "lb log", "lb pure", "lb log pure"} and os.geteuid() != 0:
         sys.exit("lb up needs root: run this as root (or --only nginx 'nginx log' haproxy direct)")
 
     results: list[Result] = []
     print(f"load average at the start: {load()}")
+    compiled = subprocess.run([sys.executable, "-c", "import lb.l7; print(lb.l7.NOT_COMPILED or 'yes')"],
+                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "LB_PURE_PYTHON": ""})
+    print(f"lb's L7 hot path compiled by mypyc (lb.l7.native): {compiled.stdout.strip() or compiled.stderr}")
     with tempfile.TemporaryDirectory(prefix="lb-bench-") as tmpdir, Stack() as stack:
         tmp = Path(tmpdir)
         backend = free_port()
         body = BACKEND_SERVER.format(host=HOST, port=backend, text=BODY.strip())
-        start_nginx(stack, tmp, "backend", args.backend_workers, body)
+        backend_session = start_nginx(stack, tmp, "backend", args.backend_workers, body)
         wait_port(backend)
 
         def measure(name: str, workers: int | None, port: int, round_: int) -> None:
             if args.warmup:
                 wrk(port, args.warmup)
-            rps, p50, p99 = wrk(port, args.duration)
-            results.append(Result(name, workers, rps, p50, p99, round_))
+            session = sessions.get((name, workers or 0), backend_session)
+            cpu, system = cpu_seconds(session)
+            rps, p50, p99, requests = wrk(port, args.duration)
+            cpu_after, system_after = cpu_seconds(session)
+            cpu_us, sys_us = (cpu_after - cpu) / requests * 1e6, (system_after - system) / requests * 1e6
+            results.append(Result(name, workers, rps, p50, p99, round_, cpu_us, sys_us))
             print(
-                f"  {name:<10} workers={workers or '-'}  {rps:>10,.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms",
+                f"  {name:<11} workers={workers or '-'}  {rps:>10,.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms"
+                f"  CPU {cpu_us:5.1f} µs/req ({sys_us:4.1f} in the kernel)",
                 flush=True,
             )
 
@@ -437,7 +497,7 @@ def main() -> None:
             f"wrk -t2 -c64 -d{args.duration:g}s --latency, backend nginx ({args.backend_workers} worker) on {HOST}, "
             f"{args.repeat} round(s), contenders interleaved"
         )
-        with contenders(tmp, backend, args.workers, wanted) as (ports, lb_pids):
+        with contenders(tmp, backend, args.workers, wanted) as (ports, lb_pids, sessions):
             runs = [(name, n, port) for (name, n), port in ports.items()]
             if "direct" in wanted:
                 runs.insert(0, ("direct", 0, backend))
@@ -448,7 +508,7 @@ def main() -> None:
                     measure(name, n or None, port, round_)
             if args.profile:
                 profile(lb_pids[1], ports["lb log", 1], args.duration, tmp, args.profile_native)
-        for path in sorted(tmp.glob("*access.log")) + sorted(tmp.glob("lb-*w.out")):
+        for path in sorted(tmp.glob("*access.log")) + sorted(tmp.glob("lb-*.out")):
             print(f"log {path.name}: {path.stat().st_size / 1e6:,.1f} MB")
     print(f"load average at the end: {load()}")
     print_table(results)
@@ -466,6 +526,8 @@ def median_of(results: list[Result]) -> list[Result]:
             statistics.median(r.rps for r in rows),
             statistics.median(r.p50_ms for r in rows),
             statistics.median(r.p99_ms for r in rows),
+            cpu_us=statistics.median(r.cpu_us for r in rows),
+            sys_us=statistics.median(r.sys_us for r in rows),
         )
         for (name, workers), rows in sorted(groups.items(), key=lambda item: (item[0][1] or 0, item[0][0]))
     ]
@@ -477,11 +539,12 @@ def print_table(results: list[Result]) -> None:
     }
     rows = median_of(results)
     ref = {(r.name, r.workers): r for r in rows}
-    print("\n| target | workers | req/s | p50 ms | p99 ms | req/s per round |")
-    print("|---|---|---|---|---|---|")
+    print("\n| target | workers | req/s | p50 ms | p99 ms | CPU µs/req (kernel) | req/s per round |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         spread = " / ".join(f"{x / 1000:.1f}k" for x in rounds[(r.name, r.workers)])
-        print(f"| {r.name} | {r.workers or '-'} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {spread} |")
+        print(f"| {r.name} | {r.workers or '-'} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.cpu_us:.1f} ({r.sys_us:.1f}) "
+              f"| {spread} |")
     by_round = {(r.name, r.workers, r.round): r for r in results}
 
     def paired(r: Result, other: str, figure: str) -> str:
@@ -497,19 +560,34 @@ def print_table(results: list[Result]) -> None:
 
     print("\nlb up against nginx with the same worker count, access logs on against on, off against off")
     print("(goals: req/s >= 1.0x, p99 <= 1.5x): ratio of the medians, and (in brackets) the median of each")
-    print("round's ratio")
-    print("| workers | lb | against | lb/nginx req/s | lb/nginx p99 |")
-    print("|---|---|---|---|---|")
+    print("round's ratio; CPU: the CPU time of lb's processes per request over nginx's (a figure that")
+    print("the rest of a shared machine's load disturbs less than requests/s)")
+    print("| workers | lb | against | lb/nginx req/s | lb/nginx p99 | lb/nginx CPU per request |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         other, label = {"lb log": ("nginx log", "nginx, access_log to a file"),
+                        "lb log pure": ("nginx log", "nginx, access_log to a file"),
+                        "lb pure": ("nginx", "nginx, access_log off"),
                         "lb": ("nginx", "nginx, access_log off")}.get(r.name, ("", ""))
         nginx = ref.get((other, r.workers))
         if nginx is not None:
             print(
-                f"| {r.workers} | {'log on' if r.name == 'lb log' else 'log off'} | {label} "
+                f"| {r.workers} | {'log on' if 'log' in r.name else 'log off'}{' pure' if 'pure' in r.name else ''} "
+                f"| {label} "
                 f"| {r.rps / nginx.rps:.2f}x ({paired(r, other, 'rps')}) "
-                f"| {r.p99_ms / nginx.p99_ms:.2f}x ({paired(r, other, 'p99_ms')}) |"
+                f"| {r.p99_ms / nginx.p99_ms:.2f}x ({paired(r, other, 'p99_ms')}) "
+                f"| {r.cpu_us / nginx.cpu_us:.2f}x ({paired(r, other, 'cpu_us')}) |"
             )
+    pure = [(r, ref[(r.name + " pure", r.workers)]) for r in rows if (r.name + " pure", r.workers) in ref]
+    if pure:
+        print("\nlb with its L7 hot path compiled (mypyc) against the same in plain Python (LB_PURE_PYTHON=1)")
+        print("| workers | lb | compiled/pure req/s | compiled/pure p99 | compiled/pure CPU per request |")
+        print("|---|---|---|---|---|")
+        for r, p in pure:
+            print(f"| {r.workers} | {'log on' if r.name == 'lb log' else 'log off'} "
+                  f"| {r.rps / p.rps:.2f}x ({paired(r, p.name, 'rps')}) "
+                  f"| {r.p99_ms / p.p99_ms:.2f}x ({paired(r, p.name, 'p99_ms')}) "
+                  f"| {r.cpu_us / p.cpu_us:.2f}x ({paired(r, p.name, 'cpu_us')}) |")
 
 
 if __name__ == "__main__":
