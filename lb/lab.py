@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,7 +134,8 @@ class Lab:
         return True
 
     def down(self) -> list[str]:
-        """Kill the lab's processes and remove its namespaces; returns what it removed."""
+        """Kill the lab's processes, remove its namespaces and its run
+        directory (the servers' logs); returns the namespaces it removed."""
         removed = []
         for ns in self.namespaces:
             self._kill_processes(ns)
@@ -142,6 +144,7 @@ class Lab:
             if nl.netns_exists(ns):
                 nl.remove_netns(ns)
                 removed.append(ns)
+        shutil.rmtree(self.lab_run_dir, ignore_errors=True)
         return removed
 
     def status(self) -> dict[str, Any]:
@@ -239,8 +242,13 @@ class Lab:
             time.sleep(0.02)
         _reap_children()
 
+    @property
+    def lab_run_dir(self) -> str:
+        """Where the lab keeps its files while it is up (the servers' logs)."""
+        return f"/run/lb-lab/{self.prefix}"
+
     def log_path(self, backend: Backend) -> str:
-        return f"/run/lb-lab/{self.prefix}/{backend.name}.log"
+        return f"{self.lab_run_dir}/{backend.name}.log"
 
     # --- processes -----------------------------------------------------------
 

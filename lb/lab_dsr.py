@@ -22,6 +22,7 @@ starts lb.labserver on each target; `down()` removes every namespace.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 
 from lb import netlink as nl
@@ -97,6 +98,7 @@ class DsrLab:
             if nl.netns_exists(ns):
                 nl.remove_netns(ns)
                 removed.append(ns)
+        shutil.rmtree(self._servers().lab_run_dir, ignore_errors=True)  # the servers' logs
         return removed
 
     def _build(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lb import lab as labmod
@@ -54,6 +56,7 @@ def test_up_twice_is_a_noop_and_down_removes_everything() -> None:
     assert not any(nl.netns_exists(ns) for ns in the_lab.namespaces)
     assert not any(nl.pids_in_netns(ns) for ns in the_lab.namespaces)
     assert the_lab.status()["namespaces"] == []
+    assert not os.path.exists(the_lab.lab_run_dir)  # the servers' logs go with the lab
 
 
 def test_half_built_lab_is_rolled_back(monkeypatch: pytest.MonkeyPatch) -> None:
