@@ -429,6 +429,25 @@ static __always_inline __u32 ring_target(struct vip_meta *vip, struct flow_key *
  * when the packet is no such reply
  * (the caller goes on with it): a target answering lb's own address (a
  * health check) is not one, whatever the ring says. */
+/* The target's answer to a half-open flow (NAT's and full NAT's reply
+ * paths): a SYN-ACK's sequence number is what the client's ACK must
+ * acknowledge to establish the flow; a RST ends it (refused: the next SYN
+ * takes the ring). */
+static __always_inline void target_answers_half_open(struct xdp_md *ctx, struct packet *pkt,
+                                                     struct half_open_flow *half, struct flow_key *fwd)
+{
+	if (pkt->tcp_flags & TCP_FLAG_RST) {
+		table_removed(TABLE_HALF_OPEN, half_open.delete(fwd));
+		count(CNT_FLOW_CLOSED);
+	} else if ((pkt->tcp_flags & TCP_FLAG_ACK) && tcp_header(ctx, pkt)) {
+		__u32 isn = bpf_ntohl(tcp_header(ctx, pkt)->seq);
+		if (!half->synack_seen || half->target_isn != isn) {
+			half->target_isn = isn;
+			half->synack_seen = 1;
+		}
+	}
+}
+
 static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct endpoint_key ek = {
@@ -520,16 +539,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 		else
 			touch(state, now);
 	} else if (half) {
-		if (pkt->tcp_flags & TCP_FLAG_RST) {
-			table_removed(TABLE_HALF_OPEN, half_open.delete(&fwd)); /* refused: the next SYN takes the ring */
-			count(CNT_FLOW_CLOSED);
-		} else if ((pkt->tcp_flags & TCP_FLAG_ACK) && tcp_header(ctx, pkt)) {
-			__u32 isn = bpf_ntohl(tcp_header(ctx, pkt)->seq);
-			if (!half->synack_seen || half->target_isn != isn) {
-				half->target_isn = isn;
-				half->synack_seen = 1;
-			}
-		}
+		target_answers_half_open(ctx, pkt, half, &fwd);
 	} else {
 		count(CNT_REPLY_NO_ENTRY);
 	}
@@ -633,18 +643,7 @@ static __always_inline int fullnat_reply(struct xdp_md *ctx, struct packet *pkt)
 		account_reply(vip_stats.lookup(&vip_id), pkt->len);
 		account_reply(target_stats.lookup(&target_id), pkt->len);
 	} else if (half) {
-		/* As reply() does: the SYN-ACK's sequence number is what the
-		 * client's ACK must acknowledge; a RST ends the half-open flow. */
-		if (pkt->tcp_flags & TCP_FLAG_RST) {
-			table_removed(TABLE_HALF_OPEN, half_open.delete(&fwd));
-			count(CNT_FLOW_CLOSED);
-		} else if ((pkt->tcp_flags & TCP_FLAG_ACK) && tcp_header(ctx, pkt)) {
-			__u32 isn = bpf_ntohl(tcp_header(ctx, pkt)->seq);
-			if (!half->synack_seen || half->target_isn != isn) {
-				half->target_isn = isn;
-				half->synack_seen = 1;
-			}
-		}
+		target_answers_half_open(ctx, pkt, half, &fwd);
 		__u32 vip_id = half->flow.vip_id;
 		__u32 target_id = half->flow.target_id;
 		account_reply(vip_stats.lookup(&vip_id), pkt->len);
