@@ -562,7 +562,9 @@ def test_not_root_is_refused_cleanly(daemon: RunningDaemon) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(Path(daemon.config_path).read_text())
         os.chmod(path, 0o644)
-        program = "import os, sys; os.setgid(65534); os.setuid(65534); from lb.cli import cli; cli(sys.argv[1:])"
+        # Imported as root, then run as nobody: the checkout may sit in a directory only root can
+        # read (a clone into `mktemp -d`, mode 0700), and what is tested is the command, not the import.
+        program = "import os, sys; from lb.cli import cli; os.setgid(65534); os.setuid(65534); cli(sys.argv[1:])"
         for args in (["status"], ["vips"], ["targets"], ["maps", "list"], ["maps", "dump", "vips"], ["conntrack"],
                      ["stats"], ["explain", "flow", "tcp", "10.0.0.2:1000", f"{VIP}:{PORT}"]):
             result = subprocess.run([sys.executable, "-c", program, *args, "-c", path], capture_output=True,
