@@ -1,0 +1,311 @@
+"""DSR against NAT and full NAT end to end, on the DSR lab's topology (not a pytest test).
+
+Usage (root; the comparison tools come from `deploy/install.sh --bench`):
+    .venv/bin/python tests/bench/l4_dsr_e2e.py
+    .venv/bin/python tests/bench/l4_dsr_e2e.py --runs 3 --seconds 5 --only dsr,nat
+
+The issue's goal for direct server return: its end-to-end throughput at
+least NAT's. tests/bench/l4_e2e.py cannot measure it: in its lab the
+backends sit behind lb on links of their own, and DSR needs lb and the
+targets on one segment with replies through a router. So this script uses
+the DSR lab (lb.lab_dsr, prefix from LB_TEST_PREFIX, "lbd" unless set) and
+runs every mode on it:
+
+    client ── router ── switch ─┬─ lb (XDP on its one link)
+                                └─ target1..3 (the VIP on lo, ARP suppressed)
+
+    dsr       lb rewrites the destination MAC and sends the frame back onto the
+              segment (XDP_TX); targets answer the client through the router
+    nat       targets' default route switched to lb for the setup, so their
+              replies come back through lb's reverse NAT (the mode's premise)
+    full-nat  targets answer lb's own address; nothing else changes
+    routing   the client talks to target1's address directly: a reference
+
+The same VIP port as the targets' in every mode (DSR cannot translate ports).
+HTTP: nginx (2 workers, `return 200`, listening on every address, so on the
+VIP too) on each target in place of the lab's Python servers; iperf3 on
+target1 only (its control and data connections must meet the same server).
+Measurements, rounds, medians and the CPU split are tests/bench/l4_e2e.py's
+(one stream of iperf3 pinned client/server; wrk -c32 with Connection: close).
+
+Everything made here is removed in `finally`: the namespaces and processes
+in them, the XDP attachment, the pinned maps (/sys/fs/bpf/lb/<prefix>-dsr-e2e).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from lb import lab_dsr  # noqa: E402
+from lb import netlink as nl  # noqa: E402
+from lb.dataplane.dataplane import Dataplane, L4Service  # noqa: E402
+from lb.dataplane.loader import Attachment, Program, detach, purge_pins  # noqa: E402
+from lb.dataplane.maps import Endpoint, Maps, VipAddr  # noqa: E402
+from lb.dataplane.structs import Counter, Limits  # noqa: E402
+from lb.lab import HOST_IF, SENDER_FEATURES, Backend, Lab  # noqa: E402
+from lb.lab_dsr import DsrLab  # noqa: E402
+from tests.bench.l4_e2e import (  # noqa: E402
+    CLIENT_SYSCTLS,
+    IPERF_PORT,
+    NGINX_WORKERS,
+    BenchError,
+    Setup,
+    cpu_sample,
+    cpu_use,
+    http_get,
+    measure_iperf,
+    measure_wrk,
+    ns_cmd,
+    on_sigterm,
+    stop_process,
+    wait_for_quiet,
+    wait_listening,
+)
+from tests.names import name  # noqa: E402
+
+PREFIX = name("d") if "LB_TEST_PREFIX" in os.environ else "lbd"
+NAME = f"{PREFIX}-dsr-e2e"
+LIMITS = Limits(ring_size=65537, max_vips=8, max_targets=64, conntrack_size=262144)
+HTTP_PORT = 80  # the VIP's and the targets' (DSR cannot translate ports)
+GOAL_DSR_VS_NAT = 1.0
+
+
+def nginx_config(target: Backend, directory: str) -> str:
+    """A target's nginx on every address (its own and the VIP on lo), every answer naming it."""
+    return f"""
+worker_processes {NGINX_WORKERS};
+pid {directory}/nginx.pid;
+error_log /dev/null crit;
+events {{
+    worker_connections 8192;
+}}
+http {{
+    access_log off;
+    server {{
+        listen {HTTP_PORT} reuseport backlog=4096;
+        location / {{
+            default_type text/plain;
+            add_header X-Backend {target.name} always;
+            return 200 "{target.name}\\n";
+        }}
+    }}
+}}
+"""
+
+
+def start_servers(lab: DsrLab, stack: ExitStack) -> None:
+    """nginx on each target in place of the lab's server, and iperf3 -s on target1."""
+    servers = Lab(lab.prefix, backend_count=len(lab.targets))  # knows how to stop lb.labserver
+    for target in lab.targets:
+        servers.stop_server(target)  # it holds *:80
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{PREFIX}-nginx-{target.name}-"))
+        config = os.path.join(directory, "nginx.conf")
+        with open(config, "w") as f:
+            f.write(nginx_config(target, directory))
+        proc = subprocess.Popen(ns_cmd(target.netns, "nginx", "-p", directory, "-c", config, "-e", "/dev/null",
+                                       "-g", "daemon off;"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        stack.callback(stop_process, proc)
+        wait_listening(target.netns, target.address, HTTP_PORT, proc, f"nginx in {target.netns}")
+    first = lab.targets[0]
+    iperf = subprocess.Popen(ns_cmd(first.netns, "iperf3", "-s", "-p", str(IPERF_PORT)), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+    stack.callback(stop_process, iperf)
+    wait_listening(first.netns, first.address, IPERF_PORT, iperf, "iperf3 -s")
+
+
+def set_default_route(ns: str, gateway: str) -> None:
+    with nl.iproute(ns) as ipr:
+        nl.remove_route(ipr, "default")
+        nl.add_route(ipr, "default", gateway=gateway)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="measurements per setup; the median is shown (default 3)")
+    parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 and wrk run (default 5)")
+    parser.add_argument("--quiet", type=float, default=5.0,
+                        help="before each measurement wait for a second in which other sessions' processes use "
+                             "under this %% of the machine (default 5)")
+    parser.add_argument("--quiet-wait", type=float, default=20.0, help="but at most this many seconds (default 20)")
+    parser.add_argument("--only", default="", help="comma-separated setups (dsr,nat,full-nat,routing)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("l4_dsr_e2e.py: needs root (XDP, network namespaces)", file=sys.stderr)
+        return 1
+    missing = [t for t in ("iperf3", "wrk", "nginx") if shutil.which(t) is None]
+    if missing:
+        print(f"l4_dsr_e2e.py: missing {', '.join(missing)}: run `deploy/install.sh --bench`", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, on_sigterm)
+    print(f"params:  iperf3 -t {args.seconds} (1 stream) | wrk -c32 -t2 -d{args.seconds}s -H 'Connection: close' | "
+          f"{args.runs} runs each, median")
+    lab = DsrLab(PREFIX)
+    stack = ExitStack()
+    try:
+        return run_bench(lab, args, stack)
+    finally:
+        try:
+            stack.close()
+        finally:
+            lab.down()
+            purge_pins(NAME)
+
+
+def run_bench(lab: DsrLab, args: argparse.Namespace, stack: ExitStack) -> int:
+    purge_pins(NAME)
+    lab.up()
+    for key, value in CLIENT_SYSCTLS.items():
+        nl.set_sysctl(lab.client_ns, key, value)
+    # As the client (and every host of the main lab): NAT's and full NAT's
+    # replies cross lb's XDP program, which needs whole checksums; the same
+    # for every setup, DSR's included.
+    for t in lab.targets:
+        nl.set_features(t.netns, HOST_IF, SENDER_FEATURES)
+    start_servers(lab, stack)
+
+    program = stack.enter_context(Program.load(NAME, LIMITS))
+    maps = stack.enter_context(Maps(program.pin_dir, LIMITS))
+    dataplane = Dataplane(maps, source_of=lambda address: nl.source_toward(address, lab.lb_ns))
+    vip = ipaddress.IPv4Address(lab_dsr.VIP)
+
+    def services(mode: str) -> list[L4Service]:
+        everyone = tuple((Endpoint(ipaddress.IPv4Address(t.address), HTTP_PORT), 1) for t in lab.targets)
+        first = ((Endpoint(ipaddress.IPv4Address(lab.targets[0].address), IPERF_PORT), 1),)
+        return [L4Service(VipAddr(vip, HTTP_PORT, "TCP"), members=everyone, mode=mode),
+                L4Service(VipAddr(vip, IPERF_PORT, "TCP"), members=first, mode=mode)]
+
+    attachments: list[Attachment] = []
+    counters: dict[str, dict[Counter, int]] = {}
+
+    def starter(mode: str) -> tuple[Any, Any]:
+        before: dict[Counter, int] = {}
+
+        def start() -> None:
+            if mode == "nat":  # NAT's premise: the targets' replies route through lb
+                for t in lab.targets:
+                    set_default_route(t.netns, lab_dsr.LB_ADDR)
+            dataplane.apply(services(mode))  # a mode change makes the VIPs anew
+            attachments.append(program.attach(lab_dsr.LB_IF, lab_dsr.XDP_MODE, lab.lb_ns))
+            before.update(maps.counters())
+
+        def stop() -> None:
+            after = maps.counters()
+            total = counters.setdefault(mode, {c: 0 for c in Counter})
+            for c in Counter:
+                total[c] += after[c] - before.get(c, after[c])
+            while attachments:
+                detach(attachments.pop())
+            if mode == "nat":
+                for t in lab.targets:
+                    set_default_route(t.netns, lab_dsr.ROUTER_ADDR)
+
+        return start, stop
+
+    def detach_all() -> None:
+        while attachments:
+            detach(attachments.pop())
+
+    stack.callback(detach_all)
+    setups = []
+    for mode, title in (("dsr", "lb XDP DSR (MAC rewrite, XDP_TX)"), ("nat", "lb XDP NAT (replies through lb)"),
+                        ("full-nat", "lb XDP full NAT")):
+        start, stop = starter(mode)
+        setups.append(Setup(mode, title, lab_dsr.VIP, HTTP_PORT, start, stop))
+    setups.append(Setup("routing", "plain routing (client -> target1)", lab.targets[0].address, HTTP_PORT))
+    if args.only:
+        wanted = set(args.only.split(","))
+        setups = [s for s in setups if s.key in wanted]
+
+    groups = {nl.netns_inode(lab.client_ns): "client", nl.netns_inode(lab.lb_ns): "lb-ns",
+              nl.netns_inode(lab.router_ns): "router"}
+    for t in lab.targets:
+        groups[nl.netns_inode(t.netns)] = "targets"
+    for rnd in range(1, args.runs + 1):
+        for s in setups:
+            s.start()
+            try:
+                if rnd == 1:  # also warms ARP before the first measurement
+                    for _ in range(12):
+                        status, backend = http_get(lab.client_ns, s.host, s.http_port)
+                        if status != 200:
+                            raise BenchError(f"{s.title}: HTTP {status} through {s.host}:{s.http_port}")
+                        s.backends_seen.add(backend)
+                wait_for_quiet(groups, args.quiet, args.quiet_wait)
+                c0 = cpu_sample(groups)
+                it = measure_iperf(lab.client_ns, s.host, args.seconds)
+                c1 = cpu_sample(groups)
+                wait_for_quiet(groups, args.quiet, args.quiet_wait)
+                c2 = cpu_sample(groups)
+                wk = measure_wrk(lab.client_ns, s.host, s.http_port, args.seconds)
+                c3 = cpu_sample(groups)
+            finally:
+                s.stop()
+            s.iperf.append(it)
+            s.wrk.append(wk)
+            s.iperf_cpu.append(cpu_use(c0, c1))
+            s.wrk_cpu.append(cpu_use(c2, c3))
+            errs = sum(wk.socket_errors.values())
+            print(f"round {rnd} {s.title}", flush=True)
+            print(f"    iperf3 {it.gbits:6.2f} Gbit/s  retransmits {it.retransmits:<6}  {s.iperf_cpu[-1]}")
+            print(f"    wrk   {wk.rps:7.0f} conn/s  non-2xx {wk.non_2xx}, socket errors {errs}  {s.wrk_cpu[-1]}",
+                  flush=True)
+            time.sleep(1)
+
+    print()
+    header = f"{'setup':<36} {'Gbit/s':>7} {'runs':>16} {'conn/s':>7} {'runs':>19} {'errors':>6}"
+    print(header)
+    print("-" * len(header))
+    for s in setups:
+        errors = sum(r.non_2xx + sum(r.socket_errors.values()) for r in s.wrk)
+        print(f"{s.title:<36} {s.gbits:7.2f} {' '.join(f'{r.gbits:.2f}' for r in s.iperf):>16} {s.conns:7.0f} "
+              f"{' '.join(f'{r.rps:.0f}' for r in s.wrk):>19} {errors:6d}")
+    print()
+    for s in setups:
+        if s.backends_seen:
+            print(f"{s.title}: HTTP answered by {', '.join(sorted(s.backends_seen))}")
+    for mode, total in counters.items():
+        shown = ", ".join(f"{c.label} {v:,}" for c, v in total.items() if v)
+        print(f"counters, {mode}: {shown}")
+    by_key = {s.key: s for s in setups}
+    if "dsr" in by_key and "nat" in by_key:
+        dsr, nat = by_key["dsr"], by_key["nat"]
+        for what, mine, theirs in (("Gbit/s", dsr.gbits, nat.gbits), ("conn/s", dsr.conns, nat.conns)):
+            ratio = mine / theirs if theirs else float("nan")
+            verdict = "MET" if ratio >= GOAL_DSR_VS_NAT else "NOT MET"
+            print(f"DSR / NAT {what}: {ratio:5.2f}  (goal >= {GOAL_DSR_VS_NAT}) [{verdict}]")
+    if "dsr" in by_key and "full-nat" in by_key:
+        dsr, full = by_key["dsr"], by_key["full-nat"]
+        print(f"DSR / full NAT Gbit/s: {dsr.gbits / full.gbits:5.2f}   conn/s: {dsr.conns / full.conns:5.2f}")
+    if "dsr" in by_key and "routing" in by_key:
+        dsr, routing = by_key["dsr"], by_key["routing"]
+        print(f"DSR / plain routing Gbit/s: {dsr.gbits / routing.gbits:5.2f}   "
+              f"conn/s: {dsr.conns / routing.conns:5.2f}   (reference)")
+    bad = [s.title for s in setups if any(r.non_2xx or sum(r.socket_errors.values()) for r in s.wrk)]
+    if bad:
+        print(f"WARNING: wrk saw non-2xx responses or socket errors in: {', '.join(bad)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; cleaned up", file=sys.stderr)
+        sys.exit(130)
