@@ -9,7 +9,9 @@
 5. stops backend2, shows it detected, taken out of the ring and brought back;
 6. deregisters backend1 and shows a long-lived connection draining;
 7. prints `lb targets`, `lb vips` and `lb stats`, then takes everything down
-   (`--keep` leaves the lab and lb running for you to poke at).
+   (`--keep` leaves the lab and lb running for you to poke at);
+8. shows the other forwarding modes, DSR and full NAT, through a second
+   `lb up` on the DSR lab (lb.demomodes), and takes that down too.
 
 `--hosts 2` runs the scale-out demo instead (lb.demohosts): a router, two
 lb hosts announcing the VIP by BGP, one withdrawn while its connections go on.
@@ -34,6 +36,7 @@ from lb import lab as labmod
 from lb.config import load_default
 from lb.dataplane.pins import open_pinned
 from lb.demohosts import run_hosts
+from lb.demomodes import run_modes
 from lb.lab import Lab
 from lb.netlink import run_in_netns
 
@@ -214,6 +217,7 @@ def run(keep: bool) -> int:
             say("cleanup")
             lb_command("down")
             print("lab:", ", ".join(lab.down()) or "nothing", "removed")
+    run_modes()
     if keep:
         print(f"\nleft running (--keep): lb up is pid {daemon.proc.pid if daemon.proc else '?'}; "
               f"stop it with `sudo kill <pid>`, then `sudo .venv/bin/lb down -c {DEFAULT_CONFIG}` "

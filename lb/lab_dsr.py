@@ -11,7 +11,8 @@ one link (XDP_TX: XDP cannot redirect into a bridge, but a frame sent out
 of lb's own veth reaches the bridge's port like any other). Each target
 holds the VIP on `lo` with ARP suppressed (arp_ignore = 1, arp_announce =
 2: the README's target set-up) and answers the client directly through the
-router: no reply crosses lb. The client turns TX checksum offload off.
+router: no reply crosses lb. The client and the targets turn TX checksum
+offload off (a full-NAT flow's replies do cross lb's program).
 The switch's port toward lb has an XDP program that passes everything:
 veth delivers the frames lb's program sends back with XDP_TX only to a
 peer that has one (docs/kernel-notes.md).
@@ -76,6 +77,11 @@ class DsrLab:
     def namespaces(self) -> tuple[str, ...]:
         return (self.client_ns, self.router_ns, self.switch_ns, self.lb_ns, *(t.netns for t in self.targets))
 
+    @property
+    def run_dir(self) -> str:
+        """Where the lab keeps its servers' logs (removed by down())."""
+        return self._servers().lab_run_dir
+
     def _servers(self) -> Lab:
         # lb.lab.Lab knows how to start, find and kill lb.labserver in a namespace.
         return Lab(self.prefix, backend_count=len(self.targets))
@@ -98,7 +104,7 @@ class DsrLab:
             if nl.netns_exists(ns):
                 nl.remove_netns(ns)
                 removed.append(ns)
-        shutil.rmtree(self._servers().lab_run_dir, ignore_errors=True)  # the servers' logs
+        shutil.rmtree(self.run_dir, ignore_errors=True)  # the servers' logs
         return removed
 
     def _build(self) -> None:
@@ -131,6 +137,9 @@ class DsrLab:
             nl.add_address(ipr, "lo", VIP, 32)
         for target in self.targets:
             self._host(target.netns, target.address, ROUTER_ADDR)
+            # Whole checksums, as the client's: a full-NAT reply crosses lb's
+            # XDP program, which cannot finish a veth's partial checksum.
+            nl.set_features(target.netns, HOST_IF, SENDER_FEATURES)
             for key, value in TARGET_SYSCTLS.items():
                 nl.set_sysctl(target.netns, key, value)
             with nl.iproute(target.netns) as ipr:

@@ -89,6 +89,9 @@ class HttpHandler(asyncio.Protocol):
             self.respond(code, self.name.encode() + b"\n", keep_alive)
         elif path == "/echo":
             self.respond(200, b"".join(self.body), keep_alive)
+        elif path == "/peer":  # who connected, as this server sees it (the client, or lb in full NAT)
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            self.respond(200, f"{self.name} {peer[0] if peer else '?'}\n".encode(), keep_alive)
         elif path == "/headers":
             lines = b"".join(n + b": " + v + b"\n" for n, v in self.headers)
             self.respond(200, lines, keep_alive)

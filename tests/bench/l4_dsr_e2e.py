@@ -57,7 +57,7 @@ from lb.dataplane.dataplane import Dataplane, L4Service  # noqa: E402
 from lb.dataplane.loader import Attachment, Program, detach, purge_pins  # noqa: E402
 from lb.dataplane.maps import Endpoint, Maps, VipAddr  # noqa: E402
 from lb.dataplane.structs import Counter, Limits  # noqa: E402
-from lb.lab import HOST_IF, SENDER_FEATURES, Backend, Lab  # noqa: E402
+from lb.lab import Backend, Lab  # noqa: E402
 from lb.lab_dsr import DsrLab  # noqa: E402
 from tests.bench.l4_e2e import (  # noqa: E402
     CLIENT_SYSCTLS,
@@ -173,11 +173,6 @@ def run_bench(lab: DsrLab, args: argparse.Namespace, stack: ExitStack) -> int:
     lab.up()
     for key, value in CLIENT_SYSCTLS.items():
         nl.set_sysctl(lab.client_ns, key, value)
-    # As the client (and every host of the main lab): NAT's and full NAT's
-    # replies cross lb's XDP program, which needs whole checksums; the same
-    # for every setup, DSR's included.
-    for t in lab.targets:
-        nl.set_features(t.netns, HOST_IF, SENDER_FEATURES)
     start_servers(lab, stack)
 
     program = stack.enter_context(Program.load(NAME, LIMITS))
