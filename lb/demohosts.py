@@ -17,18 +17,16 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from typing import Any
 
-from lb import admin
 from lb import lab as labmod
-from lb.config import default_config_text, load
+from lb.config import default_config_text
 from lb.dataplane.pins import open_pinned
+from lb.demodaemon import DemoDaemon
 from lb.labhosts import LbHost, ScaleLab
 from lb.netlink import run_in_netns
 
@@ -44,46 +42,17 @@ def banner() -> str:
         return sock.recv(64).decode().strip()
 
 
-class HostDaemon:
+class HostDaemon(DemoDaemon):
     """`lb up -c lbK.toml` for one host, and its counters."""
 
     def __init__(self, lab: ScaleLab, host: LbHost, path: str) -> None:
-        self.host, self.path = host, path
-        self.config = load(path)
-        self.log = os.path.join(lab.run_dir, f"lb{host.index}.log")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up", "-c", self.path], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise SystemExit(f"lb up on lb{self.host.index} exited; see {self.log}")
-            try:
-                self.request("status")
-                return
-            except admin.AdminError:
-                time.sleep(0.1)
-        raise SystemExit(f"lb up on lb{self.host.index} did not come up; see {self.log}")
-
-    def request(self, cmd: str, **args: Any) -> Any:
-        return admin.request(self.config.admin_socket, cmd, **args)
+        super().__init__(path, os.path.join(lab.run_dir, f"lb{host.index}.log"), f"lb up on lb{host.index}")
+        self.host = host
 
     def tcp_flows(self) -> int:
         with open_pinned(self.config) as maps:
             return sum(maps.vip_traffic(e.vip_id).new_flows for e in maps.vips()
                        if e.vip.port == labmod.ECHO_PORT and e.vip.protocol == "TCP")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(40)
-        subprocess.run([sys.executable, "-m", "lb", "down", "-c", self.path], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def wait_hops(lab: ScaleLab, count: int, timeout: float = 30) -> float:
