@@ -236,7 +236,7 @@ def run(keep: bool) -> int:
         say(f"HTTPS on {labmod.VIP}:{HTTPS_PORT} (a self-signed certificate made just now), "
             f"and HTTP on :{REDIRECT_PORT} redirected to it")
         curl(lab, f"http://{labmod.VIP}:{REDIRECT_PORT}/shop?q=1")
-        curl(lab, "-k", f"https://{labmod.VIP}/shop?q=1")
+        curl(lab, "-k", "--http1.1", f"https://{labmod.VIP}/shop?q=1")  # curl offers h2 first otherwise
         curl(lab, "-k", "--http2", f"https://{labmod.VIP}/api/users")
 
         say("TCP through 10.0.0.100:9000: XDP, Maglev ring, conntrack, NAT")
