@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from lb import config as configmod
 from lb import netlink as nl
 from lb.cli import cli
 from lb.dataplane.pins import pin_dir
 from lb.lab import VIP, Lab
-from lb.runstate import lock_path, state_path
+from lb.runstate import RuntimeState, lock_path, state_path
 from tests.daemon_fixture import RunningDaemon, lab_config
 from tests.names import name
 
@@ -102,3 +103,33 @@ def test_down_with_a_broken_config_and_nothing_recorded_says_so(tmp_path: Path) 
     assert "wrokers" in result.output  # the file's problems first
     assert f"nothing recorded for {config}" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.root
+def test_down_from_the_state_file_takes_the_bgp_fragment_out(tmp_path: Path) -> None:
+    """The state file records where [load_balancer.bgp] put lb's BIRD
+    fragment: lb down removes it with the config broken, and says that BIRD
+    (absent here) did not re-read its config."""
+    lb_name = name("dn-bgp")
+    fragment = tmp_path / f"lb-{lb_name}.conf"
+    config = tmp_path / "lb.toml"
+    config.write_text(f'[load_balancer]\nname = "{lb_name}"\n\n[load_balancer.bgp]\nrouter_id = "10.0.10.2"\n'
+                      f'local_as = 65001\nneighbors = [{{ address = "10.0.10.1", as = 65000 }}]\n'
+                      f'bird_config = "{fragment}"\nbird_socket = "{tmp_path}/bird.ctl"\n\n'
+                      f'[[listeners]]\nname = "web"\nprotocol = "HTTP"\naddress = "{VIP}"\nport = 80\n'
+                      f'default_action = {{ type = "fixed-response", status_code = 200 }}\n')
+    state = RuntimeState(lb_name, 0, str(config), 0.0, None, pin_dir(lb_name))
+    state.record_bgp(configmod.load(str(config)))  # as lb up does
+    assert (state.bgp_fragment, state.bird_socket) == (str(fragment), f"{tmp_path}/bird.ctl")
+    fragment.write_text("# lb's sessions and routes\n")
+    state.save()
+    try:
+        config.write_text(config.read_text().replace("local_as", "locl_as"))
+        result = CliRunner().invoke(cli, ["down", "-c", str(config)])
+        assert result.exit_code == 0, result.output
+        assert f"recorded in {state_path(lb_name)}" in result.output
+        assert not fragment.exists()
+        assert f"BGP: load_balancer.bgp: removed {fragment}, but BIRD did not re-read its config" in result.output
+        assert not os.path.exists(state_path(lb_name))
+    finally:
+        RuntimeState.remove(lb_name)
