@@ -52,7 +52,7 @@ from lb.hostnet import (
     remove_addresses,
     xdp_interfaces,
 )
-from lb.model import Bgp, LoadBalancer, Protocol
+from lb.model import LoadBalancer, Protocol
 from lb.registrations import Registrations
 from lb.runstate import RuntimeState
 from lb.reloads import Reloads
@@ -89,6 +89,7 @@ class Daemon:
         self.config_path = config_path
         self.state = RuntimeState(config.name, os.getpid(), config_path, time.time(), config.netns,
                                   pin_dir(config.name), admin_socket=config.admin_socket)
+        self.state.record_bgp(config)
         # What `lb targets register|deregister` changed, over the config (lb.registrations).
         self.registrations = Registrations.load(config.name)
         self.registrations.reconcile(config)
@@ -334,6 +335,7 @@ class Daemon:
         for warning in warnings:
             log.warning("reload: %s", warning)
         self.state.loaded_at = time.time()
+        self.state.record_bgp(new)
         self.state.save()
         log.info("reloaded %s", self.config_path or "the embedded config")
         sd_notify("READY=1")
@@ -412,9 +414,10 @@ def run(config: LoadBalancer, config_path: str | None) -> None:
 
 
 def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = True,
-         bgp_config: Bgp | None = None) -> dict[str, Any]:
+         bgp_fragment: tuple[str, str] | None = None) -> dict[str, Any]:
     """Remove what `lb up` left in the kernel: XDP programs, pinned maps, the
-    addresses it added; first, lb's BGP announcements (`bgp_config`). Safe to run twice."""
+    addresses it added; first, lb's BGP announcements (`bgp_fragment`: the
+    fragment's path and BIRD's control socket). Safe to run twice."""
     try:
         lock = runstate.lock(name)
     except runstate.AlreadyRunning:
@@ -422,7 +425,7 @@ def down(name: str, interfaces: list[str], netns: str | None, *, purge: bool = T
             from None
     runstate.unlock(name, lock)  # not running: this also removes a lock file a killed daemon left
     try:  # first: the routers move the traffic away before anything here goes
-        withdrawn: bool | str = bgp.remove(bgp_config, name) if bgp_config is not None else False
+        withdrawn: bool | str = bgp.remove_fragment(*bgp_fragment) if bgp_fragment is not None else False
     except bgp.SpeakerError as exc:  # the fragment is gone: a BIRD that comes back announces nothing
         withdrawn = f"load_balancer.bgp: {exc}"
     bgp.write_withdrawn(runstate.bgp_withdrawn_path(name), None)  # the next `lb up` is in rotation again

@@ -1,9 +1,12 @@
 """`sudo make demo`: the lab, `lb up`, real traffic, and where it went.
 
 1. builds the namespace lab (client, lb, backend1..3);
-2. starts `lb up` with the embedded lab config;
+2. starts `lb up` with the embedded lab config plus an HTTPS listener
+   (a certificate made now, in the lab's run directory) and an HTTP
+   listener that redirects to it;
 3. sends HTTP through the L7 listener and shows which rule and backend
-   served each kind of request;
+   served each kind of request; then curl: http:// redirected to https://,
+   HTTPS over HTTP/1.1 and HTTP/2;
 4. sends TCP and UDP through the XDP VIPs and counts replies per backend,
    next to what the BPF maps counted;
 5. stops backend2, shows it detected, taken out of the ring and brought back;
@@ -32,16 +35,46 @@ from importlib import resources
 from typing import Any
 
 from lb import admin
+from lb import config as configmod
 from lb import lab as labmod
-from lb.config import load_default
 from lb.dataplane.pins import open_pinned
 from lb.demohosts import run_hosts
 from lb.demomodes import run_modes
 from lb.lab import Lab
+from lb.labserver import self_signed_pem
 from lb.netlink import run_in_netns
 
 LOG = "/run/lb-lab/lb-demo.log"
 DEFAULT_CONFIG = str(resources.files("lb").joinpath("data/default.toml"))
+HTTPS_PORT = 443
+REDIRECT_PORT = 8080  # port 80 is the rules' listener (step 3)
+
+# Appended to the embedded config: HTTPS on the VIP with the certificate made
+# at demo time (paths relative to the config's directory), and ALB's most
+# common rule: every plain HTTP request redirected to it.
+HTTPS_LISTENERS = f"""
+
+# --- added by the demo (lb.demo) ---------------------------------------------
+[[listeners]]
+name = "https"
+protocol = "HTTPS"
+address = "{labmod.VIP}"
+port = {HTTPS_PORT}
+default_certificate = {{ certificate = "demo.pem", key = "demo.key" }}   # self-signed, made by the demo
+default_action = {{ type = "forward", target_group = "web" }}
+
+  [[listeners.rules]]
+  priority = 10
+  conditions = [{{ field = "path-pattern", values = ["/api/*"] }}]
+  actions = [{{ type = "forward", target_group = "api" }}]
+
+[[listeners]]
+name = "to-https"
+protocol = "HTTP"
+address = "{labmod.VIP}"
+port = {REDIRECT_PORT}
+default_action = {{ type = "redirect", status_code = 301, protocol = "HTTPS", port = "{HTTPS_PORT}" }}
+"""
 
 
 def say(title: str) -> None:
@@ -81,20 +114,54 @@ def spread(lab: Lab, fn: Callable[..., str], n: int) -> str:
     return ", ".join(f"{name} {seen[name]}" for name in sorted(seen))
 
 
+def curl(lab: Lab, *args: str) -> None:
+    """curl from the client namespace, shown as typed there: the status line
+    and the headers that say where the request went."""
+    print(f"  $ curl {' '.join(args)}", flush=True)
+    out = subprocess.run(["ip", "netns", "exec", lab.client_ns, "curl", "-sS", "--max-time", "5", "-D", "-",
+                          "-o", "/dev/null", *args], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        print(f"    curl failed ({out.returncode}): {out.stderr.strip()}")
+        return
+    for line in out.stdout.splitlines():
+        if line.startswith("HTTP/") or line.lower().startswith(("location:", "x-backend:")):
+            print(f"    {line.strip()}")
+
+
+# --- the config: the embedded one, plus HTTPS --------------------------------------
+
+
+def write_config(path: str) -> None:
+    """The embedded lab config plus HTTPS_LISTENERS at `path`, and a new
+    self-signed certificate for them beside it (the lab's run directory:
+    `lb lab down` removes it)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    cert, key = self_signed_pem("www.example.com", ("www.example.com", "*.example.com"))
+    with open(os.path.join(directory, "demo.pem"), "wb") as f:
+        f.write(cert)
+    fd = os.open(os.path.join(directory, "demo.key"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    with open(DEFAULT_CONFIG) as embedded, open(path, "w") as f:
+        f.write(embedded.read() + HTTPS_LISTENERS)
+
+
 # --- the daemon ----------------------------------------------------------------------
 
 
 class Daemon:
-    def __init__(self) -> None:
-        self.config = load_default()
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+        self.config = configmod.load(config_path)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(LOG), exist_ok=True)
         with open(LOG, "wb") as log:
-            # The embedded lab config, named explicitly: without -c, lb up
-            # would prefer /etc/lb/lb.toml on a host that has one.
-            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up", "-c", DEFAULT_CONFIG], stdout=log,
+            # The config named explicitly: without -c, lb up would prefer
+            # /etc/lb/lb.toml on a host that has one.
+            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up", "-c", self.config_path], stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -128,10 +195,10 @@ class Daemon:
             self.proc.wait(40)
 
 
-def lb_command(*args: str) -> None:
+def lb_command(config_path: str, *args: str) -> None:
     """Run an `lb` command and show its output as a user would see it."""
     print(f"$ lb {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", "lb", *args, "-c", DEFAULT_CONFIG], check=False)
+    subprocess.run([sys.executable, "-m", "lb", *args, "-c", config_path], check=False)
 
 
 # --- the demo --------------------------------------------------------------------------
@@ -142,15 +209,19 @@ def run(keep: bool) -> int:
     say("lab: client 10.0.0.2 -> lb (VIP 10.0.0.100) -> backend1..3 10.0.1.11-13")
     print("built" if lab.up() else "already up", "-", ", ".join(lab.namespaces))
 
-    daemon = Daemon()
-    say("lb up (the embedded lab config; `lb validate` prints it)")
-    daemon.start()
-    for group, targets in (("web", lab.backends[:2]), ("api", lab.backends[2:]), ("echo-tcp", lab.backends),
-                           ("echo-udp", lab.backends)):
-        for backend in targets:
-            daemon.wait_for(group, backend.address, "healthy")
-    print(f"up: all targets healthy; log in {LOG}")
+    config_path = os.path.join(lab.lab_run_dir, "demo.toml")
+    daemon: Daemon | None = None
     try:
+        write_config(config_path)
+        daemon = Daemon(config_path)
+        say(f"lb up -c {config_path}: the embedded lab config (`lb validate` prints it), plus HTTPS")
+        daemon.start()
+        for group, targets in (("web", lab.backends[:2]), ("api", lab.backends[2:]), ("echo-tcp", lab.backends),
+                               ("echo-udp", lab.backends)):
+            for backend in targets:
+                daemon.wait_for(group, backend.address, "healthy")
+        print(f"up: all targets healthy; log in {LOG}")
+
         say("HTTP through 10.0.0.100:80: the L7 proxy matches ALB rules")
         print(f"  {'request':<40} {'status':<7} {'served by / answer'}")
         for method, path, host, rule in (
@@ -164,6 +235,12 @@ def run(keep: bool) -> int:
             status, headers = in_client(lab, http, method, path, host)
             where = headers.get("x-backend") or headers.get("location") or "lb itself"
             print(f"  {method + ' ' + host + path:<40} {status:<7} {where:<30} ({rule})")
+
+        say(f"HTTPS on {labmod.VIP}:{HTTPS_PORT} (a self-signed certificate made just now), "
+            f"and HTTP on :{REDIRECT_PORT} redirected to it")
+        curl(lab, f"http://{labmod.VIP}:{REDIRECT_PORT}/shop?q=1")
+        curl(lab, "-k", "--http1.1", f"https://{labmod.VIP}/shop?q=1")  # curl offers h2 first otherwise
+        curl(lab, "-k", "--http2", f"https://{labmod.VIP}/api/users")
 
         say("TCP through 10.0.0.100:9000: XDP, Maglev ring, conntrack, NAT")
         print("  60 connections:", spread(lab, tcp_banner, 60))
@@ -210,18 +287,19 @@ def run(keep: bool) -> int:
                 print(f"  target {target.endpoint}: {t.new_flows} flows, {t.packets} packets in, "
                       f"{t.reply_packets} replies")
         for args in (("targets",), ("vips",), ("stats",)):
-            lb_command(*args)
+            lb_command(config_path, *args)
     finally:
         if not keep:
-            daemon.stop()
+            if daemon is not None:
+                daemon.stop()
             say("cleanup")
-            lb_command("down")
+            lb_command(config_path if os.path.exists(config_path) else DEFAULT_CONFIG, "down")
             print("lab:", ", ".join(lab.down()) or "nothing", "removed")
     run_modes()
     if keep:
-        print(f"\nleft running (--keep): lb up is pid {daemon.proc.pid if daemon.proc else '?'}; "
-              f"stop it with `sudo kill <pid>`, then `sudo .venv/bin/lb down -c {DEFAULT_CONFIG}` "
-              "and `sudo .venv/bin/lb lab down`")
+        pid = daemon.proc.pid if daemon is not None and daemon.proc else "?"
+        print(f"\nleft running (--keep): lb up is pid {pid}; stop it with `sudo kill <pid>`, then "
+              f"`sudo .venv/bin/lb down -c {config_path}` and `sudo .venv/bin/lb lab down`")
     return 0
 
 

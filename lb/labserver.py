@@ -136,24 +136,35 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(self.prefix + data, addr)
 
 
-def self_signed(name: str) -> ssl.SSLContext:
-    """A server context with a new self-signed ECDSA certificate for ``name``."""
-    from cryptography import x509  # why here: only the HTTPS port needs it
+def self_signed_pem(common_name: str, dns_names: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
+    """(certificate, private key), PEM: a new self-signed ECDSA P-256
+    certificate for ``common_name``, valid for a year, with ``dns_names`` as
+    its subject alternative names if any (the demo's HTTPS listener)."""
+    from cryptography import x509  # why here: only the HTTPS port and the demo need it
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=365)).sign(key, hashes.SHA256()))
-    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+               .not_valid_after(now + datetime.timedelta(days=365)))
+    if dns_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]),
+                                        critical=False)
+    cert = builder.sign(key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def self_signed(name: str) -> ssl.SSLContext:
+    """A server context with a new self-signed ECDSA certificate for ``name``."""
+    cert, key = self_signed_pem(name)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     fd, path = tempfile.mkstemp(suffix=".pem")
     try:
-        os.write(fd, pem)
+        os.write(fd, cert + key)
         os.close(fd)
         ctx.load_cert_chain(path)
     finally:

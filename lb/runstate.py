@@ -1,8 +1,10 @@
 """What a running `lb up` leaves in /run/lb for the commands that cannot ask it.
 
     /run/lb/<name>.json   RuntimeState: pid, config, attachments, the addresses
-                          lb added; written at start and on every reload, read
-                          by `lb status` and `lb down`, removed by `lb down`
+                          lb added, its BGP fragment; written at start and on
+                          every reload, read by `lb status` and `lb down` (on
+                          its own when the config no longer loads), removed by
+                          `lb down`
     /run/lb/<name>.lock   held (flock) by the one `lb up` of <name>
     /run/lb/<name>.cookie-key   (0600) the stickiness cookies' HMAC key, kept
                           across restarts so that sticky sessions stay where
@@ -21,6 +23,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lb.bgp.fragment import fragment_path
 from lb.model import LoadBalancer
 
 RUN_DIR = "/run/lb"
@@ -51,6 +54,19 @@ class RuntimeState:
     attachments: list[dict[str, Any]] = field(default_factory=list)
     addresses: list[tuple[str, str, int]] = field(default_factory=list)  # (ifname, address, prefixlen) lb added
     admin_socket: str = ""
+    # [load_balancer.bgp]: the BIRD fragment lb writes and BIRD's control
+    # socket, so that `lb down` can take the announcements out even when the
+    # config no longer loads; "" without BGP.
+    bgp_fragment: str = ""
+    bird_socket: str = ""
+
+    def record_bgp(self, config: LoadBalancer) -> None:
+        """Note where `config`'s BGP fragment goes (at start and on every reload)."""
+        if config.bgp is None:
+            self.bgp_fragment = self.bird_socket = ""
+        else:
+            self.bgp_fragment = fragment_path(config.bgp, config.name)
+            self.bird_socket = config.bgp.bird_socket
 
     def save(self) -> None:
         os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
@@ -86,6 +102,12 @@ class RuntimeState:
             if state is not None:
                 states.append(state)
         return states
+
+    @classmethod
+    def recorded_for(cls, config_path: str) -> list[RuntimeState]:
+        """The state files of the `lb up`s that ran from `config_path` (the same file)."""
+        return [state for state in cls.all()
+                if state.config_path and os.path.realpath(state.config_path) == os.path.realpath(config_path)]
 
     @staticmethod
     def remove(name: str) -> None:

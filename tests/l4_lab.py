@@ -1,9 +1,20 @@
-"""The XDP program attached to the namespace lab's lb host, for L4 tests."""
+"""The XDP program attached to the namespace lab's lb host, for L4 tests,
+and the traffic they send through it: connections opened in a namespace,
+how new connections spread over the targets, a long-lived connection that
+outlives its target's removal, servers of the test's own on a target.
+
+The traffic helpers take a namespace and addresses, IPv4 or IPv6 alike, so
+that every lab (the NAT lab, the DSR lab) and address family can use them.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -15,6 +26,8 @@ from lb.dataplane.maps import Endpoint, Maps, VipAddr
 from lb.dataplane.structs import Limits
 from lb.lab import Lab
 from lb.model import XdpMode
+from lb.netlink import run_in_netns
+from tests.labclient import read_line
 
 LIMITS = Limits(ring_size=65537, max_vips=8, max_targets=64, conntrack_size=65536)
 
@@ -62,3 +75,169 @@ def l4_lab(lab: Lab, mode: XdpMode = XdpMode.NATIVE) -> Iterator[L4Lab]:
         with nl.iproute(lab.lb_ns) as ipr:
             nl.remove_address(ipr, labmod.LB_CLIENT_IF, labmod.VIP, 32)
         purge_pins(name)
+
+
+# --- traffic ---------------------------------------------------------------------------
+
+
+def family_of(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+def tcp_connect(netns: str, address: str, port: int, source: tuple[str, int] | None = None,
+                timeout: float = 5.0) -> socket.socket:
+    """A TCP connection opened in `netns` to address:port, from `source`
+    (address, port) if given. RST on close (no TIME_WAIT), so the same
+    source port can be used again at once."""
+
+    def open_() -> socket.socket:
+        sock = socket.socket(family_of(address), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.settimeout(timeout)
+            if source is not None:
+                sock.bind(source)
+            sock.connect((address, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return run_in_netns(netns, open_)
+
+
+def spread(connect: Callable[[], socket.socket], n: int) -> Tally[str]:
+    """Who answered each of `n` new connections (a target greets with its name)."""
+    seen: Tally[str] = Tally()
+    for _ in range(n):
+        with connect() as sock:
+            seen[read_line(sock)] += 1
+    return seen
+
+
+def udp_echoes(netns: str, address: str, port: int, n: int) -> Tally[str]:
+    """Who echoed each of `n` datagrams sent from `netns` to address:port,
+    each from a new socket (a new flow). Every reply must come from
+    address:port itself and carry the datagram after the target's name."""
+
+    def exchange() -> Tally[str]:
+        names: Tally[str] = Tally()
+        for i in range(n):
+            with socket.socket(family_of(address), socket.SOCK_DGRAM) as sock:
+                sock.settimeout(5)
+                sock.sendto(f"ping {i}".encode(), (address, port))
+                data, sender = sock.recvfrom(128)
+                assert sender[:2] == (address, port)  # the reply comes from the VIP
+                name, _, echoed = data.decode().partition(" ")
+                assert echoed == f"ping {i}"
+                names[name] += 1
+        return names
+
+    return run_in_netns(netns, exchange)
+
+
+def assert_even(seen: Tally[str], names: Iterable[str], n: int, tolerance: float = 0.25) -> None:
+    """All `n` connections answered, by every one of `names`, each within
+    ±tolerance of an even share."""
+    names = set(names)
+    assert set(seen) == names and sum(seen.values()) == n, seen
+    share = n / len(names)
+    for count in seen.values():
+        assert (1 - tolerance) * share <= count <= (1 + tolerance) * share, seen
+
+
+def assert_open_connection_outlives_its_target(connect: Callable[[], socket.socket], drain: Callable[[str], None],
+                                               new_connections: int = 60) -> None:
+    """A long-lived connection through the VIP goes on after its target is
+    taken out: `drain(owner)` removes the target that greeted it (by name)
+    from the ring, the connection still echoes, and no new connection goes
+    to that target. Putting the target back is the caller's (in its finally)."""
+    long_lived = connect()
+    try:
+        owner = read_line(long_lived)
+        drain(owner)
+        for i in range(20):
+            payload = f"still here {i}\n".encode()
+            long_lived.sendall(payload)
+            received = b""
+            while len(received) < len(payload):
+                chunk = long_lived.recv(64)
+                assert chunk, f"the connection to {owner} closed"
+                received += chunk
+            assert received == payload
+            time.sleep(0.01)
+        new = spread(connect, new_connections)
+        assert owner not in new and sum(new.values()) == new_connections, new
+    finally:
+        long_lived.close()
+
+
+@contextmanager
+def tcp_server(netns: str, address: str, port: int,
+               answer: Callable[[socket.socket, tuple[str, int]], None]) -> Iterator[None]:
+    """A TCP server of the test's own in `netns` on address:port, in a
+    thread: `answer(connection, peer)` for each connection, which is then closed."""
+
+    def listen() -> socket.socket:
+        sock = socket.socket(family_of(address), socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(16)
+        sock.settimeout(0.2)
+        return sock
+
+    server = run_in_netns(netns, listen)
+
+    def serve() -> None:
+        conn, peer = server.accept()
+        with conn:
+            answer(conn, peer[:2])
+
+    with _serving(server, serve):
+        yield
+
+
+@contextmanager
+def udp_server(netns: str, address: str, port: int, answer: Callable[[bytes], bytes]) -> Iterator[None]:
+    """A UDP server of the test's own in `netns`, bound to address:port (so
+    its replies leave from that address), in a thread: each datagram is
+    answered with `answer(data)`."""
+
+    def bind() -> socket.socket:
+        sock = socket.socket(family_of(address), socket.SOCK_DGRAM)
+        sock.bind((address, port))
+        sock.settimeout(0.2)
+        return sock
+
+    server = run_in_netns(netns, bind)
+
+    def serve() -> None:
+        data, sender = server.recvfrom(65536)
+        server.sendto(answer(data), sender)
+
+    with _serving(server, serve):
+        yield
+
+
+@contextmanager
+def _serving(server: socket.socket, serve_one: Callable[[], None]) -> Iterator[None]:
+    """Run `serve_one` in a thread until the block ends (its timeouts are
+    the thread's chance to stop), then close `server`."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                serve_one()
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()

@@ -680,6 +680,21 @@ class Client:
         )
         self._headers, self._body, self._reason = [], [], b""
 
+    async def upgrade_to_websocket(self, path: str = "/chat") -> bytes:
+        """Ask for a WebSocket on this connection (a new random key); the answer's head."""
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.send(build_request("GET", path, {"Upgrade": "websocket", "Connection": "Upgrade",
+                                              "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}))
+        return await self.reader.readuntil(b"\r\n\r\n")
+
+    async def websocket_echo(self, opcode: int, payload: bytes) -> bytes:
+        """Send one WebSocket frame; the payload of the first whole frame back."""
+        self.send(encode_frame(opcode, payload))
+        buffer = b""
+        while (frame := decode_frame(buffer)) is None:
+            buffer += await self.reader.read(1 << 16)
+        return frame[1]
+
     async def response(self, head_only: bool = False, timeout: float = 5.0) -> Response:
         """The next whole response (interim 1xx ones are returned too)."""
         self._head_only = head_only

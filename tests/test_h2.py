@@ -10,7 +10,6 @@ HTTP/2 through the ``scheme`` fixture of tests/test_l7_server.py.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import ssl
 import time
@@ -28,9 +27,6 @@ from tests.h2_client import H2Client, StreamClosed, _Stream
 from tests.l7_backends import (
     Client,
     backend,
-    build_request,
-    decode_frame,
-    encode_frame,
     forward_to,
     http_listener,
     proxy,
@@ -372,16 +368,8 @@ def test_websocket_over_http11_next_to_h2_on_one_listener(certs: Certs, listener
                 async with await H2Client.open(port, h2_ctx(certs)) as h2client:
                     client = await Client.open(port, ssl=certs.client(alpn=("http/1.1",)),
                                                server_hostname="example.com")
-                    key = base64.b64encode(os.urandom(16)).decode()
-                    client.send(build_request("GET", "/chat", {"Upgrade": "websocket", "Connection": "Upgrade",
-                                                               "Sec-WebSocket-Key": key,
-                                                               "Sec-WebSocket-Version": "13"}))
-                    assert (await client.reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
-                    client.send(encode_frame(1, b"hello"))
-                    buffer = b""
-                    while (frame := decode_frame(buffer)) is None:
-                        buffer += await client.reader.read(1 << 16)
-                    assert frame[1] == b"hello"
+                    assert (await client.upgrade_to_websocket()).startswith(b"HTTP/1.1 101 ")
+                    assert await client.websocket_echo(1, b"hello") == b"hello"
                     assert (await h2client.request("GET", "/x")).status == 200
                     await client.close()
 

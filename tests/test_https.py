@@ -11,7 +11,6 @@ and every bad certificate lb.config refuses, with its message.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import os
 import ssl
@@ -25,9 +24,6 @@ from lb import tls
 from tests.l7_backends import (
     Client,
     backend,
-    build_request,
-    decode_frame,
-    encode_frame,
     forward_to,
     free_port,
     http_listener,
@@ -235,16 +231,8 @@ def test_websocket_over_tls(certs: Certs) -> None:
             listener = http_listener(forward_to("g"), tls=certs.listener_tls("www.example.com"))
             async with proxy(routing_table(listener, (target_group("g", ws),))) as (_, port):
                 client = await Client.open(port, ssl=certs.client(), server_hostname="www.example.com")
-                key = base64.b64encode(os.urandom(16)).decode()
-                client.send(build_request("GET", "/chat", {"Upgrade": "websocket", "Connection": "Upgrade",
-                                                           "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}))
-                head = await client.reader.readuntil(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 101 ")
-                client.send(encode_frame(2, b"x" * 70000))
-                buffer = b""
-                while (frame := decode_frame(buffer)) is None:
-                    buffer += await client.reader.read(1 << 16)
-                assert frame[1] == b"x" * 70000
+                assert (await client.upgrade_to_websocket()).startswith(b"HTTP/1.1 101 ")
+                assert await client.websocket_echo(2, b"x" * 70000) == b"x" * 70000
                 await client.close()
 
     run(body())

@@ -11,10 +11,8 @@ same way says why in the target's description (`lb targets`).
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import ipaddress
-import os
 import ssl
 from pathlib import Path
 from typing import cast
@@ -30,9 +28,6 @@ from lb.health.checks import check_target
 from tests.l7_backends import (
     Client,
     backend,
-    build_request,
-    decode_frame,
-    encode_frame,
     forward_to,
     http_listener,
     proxy,
@@ -169,16 +164,8 @@ def test_websocket_through_an_https_target(certs: Certs) -> None:
             groups = (target_group("g", ws, tls=m.TargetTls()),)
             async with proxy(routing_table(http_listener(forward_to("g")), groups)) as (_, port):
                 client = await Client.open(port)
-                key = base64.b64encode(os.urandom(16)).decode()
-                client.send(build_request("GET", "/chat", {"Upgrade": "websocket", "Connection": "Upgrade",
-                                                           "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}))
-                head = await client.reader.readuntil(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 101 ")
-                client.send(encode_frame(2, b"z" * 50000))
-                buffer = b""
-                while (frame := decode_frame(buffer)) is None:
-                    buffer += await client.reader.read(1 << 16)
-                assert frame[1] == b"z" * 50000
+                assert (await client.upgrade_to_websocket()).startswith(b"HTTP/1.1 101 ")
+                assert await client.websocket_echo(2, b"z" * 50000) == b"z" * 50000
                 client.writer.write_eof()  # a half-close toward a TLS target: the tunnel closes
                 assert await client.closed_by_peer()
                 await client.close()

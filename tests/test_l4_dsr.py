@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
-import time
-from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,7 +17,16 @@ from lb.dataplane.loader import Program, purge_pins
 from lb.dataplane.maps import Endpoint, Maps, VipAddr
 from lb.dataplane.structs import Counter
 from lb.lab_dsr import DsrLab
-from tests.l4_lab import LIMITS
+from tests.l4_lab import (
+    LIMITS,
+    assert_even,
+    assert_open_connection_outlives_its_target,
+    spread,
+    tcp_connect,
+    tcp_server,
+    udp_server,
+)
+from tests.labclient import read_line
 from tests.names import name
 
 pytestmark = pytest.mark.root
@@ -72,40 +78,12 @@ def dsr() -> Iterator[Dsr]:
 
 
 def connect(dsr: Dsr, port: int = ECHO_PORT) -> socket.socket:
-    def open_() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            sock.settimeout(5)
-            sock.connect((lab_dsr.VIP, port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    sock = dsr.in_client(open_)
-    assert isinstance(sock, socket.socket)
-    return sock
-
-
-def read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(64)
-        assert chunk, "connection closed before a line"
-        data += chunk
-    return data.decode().strip()
+    return tcp_connect(dsr.lab.client_ns, lab_dsr.VIP, port)
 
 
 def test_300_connections_reach_all_targets_evenly_and_no_reply_crosses_lb(dsr: Dsr) -> None:
     before = dsr.maps.counters()
-    seen: Tally[str] = Tally()
-    for _ in range(300):
-        with connect(dsr) as sock:
-            seen[read_line(sock)] += 1
-    assert set(seen) == {t.name for t in dsr.lab.targets} and sum(seen.values()) == 300
-    for count in seen.values():
-        assert 75 <= count <= 125, seen  # within ±25 % of 100
+    assert_even(spread(lambda: connect(dsr), 300), (t.name for t in dsr.lab.targets), 300)
     after = dsr.maps.counters()
     assert after[Counter.TX] - before[Counter.TX] >= 300 * 2  # SYN and ACK at least, back onto the segment
     assert after[Counter.DSR] - before[Counter.DSR] == after[Counter.TX] - before[Counter.TX]
@@ -119,43 +97,12 @@ def target1_servers(dsr: Dsr) -> Iterator[None]:
     UDP_PORT, bound to the VIP (so answers leave from it), echoes."""
     target = dsr.lab.targets[0]
 
-    def sockets() -> tuple[socket.socket, socket.socket]:
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind((lab_dsr.VIP, PEER_PORT))
-        tcp.listen(8)
-        tcp.settimeout(0.2)
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind((lab_dsr.VIP, UDP_PORT))
-        udp.settimeout(0.2)
-        return tcp, udp
+    def peer(conn: socket.socket, peer: tuple[str, int]) -> None:
+        conn.sendall(f"{peer[0]}:{peer[1]}\n".encode())
 
-    tcp, udp = nl.run_in_netns(target.netns, sockets)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, peer = tcp.accept()
-                with conn:
-                    conn.sendall(f"{peer[0]}:{peer[1]}\n".encode())
-            except TimeoutError:
-                pass
-            try:
-                data, sender = udp.recvfrom(256)
-                udp.sendto(b"target1 " + data, sender)
-            except TimeoutError:
-                pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with tcp_server(target.netns, lab_dsr.VIP, PEER_PORT, peer), \
+            udp_server(target.netns, lab_dsr.VIP, UDP_PORT, lambda data: b"target1 " + data):
         yield
-    finally:
-        stop.set()
-        thread.join(5)
-        tcp.close()
-        udp.close()
 
 
 def test_the_target_sees_the_clients_address(dsr: Dsr, target1_servers: None) -> None:
@@ -179,24 +126,11 @@ def test_udp_through_a_dsr_vip(dsr: Dsr, target1_servers: None) -> None:
 
 
 def test_removing_a_target_keeps_its_open_connection(dsr: Dsr) -> None:
-    long_lived = connect(dsr)
-    try:
-        owner = read_line(long_lived)
+    def drain(owner: str) -> None:
         drained = next(e for e, t in zip(dsr.endpoints(ECHO_PORT), dsr.lab.targets) if t.name == owner)
         dsr.dataplane.apply(dsr.services(drained))
-        for i in range(20):
-            payload = f"still here {i}\n".encode()
-            long_lived.sendall(payload)
-            received = b""
-            while len(received) < len(payload):
-                received += long_lived.recv(64)
-            assert received == payload
-            time.sleep(0.01)
-        new: Tally[str] = Tally()
-        for _ in range(60):
-            with connect(dsr) as sock:
-                new[read_line(sock)] += 1
-        assert owner not in new and sum(new.values()) == 60
+
+    try:
+        assert_open_connection_outlives_its_target(lambda: connect(dsr), drain)
     finally:
-        long_lived.close()
         dsr.dataplane.apply(dsr.services())

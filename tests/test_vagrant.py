@@ -136,6 +136,22 @@ def test_lab_test_scripts_exist_and_parse() -> None:
         assert result.returncode == 0, result.stderr
 
 
+def test_box_and_kernel_guest_share_their_debian_root_steps() -> None:
+    """vagrant/box/build.sh and tests/kernels/rootfs.sh both debootstrap a
+    Debian root: one copy of those steps (deploy/debian-root.sh), sourced by
+    both and part of both caches' keys, so a change to it rebuilds both."""
+    library = REPO / "deploy" / "debian-root.sh"
+    result = subprocess.run(["bash", "-n", str(library)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for builder in (VAGRANT_DIR / "box" / "build.sh", REPO / "tests" / "kernels" / "rootfs.sh"):
+        script = builder.read_text()
+        assert re.search(r'^\. "\$(here/\.\./\.\.|repo)/deploy/debian-root\.sh"', script, re.M), builder
+        assert re.search(r'cat "\$0" "\$debian_root_lib"', script), f"{builder}: the library is not in its cache key"
+        assert not re.search(r"^\s*step \S+ debootstrap ", script, re.M), f"{builder} runs debootstrap itself"
+        result = subprocess.run(["bash", "-n", str(builder)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
 def test_lab_test_is_not_part_of_make_test() -> None:
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^vagrant-test: setup-vagrant\n\t\./vagrant/test/run\.sh$", makefile, re.M)

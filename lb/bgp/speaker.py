@@ -234,11 +234,16 @@ def read_bird(bgp: Bgp, name: str) -> dict[str, Any]:
 def remove(bgp: Bgp, name: str) -> bool:
     """`lb down`: take lb's fragment out of BIRD (routes and sessions). True
     when there was one; a BIRD that does not answer is an error."""
-    path = fragment.fragment_path(bgp, name)
+    return remove_fragment(fragment.fragment_path(bgp, name), bgp.bird_socket)
+
+
+def remove_fragment(path: str, bird_socket: str) -> bool:
+    """remove() by the fragment's path and BIRD's socket, as the state file
+    records them (`lb down` with a config that no longer loads)."""
     if not fragment.remove(path):
         return False
     try:
-        bird.configure(bgp.bird_socket)
+        bird.configure(bird_socket)
     except bird.BirdError as exc:
         raise SpeakerError(f"removed {path}, but BIRD did not re-read its config: {exc}") from None
     return True

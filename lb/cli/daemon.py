@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import click
 
 from lb import admin
+from lb import config as configmod
+from lb.bgp.fragment import fragment_path
 from lb.cli.common import (
+    EXIT_INVALID,
     EXIT_NOT_RUNNING,
     config_option,
     echo_json,
@@ -20,7 +25,7 @@ from lb.cli.common import (
 )
 from lb.inspect import attached_interfaces
 from lb.model import LoadBalancer
-from lb.runstate import RuntimeState
+from lb.runstate import RUN_DIR, RuntimeState, state_path
 
 
 @click.command()
@@ -54,28 +59,90 @@ def up(config_path: str | None, log_level: str) -> None:
 @click.option("--keep-maps", is_flag=True, help="Detach, but keep the pinned maps (and the flows in them).")
 @json_option
 def down(config_path: str | None, keep_maps: bool, as_json: bool) -> None:
-    """Detach the XDP program, remove pinned maps and the addresses lb added."""
+    """Detach the XDP program, remove pinned maps and the addresses lb added.
+
+    A config that no longer loads (a syntax error, a bad key) does not stop
+    it: what the `lb up` that ran from this file recorded in /run/lb is taken
+    down instead, with a warning.
+    """
     from lb import daemon  # only here: see up()
 
-    config = load_config(config_path)
-    require_root("lb down")
-    interfaces = attached_interfaces(config)
+    path = resolve_config_path(config_path)
     try:
-        result = daemon.down(config.name, interfaces, config.netns, purge=not keep_maps, bgp_config=config.bgp)
+        config = configmod.load(path)
+    except configmod.ConfigError as exc:
+        click.echo(str(exc), err=True)
+        require_root("lb down")
+        teardowns = recorded_teardowns(path)
+    else:
+        require_root("lb down")
+        teardowns = [Teardown.of_config(config)]
+    results = []
+    try:
+        for teardown in teardowns:
+            results.append(daemon.down(teardown.name, teardown.interfaces, teardown.netns, purge=not keep_maps,
+                                       bgp_fragment=teardown.bgp_fragment))
     except daemon.DaemonError as exc:
         raise click.ClickException(str(exc)) from exc
+    result: dict[str, Any] = {
+        "detached": [ifname for r in results for ifname in r["detached"]],
+        "addresses_removed": [address for r in results for address in r["addresses_removed"]],
+        "maps_removed": any(r["maps_removed"] for r in results),
+        "bgp_withdrawn": next((r["bgp_withdrawn"] for r in results if isinstance(r["bgp_withdrawn"], str)),
+                              any(r["bgp_withdrawn"] for r in results)),
+        "recorded_states": [t.recorded_in for t in teardowns if t.recorded_in],
+    }
     if as_json:
         echo_json(result)
         return
     click.echo(f"detached from: {', '.join(result['detached']) or 'nothing attached'}")
     click.echo(f"addresses removed: {', '.join(result['addresses_removed']) or 'none'}")
     click.echo(f"pinned maps: {'removed' if result['maps_removed'] else 'none found' if not keep_maps else 'kept'}")
-    if config.bgp is not None:
+    if any(t.bgp_fragment is not None for t in teardowns):
         withdrawn = result["bgp_withdrawn"]
         if isinstance(withdrawn, str):
             click.echo(f"BGP: {withdrawn}", err=True)
         else:
             click.echo(f"BGP: {'withdrawn (fragment removed)' if withdrawn else 'nothing announced'}")
+
+
+@dataclass(frozen=True)
+class Teardown:
+    """What `lb down` removes: from the config, or from what `lb up` recorded."""
+
+    name: str
+    interfaces: list[str]
+    netns: str | None
+    bgp_fragment: tuple[str, str] | None  # (fragment path, BIRD's control socket)
+    recorded_in: str = ""  # the state file it came from, when the config did not load
+
+    @classmethod
+    def of_config(cls, config: LoadBalancer) -> Teardown:
+        bgp = None if config.bgp is None else (fragment_path(config.bgp, config.name), config.bgp.bird_socket)
+        return cls(config.name, attached_interfaces(config), config.netns, bgp)
+
+    @classmethod
+    def of_state(cls, state: RuntimeState) -> Teardown:
+        bgp = (state.bgp_fragment, state.bird_socket) if state.bgp_fragment else None
+        return cls(state.name, [a["ifname"] for a in state.attachments], state.netns, bgp,
+                   recorded_in=state_path(state.name))
+
+
+def recorded_teardowns(path: str) -> list[Teardown]:
+    """`lb down` with a config that does not load (its errors already
+    printed): what the `lb up`s that ran from `path` recorded, with a
+    warning; exit 2 saying so when nothing is recorded for it."""
+    states = RuntimeState.recorded_for(path)
+    if not states:
+        others = "; ".join(f"{s.name!r} from {s.config_path}" for s in RuntimeState.all())
+        click.echo(f"Error: nothing recorded for {path} in {RUN_DIR}: no `lb up` ran from this file since the last "
+                   f"`lb down` (or reboot), so lb does not know what to take down by it; fix the file and run "
+                   f"`lb down` again" + (f" (recorded: {others})" if others else ""), err=True)
+        raise SystemExit(EXIT_INVALID)
+    for state in states:
+        click.echo(f"warning: {path} does not load; taking down what `lb up` (pid {state.pid}) recorded in "
+                   f"{state_path(state.name)}: load balancer {state.name!r}", err=True)
+    return [Teardown.of_state(state) for state in states]
 
 
 RELOAD_TIMEOUT = 90.0  # seconds: health of new targets is not waited for, the workers' tables are (30 s at most)

@@ -68,7 +68,9 @@ def render(cli: click.Group) -> str:
     lines += [".SH ENVIRONMENT", ".TP", ".B LB_CONFIG", "The config file when \\-c is not given.",
               ".SH FILES", ".TP", ".B /etc/lb/lb.toml", "The config.",
               ".TP", ".B /run/lb/NAME.sock", "The admin socket (mode 0600).",
-              ".TP", ".B /run/lb/NAME.json", "The running daemon's state: pid, config, attachments, addresses.",
+              ".TP", ".B /run/lb/NAME.json",
+              _escape("The running daemon's state: pid, config, attachments, addresses, BGP fragment; lb down "
+                      "reads it when the config no longer loads."),
               ".TP", ".B /run/lb/NAME.registrations.json",
               _escape("Targets registered or deregistered with lb targets, kept over the config until the "
                       "config changes them."),

@@ -11,14 +11,18 @@
 # The root is a plain directory that QEMU shares read-only over 9p, so no
 # partition table and no image (this host's kernel has no MSDOS partitions).
 # It is cached in $LB_KERNELS_CACHE (/var/cache/lb-kernels) under a hash of
-# everything that goes into it: this script, the guest's init stub, the
-# package list and the pinned Python requirements. Other builds are pruned
-# once a new one is complete. Delete the cache to pick up newer Debian
-# packages (a kernel update in bookworm, for instance). Run as root.
+# everything that goes into it: this script and deploy/debian-root.sh (the
+# debootstrap and apt steps it shares with vagrant/box/build.sh), the
+# guest's init stub, the package list and the pinned Python requirements.
+# Other builds are pruned once a new one is complete. Delete the cache to
+# pick up newer Debian packages (a kernel update in bookworm, for
+# instance). Run as root.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
+# shellcheck source=../../deploy/debian-root.sh
+. "$repo/deploy/debian-root.sh"  # debootstrap, apt in the chroot, the build's steps and cleanup
 cache=${LB_KERNELS_CACHE:-/var/cache/lb-kernels}
 mirror=${LB_KERNELS_MIRROR:-http://deb.debian.org/debian}
 security_mirror=${LB_KERNELS_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
@@ -51,7 +55,7 @@ for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
 EOF
 )
 
-key=$( { cat "$0" "$here/guest-init"; echo "$requirements"; echo "$mirror $security_mirror"; } | sha256sum | cut -c1-16)
+key=$( { cat "$0" "$debian_root_lib" "$here/guest-init"; echo "$requirements"; echo "$mirror $security_mirror"; } | sha256sum | cut -c1-16)
 out="$cache/$key"
 if [ -f "$out/complete" ]; then
   log "cached: $out"
@@ -61,76 +65,18 @@ fi
 
 mkdir -p "$cache"
 work="$cache/$key.partial"
-unmount_all() {  # whatever is still mounted under $1, deepest first
-  local m
-  for m in $(findmnt -rn -o TARGET | grep -F "$1/" | sort -r); do umount -l "$m" || true; done
-}
-# The long steps run as their own process group, in the background, so that
-# a signal is handled at once (bash defers traps while a foreground child
-# runs) and stops the whole step, chroot'ed dpkg included, before cleanup.
-step_pid=
-step() {  # log command...
-  local log=$1 status=0
-  shift
-  setsid "$@" >"$log" 2>&1 &
-  step_pid=$!
-  wait "$step_pid" || status=$?
-  step_pid=
-  [ "$status" = 0 ] || tail -n 30 "$log" >&2
-  return "$status"
-}
-stop_step() {
-  [ -n "$step_pid" ] || return 0
-  kill -TERM -- "-$step_pid" 2>/dev/null || true
-  local _
-  for _ in $(seq 100); do  # up to 10 s for the group to go, then KILL
-    kill -0 -- "-$step_pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  kill -KILL -- "-$step_pid" 2>/dev/null || true
-  sleep 0.5
-}
-cleanup() {
-  stop_step
-  unmount_all "$work"
-  if findmnt -rn -o TARGET | grep -qF "$work/"; then
-    echo "rootfs.sh: $work still has mounts: left in place" >&2
-  else
-    rm -rf --one-file-system "$work"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-cleanup  # an interrupted earlier build
+begin_work
 root="$work/root"
-mkdir -p "$root"
 
 log "debootstrap $suite (minbase) into $root"
-step "$work/debootstrap.log" debootstrap --variant=minbase --components=main "$suite" "$root" "$mirror"
-
-cat >"$root/etc/apt/sources.list" <<EOF
-deb $mirror $suite main
-deb $mirror $suite-updates main
-deb $security_mirror $suite-security main
-EOF
-printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"  # no daemons start in the chroot
-chmod +x "$root/usr/sbin/policy-rc.d"
+debian_root "$root" "$suite" "$mirror" "$security_mirror" --variant=minbase
 mkdir -p "$root/usr/share/initramfs-tools/modules.d"
 printf '%s\n' "${initrd_modules[@]}" >"$root/usr/share/initramfs-tools/modules.d/lb-kernels"
-cp /etc/resolv.conf "$root/etc/resolv.conf"
-mount -t proc proc "$root/proc"
-mount -t sysfs sysfs "$root/sys"
-mount --bind /dev "$root/dev"
-mount --bind /dev/pts "$root/dev/pts"
 
 log "installing ${packages[*]}"
-export DEBIAN_FRONTEND=noninteractive
-# shellcheck disable=SC2016  # expanded by the inner shell
-step "$work/apt.log" sh -c 'root=$1; shift; chroot "$root" apt-get update -q &&
-  chroot "$root" apt-get install -y -q --no-install-recommends "$@" && chroot "$root" apt-get clean' \
-  sh "$root" "${packages[@]}"
-unmount_all "$work"
-rm -rf "$root/var/lib/apt/lists/"* "$root/usr/sbin/policy-rc.d" "$root/etc/resolv.conf"
+apt_in_root "$root" "${packages[@]}"
+end_debian_root "$root"
+rm -f "$root/etc/resolv.conf"
 
 guest_python=$(chroot "$root" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 host_python=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')

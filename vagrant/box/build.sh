@@ -22,9 +22,11 @@
 # update-grub as its init, and powers off. From then on it boots like any
 # disk, and kernel updates in the guest update GRUB as usual.
 #
-# Cached in $LB_VAGRANT_CACHE/box (/var/cache/lb-vagrant/box) under a hash
-# of this script and the mirrors; other builds are pruned once a new one is
-# complete. Delete the cache for newer Debian packages. Run as root.
+# The debootstrap and apt steps are deploy/debian-root.sh's, shared with
+# tests/kernels/rootfs.sh. Cached in $LB_VAGRANT_CACHE/box
+# (/var/cache/lb-vagrant/box) under a hash of both scripts and the
+# mirrors; other builds are pruned once a new one is complete. Delete the
+# cache for newer Debian packages. Run as root.
 #
 # Environment: LB_VAGRANT_CACHE, LB_VAGRANT_MIRROR
 # (http://deb.debian.org/debian), LB_VAGRANT_SECURITY_MIRROR
@@ -33,6 +35,9 @@
 # the GRUB boot; tcg unless told).
 set -euo pipefail
 
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../../deploy/debian-root.sh
+. "$here/../../deploy/debian-root.sh"  # debootstrap, apt in the chroot, the build's steps and cleanup
 cache=${LB_VAGRANT_CACHE:-/var/cache/lb-vagrant}/box
 mirror=${LB_VAGRANT_MIRROR:-http://deb.debian.org/debian}
 security_mirror=${LB_VAGRANT_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
@@ -56,7 +61,7 @@ key=${LB_VAGRANT_INSECURE_KEY:-$(find /usr/share/rubygems-integration/all/gems -
   2>/dev/null | sort -V | tail -n 1)}
 [ -f "$key" ] || die "no Vagrant insecure public key (install vagrant, or set LB_VAGRANT_INSECURE_KEY)"
 
-hash=$( { cat "$0" "$key"; echo "$mirror $security_mirror"; } | sha256sum | cut -c1-12)
+hash=$( { cat "$0" "$debian_root_lib" "$key"; echo "$mirror $security_mirror"; } | sha256sum | cut -c1-12)
 out="$cache/$hash"
 box="$out/bookworm64.box"
 if [ -f "$out/complete" ]; then
@@ -67,79 +72,20 @@ fi
 
 mkdir -p "$cache"
 work="$cache/$hash.partial"
-unmount_all() {  # whatever is still mounted under $1, deepest first
-  local m
-  for m in $(findmnt -rn -o TARGET | grep -F "$1/" | sort -r); do umount -l "$m" || true; done
-}
-# Long steps run as their own process group in the background, so that a
-# signal is handled at once (bash defers traps while a foreground child
-# runs) and stops the whole step, chroot'ed dpkg or QEMU included.
-step_pid=
-step() {  # log command...
-  local log=$1 status=0
-  shift
-  setsid "$@" >"$log" 2>&1 &
-  step_pid=$!
-  wait "$step_pid" || status=$?
-  step_pid=
-  [ "$status" = 0 ] || tail -n 30 "$log" >&2
-  return "$status"
-}
-stop_step() {
-  [ -n "$step_pid" ] || return 0
-  kill -TERM -- "-$step_pid" 2>/dev/null || true
-  local _
-  for _ in $(seq 100); do
-    kill -0 -- "-$step_pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  kill -KILL -- "-$step_pid" 2>/dev/null || true
-  sleep 0.5
-}
-cleanup() {
-  stop_step
-  unmount_all "$work"
-  if findmnt -rn -o TARGET | grep -qF "$work/"; then
-    echo "build.sh: $work still has mounts: left in place" >&2
-  else
-    rm -rf --one-file-system "$work"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-cleanup  # an interrupted earlier build
+begin_work
 begun=$(date +%s)
 root="$work/root"
-mkdir -p "$root"
 
 # --- the root file system ------------------------------------------------------
 log "debootstrap $suite into $root"
-step "$work/debootstrap.log" debootstrap --components=main "$suite" "$root" "$mirror"
-
-cat >"$root/etc/apt/sources.list" <<EOF
-deb $mirror $suite main
-deb $mirror $suite-updates main
-deb $security_mirror $suite-security main
-EOF
-printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"  # no daemons start in the chroot
-chmod +x "$root/usr/sbin/policy-rc.d"
+debian_root "$root" "$suite" "$mirror" "$security_mirror"
 # GRUB goes on the disk later, from inside the VM: none here.
 printf '%s\n' "grub-pc grub-pc/install_devices multiselect" "grub-pc grub-pc/install_devices_empty boolean true" \
-  >"$work/debconf"
-cp /etc/resolv.conf "$root/etc/resolv.conf"
-mount -t proc proc "$root/proc"
-mount -t sysfs sysfs "$root/sys"
-mount --bind /dev "$root/dev"
-mount --bind /dev/pts "$root/dev/pts"
+  >"$root/tmp/debconf"
+chroot "$root" debconf-set-selections /tmp/debconf
 
 log "installing ${packages[*]}"
-export DEBIAN_FRONTEND=noninteractive
-cp "$work/debconf" "$root/tmp/debconf"
-# shellcheck disable=SC2016  # expanded by the inner shell
-step "$work/apt.log" sh -c 'root=$1; shift; chroot "$root" debconf-set-selections /tmp/debconf &&
-  chroot "$root" apt-get update -q && chroot "$root" apt-get upgrade -y -q &&
-  chroot "$root" apt-get install -y -q --no-install-recommends "$@" && chroot "$root" apt-get clean' \
-  sh "$root" "${packages[@]}"
+apt_in_root --upgrade "$root" "${packages[@]}"
 
 # The vagrant user: insecure key, password "vagrant", sudo without one.
 chroot "$root" useradd --create-home --shell /bin/bash --user-group vagrant
@@ -148,7 +94,7 @@ install -d -m 0700 -o 1000 -g 1000 "$root/home/vagrant/.ssh"
 install -m 0600 -o 1000 -g 1000 "$key" "$root/home/vagrant/.ssh/authorized_keys"
 echo "vagrant ALL=(ALL) NOPASSWD: ALL" >"$root/etc/sudoers.d/vagrant"
 chmod 0440 "$root/etc/sudoers.d/vagrant"
-unmount_all "$work"
+end_debian_root "$root"
 
 # Per VM at first boot: SSH host keys (these were made by openssh-server's
 # install) and the machine id.
@@ -213,7 +159,7 @@ echo o >/proc/sysrq-trigger
 while :; do sleep 1; done
 EOF
 chmod 0755 "$root/sbin/lb-box-grub"
-rm -rf "$root/var/lib/apt/lists/"* "$root/usr/sbin/policy-rc.d" "$root/tmp/debconf" "$root/var/log/"*.log
+rm -rf "$root/tmp/debconf" "$root/var/log/"*.log
 : >"$root/etc/resolv.conf"  # DHCP fills it
 
 kernel=$(find "$root/boot" -name 'vmlinuz-*' -printf '%f\n' | sort -V | tail -n 1)
