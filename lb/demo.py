@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,10 +33,9 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from lb import admin
-from lb import config as configmod
 from lb import lab as labmod
 from lb.dataplane.pins import open_pinned
+from lb.demodaemon import DemoDaemon
 from lb.demohosts import run_hosts
 from lb.demomodes import run_modes
 from lb.lab import Lab
@@ -150,51 +148,6 @@ def write_config(path: str) -> None:
 # --- the daemon ----------------------------------------------------------------------
 
 
-class Daemon:
-    def __init__(self, config_path: str) -> None:
-        self.config_path = config_path
-        self.config = configmod.load(config_path)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        os.makedirs(os.path.dirname(LOG), exist_ok=True)
-        with open(LOG, "wb") as log:
-            # The config named explicitly: without -c, lb up would prefer
-            # /etc/lb/lb.toml on a host that has one.
-            self.proc = subprocess.Popen([sys.executable, "-m", "lb", "up", "-c", self.config_path], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"lb up exited ({self.proc.returncode}); see {LOG}")
-            try:
-                self.request("status")
-                return
-            except admin.AdminError:
-                time.sleep(0.1)
-        raise SystemExit(f"lb up did not come up; see {LOG}")
-
-    def request(self, cmd: str, **args: Any) -> Any:
-        return admin.request(self.config.admin_socket, cmd, **args)
-
-    def state(self, group: str, target: str) -> dict[str, Any]:
-        rows: dict[str, dict[str, Any]] = {r["target"]: r for r in self.request("targets", group=group)}
-        return rows.get(target, {"state": "unused", "reason": "Target.NotRegistered", "description": ""})
-
-    def wait_for(self, group: str, target: str, state: str, timeout: float = 30) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.state(group, target)["state"] == state:
-                return time.monotonic() - start
-            time.sleep(0.1)
-        raise SystemExit(f"{target} did not become {state} in {timeout}s; see {LOG}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(40)
-
-
 def lb_command(config_path: str, *args: str) -> None:
     """Run an `lb` command and show its output as a user would see it."""
     print(f"$ lb {' '.join(args)}", flush=True)
@@ -210,12 +163,16 @@ def run(keep: bool) -> int:
     print("built" if lab.up() else "already up", "-", ", ".join(lab.namespaces))
 
     config_path = os.path.join(lab.lab_run_dir, "demo.toml")
-    daemon: Daemon | None = None
+    daemon: DemoDaemon | None = None
     try:
         write_config(config_path)
-        daemon = Daemon(config_path)
+        os.makedirs(os.path.dirname(LOG), exist_ok=True)
+        # The config named explicitly: without -c, lb up would prefer
+        # /etc/lb/lb.toml on a host that has one.
+        daemon = DemoDaemon(config_path, LOG)
         say(f"lb up -c {config_path}: the embedded lab config (`lb validate` prints it), plus HTTPS")
         daemon.start()
+        daemon.wait_ready()
         for group, targets in (("web", lab.backends[:2]), ("api", lab.backends[2:]), ("echo-tcp", lab.backends),
                                ("echo-udp", lab.backends)):
             for backend in targets:
@@ -291,7 +248,7 @@ def run(keep: bool) -> int:
     finally:
         if not keep:
             if daemon is not None:
-                daemon.stop()
+                daemon.stop(down=False)  # the demo shows `lb down` itself
             say("cleanup")
             lb_command(config_path if os.path.exists(config_path) else DEFAULT_CONFIG, "down")
             print("lab:", ", ".join(lab.down()) or "nothing", "removed")
