@@ -22,7 +22,6 @@ for on the event loop for more than lb.bgp.bird.TIMEOUT.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import time
@@ -30,11 +29,11 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from lb.bgp import bird, fragment
-from lb.model import Bgp, ForwardAction, Listener, LoadBalancer, Target, TargetHealth, TargetState
+from lb.model import Bgp, ForwardAction, IPAddress, Listener, LoadBalancer, Target, TargetHealth, TargetState
 
 log = logging.getLogger("lb.bgp")
 
-Address = ipaddress.IPv4Address
+Address = IPAddress  # a VIP of either family
 
 
 class HealthView(Protocol):
@@ -61,12 +60,10 @@ def group_serves(group: str, health: HealthView, strict: bool) -> bool:
 
 
 def served(config: LoadBalancer, health: HealthView, l4_ready: bool, l7_ready: bool) -> frozenset[Address]:
-    """The IPv4 listener addresses lb can serve right now."""
+    """The listener addresses (both families) lb can serve right now."""
     strict = config.bgp.withdraw_when_unhealthy if config.bgp is not None else True
     result = set()
     for listener in config.listeners:
-        if not isinstance(listener.address, Address):
-            continue
         if not (l4_ready if listener.protocol.is_l4 else l7_ready):
             continue
         groups = listener_groups(listener)
@@ -215,7 +212,8 @@ def read_bird(bgp: Bgp, name: str) -> dict[str, Any]:
     """What BIRD says of lb's sessions and routes, or the error."""
     try:
         rows = bird.protocols(bgp.bird_socket, f"{fragment.symbol_prefix(name)}peer*")
-        prefixes = bird.routes(bgp.bird_socket, fragment.table_name(name))
+        prefixes = [prefix for version in fragment.families(bgp)
+                    for prefix in bird.routes(bgp.bird_socket, fragment.table_name(name, version))]
     except bird.BirdError as exc:
         return {"sessions": [], "announced": [], "error": str(exc)}
     by_name = {row.name: row for row in rows}
