@@ -10,9 +10,8 @@ lb's config peers with both of the router's addresses: the IPv6 session
 carries the IPv6 VIP with next hop fd00:ff6::2 (the session's own address),
 the IPv4 one carries the IPv4 VIP and, with ``ipv6_next_hop``, the IPv6 VIP
 with next hop fd00:ff6:1::2 — so the router's one kernel route to the VIP has
-a next hop per session, and each can be told apart. A second link, to a host
-with no IPv6 address on it, shows what lb says when an IPv4 session cannot
-carry an IPv6 VIP.
+a next hop per session, and each can be told apart. A second link, with no
+IPv6 address, shows what lb says when an IPv4 session cannot carry an IPv6 VIP.
 """
 
 from __future__ import annotations
@@ -44,6 +43,8 @@ VIP6 = ipaddress.IPv6Address("fd00:9::100")
 ROUTER4, HOST4 = "10.255.6.1", "10.255.6.2"
 ROUTER6, HOST6 = "fd00:ff6::1", "fd00:ff6::2"
 ROUTER6_2, HOST6_NEXT_HOP = "fd00:ff6:1::1", "fd00:ff6:1::2"  # a second subnet: the sessions' sources stay HOST6
+HOST6_NEXT_HOP6 = ipaddress.IPv6Address(HOST6_NEXT_HOP)
+V4_ONLY_ROUTER = "10.255.7.1"  # the router's end of a second link, which has no IPv6 address
 BOTH = sorted([HOST6, HOST6_NEXT_HOP])  # the /128's next hops: one per session
 RUN_DIR = f"/run/lb-test/{PREFIX}/bgp-ipv6"
 TIMEOUT = 20.0  # seconds for sessions to come up and the router's kernel route to follow
@@ -140,6 +141,8 @@ def pair() -> Iterator[Pair]:
             router_ns: [(ROUTER4, 24), (ROUTER6, 64), (ROUTER6_2, 64)],
             host_ns: [(HOST4, 24), (HOST6, 64), (HOST6_NEXT_HOP, 64)],
         })
+        link(router_ns, "to-host-v4", host_ns, "to-router-v4", {  # an IPv4-only link
+            router_ns: [(V4_ONLY_ROUTER, 24)], host_ns: [("10.255.7.2", 24)]})
         router.start(ROUTER_CONFIG)
         host.start(f"router id {HOST4};\nprotocol device {{ scan time 1; }}\n{host.include_line()}\n")
         config_path = os.path.join(RUN_DIR, "lb.toml")
@@ -246,3 +249,27 @@ def test_an_ipv4_only_config_writes_the_fragment_it_always_did(pair: Pair) -> No
     v4 = replace(lb.bgp, announce=(VIP,), neighbors=(BgpNeighbor(ipaddress.IPv4Address(ROUTER4), 65000),))
     text = fragment.render(v4, "x", {VIP})
     assert "ipv6" not in text and "route 10.0.0.100/32 blackhole;" in text
+
+
+def test_an_ipv4_session_without_an_ipv6_next_hop_stops_lb_up(pair: Pair) -> None:
+    """An IPv4 neighbour reached over a link where this host has no IPv6
+    address: BIRD would send the /128 with next hop :: and the router drop it
+    without a word. `lb up` says so (and leaves no fragment); ipv6_next_hop,
+    or announcing IPv4 only, is accepted."""
+    lb = pair.config()
+    assert lb.bgp is not None
+    v4_only = replace(lb.bgp, neighbors=(BgpNeighbor(ipaddress.IPv4Address(V4_ONLY_ROUTER), 65000),))
+    s = speaker.Speaker(replace(lb, bgp=v4_only))
+    with pytest.raises(speaker.SpeakerError) as info:
+        nl.run_in_netns(pair.host.netns, s.start)  # as the daemon: inside lb's namespace
+    assert str(info.value) == (
+        f"load_balancer.bgp.neighbors[0]: {VIP6} cannot be announced to {V4_ONLY_ROUTER}: over an IPv4 session the "
+        "IPv6 next hop is this host's IPv6 address on to-router-v4 (the interface toward 10.255.7.1), and "
+        "to-router-v4 has none. Add one (global or unique local), set ipv6_next_hop, peer over IPv6 too, or list "
+        "only IPv4 addresses in announce (docs/bgp.md)")
+    assert not os.path.exists(s.path)
+    for bgp in (replace(v4_only, neighbors=(replace(v4_only.neighbors[0], ipv6_next_hop=HOST6_NEXT_HOP6),)),
+                replace(v4_only, announce=(VIP,))):
+        s = speaker.Speaker(replace(lb, bgp=bgp))
+        nl.run_in_netns(pair.host.netns, s.start)
+        speaker.remove(bgp, lb.name)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from lb.bgp import bird, fragment
+from lb.bgp import bird, fragment, nexthop
 from lb.model import Bgp, ForwardAction, IPAddress, Listener, LoadBalancer, Target, TargetHealth, TargetState
 
 log = logging.getLogger("lb.bgp")
@@ -100,8 +100,12 @@ class Speaker:
 
     def start(self) -> None:
         """At `lb up`, before anything else is set up: BIRD must answer and
-        read our fragment. Writes the fragment announcing nothing (the sessions
+        read our fragment, and every session that carries IPv6 VIPs have an
+        IPv6 next hop. Writes the fragment announcing nothing (the sessions
         come up meanwhile); on any failure removes it again and raises."""
+        problems = nexthop.missing_ipv6_next_hops(self.bgp)
+        if problems:
+            raise SpeakerError("\n".join(problems))
         try:
             bird.command(self.bgp.bird_socket, "show status")
             self._apply(())
