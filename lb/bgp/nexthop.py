@@ -22,6 +22,8 @@ def missing_ipv6_next_hops(bgp: Bgp) -> list[str]:
     VIPs with no IPv6 next hop; run inside lb's network namespace."""
     vips = [str(a) for a in bgp.announce if a.version == 6]
     problems: list[str] = []
+    if not vips:  # IPv4 only: nothing to ask the kernel
+        return problems
     with nl.iproute() as ipr:
         for index, n in enumerate(bgp.neighbors):
             if 6 not in fragment.channels(bgp, n) or n.address.version == 6 or n.ipv6_next_hop is not None:
