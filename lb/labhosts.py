@@ -9,11 +9,16 @@ one-host lab, unchanged). The namespaces: ``<prefix>-client``,
 ``<prefix>-router``, ``<prefix>-lb1`` ... ``<prefix>-lbN`` and the backends.
 
 - client 10.0.0.2/24, default via the router's 10.0.0.1 and the VIP's /32
-  too (the VIP sits in the client's subnet but lives behind the router).
-- router ``to-lbK`` 10.0.(10+K).1/24 ─ lbK ``to-router`` 10.0.(10+K).2/24;
-  BIRD in the router (AS 65000) peers with every host (AS 65001) and
-  installs what they announce with ``merge paths``: one kernel route, one
-  next hop per host; ``fib_multipath_hash_policy = 1`` hashes the 5-tuple.
+  too (the VIP sits in the client's subnet but lives behind the router);
+  the same in IPv6: fd00::2/64, default and ``VIP6``'s /128 via fd00::1.
+- router ``to-lbK`` 10.0.(10+K).1/24, fd00:(10+K)::1/64 ─ lbK ``to-router``
+  10.0.(10+K).2/24, fd00:(10+K)::2/64; BIRD in the router (AS 65000) peers
+  with every host (AS 65001) over IPv4, takes IPv4 and IPv6 routes (an lb
+  config with IPv6 VIPs adds an ``ipv6`` channel: next hop fd00:(10+K)::2),
+  and installs them with ``merge paths``: one kernel route, one next hop per
+  host; ``fib_multipath_hash_policy = 1`` (both families) hashes the 5-tuple.
+  IPv6 addresses are added without DAD and kept while a link is down
+  (``keep_addr_on_down``), as the IPv4 ones are.
 - each host has a link to each backend (``to-backendJ`` in the host,
   ``eth(K-1)`` in the backend) and the gateway address 10.0.1.K on it. A
   backend's default route has one next hop per host, hashed on the 5-tuple
@@ -39,9 +44,12 @@ from typing import Any
 from lb import netlink as nl
 from lb.lab import (
     CLIENT_ADDR,
+    CLIENT_ADDR6,
+    CLIENT_NET6_PREFIXLEN,
     CLIENT_NET_PREFIXLEN,
     HOST_IF,
     LB_CLIENT_ADDR,
+    LB_CLIENT_ADDR6,
     LB_CLIENT_IF,
     SENDER_FEATURES,
     VIP,
@@ -58,6 +66,7 @@ BFD_INTERVAL_MS = 100
 BFD_MULTIPLIER = 3
 RTNH_F_ONLINK = 4  # a next hop on this link, whatever the routes say
 HOLD_TIME = 3  # seconds: a host gone without BFD is noticed within this
+VIP6 = "fd00::100"  # an IPv6 VIP for lab configs: in the client's subnet, behind the router (as VIP)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,8 @@ class LbHost:
     router_ifname: str  # to-lbK, in the router
     gateway: str  # 10.0.1.K: the backends' next hop through this host
     bird: LabBird
+    address6: str = ""  # on to-router: fd00:(10+K)::2, the next hop of its IPv6 VIPs
+    router_address6: str = ""  # fd00:(10+K)::1
 
 
 def lab_for(prefix: str = "lab", hosts: int = 1, backend_count: int = 3) -> Lab:
@@ -89,7 +100,7 @@ class ScaleLab(Lab):
             raise ValueError(f"hosts must be 2..{MAX_HOSTS} (1 is lb.lab.Lab)")
         hosts = tuple(
             LbHost(k, f"{self.prefix}-lb{k}", f"10.0.{10 + k}.2", f"10.0.{10 + k}.1", f"to-lb{k}", f"10.0.1.{k}",
-                   LabBird(self.run_dir, f"lb{k}", f"{self.prefix}-lb{k}"))
+                   LabBird(self.run_dir, f"lb{k}", f"{self.prefix}-lb{k}"), f"fd00:{10 + k}::2", f"fd00:{10 + k}::1")
             for k in range(1, self.hosts + 1)
         )
         object.__setattr__(self, "lb_hosts", hosts)
@@ -150,24 +161,31 @@ class ScaleLab(Lab):
     def _build(self) -> None:
         for ns in self.namespaces:
             nl.create_netns(ns)
+        for ns in (self.router_ns, *(h.netns for h in self.lb_hosts)):
+            nl.set_sysctl(ns, "net.ipv6.conf.all.keep_addr_on_down", "1")  # a link down and up keeps them
         with nl.iproute(self.router_ns) as ipr:
             nl.set_up(ipr, "lo")
             nl.add_veth(ipr, LB_CLIENT_IF, HOST_IF, self.client_ns)
             nl.add_address(ipr, LB_CLIENT_IF, LB_CLIENT_ADDR, CLIENT_NET_PREFIXLEN)
+            nl.add_address(ipr, LB_CLIENT_IF, LB_CLIENT_ADDR6, CLIENT_NET6_PREFIXLEN, nodad=True)
             nl.set_up(ipr, LB_CLIENT_IF)
             for host in self.lb_hosts:
                 nl.add_veth(ipr, host.router_ifname, UPLINK_IF, host.netns)
                 nl.add_address(ipr, host.router_ifname, host.router_address, 24)
+                nl.add_address(ipr, host.router_ifname, host.router_address6, 64, nodad=True)
                 nl.set_up(ipr, host.router_ifname)
-        for key, value in (("net.ipv4.ip_forward", "1"), ("net.ipv4.fib_multipath_hash_policy", "1")):
+        for key, value in (("net.ipv4.ip_forward", "1"), ("net.ipv4.fib_multipath_hash_policy", "1"),
+                           ("net.ipv6.conf.all.forwarding", "1"), ("net.ipv6.fib_multipath_hash_policy", "1")):
             nl.set_sysctl(self.router_ns, key, value)
         for host in self.lb_hosts:
             # The router sends into the hosts' XDP and receives their XDP_TX.
             nl.set_features(self.router_ns, host.router_ifname, SENDER_FEATURES)
             self._build_host(host)
         self._configure_host(self.client_ns, CLIENT_ADDR, CLIENT_NET_PREFIXLEN, LB_CLIENT_ADDR)
+        self._configure_host6(self.client_ns, CLIENT_ADDR6, CLIENT_NET6_PREFIXLEN, LB_CLIENT_ADDR6)
         with nl.iproute(self.client_ns) as ipr:
             nl.add_route(ipr, f"{VIP}/32", gateway=LB_CLIENT_ADDR)
+            nl.add_route(ipr, f"{VIP6}/128", gateway=LB_CLIENT_ADDR6)
         for b in self.backends:
             self._configure_backend(b.netns, b.address)
         for b in self.backends:
@@ -178,8 +196,10 @@ class ScaleLab(Lab):
         with nl.iproute(host.netns) as ipr:
             nl.set_up(ipr, "lo")
             nl.add_address(ipr, UPLINK_IF, host.address, 24)
+            nl.add_address(ipr, UPLINK_IF, host.address6, 64, nodad=True)
             nl.set_up(ipr, UPLINK_IF)
             nl.add_route(ipr, "default", gateway=host.router_address)
+            nl.add_route(ipr, "::/0", gateway=host.router_address6)
             for b in self.backends:
                 nl.add_veth(ipr, b.lb_ifname, f"eth{host.index - 1}", b.netns)
                 nl.add_address(ipr, b.lb_ifname, host.gateway, 32)
@@ -196,6 +216,7 @@ class ScaleLab(Lab):
                 ipr.link("set", index=nl.ifindex(ipr, ifname), state="up" if up else "down")
             if up:
                 nl.add_route(ipr, "default", gateway=host.router_address)
+                nl.add_route(ipr, "::/0", gateway=host.router_address6)
                 for b in self.backends:
                     nl.add_route(ipr, f"{b.address}/32", oif=b.lb_ifname)
 
@@ -232,6 +253,7 @@ class ScaleLab(Lab):
 router id {LB_CLIENT_ADDR};
 protocol device {{ scan time 1; }}
 protocol kernel {{ ipv4 {{ export all; }}; merge paths on; }}
+protocol kernel {{ ipv6 {{ export all; }}; merge paths on; }}
 protocol bfd {{ interface "to-lb*" {{ min rx interval {BFD_INTERVAL_MS} ms; min tx interval {BFD_INTERVAL_MS} ms; multiplier {BFD_MULTIPLIER}; }}; }}
 template bgp lbhost {{
   local as {ROUTER_AS};
@@ -240,6 +262,7 @@ template bgp lbhost {{
   graceful restart off;
   bfd on;
   ipv4 {{ import all; export none; }};
+  ipv6 {{ import all; export none; }};
 }}
 {peers}"""
 
@@ -296,9 +319,12 @@ bird_config = "{host.bird.fragment_dir}/lb.conf"
         return paths
 
     def vip_next_hops(self, vip: str = VIP) -> list[str]:
-        """The router's kernel route to the VIP: its next hops (host addresses)."""
+        """The router's kernel route to the VIP (/32 or /128): its next hops (host addresses)."""
+        address = ipaddress.ip_address(vip)
+        family = 10 if address.version == 6 else 2  # AF_INET6, AF_INET
         with nl.iproute(self.router_ns) as ipr:  # a dump: get_routes(dst=...) is a lookup, one next hop
-            found = [r for r in ipr.get_routes(table=254) if r.get_attr("RTA_DST") == vip and r["dst_len"] == 32]
+            found = [r for r in ipr.get_routes(family=family, table=254)
+                     if r.get_attr("RTA_DST") == str(address) and r["dst_len"] == address.max_prefixlen]
         hops: list[str] = []
         for route in found:
             gateway = route.get_attr("RTA_GATEWAY")
@@ -308,7 +334,7 @@ bird_config = "{host.bird.fragment_dir}/lb.conf"
                 hop_gateway = hop.get_attr("RTA_GATEWAY")
                 if hop_gateway:
                     hops.append(hop_gateway)
-        return sorted(hops, key=ipaddress.IPv4Address)
+        return sorted(hops, key=ipaddress.ip_address)
 
     def host_of(self, address: str) -> LbHost:
         return next(h for h in self.lb_hosts if h.address == address)

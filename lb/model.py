@@ -362,11 +362,15 @@ class AccessLog:
 
 @dataclass(frozen=True)
 class BgpNeighbor:
-    """A router lb's BIRD peers with."""
+    """A router lb's BIRD peers with. An IPv4 session carries the IPv4 VIPs
+    and, when there are IPv6 ones, those too (next hop: ``ipv6_next_hop``, or
+    BIRD's pick of this host's IPv6 address toward the neighbour); an IPv6
+    session carries the IPv6 VIPs only (docs/bgp.md)."""
 
-    address: ipaddress.IPv4Address
+    address: IPAddress
     asn: int  # 1..4294967295
     password: str | None = field(default=None, repr=False)  # TCP MD5 (RFC 2385)
+    ipv6_next_hop: ipaddress.IPv6Address | None = None  # IPv4 sessions only
 
 
 @dataclass(frozen=True)
@@ -382,13 +386,13 @@ class Bfd:
 class Bgp:
     """[load_balancer.bgp]: lb announces its VIPs through BIRD 2 (docs/bgp.md).
 
-    ``announce`` is concrete: lb.config fills in every IPv4 listener address
-    when the file names none."""
+    ``announce`` is concrete: lb.config fills in every listener address (both
+    families, but 0.0.0.0 and ::) when the file names none."""
 
     router_id: ipaddress.IPv4Address
     local_as: int  # 1..4294967295
     neighbors: tuple[BgpNeighbor, ...]
-    announce: tuple[ipaddress.IPv4Address, ...] = ()
+    announce: tuple[IPAddress, ...] = ()
     hold_time: int = 90  # seconds, 3..65535; keepalives every third
     bfd: Bfd = field(default_factory=Bfd)
     communities: tuple[tuple[int, ...], ...] = ()  # (asn, value) standard, (a, b, c) large

@@ -6,14 +6,18 @@ next hops follow the hosts; new connections spread over hosts and targets;
 a host taken out gracefully breaks no connection; one that dies (its links
 down) is routed around by BFD, and the connections it carried resume on the
 other host, at the same target (identical rings), with their replies NATed
-by whichever host the target's multipath route picks (docs/bgp.md).
+by whichever host the target's multipath route picks (docs/bgp.md). An
+HTTP listener on an IPv6 VIP (served by lb itself: a fixed response) goes
+to the router as a /128 over the same IPv4 sessions.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +28,7 @@ import pytest
 
 from lb import netlink as nl
 from lb.lab import VIP
-from lb.labhosts import ScaleLab
+from lb.labhosts import VIP6, ScaleLab
 from tests.ecmp_lab import CONVERGE_TIMEOUT, Host, Pumps, ecmp_lab, spread, wait_converged, wait_next_hops
 
 pytestmark = pytest.mark.root
@@ -34,9 +38,21 @@ LONG_LIVED = 50
 TOLERANCE = 0.25
 
 
+# An IPv6 VIP: an HTTP listener answering itself (HTTP listeners take IPv6
+# addresses; lb serves it with no target, so it is announced while lb is up).
+IPV6_LISTENER = f"""
+[[listeners]]
+name = "web6"
+protocol = "HTTP"
+address = "{VIP6}"
+port = 80
+default_action = {{ type = "fixed-response", status_code = 200, body = "v6" }}
+"""
+
+
 @pytest.fixture(scope="module")
 def scale() -> Iterator[tuple[ScaleLab, list[Host]]]:
-    with ecmp_lab() as (lab, hosts):
+    with ecmp_lab(extra_config=IPV6_LISTENER) as (lab, hosts):
         yield lab, hosts
 
 
@@ -54,9 +70,57 @@ def test_one_next_hop_per_host(scale: tuple[ScaleLab, list[Host]]) -> None:
     assert lab.vip_next_hops() == sorted(h.host.address for h in hosts)
     print(f"\nboth hosts are next hops {took:.2f} s after the second lb up answered")
     bgp = lb_json(hosts[0], "status")["bgp"]  # read from BIRD
-    assert bgp["announced"] == [f"{VIP}/32"] and bgp["in_rotation"] is True
+    assert bgp["announced"] == [f"{VIP}/32", f"{VIP6}/128"] and bgp["in_rotation"] is True
     assert [(s["neighbor"], s["state"], s["info"]) for s in bgp["sessions"]] == [
         (hosts[0].host.router_address, "up", "Established")]
+
+
+def wait_next_hops6(lab: ScaleLab, expected: list[str], timeout: float = CONVERGE_TIMEOUT) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if lab.vip_next_hops(VIP6) == expected:
+            return time.monotonic() - start
+        time.sleep(0.01)
+    raise AssertionError(f"the router's route to {VIP6} has next hops {lab.vip_next_hops(VIP6)}, not {expected}")
+
+
+def http_get6(lab: ScaleLab) -> str:
+    """One request from the client to the IPv6 VIP, through the router: the body."""
+
+    def run() -> str:
+        with socket.create_connection((VIP6, 80), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: vip6\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        head, _, body = data.decode().partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 200"), head
+        return body
+
+    return nl.run_in_netns(lab.client_ns, run)
+
+
+def test_an_ipv6_vip_over_the_ipv4_sessions(scale: tuple[ScaleLab, list[Host]]) -> None:
+    """The /128 reaches the router over the IPv4 sessions (an ipv6 channel, next
+    hop each host's IPv6 address on its link), one next hop per host; the
+    client reaches the VIP; `lb bgp withdraw` takes both families of a host
+    out, `lb bgp announce` puts them back."""
+    lab, hosts = scale
+    everyone = sorted((h.host.address6 for h in hosts), key=ipaddress.ip_address)
+    took = wait_next_hops6(lab, everyone)
+    print(f"\nthe /128 has both hosts as next hops {took:.2f} s after the IPv4 ones")
+    assert [http_get6(lab) for _ in range(4)] == ["v6"] * 4
+    leaving = hosts[0]
+    status = lb_json(leaving, "bgp", "withdraw")
+    assert status["in_rotation"] is False and status["announced"] == []
+    took = wait_next_hops6(lab, [hosts[1].host.address6], timeout=5)
+    wait_next_hops(lab, 1, timeout=5)
+    print(f"lb bgp withdraw: the /128 withdrawn at the router in {took:.3f} s")
+    assert http_get6(lab) == "v6"  # the other host serves it
+    status = lb_json(leaving, "bgp", "announce")
+    assert status["in_rotation"] is True and status["wanted"] == [VIP, VIP6]
+    wait_next_hops6(lab, everyone)
+    wait_next_hops(lab, 2)
 
 
 def test_every_host_builds_the_same_ring(scale: tuple[ScaleLab, list[Host]]) -> None:

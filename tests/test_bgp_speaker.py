@@ -32,6 +32,7 @@ pytestmark = pytest.mark.root
 
 VIP = ipaddress.IPv4Address("10.0.0.100")
 OTHER = ipaddress.IPv4Address("10.0.0.101")
+VIP6 = ipaddress.IPv6Address("fd00::100")
 RUN_DIR = f"/run/lb-test/{PREFIX}/bgp-speaker"
 
 
@@ -88,19 +89,31 @@ def bird_proc() -> Iterator[LabBird]:
 
 def test_every_fragment_option_is_valid_bird(tmp_path: os.PathLike[str]) -> None:
     """bird -p parses the main config with the fragment included: passwords,
-    BFD, standard and large communities, several neighbours, no VIP at all."""
+    BFD, standard and large communities, several neighbours, no VIP at all;
+    IPv6 VIPs over an IPv6 session, over an IPv4 one (BIRD's next hop or the
+    config's), and IPv6 alone."""
     lb = config_for(LabBird(str(tmp_path), "x", "-"))
     assert lb.bgp is not None
+    v4, v6 = BgpNeighbor(ipaddress.IPv4Address("10.9.9.9"), 65000), BgpNeighbor(ipaddress.IPv6Address("fd00:9::9"), 1)
+    dual = replace(lb.bgp, announce=(VIP, OTHER, VIP6), communities=((65001, 100), (4200000000, 1, 2)),
+                   bfd=Bfd(True, 50, 4))
     variants = [
         lb.bgp,
         replace(lb.bgp, bfd=Bfd(True, 50, 4), communities=((65001, 100), (4200000000, 1, 2)), hold_time=3),
         replace(lb.bgp, neighbors=(BgpNeighbor(ipaddress.IPv4Address("10.9.9.9"), 4200000000, "a#b!c"),)),
+        dual,
+        replace(dual, neighbors=(v6, replace(v4, address=ipaddress.IPv4Address("10.9.9.8"), ipv6_next_hop=ipaddress.IPv6Address("fd00:9::2")), v4)),
+        replace(dual, announce=(VIP6,), neighbors=(replace(v6, password="pw"),)),
     ]
     for index, bgp in enumerate(variants):
-        for announced in ((), (VIP, OTHER)):
+        for announced in ((), (VIP, OTHER), (VIP, OTHER, VIP6)):
+            if VIP6 in announced and VIP6 not in bgp.announce:
+                continue
             frag = os.path.join(tmp_path, f"f{index}.conf")
+            text = fragment.render(bgp, "a-b", announced)
+            assert ("route fd00::100/128 blackhole;" in text) == (VIP6 in announced)
             with open(frag, "w") as f:
-                f.write(fragment.render(bgp, "a-b", announced))
+                f.write(text)
             main = os.path.join(tmp_path, "main.conf")
             with open(main, "w") as f:
                 f.write(f'router id 1.1.1.1;\nprotocol device {{ }}\ninclude "{frag}";\n')

@@ -6,6 +6,7 @@ known-good config and names the one issue expected. No root needed.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from typing import Any
 
@@ -65,11 +66,57 @@ def test_explicit_values_are_kept() -> None:
     assert (bgp.bird_socket, bgp.bird_config) == ("/run/x/bird.ctl", "/etc/bird/lb/t.conf")
 
 
-def test_ipv6_listeners_are_not_announced_by_default() -> None:
+def test_every_listener_address_of_both_families_is_announced_by_default() -> None:
     data = with_bgp()
+    data["listeners"][0]["address"] = "fd00::100"  # an HTTP listener: IPv6 passes today's listener checks
+    bgp = config.parse(data).bgp
+    assert bgp is not None
+    assert bgp.announce == (ipaddress.IPv4Address("10.0.0.100"), ipaddress.IPv6Address("fd00::100"))
+
+
+def test_ipv6_vips_and_neighbors() -> None:
+    """An IPv6 VIP named in announce; an IPv6 neighbour (its session carries
+    IPv6 only); an IPv4 neighbour with an explicit IPv6 next hop."""
+    data = with_bgp(
+        neighbors=[{"address": "fd00:10::1", "as": 65000},
+                   {"address": "10.0.11.1", "as": 65000, "ipv6_next_hop": "fd00:11::2"}],
+        announce=["fd00::100", "10.0.0.100"])
     data["listeners"][0]["address"] = "fd00::100"
     bgp = config.parse(data).bgp
+    assert bgp is not None
+    assert bgp.announce == (ipaddress.IPv6Address("fd00::100"), ipaddress.IPv4Address("10.0.0.100"))
+    assert bgp.neighbors == (
+        BgpNeighbor(ipaddress.IPv6Address("fd00:10::1"), 65000),
+        BgpNeighbor(ipaddress.IPv4Address("10.0.11.1"), 65000, ipv6_next_hop=ipaddress.IPv6Address("fd00:11::2")),
+    )
+
+
+def test_an_ipv6_only_host() -> None:
+    """IPv6 VIPs only, over an IPv6 session (the router ID stays a 32-bit one)."""
+    data = with_bgp(neighbors=[{"address": "fd00:10::1", "as": 65000}])
+    data["listeners"] = [data["listeners"][0]]
+    data["listeners"][0]["address"] = "fd00::100"
+    bgp = config.parse(data).bgp
+    assert bgp is not None and bgp.announce == (ipaddress.IPv6Address("fd00::100"),)
+
+
+def test_listeners_on_every_address_are_not_announced() -> None:
+    """An HTTP listener on 0.0.0.0 or :: (every local address) has no VIP of
+    its own: a /32 or /128 of the unspecified address is no route to announce."""
+    data = with_bgp()
+    data["listeners"][0]["address"] = "::"
+    data["listeners"][0]["port"] = 8080
+    extra = copy.deepcopy(data["listeners"][0])
+    extra.update(name="web4", address="0.0.0.0")
+    data["listeners"].append(extra)
+    bgp = config.parse(data).bgp
     assert bgp is not None and bgp.announce == (ipaddress.IPv4Address("10.0.0.100"),)
+    data["load_balancer"]["bgp"]["announce"] = ["10.0.0.100", "::"]
+    with pytest.raises(ConfigError) as info:
+        config.parse(data)
+    assert [(i.path, i.message) for i in info.value.errors] == [
+        (f"{B}.announce[1]", ":: is the unspecified address (a listener on every address): "
+                             "announce the addresses clients connect to")]
 
 
 def case(edits: dict[str, object], path: str, *words: str, id: str) -> Any:
@@ -80,7 +127,7 @@ N0 = f"{B}.neighbors[0]"
 BAD = [
     case({f"{B}.routerid": "1.2.3.4"}, f"{B}.routerid", "unknown key", "router_id", id="unknown-key"),
     case({f"{B}.router_id": DELETE}, f"{B}.router_id", "required", id="router-id-missing"),
-    case({f"{B}.router_id": "fd00::1"}, f"{B}.router_id", "not an IPv4", id="router-id-v6"),
+    case({f"{B}.router_id": "fd00::1"}, f"{B}.router_id", "not an IPv4", "32 bits", id="router-id-v6"),
     case({f"{B}.router_id": "r1"}, f"{B}.router_id", "not an IPv4 or IPv6", id="router-id-name"),
     case({f"{B}.local_as": 0}, f"{B}.local_as", "outside 1..4294967295", id="as-zero"),
     case({f"{B}.local_as": 2**32}, f"{B}.local_as", "outside", id="as-big"),
@@ -93,7 +140,15 @@ BAD = [
          "duplicate neighbor address", id="duplicate-neighbor"),
     case({f"{N0}.as": DELETE}, f"{N0}.as", "required", id="neighbor-as-missing"),
     case({f"{N0}.asn": 1}, f"{N0}.asn", "unknown key", "'as'", id="neighbor-unknown-key"),
-    case({f"{N0}.address": "fd00::1"}, f"{N0}.address", "not an IPv4", id="neighbor-v6"),
+    case({f"{N0}.address": "fe80::1"}, f"{N0}.address", "link-local", "global", id="neighbor-link-local"),
+    case({f"{N0}.address": "::ffff:10.0.10.1"}, f"{N0}.address", "IPv4-mapped", "10.0.10.1", id="neighbor-mapped"),
+    case({f"{B}.neighbors[1]": {"address": "fd00:10:0::1", "as": 1}, f"{N0}.address": "fd00:10::1"},
+         f"{B}.neighbors[1].address", "duplicate neighbor address", id="duplicate-neighbor-v6"),
+    case({f"{N0}.ipv6_next_hop": "10.0.10.2"}, f"{N0}.ipv6_next_hop", "not an IPv6 address", id="next-hop-v4"),
+    case({f"{N0}.ipv6_next_hop": "fe80::2"}, f"{N0}.ipv6_next_hop", "link-local", id="next-hop-link-local"),
+    case({f"{N0}.ipv6_next_hop": "ff02::2"}, f"{N0}.ipv6_next_hop", "not a unicast", id="next-hop-multicast"),
+    case({f"{N0}.address": "fd00:10::1", f"{N0}.ipv6_next_hop": "fd00:10::2"}, f"{N0}.ipv6_next_hop",
+         "IPv6 neighbor", "own address is the next hop", id="next-hop-on-v6-session"),
     case({f"{N0}.password": 'a"b'}, f"{N0}.password", "printable ASCII", id="password-quote"),
     case({f"{N0}.password": "a b"}, f"{N0}.password", "printable ASCII", id="password-space"),
     case({f"{N0}.password": "x" * 81}, f"{N0}.password", "at most 80", id="password-long"),
@@ -107,7 +162,11 @@ BAD = [
     case({f"{B}.communities": ["1:2", "1:2"]}, f"{B}.communities[1]", "listed twice", id="community-twice"),
     case({f"{B}.announce": ["10.0.0.9"]}, f"{B}.announce[0]", "no listener's address", "10.0.0.100",
          id="announce-not-listener"),
-    case({f"{B}.announce": ["fd00::1"]}, f"{B}.announce[0]", "IPv6", id="announce-v6"),
+    case({f"{B}.announce": ["fd00::1"]}, f"{B}.announce[0]", "no listener's address", id="announce-v6-not-listener"),
+    case({f"{B}.announce": ["10.0.0.100"], f"{N0}.address": "fd00:10::1"}, f"{B}.announce[0]",
+         "IPv4", "every neighbor is IPv6", "IPv4 neighbor", id="announce-v4-without-v4-session"),
+    case({f"{N0}.address": "fd00:10::1"}, f"{B}.neighbors", "10.0.0.100", "every neighbor is IPv6",
+         id="default-announce-v4-without-v4-session"),
     case({f"{B}.announce": ["10.0.0.100", "10.0.0.100"]}, f"{B}.announce[1]", "listed twice", id="announce-twice"),
     case({f"{B}.announce": []}, f"{B}.announce", "at least 1", id="announce-empty"),
     case({f"{B}.announce": "10.0.0.100"}, f"{B}.announce", "expected an array", id="announce-string"),
@@ -132,14 +191,14 @@ def test_bad_input_is_reported_at_its_key_path(edits: dict[str, object], path: s
         assert word in issues[0].message
 
 
-def test_nothing_to_announce_without_ipv4_listeners() -> None:
+def test_nothing_to_announce() -> None:
     data = with_bgp()
     data["listeners"] = [data["listeners"][0]]
-    data["listeners"][0]["address"] = "fd00::100"
+    data["listeners"][0]["address"] = "::"
     with pytest.raises(ConfigError) as info:
         config.parse(data)
     assert [(i.path, i.message) for i in info.value.errors] == [
-        (B, "nothing to announce: no listener has an IPv4 address")]
+        (B, "nothing to announce: every listener is on the unspecified address (::)")]
 
 
 def test_the_scale_out_labs_host_configs() -> None:

@@ -5,9 +5,15 @@ starts with ``lb_<name>_``, so it can share BIRD with the operator's own
 config: BIRD's main config includes it (``include "/run/bird/lb-*.conf";``:
 /run/bird is BIRD's own run directory, there before BIRD starts, so the glob
 never names a missing directory; and a tmpfs, so no stale fragment survives a
-reboot) and lb never writes anything else. The routes live in a table of their own
-(``lb_<name>_v4``), so no kernel protocol of the operator's config ever
-installs them; the BGP sessions import nothing.
+reboot) and lb never writes anything else. The routes live in tables of their own
+(``lb_<name>_v4``, and ``lb_<name>_v6`` when there are IPv6 VIPs or
+neighbours), so no kernel protocol of the operator's config ever installs
+them; the BGP sessions import nothing.
+
+An IPv4 session carries the IPv4 VIPs, and the IPv6 ones too when there are
+any: BIRD's ``next hop self`` takes this host's IPv6 address on the
+interface toward the neighbour, or the neighbour's ``ipv6_next_hop``. An
+IPv6 session carries the IPv6 VIPs only (docs/bgp.md says why).
 
 Written atomically (a temporary file renamed over it); an empty set of VIPs
 keeps the sessions up and announces nothing (a withdrawal). Removing the file
@@ -16,11 +22,10 @@ keeps the sessions up and announces nothing (a withdrawal). Removing the file
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Iterable
 
-from lb.model import Bgp
+from lb.model import Bgp, BgpNeighbor, IPAddress
 
 DEFAULT_DIR = "/run/bird"  # Debian's BIRD: bird:bird 0775; lb.service joins the group
 # BGP timers: a host that comes back is peered again within seconds (BIRD's
@@ -47,26 +52,47 @@ def symbol_prefix(name: str) -> str:
     return f"lb_{name.replace('-', '_')}_"
 
 
-def table_name(name: str) -> str:
-    return symbol_prefix(name) + "v4"
+def table_name(name: str, version: int = 4) -> str:
+    return f"{symbol_prefix(name)}v{version}"
+
+
+def uses_ipv6(bgp: Bgp) -> bool:
+    """The fragment has an IPv6 table (and channels): IPv6 VIPs or neighbours."""
+    return any(a.version == 6 for a in bgp.announce) or any(n.address.version == 6 for n in bgp.neighbors)
+
+
+def families(bgp: Bgp) -> tuple[int, ...]:
+    """The address families of lb's tables: (4,) or (4, 6)."""
+    return (4, 6) if uses_ipv6(bgp) else (4,)
+
+
+def channels(bgp: Bgp, neighbor: BgpNeighbor) -> tuple[int, ...]:
+    """The families a session carries: an IPv6 one IPv6 only; an IPv4 one
+    IPv4, and IPv6 when some IPv6 VIP is to be announced."""
+    if neighbor.address.version == 6:
+        return (6,)
+    return (4, 6) if any(a.version == 6 for a in bgp.announce) else (4,)
 
 
 def peer_name(name: str, index: int) -> str:
     return f"{symbol_prefix(name)}peer{index}"
 
 
-def render(bgp: Bgp, name: str, announced: Iterable[ipaddress.IPv4Address]) -> str:
+def render(bgp: Bgp, name: str, announced: Iterable[IPAddress]) -> str:
     """The fragment's text: announce exactly ``announced`` (a subset of bgp.announce)."""
     p = symbol_prefix(name)
-    table = table_name(name)
-    lines = [
-        f"# Written by lb for load balancer {name!r}; `lb up` rewrites it, `lb down` removes it. Do not edit.",
-        f"ipv4 table {table};",
-        f"protocol static {p}vips {{",
-        f"  ipv4 {{ table {table}; }};",
-        *(f"  route {address}/32 blackhole;" for address in sorted(set(announced))),
-        "}",
-    ]
+    wanted = set(announced)
+    lines = [f"# Written by lb for load balancer {name!r}; `lb up` rewrites it, `lb down` removes it. Do not edit."]
+    for version in families(bgp):
+        table = table_name(name, version)
+        routes = sorted(a for a in wanted if a.version == version)
+        lines += [
+            f"ipv{version} table {table};",
+            f"protocol static {p}vips{'' if version == 4 else '6'} {{",
+            f"  ipv{version} {{ table {table}; }};",
+            *(f"  route {address}/{address.max_prefixlen} blackhole;" for address in routes),
+            "}",
+        ]
     if bgp.bfd.enabled:
         interval = f"{bgp.bfd.interval} ms"
         lines += [  # its sessions are the ones the BGP protocols below ask for
@@ -95,9 +121,14 @@ def render(bgp: Bgp, name: str, announced: Iterable[ipaddress.IPv4Address]) -> s
             "  graceful restart off;",
             *(["  bfd on;"] if bgp.bfd.enabled else []),
             *([f'  password "{n.password}";'] if n.password is not None else []),
-            f"  ipv4 {{ table {table}; import none; export filter {{ {export}accept; }}; next hop self; }};",
-            "}",
         ]
+        for version in channels(bgp, n):
+            # next hop self: this host's address of the channel's family on the
+            # interface toward the neighbour (BIRD's pick), unless the config names one.
+            address = f" next hop address {n.ipv6_next_hop};" if version == 6 and n.ipv6_next_hop else ""
+            lines.append(f"  ipv{version} {{ table {table_name(name, version)}; import none; "
+                         f"export filter {{ {export}accept; }}; next hop self;{address} }};")
+        lines.append("}")
     return "\n".join(lines) + "\n"
 
 

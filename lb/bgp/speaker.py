@@ -22,19 +22,18 @@ for on the event loop for more than lb.bgp.bird.TIMEOUT.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from lb.bgp import bird, fragment
-from lb.model import Bgp, ForwardAction, Listener, LoadBalancer, Target, TargetHealth, TargetState
+from lb.bgp import bird, fragment, nexthop
+from lb.model import Bgp, ForwardAction, IPAddress, Listener, LoadBalancer, Target, TargetHealth, TargetState
 
 log = logging.getLogger("lb.bgp")
 
-Address = ipaddress.IPv4Address
+Address = IPAddress  # a VIP of either family
 
 
 class HealthView(Protocol):
@@ -61,12 +60,10 @@ def group_serves(group: str, health: HealthView, strict: bool) -> bool:
 
 
 def served(config: LoadBalancer, health: HealthView, l4_ready: bool, l7_ready: bool) -> frozenset[Address]:
-    """The IPv4 listener addresses lb can serve right now."""
+    """The listener addresses (both families) lb can serve right now."""
     strict = config.bgp.withdraw_when_unhealthy if config.bgp is not None else True
     result = set()
     for listener in config.listeners:
-        if not isinstance(listener.address, Address):
-            continue
         if not (l4_ready if listener.protocol.is_l4 else l7_ready):
             continue
         groups = listener_groups(listener)
@@ -103,8 +100,12 @@ class Speaker:
 
     def start(self) -> None:
         """At `lb up`, before anything else is set up: BIRD must answer and
-        read our fragment. Writes the fragment announcing nothing (the sessions
+        read our fragment, and every session that carries IPv6 VIPs have an
+        IPv6 next hop. Writes the fragment announcing nothing (the sessions
         come up meanwhile); on any failure removes it again and raises."""
+        problems = nexthop.missing_ipv6_next_hops(self.bgp)
+        if problems:
+            raise SpeakerError("\n".join(problems))
         try:
             bird.command(self.bgp.bird_socket, "show status")
             self._apply(())
@@ -215,7 +216,8 @@ def read_bird(bgp: Bgp, name: str) -> dict[str, Any]:
     """What BIRD says of lb's sessions and routes, or the error."""
     try:
         rows = bird.protocols(bgp.bird_socket, f"{fragment.symbol_prefix(name)}peer*")
-        prefixes = bird.routes(bgp.bird_socket, fragment.table_name(name))
+        prefixes = [prefix for version in fragment.families(bgp)
+                    for prefix in bird.routes(bgp.bird_socket, fragment.table_name(name, version))]
     except bird.BirdError as exc:
         return {"sessions": [], "announced": [], "error": str(exc)}
     by_name = {row.name: row for row in rows}

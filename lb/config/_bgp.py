@@ -19,7 +19,7 @@ BGP_KEYS = (
     "router_id", "local_as", "neighbors", "hold_time", "bfd", "communities", "announce",
     "withdraw_when_unhealthy", "bird_socket", "bird_config",
 )  # fmt: skip
-NEIGHBOR_KEYS = ("address", "as", "password")
+NEIGHBOR_KEYS = ("address", "as", "password", "ipv6_next_hop")
 BFD_KEYS = ("enabled", "interval", "multiplier")
 MAX_AS = 2**32 - 1
 MAX_NEIGHBORS = 16  # ours
@@ -36,7 +36,7 @@ def read_bgp(t: Table) -> m.Bgp | None:
     """The table without ``announce``'s default; None when it has an issue."""
     t.only(*BGP_KEYS)
     before = len(t.issues)
-    router_id = _ipv4(t, "router_id")
+    router_id = _router_id(t)
     local_as = t.integer("local_as", 1, MAX_AS)
     neighbors = _neighbors(t)
     announce = _announce(t) if t.has("announce") else ()
@@ -57,29 +57,57 @@ def read_bgp(t: Table) -> m.Bgp | None:
 
 
 def resolve_announce(t: Table, bgp: m.Bgp, listeners: tuple[m.Listener, ...]) -> m.Bgp | None:
-    """``announce`` must name listener addresses; left out, it is every IPv4 one."""
+    """``announce`` must name listener addresses; left out, it is every one of
+    both families (but 0.0.0.0 and ::, a listener on every address). An IPv4
+    VIP needs an IPv4 session to go over (IPv6 ones go over both kinds)."""
     served = {listener.address for listener in listeners}
-    if not t.has("announce"):
-        ipv4 = sorted({a for a in served if isinstance(a, ipaddress.IPv4Address)})
-        if not ipv4:
-            t.error(None, "nothing to announce: no listener has an IPv4 address")
+    explicit = t.has("announce")
+    if not explicit:
+        every = sorted((a for a in served if not a.is_unspecified), key=lambda a: (a.version, a))
+        if not every:
+            unspecified = ", ".join(sorted({str(a) for a in served}))
+            t.error(None, f"nothing to announce: every listener is on the unspecified address ({unspecified})")
             return None
-        return replace(bgp, announce=tuple(ipv4))
+        bgp = replace(bgp, announce=tuple(every))
     good = True
     for index, address in enumerate(bgp.announce):
-        if address not in served:
-            listed = ", ".join(sorted(str(a) for a in served)) or "none"
+        if explicit and address not in served:
+            listed = ", ".join(str(a) for a in sorted(served, key=lambda a: (a.version, a))) or "none"
             t.error_item("announce", index, f"{address} is no listener's address (listeners: {listed})")
             good = False
+    ipv4 = [a for a in bgp.announce if a.version == 4]
+    if ipv4 and all(n.address.version == 6 for n in bgp.neighbors):
+        why = "every neighbor is IPv6, and lb announces IPv4 VIPs over IPv4 sessions only: add an IPv4 neighbor"
+        if explicit:
+            for address in ipv4:
+                t.error_item("announce", bgp.announce.index(address), f"{address} is IPv4 but {why}, "
+                                                                       "or leave it out of announce")
+        else:
+            t.error("neighbors", f"{', '.join(map(str, ipv4))} would be announced (announce defaults to every "
+                                 f"listener address) but {why}, or list the addresses to announce in announce")
+        good = False
     return bgp if good else None
 
 
-def _ipv4(t: Table, key: str) -> ipaddress.IPv4Address | None:
-    address = t.address(key)
+def _router_id(t: Table) -> ipaddress.IPv4Address | None:
+    address = t.address("router_id")
     if address is not None and address.version != 4:
-        t.error(key, f"{address} is not an IPv4 address")
+        t.error("router_id", f"{address} is not an IPv4 address: a BGP router ID is 32 bits, written as an IPv4 "
+                             "address even on an IPv6-only host (any unique one)")
         return None
     return address
+
+
+def _unusable(address: m.IPAddress) -> str | None:
+    """Why ``address`` cannot be a BGP neighbour or next hop, or None."""
+    if address.is_unspecified or address.is_multicast:
+        return "is not a unicast address"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_link_local:
+            return "is link-local (fe80::/10), which needs an interface; use a global or unique local (fd00::/8) one"
+        if address.ipv4_mapped is not None:
+            return f"is IPv4-mapped; write {address.ipv4_mapped}"
+    return None
 
 
 def _neighbors(t: Table) -> tuple[m.BgpNeighbor, ...] | None:
@@ -91,33 +119,56 @@ def _neighbors(t: Table) -> tuple[m.BgpNeighbor, ...] | None:
     result: list[m.BgpNeighbor | None] = []
     for n in tables:
         n.only(*NEIGHBOR_KEYS)
-        address = _ipv4(n, "address")
+        address = n.address("address")
+        if address is not None and (why := _unusable(address)):
+            n.error("address", f"{address} {why}")
         asn = n.integer("as", 1, MAX_AS)
         password = None
         if n.has("password"):
             password = n.string("password", max_len=MAX_PASSWORD, pattern=PASSWORD, rule=PASSWORD_RULE)
-        ok = address is not None and asn is not None and "password" not in n.bad
-        result.append(m.BgpNeighbor(address, asn, password) if ok else None)  # type: ignore[arg-type]
-    report_duplicates([(n, n.value_of("address")) for n in tables], "address", "neighbor address")
-    if "neighbors" in t.bad or None in result:
+        next_hop = _ipv6_next_hop(n, address) if n.has("ipv6_next_hop") else None
+        ok = address is not None and asn is not None and not {"address", "password", "ipv6_next_hop"} & n.bad
+        result.append(m.BgpNeighbor(address, asn, password, next_hop) if ok else None)  # type: ignore[arg-type]
+    report_duplicates([(n, str(a.address) if a is not None else None) for n, a in zip(tables, result, strict=True)],
+                      "address", "neighbor address")
+    if "neighbors" in t.bad or None in result or any(n.bad for n in tables):
         return None
     return tuple(x for x in result if x is not None)
 
 
-def _announce(t: Table) -> tuple[ipaddress.IPv4Address, ...] | None:
+def _ipv6_next_hop(n: Table, neighbor: m.IPAddress | None) -> ipaddress.IPv6Address | None:
+    """The next hop of the IPv6 VIPs over an IPv4 session (this host's IPv6
+    address toward the router), when BIRD's own pick will not do."""
+    address = n.address("ipv6_next_hop")
+    if address is None:
+        return None
+    if address.version != 6:
+        n.error("ipv6_next_hop", f"{address} is not an IPv6 address")
+    elif why := _unusable(address):
+        n.error("ipv6_next_hop", f"{address} {why}")
+    elif neighbor is not None and neighbor.version == 6:
+        n.error("ipv6_next_hop", f"{neighbor} is an IPv6 neighbor: its session's own address is the next hop of "
+                                 "the IPv6 VIPs (ipv6_next_hop is for IPv4 sessions)")
+    else:
+        return address
+    return None
+
+
+def _announce(t: Table) -> tuple[m.IPAddress, ...] | None:
     values = t.strings("announce")
     if values is None:
         return None
     t.count("announce", len(values), 1, 64)
-    result: list[ipaddress.IPv4Address] = []
+    result: list[m.IPAddress] = []
     for index, text in enumerate(values):
         try:
             address = ipaddress.ip_address(text)
         except ValueError:
-            t.error_item("announce", index, f"{shown(text)} is not an IPv4 address")
+            t.error_item("announce", index, f"{shown(text)} is not an IPv4 or IPv6 address")
             continue
-        if address.version != 4:
-            t.error_item("announce", index, f"{address} is IPv6; lb announces IPv4 addresses only (docs/bgp.md)")
+        if address.is_unspecified:
+            t.error_item("announce", index, f"{address} is the unspecified address (a listener on every address): "
+                                            "announce the addresses clients connect to")
         elif address in result:
             t.error_item("announce", index, f"{address} is listed twice")
         else:
