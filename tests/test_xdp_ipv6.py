@@ -23,10 +23,20 @@ from typing import Any
 import pytest
 from scapy.compat import raw
 from scapy.layers.inet import TCP, UDP
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    ICMPv6TimeExceeded,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+)
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
+from lb import netlink as nl
 from lb.dataplane.maps import Maps
 from lb.dataplane.structs import (
     FWD_DSR,
@@ -50,14 +60,16 @@ from lb.dataplane.structs import (
     port_to_net,
 )
 from tests.test_xdp_packets import ACTION_NAMES, SERVICES, TARGET_ISN, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from tests.xdp_fixture import CLIENT_IF, LIMITS, MAC, TARGET_IF, PacketLab, packet_lab
+from tests.xdp_fixture import CLIENT_IF, LIMITS, MAC, NETNS, TARGET_IF, PacketLab, packet_lab
 
 pytestmark = pytest.mark.root
 
 CLIENT6 = "fd00::2"
 VIP6 = "fd00::100"
 LB6 = "fd00:1::1"  # lb's address toward the targets: full NAT's source
-TARGET_MAC = {"fd00:1::11": MAC["t1"], "fd00:1::12": MAC["t2"], "fd00:1::13": MAC["t3"], "fd00::50": MAC["near"]}
+SMALL_MTU_TARGET, SMALL_MTU_MAC = "fd00:1::15", "02:00:00:00:01:15"  # a host route with MTU 1280 leads there
+TARGET_MAC = {"fd00:1::11": MAC["t1"], "fd00:1::12": MAC["t2"], "fd00:1::13": MAC["t3"], "fd00::50": MAC["near"],
+              SMALL_MTU_TARGET: SMALL_MTU_MAC}
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,8 @@ SERVICES6 = [
     Service6(13, "fd00::102", 9000, IPPROTO_TCP, FWD_NAT, 23, "fd00::50", 9000),  # back out of fxa: XDP_TX
     Service6(14, "fd00::130", 9000, IPPROTO_TCP, FWD_DSR, 24, "fd00:1::12", 9000),
     Service6(15, "fd00::140", 9000, IPPROTO_TCP, FWD_FULLNAT, 25, "fd00:1::13", 9001),
+    Service6(9, "fd00::150", 9000, IPPROTO_TCP, FWD_NAT, 26, SMALL_MTU_TARGET, 9000),
+    Service6(8, "fd00::140", 9000, IPPROTO_UDP, FWD_FULLNAT, 27, "fd00:1::12", 9001),
 ]
 
 
@@ -330,6 +344,10 @@ CASES = [*nat_cases(), *dsr_cases(), *malformed_cases()]
 @pytest.fixture(scope="module")
 def pkt_lab() -> Iterator[PacketLab]:
     with packet_lab() as the_lab:
+        with nl.iproute(NETNS) as ipr:
+            oif = nl.ifindex(ipr, TARGET_IF)
+            ipr.route("add", dst=f"{SMALL_MTU_TARGET}/128", oif=oif, metrics={"mtu": 1280, "lock": 1 << 2})
+            nl.add_neighbor(ipr, TARGET_IF, SMALL_MTU_TARGET, SMALL_MTU_MAC)
         the_lab.dataplane.apply(SERVICES)  # IPv4 beside IPv6, as lb runs them
         write_services6(the_lab.maps)
         yield the_lab
@@ -440,3 +458,102 @@ def test_fullnat_reply_to_a_port_no_flow_holds_is_not_lbs(pkt_lab: PacketLab) ->
     stray = from_target("fd00:1::13", tcp(9001, 1030, flags="A"), dst=LB6)
     check(pkt_lab, Case("to lb's address, a port no flow holds: passed", raw(stray), XDP_PASS, None,
                         {Counter.PASS_IPV6: 1}, TARGET_IF))
+
+
+# --- ICMPv6 ----------------------------------------------------------------------------
+
+ROUTER6 = "fd00::50"  # on the client's side ("near")
+TARGET_SIDE_ROUTER6 = "fd00:1::99"
+ICMP_TO_CLIENT = {Counter.ICMP_TO_CLIENT: 1, **FWD}
+ICMP_TO_TARGET = {Counter.ICMP_TO_TARGET: 1, **FWD}
+
+
+def icmp6(src: str, dst: str, src_mac: str, dst_mac: str, error: Packet, quoted: bytes, hlim: int = 64) -> bytes:
+    return raw(Ether(src=src_mac, dst=dst_mac) / IPv6(src=src, dst=dst, hlim=hlim) / error / Raw(quoted))
+
+
+def icmp_cases() -> Iterator[Case]:
+    small = "fd00::150"
+    big = from_client(tcp(47001, flags="PA", payload=b"z" * 1400), dst=small)
+    reply = (Ether(src=MAC["fxa"], dst=MAC["client"]) / IPv6(src=small, dst=CLIENT6, hlim=64) /
+             ICMPv6PacketTooBig(mtu=1280) / Raw(raw(big[IPv6])[:48]))
+    yield Case("a segment too big for the target's path: packet too big back to the client, quoting it as sent",
+               raw(big), XDP_TX, raw(reply),
+               {Counter.CONNTRACK_HIT: 1, Counter.ICMP_TOO_BIG: 1, Counter.IPV6_FORWARDED: 1, Counter.TX: 1},
+               before=handshake(47001, address=small, target=SMALL_MTU_TARGET))
+    fits = from_client(tcp(47002, flags="PA", payload=b"z" * 1200), dst=small)
+    yield Case("a segment that fits the path: forwarded", raw(fits), XDP_REDIRECT,
+               rewritten(fits, dst=SMALL_MTU_TARGET, out_src_mac=MAC["fxb"], out_dst_mac=SMALL_MTU_MAC),
+               {Counter.CONNTRACK_HIT: 1, **FWD}, before=handshake(47002, address=small, target=SMALL_MTU_TARGET))
+
+    seen = IPv6(src=CLIENT6, dst="fd00:1::12", hlim=63) / UDP(sport=47010, dport=9000) / Raw(b"ping")
+    sent = IPv6(src=CLIENT6, dst=VIP6, hlim=63) / UDP(sport=47010, dport=9000) / Raw(b"ping")
+    yield Case("port unreachable from a UDP target: quote back to client -> VIP, from the VIP",
+               icmp6("fd00:1::12", CLIENT6, MAC["t2"], MAC["fxb"], ICMPv6DestUnreach(code=4), raw(seen)),
+               XDP_REDIRECT,
+               icmp6(VIP6, CLIENT6, MAC["fxa"], MAC["client"], ICMPv6DestUnreach(code=4), raw(sent), hlim=63),
+               ICMP_TO_CLIENT, TARGET_IF, before=[(raw(from_client(udp(47010))), CLIENT_IF)])
+
+    syn_seen = IPv6(src=CLIENT6, dst="fd00:1::11", hlim=63) / TCP(sport=47011, dport=9000, flags="S", seq=1000)
+    syn_sent = IPv6(src=CLIENT6, dst=VIP6, hlim=63) / TCP(sport=47011, dport=9000, flags="S", seq=1000)
+    yield Case("time exceeded beyond lb about a SYN (half-open): quote back to the VIP, the router stays the source",
+               icmp6(TARGET_SIDE_ROUTER6, CLIENT6, MAC["t1"], MAC["fxb"], ICMPv6TimeExceeded(),
+                     raw(syn_seen)[:48]), XDP_REDIRECT,
+               icmp6(TARGET_SIDE_ROUTER6, CLIENT6, MAC["fxa"], MAC["client"], ICMPv6TimeExceeded(),
+                     raw(syn_sent)[:48], hlim=63),
+               ICMP_TO_CLIENT, TARGET_IF, before=[(raw(from_client(tcp(47011))), CLIENT_IF)])
+
+    answer = IPv6(src=VIP6, dst=CLIENT6, hlim=63) / TCP(sport=9000, dport=47012, flags="PA") / Raw(b"x" * 1300)
+    as_sent = IPv6(src="fd00:1::11", dst=CLIENT6, hlim=63) / TCP(sport=9000, dport=47012, flags="PA") / \
+        Raw(b"x" * 1300)
+    yield Case("packet too big about a reply from the VIP: to the target, quoting what it sent",
+               icmp6(ROUTER6, VIP6, MAC["near"], MAC["fxa"], ICMPv6PacketTooBig(mtu=1280), raw(answer)[:1232]),
+               XDP_REDIRECT,
+               icmp6(ROUTER6, "fd00:1::11", MAC["fxb"], MAC["t1"], ICMPv6PacketTooBig(mtu=1280),
+                     raw(as_sent)[:1232], hlim=63),
+               ICMP_TO_TARGET, before=handshake(47012))
+
+    stranger = IPv6(src=CLIENT6, dst="fd00:1::11", hlim=63) / TCP(sport=47013, dport=9000)
+    yield Case("an error about no tracked flow: passed untouched",
+               icmp6("fd00:1::11", CLIENT6, MAC["t1"], MAC["fxb"], ICMPv6DestUnreach(code=4), raw(stranger)),
+               XDP_PASS, None, {Counter.PASS_ICMPV6: 1}, TARGET_IF)
+    yield Case("an error quoting fewer than 8 bytes of ports: passed untouched",
+               icmp6("fd00:1::11", CLIENT6, MAC["t1"], MAC["fxb"], ICMPv6DestUnreach(code=4), raw(stranger)[:44]),
+               XDP_PASS, None, {Counter.PASS_ICMPV6: 1}, TARGET_IF)
+
+
+ICMP_CASES = list(icmp_cases())
+
+
+@pytest.mark.parametrize("case", ICMP_CASES, ids=[c.id for c in ICMP_CASES])
+def test_icmpv6(pkt_lab: PacketLab, case: Case) -> None:
+    check(pkt_lab, case)
+
+
+def test_fullnat_icmpv6_both_ways(pkt_lab: PacketLab) -> None:
+    pkt_lab.run(raw(from_client(tcp(47020), dst=FULLNAT_VIP)))
+    port = fullnat_port(pkt_lab, 47020)
+    at_target = IPv6(src=LB6, dst="fd00:1::13", hlim=63) / TCP(sport=port, dport=9001, flags="S", seq=1000)
+    at_client = IPv6(src=CLIENT6, dst=FULLNAT_VIP, hlim=63) / TCP(sport=47020, dport=9000, flags="S", seq=1000)
+    check(pkt_lab, Case("full NAT: an error from the target to lb's address goes to the client",
+                        icmp6("fd00:1::13", LB6, MAC["t3"], MAC["fxb"], ICMPv6DestUnreach(code=1), raw(at_target)),
+                        XDP_REDIRECT,
+                        icmp6(FULLNAT_VIP, CLIENT6, MAC["fxa"], MAC["client"], ICMPv6DestUnreach(code=1),
+                              raw(at_client), hlim=63),
+                        ICMP_TO_CLIENT, TARGET_IF))
+
+    pkt_lab.run(raw(from_client(udp(47021), dst=FULLNAT_VIP)))
+    key = flow_key6(CLIENT6, 47021, FULLNAT_VIP, 9000, IPPROTO_UDP)
+    entry = pkt_lab.maps.raw(MapName.CONNTRACK6).lookup(key)
+    assert entry is not None
+    udp_port = net_to_port(entry.flow.snat_port)
+    from_vip = IPv6(src=FULLNAT_VIP, dst=CLIENT6, hlim=63) / UDP(sport=9000, dport=47021) / Raw(b"pong" * 300)
+    sent_by_target = IPv6(src="fd00:1::12", dst=LB6, hlim=63) / UDP(sport=9001, dport=udp_port) / \
+        Raw(b"pong" * 300)
+    check(pkt_lab, Case("full NAT: an error about a reply goes to the target from lb's address, quote target -> lb",
+                        icmp6(ROUTER6, FULLNAT_VIP, MAC["near"], MAC["fxa"], ICMPv6PacketTooBig(mtu=1280),
+                              raw(from_vip)),
+                        XDP_REDIRECT,
+                        icmp6(LB6, "fd00:1::12", MAC["fxb"], MAC["t2"], ICMPv6PacketTooBig(mtu=1280),
+                              raw(sent_by_target), hlim=63),
+                        ICMP_TO_TARGET))
