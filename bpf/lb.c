@@ -8,8 +8,9 @@
  *   a tracked flow           -> conntrack hit: DNAT to its target -> out
  *   TCP/UDP to a VIP         -> Maglev ring picks the target (a SYN or a UDP
  *                               datagram also makes the flow's entry) -> DNAT -> out
- *   IPv6 (no IPv6 VIPs yet)  -> XDP_PASS, untouched, counted by kind (ICMPv6 and
- *                               ND, extension header, fragment, the rest)
+ *   IPv6                     -> the same steps over the IPv6 maps (xdp_lb6); an
+ *                               extension header, a fragment, ICMPv6 that is no
+ *                               error of a tracked flow (ND) -> XDP_PASS, counted
  *   anything else            -> XDP_PASS, untouched
  *
  * A flow has one conntrack entry, keyed by its client -> VIP 5-tuple and

@@ -171,9 +171,8 @@ STORES
 # Each entry: (what, [(text in lb.c, replacement), ...]). Built from the
 # current bpf/lb.c in memory (never written to disk), sharing the pinned maps.
 NO_CSUM = ("if (!ipv4_header_csum_ok(pkt.ip)) {", "if (0) {")
-NO_REPLY_BITS = ("if (bits && (*bits >> (sport & 63)) & 1) {", "if (0) {")
-NO_TCP_STATE = ("\t\t\tif (is_tcp(&pkt))\n\t\t\t\tfollow_tcp(&pkt, state, now, 1);\n\t\t\telse\n\t\t\t\ttouch(state, now);",
-                "\t\t\ttouch(state, now);")
+NO_REPLY_BITS = ("return bits && (*bits >> (sport & 63)) & 1;", "return 0;")
+NO_TCP_STATE = ("\t\t\tfollow_flow(pkt.flow.proto, pkt.tcp_flags, state, now, 1);", "\t\t\ttouch(state, now);")
 NO_COUNT = ("u64 *value = counters.lookup(&slot);\n\tif (value)\n\t\t*value += 1;", "")
 NO_STATS = ("\tif (!stats)\n\t\treturn;\n\tstats->packets", "\treturn;\n\tstats->packets")
 NO_HOP_CACHE = ("\tstruct next_hop *hop = NEXT_HOP_CACHE_NS ? next_hops.lookup(&target_id) : NULL;",
