@@ -37,10 +37,13 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from lb import netlink as nl
+from lb.dataplane import libbpf
+from lb.dataplane.loader import Program, purge_pins
 from lb.dataplane.maps import Maps
 from lb.dataplane.structs import (
     FWD_DSR,
     FWD_FULLNAT,
+    FLOW_HASH_SEED,
     FWD_NAT,
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -55,10 +58,12 @@ from lb.dataplane.structs import (
     Target6,
     VipKey6,
     VipMeta,
+    Limits,
     ip6_to_net,
     net_to_port,
     port_to_net,
 )
+from tests.names import name
 from tests.test_xdp_packets import ACTION_NAMES, SERVICES, TARGET_ISN, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 from tests.xdp_fixture import CLIENT_IF, LIMITS, MAC, NETNS, TARGET_IF, PacketLab, packet_lab
 
@@ -97,13 +102,13 @@ SERVICES6 = [
 ]
 
 
-def write_services6(maps: Maps) -> None:
+def write_services6(maps: Maps, services: list[Service6] | None = None, ring_size: int = LIMITS.ring_size) -> None:
     """What the control plane writes for SERVICES6: targets6, each VIP's ring
     (live half 0, every slot its one target), vips6; replies6 and the
     reply_ports bit for NAT VIPs; fullnat_sources6 for full-NAT targets."""
-    m = LIMITS.ring_size
+    m = ring_size
     rings = maps.raw(MapName.RINGS)
-    for s in SERVICES6:
+    for s in SERVICES6 if services is None else services:
         flags = TARGET_F_ACTIVE | TARGET_F_IN_SERVICE
         maps.raw(MapName.TARGETS6).update(ctypes.c_uint32(s.target_id),
                                           Target6(ip6_to_net(s.target), port_to_net(s.target_port), flags))
@@ -557,3 +562,79 @@ def test_fullnat_icmpv6_both_ways(pkt_lab: PacketLab) -> None:
                         icmp6(LB6, "fd00:1::12", MAC["fxb"], MAC["t2"], ICMPv6PacketTooBig(mtu=1280),
                               raw(sent_by_target), hlim=63),
                         ICMP_TO_TARGET))
+
+
+def test_fullnat_ports_under_pressure_are_distinct_and_failures_counted(pkt_lab: PacketLab) -> None:
+    """20,000 concurrent IPv6 flows from one client address to one target
+    (63 % of the default range): no two share a port; a flow that finds none
+    is dropped and counted. A program of its own: tables big enough, no flood guard."""
+    flows = 20000
+    limits = Limits(ring_size=251, max_vips=16, max_targets=32, conntrack_size=32768, new_flow_rate_limit=0)
+    pressure = name("pkt-v6-pressure")
+    purge_pins(pressure)
+    try:
+        with Program.load(pressure, limits) as program, Maps(program.pin_dir, limits) as maps:
+            write_services6(maps, [s for s in SERVICES6 if s.mode == FWD_FULLNAT and s.proto == IPPROTO_TCP],
+                            limits.ring_size)
+            frames = [raw(from_client(tcp(1024 + i), dst=FULLNAT_VIP)) for i in range(flows)]
+
+            def body() -> list[libbpf.RunResult]:
+                return [libbpf.prog_test_run(program.fd, f, ingress_ifindex=pkt_lab.ifindex[CLIENT_IF])
+                        for f in frames]
+
+            results = nl.run_in_netns(NETNS, body)
+            sent = [Ether(r.data) for r in results if r.retval == XDP_REDIRECT]
+            dropped = sum(1 for r in results if r.retval == XDP_DROP)
+            assert len(sent) + dropped == flows
+            ports = [p[TCP].sport for p in sent]
+            assert len(set(ports)) == len(ports)  # no collision
+            assert all(p[IPv6].src == LB6 and p[IPv6].dst == "fd00:1::13" for p in sent)
+            assert maps.counters()[Counter.DROP_NO_PORT] == dropped <= flows // 1000
+            assert sum(1 for _ in maps.raw(MapName.FULLNAT_FLOWS6).keys()) == len(sent)
+    finally:
+        purge_pins(pressure)
+
+
+# --- the ring slot of an IPv6 flow (what `lb explain flow` must compute) -------------------
+
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _U32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _U32
+    return h ^ (h >> 16)
+
+
+def flow_hash6(proto: int, src: str, sport: int, dst: str, dport: int) -> int:
+    """bpf/lb.c flow_hash6: the seed, each word of the source, of the
+    destination (as Addr6 holds them), the ports word, the protocol."""
+    h = FLOW_HASH_SEED
+    for word in [*ip6_to_net(src).words, *ip6_to_net(dst).words]:
+        h = _mix32(h ^ word)
+    h = _mix32(h ^ ((port_to_net(sport) << 16) | port_to_net(dport)))
+    return _mix32(h ^ proto)
+
+
+def test_the_ring_slot_of_an_ipv6_flow_is_flow_hash6(pkt_lab: PacketLab) -> None:
+    """A VIP whose ring alternates two targets slot by slot: each flow lands
+    on the target of slot flow_hash6 % M."""
+    m = LIMITS.ring_size
+    vip_id, vip = 7, "fd00::160"
+    targets = {20: "fd00:1::11", 28: "fd00:1::12"}
+    pkt_lab.maps.raw(MapName.TARGETS6).update(
+        ctypes.c_uint32(28), Target6(ip6_to_net("fd00:1::12"), port_to_net(9000), TARGET_F_ACTIVE | TARGET_F_IN_SERVICE))
+    for slot in range(m):
+        pkt_lab.maps.raw(MapName.RINGS).update(ctypes.c_uint32(vip_id * 2 * m + slot),
+                                               ctypes.c_uint32(20 if slot % 2 == 0 else 28))
+    pkt_lab.maps.raw(MapName.VIPS6).update(VipKey6(ip6_to_net(vip), port_to_net(9000), IPPROTO_TCP),
+                                           VipMeta(vip_id, 0, 0, FWD_NAT))
+    seen = set()
+    for sport in range(48000, 48024):
+        out = Ether(pkt_lab.run(raw(from_client(tcp(sport), dst=vip))).data)
+        slot = flow_hash6(IPPROTO_TCP, CLIENT6, sport, vip, 9000) % m
+        assert out[IPv6].dst == targets[20 if slot % 2 == 0 else 28]
+        seen.add(out[IPv6].dst)
+    assert len(seen) == 2
