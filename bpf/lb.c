@@ -1452,7 +1452,7 @@ static __always_inline int by_ring6(struct xdp_md *ctx, struct packet6 *pkt, str
 		return XDP_DROP;
 	struct fwd_how6 how = { .mode = vip->mode };
 	if (how.mode == FWD_FULLNAT) {
-		struct addr6 *src = fullnat_sources6.lookup(&target_id);
+		struct addr6 *src = fullnat_srcs6.lookup(&target_id);
 		if (!src || addr6_is_zero(src)) {
 			count(CNT_DROP_NO_SOURCE);
 			return XDP_DROP;

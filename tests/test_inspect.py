@@ -376,7 +376,7 @@ def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
                          "replies", "reply_ports", "flood_guard", "next_hops", "half_open", "table_stats", "table_fill",
                          "fullnat_sources", "fullnat_flows", "vips6", "targets6", "conntrack6", "half_open6",
-                         "replies6", "fullnat_sources6", "fullnat_flows6"}
+                         "replies6", "fullnat_srcs6", "fullnat_flows6"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
         "hash", 8, 16, 2)
     assert rows["conntrack"]["type"] == "lru_hash" and rows["conntrack"]["max_entries"] == CONNTRACK_SIZE

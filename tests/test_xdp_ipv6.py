@@ -105,7 +105,7 @@ SERVICES6 = [
 def write_services6(maps: Maps, services: list[Service6] | None = None, ring_size: int = LIMITS.ring_size) -> None:
     """What the control plane writes for SERVICES6: targets6, each VIP's ring
     (live half 0, every slot its one target), vips6; replies6 and the
-    reply_ports bit for NAT VIPs; fullnat_sources6 for full-NAT targets."""
+    reply_ports bit for NAT VIPs; fullnat_srcs6 for full-NAT targets."""
     m = ring_size
     rings = maps.raw(MapName.RINGS)
     for s in SERVICES6 if services is None else services:
