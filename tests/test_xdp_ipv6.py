@@ -99,6 +99,7 @@ SERVICES6 = [
     Service6(15, "fd00::140", 9000, IPPROTO_TCP, FWD_FULLNAT, 25, "fd00:1::13", 9001),
     Service6(9, "fd00::150", 9000, IPPROTO_TCP, FWD_NAT, 26, SMALL_MTU_TARGET, 9000),
     Service6(8, "fd00::140", 9000, IPPROTO_UDP, FWD_FULLNAT, 27, "fd00:1::12", 9001),
+    Service6(6, "fd00::131", 9000, IPPROTO_TCP, FWD_DSR, 29, "fd00:1::14", 9000),  # no neighbour
 ]
 
 
@@ -310,6 +311,10 @@ def dsr_cases() -> Iterator[Case]:
                {Counter.CONNTRACK_HIT: 1, Counter.DSR: 1, **FWD},
                before=[(raw(from_client(tcp(42003), dst="fd00::130")), CLIENT_IF),
                        (raw(from_client(tcp(42003, flags="A"), dst="fd00::130")), CLIENT_IF)])
+
+    lonely = from_client(tcp(42005), dst="fd00::131")
+    yield Case("dsr target with no neighbour entry: dropped, not passed (the kernel would deliver it to lb)",
+               raw(lonely), XDP_DROP, None, {Counter.CONNTRACK_MISS: 1, Counter.DSR: 1, Counter.DROP_NO_NEIGH: 1})
 
     fin = from_client(tcp(42004, flags="FA"), dst="fd00::130")
     yield Case("dsr FIN from the client: forwarded, the entry half closed", raw(fin), XDP_REDIRECT,
@@ -638,3 +643,21 @@ def test_the_ring_slot_of_an_ipv6_flow_is_flow_hash6(pkt_lab: PacketLab) -> None
         assert out[IPv6].dst == targets[20 if slot % 2 == 0 else 28]
         seen.add(out[IPv6].dst)
     assert len(seen) == 2
+
+
+def test_a_ring_naming_an_ipv4_target_drops(pkt_lab: PacketLab) -> None:
+    """An IPv6 VIP's ring holds IPv6 target ids; an IPv4 one there (zero in
+    targets6) is no target: dropped, counted, never sent to an IPv4 address."""
+    m = LIMITS.ring_size
+    vip_id, vip = 7, "fd00::170"
+    v4_target = pkt_lab.maps.targets()[0].target_id
+    for slot in range(m):
+        pkt_lab.maps.raw(MapName.RINGS).update(ctypes.c_uint32(vip_id * 2 * m + slot), ctypes.c_uint32(v4_target))
+    key = VipKey6(ip6_to_net(vip), port_to_net(9000), IPPROTO_TCP)
+    pkt_lab.maps.raw(MapName.VIPS6).update(key, VipMeta(vip_id, 0, 0, FWD_NAT))
+    try:
+        syn = from_client(tcp(48100), dst=vip)
+        check(pkt_lab, Case("ring of an IPv6 VIP naming an IPv4 target", raw(syn), XDP_DROP, None,
+                            {Counter.CONNTRACK_MISS: 1, Counter.DROP_NO_TARGET: 1}))
+    finally:
+        pkt_lab.maps.raw(MapName.VIPS6).delete(key)
