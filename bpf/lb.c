@@ -1314,8 +1314,6 @@ static __always_inline int reply6(struct xdp_md *ctx, struct packet6 *pkt)
 	__be16 vip_port = route->vips[found].port;
 	__u32 vip_id = route->vips[found].vip_id;
 	__u32 target_id = route->target_id;
-	fwd.dst = vip_addr;
-	fwd.dport = vip_port;
 
 	/* A local destination once rewritten is lb's own traffic with the target, not a reply. */
 	struct bpf_fib_lookup fib = {};
