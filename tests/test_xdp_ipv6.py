@@ -41,9 +41,9 @@ from lb.dataplane import libbpf
 from lb.dataplane.loader import Program, purge_pins
 from lb.dataplane.maps import Maps
 from lb.dataplane.structs import (
+    FLOW_HASH_SEED,
     FWD_DSR,
     FWD_FULLNAT,
-    FLOW_HASH_SEED,
     FWD_NAT,
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -52,13 +52,13 @@ from lb.dataplane.structs import (
     Counter,
     EndpointKey6,
     FlowKey6,
+    Limits,
     MapName,
     ReplyRoute6,
     ReplyVip6,
     Target6,
     VipKey6,
     VipMeta,
-    Limits,
     ip6_to_net,
     net_to_port,
     port_to_net,
@@ -629,8 +629,9 @@ def test_the_ring_slot_of_an_ipv6_flow_is_flow_hash6(pkt_lab: PacketLab) -> None
     m = LIMITS.ring_size
     vip_id, vip = 7, "fd00::160"
     targets = {20: "fd00:1::11", 28: "fd00:1::12"}
-    pkt_lab.maps.raw(MapName.TARGETS6).update(
-        ctypes.c_uint32(28), Target6(ip6_to_net("fd00:1::12"), port_to_net(9000), TARGET_F_ACTIVE | TARGET_F_IN_SERVICE))
+    flags = TARGET_F_ACTIVE | TARGET_F_IN_SERVICE
+    pkt_lab.maps.raw(MapName.TARGETS6).update(ctypes.c_uint32(28),
+                                              Target6(ip6_to_net("fd00:1::12"), port_to_net(9000), flags))
     for slot in range(m):
         pkt_lab.maps.raw(MapName.RINGS).update(ctypes.c_uint32(vip_id * 2 * m + slot),
                                                ctypes.c_uint32(20 if slot % 2 == 0 else 28))

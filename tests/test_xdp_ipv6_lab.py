@@ -28,12 +28,12 @@ from lb.dataplane.structs import (
     TARGET_F_IN_SERVICE,
     Counter,
     EndpointKey6,
+    MapName,
     ReplyRoute6,
     ReplyVip6,
     Target6,
     VipKey6,
     VipMeta,
-    MapName,
     ip6_to_net,
     port_to_net,
 )
