@@ -48,7 +48,9 @@
 #endif
 
 /* HALF_OPEN_LRU_FLAGS: the same choice for half_open (the loader sizes the
- * map HALF_OPEN_SIZE x possible CPUs with BPF_F_NO_COMMON_LRU). */
+ * map HALF_OPEN_SIZE x possible CPUs with BPF_F_NO_COMMON_LRU). Only
+ * tests/bench/xdp_cost.py asks for the second: measured, no gain
+ * (docs/architecture.md, "What a new flow costs"). */
 #ifndef HALF_OPEN_LRU_FLAGS
 #define HALF_OPEN_LRU_FLAGS 0
 #endif
