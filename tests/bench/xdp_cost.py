@@ -626,7 +626,7 @@ def main() -> int:
         # The headline established row hits one flow, whose entry stays in the
         # L1 cache; a new flow's lookups and insert land in tables of many
         # megabytes. For a like-for-like denominator: established segments of
-        # a full conntrack (all but an eighth, at most 4096, of its entries, so the
+        # a full conntrack (less min(4096, an eighth) of its entries, so the
         # batch write evicts none of its own), a different flow each run.
         # Written from here for the flows the harness makes; run last among
         # the rows, as it fills conntrack.
@@ -653,6 +653,8 @@ def main() -> int:
         cold.overhead = statistics.median(cold_round(pass_fd) for _ in range(args.rounds))
         gross, delta = counter_delta(maps, lambda: statistics.median(cold_round(program.fd) for _ in range(args.rounds)))
         cold.gross, cold.net, cold.verdicts = gross, gross - cold.overhead, fmt_verdicts(delta)
+        if delta.get(Counter.CONNTRACK_HIT.label) != cold_repeat * args.rounds:  # else it measured something else
+            raise SystemExit(f"{cold.case}: not every run hit its entry ({cold.verdicts})")
         cold.single = float("nan")
         rows.append(cold)
 
