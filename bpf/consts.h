@@ -47,6 +47,14 @@
 #define CONNTRACK_LRU_FLAGS 0
 #endif
 
+/* HALF_OPEN_LRU_FLAGS: the same choice for half_open (the loader sizes the
+ * map HALF_OPEN_SIZE x possible CPUs with BPF_F_NO_COMMON_LRU). Only
+ * tests/bench/xdp_cost.py asks for the second: measured, no gain
+ * (docs/architecture.md, "What a new flow costs"). */
+#ifndef HALF_OPEN_LRU_FLAGS
+#define HALF_OPEN_LRU_FLAGS 0
+#endif
+
 /* A flow idle longer than this is forgotten and may be re-hashed (ELB: TCP
  * 350 s, UDP 120 s). Nanoseconds of bpf_ktime_get_coarse_ns(), which ticks
  * every jiffy and costs a fraction of bpf_ktime_get_ns() (no TSC read). */

@@ -59,7 +59,8 @@ BPF_F_TABLE("lru_hash", struct flow_key, struct flow_state, conntrack, LB_MAP_EN
 /* client -> VIP 5-tuple -> a TCP flow whose handshake is not complete: made
  * by a SYN, moved to conntrack by the client's ACK of the target's SYN-ACK.
  * Its own LRU, so a SYN flood turns this table over, never conntrack. */
-BPF_TABLE("lru_hash", struct flow_key, struct half_open_flow, half_open, LB_MAP_ENTRIES(HALF_OPEN_SIZE));
+BPF_F_TABLE("lru_hash", struct flow_key, struct half_open_flow, half_open, LB_MAP_ENTRIES(HALF_OPEN_SIZE),
+            HALF_OPEN_LRU_FLAGS);
 
 /* target endpoint (source of its replies) -> its target id and the VIPs it
  * serves: a reply's source goes back to the VIP whose flow it belongs to,

@@ -86,6 +86,7 @@ def test_counter_enum_matches_consts_h() -> None:
         ("FLOW_HASH_SEED", structs.FLOW_HASH_SEED),
         ("NEW_FLOW_RATE_LIMIT", Limits().new_flow_rate_limit),
         ("CONNTRACK_LRU_FLAGS", 0),  # Limits().conntrack_per_cpu_lru is False
+        ("HALF_OPEN_LRU_FLAGS", 0),  # Limits().half_open_per_cpu_lru is False
     ],
 )
 def test_constants_match_consts_h(macro: str, value: int) -> None:

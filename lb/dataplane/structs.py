@@ -449,6 +449,8 @@ class Limits:
     # possible CPUs so each CPU still holds conntrack_size flows; only the
     # benchmark sets it, to compare with the shared list.
     conntrack_per_cpu_lru: bool = False
+    # The same for half_open (the map made half_open_size x possible CPUs).
+    half_open_per_cpu_lru: bool = False
     # How long the forward path keeps a target's next hop (bpf_fib_lookup's
     # answer) per CPU, in milliseconds; 0: a lookup for every packet.
     next_hop_cache_ms: int = 1000
@@ -472,6 +474,7 @@ class Limits:
             f"-DTCP_TIME_WAIT_NS={self.tcp_time_wait_timeout * 1_000_000_000}ULL",
             f"-DNEW_FLOW_RATE_LIMIT={self.new_flow_rate_limit}ULL",
             f"-DCONNTRACK_LRU_FLAGS={BPF_F_NO_COMMON_LRU if self.conntrack_per_cpu_lru else 0}",
+            f"-DHALF_OPEN_LRU_FLAGS={BPF_F_NO_COMMON_LRU if self.half_open_per_cpu_lru else 0}",
             f"-DNEXT_HOP_CACHE_NS={self.next_hop_cache_ms * 1_000_000}ULL",
             f"-DFULLNAT_PORT_MIN={self.fullnat_port_min}",
             f"-DFULLNAT_PORT_MAX={self.fullnat_port_max}",
@@ -486,6 +489,14 @@ class Limits:
 
             return self.conntrack_size * possible_cpus()
         return self.conntrack_size
+
+    def half_open_entries(self) -> int:
+        """max_entries of the half_open map (as conntrack_entries)."""
+        if self.half_open_per_cpu_lru:
+            from lb.dataplane.libbpf import possible_cpus  # a ctypes binding, no compiler
+
+            return self.half_open_size * possible_cpus()
+        return self.half_open_size
 
 
 @dataclass(frozen=True)
@@ -530,8 +541,8 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
                 sized_by=("max_vips", "ring_size")),
         MapSpec(MapName.CONNTRACK, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowState, limits.conntrack_entries(),
                 flags=BPF_F_NO_COMMON_LRU if limits.conntrack_per_cpu_lru else 0, sized_by=("conntrack_size",)),
-        MapSpec(MapName.HALF_OPEN, BPF_MAP_TYPE_LRU_HASH, FlowKey, HalfOpenFlow, limits.half_open_size,
-                sized_by=("half_open_size",)),
+        MapSpec(MapName.HALF_OPEN, BPF_MAP_TYPE_LRU_HASH, FlowKey, HalfOpenFlow, limits.half_open_entries(),
+                flags=BPF_F_NO_COMMON_LRU if limits.half_open_per_cpu_lru else 0, sized_by=("half_open_size",)),
         MapSpec(MapName.VIP_GENS, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_vips, sized_by=VIPS),
         MapSpec(MapName.VIP_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_vips, True, sized_by=VIPS),
         MapSpec(MapName.TARGET_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, u32, TrafficStats, limits.max_targets, True,

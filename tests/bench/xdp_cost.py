@@ -23,7 +23,12 @@ that finds its half-open entry's target draining (rescheduled onto the ring,
 entry replaced), and a SYN of a new flow, first while the half_open table
 fills, then once it is full (each insert evicts). A SYN's entry is
 half-open; the established flows are opened by a whole handshake (SYN, the
-target's SYN-ACK, the ACK), which moves them to conntrack.
+target's SYN-ACK, the ACK), which moves them to conntrack. Last, established
+segments of a full conntrack, a different flow each run: the headline row
+hits one flow whose entry never leaves the L1 cache, a new flow touches
+tables of many megabytes, so the new-flow rows are also given against this
+one (where their cost goes: docs/architecture.md,
+"What a new flow costs").
 
 How the cost is measured, and why not simply with repeat=1_000_000:
 
@@ -312,12 +317,12 @@ def build_namespace() -> dict[str, int]:
     return ifindex
 
 
-def in_bench_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run fn in a thread inside NETNS, pinned to BENCH_CPU."""
+def in_bench_thread(fn: Callable[..., Any], *args: Any, cpu: int = BENCH_CPU, **kwargs: Any) -> Any:
+    """Run fn in a thread inside NETNS, pinned to `cpu` (BENCH_CPU unless said)."""
 
     def pinned() -> Any:
         try:
-            os.sched_setaffinity(0, {BENCH_CPU})  # this thread only
+            os.sched_setaffinity(0, {cpu})  # this thread only
         except OSError:
             pass
         return fn(*args, **kwargs)
@@ -360,8 +365,8 @@ def compile_harness(frame: bytes, new_flow: bool) -> Harness:
     return Harness(bpf, fn.fd)
 
 
-def run_repeat(prog_fd: int, frame: bytes, ifindex: int, repeat: int) -> libbpf.RunResult:
-    return in_bench_thread(libbpf.prog_test_run, prog_fd, frame, ingress_ifindex=ifindex, repeat=repeat)
+def run_repeat(prog_fd: int, frame: bytes, ifindex: int, repeat: int, cpu: int = BENCH_CPU) -> libbpf.RunResult:
+    return in_bench_thread(libbpf.prog_test_run, prog_fd, frame, ingress_ifindex=ifindex, repeat=repeat, cpu=cpu)
 
 
 def single_shot(prog_fd: int, frames: list[bytes], ifindex: int) -> list[int]:
@@ -426,7 +431,7 @@ def on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 def main() -> int:
-    global LIMITS  # --per-cpu-lru and --conntrack-size change the program's limits
+    global LIMITS  # --per-cpu-lru, --half-open-* and --conntrack-size change the program's limits
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=1_000_000, help="runs per BPF_PROG_TEST_RUN (default 1000000)")
     parser.add_argument("--rounds", type=int, default=5, help="measurements per case; the median is shown (default 5)")
@@ -436,11 +441,18 @@ def main() -> int:
     parser.add_argument("--per-cpu-lru", action="store_true",
                         help="conntrack with an LRU list per CPU (each CPU holding the configured size), to compare "
                              "with the shared list lb uses")
+    parser.add_argument("--half-open-per-cpu-lru", action="store_true",
+                        help="half_open with an LRU list per CPU (each CPU holding the configured size; every CPU's "
+                             "list is filled before the table-full row), to compare with the shared list lb uses")
+    parser.add_argument("--half-open-size", type=int, default=LIMITS.half_open_size,
+                        help=f"half-open flows (default {LIMITS.half_open_size}, lb's default); with a small "
+                             "--conntrack-size too, the new-flow rows without cache misses")
     parser.add_argument("--conntrack-size", type=int, default=LIMITS.conntrack_size,
                         help=f"flows in the table (default {LIMITS.conntrack_size}, lb's default): a small one stays in "
                              "the CPU caches, which is what new flows cost apart from memory")
     args = parser.parse_args()
-    LIMITS = replace(LIMITS, conntrack_per_cpu_lru=args.per_cpu_lru, conntrack_size=args.conntrack_size)
+    LIMITS = replace(LIMITS, conntrack_per_cpu_lru=args.per_cpu_lru, conntrack_size=args.conntrack_size,
+                     half_open_per_cpu_lru=args.half_open_per_cpu_lru, half_open_size=args.half_open_size)
     if os.geteuid() != 0:
         print("xdp_cost.py: needs root (BPF, network namespaces)", file=sys.stderr)
         return 1
@@ -623,6 +635,17 @@ def main() -> int:
                 rows.append(row)
                 h.target(program.fd)
                 run_repeat(h.fd, frame, ifidx, LIMITS.half_open_size)  # fill the table
+                if LIMITS.half_open_per_cpu_lru:
+                    # Every CPU's list full, as in a flood spread over all RX
+                    # queues (else the table's buckets are half empty, and
+                    # its misses cheaper than they would be). Other clients
+                    # (11.x.x.2, ...): a CPU's harness makes the same flows.
+                    for cpu in sorted(os.sched_getaffinity(0) - {BENCH_CPU}):
+                        other_frame = tcp_frame(MAC["client"], MAC["fxa"], f"{11 + cpu}.0.0.2", VIP, 1, VIP_PORT, "S")
+                        other = compile_harness(other_frame, True)
+                        stack.callback(other.bpf.cleanup)
+                        other.target(program.fd)
+                        run_repeat(other.fd, other_frame, ifidx, LIMITS.half_open_size, cpu=cpu)
             if kind == "promote":
                 row = Row(f"{name} ({promote_repeat // 1000}k runs)")
                 row.overhead = statistics.median(promote_round(h, pass_fd, frame, ifidx) for _ in range(args.rounds))
@@ -667,6 +690,41 @@ def main() -> int:
                 frames = [frame] * args.single
             row.single = statistics.median(single_shot(program.fd, frames, ifidx)) - floor_single
             rows.append(row)
+
+        # The headline established row hits one flow, whose entry stays in the
+        # L1 cache; a new flow's lookups and insert land in tables of many
+        # megabytes. For a like-for-like denominator: established segments of
+        # a full conntrack (less min(4096, an eighth) of its entries, so the
+        # batch write evicts none of its own), a different flow each run.
+        # Written from here for the flows the harness makes; run last among
+        # the rows, as it fills conntrack.
+        n_cold = LIMITS.conntrack_size - min(4096, LIMITS.conntrack_size // 8)
+        cold_repeat = min(args.repeat, n_cold)
+        cold_keys, cold_values = (FlowKey * n_cold)(), (FlowState * n_cold)()
+        now = time.clock_gettime_ns(6)  # CLOCK_MONOTONIC_COARSE, the program's clock
+        cold_state = FlowState(promote_target, vip_entry.vip_id, now, now, maps.vip_gen(vip_entry.vip_id), 0, 0, 0, 0)
+        vip_net, vip_port_net = ip_to_net(VIP), port_to_net(VIP_PORT)
+        for n in range(n_cold):  # new_flow_variant's 5-tuple for counter value n
+            cold_keys[n] = FlowKey(int.from_bytes(bytes((10, (n >> 24) & 0xFF, (n >> 16) & 0xFF, 2)), "little"),
+                                   vip_net, n & 0xFFFF, vip_port_net, 6)
+            cold_values[n] = cold_state
+        maps.raw(MapName.CONNTRACK).update_batch(cold_keys, cold_values, n_cold)
+        h = compile_harness(ack, True)
+        stack.callback(h.bpf.cleanup)
+        cold = Row(f"established TCP, {cold_repeat // 1000}k flows in turn (full table)")
+
+        def cold_round(prog_fd: int) -> float:
+            h.target(prog_fd)
+            h.restart_flows()  # flows 0.. again: those written above
+            return float(run_repeat(h.fd, ack, fx_client, cold_repeat).duration_ns)
+
+        cold.overhead = statistics.median(cold_round(pass_fd) for _ in range(args.rounds))
+        gross, delta = counter_delta(maps, lambda: statistics.median(cold_round(program.fd) for _ in range(args.rounds)))
+        cold.gross, cold.net, cold.verdicts = gross, gross - cold.overhead, fmt_verdicts(delta)
+        if delta.get(Counter.CONNTRACK_HIT.label) != cold_repeat * args.rounds:  # else it measured something else
+            raise SystemExit(f"{cold.case}: not every run hit its entry ({cold.verdicts})")
+        cold.single = float("nan")
+        rows.append(cold)
 
         # Baseline on the established frame: same harness, same ingress.
         h = harnesses[cases[0][0]]
@@ -855,6 +913,10 @@ def main() -> int:
         verdict = "MET" if ratio <= GOAL_NEW_FLOW_RATIO else "NOT MET"
         print(f"goal: new flow <= {GOAL_NEW_FLOW_RATIO} x established: {row.case}: net {row.net:.1f} / {est.net:.1f} "
               f"ns = {ratio:.2f}x [{verdict}]")
+    cold = next(r for r in rows if r.case.startswith("established TCP, ") and "in turn" in r.case)
+    for row in (r for r in rows if r.case.startswith("new TCP flow")):
+        print(f"  the same against an established flow of a full table ({cold.case}): net {row.net:.1f} / "
+              f"{cold.net:.1f} ns = {row.net / cold.net:.2f}x")
     for lb_row, floor_row in mode_rows:
         ratio = lb_row.net / floor_row.net if floor_row.net > 0 else float("nan")
         verdict = "MET" if ratio <= GOAL_RATIO else "NOT MET"
