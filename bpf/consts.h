@@ -115,9 +115,11 @@
  * has two slots a table: FILL_HELD(t), entries the program put in less
  * those it took out (atomic adds), and FILL_REMOVED_BY_LB(t), entries lb
  * deleted (written by userspace only); the table holds the difference. */
-#define TABLE_CONNTRACK 0
-#define TABLE_HALF_OPEN 1
-#define TABLE_COUNT     2
+#define TABLE_CONNTRACK  0
+#define TABLE_HALF_OPEN  1
+#define TABLE_CONNTRACK6 2
+#define TABLE_HALF_OPEN6 3
+#define TABLE_COUNT      4
 #define FILL_HELD(t)          ((t) * 2)
 #define FILL_REMOVED_BY_LB(t) ((t) * 2 + 1)
 
@@ -156,7 +158,7 @@ enum lb_counter {
 	CNT_PASS_IP_OPTIONS,     /* IPv4 options (IHL > 5): pass */
 	CNT_PASS_FRAGMENT,       /* IPv4 fragment (no ports to hash): pass */
 	CNT_PASS_FIB,            /* rewritten, but bpf_fib_lookup would not forward it: pass (CNT_FIB_* says why) */
-	CNT_DROP_TTL,            /* TTL <= 1 on a flow we would forward: drop */
+	CNT_DROP_TTL,            /* TTL (IPv6: hop limit) <= 1 on a flow we would forward: drop */
 	CNT_DROP_NO_TARGET,      /* VIP whose ring is empty: drop */
 	CNT_REDIRECTED,          /* forwarded with bpf_redirect to another interface */
 	CNT_TX,                  /* forwarded back out of the receiving interface (XDP_TX) */
@@ -189,16 +191,20 @@ enum lb_counter {
 	CNT_DSR,                 /* DSR: only the destination MAC rewritten toward the target */
 	CNT_DROP_NO_NEIGH,       /* full NAT or DSR: no route or neighbour entry toward the target yet: drop
 	                          * (the kernel could not forward such a packet; lb resolves targets' neighbours) */
-	CNT_ICMP_TOO_BIG,        /* a packet with DF too big for the path to its target: "fragmentation needed"
-	                          * sent back to its sender instead (XDP_TX) */
+	CNT_ICMP_TOO_BIG,        /* a packet with DF (IPv6: any) too big for the path to its target: "fragmentation
+	                          * needed" (ICMPv6 "packet too big") sent back to its sender instead (XDP_TX) */
 	CNT_ICMP_TO_CLIENT,      /* ICMP error about a packet lb sent toward a target: quote and addresses
 	                          * rewritten back, sent to the client */
 	CNT_ICMP_TO_TARGET,      /* ICMP error about a reply lb sent from a VIP: rewritten, sent to the target */
-	CNT_PASS_IPV6,           /* IPv6 with no extension header, not ICMPv6 (no IPv6 VIPs on the XDP path yet): pass */
+	CNT_PASS_IPV6,           /* IPv6 with no extension header, not ICMPv6, that is not TCP/UDP to an IPv6 VIP
+	                          * nor a reply: pass */
 	CNT_PASS_IPV6_EXT_HDR,   /* IPv6 with an extension header (hop-by-hop, routing, destination options, AH,
 	                          * ESP, ...) after the fixed header: pass */
 	CNT_PASS_IPV6_FRAGMENT,  /* IPv6 fragment (a fragment header first): pass */
-	CNT_PASS_ICMPV6,         /* ICMPv6 (neighbour discovery, echo, errors): pass, the kernel answers it */
+	CNT_PASS_ICMPV6,         /* ICMPv6 (neighbour discovery, echo, errors of no tracked flow): pass, the
+	                          * kernel answers it */
+	CNT_IPV6_FORWARDED,      /* an IPv6 frame forwarded (toward a target, back to a client, an ICMPv6
+	                          * error): an event; its verdict is counted too (CNT_REDIRECTED, CNT_TX) */
 	CNT_MAX,
 };
 

@@ -3,8 +3,10 @@
  * All maps are pinned under PIN_DIR (/sys/fs/bpf/lb/<name>/) and reused by
  * the next load, so a restarted daemon adopts the live state: flows keep
  * their targets while the control plane is away. Userspace writes vips,
- * targets, rings, vip_gens, replies and reply_ports; the program writes
- * conntrack, half_open, flood_guard, next_hops and the stats.
+ * targets, rings, vip_gens, replies and reply_ports (and their IPv6
+ * counterparts vips6, targets6, replies6, fullnat_sources6); the program
+ * writes conntrack, half_open, fullnat_flows (conntrack6, half_open6,
+ * fullnat_flows6), flood_guard, next_hops and the stats.
  *
  * Only declarations live here: bcc rewrites map calls (vips.lookup(...))
  * in the main file alone, so every function that touches a map is in lb.c.
@@ -111,5 +113,31 @@ BPF_TABLE("array", u32, u64, table_fill, LB_MAP_ENTRIES(TABLE_COUNT * 2));
 
 /* 0 -> this CPU's flood window: new entries made in the current second. */
 BPF_TABLE("percpu_array", u32, struct flood_window, flood_guard, LB_MAP_ENTRIES(1));
+
+/* ---- IPv6: the same roles, with 16-byte addresses (structs.h). VIP and
+ * target ids are shared with IPv4 (one id space each), and so are rings,
+ * vip_gens, reply_ports, next_hops, the stats, counters and flood_guard. */
+
+/* {IPv6 addr, port, proto} -> VIP id, live ring half, generation, mode. */
+BPF_TABLE("hash", struct vip_key6, struct vip_meta, vips6, LB_MAP_ENTRIES(MAX_VIPS));
+
+/* target id -> {IPv6 addr, port, flags}: the entry of an IPv6 target (an
+ * IPv6 VIP's ring holds only those). */
+BPF_TABLE("array", u32, struct target6, targets6, LB_MAP_ENTRIES(MAX_TARGETS));
+
+/* As conntrack, for IPv6 flows. */
+BPF_TABLE("lru_hash", struct flow_key6, struct flow_state6, conntrack6, LB_MAP_ENTRIES(CONNTRACK_SIZE));
+
+/* As half_open, for IPv6 flows. */
+BPF_TABLE("lru_hash", struct flow_key6, struct half_open_flow6, half_open6, LB_MAP_ENTRIES(HALF_OPEN_SIZE));
+
+/* As replies, for IPv6 target endpoints (their ports are in reply_ports too). */
+BPF_TABLE("hash", struct endpoint_key6, struct reply_route6, replies6, LB_MAP_ENTRIES(MAX_TARGETS * 2));
+
+/* target id -> lb's own IPv6 address toward it (all zero: none), as fullnat_sources. */
+BPF_TABLE("array", u32, struct addr6, fullnat_sources6, LB_MAP_ENTRIES(MAX_TARGETS));
+
+/* As fullnat_flows, for IPv6: target -> lb address:port 5-tuple -> client -> VIP 5-tuple. */
+BPF_TABLE("lru_hash", struct flow_key6, struct flow_key6, fullnat_flows6, LB_MAP_ENTRIES(CONNTRACK_SIZE));
 
 #endif /* LB_MAPS_H */

@@ -126,7 +126,8 @@ struct next_hop {
 	__u64 expires_ns;  /* host order; bpf_ktime_get_coarse_ns() from which it is asked again; 0: empty */
 	__u32 ifindex;     /* host order; egress interface */
 	__u32 in_ifindex;  /* host order; the ingress interface it was asked for */
-	__u16 max_len;     /* host order; the largest IPv4 total length it let through */
+	__u16 max_len;     /* host order; the largest IP packet it let through (IPv4 total length,
+	                    * IPv6 fixed header + payload length) */
 	__u8  dmac[6];     /* the next hop's MAC */
 	__u8  smac[6];     /* the egress interface's MAC */
 	__u8  pad[2];      /* zero */
@@ -139,6 +140,83 @@ struct traffic_stats {
 	__u64 new_flows;     /* flows hashed onto the ring */
 	__u64 reply_packets; /* target -> client packets (reverse NAT) */
 	__u64 reply_bytes;   /* target -> client bytes */
+};
+
+/* ---- IPv6: maps of their own (docs/architecture.md, "IPv6 flows: one map
+ * per family"), so the IPv4 maps' keys and values above stay as they are.
+ * VIP ids and target ids are one id space for both families: rings,
+ * vip_gens, vip_stats, target_stats, next_hops and reply_ports are shared. */
+
+/* An IPv6 address as packets carry it (network order), as four words so the
+ * program copies, compares and hashes it a word at a time. */
+struct addr6 {
+	__be32 words[4];  /* network order */
+};
+
+/* vips6 key: an IPv6 VIP as packets address it. Its value is a struct
+ * vip_meta whose vip_id comes from the IPv4 VIPs' id space. */
+struct vip_key6 {
+	struct addr6 addr; /* network order */
+	__be16 port;       /* network order */
+	__u8   proto;      /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad;        /* zero */
+};
+
+/* targets6 value (array indexed by target id): an IPv6 target. A target id
+ * is IPv4 (its entry in targets) or IPv6 (its entry here); the other map's
+ * entry is zero (flags 0: never forwarded to). */
+struct target6 {
+	struct addr6 addr; /* network order */
+	__be16 port;       /* network order */
+	__u16  flags;      /* host order; TARGET_F_* */
+};
+
+/* conntrack6, half_open6 and fullnat_flows6 key: an IPv6 5-tuple exactly as
+ * the packet carries it (client -> VIP; for fullnat_flows6, target -> lb). */
+struct flow_key6 {
+	struct addr6 src;  /* network order */
+	struct addr6 dst;  /* network order */
+	__be16 sport;      /* network order */
+	__be16 dport;      /* network order */
+	__u8   proto;      /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad[3];     /* zero */
+};
+
+/* conntrack6 value: an IPv4 flow's state (the same TCP lifecycle, the same
+ * code), and full NAT's IPv6 source. */
+struct flow_state6 {
+	struct flow_state flow;  /* as in conntrack; flow.snat_addr is 0 (snat_addr below) */
+	struct addr6 snat_addr;  /* network order; full NAT: lb's address the flow leaves from; else zero */
+};
+
+/* half_open6 value: as half_open's, and full NAT's IPv6 source. */
+struct half_open_flow6 {
+	struct half_open_flow half;  /* as in half_open; half.flow.snat_addr is 0 */
+	struct addr6 snat_addr;      /* network order; as flow_state6.snat_addr */
+};
+
+/* replies6 key: an IPv6 target endpoint as its replies carry it (source). */
+struct endpoint_key6 {
+	struct addr6 addr; /* network order */
+	__be16 port;       /* network order */
+	__u8   proto;      /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad;        /* zero */
+};
+
+/* One IPv6 VIP a target endpoint serves: what a reply's source becomes. */
+struct reply_vip6 {
+	struct addr6 addr; /* network order */
+	__be16 port;       /* network order */
+	__u16  pad;        /* zero */
+	__u32  vip_id;     /* host order */
+	__u32  gen;        /* host order; the VIP's generation (an entry of another is stale) */
+};
+
+/* replies6 value: the target's id and the VIPs it serves (first `count`). */
+struct reply_route6 {
+	__u32 target_id;                       /* host order */
+	__u32 count;                           /* host order; 1..MAX_REPLY_VIPS */
+	struct reply_vip6 vips[MAX_REPLY_VIPS];
 };
 
 #endif /* LB_STRUCTS_H */

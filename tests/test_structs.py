@@ -8,6 +8,7 @@ the constants with the C headers, so neither side can drift alone.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,8 @@ def test_counter_enum_matches_consts_h() -> None:
         ("MAX_REPLY_VIPS", structs.MAX_REPLY_VIPS),
         ("TABLE_CONNTRACK", structs.TABLE_CONNTRACK),
         ("TABLE_HALF_OPEN", structs.TABLE_HALF_OPEN),
+        ("TABLE_CONNTRACK6", structs.TABLE_CONNTRACK6),
+        ("TABLE_HALF_OPEN6", structs.TABLE_HALF_OPEN6),
         ("TABLE_COUNT", len(structs.TABLE_NAMES)),
         ("FLOW_HASH_SEED", structs.FLOW_HASH_SEED),
         ("NEW_FLOW_RATE_LIMIT", Limits().new_flow_rate_limit),
@@ -148,3 +151,21 @@ def test_every_map_in_maps_h_is_mirrored() -> None:
 
 def test_source_dir_is_the_checkout() -> None:
     assert bpf_source_dir() == Path(__file__).resolve().parents[1] / "bpf"
+
+
+def test_ipv6_address_conversions_round_trip() -> None:
+    address = "2001:db8::1:2"
+    value = structs.ip6_to_net(address)
+    assert bytes(value) == bytes.fromhex("20010db8000000000000000000010002")  # as the packet carries it
+    assert structs.net_to_ip6(value) == ipaddress.IPv6Address(address)
+    key = structs.VipKey6(addr=value, port=structs.port_to_net(443), proto=structs.IPPROTO_TCP)
+    assert bytes(key)[:16] == bytes(value) and bytes(key)[16:18] == (443).to_bytes(2, "big")
+
+
+def test_ipv6_values_embed_the_ipv4_flow_state() -> None:
+    # The TCP lifecycle code reads a struct flow_state (half_open_flow) in
+    # either family: it sits first in the IPv6 values, target_id at 0 (the
+    # layout Maps' batch delete by target relies on).
+    assert structs.FlowState6.flow.offset == 0 and structs.HalfOpenFlow6.half.offset == 0
+    assert ctypes.sizeof(structs.FlowState6) == ctypes.sizeof(structs.FlowState) + 16
+    assert ctypes.sizeof(structs.HalfOpenFlow6) == ctypes.sizeof(structs.HalfOpenFlow) + 16

@@ -24,7 +24,9 @@ from lb.dataplane.structs import (
     PROTO_NUMBERS,
     REPLY_PORT_WORDS,
     TABLE_CONNTRACK,
+    TABLE_CONNTRACK6,
     TABLE_HALF_OPEN,
+    TABLE_HALF_OPEN6,
     TABLE_NAMES,
     TARGET_F_ACTIVE,
     TARGET_F_IN_SERVICE,
@@ -459,7 +461,8 @@ class Maps:
     def table_usage(self) -> list[TableUsage]:
         """Each flow table's fullness and LRU evictions (TableUsage): a few
         array reads, whatever the table's size."""
-        capacity = {TABLE_CONNTRACK: self.limits.conntrack_size, TABLE_HALF_OPEN: self.limits.half_open_size}
+        capacity = {TABLE_CONNTRACK: self.limits.conntrack_size, TABLE_HALF_OPEN: self.limits.half_open_size,
+                    TABLE_CONNTRACK6: self.limits.conntrack_size, TABLE_HALF_OPEN6: self.limits.half_open_size}
         out = []
         for table, name in TABLE_NAMES.items():
             cells = self._maps[MapName.TABLE_STATS].lookup(ctypes.c_uint32(table))

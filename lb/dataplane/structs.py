@@ -23,8 +23,9 @@ NO_TARGET = 0xFFFFFFFF
 FLOW_HASH_SEED = 0x6C620001  # every host sharing VIPs must use the same one
 TARGET_F_ACTIVE = 0x1  # its flows may go on
 TARGET_F_IN_SERVICE = 0x2  # in the ring: a SYN may follow an entry to it
-TABLE_CONNTRACK, TABLE_HALF_OPEN = 0, 1  # table_stats index
-TABLE_NAMES = {TABLE_CONNTRACK: "conntrack", TABLE_HALF_OPEN: "half_open"}
+TABLE_CONNTRACK, TABLE_HALF_OPEN, TABLE_CONNTRACK6, TABLE_HALF_OPEN6 = 0, 1, 2, 3  # table_stats index
+TABLE_NAMES = {TABLE_CONNTRACK: "conntrack", TABLE_HALF_OPEN: "half_open",
+               TABLE_CONNTRACK6: "conntrack6", TABLE_HALF_OPEN6: "half_open6"}
 
 
 def fill_held(table: int) -> int:
@@ -95,6 +96,7 @@ class Counter(enum.IntEnum):
     PASS_IPV6_EXT_HDR = 37
     PASS_IPV6_FRAGMENT = 38
     PASS_ICMPV6 = 39
+    IPV6_FORWARDED = 40
 
     @property
     def label(self) -> str:
@@ -110,7 +112,7 @@ COUNTER_HELP = {
     Counter.PASS_IP_OPTIONS: "IPv4 options: passed",
     Counter.PASS_FRAGMENT: "IPv4 fragment: passed",
     Counter.PASS_FIB: "rewritten, bpf_fib_lookup would not forward it: passed to the kernel (fib_* say why)",
-    Counter.DROP_TTL: "TTL <= 1: dropped",
+    Counter.DROP_TTL: "TTL (IPv6: hop limit) <= 1: dropped",
     Counter.DROP_NO_TARGET: "VIP without targets: dropped",
     Counter.REDIRECTED: "forwarded (redirect)",
     Counter.TX: "forwarded (XDP_TX)",
@@ -142,14 +144,17 @@ COUNTER_HELP = {
     Counter.FULLNAT_REVERSE: "full NAT: reply to lb's address:port rewritten back to VIP -> client",
     Counter.DSR: "DSR: only the destination MAC rewritten toward the target",
     Counter.DROP_NO_NEIGH: "full NAT or DSR: no neighbour entry toward the target yet: dropped",
-    Counter.ICMP_TOO_BIG: "packet with DF too big for the path to its target: fragmentation needed sent back",
+    Counter.ICMP_TOO_BIG: "packet with DF (IPv6: any) too big for the path to its target: fragmentation needed "
+                          "(ICMPv6 packet too big) sent back",
     Counter.ICMP_TO_CLIENT: "ICMP error about a packet sent toward a target: rewritten back, sent to the client",
     Counter.ICMP_TO_TARGET: "ICMP error about a reply sent from a VIP: rewritten, sent to the target",
-    Counter.PASS_IPV6: "IPv6, no extension header, not ICMPv6 (no IPv6 VIPs on the XDP path yet): passed",
+    Counter.PASS_IPV6: "IPv6, no extension header, not ICMPv6, not TCP/UDP to an IPv6 VIP nor a reply: passed",
     Counter.PASS_IPV6_EXT_HDR: "IPv6 with an extension header (hop-by-hop, routing, destination options, "
                                "AH, ESP, ...): passed",
     Counter.PASS_IPV6_FRAGMENT: "IPv6 fragment: passed",
-    Counter.PASS_ICMPV6: "ICMPv6 (neighbour discovery, echo, errors): passed",
+    Counter.PASS_ICMPV6: "ICMPv6 (neighbour discovery, echo, errors of no tracked flow): passed",
+    Counter.IPV6_FORWARDED: "IPv6 frame forwarded (to a target, back to a client, an ICMPv6 error); "
+                            "also counted as redirected or tx",
 }
 
 
@@ -173,6 +178,14 @@ class MapName(str, enum.Enum):
     TABLE_FILL = "table_fill"
     FULLNAT_SOURCES = "fullnat_sources"
     FULLNAT_FLOWS = "fullnat_flows"
+    # IPv6: maps of their own, ids shared with IPv4 (bpf/maps.h)
+    VIPS6 = "vips6"
+    TARGETS6 = "targets6"
+    CONNTRACK6 = "conntrack6"
+    HALF_OPEN6 = "half_open6"
+    REPLIES6 = "replies6"
+    FULLNAT_SOURCES6 = "fullnat_sources6"
+    FULLNAT_FLOWS6 = "fullnat_flows6"
 
 
 # --- structs (bpf/structs.h) ---------------------------------------------------
@@ -327,6 +340,90 @@ class TrafficStats(ctypes.Structure):
     ]
 
 
+# --- IPv6 structs (bpf/structs.h): ids shared with IPv4 ---------------------------
+
+class Addr6(ctypes.Structure):
+    """An IPv6 address, network order (the 16 bytes as packets carry them);
+    four words in C. ip6_to_net() makes one, net_to_ip6() reads one."""
+
+    _fields_ = [
+        ("words", ctypes.c_uint32 * 4),  # network order
+    ]
+
+
+class VipKey6(ctypes.Structure):
+    _fields_ = [
+        ("addr", Addr6),
+        ("port", ctypes.c_uint16),  # network order
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class Target6(ctypes.Structure):
+    _fields_ = [
+        ("addr", Addr6),
+        ("port", ctypes.c_uint16),  # network order
+        ("flags", ctypes.c_uint16),
+    ]
+
+
+class FlowKey6(ctypes.Structure):
+    _fields_ = [
+        ("src", Addr6),
+        ("dst", Addr6),
+        ("sport", ctypes.c_uint16),  # network order
+        ("dport", ctypes.c_uint16),  # network order
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class FlowState6(ctypes.Structure):
+    """conntrack6 value: an IPv4 flow's state (flow.snat_addr 0), and full NAT's IPv6 source."""
+
+    _fields_ = [
+        ("flow", FlowState),
+        ("snat_addr", Addr6),  # full NAT: lb's address the flow leaves from; else zero
+    ]
+
+
+class HalfOpenFlow6(ctypes.Structure):
+    """half_open6 value: as half_open's (half.flow.snat_addr 0), and full NAT's IPv6 source."""
+
+    _fields_ = [
+        ("half", HalfOpenFlow),
+        ("snat_addr", Addr6),
+    ]
+
+
+class EndpointKey6(ctypes.Structure):
+    _fields_ = [
+        ("addr", Addr6),
+        ("port", ctypes.c_uint16),  # network order
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class ReplyVip6(ctypes.Structure):
+    _fields_ = [
+        ("addr", Addr6),
+        ("port", ctypes.c_uint16),  # network order
+        ("pad", ctypes.c_uint16),
+        ("vip_id", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+    ]
+
+
+class ReplyRoute6(ctypes.Structure):
+    _fields_ = [
+        ("target_id", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+        ("vips", ReplyVip6 * MAX_REPLY_VIPS),
+    ]
+
+
 # --- the program's limits (cflags) ---------------------------------------------
 
 @dataclass(frozen=True)
@@ -450,6 +547,17 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
         MapSpec(MapName.FULLNAT_SOURCES, BPF_MAP_TYPE_ARRAY, u32, u32, limits.max_targets, sized_by=TARGETS),
         MapSpec(MapName.FULLNAT_FLOWS, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowKey, limits.conntrack_size,
                 sized_by=("conntrack_size",)),
+        MapSpec(MapName.VIPS6, BPF_MAP_TYPE_HASH, VipKey6, VipMeta, limits.max_vips, sized_by=VIPS),
+        MapSpec(MapName.TARGETS6, BPF_MAP_TYPE_ARRAY, u32, Target6, limits.max_targets, sized_by=TARGETS),
+        MapSpec(MapName.CONNTRACK6, BPF_MAP_TYPE_LRU_HASH, FlowKey6, FlowState6, limits.conntrack_size,
+                sized_by=("conntrack_size",)),
+        MapSpec(MapName.HALF_OPEN6, BPF_MAP_TYPE_LRU_HASH, FlowKey6, HalfOpenFlow6, limits.half_open_size,
+                sized_by=("half_open_size",)),
+        MapSpec(MapName.REPLIES6, BPF_MAP_TYPE_HASH, EndpointKey6, ReplyRoute6, limits.max_targets * 2,
+                sized_by=TARGETS),
+        MapSpec(MapName.FULLNAT_SOURCES6, BPF_MAP_TYPE_ARRAY, u32, Addr6, limits.max_targets, sized_by=TARGETS),
+        MapSpec(MapName.FULLNAT_FLOWS6, BPF_MAP_TYPE_LRU_HASH, FlowKey6, FlowKey6, limits.conntrack_size,
+                sized_by=("conntrack_size",)),
     ]
     return {spec.name: spec for spec in specs}
 
@@ -471,3 +579,12 @@ def port_to_net(port: int) -> int:
 
 def net_to_port(value: int) -> int:
     return socket.ntohs(value)
+
+
+def ip6_to_net(address: ipaddress.IPv6Address | str) -> Addr6:
+    """An IPv6 address as the program holds it (Addr6: the 16 bytes in network order)."""
+    return Addr6.from_buffer_copy(ipaddress.IPv6Address(address).packed)
+
+
+def net_to_ip6(value: Addr6 | bytes) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(bytes(value))
