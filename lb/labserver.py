@@ -28,6 +28,7 @@ import asyncio
 import datetime
 import os
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -159,6 +160,18 @@ def self_signed(name: str) -> ssl.SSLContext:
     return ctx
 
 
+def ipv6_only_udp(port: int) -> socket.socket:
+    """A UDP socket on [::]:port that leaves IPv4 to the 0.0.0.0 one (IPV6_V6ONLY)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve(name: str, http_port: int, echo_port: int, https_port: int = 0) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
@@ -172,7 +185,7 @@ async def serve(name: str, http_port: int, echo_port: int, https_port: int = 0) 
     # The echo servers on IPv4 and IPv6 (host None: 0.0.0.0 and ::, the latter IPv6 only), for IPv6 VIPs.
     echo = await loop.create_server(lambda: TcpEcho(name), None, echo_port, reuse_address=True)
     udp, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(name), local_addr=("0.0.0.0", echo_port))
-    udp6, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(name), local_addr=("::", echo_port))
+    udp6, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(name), sock=ipv6_only_udp(echo_port))
     print("ready", flush=True)
     try:
         await stop
