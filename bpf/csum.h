@@ -36,6 +36,22 @@ static __always_inline void csum_replace4(__sum16 *check, __u32 from, __u32 to)
 	*check = ~csum_fold(sum);
 }
 
+/* A 128-bit field (an IPv6 address, as four words) changed from `from` to
+ * `to`. Sixteen 16-bit terms and the old checksum stay below 2^21: two folds
+ * are enough. */
+static __always_inline void csum_replace16(__sum16 *check, const __u32 *from, const __u32 *to)
+{
+	__u32 sum = (__u16)~*check;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		sum += (__u16)~(from[i] & 0xffff);
+		sum += (__u16)~(from[i] >> 16);
+		sum += to[i] & 0xffff;
+		sum += to[i] >> 16;
+	}
+	*check = ~csum_fold(sum);
+}
+
 /* Is the IPv4 header's checksum right? `hdr` is a 20-byte header (no
  * options) that the caller has bounds-checked: the one's-complement sum of
  * its ten 16-bit words, checksum included, is 0xffff when it is. */

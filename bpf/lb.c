@@ -48,9 +48,13 @@
 #include "nat.h"
 #include "fullnat.h"
 #include "icmp.h"
+#include "nat6.h"
 
 #ifndef AF_INET
 #define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
 #endif
 
 /* Why the packet got its verdict (and events on the way): enum lb_counter. */
@@ -114,6 +118,20 @@ static __always_inline __u32 flow_hash(const struct flow_key *flow)
 	return mix32(h ^ flow->proto);
 }
 
+/* The same over an IPv6 5-tuple, a word at a time (lb explain flow has its twin). */
+static __always_inline __u32 flow_hash6(const struct flow_key6 *flow)
+{
+	__u32 h = FLOW_HASH_SEED;
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		h = mix32(h ^ flow->src.words[i]);
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		h = mix32(h ^ flow->dst.words[i]);
+	h = mix32(h ^ (((__u32)flow->sport << 16) | flow->dport));
+	return mix32(h ^ flow->proto);
+}
+
 static __always_inline void account(struct traffic_stats *stats, __u32 len, int new_flow)
 {
 	if (!stats)
@@ -148,19 +166,53 @@ static __always_inline int fib_lookup(struct xdp_md *ctx, struct packet *pkt, st
 	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
-/* The rewritten packet leaves now, to next hop `dmac` from interface `ifindex`. */
-static __always_inline int send_via(struct xdp_md *ctx, struct packet *pkt, __u32 ifindex,
-                                    const unsigned char *dmac, const unsigned char *smac)
+/* The same for an IPv6 packet: its flow label and traffic class as it
+ * carries them, its length the fixed header and the payload. */
+static __always_inline int fib_lookup6(struct xdp_md *ctx, struct packet6 *pkt, struct bpf_fib_lookup *fib,
+                                       const struct addr6 *saddr, __be16 sport, const struct addr6 *daddr,
+                                       __be16 dport)
 {
-	ip_decrease_ttl(pkt->ip);
-	__builtin_memcpy(pkt->eth->h_dest, dmac, ETH_ALEN);
-	__builtin_memcpy(pkt->eth->h_source, smac, ETH_ALEN);
+	fib->family = AF_INET6;
+	fib->flowinfo = *(__be32 *)pkt->ip6 & bpf_htonl(0x0fffffff); /* IPV6_FLOWINFO_MASK */
+	fib->l4_protocol = pkt->flow.proto;
+	fib->sport = sport;
+	fib->dport = dport;
+	fib->tot_len = ipv6_len(pkt);
+	__builtin_memcpy(fib->ipv6_src, saddr, sizeof(fib->ipv6_src));
+	__builtin_memcpy(fib->ipv6_dst, daddr, sizeof(fib->ipv6_dst));
+	fib->ifindex = ctx->ingress_ifindex;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
+
+/* The frame leaves now, to next hop `dmac` from interface `ifindex`. */
+static __always_inline int send_frame(struct xdp_md *ctx, struct ethhdr *eth, __u32 ifindex,
+                                      const unsigned char *dmac, const unsigned char *smac)
+{
+	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
 	if (ifindex == ctx->ingress_ifindex) {
 		count(CNT_TX);
 		return XDP_TX;
 	}
 	count(CNT_REDIRECTED);
 	return bpf_redirect(ifindex, 0);
+}
+
+/* The rewritten packet leaves now, to next hop `dmac` from interface `ifindex`. */
+static __always_inline int send_via(struct xdp_md *ctx, struct packet *pkt, __u32 ifindex,
+                                    const unsigned char *dmac, const unsigned char *smac)
+{
+	ip_decrease_ttl(pkt->ip);
+	return send_frame(ctx, pkt->eth, ifindex, dmac, smac);
+}
+
+/* The same for IPv6: the hop limit goes down (no header checksum to follow). */
+static __always_inline int send_via6(struct xdp_md *ctx, struct packet6 *pkt, __u32 ifindex,
+                                     const unsigned char *dmac, const unsigned char *smac)
+{
+	pkt->ip6->hop_limit -= 1;
+	count(CNT_IPV6_FORWARDED);
+	return send_frame(ctx, pkt->eth, ifindex, dmac, smac);
 }
 
 /* Why bpf_fib_lookup would not forward a packet, one counter a cause. */
@@ -186,18 +238,29 @@ static __always_inline void count_fib_failure(int rc)
 	}
 }
 
+/* bpf_fib_lookup would not forward the rewritten packet: no neighbour
+ * entry yet (the kernel forwards it and resolves the neighbour for the
+ * next), or the kernel will not forward it either: counted by cause. */
+static __always_inline int fib_failed(int rc)
+{
+	count(CNT_PASS_FIB);
+	count_fib_failure(rc);
+	return XDP_PASS;
+}
+
 /* The rewritten packet leaves now, by what fib_lookup answered. */
 static __always_inline int send_by(struct xdp_md *ctx, struct packet *pkt, struct bpf_fib_lookup *fib, int rc)
 {
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-		/* No neighbour entry yet (the kernel forwards the already
-		 * rewritten packet and resolves the neighbour for the next), or
-		 * the kernel will not forward it either: counted by cause. */
-		count(CNT_PASS_FIB);
-		count_fib_failure(rc);
-		return XDP_PASS;
-	}
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return fib_failed(rc);
 	return send_via(ctx, pkt, fib->ifindex, fib->dmac, fib->smac);
+}
+
+static __always_inline int send_by6(struct xdp_md *ctx, struct packet6 *pkt, struct bpf_fib_lookup *fib, int rc)
+{
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return fib_failed(rc);
+	return send_via6(ctx, pkt, fib->ifindex, fib->dmac, fib->smac);
 }
 
 static __always_inline int is_tcp(struct packet *pkt)
@@ -205,10 +268,17 @@ static __always_inline int is_tcp(struct packet *pkt)
 	return pkt->flow.proto == IPPROTO_TCP;
 }
 
-/* A bare SYN: the first segment of a connection (not a SYN-ACK, not a RST). */
+/* A bare SYN: the first segment of a connection (not a SYN-ACK, not a RST).
+ * The flow logic below takes the protocol and TCP flags, not a packet, so
+ * both families share it. */
+static __always_inline int syn_segment(__u8 proto, __u8 flags)
+{
+	return proto == IPPROTO_TCP && (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN;
+}
+
 static __always_inline int is_syn(struct packet *pkt)
 {
-	return is_tcp(pkt) && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_SYN;
+	return syn_segment(pkt->flow.proto, pkt->tcp_flags);
 }
 
 /* The TCP header of a TCP packet. The parser checked it is all in the
@@ -271,13 +341,11 @@ static __always_inline void touch(struct flow_state *state, __u64 now)
 		state->last_seen_ns = now;
 }
 
-/* The packet's FIN or RST moves the entry's TCP state on; `from_client`
- * says which side sent it. Each byte has one writer, and is written only
- * when it changes. The entry's clock restarts when it closes. */
-static __always_inline void follow_tcp(struct packet *pkt, struct flow_state *state, __u64 now, int from_client)
+/* A TCP segment's FIN or RST (`flags`) moves the entry's TCP state on;
+ * `from_client` says which side sent it. Each byte has one writer, and is
+ * written only when it changes. The entry's clock restarts when it closes. */
+static __always_inline void follow_tcp(__u8 flags, struct flow_state *state, __u64 now, int from_client)
 {
-	__u8 flags = pkt->tcp_flags;
-
 	if (from_client && state->syn_only && !(flags & TCP_FLAG_SYN))
 		state->syn_only = 0;
 	if (!(flags & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
@@ -302,17 +370,59 @@ static __always_inline void follow_tcp(struct packet *pkt, struct flow_state *st
 	}
 }
 
-static __always_inline int ttl_ok(struct packet *pkt)
+/* A packet of a flow moves its entry on: TCP's state, else only its clock. */
+static __always_inline void follow_flow(__u8 proto, __u8 flags, struct flow_state *state, __u64 now,
+                                        int from_client)
 {
-	if (pkt->ip->ttl > 1)
+	if (proto == IPPROTO_TCP)
+		follow_tcp(flags, state, now, from_client);
+	else
+		touch(state, now);
+}
+
+static __always_inline int hops_left(__u8 ttl)
+{
+	if (ttl > 1)
 		return 1;
 	count(CNT_DROP_TTL);
 	return 0;
 }
 
+static __always_inline int ttl_ok(struct packet *pkt)
+{
+	return hops_left(pkt->ip->ttl);
+}
+
+static __always_inline int hop_limit_ok(struct packet6 *pkt)
+{
+	return hops_left(pkt->ip6->hop_limit);
+}
+
 static __always_inline int same_mac(const unsigned char *a, const unsigned char *b)
 {
 	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
+}
+
+/* May this CPU's remembered next hop be used (for a packet no bigger than its max_len)? */
+static __always_inline int next_hop_fresh(struct xdp_md *ctx, struct next_hop *hop, __u64 now)
+{
+	return now < hop->expires_ns && hop->in_ifindex == ctx->ingress_ifindex;
+}
+
+/* bpf_fib_lookup's successful answer for a packet of `len` bytes, remembered. */
+static __always_inline void next_hop_remember(struct xdp_md *ctx, struct next_hop *hop, int fresh,
+                                              struct bpf_fib_lookup *fib, __u16 len, __u64 now)
+{
+	if (fresh && hop->ifindex == fib->ifindex && same_mac(hop->dmac, fib->dmac)) {
+		hop->max_len = len; /* the same next hop takes bigger packets */
+		return;
+	}
+	hop->expires_ns = now + NEXT_HOP_CACHE_NS;
+	hop->ifindex = fib->ifindex;
+	hop->in_ifindex = ctx->ingress_ifindex;
+	hop->max_len = len;
+	__builtin_memcpy(hop->dmac, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(hop->smac, fib->smac, ETH_ALEN);
 }
 
 /* The next hop toward target `target_id` of this packet once rewritten
@@ -329,24 +439,35 @@ static __always_inline int target_next_hop(struct xdp_md *ctx, struct packet *pk
 	if (!hop)
 		return fib_lookup(ctx, pkt, fib, saddr, sport, daddr, dport);
 	__u16 len = bpf_ntohs(pkt->ip->tot_len);
-	int fresh = now < hop->expires_ns && hop->in_ifindex == ctx->ingress_ifindex;
+	int fresh = next_hop_fresh(ctx, hop, now);
 	if (fresh && len <= hop->max_len) {
 		*use = hop;
 		return BPF_FIB_LKUP_RET_SUCCESS;
 	}
 	int rc = fib_lookup(ctx, pkt, fib, saddr, sport, daddr, dport);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (fresh && hop->ifindex == fib->ifindex && same_mac(hop->dmac, fib->dmac)) {
-			hop->max_len = len; /* the same next hop takes bigger packets */
-		} else {
-			hop->expires_ns = now + NEXT_HOP_CACHE_NS;
-			hop->ifindex = fib->ifindex;
-			hop->in_ifindex = ctx->ingress_ifindex;
-			hop->max_len = len;
-			__builtin_memcpy(hop->dmac, fib->dmac, ETH_ALEN);
-			__builtin_memcpy(hop->smac, fib->smac, ETH_ALEN);
-		}
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		next_hop_remember(ctx, hop, fresh, fib, len, now);
+	return rc;
+}
+
+/* The same for an IPv6 packet (next_hops is by target id: one id space). */
+static __always_inline int target_next_hop6(struct xdp_md *ctx, struct packet6 *pkt, __u32 target_id,
+                                            const struct addr6 *saddr, __be16 sport, const struct addr6 *daddr,
+                                            __be16 dport, __u64 now, struct bpf_fib_lookup *fib,
+                                            struct next_hop **use)
+{
+	struct next_hop *hop = NEXT_HOP_CACHE_NS ? next_hops.lookup(&target_id) : NULL;
+	if (!hop)
+		return fib_lookup6(ctx, pkt, fib, saddr, sport, daddr, dport);
+	__u16 len = ipv6_len(pkt);
+	int fresh = next_hop_fresh(ctx, hop, now);
+	if (fresh && len <= hop->max_len) {
+		*use = hop;
+		return BPF_FIB_LKUP_RET_SUCCESS;
 	}
+	int rc = fib_lookup6(ctx, pkt, fib, saddr, sport, daddr, dport);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		next_hop_remember(ctx, hop, fresh, fib, len, now);
 	return rc;
 }
 
@@ -411,12 +532,55 @@ static __always_inline int to_target(struct xdp_md *ctx, struct packet *pkt, str
 	return send_by(ctx, pkt, &fib, rc);
 }
 
+/* The target in the VIP's live ring at the slot of flow hash `h` (NO_TARGET: none). */
+static __always_inline __u32 ring_slot_target(struct vip_meta *vip, __u32 h)
+{
+	__u32 slot = (vip->vip_id * 2 + (vip->ring & 1)) * RING_SIZE + h % RING_SIZE;
+	__u32 *ring_entry = rings.lookup(&slot);
+	return ring_entry ? *ring_entry : NO_TARGET;
+}
+
 /* The target the VIP's ring gives this client -> VIP flow (NO_TARGET: none). */
 static __always_inline __u32 ring_target(struct vip_meta *vip, struct flow_key *flow)
 {
-	__u32 slot = (vip->vip_id * 2 + (vip->ring & 1)) * RING_SIZE + flow_hash(flow) % RING_SIZE;
-	__u32 *ring_entry = rings.lookup(&slot);
-	return ring_entry ? *ring_entry : NO_TARGET;
+	return ring_slot_target(vip, flow_hash(flow));
+}
+
+/* The target's answer to a half-open flow (NAT's and full NAT's reply
+ * paths, both families): a SYN-ACK's sequence number is what the client's
+ * ACK must acknowledge to establish the flow; a RST ends it (refused: the
+ * next SYN takes the ring). */
+static __always_inline int target_answers_half_open(struct half_open_flow *half, __u8 flags, struct tcphdr *tcp)
+{
+	if (flags & TCP_FLAG_RST) {
+		count(CNT_FLOW_CLOSED);
+		return 1; /* the caller deletes the entry */
+	}
+	if ((flags & TCP_FLAG_ACK) && tcp) {
+		__u32 isn = bpf_ntohl(tcp->seq);
+		if (!half->synack_seen || half->target_isn != isn) {
+			half->target_isn = isn;
+			half->synack_seen = 1;
+		}
+	}
+	return 0;
+}
+
+/* Is this conntrack entry the live flow of a reply from `target_id` to the
+ * VIP (`vip_id`, generation `gen`)? */
+static __always_inline int reply_owns(struct flow_state *s, __u32 target_id, __u32 vip_id, __u32 gen, __u8 proto,
+                                      __u64 now)
+{
+	return s->target_id == target_id && s->vip_id == vip_id && s->vip_gen == gen &&
+	       now - s->last_seen_ns < timeout_ns(proto, s);
+}
+
+/* The same for a half-open entry: the SYN-ACK or RST of its handshake. */
+static __always_inline int reply_owns_half_open(struct half_open_flow *h, __u32 target_id, __u32 vip_id,
+                                                __u32 gen, __u64 now)
+{
+	return h->flow.target_id == target_id && h->flow.vip_id == vip_id && h->flow.vip_gen == gen &&
+	       now - h->flow.last_seen_ns < TCP_SYN_NS;
 }
 
 /* A reply, if the packet is one: from a target endpoint, to a client of a
@@ -429,25 +593,6 @@ static __always_inline __u32 ring_target(struct vip_meta *vip, struct flow_key *
  * when the packet is no such reply
  * (the caller goes on with it): a target answering lb's own address (a
  * health check) is not one, whatever the ring says. */
-/* The target's answer to a half-open flow (NAT's and full NAT's reply
- * paths): a SYN-ACK's sequence number is what the client's ACK must
- * acknowledge to establish the flow; a RST ends it (refused: the next SYN
- * takes the ring). */
-static __always_inline void target_answers_half_open(struct xdp_md *ctx, struct packet *pkt,
-                                                     struct half_open_flow *half, struct flow_key *fwd)
-{
-	if (pkt->tcp_flags & TCP_FLAG_RST) {
-		table_removed(TABLE_HALF_OPEN, half_open.delete(fwd));
-		count(CNT_FLOW_CLOSED);
-	} else if ((pkt->tcp_flags & TCP_FLAG_ACK) && tcp_header(ctx, pkt)) {
-		__u32 isn = bpf_ntohl(tcp_header(ctx, pkt)->seq);
-		if (!half->synack_seen || half->target_isn != isn) {
-			half->target_isn = isn;
-			half->synack_seen = 1;
-		}
-	}
-}
-
 static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct endpoint_key ek = {
@@ -476,8 +621,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 		fwd.dst = route->vips[i].addr;
 		fwd.dport = route->vips[i].port;
 		struct flow_state *s = conntrack.lookup(&fwd);
-		if (s && s->target_id == route->target_id && s->vip_id == route->vips[i].vip_id &&
-		    s->vip_gen == route->vips[i].gen && now - s->last_seen_ns < timeout_ns(pkt->flow.proto, s)) {
+		if (s && reply_owns(s, route->target_id, route->vips[i].vip_id, route->vips[i].gen, fwd.proto, now)) {
 			found = i;
 			state = s;
 		}
@@ -491,8 +635,7 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 			fwd.dst = route->vips[i].addr;
 			fwd.dport = route->vips[i].port;
 			struct half_open_flow *h = half_open.lookup(&fwd);
-			if (h && h->flow.target_id == route->target_id && h->flow.vip_id == route->vips[i].vip_id &&
-			    h->flow.vip_gen == route->vips[i].gen && now - h->flow.last_seen_ns < TCP_SYN_NS) {
+			if (h && reply_owns_half_open(h, route->target_id, route->vips[i].vip_id, route->vips[i].gen, now)) {
 				found = i;
 				half = h;
 			}
@@ -534,12 +677,10 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 	if (!ttl_ok(pkt))
 		return XDP_DROP;
 	if (state) {
-		if (is_tcp(pkt))
-			follow_tcp(pkt, state, now, 0);
-		else
-			touch(state, now);
+		follow_flow(pkt->flow.proto, pkt->tcp_flags, state, now, 0);
 	} else if (half) {
-		target_answers_half_open(ctx, pkt, half, &fwd);
+		if (target_answers_half_open(half, pkt->tcp_flags, tcp_header(ctx, pkt)))
+			table_removed(TABLE_HALF_OPEN, half_open.delete(&fwd));
 	} else {
 		count(CNT_REPLY_NO_ENTRY);
 	}
@@ -550,6 +691,12 @@ static __always_inline int reply(struct xdp_md *ctx, struct packet *pkt)
 	return send_by(ctx, pkt, &fib, rc);
 }
 
+/* Full NAT: does this entry leave from lb's port `port` (and `same_addr`: its address)? */
+static __always_inline int fullnat_holds(struct flow_state *state, __be16 port, int same_addr)
+{
+	return state->mode == FWD_FULLNAT && state->snat_port == port && same_addr;
+}
+
 /* Full NAT: is the flow `owner`, which holds port rev->dport toward a
  * target, still using it? Only its live entry, still naming that address
  * and port, keeps the port; a flow gone, expired, moved or of a deleted VIP
@@ -558,12 +705,12 @@ static __always_inline int fullnat_owner_live(struct flow_key *owner, const stru
 {
 	struct flow_state *state = conntrack.lookup(owner);
 	if (state)
-		return state->mode == FWD_FULLNAT && state->snat_port == rev->dport && state->snat_addr == rev->dst &&
+		return fullnat_holds(state, rev->dport, state->snat_addr == rev->dst) &&
 		       flow_is_live(owner->proto, state, now);
 	/* A flow whose handshake is not complete holds its port in half_open. */
 	struct half_open_flow *half = owner->proto == IPPROTO_TCP ? half_open.lookup(owner) : NULL;
-	return half && half->flow.mode == FWD_FULLNAT && half->flow.snat_port == rev->dport &&
-	       half->flow.snat_addr == rev->dst && half_open_is_live(half, now);
+	return half && fullnat_holds(&half->flow, rev->dport, half->flow.snat_addr == rev->dst) &&
+	       half_open_is_live(half, now);
 }
 
 /* Full NAT: a source port for flow `fwd` (client -> VIP) from lb's address
@@ -615,15 +762,15 @@ static __always_inline int fullnat_reply(struct xdp_md *ctx, struct packet *pkt)
 	struct flow_key fwd = *held;
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct flow_state *state = conntrack.lookup(&fwd);
-	if (state && (state->mode != FWD_FULLNAT || state->snat_port != pkt->flow.dport ||
-	              state->snat_addr != pkt->flow.dst || !flow_is_live(fwd.proto, state, now)))
+	if (state && !(fullnat_holds(state, pkt->flow.dport, state->snat_addr == pkt->flow.dst) &&
+	               flow_is_live(fwd.proto, state, now)))
 		return -1;
 	/* No entry in conntrack: the handshake may not be complete (half_open). */
 	struct half_open_flow *half = NULL;
 	if (!state && is_tcp(pkt)) {
 		half = half_open.lookup(&fwd);
-		if (half && (half->flow.mode != FWD_FULLNAT || half->flow.snat_port != pkt->flow.dport ||
-		             half->flow.snat_addr != pkt->flow.dst || !half_open_is_live(half, now)))
+		if (half && !(fullnat_holds(&half->flow, pkt->flow.dport, half->flow.snat_addr == pkt->flow.dst) &&
+		              half_open_is_live(half, now)))
 			half = NULL;
 	}
 
@@ -634,16 +781,14 @@ static __always_inline int fullnat_reply(struct xdp_md *ctx, struct packet *pkt)
 	if (!ttl_ok(pkt))
 		return XDP_DROP;
 	if (state) {
-		if (is_tcp(pkt))
-			follow_tcp(pkt, state, now, 0);
-		else
-			touch(state, now);
+		follow_flow(pkt->flow.proto, pkt->tcp_flags, state, now, 0);
 		__u32 vip_id = state->vip_id;
 		__u32 target_id = state->target_id;
 		account_reply(vip_stats.lookup(&vip_id), pkt->len);
 		account_reply(target_stats.lookup(&target_id), pkt->len);
 	} else if (half) {
-		target_answers_half_open(ctx, pkt, half, &fwd);
+		if (target_answers_half_open(half, pkt->tcp_flags, tcp_header(ctx, pkt)))
+			table_removed(TABLE_HALF_OPEN, half_open.delete(&fwd));
 		__u32 vip_id = half->flow.vip_id;
 		__u32 target_id = half->flow.target_id;
 		account_reply(vip_stats.lookup(&vip_id), pkt->len);
@@ -804,6 +949,109 @@ enum entry_use {
 	ENTRY_BYPASS,     /* the ring decides; the entry stays as it is (a closed TCP flow: only a SYN reopens it) */
 };
 
+/* What a conntrack entry found for a client packet (`proto`, `flags`) does
+ * with it: `target_flags` are its target's (0 when the entry is not live or
+ * names no target). */
+static __always_inline enum entry_use entry_use_for(struct flow_state *state, __u16 target_flags, __u8 proto,
+                                                    __u8 flags)
+{
+	/* A SYN follows its entry only to a target still in the ring, and only
+	 * while the entry is open: a retransmitted SYN stays with its target;
+	 * one after a close or to a target out of service takes the ring. */
+	int syn = syn_segment(proto, flags);
+	if ((target_flags & TARGET_F_ACTIVE) &&
+	    (!syn || ((target_flags & TARGET_F_IN_SERVICE) && !flow_closed(state))))
+		return ENTRY_DECIDES;
+	if (proto == IPPROTO_TCP && !syn && flow_closed(state))
+		return ENTRY_BYPASS; /* a late segment does not bring a closed flow back */
+	return ENTRY_REPLACE;
+}
+
+/* Does a packet the ring decides (`proto`, `flags`, to a VIP of `mode`)
+ * write an entry? 1: yes, 0: no, -1: it is dropped (a full-NAT flow that may
+ * not have one). A SYN or a UDP datagram starts a flow and gets one (under
+ * the flood guard); a packet whose entry could not decide replaces it (it
+ * was there: no table growth); any other TCP segment goes without one. */
+static __always_inline int ring_writes_entry(__u8 proto, __u8 flags, __u32 mode, enum entry_use existing,
+                                             int had_entry, int had_half_open, __u64 now)
+{
+	int starts = proto != IPPROTO_TCP || syn_segment(proto, flags);
+	if ((had_entry || had_half_open) && syn_segment(proto, flags))
+		count(CNT_SYN_RESCHEDULED);
+	/* A full-NAT packet needs its flow's entry (its source port lives
+	 * there): any packet without a usable one makes it, so a segment of a
+	 * flow whose entry went reaches the target, which answers with a RST. */
+	int fullnat = mode == FWD_FULLNAT;
+	if (!(starts || fullnat || (had_entry && existing == ENTRY_REPLACE))) {
+		count(CNT_MISS_NO_ENTRY);
+		return 0;
+	}
+	if (!had_entry && !had_half_open && !flood_guard_allows(now)) {
+		count(CNT_FLOOD_NO_ENTRY);
+		if (fullnat) {
+			count(CNT_DROP_NO_ENTRY);
+			return -1;
+		}
+		return 0;
+	}
+	return 1;
+}
+
+/* A new entry for a flow the ring sent to `target_id` (its source for full
+ * NAT is the caller's to add). */
+static __always_inline void new_flow_state(struct flow_state *state, struct vip_meta *vip, __u32 target_id,
+                                           __u8 proto, __u8 flags, __u64 now)
+{
+	state->target_id = target_id;
+	state->vip_id = vip->vip_id;
+	state->created_ns = now;
+	state->last_seen_ns = now;
+	state->vip_gen = vip->gen;
+	state->syn_only = syn_segment(proto, flags);
+	state->mode = vip->mode;
+	if (proto == IPPROTO_TCP && (flags & TCP_FLAG_RST))
+		state->rst = 1;
+	else if (proto == IPPROTO_TCP && (flags & TCP_FLAG_FIN))
+		state->fin_client = 1;
+}
+
+/* How a client segment moves a half-open entry on. */
+enum half_open_step {
+	HALF_OPEN_STAYS,        /* a retransmitted SYN, a segment before the handshake completes */
+	HALF_OPEN_CLOSED,       /* a RST from the client: the entry goes */
+	HALF_OPEN_ESTABLISHED,  /* the ACK of the target's SYN-ACK: the flow moves to conntrack as `established` */
+};
+
+static __always_inline enum half_open_step follow_handshake(struct half_open_flow *half, __u8 flags,
+                                                            struct tcphdr *tcp, __u64 now,
+                                                            struct flow_state *established)
+{
+	if (syn_segment(IPPROTO_TCP, flags)) {
+		half->flow.last_seen_ns = now;
+		return HALF_OPEN_STAYS;
+	}
+	if (flags & TCP_FLAG_RST) {
+		count(CNT_FLOW_CLOSED);
+		return HALF_OPEN_CLOSED;
+	}
+	if ((flags & (TCP_FLAG_ACK | TCP_FLAG_SYN)) != TCP_FLAG_ACK)
+		return HALF_OPEN_STAYS;
+	/* A DSR target's SYN-ACK never crosses lb: the client's first ACK
+	 * completes the handshake as far as lb can know. */
+	int dsr = half->flow.mode == FWD_DSR;
+	if (!dsr && !(half->synack_seen && tcp && bpf_ntohl(tcp->ack_seq) == half->target_isn + 1)) {
+		count(CNT_HANDSHAKE_MISMATCH);
+		return HALF_OPEN_STAYS;
+	}
+	*established = half->flow;
+	established->syn_only = 0;
+	established->last_seen_ns = now;
+	if (flags & TCP_FLAG_FIN)
+		established->fin_client = 1;
+	count(CNT_FLOW_ESTABLISHED);
+	return HALF_OPEN_ESTABLISHED;
+}
+
 /* A packet to a VIP, decided by the ring: a SYN or a UDP datagram starts a
  * flow and gets an entry (under the flood guard; a SYN's is half-open); a
  * packet whose entry could not decide replaces it (it was there: no table
@@ -822,25 +1070,12 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 	}
 
 	int starts = !is_tcp(pkt) || is_syn(pkt);
-	if ((had_entry || had_half_open) && is_syn(pkt))
-		count(CNT_SYN_RESCHEDULED);
-	/* A full-NAT packet needs its flow's entry (its source port lives
-	 * there): any packet without a usable one makes it, so a segment of a
-	 * flow whose entry went reaches the target, which answers with a RST. */
-	int fullnat = vip->mode == FWD_FULLNAT;
-	int write = starts || fullnat || (had_entry && existing == ENTRY_REPLACE);
-	if (!write) {
-		count(CNT_MISS_NO_ENTRY);
-	} else if (!had_entry && !had_half_open && !flood_guard_allows(now)) {
-		count(CNT_FLOOD_NO_ENTRY);
-		write = 0;
-		if (fullnat) {
-			count(CNT_DROP_NO_ENTRY);
-			return XDP_DROP;
-		}
-	}
+	int write = ring_writes_entry(pkt->flow.proto, pkt->tcp_flags, vip->mode, existing, had_entry, had_half_open,
+	                              now);
+	if (write < 0)
+		return XDP_DROP;
 	struct fwd_how how = { .mode = vip->mode };
-	if (fullnat) {
+	if (how.mode == FWD_FULLNAT) {
 		__be32 *src = fullnat_sources.lookup(&target_id);
 		if (!src || !*src) {
 			count(CNT_DROP_NO_SOURCE);
@@ -853,20 +1088,10 @@ static __always_inline int by_ring(struct xdp_md *ctx, struct packet *pkt, struc
 	}
 	if (write) {
 		struct flow_state state = {
-			.target_id = target_id,
-			.vip_id = vip->vip_id,
-			.created_ns = now,
-			.last_seen_ns = now,
-			.vip_gen = vip->gen,
-			.syn_only = is_syn(pkt),
 			.snat_addr = how.snat_addr,
 			.snat_port = how.snat_port,
-			.mode = how.mode,
 		};
-		if (is_tcp(pkt) && (pkt->tcp_flags & TCP_FLAG_RST))
-			state.rst = 1;
-		else if (is_tcp(pkt) && (pkt->tcp_flags & TCP_FLAG_FIN))
-			state.fin_client = 1;
+		new_flow_state(&state, vip, target_id, pkt->flow.proto, pkt->tcp_flags, now);
 		if (is_syn(pkt) && !had_entry) {
 			struct half_open_flow half = {.flow = state};
 			long rc = half_open.update(&pkt->flow, &half);
@@ -907,44 +1132,384 @@ static __always_inline int follow_half_open(struct xdp_md *ctx, struct packet *p
 		.snat_port = half->flow.snat_port,
 	};
 
-	__u8 flags = pkt->tcp_flags;
-	if (is_syn(pkt)) {
-		half->flow.last_seen_ns = now;
-	} else if (flags & TCP_FLAG_RST) {
+	struct flow_state established;
+	switch (follow_handshake(half, pkt->tcp_flags, tcp_header(ctx, pkt), now, &established)) {
+	case HALF_OPEN_CLOSED:
 		table_removed(TABLE_HALF_OPEN, half_open.delete(&pkt->flow));
-		count(CNT_FLOW_CLOSED);
-	} else if ((flags & (TCP_FLAG_ACK | TCP_FLAG_SYN)) == TCP_FLAG_ACK) {
-		struct tcphdr *tcp = tcp_header(ctx, pkt);
-		/* A DSR target's SYN-ACK never crosses lb: the client's first ACK
-		 * completes the handshake as far as lb can know. */
-		int dsr = half->flow.mode == FWD_DSR;
-		if (dsr || (half->synack_seen && tcp && bpf_ntohl(tcp->ack_seq) == half->target_isn + 1)) {
-			struct flow_state established = half->flow;
-			established.syn_only = 0;
-			established.last_seen_ns = now;
-			if (flags & TCP_FLAG_FIN)
-				established.fin_client = 1;
-			table_inserted(TABLE_CONNTRACK, CONNTRACK_SIZE, conntrack.update(&pkt->flow, &established));
-			table_removed(TABLE_HALF_OPEN, half_open.delete(&pkt->flow));
-			count(CNT_FLOW_ESTABLISHED);
-		} else {
-			count(CNT_HANDSHAKE_MISMATCH);
-		}
+		break;
+	case HALF_OPEN_ESTABLISHED:
+		table_inserted(TABLE_CONNTRACK, CONNTRACK_SIZE, conntrack.update(&pkt->flow, &established));
+		table_removed(TABLE_HALF_OPEN, half_open.delete(&pkt->flow));
+		break;
+	default:
+		break;
 	}
 	count(CNT_CONNTRACK_HIT);
 	return to_target(ctx, pkt, t, vip_id, target_id, 0, now, &how);
 }
 
-int xdp_lb(struct xdp_md *ctx)
+/* May the packet be a reply: does some target endpoint (either family) use
+ * its source port? An array load instead of a hash lookup on every client
+ * packet. */
+static __always_inline int reply_port(__be16 port)
 {
-	struct packet pkt = {};
+	__u16 sport = bpf_ntohs(port);
+	__u32 word = sport >> 6;
+	__u64 *bits = reply_ports.lookup(&word);
+	return bits && (*bits >> (sport & 63)) & 1;
+}
 
-	switch (parse_packet(ctx, &pkt)) {
+/* ---- IPv6 ----------------------------------------------------------------
+ *
+ * The same paths as IPv4's above, over the IPv6 maps (vips6, targets6,
+ * conntrack6, half_open6, replies6, fullnat_*6) and a struct packet6. What a
+ * flow's entry does is decided by the shared helpers (entry_use_for,
+ * ring_writes_entry, new_flow_state, follow_handshake, follow_flow,
+ * target_answers_half_open, reply_owns, fullnat_holds); what is here is the
+ * family's maps, addresses and rewrites. VIP and target ids are shared with
+ * IPv4, and so are rings, vip_gens, the stats and next_hops.
+ */
+
+/* How an IPv6 flow's packets are rewritten toward its target (fwd_how's twin). */
+struct fwd_how6 {
+	__u8 mode;                /* FWD_* */
+	struct addr6 snat_addr;   /* network order; FWD_FULLNAT only */
+	__be16 snat_port;         /* network order; FWD_FULLNAT only */
+};
+
+static __always_inline struct tcphdr *tcp_header6(struct xdp_md *ctx, struct packet6 *pkt)
+{
+	struct tcphdr *tcp = (void *)pkt->ports;
+	if ((void *)(tcp + 1) > (void *)(long)ctx->data_end)
+		return NULL;
+	return tcp;
+}
+
+static __always_inline __u32 ring_target6(struct vip_meta *vip, struct flow_key6 *flow)
+{
+	return ring_slot_target(vip, flow_hash6(flow));
+}
+
+/* Rewritten toward `t` as `how` says and out (to_target's twin). */
+static __always_inline int to_target6(struct xdp_md *ctx, struct packet6 *pkt, struct target6 *t, __u32 vip_id,
+                                      __u32 target_id, int new_flow, __u64 now, const struct fwd_how6 *how)
+{
+	int fullnat = how->mode == FWD_FULLNAT, dsr = how->mode == FWD_DSR;
+	struct bpf_fib_lookup fib = {};
+	struct next_hop *hop = NULL;
+	int rc = target_next_hop6(ctx, pkt, target_id, fullnat ? &how->snat_addr : &pkt->flow.src,
+	                          fullnat ? how->snat_port : pkt->ports[0], &t->addr, dsr ? pkt->ports[1] : t->port,
+	                          now, &fib, &hop);
+
+	account(vip_stats.lookup(&vip_id), pkt->len, new_flow);
+	account(target_stats.lookup(&target_id), pkt->len, new_flow);
+	if (dsr) {
+		count(CNT_DSR);
+	} else {
+		nat6_forward(pkt, t);
+		if (fullnat)
+			nat6_rewrite(pkt, 0, &how->snat_addr, how->snat_port);
+	}
+	if (hop)
+		return send_via6(ctx, pkt, hop->ifindex, hop->dmac, hop->smac);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && how->mode != FWD_NAT) { /* see to_target */
+		count(CNT_DROP_NO_NEIGH);
+		return XDP_DROP;
+	}
+	return send_by6(ctx, pkt, &fib, rc);
+}
+
+/* A reply from an IPv6 target endpoint (reply's twin: replies6, then the
+ * flow's entry, its half-open entry, or the ring, say which VIP). */
+static __always_inline int reply6(struct xdp_md *ctx, struct packet6 *pkt)
+{
+	struct endpoint_key6 ek = {
+		.addr = pkt->flow.src,
+		.port = pkt->flow.sport,
+		.proto = pkt->flow.proto,
+	};
+	struct reply_route6 *route = replies6.lookup(&ek);
+	if (!route)
+		return -1;
+
+	struct flow_key6 fwd = {
+		.src = pkt->flow.dst,
+		.sport = pkt->flow.dport,
+		.proto = pkt->flow.proto,
+	};
+	struct flow_state *state = NULL;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int found = -1;
+	__u32 count_vips = route->count;
+#pragma unroll
+	for (int i = 0; i < MAX_REPLY_VIPS; i++) {
+		if (i >= count_vips || found >= 0)
+			break;
+		fwd.dst = route->vips[i].addr;
+		fwd.dport = route->vips[i].port;
+		struct flow_state6 *s = conntrack6.lookup(&fwd);
+		if (s && reply_owns(&s->flow, route->target_id, route->vips[i].vip_id, route->vips[i].gen, fwd.proto,
+		                    now)) {
+			found = i;
+			state = &s->flow;
+		}
+	}
+	struct half_open_flow *half = NULL;
+	if (found < 0 && pkt->flow.proto == IPPROTO_TCP && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST))) {
+#pragma unroll
+		for (int i = 0; i < MAX_REPLY_VIPS; i++) {
+			if (i >= count_vips || found >= 0)
+				break;
+			fwd.dst = route->vips[i].addr;
+			fwd.dport = route->vips[i].port;
+			struct half_open_flow6 *h = half_open6.lookup(&fwd);
+			if (h && reply_owns_half_open(&h->half, route->target_id, route->vips[i].vip_id,
+			                              route->vips[i].gen, now)) {
+				found = i;
+				half = &h->half;
+			}
+		}
+	}
+	if (found < 0) {
+#pragma unroll
+		for (int i = 0; i < MAX_REPLY_VIPS; i++) {
+			if (i >= count_vips || found >= 0)
+				break;
+			struct vip_key6 vk = {
+				.addr = route->vips[i].addr,
+				.port = route->vips[i].port,
+				.proto = pkt->flow.proto,
+			};
+			struct vip_meta *vip = vips6.lookup(&vk);
+			if (!vip)
+				continue;
+			fwd.dst = vk.addr;
+			fwd.dport = vk.port;
+			if (ring_target6(vip, &fwd) == route->target_id)
+				found = i;
+		}
+	}
+	if (found < 0 || found >= MAX_REPLY_VIPS)
+		return -1;
+
+	struct addr6 vip_addr = route->vips[found].addr;
+	__be16 vip_port = route->vips[found].port;
+	__u32 vip_id = route->vips[found].vip_id;
+	__u32 target_id = route->target_id;
+	fwd.dst = vip_addr;
+	fwd.dport = vip_port;
+
+	/* A local destination once rewritten is lb's own traffic with the target, not a reply. */
+	struct bpf_fib_lookup fib = {};
+	int rc = fib_lookup6(ctx, pkt, &fib, &vip_addr, vip_port, &pkt->flow.dst, pkt->flow.dport);
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return -1;
+	if (!hop_limit_ok(pkt))
+		return XDP_DROP;
+	if (state) {
+		follow_flow(pkt->flow.proto, pkt->tcp_flags, state, now, 0);
+	} else if (half) {
+		if (target_answers_half_open(half, pkt->tcp_flags, tcp_header6(ctx, pkt)))
+			table_removed(TABLE_HALF_OPEN6, half_open6.delete(&fwd));
+	} else {
+		count(CNT_REPLY_NO_ENTRY);
+	}
+	account_reply(vip_stats.lookup(&vip_id), pkt->len);
+	account_reply(target_stats.lookup(&target_id), pkt->len);
+	count(CNT_REVERSE_NAT);
+	nat6_reverse(pkt, &vip_addr, vip_port);
+	return send_by6(ctx, pkt, &fib, rc);
+}
+
+/* Full NAT: is `owner` (client -> VIP) still the live flow holding lb's
+ * address and port `rev->dst`:`rev->dport` (fullnat_owner_live's twin)? */
+static __always_inline int fullnat_owner_live6(struct flow_key6 *owner, const struct flow_key6 *rev, __u64 now)
+{
+	struct flow_state6 *state = conntrack6.lookup(owner);
+	if (state)
+		return fullnat_holds(&state->flow, rev->dport, addr6_equal(&state->snat_addr, &rev->dst)) &&
+		       flow_is_live(owner->proto, &state->flow, now);
+	struct half_open_flow6 *half = owner->proto == IPPROTO_TCP ? half_open6.lookup(owner) : NULL;
+	return half && fullnat_holds(&half->half.flow, rev->dport, addr6_equal(&half->snat_addr, &rev->dst)) &&
+	       half_open_is_live(&half->half, now);
+}
+
+/* Full NAT: a source port for `fwd` from lb's `src` toward `t`, claimed in
+ * fullnat_flows6 (fullnat_claim's twin); 0 when all tries were held. */
+static __always_inline __be16 fullnat_claim6(struct flow_key6 *fwd, const struct target6 *t,
+                                             const struct addr6 *src, __u64 now)
+{
+	struct flow_key6 rev = {
+		.src = t->addr,
+		.dst = *src,
+		.sport = t->port,
+		.proto = fwd->proto,
+	};
+	__u32 h = flow_hash6(fwd);
+
+	for (__u32 attempt = 0; attempt < FULLNAT_PORT_TRIES; attempt++) {
+		rev.dport = fullnat_port(h, attempt);
+		if (fullnat_flows6.insert(&rev, fwd) == 0)
+			return rev.dport;
+		struct flow_key6 *owner = fullnat_flows6.lookup(&rev);
+		if (!owner)
+			continue;
+		if (flow_key6_equal(owner, fwd) || !fullnat_owner_live6(owner, &rev, now)) {
+			fullnat_flows6.update(&rev, fwd);
+			return rev.dport;
+		}
+		count(CNT_FULLNAT_PORT_BUSY);
+	}
+	count(CNT_DROP_NO_PORT);
+	return 0;
+}
+
+/* Full NAT: a reply to lb's address and a port a flow holds, back as VIP ->
+ * client (fullnat_reply's twin); -1: not one. */
+static __always_inline int fullnat_reply6(struct xdp_md *ctx, struct packet6 *pkt)
+{
+	struct flow_key6 *held = fullnat_flows6.lookup(&pkt->flow);
+	if (!held)
+		return -1;
+	struct flow_key6 fwd = *held;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow_state6 *entry = conntrack6.lookup(&fwd);
+	struct flow_state *state = entry ? &entry->flow : NULL;
+	if (entry && !(fullnat_holds(state, pkt->flow.dport, addr6_equal(&entry->snat_addr, &pkt->flow.dst)) &&
+	               flow_is_live(fwd.proto, state, now)))
+		return -1;
+	struct half_open_flow *half = NULL;
+	if (!entry && pkt->flow.proto == IPPROTO_TCP) {
+		struct half_open_flow6 *h = half_open6.lookup(&fwd);
+		if (h && fullnat_holds(&h->half.flow, pkt->flow.dport, addr6_equal(&h->snat_addr, &pkt->flow.dst)) &&
+		    half_open_is_live(&h->half, now))
+			half = &h->half;
+	}
+
+	struct bpf_fib_lookup fib = {};
+	int rc = fib_lookup6(ctx, pkt, &fib, &fwd.dst, fwd.dport, &fwd.src, fwd.sport);
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return -1;
+	if (!hop_limit_ok(pkt))
+		return XDP_DROP;
+	if (state) {
+		follow_flow(pkt->flow.proto, pkt->tcp_flags, state, now, 0);
+		__u32 vip_id = state->vip_id;
+		__u32 target_id = state->target_id;
+		account_reply(vip_stats.lookup(&vip_id), pkt->len);
+		account_reply(target_stats.lookup(&target_id), pkt->len);
+	} else if (half) {
+		if (target_answers_half_open(half, pkt->tcp_flags, tcp_header6(ctx, pkt)))
+			table_removed(TABLE_HALF_OPEN6, half_open6.delete(&fwd));
+		__u32 vip_id = half->flow.vip_id;
+		__u32 target_id = half->flow.target_id;
+		account_reply(vip_stats.lookup(&vip_id), pkt->len);
+		account_reply(target_stats.lookup(&target_id), pkt->len);
+	} else {
+		count(CNT_REPLY_NO_ENTRY);
+	}
+	count(CNT_FULLNAT_REVERSE);
+	fullnat6_reverse(pkt, &fwd);
+	return send_by6(ctx, pkt, &fib, rc);
+}
+
+/* A packet to an IPv6 VIP decided by the ring (by_ring's twin). */
+static __always_inline int by_ring6(struct xdp_md *ctx, struct packet6 *pkt, struct vip_meta *vip, __u64 now,
+                                    enum entry_use existing, int had_entry, int had_half_open)
+{
+	if (!hop_limit_ok(pkt))
+		return XDP_DROP;
+	count(CNT_CONNTRACK_MISS);
+	__u32 target_id = ring_target6(vip, &pkt->flow);
+	struct target6 *t = target_id == NO_TARGET ? NULL : targets6.lookup(&target_id);
+	if (!t || !(t->flags & TARGET_F_ACTIVE)) {
+		count(CNT_DROP_NO_TARGET);
+		return XDP_DROP;
+	}
+
+	__u8 proto = pkt->flow.proto, flags = pkt->tcp_flags;
+	int syn = syn_segment(proto, flags);
+	int write = ring_writes_entry(proto, flags, vip->mode, existing, had_entry, had_half_open, now);
+	if (write < 0)
+		return XDP_DROP;
+	struct fwd_how6 how = { .mode = vip->mode };
+	if (how.mode == FWD_FULLNAT) {
+		struct addr6 *src = fullnat_sources6.lookup(&target_id);
+		if (!src || addr6_is_zero(src)) {
+			count(CNT_DROP_NO_SOURCE);
+			return XDP_DROP;
+		}
+		how.snat_addr = *src;
+		how.snat_port = fullnat_claim6(&pkt->flow, t, &how.snat_addr, now);
+		if (!how.snat_port)
+			return XDP_DROP;
+	}
+	if (write && syn && !had_entry) {
+		struct half_open_flow6 half = { .snat_addr = how.snat_addr };
+		new_flow_state(&half.half.flow, vip, target_id, proto, flags, now);
+		half.half.flow.snat_port = how.snat_port;
+		long rc = half_open6.update(&pkt->flow, &half);
+		if (!had_half_open)
+			table_inserted(TABLE_HALF_OPEN6, HALF_OPEN_SIZE, rc);
+	} else if (write) {
+		struct flow_state6 state = { .snat_addr = how.snat_addr };
+		new_flow_state(&state.flow, vip, target_id, proto, flags, now);
+		state.flow.snat_port = how.snat_port;
+		long rc = conntrack6.update(&pkt->flow, &state);
+		if (!had_entry)
+			table_inserted(TABLE_CONNTRACK6, CONNTRACK_SIZE, rc);
+	}
+	return to_target6(ctx, pkt, t, vip->vip_id, target_id, proto != IPPROTO_TCP || syn, now, &how);
+}
+
+/* A segment of an IPv6 flow with a half-open entry (follow_half_open's twin);
+ * -1: the entry does not decide (the ring does). */
+static __always_inline int follow_half_open6(struct xdp_md *ctx, struct packet6 *pkt, struct half_open_flow6 *h6,
+                                             __u64 now)
+{
+	struct half_open_flow *half = &h6->half;
+	if (!half_open_is_live(half, now))
+		return -1;
+	__u32 target_id = half->flow.target_id;
+	__u32 vip_id = half->flow.vip_id;
+	struct target6 *t = targets6.lookup(&target_id);
+	if (!t || !(t->flags & TARGET_F_ACTIVE))
+		return -1;
+	if (syn_segment(pkt->flow.proto, pkt->tcp_flags) && !(t->flags & TARGET_F_IN_SERVICE))
+		return -1;
+	if (!hop_limit_ok(pkt))
+		return XDP_DROP;
+	/* Read before the entry may be deleted below. */
+	struct fwd_how6 how = {
+		.mode = half->flow.mode,
+		.snat_addr = h6->snat_addr,
+		.snat_port = half->flow.snat_port,
+	};
+	struct flow_state6 established = { .snat_addr = h6->snat_addr };
+	switch (follow_handshake(half, pkt->tcp_flags, tcp_header6(ctx, pkt), now, &established.flow)) {
+	case HALF_OPEN_CLOSED:
+		table_removed(TABLE_HALF_OPEN6, half_open6.delete(&pkt->flow));
+		break;
+	case HALF_OPEN_ESTABLISHED:
+		table_inserted(TABLE_CONNTRACK6, CONNTRACK_SIZE, conntrack6.update(&pkt->flow, &established));
+		table_removed(TABLE_HALF_OPEN6, half_open6.delete(&pkt->flow));
+		break;
+	default:
+		break;
+	}
+	count(CNT_CONNTRACK_HIT);
+	return to_target6(ctx, pkt, t, vip_id, target_id, 0, now, &how);
+}
+
+/* An IPv6 frame: TCP/UDP to a VIP or a reply is forwarded, the rest passed
+ * (counted by kind). xdp_lb's IPv4 path, step for step. */
+static __always_inline int xdp_lb6(struct xdp_md *ctx)
+{
+	struct packet6 pkt = {};
+
+	switch (parse_ipv6(ctx, &pkt)) {
 	case PARSE_OK:
 		break;
-	case PARSE_NOT_IPV4:
-		count(CNT_PASS_NOT_IPV4);
-		return XDP_PASS;
 	case PARSE_IPV6:
 		count(CNT_PASS_IPV6);
 		return XDP_PASS;
@@ -957,6 +1522,86 @@ int xdp_lb(struct xdp_md *ctx)
 	case PARSE_ICMPV6:
 		count(CNT_PASS_ICMPV6);
 		return XDP_PASS;
+	default:
+		count(CNT_PASS_PARSE_ERROR);
+		return XDP_PASS;
+	}
+
+	if (reply_port(pkt.flow.sport)) {
+		int action = reply6(ctx, &pkt);
+		if (action >= 0)
+			return action;
+	}
+
+	__u64 now = 0;
+	enum entry_use use = ENTRY_REPLACE;
+	struct flow_state6 *entry = conntrack6.lookup(&pkt.flow);
+	if (entry) {
+		struct flow_state *state = &entry->flow;
+		now = bpf_ktime_get_coarse_ns();
+		int live = flow_is_live(pkt.flow.proto, state, now);
+		__u32 target_id = state->target_id;
+		struct target6 *t = live ? targets6.lookup(&target_id) : NULL;
+		use = entry_use_for(state, t ? t->flags : 0, pkt.flow.proto, pkt.tcp_flags);
+		if (use == ENTRY_DECIDES && t) {
+			if (!hop_limit_ok(&pkt))
+				return XDP_DROP;
+			follow_flow(pkt.flow.proto, pkt.tcp_flags, state, now, 1);
+			count(CNT_CONNTRACK_HIT);
+			struct fwd_how6 how = {
+				.mode = state->mode,
+				.snat_addr = entry->snat_addr,
+				.snat_port = state->snat_port,
+			};
+			return to_target6(ctx, &pkt, t, state->vip_id, target_id, 0, now, &how);
+		}
+	} else {
+		__u16 dport = bpf_ntohs(pkt.flow.dport);
+		if (dport >= FULLNAT_PORT_MIN && dport <= FULLNAT_PORT_MAX) {
+			int action = fullnat_reply6(ctx, &pkt);
+			if (action >= 0)
+				return action;
+		}
+	}
+
+	struct vip_key6 vk = {
+		.addr = pkt.flow.dst,
+		.port = pkt.flow.dport,
+		.proto = pkt.flow.proto,
+	};
+	struct vip_meta *vip = vips6.lookup(&vk);
+	if (!vip) {
+		count(CNT_PASS_IPV6);
+		return XDP_PASS;
+	}
+	if (!now)
+		now = bpf_ktime_get_coarse_ns();
+
+	int had_half_open = 0;
+	if (!entry && pkt.flow.proto == IPPROTO_TCP) {
+		struct half_open_flow6 *half = half_open6.lookup(&pkt.flow);
+		if (half) {
+			int action = follow_half_open6(ctx, &pkt, half, now);
+			if (action >= 0)
+				return action;
+			had_half_open = 1;
+		}
+	}
+	return by_ring6(ctx, &pkt, vip, now, use, entry != NULL, had_half_open);
+}
+
+int xdp_lb(struct xdp_md *ctx)
+{
+	struct packet pkt = {};
+
+	switch (parse_packet(ctx, &pkt)) {
+	case PARSE_OK:
+		break;
+	case PARSE_NOT_IPV4:
+		count(CNT_PASS_NOT_IPV4);
+		return XDP_PASS;
+	case PARSE_IPV6_FRAME:
+		return xdp_lb6(ctx);
 	case PARSE_IP_OPTIONS:
 		count(CNT_PASS_IP_OPTIONS);
 		return XDP_PASS;
@@ -987,10 +1632,7 @@ int xdp_lb(struct xdp_md *ctx)
 	}
 
 	/* Replies first, but only from a port some target endpoint uses. */
-	__u16 sport = bpf_ntohs(pkt.flow.sport);
-	__u32 word = sport >> 6;
-	__u64 *bits = reply_ports.lookup(&word);
-	if (bits && (*bits >> (sport & 63)) & 1) {
+	if (reply_port(pkt.flow.sport)) {
 		int action = reply(ctx, &pkt);
 		if (action >= 0)
 			return action;
@@ -1006,21 +1648,11 @@ int xdp_lb(struct xdp_md *ctx)
 		int live = flow_is_live(pkt.flow.proto, state, now);
 		__u32 target_id = state->target_id;
 		struct target *t = live ? targets.lookup(&target_id) : NULL;
-		if (t && (t->flags & TARGET_F_ACTIVE)) {
-			/* A SYN follows its entry only to a target still in the ring,
-			 * and only while the entry is open: a retransmitted SYN stays
-			 * with its target; one after a close or to a target out of
-			 * service takes the ring. */
-			if (!is_syn(&pkt) || ((t->flags & TARGET_F_IN_SERVICE) && !flow_closed(state)))
-				use = ENTRY_DECIDES;
-		}
-		if (use == ENTRY_DECIDES) {
+		use = entry_use_for(state, t ? t->flags : 0, pkt.flow.proto, pkt.tcp_flags);
+		if (use == ENTRY_DECIDES && t) {
 			if (!ttl_ok(&pkt))
 				return XDP_DROP;
-			if (is_tcp(&pkt))
-				follow_tcp(&pkt, state, now, 1);
-			else
-				touch(state, now);
+			follow_flow(pkt.flow.proto, pkt.tcp_flags, state, now, 1);
 			count(CNT_CONNTRACK_HIT);
 			struct fwd_how how = {
 				.mode = state->mode,
@@ -1029,8 +1661,6 @@ int xdp_lb(struct xdp_md *ctx)
 			};
 			return to_target(ctx, &pkt, t, state->vip_id, target_id, 0, now, &how);
 		}
-		if (is_tcp(&pkt) && !is_syn(&pkt) && flow_closed(state))
-			use = ENTRY_BYPASS; /* a late segment does not bring a closed flow back */
 	} else {
 		/* No flow of a client: perhaps a full-NAT reply, which is
 		 * addressed to one of lb's ports (checked after conntrack, so

@@ -1,10 +1,11 @@
-/* parse.h: Ethernet / IPv4 / TCP / UDP into a packet descriptor; IPv6
- * classified (the XDP path has no IPv6 VIPs yet: every IPv6 frame passes).
+/* parse.h: Ethernet / IPv4 / IPv6 / TCP / UDP into a packet descriptor.
  *
  * Every read is bounds-checked against data_end before it happens. What the
  * parser cannot fully read it does not guess at: it returns a reason, and
  * lb.c passes such packets to the kernel untouched (the kernel's own checks
- * drop garbage), so XDP never forwards anything it did not parse.
+ * drop garbage), so XDP never forwards anything it did not parse. IPv6 has a
+ * descriptor of its own (struct packet6), filled by parse_ipv6 only for an
+ * IPv6 frame, so an IPv4 packet's descriptor and cost stay as they were.
  */
 #ifndef LB_PARSE_H
 #define LB_PARSE_H
@@ -49,10 +50,22 @@ enum parse_result {
 	PARSE_FRAGMENT,      /* MF set or a fragment offset */
 	PARSE_NOT_L4,        /* IPv4, but neither TCP nor UDP */
 	PARSE_ICMP,          /* ICMP: pkt->eth, ip and len are set (the caller reads the message) */
-	PARSE_IPV6,          /* IPv6 whose headers are whole, no extension header, not ICMPv6 */
+	PARSE_IPV6_FRAME,    /* the ethertype is IPv6: parse_ipv6 reads it into a struct packet6 */
+	PARSE_IPV6,          /* IPv6 whose headers are whole, no extension header, neither TCP, UDP nor ICMPv6 */
 	PARSE_IPV6_EXT_HDR,  /* IPv6, an extension header (other than a fragment header) first */
 	PARSE_IPV6_FRAGMENT, /* IPv6, a fragment header first */
-	PARSE_ICMPV6,        /* IPv6, ICMPv6 (neighbour discovery among it) first */
+	PARSE_ICMPV6,        /* IPv6, ICMPv6 (neighbour discovery among it) first: pkt6->eth, ip6, len set */
+};
+
+/* An IPv6 TCP or UDP packet with no extension header (what the program forwards). */
+struct packet6 {
+	struct ethhdr *eth;
+	struct ipv6hdr *ip6;
+	__be16 *ports;       /* source port, then destination port */
+	__sum16 *l4_check;   /* TCP or UDP checksum field */
+	struct flow_key6 flow;
+	__u32 len;           /* whole frame, bytes */
+	__u8 tcp_flags;      /* TCP: byte 13 of the header (TCP_FLAG_*); UDP: 0 */
 };
 
 #ifndef IPPROTO_HIP
@@ -62,13 +75,26 @@ enum parse_result {
 #define IPPROTO_SHIM6 140 /* Shim6: an extension header (RFC 5533) */
 #endif
 
-/* An IPv6 frame (pkt->eth and len set) classified: what follows the fixed
- * header, checked to be in the frame as far as it is read, and the payload
- * length checked against the frame. Nothing of it is kept: the caller
- * passes every IPv6 frame to the kernel, counted by kind. */
-static __always_inline enum parse_result parse_ipv6(struct packet *pkt, void *data_end)
+/* The IPv6 packet's length: fixed header and payload (IPv4's total length). */
+static __always_inline __u16 ipv6_len(struct packet6 *pkt)
 {
-	struct ipv6hdr *ip6 = (void *)(pkt->eth + 1);
+	return sizeof(struct ipv6hdr) + bpf_ntohs(pkt->ip6->payload_len);
+}
+
+/* An IPv6 frame: TCP or UDP right after the fixed header is read into
+ * `pkt` (PARSE_OK); anything else is classified, checked to be in the frame
+ * as far as it is read, and left to the caller to pass. The payload length
+ * is checked against the frame. A UDP datagram with a zero checksum (which
+ * IPv6 forbids, RFC 8200 8.1) is a parse error: the kernel drops it. */
+static __always_inline enum parse_result parse_ipv6(struct xdp_md *ctx, struct packet6 *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	pkt->len = data_end - data;
+	pkt->eth = data;
+	pkt->ip6 = (void *)(pkt->eth + 1);
+	struct ipv6hdr *ip6 = pkt->ip6;
 	if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
 		return PARSE_TRUNCATED;
 	/* Scalars only (see parse_packet): Ethernet + fixed header + payload within the frame. */
@@ -77,14 +103,21 @@ static __always_inline enum parse_result parse_ipv6(struct packet *pkt, void *da
 		return PARSE_TRUNCATED;
 	void *l4 = (void *)(ip6 + 1);
 	switch (ip6->nexthdr) {
-	case IPPROTO_TCP:
-		if (l4 + sizeof(struct tcphdr) > data_end || payload < sizeof(struct tcphdr))
+	case IPPROTO_TCP: {
+		struct tcphdr *tcp = l4;
+		if ((void *)(tcp + 1) > data_end || payload < sizeof(struct tcphdr))
 			return PARSE_TRUNCATED;
-		return PARSE_IPV6;
-	case IPPROTO_UDP:
-		if (l4 + sizeof(struct udphdr) > data_end || payload < sizeof(struct udphdr))
+		pkt->l4_check = &tcp->check;
+		pkt->tcp_flags = ((__u8 *)tcp)[13];
+		break;
+	}
+	case IPPROTO_UDP: {
+		struct udphdr *udp = l4;
+		if ((void *)(udp + 1) > data_end || payload < sizeof(struct udphdr) || udp->check == 0)
 			return PARSE_TRUNCATED;
-		return PARSE_IPV6;
+		pkt->l4_check = &udp->check;
+		break;
+	}
 	case IPPROTO_ICMPV6:
 		return PARSE_ICMPV6;
 	case IPPROTO_FRAGMENT:
@@ -101,6 +134,13 @@ static __always_inline enum parse_result parse_ipv6(struct packet *pkt, void *da
 	default:
 		return PARSE_IPV6;
 	}
+	pkt->ports = l4;
+	__builtin_memcpy(&pkt->flow.src, &ip6->saddr, sizeof(pkt->flow.src));
+	__builtin_memcpy(&pkt->flow.dst, &ip6->daddr, sizeof(pkt->flow.dst));
+	pkt->flow.sport = pkt->ports[0];
+	pkt->flow.dport = pkt->ports[1];
+	pkt->flow.proto = ip6->nexthdr;
+	return PARSE_OK;
 }
 
 static __always_inline enum parse_result parse_packet(struct xdp_md *ctx, struct packet *pkt)
@@ -114,7 +154,7 @@ static __always_inline enum parse_result parse_packet(struct xdp_md *ctx, struct
 		return PARSE_NOT_IPV4; /* too short to carry IPv4 at all */
 	if (pkt->eth->h_proto != bpf_htons(ETH_P_IP)) {
 		if (pkt->eth->h_proto == bpf_htons(ETH_P_IPV6))
-			return parse_ipv6(pkt, data_end);
+			return PARSE_IPV6_FRAME;
 		return PARSE_NOT_IPV4;
 	}
 
