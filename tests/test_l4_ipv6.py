@@ -36,7 +36,7 @@ from lb import netlink as nl
 from lb.cli import cli
 from lb.dataplane.pins import pin_dir
 from lb.hostnet import ADDRESS_PROTO
-from lb.lab import Lab
+from lb.lab import Backend, Lab
 from tests import labclient
 from tests.daemon_fixture import CHECKS, RunningDaemon, StreamPump, forwarded, lab_config
 from tests.names import name
@@ -120,6 +120,10 @@ def connect(lab: Lab, port: int = PORT, source_port: int = 0) -> socket.socket:
     return nl.run_in_netns(lab.client_ns, open_)
 
 
+def backend_named(lab: Lab, banner: str) -> Backend:
+    return next(b for b in lab.backends if b.name == banner)
+
+
 def lb(daemon: RunningDaemon, *args: str) -> str:
     result = CliRunner().invoke(cli, [*args, "-c", daemon.config_path])
     assert result.exit_code == 0, result.output
@@ -191,7 +195,7 @@ def test_ipv4_and_ipv6_vips_in_one_program(six: Six, lab: Lab) -> None:
 def test_a_deregistered_target_drains_its_long_lived_connection(six: Six, lab: Lab) -> None:
     daemon = six.daemon
     stream = connect(lab)
-    owner = next(b for b in lab.backends if b.name == labclient.read_line(stream))
+    owner = backend_named(lab, labclient.read_line(stream))
     pump = StreamPump(stream)
     pump.start()
     try:
@@ -236,7 +240,7 @@ def test_vips_targets_conntrack_and_explain_show_ipv6(six: Six, lab: Lab) -> Non
     assert all(targets[("echo6-tcp", b.address6)]["state"] == "healthy" for b in lab.backends)
 
     with connect(lab) as sock:
-        backend = next(b for b in lab.backends if b.name == labclient.read_line(sock))
+        backend = backend_named(lab, labclient.read_line(sock))
         client = f"[{labmod.CLIENT_ADDR6}]:{sock.getsockname()[1]}"
         info = lb_json(daemon, "explain", "flow", "tcp", client, f"[{VIP6}]:{PORT}")
         assert info["decision"] == "conntrack" and info["listener"] == "echo6-tcp"
@@ -253,7 +257,7 @@ def test_vips_targets_conntrack_and_explain_show_ipv6(six: Six, lab: Lab) -> Non
         info = lb_json(daemon, "explain", "flow", "tcp", f"[{labmod.CLIENT_ADDR6}]:{port}", f"[{VIP6}]:{PORT}")
         assert info["conntrack"] is None and info["decision"] == "ring"
         with connect(lab, source_port=port) as sock:
-            owner = next(b for b in lab.backends if b.name == labclient.read_line(sock))
+            owner = backend_named(lab, labclient.read_line(sock))
         assert info["target"] == {"address": owner.address6, "port": PORT}, port
 
 
