@@ -97,3 +97,37 @@ def peer_server(ns: str, address: str, port: int) -> Iterator[None]:
         stop.set()
         thread.join(5)
         server.close()
+
+
+@contextmanager
+def udp_echo_server(ns: str, address: str, port: int, name: str) -> Iterator[None]:
+    """A UDP server bound to address:port in namespace `ns` answering each
+    datagram with "<name> " + payload, from that address (a DSR target binds
+    the VIP, so its answers leave from it)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+    def bind() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind((address, port))
+        sock.settimeout(0.2)
+        return sock
+
+    server = run_in_netns(ns, bind)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, sender = server.recvfrom(2048)
+            except TimeoutError:
+                continue
+            server.sendto(name.encode() + b" " + data, sender)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()

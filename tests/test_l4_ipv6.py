@@ -1,15 +1,20 @@
-"""IPv6 VIPs end to end: a real `lb up` on the lab with IPv6 TCP and UDP
-listeners (fd00::100) whose targets are the backends' IPv6 addresses
-(fd00:1::11..13), beside the lab's IPv4 TCP VIP in the same program, in nat
-and full-nat mode. Real TCP and UDP from the client's fd00::2; what the
-target sees of its peer; a target deregistered while a long-lived connection
-goes on; what `lb vips`, `lb conntrack`, `lb explain flow` and the metrics
-say of it; a restart that adopts the IPv6 maps; `lb down` that removes the
-address.
+"""IPv6 VIPs end to end: a real `lb up` with IPv6 TCP and UDP listeners whose
+targets are IPv6 addresses, beside an IPv4 TCP VIP in the same program, in
+each forwarding mode:
 
-Full NAT takes the backends' IPv6 default route away for its module's
-duration: a backend can then answer only lb's own address on its link
-(fd00:1::1), which is what full NAT gives it as the source.
+- nat and full-nat on the namespace lab (VIP fd00::100 on the client link,
+  targets fd00:1::11..13). Full NAT takes the backends' IPv6 default route
+  away for its run: a backend can then answer only lb's own address on its
+  link (fd00:1::1), which is what full NAT gives it as the source;
+- dsr on the DSR lab (lb.lab_dsr: VIP fd30:9::100 routed to lb, targets
+  fd30:1::11..13 on lb's segment holding the VIP on `lo`, replies through
+  the router).
+
+Real TCP and UDP from the client; what the target sees of its peer; a
+target deregistered while a long-lived connection goes on; what `lb vips`,
+`lb targets`, `lb conntrack`, `lb explain flow` and the metrics say; a
+`kill -9` and restart that adopts the IPv6 maps; `lb down` that removes the
+address lb placed and the maps.
 """
 
 from __future__ import annotations
@@ -32,76 +37,122 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb import lab as labmod
+from lb import lab_dsr
 from lb import netlink as nl
 from lb.cli import cli
 from lb.dataplane.pins import pin_dir
 from lb.hostnet import ADDRESS_PROTO
 from lb.lab import Backend, Lab
+from lb.lab_dsr import DsrLab
 from tests import labclient
-from tests.daemon_fixture import CHECKS, RunningDaemon, StreamPump, forwarded, lab_config
+from tests.daemon_fixture import CHECKS, RunningDaemon, StreamPump, forwarded, lab_config, target_list
 from tests.names import name
 
 pytestmark = pytest.mark.root
 
-VIP6 = "fd00::100"  # in the client link's fd00::/64: lb places it on to-client
-PORT = labmod.ECHO_PORT
-PEER_PORT = 9301  # the test's own servers on every backend: what the target sees of its peer
+PORT = labmod.ECHO_PORT  # lb.labserver's TCP echo (banner: the target's name), on IPv4 and IPv6
+PEER_PORT = 9301  # the test's own servers on every target: what the target sees of its peer
+UDP_PORT = 9401  # the test's own UDP echo on every target, bound to the address replies must come from
 METRICS = "127.0.0.1:9476"
 INTERVAL = 5  # CHECKS: the fastest lb.config allows
-
-
-def targets6(lab: Lab, port: int | None = None) -> str:
-    extra = f", port = {port}" if port else ""
-    return "[" + ", ".join(f'{{ id = "{b.address6}"{extra} }}' for b in lab.backends) + "]"
-
-
-def config(lab: Lab, lb_name: str, mode: str) -> str:
-    """The lab's IPv4 TCP echo VIP, and on VIP6: TCP and UDP echo and the
-    peer listener, their groups in `mode`."""
-    group = {"nat": "", "full-nat": "preserve_client_ip = false\n", "dsr": "direct_server_return = true\n"}[mode]
-    text = lab_config(lab, lb_name).replace('workers = 1\n', f'workers = 1\nmetrics_address = "{METRICS}"\n')
-    check = f'{{ protocol = "TCP", port = {PORT}, {CHECKS} }}'
-    for listener, protocol, port in (("echo6-tcp", "TCP", PORT), ("echo6-udp", "UDP", PORT),
-                                     ("peer6", "TCP", PEER_PORT)):
-        text += forwarded(listener, protocol, port, targets6(lab), check, address=VIP6) + group
-    return text
+GROUP_MODE = {"nat": "", "full-nat": "preserve_client_ip = false\n", "dsr": "direct_server_return = true\n"}
 
 
 @dataclass
-class Six:
-    """The running daemon and the mode of its IPv6 groups."""
+class Site:
+    """Where one mode runs: the daemon, the client, the VIPs and the targets."""
 
-    daemon: RunningDaemon
     mode: str
+    daemon: RunningDaemon
+    client_ns: str
+    client: str  # the client's IPv6 address
+    vip: str  # the IPv6 VIP
+    vip4: str  # the IPv4 VIP beside it
+    lb_ns: str
+    vip_ifname: str  # where lb places the IPv6 VIP
+    targets: tuple[Backend, ...]
+    lb_link: str  # lb's IPv6 address on the targets' link (full NAT's source)
+
+    def target(self, banner: str) -> Backend:
+        return next(t for t in self.targets if t.name == banner)
+
+    @property
+    def served_at(self) -> str | None:
+        """The address the test's own servers bind on a target: the VIP for
+        DSR (its answers leave from it), else none (the target's own, below)."""
+        return self.vip if self.mode == "dsr" else None
 
 
-@pytest.fixture(scope="module", params=["nat", "full-nat"])
-def six(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Six]:
-    mode = request.param
+def ipv6_listeners(targets: tuple[Backend, ...], vip: str, mode: str) -> str:
+    """On `vip`: the TCP echo, the peer server and the UDP echo, each to every target, in `mode`."""
+    listed = "[" + ", ".join(f'{{ id = "{t.address6}" }}' for t in targets) + "]"
+    check = f'{{ protocol = "TCP", port = {PORT}, {CHECKS} }}'
+    return "".join(forwarded(listener, protocol, port, listed, check, address=vip) + GROUP_MODE[mode]
+                   for listener, protocol, port in (("echo6-tcp", "TCP", PORT), ("peer6", "TCP", PEER_PORT),
+                                                    ("echo6-udp", "UDP", UDP_PORT)))
+
+
+def lab_site(lab: Lab, mode: str) -> Site:
     lb_name = name("v6" + mode.replace("-", ""))
-    running = RunningDaemon(lab, lb_name, config(lab, lb_name, mode))
-    if mode == "full-nat":  # the backends answer lb's address on their link, nothing else
-        for backend in lab.backends:
-            with nl.iproute(backend.netns) as ipr:
-                nl.remove_route(ipr, "::/0")
-    try:
-        running.start()
-        for backend in lab.backends:
-            running.wait_for("echo6-tcp", backend.address6, "healthy", timeout=INTERVAL * 2 + 3)
-        with ExitStack() as servers:  # what each backend sees of its peer
-            for backend in lab.backends:
-                servers.enter_context(labclient.peer_server(backend.netns, backend.address6, PEER_PORT))
-            yield Six(running, mode)
-    finally:
-        running.cleanup()
-        if mode == "full-nat":
-            for backend in lab.backends:
+    text = lab_config(lab, lb_name).replace("workers = 1\n", f'workers = 1\nmetrics_address = "{METRICS}"\n')
+    text += ipv6_listeners(lab.backends, "fd00::100", mode)
+    return Site(mode, RunningDaemon(lab, lb_name, text), lab.client_ns, labmod.CLIENT_ADDR6, "fd00::100",
+                labmod.VIP, lab.lb_ns, labmod.LB_CLIENT_IF, lab.backends, labmod.BACKEND_GATEWAY6)
+
+
+def dsr_site(lab: DsrLab) -> Site:
+    lb_name = name("v6dsr")
+    text = f"""
+[load_balancer]
+name = "{lb_name}"
+netns = "{lab.lb_ns}"
+interfaces = ["{lab_dsr.LB_IF}"]
+xdp_mode = "native"
+admin_socket = "/run/lb/{lb_name}.sock"
+workers = 1
+metrics_address = "{METRICS}"
+"""
+    text += forwarded("echo-tcp", "TCP", PORT, target_list(lab.targets), f"{{ {CHECKS} }}", address=lab_dsr.VIP)
+    text += GROUP_MODE["dsr"] + ipv6_listeners(lab.targets, lab_dsr.VIP6, "dsr")
+    return Site("dsr", RunningDaemon(None, lb_name, text), lab.client_ns, lab_dsr.CLIENT_ADDR6, lab_dsr.VIP6,
+                lab_dsr.VIP, lab.lb_ns, "lo", lab.targets, lab_dsr.LB_ADDR6)
+
+
+@pytest.fixture(scope="module", params=["nat", "full-nat", "dsr"])
+def site(request: pytest.FixtureRequest) -> Iterator[Site]:
+    mode = request.param
+    with ExitStack() as stack:
+        if mode == "dsr":
+            dsr_lab = DsrLab(name("dsr6"))
+            stack.callback(dsr_lab.down)
+            dsr_lab.up()
+            the = dsr_site(dsr_lab)
+        else:
+            lab = request.getfixturevalue("lab")
+            the = lab_site(lab, mode)
+        if mode == "full-nat":  # the backends answer lb's address on their link, nothing else
+            for backend in the.targets:
                 with nl.iproute(backend.netns) as ipr:
-                    nl.add_route(ipr, "::/0", gateway=labmod.BACKEND_GATEWAY6)
+                    nl.remove_route(ipr, "::/0")
+                stack.callback(restore_default_route, backend)
+        stack.callback(the.daemon.cleanup)
+        the.daemon.start()
+        for target in the.targets:
+            the.daemon.wait_for("echo6-tcp", target.address6, "healthy", timeout=INTERVAL * 2 + 3)
+        for target in the.targets:  # what each target sees of its peer; UDP echo from the right address
+            at = the.served_at or target.address6
+            stack.enter_context(labclient.peer_server(target.netns, at, PEER_PORT))
+            stack.enter_context(labclient.udp_echo_server(target.netns, at, UDP_PORT, target.name))
+        yield the
 
 
-def connect(lab: Lab, port: int = PORT, source_port: int = 0) -> socket.socket:
-    """A TCP connection from the client's fd00::2 to VIP6; RST on close (no TIME_WAIT)."""
+def restore_default_route(backend: Backend) -> None:
+    with nl.iproute(backend.netns) as ipr:
+        nl.add_route(ipr, "::/0", gateway=labmod.BACKEND_GATEWAY6)
+
+
+def connect(site: Site, port: int = PORT, source_port: int = 0) -> socket.socket:
+    """A TCP connection from the client to the IPv6 VIP; RST on close (no TIME_WAIT)."""
 
     def open_() -> socket.socket:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -110,92 +161,86 @@ def connect(lab: Lab, port: int = PORT, source_port: int = 0) -> socket.socket:
             sock.settimeout(5)
             if source_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((labmod.CLIENT_ADDR6, source_port))
-            sock.connect((VIP6, port))
+                sock.bind((site.client, source_port))
+            sock.connect((site.vip, port))
         except BaseException:
             sock.close()
             raise
         return sock
 
-    return nl.run_in_netns(lab.client_ns, open_)
+    return nl.run_in_netns(site.client_ns, open_)
 
 
-def backend_named(lab: Lab, banner: str) -> Backend:
-    return next(b for b in lab.backends if b.name == banner)
-
-
-def lb(daemon: RunningDaemon, *args: str) -> str:
-    result = CliRunner().invoke(cli, [*args, "-c", daemon.config_path])
+def lb(site: Site, *args: str) -> str:
+    result = CliRunner().invoke(cli, [*args, "-c", site.daemon.config_path])
     assert result.exit_code == 0, result.output
     return result.output
 
 
-def lb_json(daemon: RunningDaemon, *args: str) -> Any:
-    out = json.loads(lb(daemon, *args, "--json"))
+def lb_json(site: Site, *args: str) -> Any:
+    out = json.loads(lb(site, *args, "--json"))
     assert out["schema"] == 2
     return out
 
 
-def test_300_connections_spread_over_the_three_targets(six: Six, lab: Lab) -> None:
-    daemon = six.daemon
+def test_300_connections_spread_over_the_three_targets(site: Site) -> None:
     seen: Tally[str] = Tally()
     for _ in range(300):
-        with connect(lab) as sock:
+        with connect(site) as sock:
             seen[labclient.read_line(sock)] += 1
-    assert set(seen) == {b.name for b in lab.backends} and sum(seen.values()) == 300
+    assert set(seen) == {t.name for t in site.targets} and sum(seen.values()) == 300
     for count in seen.values():
         assert 75 <= count <= 125, seen  # within ±25 % of 100
-    counters = {c["reason"]: c["packets"] for c in lb_json(daemon, "stats")["counters"]}
-    assert counters["ipv6_forwarded"] >= 300 * 3, counters  # SYN, ACK, RST at least, to the targets
+    counters = {c["reason"]: c["packets"] for c in lb_json(site, "stats")["counters"]}
+    assert counters["ipv6_forwarded"] >= 300 * 2, counters  # SYN and ACK at least, to the targets
+    if site.mode == "dsr":
+        assert counters["dsr"] >= 300 * 2 and counters["reverse_nat"] == 0, counters  # no reply crossed lb
 
 
-def test_the_target_sees_the_client_or_lb(six: Six, lab: Lab) -> None:
-    daemon = six.daemon
-    with connect(lab, PEER_PORT) as sock:
+def test_the_target_sees_the_client_or_lb(site: Site) -> None:
+    with connect(site, PEER_PORT) as sock:
         seen = labclient.read_line(sock)
-        client = f"[{labmod.CLIENT_ADDR6}]:{sock.getsockname()[1]}"
-        flows = lb_json(daemon, "conntrack", "--vip", f"[{VIP6}]:{PEER_PORT}")["flows"]
+        client = f"[{site.client}]:{sock.getsockname()[1]}"
+        flows = lb_json(site, "conntrack", "--vip", f"[{site.vip}]:{PEER_PORT}")["flows"]
         flow = next(f for f in flows if f["client"] == client)
-    assert flow["vip"] == f"[{VIP6}]:{PEER_PORT}" and flow["client_address"] == labmod.CLIENT_ADDR6
-    assert flow["mode"] == six.mode
-    if six.mode == "nat":
+    assert flow["vip"] == f"[{site.vip}]:{PEER_PORT}" and flow["client_address"] == site.client
+    assert flow["mode"] == site.mode
+    if site.mode == "full-nat":
+        assert seen == flow["source"]  # lb's address on the target's link, the port it allocated
+        assert seen.startswith(f"[{site.lb_link}]:")
+    else:
         assert seen == client  # the client's own address and port
         assert flow["source"] is None
-    else:
-        assert seen == flow["source"]  # lb's address on the backend's link, the port it allocated
-        assert seen.startswith(f"[{labmod.BACKEND_GATEWAY6}]:")
 
 
-def test_udp_through_the_vip(six: Six, lab: Lab) -> None:
-    daemon = six.daemon
+def test_udp_through_the_vip(site: Site) -> None:
     def exchange() -> set[str]:
         names = set()
         for i in range(30):
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
                 sock.settimeout(5)
-                sock.sendto(f"ping {i}".encode(), (VIP6, PORT))
+                sock.sendto(f"ping {i}".encode(), (site.vip, UDP_PORT))
                 data, sender = sock.recvfrom(128)
-                assert sender[:2] == (VIP6, PORT)  # the reply comes from the VIP
+                assert sender[:2] == (site.vip, UDP_PORT)  # the reply comes from the VIP
                 name_, _, echoed = data.decode().partition(" ")
                 assert echoed == f"ping {i}"
                 names.add(name_)
         return names
 
-    names = nl.run_in_netns(lab.client_ns, exchange)
-    assert names <= {b.name for b in lab.backends} and len(names) >= 2  # 30 flows over the ring
+    names = nl.run_in_netns(site.client_ns, exchange)
+    assert names <= {t.name for t in site.targets} and len(names) >= 2  # 30 flows over the ring
 
 
-def test_ipv4_and_ipv6_vips_in_one_program(six: Six, lab: Lab) -> None:
-    daemon = six.daemon
-    with labclient.tcp_connect(lab.client_ns, labmod.VIP, PORT) as v4, connect(lab) as v6:
-        assert labclient.read_line(v4) in {b.name for b in lab.backends}
-        assert labclient.read_line(v6) in {b.name for b in lab.backends}
+def test_ipv4_and_ipv6_vips_in_one_program(site: Site) -> None:
+    with labclient.tcp_connect(site.client_ns, site.vip4, PORT) as v4, connect(site) as v6:
+        assert labclient.read_line(v4) in {t.name for t in site.targets}
+        assert labclient.read_line(v6) in {t.name for t in site.targets}
 
 
-def test_a_deregistered_target_drains_its_long_lived_connection(six: Six, lab: Lab) -> None:
-    daemon = six.daemon
-    stream = connect(lab)
-    owner = backend_named(lab, labclient.read_line(stream))
+def test_a_deregistered_target_drains_its_long_lived_connection(site: Site) -> None:
+    daemon = site.daemon
+    stream = connect(site)
+    owner = site.target(labclient.read_line(stream))
     pump = StreamPump(stream)
     pump.start()
     try:
@@ -204,7 +249,7 @@ def test_a_deregistered_target_drains_its_long_lived_connection(six: Six, lab: L
         assert daemon.targets("echo6-tcp")[owner.address6]["state"] == "draining"
         deadline = time.monotonic() + 5
         while True:  # the reconcile that takes it out of the ring runs after the answer
-            row = next(r for r in lb_json(daemon, "vips")["vips"] if r["vip"] == f"[{VIP6}]:{PORT}"
+            row = next(r for r in lb_json(site, "vips")["vips"] if r["vip"] == f"[{site.vip}]:{PORT}"
                        and r["protocol"] == "TCP")
             if owner.address6 not in {t["target"]["address"] for t in row["targets"]}:
                 break
@@ -212,7 +257,7 @@ def test_a_deregistered_target_drains_its_long_lived_connection(six: Six, lab: L
             time.sleep(0.05)
         new: Tally[str] = Tally()
         for _ in range(60):
-            with connect(lab) as sock:
+            with connect(site) as sock:
                 new[labclient.read_line(sock)] += 1
         exchanged = pump.exchanged
         time.sleep(0.5)
@@ -226,60 +271,62 @@ def test_a_deregistered_target_drains_its_long_lived_connection(six: Six, lab: L
     daemon.wait_for("echo6-tcp", owner.address6, "healthy", timeout=INTERVAL * 2 + 3)
 
 
-def test_vips_targets_conntrack_and_explain_show_ipv6(six: Six, lab: Lab) -> None:
-    daemon = six.daemon
-    rows = {(r["protocol"], r["vip"]): r for r in lb_json(daemon, "vips")["vips"]}
-    row = rows[("TCP", f"[{VIP6}]:{PORT}")]
-    assert row["address"] == VIP6 and row["listener"] == "echo6-tcp" and row["mode"] == six.mode
+def test_vips_targets_conntrack_and_explain_show_ipv6(site: Site) -> None:
+    vip = f"[{site.vip}]:{PORT}"
+    rows = {(r["protocol"], r["vip"]): r for r in lb_json(site, "vips")["vips"]}
+    row = rows[("TCP", vip)]
+    assert row["address"] == site.vip and row["listener"] == "echo6-tcp" and row["mode"] == site.mode
     assert {(t["target"]["address"], t["target"]["port"]) for t in row["targets"]} == \
-        {(b.address6, PORT) for b in lab.backends}
-    assert ("TCP", f"{labmod.VIP}:{PORT}") in rows  # the IPv4 VIP beside it
-    assert f"TCP [{VIP6}]:{PORT}" in lb(daemon, "vips")
+        {(t.address6, PORT) for t in site.targets}
+    assert ("TCP", f"{site.vip4}:{PORT}") in rows  # the IPv4 VIP beside it
+    assert f"TCP {vip}" in lb(site, "vips")
 
-    targets = {(t["group"], t["target"]["address"]): t for t in lb_json(daemon, "targets")["targets"]}
-    assert all(targets[("echo6-tcp", b.address6)]["state"] == "healthy" for b in lab.backends)
+    targets = {(t["group"], t["target"]["address"]): t for t in lb_json(site, "targets")["targets"]}
+    assert all(targets[("echo6-tcp", t.address6)]["state"] == "healthy" for t in site.targets)
 
-    with connect(lab) as sock:
-        backend = backend_named(lab, labclient.read_line(sock))
-        client = f"[{labmod.CLIENT_ADDR6}]:{sock.getsockname()[1]}"
-        info = lb_json(daemon, "explain", "flow", "tcp", client, f"[{VIP6}]:{PORT}")
-        assert info["decision"] == "conntrack" and info["listener"] == "echo6-tcp"
+    with connect(site) as sock:
+        target = site.target(labclient.read_line(sock))
+        client = f"[{site.client}]:{sock.getsockname()[1]}"
+        info = lb_json(site, "explain", "flow", "tcp", client, vip)
+        assert info["decision"] == "conntrack" and info["listener"] == "echo6-tcp" and info["mode"] == site.mode
         assert info["conntrack"]["state"] == "live" and info["conntrack"]["tcp_state"] == "established"
-        assert info["target"] == info["ring"]["target"] == {"address": backend.address6, "port": PORT}
-        if six.mode == "nat":
-            assert info["reply"]["vips"] == [f"[{VIP6}]:{PORT}"] and info["reply"]["by"] == "entry"
-        else:
-            assert info["full_nat"]["source"].startswith(f"[{labmod.BACKEND_GATEWAY6}]:")
-        text = lb(daemon, "conntrack")
-        assert client in text and f"[{VIP6}]:{PORT}" in text
+        assert info["target"] == info["ring"]["target"] == {"address": target.address6, "port": PORT}
+        if site.mode == "nat":
+            assert info["reply"]["vips"] == [vip] and info["reply"]["by"] == "entry"
+        elif site.mode == "full-nat":
+            assert info["full_nat"]["source"].startswith(f"[{site.lb_link}]:")
+        text = lb(site, "conntrack")
+        assert client in text and vip in text
 
     for port in range(23100, 23106):  # the Python flow hash (flow_hash6) picks the kernel's ring slot
-        info = lb_json(daemon, "explain", "flow", "tcp", f"[{labmod.CLIENT_ADDR6}]:{port}", f"[{VIP6}]:{PORT}")
+        info = lb_json(site, "explain", "flow", "tcp", f"[{site.client}]:{port}", vip)
         assert info["conntrack"] is None and info["decision"] == "ring"
-        with connect(lab, source_port=port) as sock:
-            owner = backend_named(lab, labclient.read_line(sock))
+        with connect(site, source_port=port) as sock:
+            owner = site.target(labclient.read_line(sock))
         assert info["target"] == {"address": owner.address6, "port": PORT}, port
 
 
-def test_metrics_label_ipv6_vips_and_targets(six: Six, lab: Lab) -> None:
+def test_metrics_label_ipv6_vips_and_targets(site: Site) -> None:
     def scrape() -> str:
         with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as response:
             return str(response.read().decode())
 
-    samples = [sample for family in text_string_to_metric_families(nl.run_in_netns(lab.lb_ns, scrape))
+    samples = [sample for family in text_string_to_metric_families(nl.run_in_netns(site.lb_ns, scrape))
                for sample in family.samples]
-    info = [x.labels for x in samples if x.name == "lb_vip_info" and x.labels["vip"] == f"[{VIP6}]:{PORT}"]
-    assert {(x["protocol"], x["listener"], x["mode"]) for x in info} == {("TCP", "echo6-tcp", six.mode),
-                                                                           ("UDP", "echo6-udp", six.mode)}
+    info = [x.labels for x in samples if x.name == "lb_vip_info" and x.labels["vip"].startswith(f"[{site.vip}]:")]
+    assert {(x["vip"], x["protocol"], x["listener"], x["mode"]) for x in info} == {
+        (f"[{site.vip}]:{PORT}", "TCP", "echo6-tcp", site.mode),
+        (f"[{site.vip}]:{PEER_PORT}", "TCP", "peer6", site.mode),
+        (f"[{site.vip}]:{UDP_PORT}", "UDP", "echo6-udp", site.mode)}
     sent = {x.labels["target"]: x.value for x in samples if x.name == "lb_target_packets_total"}
-    assert all(sent[f"[{b.address6}]:{PORT}"] > 0 for b in lab.backends), sent
+    assert all(sent[f"[{t.address6}]:{PORT}"] > 0 for t in site.targets), sent
 
 
-def test_kill_9_and_restart_adopt_the_ipv6_maps(six: Six, lab: Lab) -> None:
-    daemon = six.daemon
-    stream = connect(lab)
+def test_kill_9_and_restart_adopt_the_ipv6_maps(site: Site) -> None:
+    daemon = site.daemon
+    stream = connect(site)
     labclient.read_line(stream)
-    before = {(r["protocol"], r["vip"]): r["vip_id"] for r in lb_json(daemon, "vips")["vips"]}
+    before = {(r["protocol"], r["vip"]): r["vip_id"] for r in lb_json(site, "vips")["vips"]}
     pump = StreamPump(stream)
     pump.start()
     try:
@@ -291,23 +338,23 @@ def test_kill_9_and_restart_adopt_the_ipv6_maps(six: Six, lab: Lab) -> None:
         restarting = threading.Thread(target=daemon.start)
         restarting.start()
         restarting.join()
-        for backend in lab.backends:
-            daemon.wait_for("echo6-tcp", backend.address6, "healthy", timeout=INTERVAL * 2 + 3)
+        for target in site.targets:
+            daemon.wait_for("echo6-tcp", target.address6, "healthy", timeout=INTERVAL * 2 + 3)
         time.sleep(0.3)
     finally:
         pump.stop()
         stream.close()
     assert not pump.errors
-    assert {(r["protocol"], r["vip"]): r["vip_id"] for r in lb_json(daemon, "vips")["vips"]} == before
+    assert {(r["protocol"], r["vip"]): r["vip_id"] for r in lb_json(site, "vips")["vips"]} == before
 
 
-def test_lb_down_removes_the_ipv6_vip_address_and_the_maps(six: Six, lab: Lab) -> None:
+def test_lb_down_removes_the_ipv6_vip_address_and_the_maps(site: Site) -> None:
     """Last in the module: the fixture's daemon goes."""
-    daemon = six.daemon
-    with nl.iproute(lab.lb_ns) as ipr:
-        assert nl.find_address(ipr, VIP6) == (labmod.LB_CLIENT_IF, 128, ADDRESS_PROTO)
+    daemon = site.daemon
+    with nl.iproute(site.lb_ns) as ipr:
+        assert nl.find_address(ipr, site.vip) == (site.vip_ifname, 128, ADDRESS_PROTO)
     daemon.stop()
     daemon.down()
-    with nl.iproute(lab.lb_ns) as ipr:
-        assert nl.find_address(ipr, VIP6) is None
+    with nl.iproute(site.lb_ns) as ipr:
+        assert nl.find_address(ipr, site.vip) is None
     assert not os.path.exists(pin_dir(daemon.name))
