@@ -306,6 +306,23 @@ def test_vips_targets_conntrack_and_explain_show_ipv6(site: Site) -> None:
         assert info["target"] == {"address": owner.address6, "port": PORT}, port
 
 
+def test_maps_dump_decodes_the_ipv6_maps(site: Site) -> None:
+    vips = lb_json(site, "maps", "dump", "vips6")["entries"]
+    assert {(e["key"]["addr"], e["key"]["port"], e["key"]["proto"]) for e in vips} == {
+        (site.vip, PORT, "TCP"), (site.vip, PEER_PORT, "TCP"), (site.vip, UDP_PORT, "UDP")}
+    targets = {(e["value"]["addr"], e["value"]["port"]) for e in lb_json(site, "maps", "dump", "targets6")["entries"]}
+    assert {(t.address6, PORT) for t in site.targets} <= targets
+    with connect(site) as sock:
+        client_port = sock.getsockname()[1]
+        labclient.read_line(sock)
+        flows = lb_json(site, "maps", "dump", "conntrack6", "--limit", "100000")["entries"]
+    entry = next(e for e in flows if e["key"]["sport"] == client_port and e["key"]["dport"] == PORT)
+    assert (entry["key"]["src"], entry["key"]["dst"]) == (site.client, site.vip)
+    assert entry["value"]["tcp_state"] == "established" and entry["value"]["age_s"] >= 0
+    if site.mode == "full-nat":
+        assert entry["value"]["snat_addr"] == site.lb_link
+
+
 def test_metrics_label_ipv6_vips_and_targets(site: Site) -> None:
     def scrape() -> str:
         with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as response:
