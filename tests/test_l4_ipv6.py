@@ -266,7 +266,8 @@ def test_a_deregistered_target_drains_its_long_lived_connection(site: Site) -> N
     finally:
         pump.stop()
         stream.close()
-        daemon.request("register", group="echo6-tcp", target=owner.address6)
+        registered = lb(site, "targets", "register", "echo6-tcp", owner.address6)
+    assert registered.strip() == f"registered [{owner.address6}]:{PORT} in echo6-tcp (weight 1)"
     assert not pump.errors
     daemon.wait_for("echo6-tcp", owner.address6, "healthy", timeout=INTERVAL * 2 + 3)
 
@@ -297,6 +298,9 @@ def test_vips_targets_conntrack_and_explain_show_ipv6(site: Site) -> None:
             assert info["full_nat"]["source"].startswith(f"[{site.lb_link}]:")
         text = lb(site, "conntrack")
         assert client in text and vip in text
+        text = lb(site, "explain", "flow", "tcp", client, vip)
+        assert f"TCP {client} -> {vip} (listener echo6-tcp" in text
+        assert f"conntrack: target [{target.address6}]:{PORT}" in text and "the conntrack entry decides" in text
 
     for port in range(23100, 23106):  # the Python flow hash (flow_hash6) picks the kernel's ring slot
         info = lb_json(site, "explain", "flow", "tcp", f"[{site.client}]:{port}", vip)
