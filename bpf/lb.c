@@ -8,8 +8,9 @@
  *   a tracked flow           -> conntrack hit: DNAT to its target -> out
  *   TCP/UDP to a VIP         -> Maglev ring picks the target (a SYN or a UDP
  *                               datagram also makes the flow's entry) -> DNAT -> out
- *   IPv6 (no IPv6 VIPs yet)  -> XDP_PASS, untouched, counted by kind (ICMPv6 and
- *                               ND, extension header, fragment, the rest)
+ *   IPv6                     -> the same steps over the IPv6 maps (xdp_lb6); an
+ *                               extension header, a fragment, ICMPv6 that is no
+ *                               error of a tracked flow (ND) -> XDP_PASS, counted
  *   anything else            -> XDP_PASS, untouched
  *
  * A flow has one conntrack entry, keyed by its client -> VIP 5-tuple and
@@ -49,6 +50,7 @@
 #include "fullnat.h"
 #include "icmp.h"
 #include "nat6.h"
+#include "icmp6.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -1190,6 +1192,20 @@ static __always_inline __u32 ring_target6(struct vip_meta *vip, struct flow_key6
 	return ring_slot_target(vip, flow_hash6(flow));
 }
 
+/* The packet (untouched) is too big for the path to its target: "packet
+ * too big" goes back to its sender, quoting it as it was sent (too_big's twin). */
+static __always_inline int too_big6(struct xdp_md *ctx, struct packet6 *pkt, __u16 mtu)
+{
+	if (icmp6_too_big(ctx, pkt, mtu)) {
+		count(CNT_PASS_PARSE_ERROR); /* the frame could not be resized: the kernel has it */
+		return XDP_PASS;
+	}
+	count(CNT_ICMP_TOO_BIG);
+	count(CNT_IPV6_FORWARDED);
+	count(CNT_TX);
+	return XDP_TX;
+}
+
 /* Rewritten toward `t` as `how` says and out (to_target's twin). */
 static __always_inline int to_target6(struct xdp_md *ctx, struct packet6 *pkt, struct target6 *t, __u32 vip_id,
                                       __u32 target_id, int new_flow, __u64 now, const struct fwd_how6 *how)
@@ -1200,6 +1216,8 @@ static __always_inline int to_target6(struct xdp_md *ctx, struct packet6 *pkt, s
 	int rc = target_next_hop6(ctx, pkt, target_id, fullnat ? &how->snat_addr : &pkt->flow.src,
 	                          fullnat ? how->snat_port : pkt->ports[0], &t->addr, dsr ? pkt->ports[1] : t->port,
 	                          now, &fib, &hop);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) /* IPv6 routers never fragment */
+		return too_big6(ctx, pkt, fib.mtu_result);
 
 	account(vip_stats.lookup(&vip_id), pkt->len, new_flow);
 	account(target_stats.lookup(&target_id), pkt->len, new_flow);
@@ -1434,7 +1452,7 @@ static __always_inline int by_ring6(struct xdp_md *ctx, struct packet6 *pkt, str
 		return XDP_DROP;
 	struct fwd_how6 how = { .mode = vip->mode };
 	if (how.mode == FWD_FULLNAT) {
-		struct addr6 *src = fullnat_sources6.lookup(&target_id);
+		struct addr6 *src = fullnat_srcs6.lookup(&target_id);
 		if (!src || addr6_is_zero(src)) {
 			count(CNT_DROP_NO_SOURCE);
 			return XDP_DROP;
@@ -1501,6 +1519,109 @@ static __always_inline int follow_half_open6(struct xdp_md *ctx, struct packet6 
 	return to_target6(ctx, pkt, t, vip_id, target_id, 0, now, &how);
 }
 
+/* An ICMPv6 error, rewritten, leaves toward its new destination. */
+static __always_inline int send_icmp6(struct xdp_md *ctx, struct packet6 *pkt)
+{
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET6;
+	fib.flowinfo = *(__be32 *)pkt->ip6 & bpf_htonl(0x0fffffff);
+	fib.l4_protocol = IPPROTO_ICMPV6;
+	fib.tot_len = ipv6_len(pkt);
+	__builtin_memcpy(fib.ipv6_src, &pkt->ip6->saddr, sizeof(fib.ipv6_src));
+	__builtin_memcpy(fib.ipv6_dst, &pkt->ip6->daddr, sizeof(fib.ipv6_dst));
+	fib.ifindex = ctx->ingress_ifindex;
+	return send_by6(ctx, pkt, &fib, bpf_fib_lookup(ctx, &fib, sizeof(fib), 0));
+}
+
+/* An ICMPv6 error about a reply lb sent from a VIP goes to the target,
+ * quoting what the target sent (icmp_to_target's twin). */
+static __always_inline int icmp_to_target6(struct xdp_md *ctx, struct packet6 *pkt, struct icmp6_error *err,
+                                           struct flow_state6 *entry)
+{
+	__u32 target_id = entry->flow.target_id;
+	struct target6 *t = targets6.lookup(&target_id);
+	if (!t)
+		return -1;
+	if (!hop_limit_ok(pkt))
+		return XDP_DROP;
+	if (entry->flow.mode == FWD_FULLNAT) {
+		icmp6_quote_rewrite(err, 1, &entry->snat_addr, entry->flow.snat_port);
+		icmp6_outer_rewrite(pkt, err, 0, &entry->snat_addr);
+	}
+	icmp6_quote_rewrite(err, 0, &t->addr, t->port);
+	icmp6_outer_rewrite(pkt, err, 1, &t->addr);
+	count(CNT_ICMP_TO_TARGET);
+	return send_icmp6(ctx, pkt);
+}
+
+/* An ICMPv6 error about a packet lb sent toward a target goes to the
+ * client, quoting client -> VIP, from the VIP when the target itself sent
+ * it (icmp_to_client's twin). */
+static __always_inline int icmp_to_client6(struct xdp_md *ctx, struct packet6 *pkt, struct icmp6_error *err,
+                                           const struct flow_key6 *fwd, int fullnat)
+{
+	if (!hop_limit_ok(pkt))
+		return XDP_DROP;
+	if (addr6_equal((struct addr6 *)&pkt->ip6->saddr, (struct addr6 *)&err->inner->daddr))
+		icmp6_outer_rewrite(pkt, err, 0, &fwd->dst);
+	if (fullnat)
+		icmp6_quote_rewrite(err, 0, &fwd->src, fwd->sport);
+	icmp6_quote_rewrite(err, 1, &fwd->dst, fwd->dport);
+	icmp6_outer_rewrite(pkt, err, 1, &fwd->src);
+	count(CNT_ICMP_TO_CLIENT);
+	return send_icmp6(ctx, pkt);
+}
+
+/* An ICMPv6 error about a tracked IPv6 flow, if the packet is one (icmp_in's
+ * twin); -1: none (the caller passes it, neighbour discovery among them). */
+static __always_inline int icmp6_in(struct xdp_md *ctx, struct packet6 *pkt)
+{
+	struct icmp6_error err = {};
+	struct flow_key6 key = {}; /* the quote reversed, then the client's flow */
+	if (icmp6_error_parse(ctx, pkt, &err, &key))
+		return -1;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow_state6 *entry = conntrack6.lookup(&key);
+	if (entry && entry->flow.mode != FWD_DSR && flow_is_live(key.proto, &entry->flow, now))
+		return icmp_to_target6(ctx, pkt, &err, entry);
+
+	struct flow_key6 *held = fullnat_flows6.lookup(&key);
+	if (held)
+		return icmp_to_client6(ctx, pkt, &err, held, 1);
+
+	/* A NAT flow's packet to a target endpoint: the quote's destination. */
+	struct endpoint_key6 ek = {
+		.addr = key.src,
+		.port = key.sport,
+		.proto = key.proto,
+	};
+	struct reply_route6 *route = replies6.lookup(&ek);
+	if (!route)
+		return -1;
+	key.src = key.dst; /* the quote's source: the client */
+	key.sport = key.dport;
+	int found = -1;
+	__u32 count_vips = route->count;
+#pragma unroll
+	for (int i = 0; i < MAX_REPLY_VIPS; i++) {
+		if (i >= count_vips || found >= 0)
+			break;
+		key.dst = route->vips[i].addr;
+		key.dport = route->vips[i].port;
+		struct flow_state6 *e = conntrack6.lookup(&key);
+		struct flow_state *s = e ? &e->flow : NULL;
+		if (!s && key.proto == IPPROTO_TCP) { /* an error about a SYN: the flow is half-open */
+			struct half_open_flow6 *half = half_open6.lookup(&key);
+			s = half ? &half->half.flow : NULL;
+		}
+		if (s && s->target_id == route->target_id && s->vip_gen == route->vips[i].gen)
+			found = i;
+	}
+	if (found < 0)
+		return -1;
+	return icmp_to_client6(ctx, pkt, &err, &key, 0);
+}
+
 /* An IPv6 frame: TCP/UDP to a VIP or a reply is forwarded, the rest passed
  * (counted by kind). xdp_lb's IPv4 path, step for step. */
 static __always_inline int xdp_lb6(struct xdp_md *ctx)
@@ -1519,9 +1640,13 @@ static __always_inline int xdp_lb6(struct xdp_md *ctx)
 	case PARSE_IPV6_FRAGMENT:
 		count(CNT_PASS_IPV6_FRAGMENT);
 		return XDP_PASS;
-	case PARSE_ICMPV6:
+	case PARSE_ICMPV6: {
+		int action = icmp6_in(ctx, &pkt);
+		if (action >= 0)
+			return action;
 		count(CNT_PASS_ICMPV6);
 		return XDP_PASS;
+	}
 	default:
 		count(CNT_PASS_PARSE_ERROR);
 		return XDP_PASS;

@@ -4,7 +4,7 @@
  * the next load, so a restarted daemon adopts the live state: flows keep
  * their targets while the control plane is away. Userspace writes vips,
  * targets, rings, vip_gens, replies and reply_ports (and their IPv6
- * counterparts vips6, targets6, replies6, fullnat_sources6); the program
+ * counterparts vips6, targets6, replies6, fullnat_srcs6); the program
  * writes conntrack, half_open, fullnat_flows (conntrack6, half_open6,
  * fullnat_flows6), flood_guard, next_hops and the stats.
  *
@@ -134,8 +134,10 @@ BPF_TABLE("lru_hash", struct flow_key6, struct half_open_flow6, half_open6, LB_M
 /* As replies, for IPv6 target endpoints (their ports are in reply_ports too). */
 BPF_TABLE("hash", struct endpoint_key6, struct reply_route6, replies6, LB_MAP_ENTRIES(MAX_TARGETS * 2));
 
-/* target id -> lb's own IPv6 address toward it (all zero: none), as fullnat_sources. */
-BPF_TABLE("array", u32, struct addr6, fullnat_sources6, LB_MAP_ENTRIES(MAX_TARGETS));
+/* target id -> lb's own IPv6 address toward it (all zero: none), as
+ * fullnat_sources. Not "fullnat_sources6": a kernel map name holds 15
+ * characters, and the kernel would cut it to the IPv4 map's name. */
+BPF_TABLE("array", u32, struct addr6, fullnat_srcs6, LB_MAP_ENTRIES(MAX_TARGETS));
 
 /* As fullnat_flows, for IPv6: target -> lb address:port 5-tuple -> client -> VIP 5-tuple. */
 BPF_TABLE("lru_hash", struct flow_key6, struct flow_key6, fullnat_flows6, LB_MAP_ENTRIES(CONNTRACK_SIZE));

@@ -5,7 +5,7 @@ the packet path by the XDP fixtures).
 One id space for both families: an IPv6 VIP goes to `vips6`, its targets to
 `targets6` (their `targets` slots zero), its ring into the shared `rings`,
 its NAT replies to `replies6` with their ports in the shared `reply_ports`;
-full NAT's source to `fullnat_sources6`. A restart adopts all of it; an id
+full NAT's source to `fullnat_srcs6`. A restart adopts all of it; an id
 that moves from one family to the other leaves nothing behind in the first;
 connection termination walks `conntrack6` and `half_open6` too.
 """

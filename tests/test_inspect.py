@@ -321,7 +321,7 @@ def test_100_tcp_connections_show_in_conntrack_and_stats(daemon: RunningDaemon, 
         assert {(name, f): tables[name][f] - tables0[name][f] for name in tables for f in ("inserts", "removed")} == {
             ("conntrack", "inserts"): 100, ("conntrack", "removed"): 0,
             ("half_open", "inserts"): 100, ("half_open", "removed"): 100,
-            **{(name, f): 0 for name in ("conntrack6", "half_open6") for f in ("inserts", "removed")}}  # no IPv6
+            **{(name, f): 0 for name in ("conntrack6", "half_open6") for f in ("inserts", "removed")}}  # IPv4 flows
         assert counter(after, "flow_established") - counter(before, "flow_established") == 100
         assert tables["conntrack"]["entries"] >= 100 and tables["conntrack"]["evictions"] == 0
         # And the table shows the same numbers.
@@ -376,7 +376,7 @@ def test_maps_list_and_dump(daemon: RunningDaemon, lab: Lab) -> None:
     assert set(rows) == {"vips", "targets", "rings", "conntrack", "vip_gens", "vip_stats", "target_stats", "counters",
                          "replies", "reply_ports", "flood_guard", "next_hops", "half_open", "table_stats", "table_fill",
                          "fullnat_sources", "fullnat_flows", "vips6", "targets6", "conntrack6", "half_open6",
-                         "replies6", "fullnat_sources6", "fullnat_flows6"}
+                         "replies6", "fullnat_srcs6", "fullnat_flows6"}
     assert (rows["vips"]["type"], rows["vips"]["key_size"], rows["vips"]["value_size"], rows["vips"]["entries"]) == (
         "hash", 8, 16, 2)
     assert rows["conntrack"]["type"] == "lru_hash" and rows["conntrack"]["max_entries"] == CONNTRACK_SIZE

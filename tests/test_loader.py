@@ -79,7 +79,7 @@ def test_first_load_creates_the_maps_and_later_loads_adopt_them() -> None:
             for map_name, spec in map_specs(LIMITS).items():
                 info = made[map_name]
                 assert (info.map_type, info.max_entries, info.flags, info.name) == \
-                       (spec.map_type, spec.max_entries, spec.flags, map_name.value[:15])  # BPF_OBJ_NAME_LEN - 1
+                       (spec.map_type, spec.max_entries, spec.flags, map_name.value)
             first_id = first.prog_id
             assert pinned_program_id() == first_id
         with Program.load(NAME, LIMITS) as second:

@@ -169,3 +169,9 @@ def test_ipv6_values_embed_the_ipv4_flow_state() -> None:
     assert structs.FlowState6.flow.offset == 0 and structs.HalfOpenFlow6.half.offset == 0
     assert ctypes.sizeof(structs.FlowState6) == ctypes.sizeof(structs.FlowState) + 16
     assert ctypes.sizeof(structs.HalfOpenFlow6) == ctypes.sizeof(structs.HalfOpenFlow) + 16
+
+
+def test_every_map_name_fits_the_kernels_name_field() -> None:
+    # BPF_OBJ_NAME_LEN is 16 with the NUL: a longer name is cut, and two maps
+    # (fullnat_sources, "fullnat_sources6") would show the same name.
+    assert [n.value for n in MapName if len(n.value) > 15] == []

@@ -7,6 +7,11 @@ frames can be written down byte for byte:
     fxa 10.0.0.1/24  (02:00:00:00:0a:01)  client side: client 10.0.0.2, same-side target 10.0.0.50
     fxb 10.0.1.1/24  (02:00:00:00:0b:01)  target side: 10.0.1.11..13 (10.0.1.14 has no neighbour)
 
+and the same for IPv6 (the MACs are the same hosts'):
+
+    fxa fd00::1/64    client fd00::2, same-side target fd00::50
+    fxb fd00:1::1/64  targets fd00:1::11..13 (fd00:1::14 has no neighbour)
+
 BPF_PROG_TEST_RUN is run from a thread inside that namespace with the
 ingress interface set, so the program sees exactly what it would see on fxa
 or fxb.
@@ -47,7 +52,13 @@ NEIGHBORS = [
     (TARGET_IF, "10.0.1.11", MAC["t1"]),
     (TARGET_IF, "10.0.1.12", MAC["t2"]),
     (TARGET_IF, "10.0.1.13", MAC["t3"]),
+    (CLIENT_IF, "fd00::2", MAC["client"]),
+    (CLIENT_IF, "fd00::50", MAC["near"]),
+    (TARGET_IF, "fd00:1::11", MAC["t1"]),
+    (TARGET_IF, "fd00:1::12", MAC["t2"]),
+    (TARGET_IF, "fd00:1::13", MAC["t3"]),
 ]
+ADDRESSES6 = {CLIENT_IF: "fd00::1", TARGET_IF: "fd00:1::1"}  # /64 each
 
 
 @dataclass
@@ -71,12 +82,14 @@ def _build_namespace() -> dict[str, int]:
             nl.add_veth(ipr, ifname, ifname + "-peer", NETNS)
             nl.set_mac(ipr, ifname, MAC[ifname])
             nl.add_address(ipr, ifname, address, 24)
+            nl.add_address(ipr, ifname, ADDRESSES6[ifname], 64, nodad=True)
             nl.set_up(ipr, ifname)
             nl.set_up(ipr, ifname + "-peer")
         for ifname, address, mac in NEIGHBORS:
             nl.add_neighbor(ipr, ifname, address, mac)
         ifindex = {ifname: nl.ifindex(ipr, ifname) for ifname in (CLIENT_IF, TARGET_IF)}
     nl.set_sysctl(NETNS, "net.ipv4.ip_forward", "1")  # else fib lookups answer FWD_DISABLED
+    nl.set_sysctl(NETNS, "net.ipv6.conf.all.forwarding", "1")
     return ifindex
 
 

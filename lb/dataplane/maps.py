@@ -327,7 +327,7 @@ class Maps:
 
     def put_fullnat_source(self, target_id: int, address: IPAddress | None) -> None:
         """lb's own address toward a target: its full-NAT flows' source (None:
-        none), in fullnat_sources or fullnat_sources6 by its family; the id's
+        none), in fullnat_sources or fullnat_srcs6 by its family; the id's
         slot in the other is zeroed (see put_target)."""
         key = ctypes.c_uint32(target_id)
         value6 = ip6_to_net(address) if isinstance(address, IPv6Address) else Addr6()

@@ -184,7 +184,7 @@ class MapName(str, enum.Enum):
     CONNTRACK6 = "conntrack6"
     HALF_OPEN6 = "half_open6"
     REPLIES6 = "replies6"
-    FULLNAT_SOURCES6 = "fullnat_sources6"
+    FULLNAT_SOURCES6 = "fullnat_srcs6"  # a kernel map name holds 15 characters: "fullnat_sources6" is cut
     FULLNAT_FLOWS6 = "fullnat_flows6"
 
 

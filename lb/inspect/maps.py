@@ -88,7 +88,7 @@ def _fields(struct: ctypes.Structure) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, Addr6):  # fullnat_sources6's values
+    if isinstance(value, Addr6):  # fullnat_srcs6's values
         return str(net_to_ip6(value))
     if isinstance(value, ctypes.Structure):
         return _fields(value)

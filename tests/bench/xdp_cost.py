@@ -56,7 +56,10 @@ subtraction. The forwarding modes get rows of their own: an established
 flow of a full-NAT VIP and of a DSR VIP, each against the same baseline
 built as that mode's stateless floor (full NAT: the source rewritten too, to
 the address and port lb gave the flow; DSR: only the MACs), both checked to
-emit the same frame as lb byte for byte. Also timed: lb.maglev.build_table for N=1000 at M=65537 (best of
+emit the same frame as lb byte for byte. The same three over IPv6 (a
+VIP's maps written directly, as the control plane writes them), each
+against an IPv6 floor (tests/bench/baseline_dnat6.c) checked the same
+way. Also timed: lb.maglev.build_table for N=1000 at M=65537 (best of
 5) and a full Dataplane.apply of one VIP with 1000 targets at M=65537.
 """
 
@@ -89,16 +92,30 @@ from lb.dataplane.dataplane import Dataplane, L4Service  # noqa: E402
 from lb.dataplane.loader import Program, bpf_source_dir, purge_pins  # noqa: E402
 from lb.dataplane.maps import Endpoint, Maps, VipAddr  # noqa: E402
 from lb.dataplane.structs import (  # noqa: E402
+    FWD_DSR,
+    FWD_FULLNAT,
+    FWD_NAT,
+    IPPROTO_TCP,
+    TARGET_F_ACTIVE,
+    TARGET_F_IN_SERVICE,
     Counter,
+    EndpointKey6,
     FlowKey,
+    FlowKey6,
     FlowState,
     HalfOpenFlow,
     Limits,
     MapName,
+    ReplyRoute6,
+    ReplyVip6,
+    Target6,
+    VipKey6,
+    VipMeta,
+    ip6_to_net,
     ip_to_net,
     port_to_net,
 )
-from tests.xdp_fixture import CLIENT_IF, MAC, NEIGHBORS, TARGET_IF  # noqa: E402
+from tests.xdp_fixture import ADDRESSES6, CLIENT_IF, MAC, NEIGHBORS, TARGET_IF  # noqa: E402
 
 # "lbb", or LB_TEST_PREFIX + "b" (lbsb-...) so benchmarks of two worktrees can run at once.
 PREFIX = os.environ["LB_TEST_PREFIX"] + "b" if os.environ.get("LB_TEST_PREFIX") else "lbb"
@@ -126,6 +143,13 @@ GOAL_RATIO = 1.5
 GOAL_NEW_FLOW_RATIO = 6.0
 GOAL_MAGLEV_MS = 100.0
 BASELINE_C = Path(__file__).resolve().parent / "baseline_dnat.c"
+BASELINE6_C = Path(__file__).resolve().parent / "baseline_dnat6.c"
+# IPv6 rows: an established flow per mode over IPv6, each against its own
+# stateless IPv6 floor (baseline_dnat6.c). The IPv6 maps are written here
+# directly (the struct layouts of lb.dataplane.structs), with ids at the top
+# of the shared id spaces, which the IPv4 services never reach.
+CLIENT6, VIP6, TARGET6, LB6 = "fd00::2", "fd00::100", "fd00:1::12", "fd00:1::1"
+MODE6 = {"nat": (FWD_NAT, 80), "full-nat": (FWD_FULLNAT, 82), "dsr": (FWD_DSR, 83)}  # mode, VIP port
 
 HARNESS_C = r"""
 #include <uapi/linux/bpf.h>
@@ -171,9 +195,8 @@ STORES
 # Each entry: (what, [(text in lb.c, replacement), ...]). Built from the
 # current bpf/lb.c in memory (never written to disk), sharing the pinned maps.
 NO_CSUM = ("if (!ipv4_header_csum_ok(pkt.ip)) {", "if (0) {")
-NO_REPLY_BITS = ("if (bits && (*bits >> (sport & 63)) & 1) {", "if (0) {")
-NO_TCP_STATE = ("\t\t\tif (is_tcp(&pkt))\n\t\t\t\tfollow_tcp(&pkt, state, now, 1);\n\t\t\telse\n\t\t\t\ttouch(state, now);",
-                "\t\t\ttouch(state, now);")
+NO_REPLY_BITS = ("return bits && (*bits >> (sport & 63)) & 1;", "return 0;")
+NO_TCP_STATE = ("\t\t\tfollow_flow(pkt.flow.proto, pkt.tcp_flags, state, now, 1);", "\t\t\ttouch(state, now);")
 NO_COUNT = ("u64 *value = counters.lookup(&slot);\n\tif (value)\n\t\t*value += 1;", "")
 NO_STATS = ("\tif (!stats)\n\t\treturn;\n\tstats->packets", "\treturn;\n\tstats->packets")
 NO_HOP_CACHE = ("\tstruct next_hop *hop = NEXT_HOP_CACHE_NS ? next_hops.lookup(&target_id) : NULL;",
@@ -210,6 +233,49 @@ def tcp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport:
     return raw(pkt)
 
 
+def tcp_frame6(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int, flags: str) -> bytes:
+    from scapy.layers.inet import TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+    from scapy.packet import raw
+
+    ack = 0 if flags == "S" else 5000
+    seq = 4999 if flags == "SA" else 1000
+    pkt = Ether(src=src_mac, dst=dst_mac) / IPv6(src=src, dst=dst, hlim=64) / TCP(
+        sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=64240)
+    return raw(pkt)
+
+
+def write_service6(maps: Maps, limits: Limits, vip_id: int, target_id: int, mode: int, port: int,
+                   target_port: int) -> None:
+    """One IPv6 VIP with one target, as the control plane writes it: targets6,
+    the ring's live half, vips6; replies6 and the reply_ports bit for NAT;
+    lb's source toward the target for full NAT."""
+    flags = TARGET_F_ACTIVE | TARGET_F_IN_SERVICE
+    maps.raw(MapName.TARGETS6).update(ctypes.c_uint32(target_id),
+                                      Target6(ip6_to_net(TARGET6), port_to_net(target_port), flags))
+    m = limits.ring_size
+    slots = (ctypes.c_uint32 * m)(*range(vip_id * 2 * m, vip_id * 2 * m + m))
+    maps.raw(MapName.RINGS).update_batch(slots, (ctypes.c_uint32 * m)(*([target_id] * m)), m)
+    maps.raw(MapName.VIPS6).update(VipKey6(ip6_to_net(VIP6), port_to_net(port), IPPROTO_TCP),
+                                   VipMeta(vip_id, 0, 0, mode))
+    if mode == FWD_NAT:
+        route = ReplyRoute6(target_id, 1)
+        route.vips[0] = ReplyVip6(ip6_to_net(VIP6), port_to_net(port), 0, vip_id, 0)
+        maps.raw(MapName.REPLIES6).update(EndpointKey6(ip6_to_net(TARGET6), port_to_net(target_port), IPPROTO_TCP),
+                                          route)
+        bits = maps.raw(MapName.REPLY_PORTS)
+        word = bits.lookup(ctypes.c_uint32(target_port >> 6))
+        value = (0 if word is None else int(word.value)) | (1 << (target_port & 63))
+        bits.update(ctypes.c_uint32(target_port >> 6), ctypes.c_uint64(value))
+    if mode == FWD_FULLNAT:
+        maps.raw(MapName.FULLNAT_SOURCES6).update(ctypes.c_uint32(target_id), ip6_to_net(LB6))
+
+
+def words6(macro: str, address: str) -> list[str]:
+    return [f"-D{macro}_W{i}={w:#x}U" for i, w in enumerate(ip6_to_net(address).words)]
+
+
 def new_flow_variant(frame: bytes, n: int) -> bytes:
     """The frame as the harness's NEW_FLOW_EACH_RUN makes it for counter value n."""
     b = bytearray(frame)
@@ -235,12 +301,14 @@ def build_namespace() -> dict[str, int]:
             nl.add_veth(ipr, ifname, ifname + "-peer", NETNS)
             nl.set_mac(ipr, ifname, MAC[ifname])
             nl.add_address(ipr, ifname, address, 24)
+            nl.add_address(ipr, ifname, ADDRESSES6[ifname], 64, nodad=True)
             nl.set_up(ipr, ifname)
             nl.set_up(ipr, ifname + "-peer")
         for ifname, address, mac in NEIGHBORS:
             nl.add_neighbor(ipr, ifname, address, mac)
         ifindex = {ifname: nl.ifindex(ipr, ifname) for ifname in (CLIENT_IF, TARGET_IF)}
     nl.set_sysctl(NETNS, "net.ipv4.ip_forward", "1")  # else fib lookups answer FWD_DISABLED
+    nl.set_sysctl(NETNS, "net.ipv6.conf.all.forwarding", "1")
     return ifindex
 
 
@@ -659,6 +727,49 @@ def main() -> int:
             floor_row.net = floor_row.gross - overhead
             mode_rows.append((lb_row, floor_row))
         dataplane.apply([service])
+
+        # IPv6: an established flow per mode, against its own IPv6 floor.
+        for i, (mode, (fwd, port)) in enumerate(MODE6.items()):
+            target_port = port if mode == "dsr" else TARGET_PORT
+            write_service6(maps, LIMITS, LIMITS.max_vips - 1 - i, LIMITS.max_targets - 1 - i, fwd, port, target_port)
+            sport = CLIENT_PORT + 20 + i
+            mode_syn = tcp_frame6(MAC["client"], MAC["fxa"], CLIENT6, VIP6, sport, port, "S")
+            first = run_repeat(program.fd, mode_syn, fx_client, 1)
+            if first.retval != XDP_REDIRECT:
+                raise SystemExit(f"IPv6 {mode}: the SYN was not redirected ({ACTIONS.get(first.retval)})")
+            if mode != "dsr":  # the target's SYN-ACK (full NAT: to lb's address and the port it gave the flow)
+                snat_port = int.from_bytes(first.data[54:56], "big")
+                to, to_port = (LB6, snat_port) if mode == "full-nat" else (CLIENT6, sport)
+                synack = tcp_frame6(MAC["t2"], MAC["fxb"], TARGET6, to, target_port, to_port, "SA")
+                run_repeat(program.fd, synack, fx_target, 1)
+            mode_ack = tcp_frame6(MAC["client"], MAC["fxa"], CLIENT6, VIP6, sport, port, "A")
+            run_repeat(program.fd, mode_ack, fx_client, 1)  # completes the handshake
+            key = FlowKey6(ip6_to_net(CLIENT6), ip6_to_net(VIP6), port_to_net(sport), port_to_net(port), IPPROTO_TCP)
+            if maps.raw(MapName.CONNTRACK6).lookup(key) is None:
+                raise SystemExit(f"IPv6 {mode}: the handshake of port {sport} did not complete")
+            lb_out = run_repeat(program.fd, mode_ack, fx_client, 1)
+            cflags = [f"-I{bpf_source_dir()}", *words6("VIP", VIP6), f"-DVIP_PORT={port_to_net(port):#x}",
+                      *words6("T", TARGET6), f"-DTARGET_PORT={port_to_net(target_port):#x}"]
+            if mode == "full-nat":
+                cflags += [*words6("SNAT", LB6), f"-DSNAT_PORT={int.from_bytes(lb_out.data[54:56], 'little'):#x}"]
+            elif mode == "dsr":
+                cflags.append("-DMAC_ONLY")
+            floor = BPF(src_file=str(BASELINE6_C).encode(), cflags=cflags)
+            stack.callback(floor.cleanup)
+            floor_fd = floor.load_func(b"xdp_baseline6", BPF.XDP).fd
+            floor_out = run_repeat(floor_fd, mode_ack, fx_client, 1)
+            if lb_out.retval != XDP_REDIRECT or floor_out.data != lb_out.data:
+                raise SystemExit(f"IPv6 {mode}: its floor and lb do not emit the same frame for the established packet")
+            h = compile_harness(mode_ack, False)
+            stack.callback(h.bpf.cleanup)
+            overhead = restored(h, pass_fd, mode_ack, fx_client, args.repeat)
+            lb_row = Row(f"established TCP/IPv6, {mode} (conntrack6 hit)", overhead=overhead)
+            gross, delta = counter_delta(maps, lambda: restored(h, program.fd, mode_ack, fx_client, args.repeat))
+            lb_row.gross, lb_row.net, lb_row.verdicts = gross, gross - overhead, fmt_verdicts(delta)
+            floor_row = Row(f"stateless IPv6 {mode} floor (no maps)", overhead=overhead)
+            floor_row.gross = restored(h, floor_fd, mode_ack, fx_client, args.repeat)
+            floor_row.net = floor_row.gross - overhead
+            mode_rows.append((lb_row, floor_row))
 
         attribution: list[tuple[str, float | None]] = []
         if args.attribute:
