@@ -131,3 +131,43 @@ def udp_echo_server(ns: str, address: str, port: int, name: str) -> Iterator[Non
         stop.set()
         thread.join(5)
         server.close()
+
+
+@contextmanager
+def sink_server(ns: str, address: str, port: int) -> Iterator[None]:
+    """A TCP server on address:port in namespace `ns` that reads each
+    connection to its EOF and answers with the byte count, a line."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+    def listen() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(4)
+        sock.settimeout(0.2)
+        return sock
+
+    server = run_in_netns(ns, listen)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(20)
+                total = 0
+                while chunk := conn.recv(65536):
+                    total += len(chunk)
+                conn.sendall(f"{total}\n".encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()

@@ -2,7 +2,7 @@
 targets are IPv6 addresses, beside an IPv4 TCP VIP in the same program, in
 each forwarding mode:
 
-- nat and full-nat on the namespace lab (VIP fd00::100 on the client link,
+- nat and full-nat on the namespace lab (VIP fd00::100, fd00::101 on the client link,
   targets fd00:1::11..13). Full NAT takes the backends' IPv6 default route
   away for its run: a backend can then answer only lb's own address on its
   link (fd00:1::1), which is what full NAT gives it as the source;
@@ -53,6 +53,9 @@ pytestmark = pytest.mark.root
 PORT = labmod.ECHO_PORT  # lb.labserver's TCP echo (banner: the target's name), on IPv4 and IPv6
 PEER_PORT = 9301  # the test's own servers on every target: what the target sees of its peer
 UDP_PORT = 9401  # the test's own UDP echo on every target, bound to the address replies must come from
+SINK_PORT = 9501  # the test's own sink on the first target alone: reads to EOF, answers with the count
+NARROW_MTU = 1280  # IPv6's minimum: lb's link to the first target, for path MTU discovery
+UPLOAD = 2 * 1024 * 1024
 METRICS = "127.0.0.1:9476"
 INTERVAL = 5  # CHECKS: the fastest lb.config allows
 GROUP_MODE = {"nat": "", "full-nat": "preserve_client_ip = false\n", "dsr": "direct_server_return = true\n"}
@@ -84,19 +87,25 @@ class Site:
 
 
 def ipv6_listeners(targets: tuple[Backend, ...], vip: str, mode: str) -> str:
-    """On `vip`: the TCP echo, the peer server and the UDP echo, each to every target, in `mode`."""
-    listed = "[" + ", ".join(f'{{ id = "{t.address6}" }}' for t in targets) + "]"
+    """On `vip`: the TCP echo, the peer server and the UDP echo, each to every
+    target, and the sink on the first target, in `mode`."""
+    every = "[" + ", ".join(f'{{ id = "{t.address6}" }}' for t in targets) + "]"
+    first = f'[{{ id = "{targets[0].address6}" }}]'
     check = f'{{ protocol = "TCP", port = {PORT}, {CHECKS} }}'
     return "".join(forwarded(listener, protocol, port, listed, check, address=vip) + GROUP_MODE[mode]
-                   for listener, protocol, port in (("echo6-tcp", "TCP", PORT), ("peer6", "TCP", PEER_PORT),
-                                                    ("echo6-udp", "UDP", UDP_PORT)))
+                   for listener, protocol, port, listed in (
+                       ("echo6-tcp", "TCP", PORT, every), ("peer6", "TCP", PEER_PORT, every),
+                       ("echo6-udp", "UDP", UDP_PORT, every), ("sink6", "TCP", SINK_PORT, first)))
 
 
 def lab_site(lab: Lab, mode: str) -> Site:
     lb_name = name("v6" + mode.replace("-", ""))
+    # A VIP of its own per mode: the client keeps the path MTU it learns toward
+    # a destination (an IPv6 route exception, which a route flush leaves alone).
+    vip = {"nat": labmod.VIP6, "full-nat": "fd00::101"}[mode]
     text = lab_config(lab, lb_name).replace("workers = 1\n", f'workers = 1\nmetrics_address = "{METRICS}"\n')
-    text += ipv6_listeners(lab.backends, "fd00::100", mode)
-    return Site(mode, RunningDaemon(lab, lb_name, text), lab.client_ns, labmod.CLIENT_ADDR6, "fd00::100",
+    text += ipv6_listeners(lab.backends, vip, mode)
+    return Site(mode, RunningDaemon(lab, lb_name, text), lab.client_ns, labmod.CLIENT_ADDR6, vip,
                 labmod.VIP, lab.lb_ns, labmod.LB_CLIENT_IF, lab.backends, labmod.BACKEND_GATEWAY6)
 
 
@@ -143,6 +152,8 @@ def site(request: pytest.FixtureRequest) -> Iterator[Site]:
             at = the.served_at or target.address6
             stack.enter_context(labclient.peer_server(target.netns, at, PEER_PORT))
             stack.enter_context(labclient.udp_echo_server(target.netns, at, UDP_PORT, target.name))
+        first = the.targets[0]
+        stack.enter_context(labclient.sink_server(first.netns, the.served_at or first.address6, SINK_PORT))
         yield the
 
 
@@ -310,10 +321,42 @@ def test_vips_targets_conntrack_and_explain_show_ipv6(site: Site) -> None:
         assert info["target"] == {"address": owner.address6, "port": PORT}, port
 
 
+def test_a_large_upload_completes_over_a_narrow_target_link(site: Site) -> None:
+    """Path MTU discovery through lb over IPv6: lb's link to the first target
+    has MTU 1280 (the target's side keeps 1500, so its SYN-ACK advertises a
+    1440-byte MSS and only the path in between is narrow). lb answers the
+    client's first 1500-byte segment with "packet too big" quoting it as the
+    client sent it (client -> VIP), so the client lowers its path MTU and the
+    upload completes. DSR: lb's one link faces the client too; not here."""
+    if site.mode == "dsr":
+        pytest.skip("the DSR lab's lb has one link, toward the client and the targets alike")
+    first = site.targets[0]
+    with nl.iproute(site.lb_ns) as ipr:
+        ipr.link("set", index=nl.ifindex(ipr, first.lb_ifname), mtu=NARROW_MTU)
+    try:
+        before = {c["reason"]: c["packets"] for c in lb_json(site, "stats")["counters"]}
+
+        def upload() -> str:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+                sock.settimeout(15)
+                sock.connect((site.vip, SINK_PORT))
+                sock.sendall(b"u" * UPLOAD)
+                sock.shutdown(socket.SHUT_WR)
+                return sock.recv(64).decode().strip()
+
+        assert nl.run_in_netns(site.client_ns, upload) == str(UPLOAD)
+        after = {c["reason"]: c["packets"] for c in lb_json(site, "stats")["counters"]}
+        assert after["icmp_too_big"] > before["icmp_too_big"]
+    finally:
+        with nl.iproute(site.lb_ns) as ipr:
+            ipr.link("set", index=nl.ifindex(ipr, first.lb_ifname), mtu=1500)
+
+
 def test_maps_dump_decodes_the_ipv6_maps(site: Site) -> None:
     vips = lb_json(site, "maps", "dump", "vips6")["entries"]
     assert {(e["key"]["addr"], e["key"]["port"], e["key"]["proto"]) for e in vips} == {
-        (site.vip, PORT, "TCP"), (site.vip, PEER_PORT, "TCP"), (site.vip, UDP_PORT, "UDP")}
+        (site.vip, PORT, "TCP"), (site.vip, PEER_PORT, "TCP"), (site.vip, UDP_PORT, "UDP"),
+        (site.vip, SINK_PORT, "TCP")}
     targets = {(e["value"]["addr"], e["value"]["port"]) for e in lb_json(site, "maps", "dump", "targets6")["entries"]}
     assert {(t.address6, PORT) for t in site.targets} <= targets
     with connect(site) as sock:
@@ -338,7 +381,8 @@ def test_metrics_label_ipv6_vips_and_targets(site: Site) -> None:
     assert {(x["vip"], x["protocol"], x["listener"], x["mode"]) for x in info} == {
         (f"[{site.vip}]:{PORT}", "TCP", "echo6-tcp", site.mode),
         (f"[{site.vip}]:{PEER_PORT}", "TCP", "peer6", site.mode),
-        (f"[{site.vip}]:{UDP_PORT}", "UDP", "echo6-udp", site.mode)}
+        (f"[{site.vip}]:{UDP_PORT}", "UDP", "echo6-udp", site.mode),
+        (f"[{site.vip}]:{SINK_PORT}", "TCP", "sink6", site.mode)}
     sent = {x.labels["target"]: x.value for x in samples if x.name == "lb_target_packets_total"}
     assert all(sent[f"[{t.address6}]:{PORT}"] > 0 for t in site.targets), sent
 
