@@ -6,19 +6,21 @@
                                                                              └─ target3 (10.30.1.13, fd30:1::13)
                                                                                  lb: fd30:1::2
 
-The router sends the VIP (10.30.9.100; IPv6: fd30:9::100) to lb; lb's XDP program rewrites
+The router sends the VIP (10.30.9.100) to lb; lb's XDP program rewrites
 only the destination MAC to a target's and sends the frame back out of its
 one link (XDP_TX: XDP cannot redirect into a bridge, but a frame sent out
 of lb's own veth reaches the bridge's port like any other). Each target
 holds the VIP on `lo` with ARP suppressed (arp_ignore = 1, arp_announce =
-2: the README's target set-up; IPv6 needs no such setting: a global
-address on `lo` is not answered in neighbour discovery on another interface)
-and answers the client directly through the router: no reply crosses lb.
-IPv6 addresses (without duplicate address detection) sit alongside the
-IPv4 ones, the same shape. The client turns TX checksum offload off.
+2: the README's target set-up) and answers the client directly through the
+router: no reply crosses lb. The client turns TX checksum offload off.
 The switch's port toward lb has an XDP program that passes everything:
 veth delivers the frames lb's program sends back with XDP_TX only to a
 peer that has one (docs/kernel-notes.md).
+
+IPv6 sits alongside, the same shape (addresses without duplicate address
+detection): the router sends fd30:9::100 to lb, and each target holds it on
+`lo` with no sysctl: Linux answers a neighbour solicitation only for an
+address of the interface it arrives on.
 
 `DsrLab(prefix).up()` builds it (rolled back when it fails half-way) and
 starts lb.labserver on each target; `down()` removes every namespace.
@@ -133,35 +135,46 @@ class DsrLab:
             nl.set_up(ipr, HOST_IF)
             nl.set_up(ipr, "eth1")
             nl.add_route(ipr, f"{VIP}/32", gateway=LB_ADDR)
-            nl.add_address(ipr, HOST_IF, ROUTER_CLIENT_ADDR6, PREFIXLEN6, nodad=True)
-            nl.add_address(ipr, "eth1", ROUTER_ADDR6, PREFIXLEN6, nodad=True)
-            nl.add_route(ipr, f"{VIP6}/128", gateway=LB_ADDR6)
         nl.set_sysctl(self.router_ns, "net.ipv4.ip_forward", "1")
-        nl.set_sysctl(self.router_ns, "net.ipv6.conf.all.forwarding", "1")
-        self._host(self.client_ns, CLIENT_ADDR, ROUTER_CLIENT_ADDR, CLIENT_ADDR6, ROUTER_CLIENT_ADDR6)
+        self._host(self.client_ns, CLIENT_ADDR, ROUTER_CLIENT_ADDR)
         nl.set_features(self.client_ns, HOST_IF, SENDER_FEATURES)
-        self._host(self.lb_ns, LB_ADDR, ROUTER_ADDR, LB_ADDR6, ROUTER_ADDR6)
+        self._host(self.lb_ns, LB_ADDR, ROUTER_ADDR)
         nl.set_sysctl(self.lb_ns, "net.ipv4.ip_forward", "1")  # else bpf_fib_lookup answers FWD_DISABLED
-        nl.set_sysctl(self.lb_ns, "net.ipv6.conf.all.forwarding", "1")
         with nl.iproute(self.lb_ns) as ipr:
             nl.add_address(ipr, "lo", VIP, 32)
         for target in self.targets:
-            self._host(target.netns, target.address, ROUTER_ADDR, target.address6, ROUTER_ADDR6)
+            self._host(target.netns, target.address, ROUTER_ADDR)
             for key, value in TARGET_SYSCTLS.items():
                 nl.set_sysctl(target.netns, key, value)
             with nl.iproute(target.netns) as ipr:
                 nl.add_address(ipr, "lo", VIP, 32)
-                nl.add_address(ipr, "lo", VIP6, 128, nodad=True)
+        self._build_ipv6()
         servers = self._servers()
         for target in self.targets:
             servers.start_server(target)
 
+    def _build_ipv6(self) -> None:
+        """The IPv6 addresses and routes, on the links _build made."""
+        with nl.iproute(self.router_ns) as ipr:
+            nl.add_address(ipr, HOST_IF, ROUTER_CLIENT_ADDR6, PREFIXLEN6, nodad=True)
+            nl.add_address(ipr, "eth1", ROUTER_ADDR6, PREFIXLEN6, nodad=True)
+            nl.add_route(ipr, f"{VIP6}/128", gateway=LB_ADDR6)
+        for ns in (self.router_ns, self.lb_ns):  # lb: else bpf_fib_lookup answers FWD_DISABLED
+            nl.set_sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
+        hosts = [(self.client_ns, CLIENT_ADDR6, ROUTER_CLIENT_ADDR6), (self.lb_ns, LB_ADDR6, ROUTER_ADDR6),
+                 *((t.netns, t.address6, ROUTER_ADDR6) for t in self.targets)]
+        for ns, address, gateway in hosts:
+            with nl.iproute(ns) as ipr:
+                nl.add_address(ipr, HOST_IF, address, PREFIXLEN6, nodad=True)
+                nl.add_route(ipr, "::/0", gateway=gateway)
+        for target in self.targets:
+            with nl.iproute(target.netns) as ipr:
+                nl.add_address(ipr, "lo", VIP6, 128, nodad=True)
+
     @staticmethod
-    def _host(ns: str, address: str, gateway: str, address6: str, gateway6: str) -> None:
+    def _host(ns: str, address: str, gateway: str) -> None:
         with nl.iproute(ns) as ipr:
             nl.set_up(ipr, "lo")
             nl.add_address(ipr, HOST_IF, address, PREFIXLEN)
-            nl.add_address(ipr, HOST_IF, address6, PREFIXLEN6, nodad=True)
             nl.set_up(ipr, HOST_IF)
             nl.add_route(ipr, "default", gateway=gateway)
-            nl.add_route(ipr, "::/0", gateway=gateway6)

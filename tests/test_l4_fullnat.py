@@ -9,6 +9,7 @@ is exactly what full NAT gives it as the source.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
@@ -22,7 +23,6 @@ from lb.dataplane.structs import Counter
 from lb.lab import Lab
 from lb.model import XdpMode
 from lb.netlink import run_in_netns
-from tests import labclient
 from tests.l4_lab import L4Lab, backend_endpoints, l4_lab, tcp_vip, udp_vip
 
 pytestmark = pytest.mark.root
@@ -102,8 +102,35 @@ def test_300_connections_reach_all_backends_evenly(l4: L4Lab) -> None:
 def peer_server(l4: L4Lab) -> Iterator[None]:
     """On backend1, port PEER_PORT: each connection gets the address:port it came from."""
     backend = l4.lab.backends[0]
-    with labclient.peer_server(backend.netns, backend.address, PEER_PORT):
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((backend.address, PEER_PORT))
+        sock.listen(16)
+        sock.settimeout(0.2)
+        return sock
+
+    server = run_in_netns(backend.netns, listen)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, peer = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(f"{peer[0]}:{peer[1]}\n".encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
         yield
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
 
 
 def test_the_target_sees_lbs_address_and_the_allocated_port(l4: L4Lab, peer_server: None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -23,7 +24,6 @@ from lb.dataplane.structs import Counter
 from lb.lab import Lab
 from lb.model import XdpMode
 from lb.netlink import run_in_netns
-from tests import labclient
 from tests.l4_lab import L4Lab, l4_lab, tcp_vip
 
 pytestmark = pytest.mark.root
@@ -50,8 +50,39 @@ def narrow(lab: Lab) -> Iterator[L4Lab]:
 def sink(narrow: L4Lab) -> Iterator[None]:
     """On backend1, SINK_PORT: reads until EOF, answers with the byte count."""
     backend = narrow.lab.backends[0]
-    with labclient.sink_server(backend.netns, backend.address, SINK_PORT):
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((backend.address, SINK_PORT))
+        sock.listen(4)
+        sock.settimeout(0.2)
+        return sock
+
+    server = run_in_netns(backend.netns, listen)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(20)
+                total = 0
+                while chunk := conn.recv(65536):
+                    total += len(chunk)
+                conn.sendall(f"{total}\n".encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
         yield
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
 
 
 @pytest.mark.parametrize("mode", ["nat", "full-nat"])
