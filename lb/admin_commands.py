@@ -203,11 +203,13 @@ class AdminCommands:
             held_out = registrations.source(group.name, str(address), port)
             if not known and held_out is None:
                 where = f"target group {group.name!r}"
-                raise AdminError(f"deregister.target: {address}:{port} is not registered in {where}")
+                shown = f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+                raise AdminError(f"deregister.target: {shown} is not registered in {where}")
             registrations.deregister(group, target)
             registrations.save()
             if known:
                 health.deregister(group.name, known[0])
         self.daemon.schedule_reconcile()
-        return {cmd: f"{address}:{port}", "group": group.name, "target": str(address), "port": port,
+        shown = f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+        return {cmd: shown, "group": group.name, "target": str(address), "port": port,
                 "weight": target.weight if cmd == "register" else None}

@@ -127,7 +127,7 @@ def group_views(config: LoadBalancer, health: HealthView, now: float | None = No
 
 def _endpoint(group: TargetGroup, target: Target) -> Endpoint:
     port = target.traffic_port(group.port)
-    return Endpoint(target.address, port)  # type: ignore[arg-type]  # lb.config admits only IPv4 on L4
+    return Endpoint(target.address, port)
 
 
 def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Service]:
@@ -144,8 +144,7 @@ def desired_l4(config: LoadBalancer, views: dict[str, GroupView]) -> list[L4Serv
         ended = tuple(_endpoint(view.group, t) for t in view.terminated)
         keep = tuple(_endpoint(view.group, t) for t in (*view.draining, *view.out_of_service)
                      if t not in view.terminated)
-        vip = VipAddr(listener.address,  # type: ignore[arg-type]  # lb.config admits only IPv4 on L4
-                      listener.port, listener.protocol.value)
+        vip = VipAddr(listener.address, listener.port, listener.protocol.value)
         in_ring = {e for e, _ in members}
         services.append(L4Service(vip, members=members, draining=tuple(e for e in keep if e not in in_ring),
                                   terminated=tuple(e for e in ended if e not in in_ring),

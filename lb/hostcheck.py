@@ -9,7 +9,8 @@ spoofed sources); each line names the setting, what goes wrong with it, and
 the command that fixes it. (bpffs, which only lb's maps use, is mounted when
 absent instead: `lb.dataplane.loader.ensure_bpffs`.)
 
-- **IPv4 forwarding**, where TCP/UDP listeners need it: the XDP program
+- **IPv4 forwarding** (IPv6 forwarding), where IPv4 (IPv6) TCP/UDP listeners
+  need it: the XDP program
   forwards a flow's packets with `bpf_fib_lookup`, which answers
   FWD_DISABLED on a receiving interface whose forwarding is off, and the
   kernel, passed the packet, drops it: new flows time out, and the only
@@ -46,13 +47,25 @@ def read_sysctl(path: str) -> str | None:
 
 
 def forwarding_problems(config: LoadBalancer, interfaces: Iterable[str], sysctl: Sysctl = read_sysctl) -> list[str]:
-    """A line for each interface XDP attaches to whose IPv4 forwarding is off, when TCP/UDP listeners need it."""
-    if not config.listeners_of(Protocol.TCP, Protocol.UDP):
-        return []  # HTTP alone: the proxy's own sockets, nothing forwarded
-    return [f"net.ipv4.conf.{ifname}.forwarding is 0: TCP/UDP flows arriving on {ifname} cannot be forwarded "
-            "(bpf_fib_lookup answers FWD_DISABLED, the kernel drops them, new flows time out); enable IPv4 "
-            "forwarding: sysctl -w net.ipv4.ip_forward=1 (and persist it in /etc/sysctl.d/)"
-            for ifname in interfaces if sysctl(f"net/ipv4/conf/{ifname}/forwarding") == "0"]
+    """A line for each interface XDP attaches to whose forwarding is off, per
+    family (IPv4, IPv6) that TCP/UDP listeners need it for."""
+    # None for HTTP alone: the proxy's own sockets, nothing forwarded
+    versions = {listener.address.version for listener in config.listeners_of(Protocol.TCP, Protocol.UDP)}
+    problems = []
+    for ifname in interfaces:
+        if 4 in versions and sysctl(f"net/ipv4/conf/{ifname}/forwarding") == "0":
+            problems.append(
+                f"net.ipv4.conf.{ifname}.forwarding is 0: TCP/UDP flows arriving on {ifname} cannot be forwarded "
+                "(bpf_fib_lookup answers FWD_DISABLED, the kernel drops them, new flows time out); enable IPv4 "
+                "forwarding: sysctl -w net.ipv4.ip_forward=1 (and persist it in /etc/sysctl.d/)")
+        if 6 in versions and sysctl(f"net/ipv6/conf/{ifname}/forwarding") == "0":
+            problems.append(
+                f"net.ipv6.conf.{ifname}.forwarding is 0: IPv6 TCP/UDP flows arriving on {ifname} cannot be "
+                "forwarded (bpf_fib_lookup answers FWD_DISABLED, the kernel drops them, new flows time out); "
+                "enable IPv6 forwarding: sysctl -w net.ipv6.conf.all.forwarding=1 (and persist it in "
+                "/etc/sysctl.d/; an interface that takes its address from router advertisements then needs "
+                "accept_ra = 2)")
+    return problems
 
 
 def rp_filter_problems(interfaces: Iterable[str], target_interfaces: set[str], default_interfaces: set[str],
@@ -84,8 +97,7 @@ def rp_filter_problems(interfaces: Iterable[str], target_interfaces: set[str], d
 def host_problems(config: LoadBalancer, interfaces: list[str]) -> list[str]:
     """Every problem of the host for `config` with XDP on `interfaces`, one line each."""
     with nl.iproute() as ipr:
-        targets = {str(t.address) for group in config.target_groups for t in group.targets
-                   if t.address.version == 4}
+        targets = {str(t.address) for group in config.target_groups for t in group.targets}
         target_interfaces = {ifname for address in targets
                              if (ifname := nl.interface_for_subnet(ipr, address) or nl.route_interface(ipr, address))}
         default_interfaces = nl.default_route_interfaces(ipr)

@@ -2,8 +2,8 @@
 
 - `enter_netns`: run inside the config's network namespace (the lab's);
 - `place_addresses`: make every listener address local, so the host answers
-  ARP for L4 VIPs and the L7 proxy can bind, marked as lb's; `remove_addresses`
-  undoes it;
+  ARP (IPv6: neighbour solicitations) for L4 VIPs and the L7 proxy can bind,
+  marked as lb's; `remove_addresses` undoes it;
 - `xdp_interfaces`: where the XDP program attaches, from the config or from
   the routes.
 
@@ -77,7 +77,9 @@ def place_addresses(config: LoadBalancer, earlier: Iterable[Placed] = ()) -> lis
                 continue
             ifname = nl.interface_for_subnet(ipr, address) or "lo"
             prefixlen = ipaddress.ip_address(address).max_prefixlen
-            nl.add_address(ipr, ifname, address, prefixlen, proto=ADDRESS_PROTO)
+            # IPv6 without duplicate address detection: a tentative address
+            # answers no neighbour solicitation and takes no bind() for a second or more.
+            nl.add_address(ipr, ifname, address, prefixlen, proto=ADDRESS_PROTO, nodad=prefixlen == 128)
             owned.append((ifname, address, prefixlen))
             log.info("address %s/%d added to %s", address, prefixlen, ifname)
     return owned

@@ -53,6 +53,7 @@ BACKEND_ADDRS = ("10.0.1.11", "10.0.1.12", "10.0.1.13")
 CLIENT_NET6_PREFIXLEN = 64
 CLIENT_ADDR6 = "fd00::2"
 LB_CLIENT_ADDR6 = "fd00::1"
+VIP6 = "fd00::100"  # an IPv6 VIP in the client link's subnet (not placed by the lab: `lb up` places it)
 BACKEND_GATEWAY6 = "fd00:1::1"
 BACKEND_NET6_PREFIXLEN = 64
 BACKEND_ADDRS6 = ("fd00:1::11", "fd00:1::12", "fd00:1::13")

@@ -1,9 +1,10 @@
 """The DSR lab: lb and its targets on one L2 segment, replies through a router.
 
     client (10.30.0.2) ── router (10.30.0.1 | 10.30.1.1) ── switch (bridge) ─┬─ lb (10.30.1.2)
-                                                                             ├─ target1 (10.30.1.11)
-                                                                             ├─ target2 (10.30.1.12)
-                                                                             └─ target3 (10.30.1.13)
+           (fd30::2)            (fd30::1 | fd30:1::1)                        ├─ target1 (10.30.1.11, fd30:1::11)
+                                                                             ├─ target2 (10.30.1.12, fd30:1::12)
+                                                                             └─ target3 (10.30.1.13, fd30:1::13)
+                                                                                 lb: fd30:1::2
 
 The router sends the VIP (10.30.9.100) to lb; lb's XDP program rewrites
 only the destination MAC to a target's and sends the frame back out of its
@@ -16,6 +17,11 @@ offload off (a full-NAT flow's replies do cross lb's program).
 The switch's port toward lb has an XDP program that passes everything:
 veth delivers the frames lb's program sends back with XDP_TX only to a
 peer that has one (docs/kernel-notes.md).
+
+IPv6 sits alongside, the same shape (addresses without duplicate address
+detection): the router sends fd30:9::100 to lb, and each target holds it on
+`lo` with no sysctl: Linux answers a neighbour solicitation only for an
+address of the interface it arrives on.
 
 `DsrLab(prefix).up()` builds it (rolled back when it fails half-way) and
 starts lb.labserver on each target; `down()` removes every namespace.
@@ -37,6 +43,13 @@ LB_ADDR = "10.30.1.2"
 VIP = "10.30.9.100"
 TARGET_ADDRS = ("10.30.1.11", "10.30.1.12", "10.30.1.13")
 PREFIXLEN = 24
+CLIENT_ADDR6 = "fd30::2"
+ROUTER_CLIENT_ADDR6 = "fd30::1"
+ROUTER_ADDR6 = "fd30:1::1"
+LB_ADDR6 = "fd30:1::2"
+VIP6 = "fd30:9::100"
+TARGET_ADDRS6 = ("fd30:1::11", "fd30:1::12", "fd30:1::13")
+PREFIXLEN6 = 64
 BRIDGE = "br0"
 XDP_MODE = XdpMode.NATIVE
 LB_IF = HOST_IF  # lb's one link, where XDP is attached
@@ -53,8 +66,8 @@ class DsrLab:
     targets: tuple[Backend, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        targets = tuple(Backend(f"target{i}", address, f"{self.prefix}-target{i}", f"to-target{i}")
-                        for i, address in enumerate(TARGET_ADDRS, 1))
+        targets = tuple(Backend(f"target{i}", address, f"{self.prefix}-target{i}", f"to-target{i}", address6)
+                        for i, (address, address6) in enumerate(zip(TARGET_ADDRS, TARGET_ADDRS6), 1))
         object.__setattr__(self, "targets", targets)
 
     @property
@@ -144,9 +157,28 @@ class DsrLab:
                 nl.set_sysctl(target.netns, key, value)
             with nl.iproute(target.netns) as ipr:
                 nl.add_address(ipr, "lo", VIP, 32)
+        self._build_ipv6()
         servers = self._servers()
         for target in self.targets:
             servers.start_server(target)
+
+    def _build_ipv6(self) -> None:
+        """The IPv6 addresses and routes, on the links _build made."""
+        with nl.iproute(self.router_ns) as ipr:
+            nl.add_address(ipr, HOST_IF, ROUTER_CLIENT_ADDR6, PREFIXLEN6, nodad=True)
+            nl.add_address(ipr, "eth1", ROUTER_ADDR6, PREFIXLEN6, nodad=True)
+            nl.add_route(ipr, f"{VIP6}/128", gateway=LB_ADDR6)
+        for ns in (self.router_ns, self.lb_ns):  # lb: else bpf_fib_lookup answers FWD_DISABLED
+            nl.set_sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
+        hosts = [(self.client_ns, CLIENT_ADDR6, ROUTER_CLIENT_ADDR6), (self.lb_ns, LB_ADDR6, ROUTER_ADDR6),
+                 *((t.netns, t.address6, ROUTER_ADDR6) for t in self.targets)]
+        for ns, address, gateway in hosts:
+            with nl.iproute(ns) as ipr:
+                nl.add_address(ipr, HOST_IF, address, PREFIXLEN6, nodad=True)
+                nl.add_route(ipr, "::/0", gateway=gateway)
+        for target in self.targets:
+            with nl.iproute(target.netns) as ipr:
+                nl.add_address(ipr, "lo", VIP6, 128, nodad=True)
 
     @staticmethod
     def _host(ns: str, address: str, gateway: str) -> None:

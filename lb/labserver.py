@@ -15,6 +15,7 @@
 - TCP echo on --echo-port: sends the banner "<name>\\n" on connect, then
   echoes every byte back.
 - UDP echo on --echo-port: answers each datagram with "<name> " + payload.
+- HTTP and HTTPS on IPv4; both echo servers on IPv4 and IPv6 (IPv6 VIPs' targets).
 
 It prints "ready" on stdout once every socket is bound, so the lab can wait
 for it without polling.
@@ -27,6 +28,7 @@ import asyncio
 import datetime
 import os
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -172,6 +174,18 @@ def self_signed(name: str) -> ssl.SSLContext:
     return ctx
 
 
+def ipv6_only_udp(port: int) -> socket.socket:
+    """A UDP socket on [::]:port that leaves IPv4 to the 0.0.0.0 one (IPV6_V6ONLY)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve(name: str, http_port: int, echo_port: int, https_port: int = 0) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
@@ -182,13 +196,16 @@ async def serve(name: str, http_port: int, echo_port: int, https_port: int = 0) 
     if https_port:
         https = await loop.create_server(lambda: HttpHandler(name), "0.0.0.0", https_port, reuse_address=True,
                                          ssl=self_signed(name))
-    echo = await loop.create_server(lambda: TcpEcho(name), "0.0.0.0", echo_port, reuse_address=True)
+    # The echo servers on IPv4 and IPv6 (host None: 0.0.0.0 and ::, the latter IPv6 only), for IPv6 VIPs.
+    echo = await loop.create_server(lambda: TcpEcho(name), None, echo_port, reuse_address=True)
     udp, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(name), local_addr=("0.0.0.0", echo_port))
+    udp6, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(name), sock=ipv6_only_udp(echo_port))
     print("ready", flush=True)
     try:
         await stop
     finally:
         udp.close()
+        udp6.close()
         echo.close()
         http.close()
         if https is not None:

@@ -104,7 +104,7 @@ from prometheus_client.registry import Collector as PromCollector
 from prometheus_client.registry import CollectorRegistry
 
 from lb import __version__, tls
-from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry
+from lb.dataplane.maps import Maps, MapsNotLoaded, VipEntry, endpoint_text
 from lb.dataplane.pins import open_pinned
 from lb.dataplane.structs import COUNTER_HELP
 from lb.inspect.kernel import entry_timeout
@@ -227,12 +227,13 @@ class Collector(PromCollector):
         info = GaugeMetricFamily("lb_vip_info", "1 per L4 VIP, with its forwarding mode (nat, full-nat, dsr)",
                                  labels=["vip", "protocol", "listener", "mode"])
         for entry in vips:
-            info.add_metric([f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol,
+            info.add_metric([endpoint_text(entry.vip.address, entry.vip.port), entry.vip.protocol,
                              listeners.get(entry.vip, ""), entry.mode], 1)
         yield info
         for entry in vips:
             traffic = maps.vip_traffic(entry.vip_id)
-            labels = [f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol, listeners.get(entry.vip, "")]
+            labels = [endpoint_text(entry.vip.address, entry.vip.port), entry.vip.protocol,
+                      listeners.get(entry.vip, "")]
             for f, family in vip_families.items():
                 family.add_metric(labels, getattr(traffic, f))
         yield from vip_families.values()
@@ -259,7 +260,7 @@ class Collector(PromCollector):
             if n == CONNTRACK_WALK_CAP:
                 truncated = 1
                 break
-            vip = f"{flow.vip.address}:{flow.vip.port}"
+            vip = endpoint_text(flow.vip.address, flow.vip.port)
             state = "expired" if flow.idle_s >= entry_timeout(flow, maps.limits) else "live"
             counts[(vip, flow.vip.protocol, state)] += 1
             if flow.tcp_state is not None:
@@ -270,7 +271,7 @@ class Collector(PromCollector):
             if flow.source is not None:
                 ports[(str(flow.source.address), targets.get(flow.target_id, "?"), flow.vip.protocol)] += 1
         for entry in vips:  # every VIP shows, with 0 when it has no flows
-            counts.update({(f"{entry.vip.address}:{entry.vip.port}", entry.vip.protocol, "live"): 0})
+            counts.update({(endpoint_text(entry.vip.address, entry.vip.port), entry.vip.protocol, "live"): 0})
         entries = GaugeMetricFamily("lb_conntrack_entries", "Conntrack entries (one a flow) per VIP (live, or "
                                     "expired but not yet evicted from the LRU)", labels=["vip", "protocol", "state"])
         for labels, value in sorted(counts.items()):

@@ -378,8 +378,11 @@ def resolve_neighbor(ipr: IPRoute, address: str) -> None:
             return
 
 
-def source_toward(address: ipaddress.IPv4Address, ns: str | None = None) -> ipaddress.IPv4Address | None:
-    """lb's own address toward `address` (route_source), in namespace `ns`; the
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def source_toward(address: IPAddress, ns: str | None = None) -> IPAddress | None:
+    """lb's own address toward `address` (route_source; of its family), in namespace `ns`; the
     next hop's neighbour entry is resolved on the way, as XDP needs one to
     send full-NAT and DSR packets (it cannot pass them to the kernel).
 
@@ -408,7 +411,7 @@ def source_toward(address: ipaddress.IPv4Address, ns: str | None = None) -> ipad
     if error:
         raise error[0]
     source = result[0]
-    return None if source is None else ipaddress.IPv4Address(source)
+    return None if source is None else ipaddress.ip_address(source)
 
 
 def find_address(ipr: IPRoute, address: str) -> tuple[str, int, int] | None:

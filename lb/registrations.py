@@ -12,7 +12,9 @@ then, None when the config did not list it). When a start or a reload reads
 a config that says something else about the endpoint (lists it now, no
 longer lists it, gives it another weight) or no longer has the group, the
 config wins: the entry is dropped and the drop is logged and reported by
-`lb reload`. So:
+`lb reload`. An entry of a TCP/UDP group is dropped too when the
+listeners that forward to the group are now of the other family (a flow
+stays within one family: lb.config refuses such a registration). So:
 
 - deregister a target the config lists: it drains and stays out through
   reloads and restarts (a restart during its deregistration delay resumes
@@ -38,7 +40,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
-from lb.model import LoadBalancer, Target, TargetGroup
+from lb import model as m
+from lb.model import ForwardAction, LoadBalancer, Target, TargetGroup
 from lb.runstate import RUN_DIR
 
 log = logging.getLogger("lb.registrations")
@@ -98,6 +101,13 @@ def config_weight(group: TargetGroup, address: str, port: int) -> int | None:
         if str(target.address) == address and target.traffic_port(group.port) == port:
             return target.weight
     return None
+
+
+def l4_families(config: LoadBalancer) -> dict[str, int]:
+    """Target group → the IP version of the TCP/UDP listeners that forward to it."""
+    return {listener.default_action.target_groups[0].name: listener.address.version
+            for listener in config.listeners_of(m.Protocol.TCP, m.Protocol.UDP)
+            if isinstance(listener.default_action, ForwardAction)}
 
 
 class Registrations:
@@ -175,12 +185,16 @@ class Registrations:
         """Drop the entries this config overrules (see the module's docstring);
         one line per drop, also logged."""
         groups = {g.name: g for g in config.target_groups}
+        families = l4_families(config)
         dropped = []
         for key, entry in list(self.entries.items()):
             group = groups.get(entry.group)
             where = f"{entry.address}:{entry.port} in {entry.group}"
+            version = ipaddress.ip_address(entry.address).version
             if group is None:
                 why = "the config no longer has the target group"
+            elif entry.action == REGISTER and families.get(entry.group, version) != version:
+                why = f"its listeners are IPv{families[entry.group]} now, and a flow stays within one family"
             elif (now := config_weight(group, entry.address, entry.port)) != entry.config_weight:
                 then = "not listed" if entry.config_weight is None else f"weight {entry.config_weight}"
                 why = f"the config changed it ({then} → {'not listed' if now is None else f'weight {now}'})"

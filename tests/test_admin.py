@@ -192,8 +192,8 @@ HOSTILE = [
     pytest.param(request(cmd="register", group="web", target="0.0.0.0"), "register.target: 0.0.0.0 is not a unicast",
                  id="target-unspecified"),  # fmt: skip
     pytest.param(request(cmd="register", group="echo-tcp", target="2001:db8::1"),
-                 "register.target: 2001:db8::1 is IPv6; TCP target groups are served by the IPv4-only XDP path",
-                 id="target-ipv6-on-l4"),  # fmt: skip
+                 "register.target: 2001:db8::1 is IPv6; target group 'echo-tcp' serves listener 'echo-tcp' on "
+                 "10.0.0.100: a flow stays within one family", id="target-ipv6-behind-an-ipv4-listener"),  # fmt: skip
     pytest.param(request(cmd="deregister", group="web", target="10.0.1.99"),
                  "deregister.target: 10.0.1.99:80 is not registered in target group 'web'", id="deregister-unknown"),
     # the framing: nesting, non-objects, not JSON, not UTF-8, a key twice

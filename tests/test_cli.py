@@ -81,4 +81,4 @@ def test_register_without_a_daemon_exits_3(tmp_path: Path) -> None:
         result = CliRunner().invoke(cli, [*args, "-c", str(config)])
         assert result.exit_code == 3 and "no daemon" in result.output, result.output
     result = CliRunner().invoke(cli, ["targets", "register", "web", "10.0.1", "-c", str(config)])
-    assert result.exit_code == 2 and "not an IPv4 ADDRESS" in result.output
+    assert result.exit_code == 2 and "is not ADDRESS" in result.output

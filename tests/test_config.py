@@ -317,10 +317,23 @@ BAD = [
          id="tcp-on-http-endpoint"),  # fmt: skip
     case({"listeners[3]": {**good()["listeners"][2], "name": "dns2"}}, "listeners[3].port",
          "10.0.0.100:53/UDP is already used by listeners[2] ('dns')", id="same-udp-endpoint"),  # fmt: skip
-    case({"listeners[2].address": "2001:db8::1"}, "listeners[2].address", "IPv6", "IPv4-only",
-         id="ipv6-udp-listener"),  # fmt: skip
-    case({"target_groups[2].targets[0].id": "2001:db8::11"}, "target_groups[2].targets[0].id", "IPv6",
-         "IPv4-only", id="ipv6-tcp-target"),  # fmt: skip
+    # a flow stays within one family: IPv6 VIPs forward to IPv6 targets, IPv4 to IPv4
+    case({"listeners[2].address": "2001:db8::1"}, "listeners[2].default_action.target_group",
+         "target group 'dns' has IPv4 targets (10.0.1.11)", "listener 'dns' is on 2001:db8::1, an IPv6 address",
+         "one family", id="ipv6-udp-listener-ipv4-targets"),  # fmt: skip
+    case({"target_groups[2].targets[0].id": "2001:db8::11"}, "listeners[1].default_action.target_group",
+         "target group 'echo' has IPv6 targets (2001:db8::11)", "10.0.0.100, an IPv4 address", "one family",
+         id="ipv4-tcp-listener-ipv6-targets"),  # fmt: skip
+    case({"target_groups[3].targets[1]": {"id": "2001:db8::12"}}, "target_groups[3].targets[1].id",
+         "2001:db8::12 is IPv6 but targets[0] (10.0.1.11) is IPv4", "of one family", id="mixed-family-group"),
+    case({"target_groups[3].targets": [], "listeners[3]": {**good()["listeners"][2], "name": "dns6",
+                                                           "address": "2001:db8::1"}},
+         "listeners[3].default_action.target_group", "target group 'dns' serves listener 'dns' on 10.0.0.100",
+         "one family", id="one-group-two-families"),  # fmt: skip
+    case({"listeners[1].address": "fe80::1"}, "listeners[1].address", "cannot be a TCP listener address",
+         "link-local", "fd00::/8", id="link-local-tcp-listener"),  # fmt: skip
+    case({"target_groups[3].targets[0].id": "::ffff:10.0.1.11"}, "target_groups[3].targets[0].id",
+         "cannot be a UDP target", "IPv4-mapped", "write 10.0.1.11", id="ipv4-mapped-udp-target"),  # fmt: skip
     case({"target_groups[0].targets[1].id": "10.0.1.11"}, "target_groups[0].targets[1].id",
          "duplicate target '10.0.1.11:80'", "targets[0]", id="duplicate-target"),  # fmt: skip
     case({"target_groups[0].targets[1]": {"id": "10.0.1.11", "port": 80}}, "target_groups[0].targets[1].id",
@@ -488,6 +501,62 @@ def test_forwarding_modes_per_target_group() -> None:
     assert [g.forwarding_mode for g in lb.target_groups] == ["nat", "nat", "full-nat", "dsr"]
     assert lb.full_nat_port_range == (10000, 20000)
     assert config.parse(good()).full_nat_port_range == (1024, 32767)
+
+
+def test_ipv6_tcp_and_udp_listeners_with_ipv6_targets_in_every_mode() -> None:
+    data = good()
+    edit(data, "listeners[1].address", "2001:db8::100")
+    edit(data, "listeners[2].address", "2001:db8::100")
+    edit(data, "listeners[3]", {**good()["listeners"][1], "name": "echo-dsr", "port": 9001, "address": "2001:db8::100",
+                                "default_action": {"type": "forward", "target_group": "dsr"}})
+    edit(data, "target_groups[2].targets", [{"id": "2001:db8:1::11"}, {"id": "fd00:1::12", "port": 9002}])
+    edit(data, "target_groups[3].targets", [{"id": "2001:db8:1::11"}])
+    edit(data, "target_groups[3].preserve_client_ip", False)
+    edit(data, "target_groups[4]", {"name": "dsr", "protocol": "TCP", "port": 9001, "direct_server_return": True,
+                                    "targets": [{"id": "2001:db8:1::13"}]})
+    lb = config.parse(data)
+    assert [str(x.address) for x in lb.listeners] == ["10.0.0.100", "2001:db8::100", "2001:db8::100",
+                                                      "2001:db8::100"]
+    assert [g.forwarding_mode for g in lb.target_groups[2:]] == ["nat", "full-nat", "dsr"]
+    assert lb.target_group("echo").endpoints() == ((ipaddress.ip_address("2001:db8:1::11"), 9000),
+                                                   (ipaddress.ip_address("fd00:1::12"), 9002))
+
+
+def test_an_ipv6_and_an_ipv4_listener_may_share_a_port() -> None:
+    data = good()
+    edit(data, "listeners[3]", {**good()["listeners"][1], "name": "echo6", "address": "2001:db8::100",
+                                "default_action": {"type": "forward", "target_group": "echo6"}})
+    edit(data, "target_groups[4]", {"name": "echo6", "protocol": "TCP", "port": 9000,
+                                    "targets": [{"id": "2001:db8:1::11"}]})
+    lb = config.parse(data)
+    assert [(str(x.address), x.port) for x in lb.listeners_of(Protocol.TCP)] == [("10.0.0.100", 9000),
+                                                                                ("2001:db8::100", 9000)]
+
+
+@pytest.mark.parametrize(
+    ("group", "target", "error"),
+    [
+        pytest.param("echo", "2001:db8::14", "register.target: 2001:db8::14 is IPv6; target group 'echo' serves "
+                     "listener 'echo' on 10.0.0.100: a flow stays within one family", id="ipv6-into-ipv4"),
+        pytest.param("idle", "2001:db8::14", "register.target: 2001:db8::14 is IPv6; target group 'idle' has IPv4 "
+                     "targets (10.0.1.12): they are of one family", id="ipv6-beside-ipv4"),
+        pytest.param("echo", "fe80::14", "register.target: fe80::14 cannot be a TCP target: a link-local",
+                     id="link-local"),
+    ],
+)  # fmt: skip
+def test_a_registration_stays_within_the_family(group: str, target: str, error: str) -> None:
+    data = good()
+    edit(data, "target_groups[4]", {"name": "idle", "protocol": "TCP", "port": 9000})
+    lb = config.parse(data)
+    registered = {"idle": (Target(ipaddress.ip_address("10.0.1.12"), None, 1),)}
+    with pytest.raises(ConfigError) as info:
+        config.admin_request({"cmd": "register", "group": group, "target": target}, lb,
+                             lambda name: registered.get(name, ()))
+    assert str(info.value.errors[0]).startswith(error), info.value.errors
+    assert len(info.value.errors) == 1
+    ok = config.admin_request({"cmd": "register", "group": "idle", "target": "10.0.1.14"}, lb,
+                              lambda name: registered.get(name, ()))
+    assert ok.target is not None and str(ok.target.address) == "10.0.1.14"
 
 
 def test_there_are_enough_bad_cases() -> None:

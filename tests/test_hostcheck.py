@@ -37,6 +37,37 @@ def test_forwarding_off_on_an_interface_is_one_line_naming_it() -> None:
         "forwarding: sysctl -w net.ipv4.ip_forward=1 (and persist it in /etc/sysctl.d/)"]
 
 
+IPV6_TCP = """
+[load_balancer]
+name = "six"
+[[listeners]]
+name = "tcp6"
+protocol = "TCP"
+address = "fd00::100"
+port = 9000
+default_action = { type = "forward", target_group = "tcp6" }
+[[target_groups]]
+name = "tcp6"
+protocol = "TCP"
+port = 9000
+targets = [{ id = "fd00:1::11" }]
+"""
+
+
+def test_ipv6_listeners_need_ipv6_forwarding_and_ipv4_forwarding_does_not_matter_to_them() -> None:
+    lb = config.loads(IPV6_TCP)
+    read = sysctls({"net/ipv4/conf/to-client/forwarding": "0", "net/ipv6/conf/to-client/forwarding": "0",
+                    "net/ipv6/conf/to-backend1/forwarding": "1"})
+    problems = forwarding_problems(lb, ["to-client", "to-backend1"], read)
+    assert problems == [
+        "net.ipv6.conf.to-client.forwarding is 0: IPv6 TCP/UDP flows arriving on to-client cannot be forwarded "
+        "(bpf_fib_lookup answers FWD_DISABLED, the kernel drops them, new flows time out); enable IPv6 "
+        "forwarding: sysctl -w net.ipv6.conf.all.forwarding=1 (and persist it in /etc/sysctl.d/; an interface "
+        "that takes its address from router advertisements then needs accept_ra = 2)"]
+    both = config.loads(config.default_config_text())  # IPv4 listeners only: IPv6 forwarding does not matter
+    assert forwarding_problems(both, ["to-client"], sysctls({"net/ipv6/conf/to-client/forwarding": "0"})) == []
+
+
 def test_forwarding_does_not_matter_to_http_alone() -> None:
     lb = config.load_default()
     http_only = lb.__class__(**{**lb.__dict__, "listeners": tuple(x for x in lb.listeners if not x.protocol.is_l4)})

@@ -20,7 +20,7 @@ from tests.l4_lab import L4Lab, all_backends, l4_lab, tcp_vip
 
 pytestmark = pytest.mark.root
 
-PORT = 9600  # a listener of this test's own in backend1 (lb.labserver listens on IPv4 only)
+PORT = 9600  # a listener of this test's own in backend1, bound to its IPv6 address
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,25 @@ def test_registering_a_deregistered_target_returns_it_to_the_config_and_groups_g
     assert "no longer has the target group" in line
 
 
+def test_a_registration_of_the_other_family_than_the_groups_listeners_is_dropped() -> None:
+    """A reload that moves the group's listener to IPv6 drops the IPv4 registrations
+    (the data plane could not forward them: a flow stays within one family)."""
+    g = group(("10.0.1.11", 1))
+    regs = Registrations(NAME)
+    regs.register(g, m.Target(ipaddress.ip_address("10.0.1.14"), None, 1))
+    action = m.ForwardAction((m.WeightedTargetGroup("web"),))
+
+    def served_from(address: str) -> m.LoadBalancer:
+        listener = m.Listener("tcp", m.Protocol.TCP, ipaddress.ip_address(address), 9000, action)
+        return replace(lb_with(g), listeners=(listener,))
+
+    assert regs.reconcile(served_from("10.0.0.100")) == []
+    [line] = regs.reconcile(served_from("fd00::100"))
+    assert line == ("runtime register of 10.0.1.14:9000 in web dropped: its listeners are IPv6 now, and a flow "
+                    "stays within one family; the config applies")
+    assert targets_of(regs, served_from("fd00::100")) == {"10.0.1.11": 1}
+
+
 def test_a_restart_resumes_a_drain_for_what_is_left_of_it() -> None:
     g = replace(group(("10.0.1.11", 1), ("10.0.1.12", 1)), deregistration_delay=60)
     regs = Registrations(NAME, persist=False)

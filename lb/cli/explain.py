@@ -64,13 +64,19 @@ def http(listener: str | None, method: str, host: str | None, path: str, headers
     rule = "the default rule" if selected["priority"] is None else f"rule {selected['priority']}"
     click.echo(f"=> {rule}: {describe(selected['action'])}")
     for group in info["target_groups"]:
-        targets = ", ".join(f"{t['target']}:{t['port']} ({t['state']})" for t in group["targets"]) or "no targets"
+        targets = ", ".join(f"{bracketed(t['target'])}:{t['port']} ({t['state']})"
+                            for t in group["targets"]) or "no targets"
         click.echo(f"   target group {group['name']}: {targets}")
     response = info["response"]
     if response and "location" in response:
         click.echo(f"   Location: {response['location']}")
     elif response:
         click.echo(f"   {response['content_type']}: {response['body']!r}")
+
+
+def bracketed(address: str) -> str:
+    """An IPv6 address in brackets, to be followed by :PORT."""
+    return f"[{address}]" if ":" in address else address
 
 
 @explain.command("flow")

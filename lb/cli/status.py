@@ -64,7 +64,8 @@ def show(config: LoadBalancer, info: dict[str, Any]) -> None:
     click.echo(table(rows, ["interface", "xdp mode", "program", "ours"]))
     click.echo("")
     schemes = {li.name: li.scheme for li in config.listeners}  # HTTPS: HTTP with TLS in the model
-    rows = [[li["name"], schemes.get(li["name"], li["protocol"]), f"{li['address']}:{li['port']}"]
+    rows = [[li["name"], schemes.get(li["name"], li["protocol"]),
+             f"[{li['address']}]:{li['port']}" if ":" in li["address"] else f"{li['address']}:{li['port']}"]
             for li in info["listeners"]]
     click.echo(table(rows, ["listener", "protocol", "address"]))
     # The certificates the daemon serves (its last load), else those of the file.

@@ -130,10 +130,12 @@ def _change(cmd: str, config_path: str | None, group: str, target: str, as_json:
         echo_json({"group": result["group"], "target": result["target"], "port": result["port"],
                    "action": cmd, "weight": result["weight"]})
         return
+    where = f"[{result['target']}]:{result['port']}" if ":" in result["target"] else \
+        f"{result['target']}:{result['port']}"
     if cmd == "register":
-        click.echo(f"registered {result['target']}:{result['port']} in {result['group']} (weight {result['weight']})")
+        click.echo(f"registered {where} in {result['group']} (weight {result['weight']})")
     else:
-        click.echo(f"deregistering {result['target']}:{result['port']} in {result['group']}: it drains, "
+        click.echo(f"deregistering {where} in {result['group']}: it drains, "
                    "then stays out until registered again or the config changes it")
 
 

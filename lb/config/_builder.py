@@ -9,6 +9,7 @@ every table is read through :mod:`lb.config._reader`, values checked by
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -184,6 +185,7 @@ class _Builder:
         valid_listeners = tuple(x for x in listeners if x is not None)
         self._check_capacity(section, settings, valid_listeners, valid_groups)
         self._check_dsr_ports(dict(zip(valid_groups, group_tables)), listeners)
+        self._check_families(valid_groups, list(zip(listener_tables, listeners)))
         bgp = settings.bgp
         if bgp is not None:  # announced addresses default to (or must be) the listeners'
             bgp = resolve_announce(section.section("bgp"), bgp, valid_listeners)
@@ -292,6 +294,38 @@ class _Builder:
                     if target.port is not None and target.port != listener.port:
                         target_table.error("port", f"{target.port} differs; {why}")
 
+    def _check_families(self, groups: tuple[m.TargetGroup, ...],
+                        listeners: list[tuple[Table, m.Listener | None]]) -> None:
+        """A flow stays within one family (the XDP program rewrites addresses,
+        never translates between IPv4 and IPv6): a TCP/UDP listener forwards
+        to targets of its own address's family, and a group serves listeners
+        of one family (its registrations must then be of that one too)."""
+        by_name = {g.name: g for g in groups}
+        first_listener: dict[str, m.Listener] = {}
+        for t, listener in listeners:
+            if listener is None or not listener.protocol.is_l4 or "address" in t.bad:
+                continue
+            action = listener.default_action
+            if not isinstance(action, m.ForwardAction) or action.target_groups[0].name not in by_name:
+                continue
+            group = by_name[action.target_groups[0].name]
+            if len({x.address.version for x in group.targets}) > 1:
+                continue  # reported at the group's targets
+            family = family_name(listener.address)
+            where = f"listener {listener.name!r} is on {listener.address}, an {family} address"
+            rule = f"a flow stays within one family, so {with_article(listener.protocol)} listener forwards to " \
+                   f"targets of its own address's family"
+            default = t.section("default_action")
+            key = "target_group" if default.has("target_group") else "target_groups"
+            other = next((x for x in group.targets if x.address.version != listener.address.version), None)
+            earlier = first_listener.setdefault(group.name, listener)
+            if other is not None:
+                default.error(key, f"target group {group.name!r} has {family_name(other.address)} targets "
+                                   f"({other.address}); {where}: {rule}")
+            elif earlier.address.version != listener.address.version:
+                default.error(key, f"target group {group.name!r} serves listener {earlier.name!r} on "
+                                   f"{earlier.address} already; {where}: {rule}")
+
     def _check_ring(self, t: Table, ring_size: int, groups: tuple[m.TargetGroup, ...]) -> None:
         for group in groups:
             if group.protocol.is_l4 and len(group.targets) > ring_size:
@@ -388,6 +422,14 @@ class _Builder:
             target = read_target(t, "id", protocol)
             resolved = target.traffic_port(port) if target is not None and port is not None else None
             seen.append((t, None if target is None or resolved is None else f"{target.address}:{resolved}"))
+            first = next((x for x in result if x is not None), None)
+            if protocol is not None and protocol.is_l4 and target is not None and first is not None \
+                    and first.address.version != target.address.version:
+                index = result.index(first)
+                t.error("id", f"{target.address} is {family_name(target.address)} but targets[{index}] "
+                              f"({first.address}) is {family_name(first.address)}: the targets of "
+                              f"{with_article(protocol)} target group are of one family, as a flow stays within "
+                              "its listener's")
             result.append(target)
         report_duplicates(seen, "id", "target")
         return None if None in result else tuple(t for t in result if t is not None)
@@ -506,11 +548,10 @@ class _Builder:
         return str(self.base / path)
 
     def _check_address(self, t: Table, address: m.IPAddress, protocol: m.Protocol) -> None:
-        if protocol.is_l4 and address.version == 6:
-            served = f"{protocol.value} listeners are served by the IPv4-only XDP path"
-            t.error("address", f"{address} is IPv6; {served}")
-        elif address.is_multicast or (protocol.is_l4 and address.is_unspecified):
+        if address.is_multicast or (protocol.is_l4 and address.is_unspecified):
             t.error("address", f"{address} cannot be {with_article(protocol)} listener address")
+        elif protocol.is_l4 and (why := unusable_ipv6(address)):
+            t.error("address", f"{address} cannot be {with_article(protocol)} listener address: {why}")
 
     def _claim_endpoint(self, t: Table, address: m.IPAddress, port: int, protocol: m.Protocol) -> None:
         transport = "UDP" if protocol is m.Protocol.UDP else "TCP"  # HTTP listens on TCP too
@@ -524,17 +565,33 @@ class _Builder:
 # --- one target: of a [[target_groups]] table, or of an admin request ----------------
 
 
+def family_name(address: m.IPAddress) -> str:
+    return "IPv4" if address.version == 4 else "IPv6"
+
+
+def unusable_ipv6(address: m.IPAddress) -> str | None:
+    """Why an IPv6 address cannot be a TCP/UDP VIP or target, or None: the
+    XDP path forwards by global routes (bpf_fib_lookup), so an address that
+    needs an interface (link-local) or is IPv4 in disguise (mapped) cannot be one."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.is_link_local:
+        return "a link-local address (fe80::/10) needs an interface; use a global or unique local (fd00::/8) one"
+    if address.ipv4_mapped is not None:
+        return f"an IPv4-mapped address; write {address.ipv4_mapped}"
+    return None
+
+
 def read_target(t: Table, key: str, protocol: m.Protocol | None) -> m.Target | None:
     """The address under ``key`` (``id`` in a file), an optional port and a
     weight, checked against the group's protocol; None if anything is wrong."""
     address = t.address(key)
     port = t.integer("port", 1, 65535) if t.has("port") else None
     weight = t.integer("weight", 1, 100, 1)
-    if address is not None and protocol is not None and protocol.is_l4 and address.version == 6:
-        why = f"{protocol.value} target groups are served by the IPv4-only XDP path"
-        t.error(key, f"{address} is IPv6; {why}")
-    elif address is not None and (address.is_unspecified or address.is_multicast):
+    if address is not None and (address.is_unspecified or address.is_multicast):
         t.error(key, f"{address} is not a unicast address")
+    elif address is not None and protocol is not None and protocol.is_l4 and (why := unusable_ipv6(address)):
+        t.error(key, f"{address} cannot be a {protocol.value} target: {why}")
     if address is None or {key, "port", "weight"} & t.bad:
         return None
     return m.Target(address, port, weight)
@@ -600,10 +657,36 @@ def admin_request(
     protocol = None if group is None else group.protocol
     target = read_target(t, "target", protocol) if "target" in keys else None
     if cmd == "register" and group is not None and target is not None:
-        _registration_quota(t, lb, group, target, registered)
+        if group.protocol.is_l4:
+            _registration_family(t, lb, group, target, registered)
+        if "target" not in t.bad:
+            _registration_quota(t, lb, group, target, registered)
     if issues:
         raise ConfigError(issues)
     return AdminRequest(cmd, group, target)
+
+
+def _registration_family(
+    t: Table,
+    lb: m.LoadBalancer,
+    group: m.TargetGroup,
+    target: m.Target,
+    registered: Callable[[str], Sequence[m.Target]],
+) -> None:
+    """A TCP/UDP group's targets are of the family of the listeners that forward
+    to it and of its other targets: a flow stays within one family."""
+    family = family_name(target.address)
+    for listener in lb.listeners_of(m.Protocol.TCP, m.Protocol.UDP):
+        action = listener.default_action
+        if isinstance(action, m.ForwardAction) and action.target_groups[0].name == group.name \
+                and listener.address.version != target.address.version:
+            t.error("target", f"{target.address} is {family}; target group {shown(group.name)} serves listener "
+                              f"{listener.name!r} on {listener.address}: a flow stays within one family")
+            return
+    other = next((x for x in registered(group.name) if x.address.version != target.address.version), None)
+    if other is not None:
+        t.error("target", f"{target.address} is {family}; target group {shown(group.name)} has "
+                          f"{family_name(other.address)} targets ({other.address}): they are of one family")
 
 
 def _registration_quota(

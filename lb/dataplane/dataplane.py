@@ -46,12 +46,12 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 
 from lb import maglev
 from lb.dataplane.maps import (
     Endpoint,
     Flow,
+    IPAddress,
     Maps,
     ReplyVipEntry,
     RouteEntry,
@@ -155,13 +155,13 @@ class Dataplane:
     """The one writer of the maps (the controller calls it)."""
 
     def __init__(self, maps: Maps,
-                 source_of: Callable[[IPv4Address], IPv4Address | None] | None = None) -> None:
+                 source_of: Callable[[IPAddress], IPAddress | None] | None = None) -> None:
         self.maps = maps
         self.limits = maps.limits
         # lb's own address toward a target (full NAT's source); None: unknown.
         self._source_of = source_of or (lambda address: None)
         # fullnat_sources as written: target id -> (its endpoint's address, the source).
-        self._sources: dict[int, tuple[IPv4Address, IPv4Address | None]] = {}
+        self._sources: dict[int, tuple[IPAddress, IPAddress | None]] = {}
         # Adopt what the maps hold: a restarted daemon keeps ids, so flows
         # in conntrack keep pointing at the right targets.
         self._vips: dict[VipAddr, VipEntry] = {e.vip: e for e in maps.vips()}
@@ -376,8 +376,10 @@ class Dataplane:
         for vip, service in wanted.items():
             if vip.protocol not in PROTO_NUMBERS:
                 problems.append(f"{vip}: protocol must be TCP or UDP")
-            if vip.address.version != 4:
-                problems.append(f"{vip}: the XDP path is IPv4 only")
+            others = sorted(e for e in endpoints_of([service]) if e.address.version != vip.address.version)
+            if others:
+                problems.append(f"{vip}: a flow stays within one family; targets of the other: "
+                                f"{', '.join(map(str, others))}")
             endpoints = [e for e, _ in service.members]
             if len(set(endpoints)) != len(endpoints):
                 problems.append(f"{vip}: an endpoint is listed twice in the ring")

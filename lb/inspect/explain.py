@@ -8,8 +8,8 @@ import ipaddress
 import os
 from typing import Any
 
-from lb.dataplane.maps import Endpoint, Maps, VipAddr
-from lb.dataplane.structs import CLOSED_TCP_STATES, FLOW_HASH_SEED, PROTO_NUMBERS, ip_to_net, port_to_net
+from lb.dataplane.maps import Endpoint, IPAddress, Maps, VipAddr, endpoint_text
+from lb.dataplane.structs import CLOSED_TCP_STATES, FLOW_HASH_SEED, PROTO_NUMBERS, ip6_to_net, ip_to_net, port_to_net
 from lb.inspect.access import InspectError, ask_daemon, open_maps
 from lb.inspect.kernel import entry_timeout, flow_state
 from lb.inspect.names import l4_listeners, parse_endpoint
@@ -129,12 +129,17 @@ def _mix32(h: int) -> int:
     return h ^ (h >> 16)
 
 
-def flow_hash(protocol: str, src: ipaddress.IPv4Address, sport: int, dst: ipaddress.IPv4Address, dport: int) -> int:
-    """bpf/lb.c flow_hash(): murmur3's finalizer over the 5-tuple, fields as the
-    packet holds them (network order, read as little-endian u32/u16)."""
+def flow_hash(protocol: str, src: IPAddress, sport: int, dst: IPAddress, dport: int) -> int:
+    """bpf/lb.c flow_hash() (flow_hash6 for IPv6): murmur3's finalizer over the
+    5-tuple, fields as the packet holds them (network order, read as
+    little-endian u32/u16; an IPv6 address as four such words)."""
     h = FLOW_HASH_SEED
-    h = _mix32(h ^ ip_to_net(src))
-    h = _mix32(h ^ ip_to_net(dst))
+    for address in (src, dst):
+        if isinstance(address, ipaddress.IPv6Address):
+            for word in ip6_to_net(address).words:
+                h = _mix32(h ^ word)
+        else:
+            h = _mix32(h ^ ip_to_net(address))
     h = _mix32(h ^ ((port_to_net(sport) << 16) | port_to_net(dport)))
     return _mix32(h ^ PROTO_NUMBERS[protocol])
 
@@ -187,6 +192,8 @@ def explain_flow(config: LoadBalancer, protocol: str, source: str, destination: 
     src_ip, sport = parse_endpoint(source)
     dst_ip, dport = parse_endpoint(destination)
     assert sport is not None and dport is not None
+    if src_ip.version != dst_ip.version:
+        raise InspectError(f"{source} -> {destination}: a flow stays within one family (IPv4 or IPv6)")
     with open_maps(config, "lb explain flow") as maps:
         out = explain_flow_in(maps, proto, Endpoint(src_ip, sport), Endpoint(dst_ip, dport))
     out["listener"] = l4_listeners(config).get(VipAddr(dst_ip, dport, proto), (None, None))[0]
@@ -263,11 +270,11 @@ def explain_flow_in(maps: Maps, proto: str, client: Endpoint, destination: Endpo
         else:
             source = maps.fullnat_source(target_id)
             port = fullnat_port(hashed, 0, maps.limits.fullnat_port_min, maps.limits.fullnat_port_max)
-            out["full_nat"] = {"source": f"{source}:{port}" if source else None, "from_entry": False}
+            out["full_nat"] = {"source": endpoint_text(source, port) if source else None, "from_entry": False}
     if target_id is not None and target_id in known:
         endpoint = known[target_id].endpoint
         route = maps.route(endpoint, proto)
-        vips = [str(v.vip.address) + f":{v.vip.port}" for v in route.vips] if route else []
+        vips = [endpoint_text(v.vip.address, v.vip.port) for v in route.vips] if route else []
         by: str | None = None
         if route is not None and any(v.vip == vip for v in route.vips):
             entry_names_it = (flow is not None and flow.target_id == target_id and flow.current

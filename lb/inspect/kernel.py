@@ -10,7 +10,7 @@ import itertools
 import time
 from typing import Any
 
-from lb.dataplane.maps import Flow, Traffic
+from lb.dataplane.maps import Flow, IPAddress, Traffic, endpoint_text
 from lb.dataplane.structs import COUNTER_HELP, NO_TARGET, Limits
 from lb.inspect.access import open_maps
 from lb.inspect.names import endpoint_groups, l4_listeners, parse_endpoint, vip_dict
@@ -102,7 +102,7 @@ def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None =
                 break
             flows.append({
                 "protocol": flow.vip.protocol, "client": str(flow.client), "client_address": str(flow.client.address),
-                "client_port": flow.client.port, "vip": f"{flow.vip.address}:{flow.vip.port}",
+                "client_port": flow.client.port, "vip": endpoint_text(flow.vip.address, flow.vip.port),
                 "listener": listeners.get(flow.vip, (None, None))[0], "vip_id": flow.vip_id,
                 "target": str(t.endpoint) if t else None, "target_id": flow.target_id,
                 "age_s": round(flow.age_s, 3), "idle_s": round(flow.idle_s, 3),
@@ -110,12 +110,17 @@ def conntrack(config: LoadBalancer, vip: str | None = None, target: str | None =
                 "half_open": flow.half_open, "timeout_s": entry_timeout(flow, maps.limits),
                 "mode": flow.mode, "source": str(flow.source) if flow.source else None,
             })
-        flows.sort(key=lambda f: (f["vip"], f["protocol"], ipaddress.IPv4Address(f["client_address"]),
-                                  f["client_port"]))
+        flows.sort(key=lambda f: (f["vip"], f["protocol"], _address_key(f["client_address"]), f["client_port"]))
         return {"flows": flows, "count": len(flows), "truncated": truncated}
 
 
-def _matches(wanted: tuple[ipaddress.IPv4Address, int | None], address: Any, port: int) -> bool:
+def _address_key(text: str) -> tuple[int, int]:
+    """IPv4 before IPv6, each in address order."""
+    address = ipaddress.ip_address(text)
+    return address.version, int(address)
+
+
+def _matches(wanted: tuple[IPAddress, int | None], address: Any, port: int) -> bool:
     return wanted[0] == address and wanted[1] in (None, port)
 
 

@@ -17,11 +17,13 @@ from lb.dataplane.structs import (
     MAP_TYPE_NAMES,
     NO_TARGET,
     PROTO_NAMES,
+    Addr6,
     Counter,
     Limits,
     MapName,
     map_specs,
     net_to_ip,
+    net_to_ip6,
     net_to_port,
     half_open_state,
     tcp_state,
@@ -69,7 +71,11 @@ def _fields(struct: ctypes.Structure) -> dict[str, Any]:
         if field == "pad":
             continue
         value = getattr(struct, field)
-        if isinstance(value, ctypes.Array):  # reply_route.vips: the first `count`
+        if isinstance(value, Addr6):  # an IPv6 address, wherever it is
+            value = str(net_to_ip6(value))
+        elif isinstance(value, ctypes.Structure):  # half_open's flow, conntrack6's flow, ...
+            value = _fields(value)
+        elif isinstance(value, ctypes.Array):  # reply_route.vips: the first `count`
             value = [_plain(item) for item in value[:getattr(struct, "count", len(value))]]
         elif field in _ADDRESS_FIELDS:
             value = str(net_to_ip(value))
@@ -82,6 +88,8 @@ def _fields(struct: ctypes.Structure) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Addr6):  # fullnat_srcs6's values
+        return str(net_to_ip6(value))
     if isinstance(value, ctypes.Structure):
         return _fields(value)
     return int(value.value if hasattr(value, "value") else value)
@@ -107,14 +115,16 @@ def _decode_value(name: MapName, key: Any, value: Any, per_cpu: bool, now_ns: in
     plain = _plain(value)
     if name is MapName.RINGS:
         return None if plain == NO_TARGET else plain
-    if name is MapName.CONNTRACK:
-        plain["tcp_state"] = tcp_state(value) if key.proto == IPPROTO_TCP else None
-        plain["age_s"] = round(max(0, now_ns - plain["created_ns"]) / 1e9, 3)
-        plain["idle_s"] = round(max(0, now_ns - plain["last_seen_ns"]) / 1e9, 3)
-    if name is MapName.HALF_OPEN:
-        plain["tcp_state"] = half_open_state(value)
-        plain["age_s"] = round(max(0, now_ns - value.flow.created_ns) / 1e9, 3)
-        plain["idle_s"] = round(max(0, now_ns - value.flow.last_seen_ns) / 1e9, 3)
+    if name in (MapName.CONNTRACK, MapName.CONNTRACK6):
+        state = value.flow if name is MapName.CONNTRACK6 else value
+        plain["tcp_state"] = tcp_state(state) if key.proto == IPPROTO_TCP else None
+        plain["age_s"] = round(max(0, now_ns - state.created_ns) / 1e9, 3)
+        plain["idle_s"] = round(max(0, now_ns - state.last_seen_ns) / 1e9, 3)
+    if name in (MapName.HALF_OPEN, MapName.HALF_OPEN6):
+        half = value.half if name is MapName.HALF_OPEN6 else value
+        plain["tcp_state"] = half_open_state(half)
+        plain["age_s"] = round(max(0, now_ns - half.flow.created_ns) / 1e9, 3)
+        plain["idle_s"] = round(max(0, now_ns - half.flow.last_seen_ns) / 1e9, 3)
     return plain
 
 
