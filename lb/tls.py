@@ -333,15 +333,19 @@ class SniContexts:
 
     def sni_callback(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
                      _ctx: ssl.SSLContext) -> int | None:
-        sslobj.context = self.select(server_name)
+        ctx = self.select(server_name)
+        if ctx is not sslobj.context:  # switching (SSL_set_SSL_CTX copies the certificate) costs a handshake ~5%
+            sslobj.context = ctx
         return None
 
 
 def listening_context(contexts: SniContexts) -> ssl.SSLContext:
-    """The context a listening socket is created with: the policy, the default
-    certificate (a handshake always goes through the SNI callback first), and
-    the callback that picks each connection's certificate."""
-    ctx = certificate_context(contexts.tls.default_certificate, contexts.policy, contexts.alpn)
+    """The context a listening socket is created with: the default certificate's
+    own (the policy, the default certificate), given the callback that picks
+    each connection's certificate. So a connection for the default certificate
+    (no SNI, an unknown name, the default's names) keeps the context it starts
+    on, until a reload brings another default (``SniContexts.adopt``)."""
+    ctx = contexts.default
     ctx.sni_callback = contexts.sni_callback
     return ctx
 
