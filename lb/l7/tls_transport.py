@@ -49,6 +49,7 @@ log = logging.getLogger("lb.l7")
 _READ_SIZE = 64 * 1024  # TLS records are 16 KiB at most: a read returns one
 _ACCEPT_BATCH = 64  # connections accepted per readable event at most
 _ACCEPT_PAUSE = 0.1  # seconds without accepting after running out of descriptors
+_DEFER_ACCEPT = 5  # seconds a connection may wait for its first bytes before it is accepted anyway
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -73,6 +74,10 @@ def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # The client speaks first in TLS: accept a connection once its ClientHello is there (as nginx's
+        # `listen ... deferred`), so the first do_handshake() finds it, and connections that never say
+        # a word cost no accept and no handshake state (the kernel drops them after the deadline).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _DEFER_ACCEPT)
         sock.bind(address)
         sock.listen(backlog)
         sock.setblocking(False)
