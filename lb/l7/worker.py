@@ -104,9 +104,10 @@ class Worker:
             alpn = ("h2", "http/1.1") if self.config.http2 else ("http/1.1",)
             contexts = self.tls[listener.name] = tls.SniContexts(listener.tls, alpn)
             context = self._listening[listener.name] = tls.listening_context(contexts)
-            if not self.config.session_tickets:
+            if not self.config.session_resumption:
                 context.options |= ssl.OP_NO_TICKET
                 context.num_tickets = 0
+                tls.set_session_cache(context, False)  # TLS 1.2 resumes by session id without tickets
             if self.ticket_key is not None:
                 tls.set_ticket_keys(context, self.ticket_key)
             # OpenSSL on the socket (lb.l7.tls_transport); HTTP/2 or HTTP/1.1 after the handshake,

@@ -15,7 +15,7 @@ then measures, after a short warm-up:
   - new TLS handshakes/s: ``wrk -t2 -c64 -H 'Connection: close'``, so each
     request is a new connection and a full handshake (wrk keeps its session
     across reconnections and would resume it: nginx's session cache and
-    tickets are off, and lb's tickets too, ``L7Config.session_tickets``);
+    tickets are off, and lb's resumption too, ``tls_session_resumption = false``);
   - keep-alive requests/s over TLS: ``wrk -t2 -c64``;
   - HTTP/2 requests/s: ``h2load -t2 -c4 -m100`` (4 connections of 100
     concurrent streams each, ALPN h2; Debian's nghttp2-client);
@@ -203,7 +203,7 @@ name = "{name}"
 workers = {workers}
 admin_socket = "/run/lb/{name}.sock"
 metrics_address = "{host}:{metrics}"
-tls_session_tickets = false
+tls_session_resumption = false
 
 [[listeners]]
 name = "https"
