@@ -40,6 +40,7 @@ MODULES = (
     "request_head",
     "routing",
     "stats",
+    "tls_transport",
     "upstream",
 )
 DIRECTORY = Path(sys.prefix) / "lib" / "lb-native"
