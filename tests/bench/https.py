@@ -1,16 +1,18 @@
-"""HTTPS listeners: lb against nginx, the same certificate and worker count, on loopback.
+"""HTTPS listeners: `lb up` against nginx, the same certificate and worker count, on loopback.
 
-Usage:
-    .venv/bin/python tests/bench/https.py [--duration 10] [--workers 1 2]
-    .venv/bin/python tests/bench/https.py --quick          # 3 s runs, 1 worker
+Usage (as root: `lb up` needs it):
+    .venv/bin/python tests/bench/https.py [--duration 10] [--workers 1 2] [--rounds 3]
+    .venv/bin/python tests/bench/https.py --quick          # 3 s runs, 1 worker, 1 round
 
-Needs wrk and nginx from Debian (``deploy/install.sh --bench``). Starts, on
-127.0.0.1 only and on free ports, in a temporary directory:
+Needs wrk, nginx and h2load from Debian (``deploy/install.sh --bench``).
+Starts, on 127.0.0.1 only and on free ports, in a temporary directory:
   - the backend: nginx over plain HTTP answering a small fixed body;
-  - for each worker count: nginx terminating TLS as a reverse proxy
-    (keep-alive upstream, the forwarded headers lb adds) and lb's L7Server
-    with an HTTPS listener, both with one ECDSA P-256 certificate made here
-    and ELB's default policy's versions and ciphers (TLS 1.2 and 1.3);
+  - for each worker count, alternated for ``--rounds``: nginx terminating TLS
+    as a reverse proxy (keep-alive upstream, the forwarded headers lb adds),
+    and ``python -m lb up -c FILE`` with a config as a user writes it (one
+    HTTPS listener, the certificate's files, the backend as its target),
+    both with one ECDSA P-256 certificate made here and ELB's default
+    policy's versions and ciphers (TLS 1.2 and 1.3);
 then measures, after a short warm-up:
   - new TLS handshakes/s: ``wrk -t2 -c64 -H 'Connection: close'``, so each
     request is a new connection and a full handshake (wrk keeps its session
@@ -19,12 +21,17 @@ then measures, after a short warm-up:
   - keep-alive requests/s over TLS: ``wrk -t2 -c64``;
   - HTTP/2 requests/s: ``h2load -t2 -c4 -m100`` (4 connections of 100
     concurrent streams each, ALPN h2; Debian's nghttp2-client);
-and from lb's own figures, what HTTP/2's framing costs a request: the
-worker-seconds of an h2 request less those of a keep-alive HTTP/1.1 one
-(both over TLS, so the difference is h2's framing, HPACK and flow control).
-Prints the figures and the ratios lb / nginx (goals: handshakes ≥ 0.9×,
-keep-alive ≥ 0.8×; h2 printed with its ratio). Everything started is stopped
-in ``finally``.
+and, for each, the CPU time per request of the contender's processes (from
+/proc, each contender in a session of its own) and of the client. Prints the
+rates and their ratio lb / nginx (goals: handshakes ≥ 0.9×, keep-alive ≥
+0.8×; h2 printed with its ratio), and the ratio per CPU-second (nginx's CPU
+per request over lb's): on a small machine the client needs more CPU per
+handshake than either server (wrk verifies the server's ECDSA signature and
+makes its own key share, in OpenSSL 3 as well), so the handshake rate is
+the client's and the machine's as much as the server's, while the CPU per
+handshake is the server's own. Also what HTTP/2's framing costs a request:
+the CPU of an h2 request less that of a keep-alive HTTP/1.1 one (both over
+TLS). Everything started is stopped in ``finally``.
 """
 
 from __future__ import annotations
