@@ -12,11 +12,14 @@ import socket
 import ssl
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from lb import model as m
+from lb import tls
 from lb.l7.config import L7Config
+from lb.l7.tls_transport import TlsServer, TlsTransport
 from tests.l7_backends import backend, forward_to, http_listener, proxy, routing_table, run, target_group
 from tests.tls_certs import Certs, tls_request
 
@@ -195,3 +198,69 @@ def test_large_bodies_both_ways_through_the_write_queue(certs: Certs) -> None:
                 assert not worker.connections
 
     run(body(), timeout=60)
+
+
+class _Counted:
+    """The worker's side of handshakes, for a TlsServer on its own."""
+
+    def __init__(self) -> None:
+        self.open: set[TlsTransport] = set()
+
+    def handshake_started(self, transport: TlsTransport) -> None:
+        self.open.add(transport)
+
+    def handshake_ended(self, transport: TlsTransport) -> None:
+        self.open.discard(transport)
+
+
+class _Answer(asyncio.Protocol):
+    """Answers "ok" and closes; raises on "boom" (a bug in a protocol)."""
+
+    lost: list[Exception | None] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if b"boom" in data:
+            raise RuntimeError("boom")
+        self.transport.write(b"ok")
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+
+def test_close_sends_close_notify_and_a_failing_protocol_ends_only_its_connection(certs: Certs) -> None:
+    def exchange(port: int, data: bytes) -> bytes | str:
+        ctx = certs.client()
+        ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF  # Python's default: an EOF without close_notify reads as one
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="www.example.com", suppress_ragged_eofs=False) as conn:
+            conn.sendall(data)
+            got = b""
+            try:
+                while chunk := conn.recv(100):  # b"" only after the server's close_notify
+                    got += chunk
+            except ssl.SSLError as exc:  # OpenSSL 3: UNEXPECTED_EOF_WHILE_READING
+                if exc.reason != "UNEXPECTED_EOF_WHILE_READING":
+                    raise
+                return "closed without close_notify"
+            return got
+
+    async def body() -> None:
+        counted = _Counted()
+        context = tls.listening_context(tls.SniContexts(certs.listener_tls("www.example.com")))
+        server = TlsServer.listen(asyncio.get_running_loop(), "127.0.0.1", 0, 16, context, _Answer, 5.0, counted)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            assert await asyncio.to_thread(exchange, port, b"hello") == b"ok"
+            assert await asyncio.to_thread(exchange, port, b"boom") == "closed without close_notify"
+            assert await asyncio.to_thread(exchange, port, b"again") == b"ok"  # the server goes on
+            await asyncio.sleep(0.05)
+            assert [type(exc) for exc in _Answer.lost] == [type(None), RuntimeError, type(None)]
+            assert not counted.open
+        finally:
+            server.close()
+
+    run(body())

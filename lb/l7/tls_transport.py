@@ -232,7 +232,11 @@ class TlsTransport(asyncio.Transport):
         self._handshake_over()
         self._state = _OPEN
         protocol = self._protocol = self._server.factory()
-        protocol.connection_made(self)  # may set another protocol (HttpsProtocol by ALPN), or close
+        try:
+            protocol.connection_made(self)  # may set another protocol (HttpsProtocol by ALPN), or close
+        except Exception as exc:  # a bug: this connection ends, not the worker (as uvloop's transports do)
+            self._protocol_failed(exc)
+            return
         if self._state == _OPEN and not self._paused:
             self._read()  # the request may have come with the client's Finished
 
@@ -291,16 +295,28 @@ class TlsTransport(asyncio.Transport):
                 self._eof()
                 return
             assert self._protocol is not None
-            self._protocol.data_received(bytes(self._server.view[:n]))
+            try:
+                self._protocol.data_received(bytes(self._server.view[:n]))
+            except Exception as exc:
+                self._protocol_failed(exc)
+                return
             # More decrypted bytes than the buffer held: OpenSSL has them, the socket may not say so.
             if self._state != _OPEN or self._paused or not tls.pending():
                 return
 
     def _eof(self) -> None:
         assert self._protocol is not None
-        self._protocol.eof_received()  # no half-close over TLS: whatever it answers, the connection ends
+        try:
+            self._protocol.eof_received()  # no half-close over TLS: whatever it answers, the connection ends
+        except Exception as exc:
+            self._protocol_failed(exc)
+            return
         if self._state == _OPEN:
             self.close()
+
+    def _protocol_failed(self, exc: Exception) -> None:
+        log.error("TLS connection from %s: its protocol failed, connection closed", self._peer, exc_info=exc)
+        self._close_now(exc)
 
     def pause_reading(self) -> None:
         if self._state == _OPEN and not self._paused:
