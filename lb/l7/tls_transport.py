@@ -11,8 +11,8 @@ BIO, no memory BIO): one ``do_handshake()`` call reads the ClientHello and
 writes the server's whole flight, one ``read()`` is one ``recv`` and the
 decryption, one ``write()`` the encryption and the ``send``. The loop only
 says when the descriptor is readable or writable (``add_reader``,
-``add_writer``). tests/bench/https.py and /work/notes... measured it:
-docs/architecture.md ("TLS") has the figures.
+``add_writer``). tests/bench/https.py measured it: docs/architecture.md
+("TLS") has the figures.
 
 - :class:`TlsServer`: one listening socket (``SO_REUSEPORT``, as the
   workers' plain listeners), accepting in batches when it is readable; an
