@@ -71,8 +71,8 @@ BGP_RETRY_SECONDS = 2.0
 RESTART_ONLY = ("name", "interfaces", "xdp_mode", "forwarding_mode", "netns", "ring_size", "full_nat_port_range",
                 "tcp_idle_timeout", "udp_idle_timeout", "workers", "admin_socket", "metrics_address",
                 "header_timeout", "body_timeout", "min_body_rate", "max_response_head",
-                "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "http2", "tcp_syn_timeout",
-                "max_vips", "max_targets", "conntrack_size", "half_open_size")
+                "tcp_closed_timeout", "tcp_time_wait_timeout", "new_flow_rate_limit", "http2", "tls_session_resumption",
+                "tcp_syn_timeout", "max_vips", "max_targets", "conntrack_size", "half_open_size")
 
 
 class DaemonError(RuntimeError):

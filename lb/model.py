@@ -436,6 +436,7 @@ class LoadBalancer:
     min_body_rate: int = 500  # one more second per this many body bytes
     max_response_head: int = 32 * 1024  # bytes of a target's status line and headers
     http2: bool = True  # HTTPS listeners offer HTTP/2 by ALPN (ALB's routing.http2.enabled)
+    tls_session_resumption: bool = True  # ours: HTTPS listeners resume sessions; off: no tickets, no session cache
     ring_size: int = 65537  # Maglev table size M, a prime
     workers: int = 0  # L7 worker processes; 0: one per core
     access_log: AccessLog = field(default_factory=AccessLog)  # ours: L7 requests; reloadable

@@ -24,7 +24,9 @@ the connection started on, the listening one, whatever certificate is
 chosen; OpenSSL makes those keys at random when the context is made and
 never rotates them. :func:`set_ticket_keys` sets them instead, so that
 every worker of a listener shares them and lb.l7.server rotates them
-(docs/architecture.md, "TLS").
+(docs/architecture.md, "TLS"). :func:`set_session_cache` turns OpenSSL's
+session id cache (TLS 1.2 resumption without tickets) off, for a listener
+that must not resume at all (the load balancer's ``tls_session_resumption``).
 
 TLS to targets (HTTPS target groups): :func:`read_ca_bundle` reads and
 checks a group's CA bundle; :func:`target_context` is the client context
@@ -333,15 +335,19 @@ class SniContexts:
 
     def sni_callback(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
                      _ctx: ssl.SSLContext) -> int | None:
-        sslobj.context = self.select(server_name)
+        ctx = self.select(server_name)
+        if ctx is not sslobj.context:  # switching (SSL_set_SSL_CTX copies the certificate) costs a handshake ~5%
+            sslobj.context = ctx
         return None
 
 
 def listening_context(contexts: SniContexts) -> ssl.SSLContext:
-    """The context a listening socket is created with: the policy, the default
-    certificate (a handshake always goes through the SNI callback first), and
-    the callback that picks each connection's certificate."""
-    ctx = certificate_context(contexts.tls.default_certificate, contexts.policy, contexts.alpn)
+    """The context a listening socket is created with: the default certificate's
+    own (the policy, the default certificate), given the callback that picks
+    each connection's certificate. So a connection for the default certificate
+    (no SNI, an unknown name, the default's names) keeps the context it starts
+    on, until a reload brings another default (``SniContexts.adopt``)."""
+    ctx = contexts.default
     ctx.sni_callback = contexts.sni_callback
     return ctx
 
@@ -358,26 +364,53 @@ def _ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
     return ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value or 0
 
 
+def _load_libssl() -> bool:
+    """SSL_CTX_ctrl, through the _ssl module (its libssl's symbols resolve through it)."""
+    global _libssl
+    if _libssl is None:
+        import _ssl  # only here: a private module, loaded only where ticket keys or the cache are set
+
+        try:
+            libssl = ctypes.CDLL(_ssl.__file__)
+            libssl.SSL_CTX_ctrl.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)
+            libssl.SSL_CTX_ctrl.restype = ctypes.c_long
+        except (OSError, AttributeError):
+            return False
+        _libssl = libssl
+    return True
+
+
 def set_ticket_keys(ctx: ssl.SSLContext, key: bytes) -> bool:
     """Make ``ctx`` encrypt and decrypt session tickets with ``key`` (80 bytes).
     False where it cannot (no libssl found): OpenSSL's random keys stay."""
-    global _libssl
     if len(key) != TICKET_KEY_BYTES:
         raise ValueError(f"a ticket key is {TICKET_KEY_BYTES} bytes")
-    if _libssl is None:
-        import _ssl
-
-        try:
-            _libssl = ctypes.CDLL(_ssl.__file__)  # its libssl's symbols resolve through it
-            _libssl.SSL_CTX_ctrl.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)
-            _libssl.SSL_CTX_ctrl.restype = ctypes.c_long
-        except (OSError, AttributeError):
-            return False
+    if not _load_libssl():
+        return False
+    assert _libssl is not None
     pointer = _ssl_ctx_pointer(ctx)
     if not pointer:
         return False
     buffer = ctypes.create_string_buffer(key, len(key))
     return bool(_libssl.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(key), buffer))
+
+
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_SESS_CACHE_OFF, _SSL_SESS_CACHE_SERVER = 0, 2
+
+
+def set_session_cache(ctx: ssl.SSLContext, on: bool) -> bool:
+    """Turn OpenSSL's server session cache (TLS 1.2 resumption by session id) on
+    or off; Python's ssl has no call for it. False where it cannot (no libssl found)."""
+    if not _load_libssl():
+        return False
+    pointer = _ssl_ctx_pointer(ctx)
+    if not pointer:
+        return False
+    assert _libssl is not None
+    mode = _SSL_SESS_CACHE_SERVER if on else _SSL_SESS_CACHE_OFF
+    _libssl.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, mode, None)
+    return True
 
 
 # --- TLS to targets ------------------------------------------------------------------

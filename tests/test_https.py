@@ -21,6 +21,7 @@ import pytest
 from lb import config as configmod
 from lb import model as m
 from lb import tls
+from lb.l7.config import L7Config
 from tests.l7_backends import (
     Client,
     backend,
@@ -177,6 +178,30 @@ def test_session_resumption(certs: Certs, version: ssl.TLSVersion) -> None:
             assert not first.reused and first.session is not None
             again = await asyncio.to_thread(tls_request, port, ctx, "www.example.com", first.session)
             assert again.reused and again.version == first.version
+
+    run(body())
+
+
+def test_tls_session_resumption_off_makes_every_handshake_full(certs: Certs, tmp_path: Path) -> None:
+    # nginx's ssl_session_tickets off and ssl_session_cache off (TLS 1.2 resumes by session id without
+    # tickets); what tests/bench/https.py runs `lb up` with (wrk resumes otherwise).
+    cert, key = certs.files("www.example.com")
+    path = tmp_path / "lb.toml"
+    path.write_text(https_config(cert.name, key.name).replace('name = "t"', 'name = "t"\ntls_session_resumption = false'))
+    config = L7Config.for_load_balancer(configmod.load(path), connect_timeout=2.0)
+    assert not config.session_resumption and L7Config.for_load_balancer(configmod.loads(
+        https_config(str(cert), str(key)))).session_resumption  # on by default, as ELB
+    assert any("tls_session_resumption" in issue for issue in _issues(
+        https_config(str(cert), str(key)).replace('name = "t"', 'name = "t"\ntls_session_resumption = "no"')))
+
+    async def body() -> None:
+        listener = http_listener(fixed(), tls=certs.listener_tls("www.example.com"))
+        async with proxy(routing_table(listener), config) as (_, port):
+            for version in (V.TLSv1_2, V.TLSv1_3):
+                ctx = certs.client(version)
+                first = await asyncio.to_thread(tls_request, port, ctx)
+                again = await asyncio.to_thread(tls_request, port, ctx, "www.example.com", first.session)
+                assert not again.reused
 
     run(body())
 

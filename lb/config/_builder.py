@@ -59,6 +59,7 @@ LB_KEYS = (
     "body_timeout", "min_body_rate", "max_response_head", "ring_size", "full_nat_port_range",
     "tcp_syn_timeout", "max_vips", "max_targets", "conntrack_size", "half_open_size",
     "workers", "access_log", "admin_socket", "metrics_address", "bgp", "http2",
+    "tls_session_resumption",
 )  # fmt: skip
 ACCESS_LOG_KEYS = ("enabled", "path", "format")
 LISTENER_KEYS = (
@@ -237,6 +238,7 @@ class _Builder:
             min_body_rate=t.integer("min_body_rate", 1, 1 << 30, 500),
             max_response_head=t.integer("max_response_head", 1024, 1 << 20, 32 * 1024),
             http2=t.boolean("http2", True),
+            tls_session_resumption=t.boolean("tls_session_resumption", True),
             ring_size=ring_size,
             full_nat_port_range=self.port_range(t, "full_nat_port_range", m.LoadBalancer.full_nat_port_range),
             workers=t.integer("workers", 0, 256, 0),

@@ -55,9 +55,10 @@ class L7Config:
     # HTTPS: the workers' shared TLS session ticket key is replaced this often
     # (seconds); a ticket made before resumes no more (a full handshake).
     ticket_key_rotation: float = 3600.0
-    # Off: no session tickets (no resumption), for measuring full handshakes
-    # (tests/bench/https.py); ELB always resumes.
-    session_tickets: bool = True
+    # Off: no resumption (no session tickets, no session id cache), for measuring
+    # full handshakes (tests/bench/https.py; the load balancer's
+    # tls_session_resumption); ELB always resumes.
+    session_resumption: bool = True
     # HTTPS listeners: HTTP/2 by ALPN (ALB's routing.http2.enabled, on by
     # default), and its limits (lb.l7.h2client says what each bounds).
     http2: bool = True
@@ -78,5 +79,6 @@ class L7Config:
             min_body_rate=lb.min_body_rate,
             max_response_head=lb.max_response_head,
             http2=lb.http2,
+            session_resumption=lb.tls_session_resumption,
             **overrides,
         )

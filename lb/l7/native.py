@@ -27,7 +27,8 @@ import sysconfig
 from pathlib import Path
 
 # The per-request modules (the client protocol and everything it calls per
-# request) and h2stream, whose H2Stream subclasses ClientProtocol.
+# request), h2stream, whose H2Stream subclasses ClientProtocol, and tls_transport
+# (an HTTPS connection's reads and writes; a plain class, its base being asyncio's).
 MODULES = (
     "access_log",
     "balancer",
@@ -40,6 +41,7 @@ MODULES = (
     "request_head",
     "routing",
     "stats",
+    "tls_transport",
     "upstream",
 )
 DIRECTORY = Path(sys.prefix) / "lib" / "lb-native"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -39,6 +38,7 @@ from lb.l7.routing import Routes
 from lb.l7.stats import WorkerStats
 from lb.l7.stickiness import CookieSigner
 from lb.l7.table import RoutingTable
+from lb.l7.tls_transport import TlsServer, TlsTransport
 from lb.l7.upstream import PoolSet
 from lb.model import AccessLog, Listener
 
@@ -57,6 +57,7 @@ class Worker:
         self.table = table
         self.routes = Routes(table, self.pools)
         self.connections: dict[ClientConnection, None] = {}  # oldest first
+        self.handshakes: dict[TlsTransport, None] = {}  # TLS connections in their handshake, oldest first
         self.closing = False
         # Open files (see the module's docstring).
         self.fd_limit = rlimits.nofile_limit()
@@ -98,28 +99,29 @@ class Worker:
         self._sweep()
 
     async def _bind(self, listener: Listener) -> None:
-        context = None
-        factory: Callable[[], asyncio.Protocol] = partial(ClientProtocol, self, listener.name)
+        server: asyncio.AbstractServer
         if listener.tls is not None:
             alpn = ("h2", "http/1.1") if self.config.http2 else ("http/1.1",)
             contexts = self.tls[listener.name] = tls.SniContexts(listener.tls, alpn)
-            factory = partial(HttpsProtocol, self, listener.name)  # HTTP/2 or HTTP/1.1 after the handshake
             context = self._listening[listener.name] = tls.listening_context(contexts)
-            if not self.config.session_tickets:
+            if not self.config.session_resumption:
                 context.options |= ssl.OP_NO_TICKET
                 context.num_tickets = 0
+                tls.set_session_cache(context, False)  # TLS 1.2 resumes by session id without tickets
             if self.ticket_key is not None:
                 tls.set_ticket_keys(context, self.ticket_key)
-        server = await self.loop.create_server(
-            factory,
-            host=str(listener.address),
-            port=listener.port,
-            reuse_port=True,
-            backlog=self.config.backlog,
-            ssl=context,
-            # A handshake is part of a request head's arrival: the same deadline.
-            ssl_handshake_timeout=self.config.header_timeout if context is not None else None,
-        )
+            # OpenSSL on the socket (lb.l7.tls_transport); HTTP/2 or HTTP/1.1 after the handshake,
+            # which is part of a request head's arrival: the same deadline.
+            server = TlsServer.listen(self.loop, str(listener.address), listener.port, self.config.backlog, context,
+                                      partial(HttpsProtocol, self, listener.name), self.config.header_timeout, self)
+        else:
+            server = await self.loop.create_server(
+                partial(ClientProtocol, self, listener.name),
+                host=str(listener.address),
+                port=listener.port,
+                reuse_port=True,
+                backlog=self.config.backlog,
+            )
         self._servers[listener.name] = (_bind_key(listener), server)
         host, port = server.sockets[0].getsockname()[:2]
         self.addresses[listener.name] = (host, port)
@@ -210,6 +212,8 @@ class Worker:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.transport.abort()
+        for handshake in list(self.handshakes):
+            handshake.abort()
         self.pools.close()
         if self._tick is not None:
             self._tick.cancel()
@@ -233,11 +237,21 @@ class Worker:
         self.connections.pop(conn, None)
         self.stats.connections -= 1
 
+    def handshake_started(self, transport: TlsTransport) -> None:
+        """A TLS connection accepted (lb.l7.tls_transport): a descriptor, and nothing in flight."""
+        self.handshakes[transport] = None
+        if self.open_fds() >= self.fd_high:
+            self._make_room(transport)
+
+    def handshake_ended(self, transport: TlsTransport) -> None:
+        """Done (the protocol's connection_made follows: opened()), failed, or timed out."""
+        self.handshakes.pop(transport, None)
+
     # --- open files ---------------------------------------------------------------
 
     def open_fds(self) -> int:
         """The estimate: descriptors in use now."""
-        return self.base_fds + len(self.connections) + self.upstream_fds
+        return self.base_fds + len(self.connections) + len(self.handshakes) + self.upstream_fds
 
     def _count_base_fds(self) -> None:
         counted = rlimits.open_fds()
@@ -248,14 +262,24 @@ class Worker:
         self.upstream_fds = sum(pool.connections for pool in self.pools.pools.values())
         return self.upstream_fds
 
-    def _make_room(self, new: ClientConnection | None) -> None:
-        """At the mark: close the oldest idle connections (never `new`); none: close `new`."""
+    def _make_room(self, new: ClientConnection | TlsTransport | None) -> None:
+        """At the mark: close the oldest TLS handshakes, then the oldest idle connections
+        (never `new`); none: close `new`."""
         self._count_upstream()
         excess = self.open_fds() - self.fd_high + (1 if new is not None else 0)
         if excess <= 0:
             return
+        handshakes = []
+        for handshake in self.handshakes:  # oldest first; no request yet, like an idle connection
+            if excess <= 0:
+                break
+            if handshake is not new:
+                handshakes.append(handshake)
+                excess -= 1
         victims = []
         for conn in self.connections:  # oldest first
+            if excess <= 0:
+                break
             if conn is new:
                 continue
             if conn.transport.is_closing():  # its descriptor is being freed already
@@ -263,13 +287,16 @@ class Worker:
             elif conn.current is None and conn.tunnel is None and conn.upgrading is None:
                 victims.append(conn)
                 excess -= 1
-            if excess <= 0:
-                break
+        for handshake in handshakes:
+            handshake.abort()
         for conn in victims:
             conn.transport.close()
-        self.shed += len(victims)
+        self.shed += len(handshakes) + len(victims)
         if excess > 0 and new is not None:
-            new.transport.close()
+            if isinstance(new, TlsTransport):
+                new.abort()
+            else:
+                new.transport.close()
             self.refused += 1
         self._report_pressure()
 

@@ -1,30 +1,37 @@
-"""HTTPS listeners: lb against nginx, the same certificate and worker count, on loopback.
+"""HTTPS listeners: `lb up` against nginx, the same certificate and worker count, on loopback.
 
-Usage:
-    .venv/bin/python tests/bench/https.py [--duration 10] [--workers 1 2]
-    .venv/bin/python tests/bench/https.py --quick          # 3 s runs, 1 worker
+Usage (as root: `lb up` needs it):
+    .venv/bin/python tests/bench/https.py [--duration 10] [--workers 1 2] [--rounds 3]
+    .venv/bin/python tests/bench/https.py --quick          # 3 s runs, 1 worker, 1 round
 
-Needs wrk and nginx from Debian (``deploy/install.sh --bench``). Starts, on
-127.0.0.1 only and on free ports, in a temporary directory:
+Needs wrk, nginx and h2load from Debian (``deploy/install.sh --bench``).
+Starts, on 127.0.0.1 only and on free ports, in a temporary directory:
   - the backend: nginx over plain HTTP answering a small fixed body;
-  - for each worker count: nginx terminating TLS as a reverse proxy
-    (keep-alive upstream, the forwarded headers lb adds) and lb's L7Server
-    with an HTTPS listener, both with one ECDSA P-256 certificate made here
-    and ELB's default policy's versions and ciphers (TLS 1.2 and 1.3);
+  - for each worker count, alternated for ``--rounds``: nginx terminating TLS
+    as a reverse proxy (keep-alive upstream, the forwarded headers lb adds),
+    and ``python -m lb up -c FILE`` with a config as a user writes it (one
+    HTTPS listener, the certificate's files, the backend as its target),
+    both with one ECDSA P-256 certificate made here and ELB's default
+    policy's versions and ciphers (TLS 1.2 and 1.3);
 then measures, after a short warm-up:
   - new TLS handshakes/s: ``wrk -t2 -c64 -H 'Connection: close'``, so each
     request is a new connection and a full handshake (wrk keeps its session
     across reconnections and would resume it: nginx's session cache and
-    tickets are off, and lb's tickets too, ``L7Config.session_tickets``);
+    tickets are off, and lb's resumption too, ``tls_session_resumption = false``);
   - keep-alive requests/s over TLS: ``wrk -t2 -c64``;
   - HTTP/2 requests/s: ``h2load -t2 -c4 -m100`` (4 connections of 100
     concurrent streams each, ALPN h2; Debian's nghttp2-client);
-and from lb's own figures, what HTTP/2's framing costs a request: the
-worker-seconds of an h2 request less those of a keep-alive HTTP/1.1 one
-(both over TLS, so the difference is h2's framing, HPACK and flow control).
-Prints the figures and the ratios lb / nginx (goals: handshakes ≥ 0.9×,
-keep-alive ≥ 0.8×; h2 printed with its ratio). Everything started is stopped
-in ``finally``.
+and, for each, the CPU time per request of the contender's processes (from
+/proc, each contender in a session of its own) and of the client. Prints the
+rates and their ratio lb / nginx (goals: handshakes ≥ 0.9×, keep-alive ≥
+0.8×; h2 printed with its ratio), and the ratio per CPU-second (nginx's CPU
+per request over lb's): on a small machine the client needs more CPU per
+handshake than either server (wrk verifies the server's ECDSA signature and
+makes its own key share, in OpenSSL 3 as well), so the handshake rate is
+the client's and the machine's as much as the server's, while the CPU per
+handshake is the server's own. Also what HTTP/2's framing costs a request:
+the CPU of an h2 request less that of a keep-alive HTTP/1.1 one (both over
+TLS). Everything started is stopped in ``finally``.
 """
 
 from __future__ import annotations
@@ -32,17 +39,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import ipaddress
 import os
 import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,54 +193,119 @@ class Stack(contextlib.ExitStack):
         return proc
 
 
-def start_nginx(stack: Stack, tmp: Path, name: str, workers: int, body: str) -> None:
+def start_nginx(stack: Stack, tmp: Path, name: str, workers: int, body: str) -> int:
+    """Returns the master's pid (its session's id)."""
     conf = tmp / f"{name}.conf"
     conf.write_text(NGINX_COMMON.format(dir=tmp, name=name, workers=workers, body=body))
-    stack.process(["nginx", "-p", str(tmp), "-c", str(conf)], name, tmp)
+    return stack.process(["nginx", "-p", str(tmp), "-c", str(conf)], name, tmp).pid
 
 
-@contextlib.contextmanager
-def start_lb(workers: int, port: int, backend: int, cert: Path, key: Path) -> Iterator[None]:
-    """lb's L7Server with one HTTPS listener, supervised from a loop in its own thread."""
-    import asyncio
-    import threading
+# `lb up`'s config, as a user writes it: one HTTPS listener on loopback with
+# the certificate's files, the backend its one target. Session tickets off
+# (wrk would resume: full handshakes only, as nginx's are), access log off
+# (nginx's too).
+LB_CONFIG = """
+[load_balancer]
+name = "{name}"
+workers = {workers}
+admin_socket = "/run/lb/{name}.sock"
+metrics_address = "{host}:{metrics}"
+tls_session_resumption = false
 
-    from lb import model as m
-    from lb import tls
-    from lb.l7.config import L7Config
-    from lb.l7.server import L7Server
-    from lb.l7.table import GroupTargets, RoutingTable
+[[listeners]]
+name = "https"
+protocol = "HTTPS"
+address = "{host}"
+port = {port}
+default_certificate = {{ certificate = "{cert}", key = "{key}" }}
+default_action = {{ type = "forward", target_group = "backend" }}
 
-    group = m.TargetGroup("backend", m.Protocol.HTTP, backend)
-    listener_tls = m.ListenerTls(tls.read_certificate(str(cert), str(key)))
-    listener = m.Listener("bench", m.Protocol.HTTP, ipaddress.ip_address(HOST), port,
-                          m.ForwardAction((m.WeightedTargetGroup("backend"),)), tls=listener_tls)
-    table = RoutingTable((listener,), (GroupTargets(group, ((HOST, backend, 1),)),), idle_timeout=60)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = L7Server(L7Config(workers=workers, session_tickets=False))  # wrk would resume: full handshakes only
-    try:
-        asyncio.run_coroutine_threadsafe(server.start(table), loop).result(60)
+[[target_groups]]
+name = "backend"
+protocol = "HTTP"
+port = {backend}
+targets = [{{ id = "{host}" }}]
+"""
+
+
+def start_lb(stack: Stack, tmp: Path, workers: int, port: int, backend: int, cert: Path, key: Path) -> int:
+    """`python -m lb up -c FILE` with one HTTPS listener; returns its pid (its session's id)."""
+    name = f"lbhttps-{workers}w-{os.getpid()}"
+    conf = tmp / f"{name}.toml"
+    conf.write_text(LB_CONFIG.format(name=name, workers=workers, host=HOST, port=port, backend=backend,
+                                     metrics=free_port(), cert=cert, key=key))
+    # lb down after lb up has stopped (callbacks run last in, first out): its state file goes.
+    stack.callback(subprocess.run, [sys.executable, "-m", "lb", "down", "-c", str(conf)], cwd=ROOT,
+                   capture_output=True, check=False)
+    return stack.process([sys.executable, "-m", "lb", "up", "-c", str(conf)], name, tmp).pid
+
+
+def wait_https(port: int, timeout: float = 30.0) -> None:
+    """Until the listener answers a request through to the backend (lb up binds, then health checks)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
-            yield
-        finally:
-            asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(60)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+            with socket.create_connection((HOST, port), 2) as raw, ctx.wrap_socket(raw) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no 200 over TLS from {HOST}:{port}")
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(session: int) -> float:
+    """User + system CPU time of the live processes of a session (a contender's
+    master and workers: each contender is started in a session of its own)."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[3]) == session:  # after the name: state, ppid, pgrp, session, ..., utime, stime
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / _TICK
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
 
 
 FIGURES = ("handshakes/s", "keep-alive req/s", "h2 req/s")
 
 
-def measure(url: str, duration: float, warmup: float) -> dict[str, float]:
+# Per figure: the rate, the contender's CPU-µs per request (all its processes),
+# and the client's CPU-µs per request (wrk's or h2load's).
+Figure = tuple[float, float, float]
+
+
+def measure(url: str, duration: float, warmup: float, session: int) -> dict[str, Figure]:
     figures = {}
-    for kind, close in (("handshakes/s", True), ("keep-alive req/s", False)):
-        wrk(url, warmup, close)
-        figures[kind] = wrk(url, duration, close)
-    figures["h2 req/s"] = h2load(url, duration, warmup)
+    runs: list[tuple[str, Callable[[], float]]] = [
+        ("handshakes/s", lambda: wrk(url, duration, True)),
+        ("keep-alive req/s", lambda: wrk(url, duration, False)),
+        ("h2 req/s", lambda: h2load(url, duration, warmup)),
+    ]
+    for kind, run in runs:
+        if kind != "h2 req/s":  # h2load warms up by itself
+            wrk(url, warmup, kind == "handshakes/s")
+        server, client = cpu_seconds(session), os.times()
+        rate = run()
+        after = os.times()
+        used = (after.children_user - client.children_user) + (after.children_system - client.children_system)
+        # h2load's own warm-up is in its CPU time and not in its rate: counted as measured (an overestimate)
+        requests = rate * duration
+        figures[kind] = (rate, (cpu_seconds(session) - server) * 1e6 / requests, used * 1e6 / requests)
     return figures
 
 
@@ -250,11 +322,13 @@ def main() -> None:
     for tool in ("wrk", "nginx", "h2load"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             sys.exit(f"{tool} not found: run deploy/install.sh --bench")
+    if os.geteuid() != 0:
+        sys.exit("lb up needs root: run this as root")
     from lb import tls
 
     ciphers = ":".join(tls.POLICIES["ELBSecurityPolicy-TLS13-1-2-2021-06"].ciphers)
     rows = []
-    costs: list[tuple[int, float, float]] = []
+    print(f"load before: {load()}")
     with tempfile.TemporaryDirectory(prefix="lb-bench-https-") as tmpdir, Stack() as stack:
         tmp = Path(tmpdir)
         cert, key = make_certificate(tmp)
@@ -262,36 +336,45 @@ def main() -> None:
         start_nginx(stack, tmp, "backend", 1, BACKEND_SERVER.format(host=HOST, port=backend, text=BODY.strip()))
         wait_port(backend)
         for workers in args.workers:
-            results: dict[str, list[dict[str, float]]] = {"nginx": [], "lb": []}
+            results: dict[str, list[dict[str, Figure]]] = {"nginx": [], "lb": []}
             for _ in range(args.rounds):
                 with Stack() as contender:
                     port = free_port()
-                    start_nginx(contender, tmp, f"nginx{workers}", workers, TLS_PROXY_SERVER.format(
+                    session = start_nginx(contender, tmp, f"nginx{workers}", workers, TLS_PROXY_SERVER.format(
                         host=HOST, port=port, backend=backend, cert=cert, key=key, ciphers=ciphers))
                     wait_port(port)
-                    results["nginx"].append(measure(f"https://{HOST}:{port}/", args.duration, args.warmup))
-                port = free_port()
-                with start_lb(workers, port, backend, cert, key):
-                    results["lb"].append(measure(f"https://{HOST}:{port}/", args.duration, args.warmup))
-            medians = {}
+                    results["nginx"].append(measure(f"https://{HOST}:{port}/", args.duration, args.warmup, session))
+                with Stack() as contender:
+                    port = free_port()
+                    session = start_lb(contender, tmp, workers, port, backend, cert, key)
+                    wait_https(port)
+                    results["lb"].append(measure(f"https://{HOST}:{port}/", args.duration, args.warmup, session))
             for kind in FIGURES:
-                nginx = statistics.median(r[kind] for r in results["nginx"])
-                lb = statistics.median(r[kind] for r in results["lb"])
-                medians[kind] = (lb, nginx)
-                runs = ", ".join(f"{r[kind]:,.0f}" for r in results["lb"])
-                rows.append((kind, workers, lb, nginx, lb / nginx, runs))
-            # Worker-microseconds per request: h2's less HTTP/1.1's (both over TLS, same workers).
-            costs.append((workers, *(workers * 1e6 * (1 / medians["h2 req/s"][i] - 1 / medians["keep-alive req/s"][i])
-                                     for i in (0, 1))))
-    print(f"\n{'figure':<18} {'workers':>7} {'lb':>10} {'nginx':>10} {'lb/nginx':>9}   lb runs")
-    for kind, workers, lb, nginx, ratio, runs in rows:
-        print(f"{kind:<18} {workers:>7} {lb:>10,.0f} {nginx:>10,.0f} {ratio:>8.2f}×   {runs}")
-    print("\nHTTP/2 framing, worker-µs per request (an h2 request less a keep-alive HTTP/1.1 one, both over TLS):")
-    for workers, lb_cost, nginx_cost in costs:
-        print(f"  {workers} worker(s): lb {lb_cost:+.1f} µs, nginx {nginx_cost:+.1f} µs")
+                lb, nginx = ([statistics.median(r[kind][i] for r in results[name]) for i in range(3)]
+                             for name in ("lb", "nginx"))
+                runs = ", ".join(f"{r[kind][0]:,.0f}" for r in results["lb"])
+                rows.append((kind, workers, lb, nginx, runs))
+    print(f"load after: {load()}")
+    print(f"\n{'figure':<17} {'workers':>7} {'lb':>8} {'nginx':>8} {'lb/nginx':>8}"
+          f" {'lb µs':>7} {'nginx µs':>8} {'per CPU':>7} {'client µs':>9}   lb runs")
+    for kind, workers, lb, nginx, runs in rows:
+        print(f"{kind:<17} {workers:>7} {lb[0]:>8,.0f} {nginx[0]:>8,.0f} {lb[0] / nginx[0]:>7.2f}×"
+              f" {lb[1]:>7.1f} {nginx[1]:>8.1f} {nginx[1] / lb[1]:>6.2f}× {lb[2]:>4.0f}/{nginx[2]:<4.0f}   {runs}")
+    print("""
+lb µs, nginx µs: CPU time per request of all the contender's processes (lb up's
+  supervisor and workers; nginx's master and workers), medians of the rounds;
+per CPU: nginx µs / lb µs, the ratio of requests per CPU-second, what the rate
+  ratio would be if the contender, not the client or the machine, were the limit;
+client µs: wrk's (h2load's) CPU per request against lb / against nginx. When
+  client µs × rate nears the cores the contender does not use, the client is the
+  bottleneck and the rate ratio says less than the per-CPU one.""")
+    for workers in args.workers:
+        h2 = next(r for r in rows if r[0] == "h2 req/s" and r[1] == workers)
+        ka = next(r for r in rows if r[0] == "keep-alive req/s" and r[1] == workers)
+        print(f"HTTP/2 framing, {workers} worker(s): an h2 request costs lb {h2[2][1] - ka[2][1]:+.1f} µs of CPU more"
+              f" than a keep-alive HTTP/1.1 one (nginx {h2[3][1] - ka[3][1]:+.1f} µs), both over TLS")
     print("\ngoals: handshakes/s >= 0.9x nginx, keep-alive req/s >= 0.8x nginx (same certificate, same workers);"
           " h2 req/s: ratio printed")
-
 
 if __name__ == "__main__":
     main()
