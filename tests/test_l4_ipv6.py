@@ -321,15 +321,16 @@ def test_vips_targets_conntrack_and_explain_show_ipv6(site: Site) -> None:
         assert info["target"] == {"address": owner.address6, "port": PORT}, port
 
 
+# Not DSR: the DSR lab's lb has one link, toward the client and the targets
+# alike, so there is no narrower path between lb and a target to discover.
+@pytest.mark.parametrize("site", ["nat", "full-nat"], indirect=True)
 def test_a_large_upload_completes_over_a_narrow_target_link(site: Site) -> None:
     """Path MTU discovery through lb over IPv6: lb's link to the first target
     has MTU 1280 (the target's side keeps 1500, so its SYN-ACK advertises a
     1440-byte MSS and only the path in between is narrow). lb answers the
     client's first 1500-byte segment with "packet too big" quoting it as the
     client sent it (client -> VIP), so the client lowers its path MTU and the
-    upload completes. DSR: lb's one link faces the client too; not here."""
-    if site.mode == "dsr":
-        pytest.skip("the DSR lab's lb has one link, toward the client and the targets alike")
+    upload completes."""
     first = site.targets[0]
     with nl.iproute(site.lb_ns) as ipr:
         ipr.link("set", index=nl.ifindex(ipr, first.lb_ifname), mtu=NARROW_MTU)
