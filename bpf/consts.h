@@ -38,6 +38,17 @@
 #define HALF_OPEN_SIZE 131072
 #endif
 
+/* The IPv6 flow tables: conntrack6 and fullnat_flows6 of CONNTRACK6_SIZE,
+ * half_open6 of HALF_OPEN6_SIZE. The IPv4 sizes when the config has an IPv6
+ * TCP/UDP listener; else a few entries a CPU, since nothing uses them
+ * (the loader's cflags: lb.dataplane.structs.Limits.ipv6_flows). */
+#ifndef CONNTRACK6_SIZE
+#define CONNTRACK6_SIZE CONNTRACK_SIZE
+#endif
+#ifndef HALF_OPEN6_SIZE
+#define HALF_OPEN6_SIZE HALF_OPEN_SIZE
+#endif
+
 /* CONNTRACK_LRU_FLAGS: 0, one LRU list shared by all CPUs (the default), or
  * BPF_F_NO_COMMON_LRU, a list per CPU, each of CONNTRACK_SIZE / possible CPUs
  * (the loader then makes the map CONNTRACK_SIZE x possible CPUs entries, so

@@ -1466,14 +1466,14 @@ static __always_inline int by_ring6(struct xdp_md *ctx, struct packet6 *pkt, str
 		half.half.flow.snat_port = how.snat_port;
 		long rc = half_open6.update(&pkt->flow, &half);
 		if (!had_half_open)
-			table_inserted(TABLE_HALF_OPEN6, HALF_OPEN_SIZE, rc);
+			table_inserted(TABLE_HALF_OPEN6, HALF_OPEN6_SIZE, rc);
 	} else if (write) {
 		struct flow_state6 state = { .snat_addr = how.snat_addr };
 		new_flow_state(&state.flow, vip, target_id, proto, flags, now);
 		state.flow.snat_port = how.snat_port;
 		long rc = conntrack6.update(&pkt->flow, &state);
 		if (!had_entry)
-			table_inserted(TABLE_CONNTRACK6, CONNTRACK_SIZE, rc);
+			table_inserted(TABLE_CONNTRACK6, CONNTRACK6_SIZE, rc);
 	}
 	return to_target6(ctx, pkt, t, vip->vip_id, target_id, proto != IPPROTO_TCP || syn, now, &how);
 }
@@ -1507,7 +1507,7 @@ static __always_inline int follow_half_open6(struct xdp_md *ctx, struct packet6 
 		table_removed(TABLE_HALF_OPEN6, half_open6.delete(&pkt->flow));
 		break;
 	case HALF_OPEN_ESTABLISHED:
-		table_inserted(TABLE_CONNTRACK6, CONNTRACK_SIZE, conntrack6.update(&pkt->flow, &established));
+		table_inserted(TABLE_CONNTRACK6, CONNTRACK6_SIZE, conntrack6.update(&pkt->flow, &established));
 		table_removed(TABLE_HALF_OPEN6, half_open6.delete(&pkt->flow));
 		break;
 	default:

@@ -126,11 +126,12 @@ BPF_TABLE("hash", struct vip_key6, struct vip_meta, vips6, LB_MAP_ENTRIES(MAX_VI
  * IPv6 VIP's ring holds only those). */
 BPF_TABLE("array", u32, struct target6, targets6, LB_MAP_ENTRIES(MAX_TARGETS));
 
-/* As conntrack, for IPv6 flows. */
-BPF_TABLE("lru_hash", struct flow_key6, struct flow_state6, conntrack6, LB_MAP_ENTRIES(CONNTRACK_SIZE));
+/* As conntrack, for IPv6 flows (CONNTRACK6_SIZE: small without an IPv6
+ * TCP/UDP listener, consts.h). */
+BPF_TABLE("lru_hash", struct flow_key6, struct flow_state6, conntrack6, LB_MAP_ENTRIES(CONNTRACK6_SIZE));
 
-/* As half_open, for IPv6 flows. */
-BPF_TABLE("lru_hash", struct flow_key6, struct half_open_flow6, half_open6, LB_MAP_ENTRIES(HALF_OPEN_SIZE));
+/* As half_open, for IPv6 flows (HALF_OPEN6_SIZE). */
+BPF_TABLE("lru_hash", struct flow_key6, struct half_open_flow6, half_open6, LB_MAP_ENTRIES(HALF_OPEN6_SIZE));
 
 /* As replies, for IPv6 target endpoints (their ports are in reply_ports too). */
 BPF_TABLE("hash", struct endpoint_key6, struct reply_route6, replies6, LB_MAP_ENTRIES(MAX_TARGETS * 2));
@@ -141,6 +142,6 @@ BPF_TABLE("hash", struct endpoint_key6, struct reply_route6, replies6, LB_MAP_EN
 BPF_TABLE("array", u32, struct addr6, fullnat_srcs6, LB_MAP_ENTRIES(MAX_TARGETS));
 
 /* As fullnat_flows, for IPv6: target -> lb address:port 5-tuple -> client -> VIP 5-tuple. */
-BPF_TABLE("lru_hash", struct flow_key6, struct flow_key6, fullnat_flows6, LB_MAP_ENTRIES(CONNTRACK_SIZE));
+BPF_TABLE("lru_hash", struct flow_key6, struct flow_key6, fullnat_flows6, LB_MAP_ENTRIES(CONNTRACK6_SIZE));
 
 #endif /* LB_MAPS_H */

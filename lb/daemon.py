@@ -39,7 +39,7 @@ from lb.controller import Controller
 from lb.dataplane.dataplane import Dataplane
 from lb.dataplane.loader import Attachment, LoaderError, Program, detach_all, purge_pins
 from lb.dataplane.maps import Maps
-from lb.dataplane.pins import limits_for, open_pinned, pin_dir
+from lb.dataplane.pins import has_ipv6_flows, limits_for, open_pinned, pin_dir
 from lb.health import HealthChecker
 from lb.health.anomaly import PassiveHealth
 from lb.health.checker import FIRST_ROUND_SPREAD
@@ -320,6 +320,11 @@ class Daemon:
             log.error("reload rejected: %s needs a restart (lb up again); running config unchanged", what)
             sd_notify("READY=1")
             raise admin.AdminError(f"reload rejected: {what} needs a restart; running config unchanged")
+        if self.program is not None and has_ipv6_flows(new) != self.program.limits.ipv6_flows:
+            problem = ipv6_flows_change(self.config, new)
+            log.error("reload rejected: %s; running config unchanged", problem)
+            sd_notify("READY=1")
+            raise admin.AdminError(f"reload rejected: {problem}; running config unchanged")
         loop = asyncio.get_running_loop()
         self.state.addresses += await loop.run_in_executor(None, place_addresses, new)
         self.config = new
@@ -359,6 +364,25 @@ class Daemon:
             log.warning("SIGUSR1: %s", problem)
         if self.config.access_log.enabled:
             log.info("access log %s reopened", self.config.access_log.path)
+
+
+def ipv6_flows_change(old: LoadBalancer, new: LoadBalancer) -> str:
+    """Why a reload from `old` to `new` cannot resize the IPv6 flow tables,
+    and what to do: they are compiled in (Limits.ipv6_flows), and a restart
+    keeps the flows (the loader replaces only empty or unused IPv6 tables)."""
+    if has_ipv6_flows(new):
+        index, listener = next((i, x) for i, x in enumerate(new.listeners)
+                               if x.protocol in (Protocol.TCP, Protocol.UDP) and x.address.version == 6)
+        what = (f'listeners[{index}] ("{listener.name}", {listener.address}) is the first IPv6 TCP/UDP listener: '
+                "the IPv6 flow tables (conntrack6, half_open6, fullnat_flows6) get their full sizes")
+        kept = "every flow"
+    else:
+        had = [f'"{x.name}"' for x in old.listeners_of(Protocol.TCP, Protocol.UDP) if x.address.version == 6]
+        what = (f"the config has no IPv6 TCP/UDP listener any more (it had {', '.join(had)}): the IPv6 flow "
+                "tables (conntrack6, half_open6, fullnat_flows6) shrink")
+        kept = "every IPv4 flow"
+    return (f"{what}, which takes a restart: restart lb (`systemctl restart lb`, or stop it and `lb up` again), "
+            f"which keeps {kept}; not `lb down`, which drops them")
 
 
 def access_log_problem(config: LoadBalancer) -> str | None:

@@ -36,7 +36,8 @@ lb_conntrack_tcp_entries{vip,tcp_state}     gauge    TCP entries by state: syn_s
                                                      closing, time_wait, closed
 lb_conntrack_walk_truncated                 gauge    1 if the walk stopped at CONNTRACK_WALK_CAP
 lb_flow_table_capacity{table}               gauge    entries the table holds (conntrack_size,
-                                                     half_open_size)
+                                                     half_open_size; conntrack6 and half_open6
+                                                     128 a CPU with no IPv6 TCP/UDP listener)
 lb_flow_table_entries{table}                gauge    entries in it now: the program's inserts
                                                      less removals, at most the capacity (no walk)
 lb_flow_table_inserts_total{table}          counter  new entries the program made

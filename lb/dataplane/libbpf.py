@@ -37,6 +37,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, ctypes.c_uint64]),
         "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
         "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
+        "bpf_map_get_fd_by_id": (c_int, [ctypes.c_uint32]),
         "bpf_map_update_batch": (c_int, [c_int, c_void_p, c_void_p, c_uint32_p, c_void_p]),
         "bpf_map_lookup_batch": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_uint32_p, c_void_p]),
         "bpf_map_delete_batch": (c_int, [c_int, c_void_p, c_uint32_p, c_void_p]),
@@ -154,6 +155,30 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
     opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
     return _check(_lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries,
                                         ctypes.byref(opts)), f"create map {name}")
+
+
+def map_fd_by_id(map_id: int) -> int | None:
+    """A new fd for the map of id `map_id`, None if there is none (any more).
+    CAP_SYS_ADMIN: tests and diagnostics only, never the daemon (deploy/lb.service)."""
+    fd: int = _lib().bpf_map_get_fd_by_id(map_id)
+    if fd < 0:
+        code = -fd if fd != -1 else ctypes.get_errno()
+        if code == errno.ENOENT:
+            return None
+        _check(-code, f"open map id {map_id}")
+    return fd
+
+
+def map_is_empty(fd: int, key_size: int) -> bool:
+    """Whether the hash map `fd` holds no entry (one BPF_MAP_GET_NEXT_KEY)."""
+    key = ctypes.create_string_buffer(key_size)
+    rc = _lib().bpf_map_get_next_key(fd, None, key)
+    if rc < 0:
+        code = -rc if rc != -1 else ctypes.get_errno()
+        if code == errno.ENOENT:
+            return True
+        _check(-code, "first key")
+    return False
 
 
 BPF_PROG_TYPE_XDP = 6

@@ -43,7 +43,17 @@ from pyroute2.netlink.exceptions import NetlinkError
 from lb import netlink as nl
 from lb.dataplane import libbpf
 from lb.dataplane.pins import PROGRAM_PIN, pin_dir
-from lb.dataplane.structs import MAP_TYPE_NAMES, Limits, MapName, MapSpec, map_specs
+from lb.dataplane.structs import (
+    MAP_TYPE_NAMES,
+    TABLE_NAMES,
+    Limits,
+    MapName,
+    MapSpec,
+    Resize,
+    fill_held,
+    fill_removed_by_lb,
+    map_specs,
+)
 from lb.model import XdpMode
 
 log = logging.getLogger("lb.dataplane")
@@ -83,7 +93,8 @@ def ensure_bpffs() -> None:
 
 
 def check_pinned_maps(directory: str, limits: Limits) -> list[str]:
-    """Problems that stop pinned maps from being reused by this build."""
+    """Problems that stop pinned maps from being reused by this build (a map
+    open_maps would replace is none: see replacement)."""
     problems = []
     for name, spec in map_specs(limits).items():
         path = os.path.join(directory, name.value)
@@ -92,11 +103,11 @@ def check_pinned_maps(directory: str, limits: Limits) -> list[str]:
         fd = libbpf.obj_get(path)
         try:
             info = libbpf.map_info(fd)
+            problem = map_mismatch(path, spec, info)
+            if problem and replacement(spec, info, fd) is None:
+                problems.append(problem + _why_kept(spec, info))
         finally:
             os.close(fd)
-        problem = map_mismatch(path, spec, info)
-        if problem:
-            problems.append(problem)
     return problems
 
 
@@ -107,13 +118,55 @@ def map_mismatch(path: str, spec: MapSpec, info: libbpf.MapInfo) -> str | None:
     if want == have:
         return None
     sized = ""
-    if want[3] != have[3] and want[:3] + want[4:] == have[:3] + have[4:] and spec.sized_by:
+    if _only_size_differs(spec, info) and spec.sized_by:
         sized = f" (its size follows the config's {' and '.join(spec.sized_by)}, changed since it was pinned)"
     return (
         f"{path}: pinned as {MAP_TYPE_NAMES.get(have[0], have[0])} key {have[1]} B value {have[2]} B "
         f"max {have[3]} flags {have[4]:#x}, this build needs {MAP_TYPE_NAMES.get(want[0], want[0])} key "
         f"{want[1]} B value {want[2]} B max {want[3]} flags {want[4]:#x}{sized}"
     )
+
+
+def _only_size_differs(spec: MapSpec, info: libbpf.MapInfo) -> bool:
+    return (info.map_type, info.key_size, info.value_size, info.flags) == \
+           (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.flags) \
+        and info.max_entries != spec.max_entries
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A pinned map open_maps unpins and makes anew at its MapSpec's size."""
+
+    had: int  # its max_entries
+    why: str  # for the log
+    lossy: bool  # it held entries (none of a VIP of this config)
+
+
+def replacement(spec: MapSpec, info: libbpf.MapInfo, fd: int) -> Replacement | None:
+    """Whether the pinned map `fd` (of `info`, not what `spec` needs) may be
+    unpinned and made anew at spec's size, losing no flow; None if it may not.
+
+    The IPv6 flow tables (MapSpec.resize): sized by whether the config has
+    an IPv6 TCP/UDP listener, so the first one (a restart) would otherwise
+    cost `lb down` and every IPv4 flow with it. An empty one is replaced;
+    with no IPv6 listener one that holds flows is too (they belong to VIPs
+    the config no longer has). The running program keeps the old map until
+    the new program replaces it on the interfaces: unpinning only drops the
+    pin's reference, and the kernel frees the map with its last one."""
+    if spec.resize is Resize.REFUSE or not _only_size_differs(spec, info):
+        return None
+    if libbpf.map_is_empty(fd, info.key_size):
+        return Replacement(info.max_entries, "it held no entries: no flow is lost", lossy=False)
+    if spec.resize is Resize.ALWAYS:
+        return Replacement(info.max_entries, "the flows it held are dropped: the config has no IPv6 TCP/UDP "
+                                             "listener they could belong to (their VIPs are gone)", lossy=True)
+    return None
+
+
+def _why_kept(spec: MapSpec, info: libbpf.MapInfo) -> str:
+    if spec.resize is Resize.WHEN_EMPTY and _only_size_differs(spec, info):
+        return ", and it holds flows (an empty one would be replaced)"
+    return ""
 
 
 def compile_cflags(name: str, limits: Limits) -> list[str]:
@@ -124,11 +177,21 @@ def compile_cflags(name: str, limits: Limits) -> list[str]:
 
 def open_maps(directory: str, limits: Limits) -> dict[MapName, int]:
     """An fd for each map of the program: the one pinned in `directory`,
-    opened by path, else a new one, pinned there. The caller closes them."""
+    opened by path, else a new one, pinned there (also in place of a pinned
+    one that replacement allows). The caller closes them."""
     fds: dict[MapName, int] = {}
+    replaced = []
     try:
         for name, spec in map_specs(limits).items():
-            fds[name] = _open_or_create(os.path.join(directory, name.value), spec)
+            fds[name], new = _open_or_create(os.path.join(directory, name.value), spec)
+            if new:
+                replaced.append(name)
+        fill = libbpf.BpfMap(fds[MapName.TABLE_FILL], ctypes.c_uint32, ctypes.c_uint64, owned=False)
+        for name in replaced:  # table_fill's model of a new table starts at 0, as the table does
+            table = FILL_TABLES.get(name)
+            if table is not None:
+                for slot in (fill_held(table), fill_removed_by_lb(table)):
+                    fill.update(ctypes.c_uint32(slot), ctypes.c_uint64(0))
     except BaseException:
         for fd in fds.values():
             os.close(fd)
@@ -136,11 +199,21 @@ def open_maps(directory: str, limits: Limits) -> dict[MapName, int]:
     return fds
 
 
-def _open_or_create(path: str, spec: MapSpec) -> int:
+FILL_TABLES = {MapName(table_name): table for table, table_name in TABLE_NAMES.items()}  # table_fill's index
+
+
+def _open_or_create(path: str, spec: MapSpec) -> tuple[int, bool]:
+    """(fd, whether it replaced a pinned map)."""
     try:
-        return _open_pinned(path, spec)
+        pinned = _open_pinned(path, spec)
     except FileNotFoundError:
-        pass
+        pinned = None
+    if isinstance(pinned, int):
+        return pinned, False
+    if pinned is not None:
+        os.unlink(path)  # the old map lives on while a program holds it (replacement)
+        log.log(logging.WARNING if pinned.lossy else logging.INFO, "%s: replaced, max %d -> %d (%s)",
+                path, pinned.had, spec.max_entries, pinned.why)
     try:
         fd = libbpf.map_create(spec.map_type, spec.name.value, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
                                spec.max_entries, spec.flags)
@@ -151,24 +224,32 @@ def _open_or_create(path: str, spec: MapSpec) -> int:
     except libbpf.BpfError as exc:
         os.close(fd)
         if exc.errno == errno.EEXIST:  # another loader pinned one meanwhile: use that
-            return _open_pinned(path, spec)
+            return _open_or_create(path, spec)
         raise LoaderError(str(exc)) from exc
-    log.info("created and pinned map %s", path)
-    return fd
+    if pinned is None:
+        log.info("created and pinned map %s", path)
+    return fd, pinned is not None
 
 
-def _open_pinned(path: str, spec: MapSpec) -> int:
-    """The map pinned at `path`, opened by path; FileNotFoundError if none is."""
+def _open_pinned(path: str, spec: MapSpec) -> int | Replacement:
+    """The map pinned at `path`, opened by path, or the Replacement that
+    replacement() allows for it; FileNotFoundError if none is pinned."""
     try:
         fd = libbpf.obj_get(path)
     except libbpf.BpfError as exc:
         if exc.errno == errno.ENOENT:
             raise FileNotFoundError(path) from exc
         raise LoaderError(str(exc)) from exc
-    problem = map_mismatch(path, spec, libbpf.map_info(fd))  # pinned since check_pinned_maps looked
+    info = libbpf.map_info(fd)
+    problem = map_mismatch(path, spec, info)  # pinned since check_pinned_maps looked
     if problem:
-        os.close(fd)
-        raise LoaderError(problem)
+        try:
+            allowed = replacement(spec, info, fd)
+        finally:
+            os.close(fd)
+        if allowed is None:
+            raise LoaderError(problem + _why_kept(spec, info))
+        return allowed
     return fd
 
 

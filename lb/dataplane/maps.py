@@ -598,7 +598,8 @@ class Maps:
         """Each flow table's fullness and LRU evictions (TableUsage): a few
         array reads, whatever the table's size."""
         capacity = {TABLE_CONNTRACK: self.limits.conntrack_size, TABLE_HALF_OPEN: self.limits.half_open_size,
-                    TABLE_CONNTRACK6: self.limits.conntrack_size, TABLE_HALF_OPEN6: self.limits.half_open_size}
+                    TABLE_CONNTRACK6: self.limits.conntrack6_entries(),
+                    TABLE_HALF_OPEN6: self.limits.half_open6_entries()}
         out = []
         for table, name in TABLE_NAMES.items():
             cells = self._maps[MapName.TABLE_STATS].lookup(ctypes.c_uint32(table))

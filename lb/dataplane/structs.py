@@ -38,6 +38,9 @@ def fill_removed_by_lb(table: int) -> int:
     return table * 2 + 1
 MAX_REPLY_VIPS = 4  # VIPs one target endpoint can serve (reply_route.vips)
 BPF_F_NO_COMMON_LRU = 0x2  # an LRU list per CPU (uapi/linux/bpf.h)
+# Free entries a CPU takes at a time from an LRU hash's shared free list into
+# its own (LOCAL_FREE_TARGET, kernel/bpf/bpf_lru_list.h).
+LRU_LOCAL_FREE_TARGET = 128
 # vip_meta.mode and flow_state.mode (consts.h FWD_*). The field was
 # `reserved`, always 0 (FWD_NAT), in earlier builds.
 FWD_NAT = 0  # destination rewritten; the client's address kept
@@ -459,6 +462,12 @@ class Limits:
     fullnat_port_min: int = 1024
     fullnat_port_max: int = 32767
     fullnat_port_tries: int = 16
+    # The IPv6 flow tables (conntrack6, half_open6, fullnat_flows6) at the
+    # IPv4 ones' sizes: the config has an IPv6 TCP/UDP listener (limits_for;
+    # True for a Limits built by hand: tests, benchmarks). False:
+    # unused_flow_table_entries() each, instead of 173 MiB at the default
+    # sizes that nothing would write. The IPv4 maps are the same either way.
+    ipv6_flows: bool = True
 
     def cflags(self) -> list[str]:
         return [
@@ -467,6 +476,8 @@ class Limits:
             f"-DMAX_TARGETS={self.max_targets}",
             f"-DCONNTRACK_SIZE={self.conntrack_size}",
             f"-DHALF_OPEN_SIZE={self.half_open_size}",
+            f"-DCONNTRACK6_SIZE={self.conntrack6_entries()}",
+            f"-DHALF_OPEN6_SIZE={self.half_open6_entries()}",
             f"-DTCP_SYN_NS={self.tcp_syn_timeout * 1_000_000_000}ULL",
             f"-DTCP_IDLE_NS={self.tcp_idle_timeout * 1_000_000_000}ULL",
             f"-DUDP_IDLE_NS={self.udp_idle_timeout * 1_000_000_000}ULL",
@@ -498,6 +509,44 @@ class Limits:
             return self.half_open_size * possible_cpus()
         return self.half_open_size
 
+    def conntrack6_entries(self) -> int:
+        """max_entries of conntrack6 and fullnat_flows6: conntrack_size, or
+        the unused size (no larger) when the config has no IPv6 TCP/UDP listener."""
+        return self.conntrack_size if self.ipv6_flows else min(self.conntrack_size, unused_flow_table_entries())
+
+    def half_open6_entries(self) -> int:
+        """max_entries of half_open6 (as conntrack6_entries, from half_open_size)."""
+        return self.half_open_size if self.ipv6_flows else min(self.half_open_size, unused_flow_table_entries())
+
+
+def unused_flow_table_entries() -> int:
+    """The size of an IPv6 flow table when the config has no IPv6 TCP/UDP listener.
+
+    Not 1: the program puts nothing in it then, except for a moment after a
+    restart that removed the last IPv6 listener (vips6 holds its VIPs until
+    the controller's first reconcile), and the table must still behave as an
+    LRU. Its free entries go to a CPU's own list LRU_LOCAL_FREE_TARGET at a
+    time: with fewer than that for every possible CPU, the first CPUs to
+    insert hold all the free entries, and another CPU's insert evicts a live
+    entry (or steals) from a table that is nearly empty, which also breaks
+    table_fill's model (exact to about LRU_LOCAL_FREE_TARGET a CPU). So one
+    batch a CPU: 256 entries (41 KiB for conntrack6) on 2 CPUs, 8192 on 64."""
+    from lb.dataplane.libbpf import possible_cpus  # a ctypes binding, no compiler (as conntrack_entries)
+
+    return LRU_LOCAL_FREE_TARGET * possible_cpus()
+
+
+class Resize(enum.Enum):
+    """What the loader does with a pinned map that differs from its MapSpec in
+    max_entries alone (lb.dataplane.loader)."""
+
+    REFUSE = "refuse"  # lb up stops, naming it: its entries would be lost
+    WHEN_EMPTY = "when empty"  # replaced (unpinned, made anew) if it holds no entries; else refused
+    ALWAYS = "always"  # replaced: nothing it holds belongs to a VIP of this config
+
+
+IPV6_LISTENERS = "IPv6 TCP/UDP listeners (any or none)"  # MapSpec.sized_by of the IPv6 flow tables
+
 
 @dataclass(frozen=True)
 class MapSpec:
@@ -514,6 +563,7 @@ class MapSpec:
     per_cpu: bool = False
     flags: int = 0  # BPF_F_*, as declared in maps.h: the loader creates the map with them
     sized_by: tuple[str, ...] = ()  # the config keys (lb.model.LoadBalancer) its max_entries follows
+    resize: Resize = Resize.REFUSE  # what the loader does with a pinned one of another max_entries
 
 
 BPF_MAP_TYPE_HASH = 1
@@ -534,6 +584,8 @@ REPLY_PORT_WORDS = 1024  # reply_ports: 65536 bits, 64 a word
 def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
     u32, u64 = ctypes.c_uint32, ctypes.c_uint64
     VIPS, TARGETS = ("max_vips",), ("max_targets",)  # noqa: N806 (constants of this table)
+    # Without an IPv6 listener nothing the config serves can be in the IPv6 flow tables.
+    ipv6_resize = Resize.WHEN_EMPTY if limits.ipv6_flows else Resize.ALWAYS
     specs = [
         MapSpec(MapName.VIPS, BPF_MAP_TYPE_HASH, VipKey, VipMeta, limits.max_vips, sized_by=VIPS),
         MapSpec(MapName.TARGETS, BPF_MAP_TYPE_ARRAY, u32, Target, limits.max_targets, sized_by=TARGETS),
@@ -560,15 +612,15 @@ def map_specs(limits: Limits) -> dict[MapName, MapSpec]:
                 sized_by=("conntrack_size",)),
         MapSpec(MapName.VIPS6, BPF_MAP_TYPE_HASH, VipKey6, VipMeta, limits.max_vips, sized_by=VIPS),
         MapSpec(MapName.TARGETS6, BPF_MAP_TYPE_ARRAY, u32, Target6, limits.max_targets, sized_by=TARGETS),
-        MapSpec(MapName.CONNTRACK6, BPF_MAP_TYPE_LRU_HASH, FlowKey6, FlowState6, limits.conntrack_size,
-                sized_by=("conntrack_size",)),
-        MapSpec(MapName.HALF_OPEN6, BPF_MAP_TYPE_LRU_HASH, FlowKey6, HalfOpenFlow6, limits.half_open_size,
-                sized_by=("half_open_size",)),
+        MapSpec(MapName.CONNTRACK6, BPF_MAP_TYPE_LRU_HASH, FlowKey6, FlowState6, limits.conntrack6_entries(),
+                sized_by=("conntrack_size", IPV6_LISTENERS), resize=ipv6_resize),
+        MapSpec(MapName.HALF_OPEN6, BPF_MAP_TYPE_LRU_HASH, FlowKey6, HalfOpenFlow6, limits.half_open6_entries(),
+                sized_by=("half_open_size", IPV6_LISTENERS), resize=ipv6_resize),
         MapSpec(MapName.REPLIES6, BPF_MAP_TYPE_HASH, EndpointKey6, ReplyRoute6, limits.max_targets * 2,
                 sized_by=TARGETS),
         MapSpec(MapName.FULLNAT_SOURCES6, BPF_MAP_TYPE_ARRAY, u32, Addr6, limits.max_targets, sized_by=TARGETS),
-        MapSpec(MapName.FULLNAT_FLOWS6, BPF_MAP_TYPE_LRU_HASH, FlowKey6, FlowKey6, limits.conntrack_size,
-                sized_by=("conntrack_size",)),
+        MapSpec(MapName.FULLNAT_FLOWS6, BPF_MAP_TYPE_LRU_HASH, FlowKey6, FlowKey6, limits.conntrack6_entries(),
+                sized_by=("conntrack_size", IPV6_LISTENERS), resize=ipv6_resize),
     ]
     return {spec.name: spec for spec in specs}
 
