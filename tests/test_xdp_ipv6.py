@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -64,8 +64,24 @@ from lb.dataplane.structs import (
     port_to_net,
 )
 from tests.names import name
-from tests.test_xdp_packets import ACTION_NAMES, SERVICES, TARGET_ISN, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from tests.xdp_fixture import CLIENT_IF, LIMITS, MAC, NETNS, TARGET_IF, PacketLab, packet_lab
+from tests.test_xdp_packets import SERVICES, TARGET_ISN
+from tests.xdp_fixture import (
+    ACTION_NAMES,
+    CLIENT_IF,
+    LIMITS,
+    MAC,
+    NETNS,
+    TARGET_IF,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+    XDP_TX,
+    Case,
+    PacketLab,
+    assert_frame,
+    packet_lab,
+    run_case,
+)
 
 pytestmark = pytest.mark.root
 
@@ -181,17 +197,6 @@ def handshake(sport: int, address: str = VIP6, port: int = 9000, target: str = "
 
 
 # --- the table -------------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    id: str
-    frame: bytes
-    action: int
-    expect: bytes | None  # None: untouched
-    counters: dict[Counter, int]
-    ingress: str = CLIENT_IF
-    before: list[tuple[bytes, str]] = field(default_factory=list)
 
 
 FWD = {Counter.REDIRECTED: 1, Counter.IPV6_FORWARDED: 1}
@@ -364,17 +369,8 @@ def pkt_lab() -> Iterator[PacketLab]:
 
 
 def check(pkt_lab: PacketLab, case: Case) -> bytes:
-    for frame, ingress in case.before:
-        pkt_lab.run(frame, ingress)
-    before = pkt_lab.maps.counters()
-    result = pkt_lab.run(case.frame, case.ingress)
-    after = pkt_lab.maps.counters()
-    deltas = {r: after[r] - before[r] for r in Counter if after[r] != before[r]}
-    assert (ACTION_NAMES[result.retval], deltas) == (ACTION_NAMES[case.action], case.counters)
-    expect = case.frame if case.expect is None else case.expect
-    if result.data != expect:
-        assert Ether(result.data).show(dump=True) == Ether(expect).show(dump=True)
-    assert result.data == expect
+    result = run_case(pkt_lab, case)
+    assert_frame(result.data, case.frame if case.expect is None else case.expect)
     return result.data
 
 
