@@ -740,6 +740,20 @@ def main() -> int:
 
         # Forwarding modes: an established flow each, against its own stateless floor.
         mode_rows: list[tuple[Row, Row]] = []
+
+        def established_rows(mode_ack: bytes, floor_fd: int, lb_title: str, floor_title: str) -> None:
+            """lb's row for `mode_ack` (an established flow's packet) and its floor's, timed by one harness."""
+            h = compile_harness(mode_ack, False)
+            stack.callback(h.bpf.cleanup)
+            overhead = restored(h, pass_fd, mode_ack, fx_client, args.repeat)
+            lb_row = Row(lb_title, overhead=overhead)
+            gross, delta = counter_delta(maps, lambda: restored(h, program.fd, mode_ack, fx_client, args.repeat))
+            lb_row.gross, lb_row.net, lb_row.verdicts = gross, gross - overhead, fmt_verdicts(delta)
+            floor_row = Row(floor_title, overhead=overhead)
+            floor_row.gross = restored(h, floor_fd, mode_ack, fx_client, args.repeat)
+            floor_row.net = floor_row.gross - overhead
+            mode_rows.append((lb_row, floor_row))
+
         for mode, port in MODE_PORTS.items():
             target_port = port if mode == "dsr" else TARGET_PORT
             endpoint = Endpoint(ipaddress.IPv4Address(target_addr), target_port)
@@ -774,16 +788,8 @@ def main() -> int:
             floor_out = run_repeat(floor_fd, mode_ack, fx_client, 1)
             if lb_out.retval != XDP_REDIRECT or floor_out.data != lb_out.data:
                 raise SystemExit(f"{mode}: its floor and lb do not emit the same frame for the established packet")
-            h = compile_harness(mode_ack, False)
-            stack.callback(h.bpf.cleanup)
-            overhead = restored(h, pass_fd, mode_ack, fx_client, args.repeat)
-            lb_row = Row(f"established TCP, {mode} (conntrack hit)", overhead=overhead)
-            gross, delta = counter_delta(maps, lambda: restored(h, program.fd, mode_ack, fx_client, args.repeat))
-            lb_row.gross, lb_row.net, lb_row.verdicts = gross, gross - overhead, fmt_verdicts(delta)
-            floor_row = Row(f"stateless {mode} floor (no maps)", overhead=overhead)
-            floor_row.gross = restored(h, floor_fd, mode_ack, fx_client, args.repeat)
-            floor_row.net = floor_row.gross - overhead
-            mode_rows.append((lb_row, floor_row))
+            established_rows(mode_ack, floor_fd, f"established TCP, {mode} (conntrack hit)",
+                             f"stateless {mode} floor (no maps)")
         dataplane.apply([service])
 
         # IPv6: an established flow per mode, against its own IPv6 floor.
@@ -818,16 +824,8 @@ def main() -> int:
             floor_out = run_repeat(floor_fd, mode_ack, fx_client, 1)
             if lb_out.retval != XDP_REDIRECT or floor_out.data != lb_out.data:
                 raise SystemExit(f"IPv6 {mode}: its floor and lb do not emit the same frame for the established packet")
-            h = compile_harness(mode_ack, False)
-            stack.callback(h.bpf.cleanup)
-            overhead = restored(h, pass_fd, mode_ack, fx_client, args.repeat)
-            lb_row = Row(f"established TCP/IPv6, {mode} (conntrack6 hit)", overhead=overhead)
-            gross, delta = counter_delta(maps, lambda: restored(h, program.fd, mode_ack, fx_client, args.repeat))
-            lb_row.gross, lb_row.net, lb_row.verdicts = gross, gross - overhead, fmt_verdicts(delta)
-            floor_row = Row(f"stateless IPv6 {mode} floor (no maps)", overhead=overhead)
-            floor_row.gross = restored(h, floor_fd, mode_ack, fx_client, args.repeat)
-            floor_row.net = floor_row.gross - overhead
-            mode_rows.append((lb_row, floor_row))
+            established_rows(mode_ack, floor_fd, f"established TCP/IPv6, {mode} (conntrack6 hit)",
+                             f"stateless IPv6 {mode} floor (no maps)")
 
         attribution: list[tuple[str, float | None]] = []
         if args.attribute:
