@@ -198,6 +198,59 @@ def tcp_server(netns: str, address: str, port: int,
         yield
 
 
+def answer_with_peer(conn: socket.socket, peer: tuple[str, int]) -> None:
+    """A `tcp_server` answer: the address and port the connection came from,
+    a line ("ADDR:PORT", IPv6 as "[ADDR]:PORT"): what a target sees of its
+    client (NAT, DSR) or of lb (full NAT)."""
+    address, port = peer
+    shown = f"[{address}]:{port}" if family_of(address) == socket.AF_INET6 else f"{address}:{port}"
+    conn.sendall(f"{shown}\n".encode())
+
+
+def answer_with_byte_count(conn: socket.socket, peer: tuple[str, int]) -> None:
+    """A `tcp_server` answer: reads the connection to its EOF, then answers
+    with the byte count, a line (a sink for uploads)."""
+    conn.settimeout(20)
+    total = 0
+    while chunk := conn.recv(65536):
+        total += len(chunk)
+    conn.sendall(f"{total}\n".encode())
+
+
+def named_echo(name: str) -> Callable[[bytes], bytes]:
+    """A `udp_server` answer: the datagram after `name` and a space (a
+    target's name, as lb.labserver's UDP echo answers)."""
+    return lambda data: name.encode() + b" " + data
+
+
+def upload(netns: str, address: str, port: int, size: int) -> str:
+    """`size` bytes sent from `netns` to address:port over one TCP
+    connection, then its write side shut: the line the server answers
+    (a server answering with `answer_with_byte_count` says how many arrived)."""
+
+    def send() -> str:
+        with socket.socket(family_of(address), socket.SOCK_STREAM) as sock:
+            sock.settimeout(15)
+            sock.connect((address, port))
+            sock.sendall(b"u" * size)
+            sock.shutdown(socket.SHUT_WR)
+            return sock.recv(64).decode().strip()
+
+    return run_in_netns(netns, send)
+
+
+@contextmanager
+def link_mtu(netns: str, ifname: str, mtu: int) -> Iterator[None]:
+    """`ifname` in `netns` with MTU `mtu` for the block, 1500 again after it."""
+    with nl.iproute(netns) as ipr:
+        ipr.link("set", index=nl.ifindex(ipr, ifname), mtu=mtu)
+    try:
+        yield
+    finally:
+        with nl.iproute(netns) as ipr:
+            ipr.link("set", index=nl.ifindex(ipr, ifname), mtu=1500)
+
+
 @contextmanager
 def udp_server(netns: str, address: str, port: int, answer: Callable[[bytes], bytes]) -> Iterator[None]:
     """A UDP server of the test's own in `netns`, bound to address:port (so

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,11 +19,14 @@ from lb.dataplane.structs import Counter
 from lb.lab_dsr import DsrLab
 from tests.l4_lab import (
     LIMITS,
+    answer_with_peer,
     assert_even,
     assert_open_connection_outlives_its_target,
+    named_echo,
     spread,
     tcp_connect,
     tcp_server,
+    udp_echoes,
     udp_server,
 )
 from tests.labclient import read_line
@@ -55,9 +58,6 @@ class Dsr:
                           mode="dsr"),
                 L4Service(self.vip(PEER_PORT), members=((first[0], 1),), mode="dsr"),
                 L4Service(self.vip(UDP_PORT, "UDP"), members=((first[1], 1),), mode="dsr")]
-
-    def in_client(self, fn: Callable[[], object]) -> object:
-        return nl.run_in_netns(self.lab.client_ns, fn)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +96,8 @@ def target1_servers(dsr: Dsr) -> Iterator[None]:
     """On target1: TCP PEER_PORT answers with the peer address it sees; UDP
     UDP_PORT, bound to the VIP (so answers leave from it), echoes."""
     target = dsr.lab.targets[0]
-
-    def peer(conn: socket.socket, peer: tuple[str, int]) -> None:
-        conn.sendall(f"{peer[0]}:{peer[1]}\n".encode())
-
-    with tcp_server(target.netns, lab_dsr.VIP, PEER_PORT, peer), \
-            udp_server(target.netns, lab_dsr.VIP, UDP_PORT, lambda data: b"target1 " + data):
+    with tcp_server(target.netns, lab_dsr.VIP, PEER_PORT, answer_with_peer), \
+            udp_server(target.netns, lab_dsr.VIP, UDP_PORT, named_echo("target1")):
         yield
 
 
@@ -111,18 +107,8 @@ def test_the_target_sees_the_clients_address(dsr: Dsr, target1_servers: None) ->
 
 
 def test_udp_through_a_dsr_vip(dsr: Dsr, target1_servers: None) -> None:
-    def exchange() -> list[tuple[str, int]]:
-        senders = []
-        for i in range(10):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.settimeout(5)
-                sock.sendto(f"ping {i}".encode(), (lab_dsr.VIP, UDP_PORT))
-                data, sender = sock.recvfrom(128)
-                assert data == f"target1 ping {i}".encode()
-                senders.append(sender)
-        return senders
-
-    assert set(dsr.in_client(exchange)) == {(lab_dsr.VIP, UDP_PORT)}  # type: ignore[arg-type]
+    # Each answer comes from the VIP and carries its own ping (udp_echoes checks).
+    assert udp_echoes(dsr.lab.client_ns, lab_dsr.VIP, UDP_PORT, 10) == {"target1": 10}
 
 
 def test_removing_a_target_keeps_its_open_connection(dsr: Dsr) -> None:

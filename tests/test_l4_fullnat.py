@@ -21,6 +21,7 @@ from lb.lab import Lab
 from lb.model import XdpMode
 from tests.l4_lab import (
     L4Lab,
+    answer_with_peer,
     assert_even,
     assert_open_connection_outlives_its_target,
     backend_endpoints,
@@ -83,11 +84,7 @@ def test_300_connections_reach_all_backends_evenly(l4: L4Lab) -> None:
 def peer_server(l4: L4Lab) -> Iterator[None]:
     """On backend1, port PEER_PORT: each connection gets the address:port it came from."""
     backend = l4.lab.backends[0]
-
-    def answer(conn: socket.socket, peer: tuple[str, int]) -> None:
-        conn.sendall(f"{peer[0]}:{peer[1]}\n".encode())
-
-    with tcp_server(backend.netns, backend.address, PEER_PORT, answer):
+    with tcp_server(backend.netns, backend.address, PEER_PORT, answer_with_peer):
         yield
 
 

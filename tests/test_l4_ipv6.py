@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 import urllib.request
-from collections import Counter as Tally
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -46,6 +45,19 @@ from lb.lab import Backend, Lab
 from lb.lab_dsr import DsrLab
 from tests import labclient
 from tests.daemon_fixture import CHECKS, RunningDaemon, StreamPump, forwarded, lab_config, target_list
+from tests.l4_lab import (
+    answer_with_byte_count,
+    answer_with_peer,
+    assert_even,
+    link_mtu,
+    named_echo,
+    spread,
+    tcp_connect,
+    tcp_server,
+    udp_echoes,
+    udp_server,
+    upload,
+)
 from tests.names import name
 
 pytestmark = pytest.mark.root
@@ -150,10 +162,11 @@ def site(request: pytest.FixtureRequest) -> Iterator[Site]:
             the.daemon.wait_for("echo6-tcp", target.address6, "healthy", timeout=INTERVAL * 2 + 3)
         for target in the.targets:  # what each target sees of its peer; UDP echo from the right address
             at = the.served_at or target.address6
-            stack.enter_context(labclient.peer_server(target.netns, at, PEER_PORT))
-            stack.enter_context(labclient.udp_echo_server(target.netns, at, UDP_PORT, target.name))
+            stack.enter_context(tcp_server(target.netns, at, PEER_PORT, answer_with_peer))
+            stack.enter_context(udp_server(target.netns, at, UDP_PORT, named_echo(target.name)))
         first = the.targets[0]
-        stack.enter_context(labclient.sink_server(first.netns, the.served_at or first.address6, SINK_PORT))
+        stack.enter_context(tcp_server(first.netns, the.served_at or first.address6, SINK_PORT,
+                                       answer_with_byte_count))
         yield the
 
 
@@ -163,23 +176,9 @@ def restore_default_route(backend: Backend) -> None:
 
 
 def connect(site: Site, port: int = PORT, source_port: int = 0) -> socket.socket:
-    """A TCP connection from the client to the IPv6 VIP; RST on close (no TIME_WAIT)."""
-
-    def open_() -> socket.socket:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            sock.settimeout(5)
-            if source_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((site.client, source_port))
-            sock.connect((site.vip, port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    return nl.run_in_netns(site.client_ns, open_)
+    """A TCP connection from the client to the IPv6 VIP (from a fixed source port if given)."""
+    source = (site.client, source_port) if source_port else None
+    return tcp_connect(site.client_ns, site.vip, port, source)
 
 
 def lb(site: Site, *args: str) -> str:
@@ -194,18 +193,17 @@ def lb_json(site: Site, *args: str) -> Any:
     return out
 
 
+def counters(site: Site) -> dict[str, int]:
+    """`lb stats`: packets by reason."""
+    return {c["reason"]: c["packets"] for c in lb_json(site, "stats")["counters"]}
+
+
 def test_300_connections_spread_over_the_three_targets(site: Site) -> None:
-    seen: Tally[str] = Tally()
-    for _ in range(300):
-        with connect(site) as sock:
-            seen[labclient.read_line(sock)] += 1
-    assert set(seen) == {t.name for t in site.targets} and sum(seen.values()) == 300
-    for count in seen.values():
-        assert 75 <= count <= 125, seen  # within ±25 % of 100
-    counters = {c["reason"]: c["packets"] for c in lb_json(site, "stats")["counters"]}
-    assert counters["ipv6_forwarded"] >= 300 * 2, counters  # SYN and ACK at least, to the targets
+    assert_even(spread(lambda: connect(site), 300), (t.name for t in site.targets), 300)  # within ±25 % of 100
+    stats = counters(site)
+    assert stats["ipv6_forwarded"] >= 300 * 2, stats  # SYN and ACK at least, to the targets
     if site.mode == "dsr":
-        assert counters["dsr"] >= 300 * 2 and counters["reverse_nat"] == 0, counters  # no reply crossed lb
+        assert stats["dsr"] >= 300 * 2 and stats["reverse_nat"] == 0, stats  # no reply crossed lb
 
 
 def test_the_target_sees_the_client_or_lb(site: Site) -> None:
@@ -225,20 +223,7 @@ def test_the_target_sees_the_client_or_lb(site: Site) -> None:
 
 
 def test_udp_through_the_vip(site: Site) -> None:
-    def exchange() -> set[str]:
-        names = set()
-        for i in range(30):
-            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-                sock.settimeout(5)
-                sock.sendto(f"ping {i}".encode(), (site.vip, UDP_PORT))
-                data, sender = sock.recvfrom(128)
-                assert sender[:2] == (site.vip, UDP_PORT)  # the reply comes from the VIP
-                name_, _, echoed = data.decode().partition(" ")
-                assert echoed == f"ping {i}"
-                names.add(name_)
-        return names
-
-    names = nl.run_in_netns(site.client_ns, exchange)
+    names = set(udp_echoes(site.client_ns, site.vip, UDP_PORT, 30))  # each reply from the VIP, the ping echoed
     assert names <= {t.name for t in site.targets} and len(names) >= 2  # 30 flows over the ring
 
 
@@ -266,10 +251,7 @@ def test_a_deregistered_target_drains_its_long_lived_connection(site: Site) -> N
                 break
             assert time.monotonic() < deadline, row
             time.sleep(0.05)
-        new: Tally[str] = Tally()
-        for _ in range(60):
-            with connect(site) as sock:
-                new[labclient.read_line(sock)] += 1
+        new = spread(lambda: connect(site), 60)
         exchanged = pump.exchanged
         time.sleep(0.5)
         assert pump.exchanged > exchanged and not pump.errors  # the drained target's connection goes on
@@ -331,26 +313,10 @@ def test_a_large_upload_completes_over_a_narrow_target_link(site: Site) -> None:
     client's first 1500-byte segment with "packet too big" quoting it as the
     client sent it (client -> VIP), so the client lowers its path MTU and the
     upload completes."""
-    first = site.targets[0]
-    with nl.iproute(site.lb_ns) as ipr:
-        ipr.link("set", index=nl.ifindex(ipr, first.lb_ifname), mtu=NARROW_MTU)
-    try:
-        before = {c["reason"]: c["packets"] for c in lb_json(site, "stats")["counters"]}
-
-        def upload() -> str:
-            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-                sock.settimeout(15)
-                sock.connect((site.vip, SINK_PORT))
-                sock.sendall(b"u" * UPLOAD)
-                sock.shutdown(socket.SHUT_WR)
-                return sock.recv(64).decode().strip()
-
-        assert nl.run_in_netns(site.client_ns, upload) == str(UPLOAD)
-        after = {c["reason"]: c["packets"] for c in lb_json(site, "stats")["counters"]}
-        assert after["icmp_too_big"] > before["icmp_too_big"]
-    finally:
-        with nl.iproute(site.lb_ns) as ipr:
-            ipr.link("set", index=nl.ifindex(ipr, first.lb_ifname), mtu=1500)
+    with link_mtu(site.lb_ns, site.targets[0].lb_ifname, NARROW_MTU):
+        before = counters(site)
+        assert upload(site.client_ns, site.vip, SINK_PORT, UPLOAD) == str(UPLOAD)
+        assert counters(site)["icmp_too_big"] > before["icmp_too_big"]
 
 
 def test_maps_dump_decodes_the_ipv6_maps(site: Site) -> None:

@@ -10,7 +10,6 @@ left to forward it, makes the client ignore the error and the upload stall."""
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -22,8 +21,7 @@ from lb.dataplane.maps import Endpoint
 from lb.dataplane.structs import Counter
 from lb.lab import Lab
 from lb.model import XdpMode
-from lb.netlink import run_in_netns
-from tests.l4_lab import L4Lab, l4_lab, tcp_server, tcp_vip
+from tests.l4_lab import L4Lab, answer_with_byte_count, l4_lab, link_mtu, tcp_server, tcp_vip, upload
 
 pytestmark = pytest.mark.root
 
@@ -34,30 +32,15 @@ UPLOAD = 2 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def narrow(lab: Lab) -> Iterator[L4Lab]:
-    backend = lab.backends[0]
-    with nl.iproute(lab.lb_ns) as ipr:
-        ipr.link("set", index=nl.ifindex(ipr, backend.lb_ifname), mtu=NARROW_MTU)
-    try:
-        with l4_lab(lab, XdpMode.NATIVE) as attached:
-            yield attached
-    finally:
-        with nl.iproute(lab.lb_ns) as ipr:
-            ipr.link("set", index=nl.ifindex(ipr, backend.lb_ifname), mtu=1500)
+    with link_mtu(lab.lb_ns, lab.backends[0].lb_ifname, NARROW_MTU), l4_lab(lab, XdpMode.NATIVE) as attached:
+        yield attached
 
 
 @pytest.fixture()
 def sink(narrow: L4Lab) -> Iterator[None]:
     """On backend1, SINK_PORT: reads until EOF, answers with the byte count."""
     backend = narrow.lab.backends[0]
-
-    def answer(conn: socket.socket, peer: tuple[str, int]) -> None:
-        conn.settimeout(20)
-        total = 0
-        while chunk := conn.recv(65536):
-            total += len(chunk)
-        conn.sendall(f"{total}\n".encode())
-
-    with tcp_server(backend.netns, backend.address, SINK_PORT, answer):
+    with tcp_server(backend.netns, backend.address, SINK_PORT, answer_with_byte_count):
         yield
 
 
@@ -68,15 +51,6 @@ def test_a_large_upload_completes_over_a_narrow_target_link(narrow: L4Lab, sink:
     narrow.dataplane.apply([L4Service(tcp_vip(SINK_PORT), members=((target, 1),), mode=mode)])
     nl.set_sysctl(narrow.lab.client_ns, "net.ipv4.route.flush", "1")  # forget the path MTU learnt before
     before = narrow.maps.counters()
-
-    def upload() -> str:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(15)
-            sock.connect((labmod.VIP, SINK_PORT))
-            sock.sendall(b"u" * UPLOAD)
-            sock.shutdown(socket.SHUT_WR)
-            return sock.recv(64).decode().strip()
-
-    assert run_in_netns(narrow.lab.client_ns, upload) == str(UPLOAD)
+    assert upload(narrow.lab.client_ns, labmod.VIP, SINK_PORT, UPLOAD) == str(UPLOAD)
     after = narrow.maps.counters()
     assert after[Counter.ICMP_TOO_BIG] > before[Counter.ICMP_TOO_BIG]

@@ -9,21 +9,15 @@ directly, so no reply crosses lb.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 from scapy.compat import raw
-from scapy.layers.l2 import Ether
 
 from lb.dataplane.dataplane import DataplaneError, L4Service
 from lb.dataplane.structs import Counter
 from tests.test_xdp_packets import (
-    ACTION_NAMES,
     CLIENT,
     SERVICES,
-    XDP_DROP,
-    XDP_REDIRECT,
-    XDP_TX,
     ep,
     from_client,
     rewritten,
@@ -31,7 +25,18 @@ from tests.test_xdp_packets import (
     udp,
     vip,
 )
-from tests.xdp_fixture import CLIENT_IF, MAC, PacketLab, packet_lab
+from tests.xdp_fixture import (
+    CLIENT_IF,
+    MAC,
+    XDP_DROP,
+    XDP_REDIRECT,
+    XDP_TX,
+    Case,
+    PacketLab,
+    assert_frame,
+    packet_lab,
+    run_case,
+)
 
 pytestmark = pytest.mark.root
 
@@ -41,16 +46,6 @@ DSR = [
     L4Service(vip("10.0.0.131", 9000), members=((ep("10.0.0.50", 9000), 1),), mode="dsr"),  # the client's side
     L4Service(vip("10.0.0.132", 9000), members=((ep("10.0.1.14", 9000), 1),), mode="dsr"),  # no neighbour
 ]
-
-
-@dataclass
-class Case:
-    id: str
-    frame: bytes
-    action: int
-    expect: bytes
-    counters: dict[Counter, int]
-    before: list[bytes] = field(default_factory=list)
 
 
 def cases() -> Iterator[Case]:
@@ -63,14 +58,14 @@ def cases() -> Iterator[Case]:
     yield Case("the client's ACK after its SYN establishes the flow (the target's SYN-ACK never crosses lb)",
                raw(first_ack), XDP_REDIRECT, rewritten(first_ack, out_src_mac=MAC["fxb"], out_dst_mac=MAC["t1"]),
                {Counter.CONNTRACK_HIT: 1, Counter.FLOW_ESTABLISHED: 1, Counter.DSR: 1, Counter.REDIRECTED: 1},
-               before=[raw(from_client(tcp(49007), dst="10.0.0.130"))])
+               before=[(raw(from_client(tcp(49007), dst="10.0.0.130")), CLIENT_IF)])
 
     ack = from_client(tcp(49002, flags="A", payload=b"y" * 200), dst="10.0.0.130")
     yield Case("tcp established: the entry decides, MACs only", raw(ack), XDP_REDIRECT,
                rewritten(ack, out_src_mac=MAC["fxb"], out_dst_mac=MAC["t1"]),
                {Counter.CONNTRACK_HIT: 1, Counter.DSR: 1, Counter.REDIRECTED: 1},
-               before=[raw(from_client(tcp(49002), dst="10.0.0.130")),
-                       raw(from_client(tcp(49002, flags="A"), dst="10.0.0.130"))])
+               before=[(raw(from_client(tcp(49002), dst="10.0.0.130")), CLIENT_IF),
+                       (raw(from_client(tcp(49002, flags="A"), dst="10.0.0.130")), CLIENT_IF)])
 
     stray = from_client(tcp(49003, flags="A"), dst="10.0.0.130")
     yield Case("tcp segment of no entry: by the ring, no entry made, MACs only", raw(stray), XDP_REDIRECT,
@@ -105,16 +100,8 @@ def pkt_lab() -> Iterator[PacketLab]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_packet(pkt_lab: PacketLab, case: Case) -> None:
-    for frame in case.before:
-        pkt_lab.run(frame, CLIENT_IF)
-    before = pkt_lab.maps.counters()
-    result = pkt_lab.run(case.frame, CLIENT_IF)
-    after = pkt_lab.maps.counters()
-    deltas = {r: after[r] - before[r] for r in Counter if after[r] != before[r]}
-    assert (ACTION_NAMES[result.retval], deltas) == (ACTION_NAMES[case.action], case.counters)
-    if result.data != case.expect:
-        assert Ether(result.data).show(dump=True) == Ether(case.expect).show(dump=True)
-    assert result.data == case.expect
+    result = run_case(pkt_lab, case)
+    assert_frame(result.data, case.frame if case.expect is None else case.expect)
 
 
 def test_a_dsr_flow_is_tracked_with_its_mode(pkt_lab: PacketLab) -> None:

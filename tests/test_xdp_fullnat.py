@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 from scapy.compat import raw
@@ -31,12 +30,8 @@ from lb.inspect.explain import explain_flow_in, flow_hash, fullnat_port
 from lb.model import LoadBalancer
 from tests.names import name
 from tests.test_xdp_packets import (
-    ACTION_NAMES,
     CLIENT,
     SERVICES,
-    XDP_DROP,
-    XDP_PASS,
-    XDP_REDIRECT,
     ep,
     from_client,
     from_target,
@@ -45,7 +40,23 @@ from tests.test_xdp_packets import (
     udp,
     vip,
 )
-from tests.xdp_fixture import CLIENT_IF, LIMITS, MAC, NETNS, TARGET_IF, PacketLab, packet_lab, source_of
+from tests.xdp_fixture import (
+    CLIENT_IF,
+    LIMITS,
+    MAC,
+    NETNS,
+    TARGET_IF,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+    Case,
+    PacketLab,
+    assert_frame,
+    counter_deltas,
+    packet_lab,
+    run_case,
+    source_of,
+)
 
 pytestmark = pytest.mark.root
 
@@ -102,17 +113,6 @@ def to_client(pkt: Packet, client_port: int, vip_address: str = FN_VIP, vip_port
               **kw: object) -> bytes:
     return rewritten(pkt, out_src_mac=MAC["fxa"], out_dst_mac=MAC["client"], src=vip_address, dst=CLIENT,
                      sport=vip_port, dport=client_port, **kw)  # type: ignore[arg-type]
-
-
-@dataclass
-class Case:
-    id: str
-    frame: bytes
-    action: int
-    expect: bytes | None  # None: untouched
-    counters: dict[Counter, int]
-    ingress: str = CLIENT_IF
-    before: list[tuple[bytes, str]] = field(default_factory=list)
 
 
 NEW = {Counter.CONNTRACK_MISS: 1, Counter.REDIRECTED: 1}
@@ -211,17 +211,8 @@ def pkt_lab() -> Iterator[PacketLab]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_packet(pkt_lab: PacketLab, case: Case) -> None:
-    for frame, ingress in case.before:
-        pkt_lab.run(frame, ingress)
-    before = pkt_lab.maps.counters()
-    result = pkt_lab.run(case.frame, case.ingress)
-    after = pkt_lab.maps.counters()
-    deltas = {r: after[r] - before[r] for r in Counter if after[r] != before[r]}
-    assert (ACTION_NAMES[result.retval], deltas) == (ACTION_NAMES[case.action], case.counters)
-    expected = case.frame if case.expect is None else case.expect
-    if result.data != expected:
-        assert Ether(result.data).show(dump=True) == Ether(expected).show(dump=True)
-    assert result.data == expected
+    result = run_case(pkt_lab, case)
+    assert_frame(result.data, case.frame if case.expect is None else case.expect)
 
 
 def test_vips_carry_their_mode(pkt_lab: PacketLab) -> None:
@@ -258,8 +249,7 @@ def test_a_port_held_by_a_live_flow_is_not_taken(pkt_lab: PacketLab) -> None:
     syn = from_fn(tcp(second, 9100))
     result = pkt_lab.run(raw(syn))
     assert result.data == to_target(syn, "10.0.1.11", port_for(second, attempt=1))
-    after = pkt_lab.maps.counters()
-    assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == \
+    assert counter_deltas(pkt_lab.maps, before) == \
         {**NEW, Counter.FULLNAT_PORT_BUSY: 1}
 
 
@@ -271,8 +261,7 @@ def test_a_port_whose_flow_is_gone_is_taken_over(pkt_lab: PacketLab) -> None:
     before = pkt_lab.maps.counters()
     syn = from_fn(tcp(second, 9100))
     assert pkt_lab.run(raw(syn)).data == to_target(syn, "10.0.1.11", port_for(second))
-    after = pkt_lab.maps.counters()
-    assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == NEW
+    assert counter_deltas(pkt_lab.maps, before) == NEW
 
 
 def test_a_mode_change_makes_the_vips_flows_stale(pkt_lab: PacketLab) -> None:

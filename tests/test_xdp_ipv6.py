@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -41,7 +41,6 @@ from lb.dataplane import libbpf
 from lb.dataplane.loader import Program, purge_pins
 from lb.dataplane.maps import Maps
 from lb.dataplane.structs import (
-    FLOW_HASH_SEED,
     FWD_DSR,
     FWD_FULLNAT,
     FWD_NAT,
@@ -63,9 +62,26 @@ from lb.dataplane.structs import (
     net_to_port,
     port_to_net,
 )
+from lb.inspect.explain import flow_hash
 from tests.names import name
-from tests.test_xdp_packets import ACTION_NAMES, SERVICES, TARGET_ISN, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from tests.xdp_fixture import CLIENT_IF, LIMITS, MAC, NETNS, TARGET_IF, PacketLab, packet_lab
+from tests.test_xdp_packets import SERVICES, TARGET_ISN
+from tests.xdp_fixture import (
+    ACTION_NAMES,
+    CLIENT_IF,
+    LIMITS,
+    MAC,
+    NETNS,
+    TARGET_IF,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+    XDP_TX,
+    Case,
+    PacketLab,
+    assert_frame,
+    packet_lab,
+    run_case,
+)
 
 pytestmark = pytest.mark.root
 
@@ -181,17 +197,6 @@ def handshake(sport: int, address: str = VIP6, port: int = 9000, target: str = "
 
 
 # --- the table -------------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    id: str
-    frame: bytes
-    action: int
-    expect: bytes | None  # None: untouched
-    counters: dict[Counter, int]
-    ingress: str = CLIENT_IF
-    before: list[tuple[bytes, str]] = field(default_factory=list)
 
 
 FWD = {Counter.REDIRECTED: 1, Counter.IPV6_FORWARDED: 1}
@@ -364,17 +369,8 @@ def pkt_lab() -> Iterator[PacketLab]:
 
 
 def check(pkt_lab: PacketLab, case: Case) -> bytes:
-    for frame, ingress in case.before:
-        pkt_lab.run(frame, ingress)
-    before = pkt_lab.maps.counters()
-    result = pkt_lab.run(case.frame, case.ingress)
-    after = pkt_lab.maps.counters()
-    deltas = {r: after[r] - before[r] for r in Counter if after[r] != before[r]}
-    assert (ACTION_NAMES[result.retval], deltas) == (ACTION_NAMES[case.action], case.counters)
-    expect = case.frame if case.expect is None else case.expect
-    if result.data != expect:
-        assert Ether(result.data).show(dump=True) == Ether(expect).show(dump=True)
-    assert result.data == expect
+    result = run_case(pkt_lab, case)
+    assert_frame(result.data, case.frame if case.expect is None else case.expect)
     return result.data
 
 
@@ -602,30 +598,9 @@ def test_fullnat_ports_under_pressure_are_distinct_and_failures_counted(pkt_lab:
 
 # --- the ring slot of an IPv6 flow (what `lb explain flow` must compute) -------------------
 
-_U32 = 0xFFFFFFFF
-
-
-def _mix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _U32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _U32
-    return h ^ (h >> 16)
-
-
-def flow_hash6(proto: int, src: str, sport: int, dst: str, dport: int) -> int:
-    """bpf/lb.c flow_hash6: the seed, each word of the source, of the
-    destination (as Addr6 holds them), the ports word, the protocol."""
-    h = FLOW_HASH_SEED
-    for word in [*ip6_to_net(src).words, *ip6_to_net(dst).words]:
-        h = _mix32(h ^ word)
-    h = _mix32(h ^ ((port_to_net(sport) << 16) | port_to_net(dport)))
-    return _mix32(h ^ proto)
-
-
 def test_the_ring_slot_of_an_ipv6_flow_is_flow_hash6(pkt_lab: PacketLab) -> None:
     """A VIP whose ring alternates two targets slot by slot: each flow lands
-    on the target of slot flow_hash6 % M."""
+    on the target of slot flow_hash6 % M (lb.inspect.explain.flow_hash computes it)."""
     m = LIMITS.ring_size
     vip_id, vip = 7, "fd00::160"
     targets = {20: "fd00:1::11", 28: "fd00:1::12"}
@@ -640,7 +615,7 @@ def test_the_ring_slot_of_an_ipv6_flow_is_flow_hash6(pkt_lab: PacketLab) -> None
     seen = set()
     for sport in range(48000, 48024):
         out = Ether(pkt_lab.run(raw(from_client(tcp(sport), dst=vip))).data)
-        slot = flow_hash6(IPPROTO_TCP, CLIENT6, sport, vip, 9000) % m
+        slot = flow_hash("TCP", ipaddress.IPv6Address(CLIENT6), sport, ipaddress.IPv6Address(vip), 9000) % m
         assert out[IPv6].dst == targets[20 if slot % 2 == 0 else 28]
         seen.add(out[IPv6].dst)
     assert len(seen) == 2

@@ -42,12 +42,24 @@ from lb.dataplane.maps import Endpoint, Maps, TableUsage, Traffic, VipAddr
 from lb.dataplane.structs import IPPROTO_TCP, Counter, FlowKey, Limits, MapName, ip_to_net, port_to_net
 from lb.inspect.explain import explain_flow_in, flow_hash
 from tests.names import name
-from tests.xdp_fixture import CLIENT_IF, LIMITS, MAC, NETNS, TARGET_IF, PacketLab, packet_lab
+from tests.xdp_fixture import (
+    ACTION_NAMES,
+    CLIENT_IF,
+    LIMITS,
+    MAC,
+    NETNS,
+    TARGET_IF,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+    XDP_TX,
+    PacketLab,
+    assert_frame,
+    counter_deltas,
+    packet_lab,
+)
 
 pytestmark = pytest.mark.root
-
-XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
-ACTION_NAMES = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
 CLIENT = "10.0.0.2"
 VIP = "10.0.0.100"
@@ -533,13 +545,8 @@ def check_case(pkt_lab: PacketLab, case: Case) -> None:
     result = pkt_lab.run(case.frame, case.ingress)
 
     assert ACTION_NAMES[result.retval] == ACTION_NAMES[case.action]
-    expected = case.frame if case.expect is None else case.expect
-    if result.data != expected:  # show the difference as packets, not bytes
-        assert Ether(result.data).show(dump=True) == Ether(expected).show(dump=True)
-    assert result.data == expected
-    after = pkt_lab.maps.counters()
-    deltas = {reason: after[reason] - before[reason] for reason in Counter if after[reason] != before[reason]}
-    assert deltas == case.counters
+    assert_frame(result.data, case.frame if case.expect is None else case.expect)
+    assert counter_deltas(pkt_lab.maps, before) == case.counters
     if case.new_flow is not None:
         changed = [(v, pkt_lab.maps.vip_traffic(v_id)) for v, v_id in
                    ((e.vip, e.vip_id) for e in pkt_lab.maps.vips())]
@@ -568,8 +575,7 @@ def test_flow_to_a_removed_target_is_rehashed_when_its_flows_end(pkt_lab: Packet
     ack = raw(from_client(tcp(41000, flags="A"), dst="10.0.0.104"))
     before = pkt_lab.maps.counters()
     assert Ether(pkt_lab.run(ack).data)[IP].dst == "10.0.1.12"
-    after = pkt_lab.maps.counters()
-    assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == MISS_NO_ENTRY
+    assert counter_deltas(pkt_lab.maps, before) == MISS_NO_ENTRY
     pkt_lab.dataplane.apply(SERVICES)
 
 
@@ -621,8 +627,7 @@ def test_flows_of_a_deleted_vip_pass_to_the_kernel(pkt_lab: PacketLab) -> None:
     reply = raw(from_target("10.0.1.11", MAC["t1"], tcp(9300, 43000, flags="A")))
     result = pkt_lab.run(reply, TARGET_IF)
     assert (result.retval, result.data) == (XDP_PASS, reply)
-    after = pkt_lab.maps.counters()
-    assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == {Counter.PASS_NOT_VIP: 2}
+    assert counter_deltas(pkt_lab.maps, before) == {Counter.PASS_NOT_VIP: 2}
 
 
 def test_a_recreated_vip_does_not_inherit_the_old_flows(pkt_lab: PacketLab) -> None:
@@ -640,11 +645,6 @@ def test_a_recreated_vip_does_not_inherit_the_old_flows(pkt_lab: PacketLab) -> N
     assert Ether(pkt_lab.run(frame).data)[IP].dst == "10.0.1.12"
     assert pkt_lab.maps.counters()[Counter.CONNTRACK_MISS] == before[Counter.CONNTRACK_MISS] + 1
     pkt_lab.dataplane.apply(SERVICES)
-
-
-def counter_deltas(pkt_lab: PacketLab, before: dict[Counter, int]) -> dict[Counter, int]:
-    after = pkt_lab.maps.counters()
-    return {r: after[r] - before[r] for r in Counter if after[r] != before[r]}
 
 
 def age_entry(pkt_lab: PacketLab, client_port: int, address: str, port: int, seconds: float) -> None:
@@ -669,7 +669,7 @@ def test_an_idle_entry_is_rearmed_by_the_next_segment(pkt_lab: PacketLab) -> Non
     ack = from_client(tcp(40050, flags="A"))
     result = pkt_lab.run(raw(ack))
     assert (result.retval, result.data) == (XDP_REDIRECT, to_t1(ack))
-    assert counter_deltas(pkt_lab, before) == FWD
+    assert counter_deltas(pkt_lab.maps, before) == FWD
     flow = pkt_lab.maps.flow("TCP", ep(CLIENT, 40050), ep(VIP, 9000))
     assert flow is not None and flow.idle_s < 5 and flow.tcp_state == "established"
 
@@ -684,11 +684,11 @@ def test_a_closed_entry_times_out_and_is_not_rearmed(pkt_lab: PacketLab) -> None
     before = pkt_lab.maps.counters()
     late = from_client(tcp(40051, flags="A"))
     assert pkt_lab.run(raw(late)).data == to_t1(late)
-    assert counter_deltas(pkt_lab, before) == HIT  # within the closed timeout: still decides
+    assert counter_deltas(pkt_lab.maps, before) == HIT  # within the closed timeout: still decides
     age_entry(pkt_lab, 40051, VIP, 9000, LIMITS.tcp_closed_timeout + 1)
     before = pkt_lab.maps.counters()
     assert pkt_lab.run(raw(late)).data == to_t1(late)
-    assert counter_deltas(pkt_lab, before) == MISS_NO_ENTRY
+    assert counter_deltas(pkt_lab.maps, before) == MISS_NO_ENTRY
     flow = pkt_lab.maps.flow("TCP", ep(CLIENT, 40051), ep(VIP, 9000))
     assert flow is not None and flow.tcp_state == "closed" and flow.idle_s > LIMITS.tcp_closed_timeout
 
@@ -702,11 +702,11 @@ def test_a_time_wait_entry_lasts_tcp_time_wait_timeout(pkt_lab: PacketLab) -> No
     age_entry(pkt_lab, 40052, VIP, 9000, LIMITS.tcp_time_wait_timeout - 1)
     before = pkt_lab.maps.counters()
     pkt_lab.run(raw(late))
-    assert counter_deltas(pkt_lab, before) == HIT
+    assert counter_deltas(pkt_lab.maps, before) == HIT
     age_entry(pkt_lab, 40052, VIP, 9000, LIMITS.tcp_time_wait_timeout + 1)
     before = pkt_lab.maps.counters()
     pkt_lab.run(raw(late))
-    assert counter_deltas(pkt_lab, before) == MISS_NO_ENTRY
+    assert counter_deltas(pkt_lab.maps, before) == MISS_NO_ENTRY
 
 
 def test_a_syn_does_not_refresh_an_entry_it_does_not_use(pkt_lab: PacketLab) -> None:
@@ -752,7 +752,7 @@ def test_terminated_target_flows_are_removed_and_rehashed(pkt_lab: PacketLab) ->
         assert pkt_lab.run(raw(ack)).data == to_target(ack, "10.0.1.12")
         rst = from_target("10.0.1.12", MAC["t2"], tcp(9520, 40054, flags="R"))
         assert pkt_lab.run(raw(rst), TARGET_IF).data == back_to_client(rst, vip_address=svc)
-        assert counter_deltas(pkt_lab, before) == {
+        assert counter_deltas(pkt_lab.maps, before) == {
             Counter.CONNTRACK_MISS: 1, Counter.MISS_NO_ENTRY: 1, Counter.REDIRECTED: 2, Counter.REVERSE_NAT: 1,
             Counter.REPLY_NO_ENTRY: 1}
     finally:
@@ -821,8 +821,7 @@ def test_flood_guard_stops_inserting_above_the_rate(pkt_lab: PacketLab,
         for frame in frames:
             before = maps.counters()
             result = libbpf.prog_test_run(program.fd, raw(frame), ingress_ifindex=pkt_lab.ifindex[CLIENT_IF])
-            after = maps.counters()
-            out.append((result, {r: after[r] - before[r] for r in Counter if after[r] != before[r]}))
+            out.append((result, counter_deltas(maps, before)))
         return out
 
     results = run_on_one_cpu(send)  # one CPU's window (the limit is per CPU per second)
@@ -974,8 +973,7 @@ def test_a_bigger_packet_than_any_let_through_is_asked_for_again(
         result = run_on_one_cpu(lambda: send(raw(big)))
         assert (result.retval, result.data) == (XDP_PASS, rewritten(big, out_src_mac=None, out_dst_mac=None,
                                                                     dst="10.0.1.11", ttl_dec=False))
-        after = maps.counters()
-        assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == {
+        assert counter_deltas(maps, before) == {
             Counter.CONNTRACK_HIT: 1, Counter.PASS_FIB: 1, Counter.FIB_FRAG_NEEDED: 1,  # the kernel fragments or says so
             Counter.HANDSHAKE_MISMATCH: 1}  # the flow is half-open: this program saw no SYN-ACK
     finally:
@@ -1023,7 +1021,7 @@ def test_a_spoofed_flood_of_acks_rsts_and_fins_leaves_the_table_as_it_was(pkt_la
             libbpf.prog_test_run(pkt_lab.program.fd, frame, ingress_ifindex=pkt_lab.ifindex[CLIENT_IF])
 
     nl.run_in_netns(NETNS, flood)
-    assert counter_deltas(pkt_lab, before) == {Counter.CONNTRACK_MISS: 3000, Counter.MISS_NO_ENTRY: 3000,
+    assert counter_deltas(pkt_lab.maps, before) == {Counter.CONNTRACK_MISS: 3000, Counter.MISS_NO_ENTRY: 3000,
                                                Counter.REDIRECTED: 3000}
     assert {(f.client, f.vip) for f in pkt_lab.maps.flows()} == flows
     flow = pkt_lab.maps.flow("TCP", ep(CLIENT, 40070), ep(VIP, 9000))
@@ -1052,8 +1050,7 @@ def test_a_syn_flood_fills_half_open_and_never_evicts_an_established_flow(
         flood += [(raw(from_client(tcp(10000 + i))), CLIENT_IF), (raw(from_client(tcp(10000 + i, flags="A"))), CLIENT_IF)]
     before = maps.counters()
     run_on_one_cpu(lambda: send(flood))
-    after = maps.counters()
-    assert {r: after[r] - before[r] for r in Counter if after[r] != before[r]} == {
+    assert counter_deltas(maps, before) == {
         Counter.CONNTRACK_MISS: 8 * size, Counter.CONNTRACK_HIT: 8 * size, Counter.HANDSHAKE_MISMATCH: 8 * size,
         Counter.REDIRECTED: 16 * size}
     assert {(f.client, f.vip) for f in maps.flows()} == established
@@ -1133,7 +1130,7 @@ def test_each_fib_lookup_failure_is_counted_by_its_cause(pkt_lab: PacketLab) -> 
                 nl.set_sysctl(NETNS, "net.ipv4.conf.fxa.forwarding", "1")
             assert (result.retval, result.data) == (
                 XDP_PASS, rewritten(syn, out_src_mac=None, out_dst_mac=None, dst=target, ttl_dec=False)), cause
-            assert counter_deltas(pkt_lab, before) == {Counter.CONNTRACK_MISS: 1, Counter.PASS_FIB: 1, cause: 1}
+            assert counter_deltas(pkt_lab.maps, before) == {Counter.CONNTRACK_MISS: 1, Counter.PASS_FIB: 1, cause: 1}
             pkt_lab.dataplane.apply([*SERVICES, L4Service(vip(svc, port + n), end_flows_on_removal=True)])
     finally:
         pkt_lab.dataplane.apply(SERVICES)

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+
+from scapy.layers.l2 import Ether
 
 from lb import netlink as nl
 from lb.dataplane import libbpf
 from lb.dataplane.dataplane import Dataplane
 from lb.dataplane.loader import Program, purge_pins
 from lb.dataplane.maps import Maps
-from lb.dataplane.structs import Limits
+from lb.dataplane.structs import Counter, Limits
 from tests.names import name
 
 NETNS = name("pkt")
@@ -59,6 +61,9 @@ NEIGHBORS = [
     (TARGET_IF, "fd00:1::13", MAC["t3"]),
 ]
 ADDRESSES6 = {CLIENT_IF: "fd00::1", TARGET_IF: "fd00:1::1"}  # /64 each
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+ACTION_NAMES = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
 
 @dataclass
@@ -108,3 +113,42 @@ def packet_lab() -> Iterator[PacketLab]:
     finally:
         nl.remove_netns(NETNS)
         purge_pins(NAME)
+
+
+# --- a frame through the program and what must come of it ---------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    frame: bytes
+    action: int
+    expect: bytes | None  # None: untouched
+    counters: dict[Counter, int]
+    ingress: str = CLIENT_IF
+    before: list[tuple[bytes, str]] = field(default_factory=list)  # frames run first (setting up a flow)
+
+
+def counter_deltas(maps: Maps, before: dict[Counter, int]) -> dict[Counter, int]:
+    """The counters that changed since `before` (maps.counters() then), by how much."""
+    after = maps.counters()
+    return {r: after[r] - before[r] for r in Counter if after[r] != before[r]}
+
+
+def run_case(pkt_lab: PacketLab, case: Case) -> libbpf.RunResult:
+    """`case.before`, then `case.frame` on its ingress: the action and the
+    counters that changed must be the case's. The frame out is the caller's to check."""
+    for frame, ingress in case.before:
+        pkt_lab.run(frame, ingress)
+    before = pkt_lab.maps.counters()
+    result = pkt_lab.run(case.frame, case.ingress)
+    deltas = counter_deltas(pkt_lab.maps, before)
+    assert (ACTION_NAMES[result.retval], deltas) == (ACTION_NAMES[case.action], case.counters)
+    return result
+
+
+def assert_frame(data: bytes, expected: bytes) -> None:
+    """The frame byte for byte; where it differs, shown as packets."""
+    if data != expected:
+        assert Ether(data).show(dump=True) == Ether(expected).show(dump=True)
+    assert data == expected

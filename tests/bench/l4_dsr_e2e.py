@@ -37,12 +37,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -57,24 +53,20 @@ from lb.dataplane.dataplane import Dataplane, L4Service  # noqa: E402
 from lb.dataplane.loader import Attachment, Program, detach, purge_pins  # noqa: E402
 from lb.dataplane.maps import Endpoint, Maps, VipAddr  # noqa: E402
 from lb.dataplane.structs import Counter, Limits  # noqa: E402
-from lb.lab import Backend, Lab  # noqa: E402
+from lb.lab import Lab  # noqa: E402
 from lb.lab_dsr import DsrLab  # noqa: E402
 from tests.bench.l4_e2e import (  # noqa: E402
     CLIENT_SYSCTLS,
     IPERF_PORT,
-    NGINX_WORKERS,
-    BenchError,
     Setup,
-    cpu_sample,
-    cpu_use,
-    http_get,
-    measure_iperf,
-    measure_wrk,
-    ns_cmd,
+    can_run,
+    measure_setup,
     on_sigterm,
-    stop_process,
-    wait_for_quiet,
-    wait_listening,
+    parse_args,
+    print_answered_by,
+    run_iperf_server,
+    run_nginx,
+    warn_of_errors,
 )
 from tests.names import name  # noqa: E402
 
@@ -85,49 +77,13 @@ HTTP_PORT = 80  # the VIP's and the targets' (DSR cannot translate ports)
 GOAL_DSR_VS_NAT = 1.0
 
 
-def nginx_config(target: Backend, directory: str) -> str:
-    """A target's nginx on every address (its own and the VIP on lo), every answer naming it."""
-    return f"""
-worker_processes {NGINX_WORKERS};
-pid {directory}/nginx.pid;
-error_log /dev/null crit;
-events {{
-    worker_connections 8192;
-}}
-http {{
-    access_log off;
-    server {{
-        listen {HTTP_PORT} reuseport backlog=4096;
-        location / {{
-            default_type text/plain;
-            add_header X-Backend {target.name} always;
-            return 200 "{target.name}\\n";
-        }}
-    }}
-}}
-"""
-
-
 def start_servers(lab: DsrLab, stack: ExitStack) -> None:
     """nginx on each target in place of the lab's server, and iperf3 -s on target1."""
     servers = Lab(lab.prefix, backend_count=len(lab.targets))  # knows how to stop lb.labserver
     for target in lab.targets:
         servers.stop_server(target)  # it holds *:80
-        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{PREFIX}-nginx-{target.name}-"))
-        config = os.path.join(directory, "nginx.conf")
-        with open(config, "w") as f:
-            f.write(nginx_config(target, directory))
-        proc = subprocess.Popen(ns_cmd(target.netns, "nginx", "-p", directory, "-c", config, "-e", "/dev/null",
-                                       "-g", "daemon off;"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        stack.callback(stop_process, proc)
-        wait_listening(target.netns, target.address, HTTP_PORT, proc, f"nginx in {target.netns}")
-    first = lab.targets[0]
-    iperf = subprocess.Popen(ns_cmd(first.netns, "iperf3", "-s", "-p", str(IPERF_PORT)), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
-    stack.callback(stop_process, iperf)
-    wait_listening(first.netns, first.address, IPERF_PORT, iperf, "iperf3 -s")
+        run_nginx(target, HTTP_PORT, PREFIX, stack, every_address=True)  # its own and the VIP on lo
+    run_iperf_server(lab.targets[0], stack)
 
 
 def set_default_route(ns: str, gateway: str) -> None:
@@ -137,21 +93,8 @@ def set_default_route(ns: str, gateway: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="measurements per setup; the median is shown (default 3)")
-    parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 and wrk run (default 5)")
-    parser.add_argument("--quiet", type=float, default=5.0,
-                        help="before each measurement wait for a second in which other sessions' processes use "
-                             "under this %% of the machine (default 5)")
-    parser.add_argument("--quiet-wait", type=float, default=20.0, help="but at most this many seconds (default 20)")
-    parser.add_argument("--only", default="", help="comma-separated setups (dsr,nat,full-nat,routing)")
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("l4_dsr_e2e.py: needs root (XDP, network namespaces)", file=sys.stderr)
-        return 1
-    missing = [t for t in ("iperf3", "wrk", "nginx") if shutil.which(t) is None]
-    if missing:
-        print(f"l4_dsr_e2e.py: missing {', '.join(missing)}: run `deploy/install.sh --bench`", file=sys.stderr)
+    args = parse_args(__doc__.splitlines()[0], "dsr,nat,full-nat,routing")
+    if not can_run("l4_dsr_e2e.py", ("iperf3", "wrk", "nginx")):
         return 1
     signal.signal(signal.SIGTERM, on_sigterm)
     print(f"params:  iperf3 -t {args.seconds} (1 stream) | wrk -c32 -t2 -d{args.seconds}s -H 'Connection: close' | "
@@ -234,34 +177,7 @@ def run_bench(lab: DsrLab, args: argparse.Namespace, stack: ExitStack) -> int:
         groups[nl.netns_inode(t.netns)] = "targets"
     for rnd in range(1, args.runs + 1):
         for s in setups:
-            s.start()
-            try:
-                if rnd == 1:  # also warms ARP before the first measurement
-                    for _ in range(12):
-                        status, backend = http_get(lab.client_ns, s.host, s.http_port)
-                        if status != 200:
-                            raise BenchError(f"{s.title}: HTTP {status} through {s.host}:{s.http_port}")
-                        s.backends_seen.add(backend)
-                wait_for_quiet(groups, args.quiet, args.quiet_wait)
-                c0 = cpu_sample(groups)
-                it = measure_iperf(lab.client_ns, s.host, args.seconds)
-                c1 = cpu_sample(groups)
-                wait_for_quiet(groups, args.quiet, args.quiet_wait)
-                c2 = cpu_sample(groups)
-                wk = measure_wrk(lab.client_ns, s.host, s.http_port, args.seconds)
-                c3 = cpu_sample(groups)
-            finally:
-                s.stop()
-            s.iperf.append(it)
-            s.wrk.append(wk)
-            s.iperf_cpu.append(cpu_use(c0, c1))
-            s.wrk_cpu.append(cpu_use(c2, c3))
-            errs = sum(wk.socket_errors.values())
-            print(f"round {rnd} {s.title}", flush=True)
-            print(f"    iperf3 {it.gbits:6.2f} Gbit/s  retransmits {it.retransmits:<6}  {s.iperf_cpu[-1]}")
-            print(f"    wrk   {wk.rps:7.0f} conn/s  non-2xx {wk.non_2xx}, socket errors {errs}  {s.wrk_cpu[-1]}",
-                  flush=True)
-            time.sleep(1)
+            measure_setup(s, rnd, lab.client_ns, groups, args, lambda s: None)
 
     print()
     header = f"{'setup':<36} {'Gbit/s':>7} {'runs':>16} {'conn/s':>7} {'runs':>19} {'errors':>6}"
@@ -272,9 +188,7 @@ def run_bench(lab: DsrLab, args: argparse.Namespace, stack: ExitStack) -> int:
         print(f"{s.title:<36} {s.gbits:7.2f} {' '.join(f'{r.gbits:.2f}' for r in s.iperf):>16} {s.conns:7.0f} "
               f"{' '.join(f'{r.rps:.0f}' for r in s.wrk):>19} {errors:6d}")
     print()
-    for s in setups:
-        if s.backends_seen:
-            print(f"{s.title}: HTTP answered by {', '.join(sorted(s.backends_seen))}")
+    print_answered_by(setups)
     for mode, total in counters.items():
         shown = ", ".join(f"{c.label} {v:,}" for c, v in total.items() if v)
         print(f"counters, {mode}: {shown}")
@@ -292,9 +206,7 @@ def run_bench(lab: DsrLab, args: argparse.Namespace, stack: ExitStack) -> int:
         dsr, routing = by_key["dsr"], by_key["routing"]
         print(f"DSR / plain routing Gbit/s: {dsr.gbits / routing.gbits:5.2f}   "
               f"conn/s: {dsr.conns / routing.conns:5.2f}   (reference)")
-    bad = [s.title for s in setups if any(r.non_2xx or sum(r.socket_errors.values()) for r in s.wrk)]
-    if bad:
-        print(f"WARNING: wrk saw non-2xx responses or socket errors in: {', '.join(bad)}")
+    warn_of_errors(setups)
     return 0
 
 

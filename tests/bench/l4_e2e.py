@@ -363,8 +363,9 @@ backend iperf_pool
 """
 
 
-def nginx_config(backend: labmod.Backend, directory: str) -> str:
-    """One backend's nginx: its address only, no logs, every answer naming it."""
+def nginx_config(name: str, listen: str, directory: str) -> str:
+    """A backend's nginx on `listen` (ADDRESS:PORT, or PORT: every address),
+    no logs, every answer naming it (`name`)."""
     return f"""
 worker_processes {NGINX_WORKERS};
 pid {directory}/nginx.pid;
@@ -375,36 +376,52 @@ events {{
 http {{
     access_log off;
     server {{
-        listen {backend.address}:{HTTP_PORT} reuseport backlog=4096;
+        listen {listen} reuseport backlog=4096;
         location / {{
             default_type text/plain;
-            add_header X-Backend {backend.name} always;
-            return 200 "{backend.name}\\n";
+            add_header X-Backend {name} always;
+            return 200 "{name}\\n";
         }}
     }}
 }}
 """
 
 
+def run_nginx(backend: labmod.Backend, port: int, prefix: str, stack: ExitStack, every_address: bool = False) -> None:
+    """nginx (nginx_config) in `backend`'s namespace on its address and `port`
+    (on every address if `every_address`), until it listens; stopped by
+    `stack`. Its files under a temporary directory named from `prefix`."""
+    listen = str(port) if every_address else f"{backend.address}:{port}"
+    directory = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{prefix}-nginx-{backend.name}-"))
+    config = os.path.join(directory, "nginx.conf")
+    with open(config, "w") as f:
+        f.write(nginx_config(backend.name, listen, directory))
+    proc = subprocess.Popen(ns_cmd(backend.netns, "nginx", "-p", directory, "-c", config, "-e", "/dev/null",
+                                   "-g", "daemon off;"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    stack.callback(stop_process, proc)
+    try:
+        wait_listening(backend.netns, backend.address, port, proc, f"nginx in {backend.netns}")
+    except BenchError:
+        stop_process(proc)
+        assert proc.stderr is not None
+        raise BenchError(f"nginx in {backend.netns}: {proc.stderr.read().decode().strip()}") from None
+
+
+def run_iperf_server(backend: labmod.Backend, stack: ExitStack) -> None:
+    """iperf3 -s on IPERF_PORT in `backend`'s namespace, until it listens; stopped by `stack`."""
+    proc = subprocess.Popen(ns_cmd(backend.netns, "iperf3", "-s", "-p", str(IPERF_PORT)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+    stack.callback(stop_process, proc)
+    wait_listening(backend.netns, backend.address, IPERF_PORT, proc, "iperf3 -s")
+
+
 def start_nginx(lab: Lab, stack: ExitStack) -> None:
     """Replace each backend's lab server by nginx on its HTTP port; stopped by `stack`."""
     for backend in lab.backends:
         lab.stop_server(backend)  # it holds 0.0.0.0:80
-        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{PREFIX}-nginx-{backend.name}-"))
-        config = os.path.join(directory, "nginx.conf")
-        with open(config, "w") as f:
-            f.write(nginx_config(backend, directory))
-        proc = subprocess.Popen(ns_cmd(backend.netns, "nginx", "-p", directory, "-c", config, "-e", "/dev/null",
-                                       "-g", "daemon off;"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        stack.callback(stop_process, proc)
-        try:
-            wait_listening(backend.netns, backend.address, HTTP_PORT, proc, f"nginx in {backend.netns}")
-        except BenchError:
-            stop_process(proc)
-            assert proc.stderr is not None
-            raise BenchError(f"nginx in {backend.netns}: {proc.stderr.read().decode().strip()}") from None
+        run_nginx(backend, HTTP_PORT, PREFIX, stack)
 
 
 def veth_report(lab: Lab) -> list[str]:
@@ -432,22 +449,34 @@ def on_sigterm(signum: int, frame: object) -> None:
         os._exit(128 + signum)
     raise KeyboardInterrupt
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str, setups: str) -> argparse.Namespace:
+    """The options of the end-to-end benchmarks (this one, l4_dsr_e2e.py); `setups` for --only's help."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=int, default=3, help="measurements per setup; the median is shown (default 3)")
     parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 and wrk run (default 5)")
     parser.add_argument("--quiet", type=float, default=5.0,
                         help="before each measurement wait for a second in which other sessions' processes use "
                              "under this %% of the machine (default 5)")
     parser.add_argument("--quiet-wait", type=float, default=20.0, help="but at most this many seconds (default 20)")
-    parser.add_argument("--only", default="", help="comma-separated setups (lb,nftables,stateless,routing,haproxy)")
-    args = parser.parse_args()
+    parser.add_argument("--only", default="", help=f"comma-separated setups ({setups})")
+    return parser.parse_args()
+
+
+def can_run(script: str, tools: tuple[str, ...]) -> bool:
+    """Root and `tools` installed; else says why on stderr."""
     if os.geteuid() != 0:
-        print("l4_e2e.py: needs root (XDP, network namespaces)", file=sys.stderr)
-        return 1
-    missing = [t for t in ("iperf3", "wrk", "nft", "nginx") if shutil.which(t) is None]
+        print(f"{script}: needs root (XDP, network namespaces)", file=sys.stderr)
+        return False
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        print(f"l4_e2e.py: missing {', '.join(missing)}: run `deploy/install.sh --bench`", file=sys.stderr)
+        print(f"{script}: missing {', '.join(missing)}: run `deploy/install.sh --bench`", file=sys.stderr)
+        return False
+    return True
+
+
+def main() -> int:
+    args = parse_args(__doc__.splitlines()[0], "lb,nftables,stateless,routing,haproxy")
+    if not can_run("l4_e2e.py", ("iperf3", "wrk", "nft", "nginx")):
         return 1
     signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -500,11 +529,7 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
     print(f"lab:     HTTP backends: nginx, {NGINX_WORKERS} workers each")
 
     backend1 = lab.backends[0]
-    iperf_server = subprocess.Popen(ns_cmd(backend1.netns, "iperf3", "-s", "-p", str(IPERF_PORT)),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-    stack.callback(stop_process, iperf_server)
-    wait_listening(backend1.netns, backend1.address, IPERF_PORT, iperf_server, "iperf3 -s")
+    run_iperf_server(backend1, stack)
 
     # lb: compiled once, attached and detached per round.
     program = stack.enter_context(Program.load(NAME, LIMITS))
@@ -629,39 +654,14 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
         wanted = set(args.only.split(","))
         setups = [s for s in setups if s.key in wanted]
 
+    def note_attachments(s: Setup) -> None:
+        if s.key == "lb":
+            for a in lb_attachments:
+                s.notes.append(f"{a.ifname} {a.mode}")
+
     for rnd in range(1, args.runs + 1):
         for s in setups:
-            s.start()
-            try:
-                if rnd == 1:  # also warms ARP / neighbours before the first measurement
-                    for _ in range(12):
-                        status, backend = http_get(lab.client_ns, s.host, s.http_port)
-                        if status != 200:
-                            raise BenchError(f"{s.title}: HTTP {status} through {s.host}:{s.http_port}")
-                        s.backends_seen.add(backend)
-                    if s.key == "lb":
-                        for a in lb_attachments:
-                            s.notes.append(f"{a.ifname} {a.mode}")
-                wait_for_quiet(netns_groups, args.quiet, args.quiet_wait)
-                c0 = cpu_sample(netns_groups)
-                it = measure_iperf(lab.client_ns, s.host, args.seconds)
-                iperf_cpu = cpu_use(c0, cpu_sample(netns_groups))
-                wait_for_quiet(netns_groups, args.quiet, args.quiet_wait)
-                c1 = cpu_sample(netns_groups)
-                wk = measure_wrk(lab.client_ns, s.host, s.http_port, args.seconds)
-                c2 = cpu_sample(netns_groups)
-            finally:
-                s.stop()
-            s.iperf.append(it)
-            s.wrk.append(wk)
-            s.iperf_cpu.append(iperf_cpu)
-            s.wrk_cpu.append(cpu_use(c1, c2))
-            errs = sum(wk.socket_errors.values())
-            print(f"round {rnd} {s.title}", flush=True)
-            print(f"    iperf3 {it.gbits:6.2f} Gbit/s  retransmits {it.retransmits:<6}  {s.iperf_cpu[-1]}")
-            print(f"    wrk   {wk.rps:7.0f} conn/s  non-2xx {wk.non_2xx}, socket errors {errs}  {s.wrk_cpu[-1]}",
-                  flush=True)
-            time.sleep(1)  # let TIME_WAIT and softirq backlogs settle between setups
+            measure_setup(s, rnd, lab.client_ns, netns_groups, args, note_attachments)
 
     # --- report -----------------------------------------------------------------------------
     print()
@@ -688,9 +688,7 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
                   f"softirq {statistics.median(c.softirq for c in s.wrk_cpu):3.0f}  "
                   + "  ".join(f"{k} {v:3.0f}" for k, v in med.items()))
     print()
-    for s in setups:
-        if s.backends_seen:
-            print(f"{s.title}: HTTP answered by {', '.join(sorted(s.backends_seen))}")
+    print_answered_by(setups)
     by_key = {s.key: s for s in setups}
     lb = by_key.get("lb")
     if lb:
@@ -725,10 +723,56 @@ def run_bench(lab: Lab, args: argparse.Namespace, stack: ExitStack) -> int:
                 o = by_key[other]
                 print(f"lb / {o.title:<32} Gbit/s: {lb.gbits / o.gbits:5.2f}   "
                       f"conn/s: {lb.conns / o.conns:5.2f}   (reference)")
+    warn_of_errors(setups)
+    return 0
+
+
+def measure_setup(s: Setup, rnd: int, client_ns: str, groups: dict[int | None, str], args: argparse.Namespace,
+                  warmed: Callable[[Setup], None]) -> None:
+    """Round `rnd` of setup `s`: started, iperf3 then wrk from `client_ns`,
+    each after a quiet second (parse_args), with the CPU split by `groups`,
+    stopped; the results kept in `s` and printed. In round 1, 12 HTTP
+    requests first (they warm ARP / neighbours), then `warmed(s)`."""
+    s.start()
+    try:
+        if rnd == 1:  # also warms ARP / neighbours before the first measurement
+            for _ in range(12):
+                status, backend = http_get(client_ns, s.host, s.http_port)
+                if status != 200:
+                    raise BenchError(f"{s.title}: HTTP {status} through {s.host}:{s.http_port}")
+                s.backends_seen.add(backend)
+            warmed(s)
+        wait_for_quiet(groups, args.quiet, args.quiet_wait)
+        c0 = cpu_sample(groups)
+        it = measure_iperf(client_ns, s.host, args.seconds)
+        iperf_cpu = cpu_use(c0, cpu_sample(groups))
+        wait_for_quiet(groups, args.quiet, args.quiet_wait)
+        c1 = cpu_sample(groups)
+        wk = measure_wrk(client_ns, s.host, s.http_port, args.seconds)
+        c2 = cpu_sample(groups)
+    finally:
+        s.stop()
+    s.iperf.append(it)
+    s.wrk.append(wk)
+    s.iperf_cpu.append(iperf_cpu)
+    s.wrk_cpu.append(cpu_use(c1, c2))
+    errs = sum(wk.socket_errors.values())
+    print(f"round {rnd} {s.title}", flush=True)
+    print(f"    iperf3 {it.gbits:6.2f} Gbit/s  retransmits {it.retransmits:<6}  {s.iperf_cpu[-1]}")
+    print(f"    wrk   {wk.rps:7.0f} conn/s  non-2xx {wk.non_2xx}, socket errors {errs}  {s.wrk_cpu[-1]}", flush=True)
+    time.sleep(1)  # let TIME_WAIT and softirq backlogs settle between setups
+
+
+def print_answered_by(setups: list[Setup]) -> None:
+    for s in setups:
+        if s.backends_seen:
+            print(f"{s.title}: HTTP answered by {', '.join(sorted(s.backends_seen))}")
+
+
+def warn_of_errors(setups: list[Setup]) -> None:
     bad = [s.title for s in setups if any(r.non_2xx or sum(r.socket_errors.values()) for r in s.wrk)]
     if bad:
         print(f"WARNING: wrk saw non-2xx responses or socket errors in: {', '.join(bad)}")
-    return 0
 
 
 def stop_process(proc: subprocess.Popen[Any]) -> None:

@@ -740,6 +740,29 @@ def main() -> int:
 
         # Forwarding modes: an established flow each, against its own stateless floor.
         mode_rows: list[tuple[Row, Row]] = []
+
+        def established_rows(what: str, mode_ack: bytes, lb_out: libbpf.RunResult, floor_c: Path, floor_func: bytes,
+                             cflags: list[str], lb_title: str, floor_title: str) -> None:
+            """lb's row for `mode_ack` (an established flow's packet) and its
+            floor's (`floor_func` of `floor_c` built with `cflags`), timed by one
+            harness; the floor must emit the frame lb did (`lb_out`)."""
+            floor = BPF(src_file=str(floor_c).encode(), cflags=cflags)
+            stack.callback(floor.cleanup)
+            floor_fd = floor.load_func(floor_func, BPF.XDP).fd
+            floor_out = run_repeat(floor_fd, mode_ack, fx_client, 1)
+            if lb_out.retval != XDP_REDIRECT or floor_out.data != lb_out.data:
+                raise SystemExit(f"{what}: its floor and lb do not emit the same frame for the established packet")
+            h = compile_harness(mode_ack, False)
+            stack.callback(h.bpf.cleanup)
+            overhead = restored(h, pass_fd, mode_ack, fx_client, args.repeat)
+            lb_row = Row(lb_title, overhead=overhead)
+            gross, delta = counter_delta(maps, lambda: restored(h, program.fd, mode_ack, fx_client, args.repeat))
+            lb_row.gross, lb_row.net, lb_row.verdicts = gross, gross - overhead, fmt_verdicts(delta)
+            floor_row = Row(floor_title, overhead=overhead)
+            floor_row.gross = restored(h, floor_fd, mode_ack, fx_client, args.repeat)
+            floor_row.net = floor_row.gross - overhead
+            mode_rows.append((lb_row, floor_row))
+
         for mode, port in MODE_PORTS.items():
             target_port = port if mode == "dsr" else TARGET_PORT
             endpoint = Endpoint(ipaddress.IPv4Address(target_addr), target_port)
@@ -768,22 +791,8 @@ def main() -> int:
                            f"-DSNAT_PORT={int.from_bytes(lb_out.data[34:36], 'little'):#x}"]
             else:
                 cflags.append("-DMAC_ONLY")
-            floor = BPF(src_file=str(BASELINE_C).encode(), cflags=cflags)
-            stack.callback(floor.cleanup)
-            floor_fd = floor.load_func(b"xdp_baseline", BPF.XDP).fd
-            floor_out = run_repeat(floor_fd, mode_ack, fx_client, 1)
-            if lb_out.retval != XDP_REDIRECT or floor_out.data != lb_out.data:
-                raise SystemExit(f"{mode}: its floor and lb do not emit the same frame for the established packet")
-            h = compile_harness(mode_ack, False)
-            stack.callback(h.bpf.cleanup)
-            overhead = restored(h, pass_fd, mode_ack, fx_client, args.repeat)
-            lb_row = Row(f"established TCP, {mode} (conntrack hit)", overhead=overhead)
-            gross, delta = counter_delta(maps, lambda: restored(h, program.fd, mode_ack, fx_client, args.repeat))
-            lb_row.gross, lb_row.net, lb_row.verdicts = gross, gross - overhead, fmt_verdicts(delta)
-            floor_row = Row(f"stateless {mode} floor (no maps)", overhead=overhead)
-            floor_row.gross = restored(h, floor_fd, mode_ack, fx_client, args.repeat)
-            floor_row.net = floor_row.gross - overhead
-            mode_rows.append((lb_row, floor_row))
+            established_rows(mode, mode_ack, lb_out, BASELINE_C, b"xdp_baseline", cflags,
+                             f"established TCP, {mode} (conntrack hit)", f"stateless {mode} floor (no maps)")
         dataplane.apply([service])
 
         # IPv6: an established flow per mode, against its own IPv6 floor.
@@ -812,22 +821,8 @@ def main() -> int:
                 cflags += [*words6("SNAT", LB6), f"-DSNAT_PORT={int.from_bytes(lb_out.data[54:56], 'little'):#x}"]
             elif mode == "dsr":
                 cflags.append("-DMAC_ONLY")
-            floor = BPF(src_file=str(BASELINE6_C).encode(), cflags=cflags)
-            stack.callback(floor.cleanup)
-            floor_fd = floor.load_func(b"xdp_baseline6", BPF.XDP).fd
-            floor_out = run_repeat(floor_fd, mode_ack, fx_client, 1)
-            if lb_out.retval != XDP_REDIRECT or floor_out.data != lb_out.data:
-                raise SystemExit(f"IPv6 {mode}: its floor and lb do not emit the same frame for the established packet")
-            h = compile_harness(mode_ack, False)
-            stack.callback(h.bpf.cleanup)
-            overhead = restored(h, pass_fd, mode_ack, fx_client, args.repeat)
-            lb_row = Row(f"established TCP/IPv6, {mode} (conntrack6 hit)", overhead=overhead)
-            gross, delta = counter_delta(maps, lambda: restored(h, program.fd, mode_ack, fx_client, args.repeat))
-            lb_row.gross, lb_row.net, lb_row.verdicts = gross, gross - overhead, fmt_verdicts(delta)
-            floor_row = Row(f"stateless IPv6 {mode} floor (no maps)", overhead=overhead)
-            floor_row.gross = restored(h, floor_fd, mode_ack, fx_client, args.repeat)
-            floor_row.net = floor_row.gross - overhead
-            mode_rows.append((lb_row, floor_row))
+            established_rows(f"IPv6 {mode}", mode_ack, lb_out, BASELINE6_C, b"xdp_baseline6", cflags,
+                             f"established TCP/IPv6, {mode} (conntrack6 hit)", f"stateless IPv6 {mode} floor (no maps)")
 
         attribution: list[tuple[str, float | None]] = []
         if args.attribute:
