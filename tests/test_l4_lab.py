@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 from lb import lab as labmod
+from lb import netlink as nl
 from lb.dataplane.dataplane import L4Service
-from lb.dataplane.structs import Counter
+from lb.dataplane.structs import Counter, MapName
 from lb.lab import Lab
 from lb.model import XdpMode
 from tests.l4_lab import (
@@ -70,8 +71,6 @@ def test_same_five_tuple_reaches_the_same_backend(l4: L4Lab) -> None:
 
 
 def test_same_five_tuple_is_hashed_the_same_after_conntrack_forgets(l4: L4Lab) -> None:
-    from lb.dataplane.structs import MapName
-
     with connect(l4, FORGOTTEN_PORT) as sock:
         first = read_line(sock)
     conntrack = l4.maps.raw(MapName.CONNTRACK)
@@ -102,8 +101,6 @@ def test_udp_echo_through_the_vip(l4: L4Lab) -> None:
 
 
 def test_attached_in_the_requested_mode(l4: L4Lab) -> None:
-    from lb import netlink as nl
-
     with nl.iproute(l4.lab.lb_ns) as ipr:
         for attachment in l4.attachments:
             assert nl.xdp_info(ipr, attachment.ifname) == (attachment.mode, l4.program.prog_id)
