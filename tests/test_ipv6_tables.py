@@ -22,7 +22,7 @@ from lb import config as configmod
 from lb.daemon import ipv6_flows_change
 from lb.dataplane import libbpf
 from lb.dataplane.libbpf import BpfMap
-from lb.dataplane.loader import LoaderError, Program, bpf_source_dir, pin_dir, purge_pins
+from lb.dataplane.loader import LoaderError, Program, bpf_source_dir, map_mismatch, pin_dir, purge_pins
 from lb.dataplane.pins import limits_for
 from lb.dataplane.structs import (
     LRU_LOCAL_FREE_TARGET,
@@ -260,6 +260,31 @@ def test_other_maps_of_another_size_are_still_refused(clean: None) -> None:
         Program.load(NAME, replace(FULL, conntrack_size=4096))
     assert map_ids() == before
 
+
+
+def pinned_info(path: str) -> libbpf.MapInfo:
+    fd = libbpf.obj_get(path)
+    try:
+        return libbpf.map_info(fd)
+    finally:
+        os.close(fd)
+
+
+def test_inspection_reads_the_ipv6_tables_at_any_size_but_no_other_map(clean: None) -> None:
+    """lb conntrack / lb stats with a config edited to add IPv6 before the
+    restart: the small IPv6 tables are read as they are (the loader would
+    replace them); another map of another size still stops them."""
+    with Program.load(NAME, SMALL):
+        directory = pin_dir(NAME)
+        for name, spec in map_specs(FULL).items():
+            path = os.path.join(directory, name.value)
+            info = pinned_info(path)
+            if name in (MapName.CONNTRACK6, MapName.HALF_OPEN6, MapName.FULLNAT_FLOWS6):
+                assert map_mismatch(path, spec, info) is not None
+            assert map_mismatch(path, spec, info, reading=True) is None
+        conntrack = map_specs(replace(FULL, conntrack_size=4096))[MapName.CONNTRACK]
+        path = os.path.join(directory, "conntrack")
+        assert map_mismatch(path, conntrack, pinned_info(path), reading=True)
 
 
 # --- what a reload that changes it says -------------------------------------------------

@@ -111,11 +111,14 @@ def check_pinned_maps(directory: str, limits: Limits) -> list[str]:
     return problems
 
 
-def map_mismatch(path: str, spec: MapSpec, info: libbpf.MapInfo) -> str | None:
-    """Why the map pinned at `path` (described by `info`) is not what `spec` needs; None if it is."""
+def map_mismatch(path: str, spec: MapSpec, info: libbpf.MapInfo, *, reading: bool = False) -> str | None:
+    """Why the map pinned at `path` (described by `info`) is not what `spec` needs; None if it is.
+    reading=True (inspection, which only reads): a map the loader may resize
+    (MapSpec.resize) is fine at any size, e.g. the small IPv6 flow tables of a
+    daemon started before its config gained an IPv6 listener."""
     want = (spec.map_type, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.max_entries, spec.flags)
     have = (info.map_type, info.key_size, info.value_size, info.max_entries, info.flags)
-    if want == have:
+    if want == have or (reading and spec.resize is not Resize.REFUSE and _only_size_differs(spec, info)):
         return None
     sized = ""
     if _only_size_differs(spec, info) and spec.sized_by:

@@ -597,9 +597,10 @@ class Maps:
     def table_usage(self) -> list[TableUsage]:
         """Each flow table's fullness and LRU evictions (TableUsage): a few
         array reads, whatever the table's size."""
+        # The IPv6 tables' size as pinned: inspection reads them at any size (loader.map_mismatch).
         capacity = {TABLE_CONNTRACK: self.limits.conntrack_size, TABLE_HALF_OPEN: self.limits.half_open_size,
-                    TABLE_CONNTRACK6: self.limits.conntrack6_entries(),
-                    TABLE_HALF_OPEN6: self.limits.half_open6_entries()}
+                    TABLE_CONNTRACK6: self._maps[MapName.CONNTRACK6].info.max_entries,
+                    TABLE_HALF_OPEN6: self._maps[MapName.HALF_OPEN6].info.max_entries}
         out = []
         for table, name in TABLE_NAMES.items():
             cells = self._maps[MapName.TABLE_STATS].lookup(ctypes.c_uint32(table))

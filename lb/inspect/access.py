@@ -38,7 +38,8 @@ def open_maps(config: LoadBalancer, what: str) -> Iterator[Maps]:
         raise InspectError(f"{directory}: {exc}") from None
     # Checked on the maps just opened (each BpfMap already holds its info): no second open.
     problems = [problem for name, spec in map_specs(maps.limits).items()
-                if (problem := map_mismatch(os.path.join(directory, name.value), spec, maps.raw(name).info))]
+                if (problem := map_mismatch(os.path.join(directory, name.value), spec, maps.raw(name).info,
+                                             reading=True))]
     if problems:
         maps.close()
         raise InspectError("the pinned maps do not match this config's limits:\n  " + "\n  ".join(problems))
