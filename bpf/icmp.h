@@ -23,6 +23,11 @@
 #include "parse.h"
 #include "structs.h"
 
+#ifndef barrier_var
+/* The compiler forgets what it knew of var's value (libbpf's barrier_var). */
+#define barrier_var(var) asm volatile("" : "+r"(var))
+#endif
+
 /* An ICMP error and the packet it quotes. */
 struct icmp_error {
 	struct icmphdr *icmp;
@@ -54,7 +59,13 @@ static __always_inline int icmp_error_parse(struct xdp_md *ctx, struct packet *p
 	err->icmp = icmp;
 	err->inner = inner;
 	err->inner_ports = ports;
-	err->inner_udp_check = inner->protocol == IPPROTO_UDP ? (__sum16 *)&ports[3] : NULL;
+	__sum16 *udp_check = inner->protocol == IPPROTO_UDP ? (__sum16 *)&ports[3] : NULL;
+	/* The compiler would test the quoted protocol again where the pointer is
+	 * tested (the two agree), and Debian 12's 6.1 verifier, which keeps no
+	 * value for a byte spilled to the stack, then follows a "UDP" path with a
+	 * NULL pointer and refuses the program: let it forget the correlation. */
+	barrier_var(udp_check);
+	err->inner_udp_check = udp_check;
 	err->quoted.src = inner->saddr;
 	err->quoted.dst = inner->daddr;
 	err->quoted.sport = ports[0];

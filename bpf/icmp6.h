@@ -23,6 +23,11 @@
 #include "parse.h"
 #include "structs.h"
 
+#ifndef barrier_var
+/* The compiler forgets what it knew of var's value (libbpf's barrier_var). */
+#define barrier_var(var) asm volatile("" : "+r"(var))
+#endif
+
 /* An ICMPv6 error and the packet it quotes. */
 struct icmp6_error {
 	struct icmp6hdr *icmp;
@@ -57,10 +62,13 @@ static __always_inline int icmp6_error_parse(struct xdp_md *ctx, struct packet6 
 	err->icmp = icmp;
 	err->inner = inner;
 	err->inner_ports = ports;
+	__sum16 *l4_check = NULL;
 	if (inner->nexthdr == IPPROTO_UDP)
-		err->inner_l4_check = (__sum16 *)&ports[3];
+		l4_check = (__sum16 *)&ports[3];
 	else if ((void *)((struct tcphdr *)ports + 1) <= data_end)
-		err->inner_l4_check = &((struct tcphdr *)ports)->check;
+		l4_check = &((struct tcphdr *)ports)->check;
+	barrier_var(l4_check); /* the pointer is tested, not the protocol again (icmp.h) */
+	err->inner_l4_check = l4_check;
 	__builtin_memcpy(&back->src, &inner->daddr, sizeof(back->src));
 	__builtin_memcpy(&back->dst, &inner->saddr, sizeof(back->dst));
 	back->sport = ports[1];
