@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from scapy.layers.l2 import Ether
 
@@ -98,7 +98,7 @@ def _build_namespace() -> dict[str, int]:
     return ifindex
 
 
-def source_of(address: IPv4Address) -> IPv4Address | None:
+def source_of(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address | None:
     """lb's address toward a target, as the daemon finds it: here 10.0.1.1 on fxb, 10.0.0.1 on fxa."""
     return nl.source_toward(address, NETNS)
 

@@ -90,6 +90,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from scapy.layers.inet import IP, TCP  # noqa: E402
+from scapy.layers.inet6 import IPv6  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
+from scapy.packet import raw  # noqa: E402
 from lb import maglev  # noqa: E402
 from lb import netlink as nl  # noqa: E402
 from lb.dataplane import libbpf  # noqa: E402
@@ -225,10 +229,6 @@ int xdp_pass_only(struct xdp_md *ctx) { return XDP_PASS; }
 # --- frames ----------------------------------------------------------------------
 
 def tcp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int, flags: str) -> bytes:
-    from scapy.layers.inet import IP, TCP
-    from scapy.layers.l2 import Ether
-    from scapy.packet import raw
-
     # A SYN-ACK's sequence number is 4999, so every ACK (5000) acknowledges it:
     # SYN, SYN-ACK, ACK completes a handshake (the flow moves to conntrack).
     ack = 0 if flags == "S" else 5000
@@ -239,11 +239,6 @@ def tcp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport:
 
 
 def tcp_frame6(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int, flags: str) -> bytes:
-    from scapy.layers.inet import TCP
-    from scapy.layers.inet6 import IPv6
-    from scapy.layers.l2 import Ether
-    from scapy.packet import raw
-
     ack = 0 if flags == "S" else 5000
     seq = 4999 if flags == "SA" else 1000
     pkt = Ether(src=src_mac, dst=dst_mac) / IPv6(src=src, dst=dst, hlim=64) / TCP(
